@@ -1,0 +1,53 @@
+"""Next-token selection: greedy, or temperature / top-k / top-p sampling, all traced values.
+
+The knobs are arrays, not Python constants, so changing them never recompiles a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def as_arrays(self):
+        return (
+            jnp.float32(self.temperature),
+            jnp.int32(self.top_k),
+            jnp.float32(self.top_p),
+        )
+
+
+def sample(logits, key, temperature, top_k, top_p):
+    """logits [B, V] float32 -> token ids [B] int32."""
+    V = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+    kth = jnp.take(desc, jnp.clip(top_k - 1, 0, V - 1), axis=-1)[:, None]
+    scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
+    # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p.
+    desc = -jnp.sort(-scaled, axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p
+    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
+    sampled = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
