@@ -74,7 +74,7 @@ class Engine:
         def step(params, experts, cache, tokens, positions, valid, key, temperature, top_k, top_p):
             logits, cache, trace = forward(params, experts, cache, tokens, positions, valid)
             nxt = sample(logits[:, -1], key, temperature, top_k, top_p)
-            return nxt, cache, trace
+            return nxt, cache, trace["counts"]
 
         self._forward = jax.jit(forward)
         self._step = jax.jit(step, donate_argnums=(2,))

@@ -132,11 +132,14 @@ class MoEBlock(nn.Module):
         if cfg.norm_topk_prob:
             top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
         y = experts.ffn(self.moe_layer, xt, top_i, top_p.astype(self.dtype))
-        # Routing trace for hotness: (token, expert) pair counts of real tokens only.
-        counts = jnp.zeros((cfg.num_experts,), jnp.float32).at[top_i].add(
-            token_valid.reshape(B * T, 1).astype(jnp.float32)
-        )
-        return y.reshape(B, T, Hd), counts
+        # Routing trace of real tokens only: pair counts feed hotness; router probabilities
+        # feed the load-balancing loss in training.
+        tv = token_valid.reshape(B * T, 1).astype(jnp.float32)
+        trace = {
+            "counts": jnp.zeros((cfg.num_experts,), jnp.float32).at[top_i].add(tv),
+            "probs": jnp.sum(probs * tv, axis=0),
+        }
+        return y.reshape(B, T, Hd), trace
 
 
 class DecoderLayer(nn.Module):
@@ -152,13 +155,13 @@ class DecoderLayer(nn.Module):
         )
         x = x + h
         hn = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x)
-        counts = None
+        trace = None
         if cfg.is_moe_layer(self.layer):
             moe_layer = cfg.moe_layers.index(self.layer)
-            h, counts = MoEBlock(cfg, moe_layer, self.dtype, name="mlp")(hn, token_valid, experts)
+            h, trace = MoEBlock(cfg, moe_layer, self.dtype, name="mlp")(hn, token_valid, experts)
         else:
             h = DenseMLP(cfg.intermediate_size, self.dtype, name="mlp")(hn)
-        return x + h, k_cache, v_cache, counts
+        return x + h, k_cache, v_cache, trace
 
 
 class Qwen3Moe(nn.Module):
@@ -169,8 +172,9 @@ class Qwen3Moe(nn.Module):
     def __call__(self, tokens, positions, token_valid, cache: KVCache, experts):
         """tokens, positions, token_valid: [B, T]. Writes T cache slots from `cache.index`.
 
-        Returns logits [B, T, V] (float32), the updated cache and the routing trace
-        [moe_layers, experts] (pair counts of this call's real tokens).
+        Returns logits [B, T, V] (float32), the updated cache and the routing trace of this
+        call's real tokens: {"counts": routed pair counts, "probs": summed router
+        probabilities}, each [moe_layers, experts].
         """
         cfg = self.cfg
         chex.assert_equal_shape((tokens, positions, token_valid))
@@ -178,15 +182,15 @@ class Qwen3Moe(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", dtype=self.dtype, param_dtype=self.dtype)
         x = embed(tokens)
         valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
-        ks, vs, counts = [], [], []
+        ks, vs, traces = [], [], []
         for i in range(cfg.num_layers):
-            x, k, v, c = DecoderLayer(cfg, i, self.dtype, name=f"layers_{i}")(
+            x, k, v, t = DecoderLayer(cfg, i, self.dtype, name=f"layers_{i}")(
                 x, positions, token_valid, cache.k[i], cache.v[i], valid, cache.index, experts
             )
             ks.append(k)
             vs.append(v)
-            if c is not None:
-                counts.append(c)
+            if t is not None:
+                traces.append(t)
         x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
@@ -194,5 +198,6 @@ class Qwen3Moe(nn.Module):
             logits = _linear(cfg.vocab_size, "lm_head", self.dtype)(x)
         T = tokens.shape[1]
         new_cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid, index=cache.index + T)
-        trace = jnp.stack(counts) if counts else jnp.zeros((0, cfg.num_experts), jnp.float32)
+        empty = jnp.zeros((0, cfg.num_experts), jnp.float32)
+        trace = {k: jnp.stack([t[k] for t in traces]) if traces else empty for k in ("counts", "probs")}
         return logits.astype(jnp.float32), new_cache, trace
