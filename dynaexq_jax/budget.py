@@ -21,8 +21,10 @@ import numbers
 import re
 from fractions import Fraction
 
+from dynaexq_jax.errors import UserError
 
-class BudgetError(ValueError):
+
+class BudgetError(UserError):
     """A memory budget that cannot be parsed or cannot be met."""
 
 

@@ -6,8 +6,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from dynaexq_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A checkpoint's config.json names something this model cannot run."""
 
 

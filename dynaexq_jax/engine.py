@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynaexq_jax.errors import UserError
 from dynaexq_jax.loader import Checkpoint
 from dynaexq_jax.model import KVCache, Qwen3Moe
 from dynaexq_jax.sampling import SamplingParams, sample
@@ -24,7 +25,7 @@ MIN_PROMPT_BUCKET = 16
 CACHE_BUCKET = 128
 
 
-class ContextError(ValueError):
+class ContextError(UserError):
     """A request does not fit the model's context window."""
 
 
@@ -119,9 +120,9 @@ class Engine:
     ) -> Generation:
         """Generate for a batch of token-id prompts. `on_tokens([B] ids)` is called per step."""
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+            raise UserError("every prompt needs at least one token; pass a non-empty prompt")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos = set(self.checkpoint.eos_token_ids if eos_token_ids is None else eos_token_ids)
         B, longest = len(prompts), max(len(p) for p in prompts)
         self._check_context(longest, max_new_tokens)

@@ -18,10 +18,11 @@ import numpy as np
 from safetensors import safe_open
 
 from dynaexq_jax.config import ConfigError, Qwen3MoeConfig
+from dynaexq_jax.errors import UserError
 from dynaexq_jax.expert_state import DenseExperts
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory is missing a file or holds tensors this model cannot use."""
 
 

@@ -1,0 +1,83 @@
+"""Tiny real Qwen3-MoE checkpoints written by transformers' own `save_pretrained`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 300
+
+# Two shapes the model must get right: a plain MoE stack, and one with a dense layer,
+# unnormalised top-k weights, tied embeddings and a sparse step.
+CONFIGS = {
+    "moe": dict(
+        num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        tie_word_embeddings=False, mlp_only_layers=[],
+    ),
+    "mixed": dict(
+        num_hidden_layers=4, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False,
+        tie_word_embeddings=True, mlp_only_layers=[0], decoder_sparse_step=1,
+    ),
+}
+
+
+def write_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n", "the quick brown fox"] * 20, trainer)
+    tok.save(str(path / "tokenizer.json"))
+
+
+def make_hf_checkpoint(path, name, *, seed=0, max_shard_size=None, **overrides):
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        rope_theta=10000.0, initializer_range=0.3, eos_token_id=0,
+    )
+    kw.update(CONFIGS[name])
+    kw.update(overrides)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw)).eval()
+    save_kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **save_kw)
+    write_tokenizer(path)
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(CONFIGS))
+def hf_checkpoint(request, tmp_path_factory):
+    """(directory, transformers model) for each tiny config, float32."""
+    path = tmp_path_factory.mktemp(f"hf-{request.param}")
+    return path, make_hf_checkpoint(path, request.param)
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf-moe-plain")
+    return path, make_hf_checkpoint(path, "moe")
+
+
+@pytest.fixture
+def edit_config():
+    def edit(path, **changes):
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update(changes)
+        (path / "config.json").write_text(json.dumps(cfg))
+
+    return edit
