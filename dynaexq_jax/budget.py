@@ -1,4 +1,4 @@
-"""Memory budgets: parsing and printing sizes.
+"""Memory budgets: parsing and printing sizes, and the plan of every device byte.
 
 Sizes are written the way Hugging Face accelerate's `convert_file_size_to_int` reads them
 (`max_memory={"cuda:0": "20GB"}`), so a budget string means the same here as there:
@@ -17,6 +17,8 @@ Fractional results are rounded down to whole bytes, as accelerate does.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import numbers
 import re
 from fractions import Fraction
@@ -81,3 +83,177 @@ def format_size(nbytes: float) -> str:
         if value >= scale:
             return f"{sign}{value / scale:.2f} {unit}"
     return f"{sign}{value:.0f} B"
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+_BF16 = 2
+
+
+def quantized_nbytes(shape: tuple[int, ...], bits: int, group_size: int) -> int:
+    """Exact bytes of `quant.quantize(w[shape], bits, group_size)`: packed codes + bf16
+    scales and zeros (layout in `quant`; a test pins this against `QuantizedTensor.nbytes`)."""
+    *lead, k, n = shape
+    experts = math.prod(lead)
+    return experts * (k * bits // 8 * n + 2 * (k // group_size) * n * _BF16)
+
+
+def expert_group_size(cfg, requested: int = 128) -> int:
+    """The largest power-of-two group size <= `requested` dividing both expert input dims."""
+    g = requested
+    while g > 8 and (cfg.hidden_size % g or cfg.moe_intermediate_size % g):
+        g //= 2
+    if cfg.hidden_size % g or cfg.moe_intermediate_size % g:
+        raise BudgetError(
+            f"no quantization group size divides hidden_size={cfg.hidden_size} and "
+            f"moe_intermediate_size={cfg.moe_intermediate_size}; pass a --group-size that does"
+        )
+    return g
+
+
+def non_expert_nbytes(cfg, itemsize: int) -> int:
+    """Embeddings, attention, norms, routers, dense MLPs and the LM head."""
+    H, D = cfg.hidden_size, cfg.head_dim
+    attn = H * D * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 2 * D + 2 * H
+    total = cfg.vocab_size * H * (1 if cfg.tie_word_embeddings else 2) + H
+    for i in range(cfg.num_layers):
+        total += attn
+        total += cfg.num_experts * H if cfg.is_moe_layer(i) else 3 * H * cfg.intermediate_size
+    return total * itemsize
+
+
+def expert_shapes(cfg) -> tuple[tuple[int, int], tuple[int, int]]:
+    """[K, N] of one expert's gate_up and down matrices."""
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    return (H, 2 * I), (I, H)
+
+
+def slot_nbytes(cfg, hi_dtype: str, group_size: int, itemsize: int = _BF16) -> int:
+    """Device bytes of one high-precision slot (one expert's gate_up and down); a
+    non-int8 slot holds the checkpoint's compute dtype (`itemsize` bytes)."""
+    gu, dn = expert_shapes(cfg)
+    if hi_dtype == "int8":
+        return quantized_nbytes(gu, 8, group_size) + quantized_nbytes(dn, 8, group_size)
+    return (math.prod(gu) + math.prod(dn)) * itemsize
+
+
+def kv_cache_nbytes(cfg, batch: int, context: int, itemsize: int) -> int:
+    per_layer = 2 * batch * context * cfg.num_kv_heads * cfg.head_dim * itemsize
+    return cfg.num_layers * per_layer + batch * context  # + the validity mask
+
+
+def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int, xla_dequant: bool) -> int:
+    """Upper estimate of the transient buffers of the largest step (prefill of `prompt`).
+
+    `xla_dequant`: the grouped matmuls dequantize active experts into temporaries (the XLA
+    path, off GPU); the Pallas kernels dequantize in registers instead.
+
+    The engine checks it against XLA's own figure for the compiled steps
+    (`memory_analysis().temp_size_in_bytes`) and reports both.
+    """
+    H, I, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.experts_per_token
+    tokens = batch * prompt
+    pairs = tokens * k
+    scores = batch * cfg.num_heads * prompt * context * 4  # f32 attention scores, one layer
+    hidden = 6 * tokens * H * 4  # residual stream, norms, attention in/out
+    moe = pairs * (H * itemsize + 2 * I * 4 + I * 4 + H * 4)  # gathered x, gate_up, act, down
+    dequant = min(pairs, cfg.num_experts) * 3 * H * I * itemsize if xla_dequant else 0
+    logits = batch * cfg.vocab_size * 4 * 2
+    return (3 * (scores + hidden + moe + dequant + logits)) // 2 + 16 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Where every device byte of a run goes. `slots` is what the budget leaves for slots."""
+
+    budget: int | None
+    weights: int  # non-expert parameters
+    fallback: int  # every expert at lo_bits
+    kv_cache: int
+    workspace: int
+    slot_bytes: int  # one high-precision slot
+    slots: int
+    num_experts_total: int  # experts over all MoE layers
+    moe_layers: int
+
+    @property
+    def slots_total_bytes(self) -> int:
+        return self.slots * self.slot_bytes
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.fallback + self.kv_cache + self.workspace + self.slots_total_bytes
+
+    @property
+    def minimum(self) -> int:
+        """The smallest budget that holds everything but the slots."""
+        return self.weights + self.fallback + self.kv_cache + self.workspace
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(slots_total_bytes=self.slots_total_bytes, total=self.total, minimum=self.minimum)
+        return d
+
+    def table(self) -> str:
+        rows = [
+            ("non-expert weights", self.weights),
+            ("fallback experts", self.fallback),
+            (f"high-precision slots ({self.slots} x {format_size(self.slot_bytes)})", self.slots_total_bytes),
+            ("KV cache", self.kv_cache),
+            ("workspace margin", self.workspace),
+            ("total", self.total),
+        ]
+        if self.budget is not None:
+            rows.append(("budget", self.budget))
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{name:<{width}}  {format_size(n):>11}" for name, n in rows]
+        per_layer = self.slots / max(self.moe_layers, 1)
+        lines.append(
+            f"{self.slots} of {self.num_experts_total} experts can hold a slot "
+            f"({per_layer:.1f} per MoE layer on average)"
+        )
+        return "\n".join(lines)
+
+
+def plan_memory(
+    cfg,
+    *,
+    budget: int | None,
+    batch: int,
+    prompt: int,
+    context: int,
+    dtype_itemsize: int,
+    lo_bits: int,
+    hi_dtype: str,
+    group_size: int,
+    xla_dequant: bool,
+) -> MemoryPlan:
+    """Split `budget` into weights, fallback, KV cache, workspace and as many slots as fit.
+
+    No budget means room for every expert's slot. A budget below the minimum is a one-line
+    BudgetError that states the minimum for this model, batch and context.
+    """
+    gu, dn = expert_shapes(cfg)
+    n_moe = len(cfg.moe_layers)
+    E = cfg.num_experts
+    per_layer = quantized_nbytes((E,) + gu, lo_bits, group_size) + quantized_nbytes((E,) + dn, lo_bits, group_size)
+    parts = dict(
+        weights=non_expert_nbytes(cfg, dtype_itemsize),
+        fallback=n_moe * per_layer,
+        kv_cache=kv_cache_nbytes(cfg, batch, context, dtype_itemsize),
+        workspace=workspace_nbytes(cfg, batch, prompt, context, dtype_itemsize, xla_dequant),
+    )
+    slot = slot_nbytes(cfg, hi_dtype, group_size, dtype_itemsize)
+    minimum = sum(parts.values())
+    if budget is None:
+        slots = n_moe * E
+    elif budget < minimum:
+        raise BudgetError(
+            f"budget {format_size(budget)} cannot hold the int{lo_bits} fallback experts, weights and KV cache "
+            f"for batch {batch} x context {context}: the minimum is {format_size(minimum)} ({minimum} bytes)"
+        )
+    else:
+        slots = min((budget - minimum) // slot, n_moe * E)
+    return MemoryPlan(
+        budget=budget, slot_bytes=slot, slots=int(slots), num_experts_total=n_moe * E, moe_layers=n_moe, **parts
+    )

@@ -19,6 +19,7 @@ import numpy as np
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.loader import Checkpoint
 from dynaexq_jax.model import KVCache, Qwen3Moe
+from dynaexq_jax.policies import StaticRuntime
 from dynaexq_jax.sampling import SamplingParams, sample
 
 MIN_PROMPT_BUCKET = 16
@@ -57,25 +58,32 @@ def left_pad(batch: Sequence[Sequence[int]], length: int):
     return tokens, positions, valid
 
 
-class Engine:
-    """Runs a loaded checkpoint. `experts` may replace the checkpoint's expert pytree."""
+def peak_device_bytes() -> int | None:
+    """The allocator's peak on the default device; None where the backend reports none (CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    return stats.get("peak_bytes_in_use") if stats else None
 
-    def __init__(self, checkpoint: Checkpoint, experts=None):
+
+class Engine:
+    """Runs a loaded checkpoint. `runtime` (see `policies`) owns the expert pytree each step
+    uses; by default every expert as loaded, unchanging."""
+
+    def __init__(self, checkpoint: Checkpoint, runtime=None):
         self.checkpoint = checkpoint
         self.cfg = checkpoint.config
         self.params = checkpoint.params
-        self.experts = checkpoint.experts if experts is None else experts
+        self.runtime = runtime or StaticRuntime(checkpoint.experts)
         self.model = Qwen3Moe(self.cfg, checkpoint.dtype)
         self._compiled: dict[tuple, Callable] = {}
         self.compile_s = 0.0
 
-        def forward(params, experts, cache, tokens, positions, valid):
-            return self.model.apply({"params": params}, tokens, positions, valid, cache, experts)
+        def forward(params, experts, cache, tokens, positions, valid, last_only=False):
+            return self.model.apply({"params": params}, tokens, positions, valid, cache, experts, last_only)
 
         def step(params, experts, cache, tokens, positions, valid, key, temperature, top_k, top_p):
-            logits, cache, trace = forward(params, experts, cache, tokens, positions, valid)
+            logits, cache, trace = forward(params, experts, cache, tokens, positions, valid, last_only=True)
             nxt = sample(logits[:, -1], key, temperature, top_k, top_p)
-            return nxt, cache, trace["counts"]
+            return nxt, cache, trace["counts"], experts.hi_pairs(trace["counts"])
 
         self._forward = jax.jit(forward)
         self._step = jax.jit(step, donate_argnums=(2,))
@@ -105,7 +113,7 @@ class Engine:
         P = prompt_bucket(longest)
         tokens, positions, valid = left_pad(batch, P)
         cache = KVCache.empty(self.cfg, len(batch), P, self.checkpoint.dtype)
-        args = (self.params, self.experts, cache, tokens, positions, valid)
+        args = (self.params, self.runtime.experts, cache, tokens, positions, valid)
         logits, _, _ = self._compile("forward", self._forward, *args)(*args)
         logits = np.asarray(logits)
         return [logits[b, P - len(s) :] for b, s in enumerate(batch)]
@@ -133,17 +141,22 @@ class Engine:
         knobs = sampling.as_arrays()
         key = jax.random.key(sampling.seed)
 
+        rt = self.runtime
         cache = KVCache.empty(self.cfg, B, S, self.checkpoint.dtype)
-        prefill_args = (self.params, self.experts, cache, tokens, positions, valid, key) + knobs
+        prefill_args = (self.params, rt.experts, cache, tokens, positions, valid, key) + knobs
         prefill = self._compile("prefill", self._step, *prefill_args)
         one = np.ones((B, 1), bool)
-        decode_args = (self.params, self.experts, cache, np.zeros((B, 1), np.int32), lengths[:, None], one, key)
+        decode_args = (self.params, rt.experts, cache, np.zeros((B, 1), np.int32), lengths[:, None], one, key)
         decode = self._compile("decode", self._step, *decode_args + knobs)
 
         t0 = time.perf_counter()
-        nxt, cache, counts = prefill(*prefill_args)
+        nxt, cache, counts, hi = prefill(*prefill_args)
         nxt_host = np.asarray(nxt)
         prefill_s = time.perf_counter() - t0
+        counts = np.asarray(counts)
+        pairs, hi_pairs = float(counts.sum()), float(hi)
+        total_counts = counts.copy()
+        rt.observe(counts, int(lengths.sum()))
 
         out = [[] for _ in range(B)]
         done = np.zeros(B, bool)
@@ -156,12 +169,16 @@ class Engine:
                 on_tokens(nxt_host)
             if done.all() or step == max_new_tokens - 1:
                 break
+            rt.before_step()
             step_key = jax.random.fold_in(key, step + 1)
-            nxt, cache, trace = decode(
-                self.params, self.experts, cache, nxt[:, None], (lengths + step)[:, None], one, step_key, *knobs
+            nxt, cache, counts, hi = decode(
+                self.params, rt.experts, cache, nxt[:, None], (lengths + step)[:, None], one, step_key, *knobs
             )
-            counts = counts + trace
-            nxt_host = np.asarray(nxt)
+            nxt_host, counts = np.asarray(nxt), np.asarray(counts)
+            pairs += float(counts.sum())
+            hi_pairs += float(hi)
+            total_counts += counts
+            rt.observe(counts, B)
         decode_s = time.perf_counter() - t1
 
         generated = sum(len(o) for o in out)
@@ -175,5 +192,8 @@ class Engine:
             "decode_s": decode_s,
             "decode_tokens_per_s": decoded / decode_s if decoded else None,
             "compile_s": self.compile_s,
+            "hi_hit_rate": hi_pairs / pairs if pairs else None,
+            "peak_device_bytes": peak_device_bytes(),
         }
-        return Generation(tokens=out, stats=stats, expert_counts=np.asarray(counts))
+        stats.update(rt.stats())
+        return Generation(tokens=out, stats=stats, expert_counts=total_counts)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dynaexq_jax.kernels import grouped_matmul
+from dynaexq_jax.quant import QuantizedTensor
 
 # (x_sorted [P, K], group_sizes [G]) -> [P, N]
 GroupedMatmul = Callable[[jax.Array, jax.Array], jax.Array]
@@ -70,3 +71,80 @@ class DenseExperts:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.gate_up + self.down)
+
+    def hi_pairs(self, counts):
+        """Routed pairs served at high precision, from a trace's counts [moe_layers, E]."""
+        return jnp.sum(counts)
+
+
+def _nbytes(w) -> int:
+    return w.nbytes if isinstance(w, QuantizedTensor) else w.size * w.dtype.itemsize
+
+
+@flax.struct.dataclass
+class MixedExperts:
+    """Every expert on its low-precision fallback, plus a pool of high-precision slots.
+
+    One slot pool serves all MoE layers (all have the same expert shape), so a budget's
+    slots can go where traffic is: evenly per layer (the paper's rule) or by a global
+    allocation, without reshaping anything. `slot_of` is the stable handle of each expert:
+    flipping it is the only thing a promotion or demotion changes in what a step computes.
+    """
+
+    lo_gate_up: tuple[QuantizedTensor, ...]  # per MoE layer: [E, H, 2I]
+    lo_down: tuple[QuantizedTensor, ...]  # per MoE layer: [E, I, H]
+    hi_gate_up: jax.Array | QuantizedTensor  # [S, H, 2I] bf16, or int8
+    hi_down: jax.Array | QuantizedTensor  # [S, I, H]
+    slot_of: jax.Array  # [moe_layers, E] int32: slot holding the expert, -1 = fallback
+    owner: jax.Array  # [S] int32: layer * E + expert in the slot, -1 = free
+
+    @property
+    def num_experts(self) -> int:
+        return self.slot_of.shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        return self.owner.shape[0]
+
+    @property
+    def fallback_nbytes(self) -> int:
+        return sum(_nbytes(w) for w in self.lo_gate_up + self.lo_down)
+
+    @property
+    def slots_nbytes(self) -> int:
+        return _nbytes(self.hi_gate_up) + _nbytes(self.hi_down)
+
+    @property
+    def nbytes(self) -> int:
+        return self.fallback_nbytes + self.slots_nbytes + self.slot_of.nbytes + self.owner.nbytes
+
+    def hi_pairs(self, counts):
+        return jnp.sum(jnp.where(self.slot_of >= 0, counts, 0))
+
+    def ffn(self, moe_layer: int, x, expert_ids, weights):
+        E, S = self.num_experts, self.num_slots
+        slot = self.slot_of[moe_layer][expert_ids]  # [T, k]
+        # Groups 0..E-1 are fallbacks, E..E+S-1 slots: slotted pairs sort after all others.
+        groups = jnp.where(slot >= 0, E + slot, expert_ids)
+
+        def two_tier(lo, hi):
+            def matmul(xs, gs):
+                y = grouped_matmul(xs, lo, gs[:E], preferred_element_type=x.dtype)
+                if S == 0:
+                    return y
+                # Slot rows start where fallback rows end; bring them to the front for
+                # the slot pool's grouped matmul, then put the results back in place.
+                n_lo = jnp.sum(gs[:E])
+                y_hi = grouped_matmul(jnp.roll(xs, -n_lo, 0), hi, gs[E:], preferred_element_type=x.dtype)
+                return y + jnp.roll(y_hi, n_lo, 0)
+
+            return matmul
+
+        return routed_swiglu(
+            x,
+            groups,
+            weights,
+            E + S,
+            two_tier(self.lo_gate_up[moe_layer], self.hi_gate_up),
+            two_tier(self.lo_down[moe_layer], self.hi_down),
+        )

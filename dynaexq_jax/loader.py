@@ -173,8 +173,12 @@ def to_device(tree):
     return jax.tree.map(lambda a: jax.device_put(np.ascontiguousarray(a)), tree)
 
 
-def load(path: str | Path, dtype=jnp.bfloat16) -> Checkpoint:
-    """Load a Hugging Face Qwen3-MoE checkpoint directory onto the default device."""
+def load(path: str | Path, dtype=jnp.bfloat16, *, experts_on_device: bool = True) -> Checkpoint:
+    """Load a Hugging Face Qwen3-MoE checkpoint directory onto the default device.
+
+    With `experts_on_device=False` the experts stay in host memory (numpy), for a runtime
+    that quantizes them and keeps only some at high precision on the device.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist; pass --model DIR of a Hugging Face checkpoint")
@@ -183,7 +187,7 @@ def load(path: str | Path, dtype=jnp.bfloat16) -> Checkpoint:
     return Checkpoint(
         config=cfg,
         params=to_device(params),
-        experts=to_device(experts),
+        experts=to_device(experts) if experts_on_device else experts,
         dtype=jnp.dtype(dtype),
         eos_token_ids=read_eos(path),
         tokenizer=load_tokenizer(path),

@@ -169,10 +169,10 @@ class Qwen3Moe(nn.Module):
     dtype: jnp.dtype = jnp.bfloat16
 
     @nn.compact
-    def __call__(self, tokens, positions, token_valid, cache: KVCache, experts):
+    def __call__(self, tokens, positions, token_valid, cache: KVCache, experts, last_only: bool = False):
         """tokens, positions, token_valid: [B, T]. Writes T cache slots from `cache.index`.
 
-        Returns logits [B, T, V] (float32), the updated cache and the routing trace of this
+        Returns logits [B, T, V] (float32; [B, 1, V] of the last position if `last_only`), the updated cache and the routing trace of this
         call's real tokens: {"counts": routed pair counts, "probs": summed router
         probabilities}, each [moe_layers, experts].
         """
@@ -191,6 +191,8 @@ class Qwen3Moe(nn.Module):
             vs.append(v)
             if t is not None:
                 traces.append(t)
+        if last_only:  # prefill needs only the next token: skip the [B, T, V] projection
+            x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)

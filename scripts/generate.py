@@ -26,6 +26,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--budget", help="device memory budget, e.g. 20GB, 20GiB, 512MiB or plain bytes")
+    p.add_argument("--policy", choices=["dynaexq", "full"], default="dynaexq",
+                   help="dynaexq: int fallbacks + hot experts in high-precision slots; full: every expert at high precision")
+    p.add_argument("--hi-dtype", choices=["bfloat16", "int8"], default="bfloat16")
+    p.add_argument("--lo-bits", type=int, choices=[4, 3, 2], default=4)
+    p.add_argument("--group-size", type=int, default=128, help="quantization group (largest power of two <= this dividing the expert dims)")
+    p.add_argument("--quant-method", choices=["rtn", "mse"], default="rtn")
+    p.add_argument("--rebalance-every", type=int, default=16, help="decode steps between residency decisions")
+    p.add_argument("--half-life", type=float, default=256.0, help="hotness half-life in tokens")
+    p.add_argument("--allocation", choices=["per_layer", "global"], default="per_layer")
+    p.add_argument("--hotness", help="warm-start hotness profile (JSON written by --save-hotness)")
+    p.add_argument("--save-hotness", help="write the run's hotness profile here")
     p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats on stdout")
     return p.parse_args(argv)
 
@@ -33,17 +44,26 @@ def parse_args(argv=None):
 def run(args) -> dict:
     import jax.numpy as jnp
 
-    from dynaexq_jax import budget, engine, loader, sampling
+    from dynaexq_jax import budget, engine, loader, policies, sampling
 
     budget_bytes = budget.parse_size(args.budget) if args.budget is not None else None
     knobs = sampling.SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     prompts = args.prompt or ["def "]
-    ckpt = loader.load(args.model, jnp.dtype(args.dtype))
+    dtype = jnp.dtype(args.dtype)
+    ckpt = loader.load(args.model, dtype, experts_on_device=False)
     tok = ckpt.tokenizer
     if tok is None:
         raise loader.CheckpointError(f"{args.model} has no tokenizer.json, so text prompts cannot be encoded")
     ids = [tok.encode(p).ids for p in prompts]
-    eng = engine.Engine(ckpt)
+    eng, plan = policies.build_engine(
+        ckpt, args.policy, budget=budget_bytes, batch=len(ids), longest_prompt=max(map(len, ids)),
+        max_new_tokens=args.max_new_tokens, hotness_profile=args.hotness,
+        opts=policies.DynaExqOptions(
+            lo_bits=args.lo_bits, hi_dtype=args.hi_dtype, group_size=args.group_size,
+            quant_method=args.quant_method, rebalance_every=args.rebalance_every,
+            half_life_tokens=args.half_life, allocation=args.allocation,
+        ),
+    )
 
     on_tokens = None
     if not args.json and len(prompts) == 1:
@@ -66,7 +86,11 @@ def run(args) -> dict:
         {"prompt": p, "token_ids": t, "text": tok.decode(t, skip_special_tokens=True)}
         for p, t in zip(prompts, gen.tokens)
     ]
-    stats = dict(gen.stats, budget_bytes=budget_bytes, model=str(args.model), dtype=args.dtype)
+    stats = dict(gen.stats, budget_bytes=budget_bytes, model=str(args.model), dtype=args.dtype, policy=args.policy)
+    stats["accounted_device_bytes"] = plan.total
+    stats["memory_plan"] = plan.as_dict()
+    if args.save_hotness and args.policy == "dynaexq":
+        eng.runtime.tracker.save(args.save_hotness)
     if args.json:
         print(json.dumps({"outputs": outputs, "stats": stats}))
     else:
@@ -79,7 +103,11 @@ def run(args) -> dict:
         print(
             f"prompt {stats['prompt_tokens']} tok, prefill {stats['prefill_s']:.3f} s "
             f"({stats['prefill_tokens_per_s']:.1f} tok/s) | generated {stats['generated_tokens']} tok, "
-            f"decode {dtps if dtps is None else f'{dtps:.1f}'} tok/s | compile {stats['compile_s']:.1f} s",
+            f"decode {dtps if dtps is None else f'{dtps:.1f}'} tok/s | compile {stats['compile_s']:.1f} s | "
+            f"device {budget.format_size(stats['accounted_device_bytes'])} accounted"
+            + (f" of {budget.format_size(budget_bytes)}" if budget_bytes else "")
+            + (f", hi hit {stats['hi_hit_rate']:.1%}" if stats["hi_hit_rate"] is not None else "")
+            + f", {stats['promotions']} promotions, {budget.format_size(stats['h2d_bytes'])} host->device",
             file=sys.stderr,
         )
     return {"outputs": outputs, "stats": stats}

@@ -27,7 +27,7 @@ def test_json_output_has_generated_ids_text_and_stats(capsys, moe_checkpoint):
     path, _ = moe_checkpoint
     code, out, _ = run_cli(
         capsys, "--model", str(path), "--prompt", "def f", "--prompt", "the fox",
-        "--max-new-tokens", "6", "--dtype", "float32", "--budget", "512MiB", "--json",
+        "--max-new-tokens", "6", "--dtype", "float32", "--budget", "512MiB", "--policy", "full", "--json",
     )
     assert code == 0
     doc = json.loads(out)

@@ -1,0 +1,245 @@
+"""Expert-residency policies: what the engine computes each step with, and how that changes.
+
+A runtime exposes `experts` (the pytree the next step uses), `before_step()` (between steps:
+land transfers, flip handles), `observe(counts, tokens)` (after a step: the routing trace,
+[moe_layers, E] pair counts on the host) and `stats()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynaexq_jax import budget as budget_lib
+from dynaexq_jax import hotness, quant
+from dynaexq_jax.expert_state import DenseExperts, MixedExperts
+from dynaexq_jax.swap import HostBank, Swapper
+
+POLICIES = ("dynaexq", "full")
+
+
+class StaticRuntime:
+    """Experts that never change (every expert at one precision)."""
+
+    def __init__(self, experts):
+        self.experts = experts
+
+    def before_step(self) -> None:
+        pass
+
+    def observe(self, counts: np.ndarray, tokens: int) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"slots": None, "promotions": 0, "demotions": 0, "h2d_bytes": 0, "transfer_wait_s": 0.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class DynaExqOptions:
+    lo_bits: int = 4
+    hi_dtype: str = "bfloat16"  # or "int8"
+    group_size: int = 128
+    quant_method: str = "rtn"
+    rebalance_every: int = 16  # decode steps between residency decisions
+    half_life_tokens: float = 256.0
+    hysteresis: float = 0.01  # per-token selection rate an outsider must win by
+    allocation: str = "per_layer"  # or "global"
+    max_swaps_per_layer: int | None = 4
+    bytes_per_step: int | None = None  # promotion bytes started per step; None = 4 experts
+    blocking: bool = False  # land every promotion before the next step (the comparison variant)
+
+
+class DynaExqRuntime:
+    """Online hotness -> budget-feasible top-n per layer -> asynchronous swaps."""
+
+    def __init__(self, swapper: Swapper, tracker: hotness.HotnessTracker, opts: DynaExqOptions):
+        self.swapper = swapper
+        self.tracker = tracker
+        self.opts = opts
+        self._counts = np.zeros(tracker.scores.shape)
+        self._tokens = 0
+        self._steps = 0
+
+    @property
+    def experts(self) -> MixedExperts:
+        return self.swapper.experts
+
+    @property
+    def num_slots(self) -> int:
+        return self.swapper.owner.shape[0]
+
+    def capacity(self) -> np.ndarray:
+        L, E = self.tracker.scores.shape
+        if self.opts.allocation == "global":
+            return hotness.global_capacity(self.tracker.scores, self.num_slots)
+        return hotness.per_layer_capacity(self.num_slots, L, E)
+
+    def rebalance(self) -> None:
+        """Fold the trace into hotness, pick the resident set, queue demotions and promotions."""
+        if self._tokens:
+            self.tracker.update(self._counts, self._tokens)
+            self._counts[:] = 0
+            self._tokens = 0
+        scores = self.tracker.scores
+        current = self.swapper.wanted()
+        target = hotness.select_resident(
+            scores,
+            self.capacity(),
+            current,
+            hysteresis=self.opts.hysteresis,
+            max_swaps_per_layer=self.opts.max_swaps_per_layer,
+        )
+        demote, promote = hotness.plan_swaps(current, target, scores)
+        for le in demote:
+            self.swapper.demote(*le)
+        for le in promote:
+            self.swapper.promote(*le)
+
+    def before_step(self) -> None:
+        self.swapper.poll()
+
+    def observe(self, counts: np.ndarray, tokens: int) -> None:
+        self._counts += counts
+        self._tokens += tokens
+        self._steps += 1
+        if self._steps % self.opts.rebalance_every == 1 or self.opts.rebalance_every == 1:
+            self.rebalance()
+
+    def stats(self) -> dict:
+        s = self.swapper.stats
+        return {
+            "slots": self.num_slots,
+            "promotions": s.promotions,
+            "demotions": s.demotions,
+            "h2d_bytes": s.h2d_bytes,
+            "transfer_wait_s": s.transfer_wait_s,
+            "failed_promotions": s.failed,
+            "host_bank": self.swapper.bank.memory_kind,
+        }
+
+
+def _on(device):
+    return jax.default_device(device)
+
+
+def build_mixed_experts(host: DenseExperts, num_slots: int, opts: DynaExqOptions, device=None):
+    """Quantize every expert to its fallback, allocate the slot pool, stage the host bank.
+
+    Quantization runs on the CPU backend one layer at a time, so loading never holds a
+    layer's bf16 experts on the accelerator.
+    """
+    device = device or jax.devices()[0]
+    cpu = jax.devices("cpu")[0]
+    to_dev = lambda t: jax.device_put(t, device)
+    lo_gu, lo_d, bank = [], [], []
+    for wgu, wd in zip(host.gate_up, host.down):
+        with _on(cpu):
+            qgu = quant.quantize(jnp.asarray(wgu, jnp.float32), opts.lo_bits, opts.group_size, opts.quant_method)
+            qd = quant.quantize(jnp.asarray(wd, jnp.float32), opts.lo_bits, opts.group_size, opts.quant_method)
+            if opts.hi_dtype == "int8":
+                hgu = quant.quantize(jnp.asarray(wgu, jnp.float32), 8, opts.group_size)
+                hd = quant.quantize(jnp.asarray(wd, jnp.float32), 8, opts.group_size)
+                layer_bank = [jax.device_get((hgu.take(e), hd.take(e))) for e in range(wgu.shape[0])]
+            else:  # slots hold the checkpoint's own precision (bf16; float32 in exactness tests)
+                layer_bank = [(wgu[e], wd[e]) for e in range(wgu.shape[0])]
+        lo_gu.append(to_dev(qgu))
+        lo_d.append(to_dev(qd))
+        bank.append(layer_bank)
+    L, E = len(host.gate_up), host.gate_up[0].shape[0]
+    (K1, N1), (K2, N2) = host.gate_up[0].shape[1:], host.down[0].shape[1:]
+    S = num_slots
+    if opts.hi_dtype == "int8":
+        with _on(cpu):
+            pool_gu = quant.quantize(jnp.zeros((max(S, 1), K1, N1)), 8, opts.group_size)
+            pool_d = quant.quantize(jnp.zeros((max(S, 1), K2, N2)), 8, opts.group_size)
+        pool_gu, pool_d = (jax.tree.map(lambda a: a[:S], p) for p in (pool_gu, pool_d))
+        pool_gu = dataclasses.replace(pool_gu, shape=(S, K1, N1))
+        pool_d = dataclasses.replace(pool_d, shape=(S, K2, N2))
+    else:
+        pool_gu = jnp.zeros((S, K1, N1), host.gate_up[0].dtype)
+        pool_d = jnp.zeros((S, K2, N2), host.down[0].dtype)
+    experts = MixedExperts(
+        lo_gate_up=tuple(lo_gu),
+        lo_down=tuple(lo_d),
+        hi_gate_up=to_dev(pool_gu),
+        hi_down=to_dev(pool_d),
+        slot_of=to_dev(jnp.full((L, E), -1, jnp.int32)),
+        owner=to_dev(jnp.full((S,), -1, jnp.int32)),
+    )
+    return experts, HostBank(bank, device)
+
+
+def dynaexq_runtime(
+    host: DenseExperts,
+    plan: budget_lib.MemoryPlan,
+    opts: DynaExqOptions,
+    *,
+    hotness_profile: str | None = None,
+    transfer=None,
+) -> DynaExqRuntime:
+    experts, bank = build_mixed_experts(host, plan.slots, opts)
+    L, E = len(host.gate_up), host.gate_up[0].shape[0]
+    if hotness_profile:
+        tracker = hotness.HotnessTracker.load(hotness_profile, opts.half_life_tokens, expect_shape=(L, E))
+    else:
+        tracker = hotness.HotnessTracker(L, E, opts.half_life_tokens)
+    per_step = opts.bytes_per_step or 4 * bank.expert_nbytes
+    swapper = Swapper(experts, bank, bytes_per_step=per_step, transfer=transfer, blocking=opts.blocking)
+    runtime = DynaExqRuntime(swapper, tracker, opts)
+    if hotness_profile:
+        # Warm start: land the profile's hot set at load time, before any step is timed.
+        runtime.rebalance()
+        while swapper.pending or swapper.inflight:
+            jax.block_until_ready([t.result() for _, t in swapper.inflight.values()])
+            swapper.poll()
+    return runtime
+
+
+def build_engine(
+    ckpt,
+    policy: str,
+    *,
+    budget: int | None,
+    batch: int,
+    longest_prompt: int,
+    max_new_tokens: int,
+    opts: DynaExqOptions = DynaExqOptions(),
+    hotness_profile: str | None = None,
+    transfer=None,
+):
+    """An Engine for `policy` on a checkpoint loaded with `experts_on_device=False`, sized
+    for `batch` prompts of up to `longest_prompt` tokens plus `max_new_tokens`.
+
+    Returns (engine, memory plan). The plan's `total` is the accounted device bytes.
+    """
+    from dynaexq_jax import engine as engine_lib
+
+    if policy not in POLICIES:
+        raise budget_lib.BudgetError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    cfg = ckpt.config
+    prompt = engine_lib.prompt_bucket(longest_prompt)
+    context = engine_lib.cache_bucket(prompt + max_new_tokens)
+    group = budget_lib.expert_group_size(cfg, opts.group_size)
+    opts = dataclasses.replace(opts, group_size=group)
+    on_gpu = jax.default_backend() == "gpu"
+    plan = budget_lib.plan_memory(
+        cfg, budget=budget, batch=batch, prompt=prompt, context=context,
+        dtype_itemsize=ckpt.dtype.itemsize, lo_bits=opts.lo_bits, hi_dtype=opts.hi_dtype,
+        group_size=group, xla_dequant=not on_gpu,
+    )
+    if policy == "full":
+        hi_total = plan.num_experts_total * budget_lib.slot_nbytes(cfg, "bfloat16", group, ckpt.dtype.itemsize)
+        full = dataclasses.replace(plan, fallback=0, slot_bytes=hi_total // max(plan.num_experts_total, 1), slots=plan.num_experts_total)
+        if budget is not None and full.total > budget:
+            raise budget_lib.BudgetError(
+                f"policy 'full' needs {budget_lib.format_size(full.total)} for every expert at high precision, "
+                f"over the budget of {budget_lib.format_size(budget)}; use --policy dynaexq or a larger --budget"
+            )
+        experts = jax.tree.map(jax.device_put, ckpt.experts)
+        eng = engine_lib.Engine(dataclasses.replace(ckpt, experts=experts))
+        return eng, full
+    runtime = dynaexq_runtime(ckpt.experts, plan, opts, hotness_profile=hotness_profile, transfer=transfer)
+    return engine_lib.Engine(ckpt, runtime), plan
