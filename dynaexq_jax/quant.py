@@ -1,0 +1,281 @@
+"""Group-wise affine quantization of expert weights, and the one description of its layout.
+
+Convention
+----------
+A weight `w` of logical shape `[E, K, N]` (or `[K, N]`) multiplies as `x @ w` with `K` the
+input (contraction) dimension. `K` is cut into groups of `group_size` consecutive rows; each
+(group, column) pair has its own bf16 `scale` and bf16 `zero`:
+
+    w[k, n] ~= (q[k, n] - zero[k // group_size, n]) * scale[k // group_size, n]
+    q in [0, 2**bits - 1] (unsigned), zero a float (not rounded to an integer)
+
+`zero` is kept as a float so min-max RTN places the grid ends exactly on each group's min and
+max (an integer zero shifts the grid by up to half a step, which costs most at 2 and 3 bits).
+
+Packed storage (`QuantizedTensor.packed`, uint8, `[E, K * bits // 8, N]`)
+------------------------------------------------------------------------------
+Packing runs along K, one group at a time; group `j` owns the `group_size * bits // 8`
+consecutive packed rows starting at `j * group_size * bits // 8`. Within a group the
+`group_size` rows are cut into `S` equal slices of `R = group_size // S` consecutive rows:
+
+* bits 8, 4, 2 (`S = 8 // bits`): the group's `R` packed rows hold all slices at once; bits
+  `[p * bits, (p + 1) * bits)` of packed row `i` hold `q` of group row `p * R + i`.
+* bits 3 (`S = 8`): the group's `3 * R` packed rows are three bit-planes of `R` rows each
+  (plane `b` first `R` rows for b=0, then b=1, b=2); bit `p` of plane `b`, row `i` is bit `b` of
+  `q` at group row `p * R + i`. Exactly 3 bits per value, no padding.
+
+Why this layout: a kernel unpacks slice `p` with one shift and one mask (three for int3) into
+a `[R, N]` tile whose rows are *contiguous* in K, so it multiplies that tile with a contiguous
+`[rows, R]` slice of the activations. No interleaving (nibble shuffles) is ever needed, which
+Pallas on Triton cannot express cheaply. It requires `group_size % S == 0` and, for the GPU
+kernel's tensor-core dots, `R >= 16` (int3 therefore wants group_size >= 128).
+
+Scales and zeros are bf16 `[E, K // group_size, N]`. `QuantizedTensor.nbytes` is the exact
+sum of the three buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_BITS = (8, 4, 3, 2)
+METHODS = ("rtn", "mse")
+
+
+def slices_per_group(bits: int) -> int:
+    """Number of K-slices a group is cut into by the packing (see module docstring)."""
+    _check_bits(bits)
+    return 8 if bits == 3 else 8 // bits
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}.")
+
+
+def check_group_size(k: int, bits: int, group_size: int) -> None:
+    """Raise a one-line error naming the fix when `group_size` cannot quantize K rows."""
+    s = slices_per_group(bits)
+    if group_size <= 0 or k % group_size != 0:
+        divisors = [d for d in (32, 64, 128, 256) if k % d == 0 and d % s == 0]
+        raise ValueError(
+            f"group_size={group_size} does not divide the input dimension K={k}; "
+            f"pick a divisor of {k} such as {divisors or [k]}."
+        )
+    if group_size % s != 0:
+        raise ValueError(
+            f"group_size={group_size} must be a multiple of {s} for {bits}-bit packing; "
+            f"use e.g. group_size={math.lcm(group_size, s)} if it divides K={k}."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """Packed low-bit weights with per-group bf16 scales and zeros (a jax pytree).
+
+    Leaves: `packed` uint8 [*lead, K*bits//8, N], `scales` and `zeros` bf16
+    [*lead, K//group_size, N]. Static: `bits`, `group_size`, `shape` (logical, [*lead, K, N]).
+    """
+
+    packed: jax.Array
+    scales: jax.Array
+    zeros: jax.Array
+    bits: int
+    group_size: int
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Exact device bytes of the three buffers (the packed buffer at its real size)."""
+        return sum(
+            math.prod(a.shape) * np.dtype(a.dtype).itemsize
+            for a in (self.packed, self.scales, self.zeros)
+        )
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def take(self, idx) -> "QuantizedTensor":
+        """Experts `idx` along axis 0 (an int gives [K, N]; an index array [M] gives [M, K, N]).
+
+        Works under jit with traced indices; out-of-range indices are clamped.
+        """
+        if self.ndim != 3:
+            raise ValueError(f"take() needs a stacked [E, K, N] tensor, got shape {self.shape}.")
+        idx = jnp.asarray(idx)
+        pick = lambda a: jnp.take(a, idx, axis=0, mode="clip")
+        lead = tuple(idx.shape)
+        return QuantizedTensor(
+            pick(self.packed), pick(self.scales), pick(self.zeros),
+            self.bits, self.group_size, lead + self.shape[1:],
+        )
+
+    def __getitem__(self, idx) -> "QuantizedTensor":
+        return self.take(idx)
+
+    def dequantize(self, dtype=jnp.bfloat16) -> jax.Array:
+        return dequantize(self, dtype)
+
+
+jax.tree_util.register_dataclass(
+    QuantizedTensor,
+    data_fields=["packed", "scales", "zeros"],
+    meta_fields=["bits", "group_size", "shape"],
+)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack(q: jax.Array, bits: int, group_size: int) -> jax.Array:
+    """uint8 codes [..., K, N] in [0, 2**bits) -> packed uint8 [..., K*bits//8, N]."""
+    *lead, k, n = q.shape
+    check_group_size(k, bits, group_size)
+    s = slices_per_group(bits)
+    r = group_size // s
+    q = q.astype(jnp.uint8).reshape(*lead, k // group_size, s, r, n)
+    shifts = jnp.arange(s, dtype=jnp.uint8).reshape(s, 1, 1)
+    if bits == 3:
+        planes = [
+            jnp.sum(((q >> b) & 1) << shifts, axis=-3, dtype=jnp.uint8) for b in range(3)
+        ]  # 3 x [..., K//g, R, N]
+        out = jnp.stack(planes, axis=-3)  # [..., K//g, 3, R, N]
+    else:
+        out = jnp.sum(q << (shifts * bits), axis=-3, dtype=jnp.uint8)  # [..., K//g, R, N]
+    return out.reshape(*lead, k * bits // 8, n)
+
+
+def unpack(packed: jax.Array, bits: int, group_size: int) -> jax.Array:
+    """Packed uint8 [..., K*bits//8, N] -> uint8 codes [..., K, N] (inverse of `pack`)."""
+    *lead, kp, n = packed.shape
+    s = slices_per_group(bits)
+    r = group_size // s
+    k = kp * 8 // bits
+    shifts = jnp.arange(s, dtype=jnp.uint8).reshape(s, 1, 1)
+    if bits == 3:
+        p = packed.reshape(*lead, k // group_size, 3, 1, r, n)
+        q = sum(((p[..., b, :, :, :] >> shifts) & 1) << b for b in range(3))
+    else:
+        p = packed.reshape(*lead, k // group_size, 1, r, n)
+        q = (p >> (shifts * bits)) & ((1 << bits) - 1)  # [..., K//g, S, R, N]
+    return q.astype(jnp.uint8).reshape(*lead, k, n)
+
+
+# ------------------------------------------------------------------------ quantization
+
+
+def _bf16(a):
+    return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _codes(wg, scale, zero, qmax):
+    return jnp.clip(jnp.round(wg / scale + zero), 0, qmax)
+
+
+def _minmax_params(wg, qmax, shrink=1.0):
+    """bf16 (scale, zero) putting the grid ends on the (shrunk) group min and max."""
+    lo = jnp.min(wg, axis=-2, keepdims=True) * shrink
+    hi = jnp.max(wg, axis=-2, keepdims=True) * shrink
+    rng = hi - lo
+    # A constant group has no range; any positive scale reproduces it through `zero`.
+    scale = _bf16(jnp.where(rng > 0, rng / qmax, 1.0))
+    zero = _bf16(-lo / scale)
+    return scale, zero
+
+
+def _sq_err(wg, scale, zero, qmax):
+    q = _codes(wg, scale, zero, qmax)
+    return jnp.sum(jnp.square((q - zero) * scale - wg), axis=-2, keepdims=True)
+
+
+def _mse_params(wg, qmax, iters):
+    """Per-group (scale, zero) lowering the squared weight error below min-max RTN's.
+
+    Start from the best of a few shrunk min-max ranges (clipping outliers), then alternate
+    nearest rounding (optimal codes for a fixed grid) with a least-squares fit of
+    `w ~ scale * q + offset` (optimal grid for fixed codes). Each group keeps the best bf16
+    parameters seen, so the result is never worse than RTN's.
+    """
+    best_s, best_z = _minmax_params(wg, qmax)
+    best_e = _sq_err(wg, best_s, best_z, qmax)
+
+    def keep_better(state, s, z):
+        bs, bz, be = state
+        e = _sq_err(wg, s, z, qmax)
+        better = e < be
+        return jnp.where(better, s, bs), jnp.where(better, z, bz), jnp.where(better, e, be)
+
+    state = (best_s, best_z, best_e)
+    for shrink in (0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
+        state = keep_better(state, *_minmax_params(wg, qmax, shrink))
+
+    def step(_, state):
+        s, z, _e = state
+        q = _codes(wg, s, z, qmax)
+        qm = jnp.mean(q, axis=-2, keepdims=True)
+        wm = jnp.mean(wg, axis=-2, keepdims=True)
+        cov = jnp.mean((q - qm) * (wg - wm), axis=-2, keepdims=True)
+        var = jnp.mean(jnp.square(q - qm), axis=-2, keepdims=True)
+        ok = (var > 0) & (cov > 0)
+        new_s = _bf16(jnp.where(ok, cov / jnp.where(ok, var, 1.0), s))
+        offset = wm - new_s * qm
+        new_z = _bf16(-offset / new_s)
+        return keep_better(state, new_s, new_z)
+
+    s, z, _ = jax.lax.fori_loop(0, iters, step, state)
+    return s, z
+
+
+def quantize(w, bits: int, group_size: int = 128, method: str = "rtn", *, iters: int = 20):
+    """Quantize `w` [E, K, N] or [K, N] group-wise along K -> `QuantizedTensor`.
+
+    method "rtn": round-to-nearest on each group's min-max range.
+    method "mse": weight-only optimisation of each group's scale and zero for lower squared
+    error (clipping search + alternating least squares, `iters` rounds); see `_mse_params`.
+    """
+    _check_bits(bits)
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; use one of {METHODS}.")
+    w = jnp.asarray(w)
+    if w.ndim not in (2, 3):
+        raise ValueError(f"quantize expects [E, K, N] or [K, N], got shape {w.shape}.")
+    *lead, k, n = w.shape
+    check_group_size(k, bits, group_size)
+    wg = w.astype(jnp.float32).reshape(*lead, k // group_size, group_size, n)
+    # qmax is traced so one compilation serves every bit width of a shape.
+    scale, zero = _group_params(wg, jnp.float32(2**bits - 1), method, iters)
+    packed = _pack_codes(wg, scale, zero, bits, group_size)
+    scales = scale[..., 0, :].astype(jnp.bfloat16)  # [*lead, K//g, N]
+    zeros = zero[..., 0, :].astype(jnp.bfloat16)
+    return QuantizedTensor(packed, scales, zeros, bits, group_size, tuple(w.shape))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _group_params(wg, qmax, method, iters):
+    if method == "rtn":
+        return _minmax_params(wg, qmax)
+    return _mse_params(wg, qmax, iters)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _pack_codes(wg, scale, zero, bits, group_size):
+    *lead, ng, g, n = wg.shape
+    q = _codes(wg, scale, zero, float(2**bits - 1)).astype(jnp.uint8)
+    return pack(q.reshape(*lead, ng * g, n), bits, group_size)
+
+
+def dequantize(qt: QuantizedTensor, dtype=jnp.bfloat16) -> jax.Array:
+    """Materialise `qt` at its logical shape in `dtype` (computed in f32)."""
+    *lead, k, n = qt.shape
+    g = qt.group_size
+    q = unpack(qt.packed, qt.bits, g).astype(jnp.float32).reshape(*lead, k // g, g, n)
+    s = qt.scales.astype(jnp.float32)[..., None, :]
+    z = qt.zeros.astype(jnp.float32)[..., None, :]
+    return ((q - z) * s).reshape(*lead, k, n).astype(dtype)

@@ -1,0 +1,65 @@
+"""Relative output error ||XW - XW_q|| / ||XW|| of quantization methods, per bit width.
+
+  python scripts/bench_quant.py                 # print the table
+  python scripts/bench_quant.py --markdown      # also append it to docs/PERFORMANCE.md
+
+Weights are [K, N] = [2048, 768] (a Qwen3-30B-A3B gate/up expert matrix): Gaussian and
+heavy-tailed (Student t, 3 degrees of freedom). X is [512, K] Gaussian. Seeds are fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dynaexq_jax import quant  # noqa: E402
+
+
+def rel_error(w, x, qt) -> float:
+    deq = np.asarray(quant.dequantize(qt, jnp.float32), np.float64)
+    ref = x @ w
+    return float(np.linalg.norm(ref - x @ deq) / np.linalg.norm(ref))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--n", type=int, default=768)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--markdown", nargs="?", const="docs/PERFORMANCE.md", default=None,
+                    metavar="PATH")
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, args.k))
+    weights = {
+        "gaussian": rng.standard_normal((args.k, args.n)),
+        "student-t3": rng.standard_t(3, (args.k, args.n)),
+    }
+    rows = []
+    for name, w in weights.items():
+        w = w.astype(np.float32)
+        for bits in quant.SUPPORTED_BITS:
+            errs = {m: rel_error(w.astype(np.float64), x,
+                                 quant.quantize(jnp.asarray(w), bits, args.group_size, m))
+                    for m in quant.METHODS}
+            rows.append((name, bits, errs["rtn"], errs["mse"], 1 - errs["mse"] / errs["rtn"]))
+    head = "| weights | bits | rtn | mse | reduction |\n|---|---|---|---|---|"
+    body = "\n".join(f"| {n} | int{b} | {r:.4f} | {m:.4f} | {100 * d:.1f}% |"
+                     for n, b, r, m, d in rows)
+    print(head + "\n" + body)
+    if args.markdown:
+        cmd = "python scripts/bench_quant.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        text = (f"\n### `{cmd.strip()}`\n\nK x N = {args.k} x {args.n}, group {args.group_size}, "
+                f"X [512, K] Gaussian; relative output error.\n\n{head}\n{body}\n")
+        with Path(args.markdown).open("a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
