@@ -105,7 +105,7 @@ class DynaExqRuntime:
         self._counts += counts
         self._tokens += tokens
         self._steps += 1
-        if self._steps % self.opts.rebalance_every == 1 or self.opts.rebalance_every == 1:
+        if (self._steps - 1) % self.opts.rebalance_every == 0:  # after prefill, then every N steps
             self.rebalance()
 
     def stats(self) -> dict:
@@ -121,10 +121,6 @@ class DynaExqRuntime:
         }
 
 
-def _on(device):
-    return jax.default_device(device)
-
-
 def build_mixed_experts(host: DenseExperts, num_slots: int, opts: DynaExqOptions, device=None):
     """Quantize every expert to its fallback, allocate the slot pool, stage the host bank.
 
@@ -136,7 +132,7 @@ def build_mixed_experts(host: DenseExperts, num_slots: int, opts: DynaExqOptions
     to_dev = lambda t: jax.device_put(t, device)
     lo_gu, lo_d, bank = [], [], []
     for wgu, wd in zip(host.gate_up, host.down):
-        with _on(cpu):
+        with jax.default_device(cpu):
             qgu = quant.quantize(jnp.asarray(wgu, jnp.float32), opts.lo_bits, opts.group_size, opts.quant_method)
             qd = quant.quantize(jnp.asarray(wd, jnp.float32), opts.lo_bits, opts.group_size, opts.quant_method)
             if opts.hi_dtype == "int8":
@@ -152,7 +148,7 @@ def build_mixed_experts(host: DenseExperts, num_slots: int, opts: DynaExqOptions
     (K1, N1), (K2, N2) = host.gate_up[0].shape[1:], host.down[0].shape[1:]
     S = num_slots
     if opts.hi_dtype == "int8":
-        with _on(cpu):
+        with jax.default_device(cpu):
             pool_gu = quant.quantize(jnp.zeros((max(S, 1), K1, N1)), 8, opts.group_size)
             pool_d = quant.quantize(jnp.zeros((max(S, 1), K2, N2)), 8, opts.group_size)
         pool_gu, pool_d = (jax.tree.map(lambda a: a[:S], p) for p in (pool_gu, pool_d))
@@ -231,8 +227,8 @@ def build_engine(
         group_size=group, xla_dequant=not on_gpu,
     )
     if policy == "full":
-        hi_total = plan.num_experts_total * budget_lib.slot_nbytes(cfg, "bfloat16", group, ckpt.dtype.itemsize)
-        full = dataclasses.replace(plan, fallback=0, slot_bytes=hi_total // max(plan.num_experts_total, 1), slots=plan.num_experts_total)
+        hi = budget_lib.slot_nbytes(cfg, "bfloat16", group, ckpt.dtype.itemsize)
+        full = dataclasses.replace(plan, fallback=0, slot_bytes=hi, slots=plan.num_experts_total)
         if budget is not None and full.total > budget:
             raise budget_lib.BudgetError(
                 f"policy 'full' needs {budget_lib.format_size(full.total)} for every expert at high precision, "
