@@ -18,14 +18,15 @@ from dynaexq_jax import hotness, quant
 from dynaexq_jax.expert_state import DenseExperts, MixedExperts
 from dynaexq_jax.swap import HostBank, Swapper
 
-POLICIES = ("dynaexq", "full")
+POLICIES = ("dynaexq", "full", "static")
 
 
 class StaticRuntime:
     """Experts that never change (every expert at one precision)."""
 
-    def __init__(self, experts):
+    def __init__(self, experts, lo_bits: int | None = None):
         self.experts = experts
+        self.lo_bits = lo_bits
 
     def before_step(self) -> None:
         pass
@@ -34,7 +35,10 @@ class StaticRuntime:
         pass
 
     def stats(self) -> dict:
-        return {"slots": None, "promotions": 0, "demotions": 0, "h2d_bytes": 0, "transfer_wait_s": 0.0}
+        return {
+            "slots": None, "lo_bits": self.lo_bits, "promotions": 0, "demotions": 0, "h2d_bytes": 0,
+            "transfer_wait_s": 0.0,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +125,9 @@ class DynaExqRuntime:
         }
 
 
-def build_mixed_experts(host: DenseExperts, num_slots: int, opts: DynaExqOptions, device=None):
-    """Quantize every expert to its fallback, allocate the slot pool, stage the host bank.
+def build_mixed_experts(host: DenseExperts, num_slots: int, opts: DynaExqOptions, device=None, with_bank: bool = True):
+    """Quantize every expert to its fallback, allocate the slot pool, stage the host bank
+    (None without `with_bank`).
 
     Quantization runs on the CPU backend one layer at a time, so loading never holds a
     layer's bf16 experts on the accelerator.
@@ -135,7 +140,9 @@ def build_mixed_experts(host: DenseExperts, num_slots: int, opts: DynaExqOptions
         with jax.default_device(cpu):
             qgu = quant.quantize(jnp.asarray(wgu, jnp.float32), opts.lo_bits, opts.group_size, opts.quant_method)
             qd = quant.quantize(jnp.asarray(wd, jnp.float32), opts.lo_bits, opts.group_size, opts.quant_method)
-            if opts.hi_dtype == "int8":
+            if not with_bank:
+                layer_bank = None
+            elif opts.hi_dtype == "int8":
                 hgu = quant.quantize(jnp.asarray(wgu, jnp.float32), 8, opts.group_size)
                 hd = quant.quantize(jnp.asarray(wd, jnp.float32), 8, opts.group_size)
                 layer_bank = [jax.device_get((hgu.take(e), hd.take(e))) for e in range(wgu.shape[0])]
@@ -165,7 +172,7 @@ def build_mixed_experts(host: DenseExperts, num_slots: int, opts: DynaExqOptions
         slot_of=to_dev(jnp.full((L, E), -1, jnp.int32)),
         owner=to_dev(jnp.full((S,), -1, jnp.int32)),
     )
-    return experts, HostBank(bank, device)
+    return experts, HostBank(bank, device) if with_bank else None
 
 
 def dynaexq_runtime(
@@ -221,21 +228,34 @@ def build_engine(
     group = budget_lib.expert_group_size(cfg, opts.group_size)
     opts = dataclasses.replace(opts, group_size=group)
     on_gpu = jax.default_backend() == "gpu"
-    plan = budget_lib.plan_memory(
-        cfg, budget=budget, batch=batch, prompt=prompt, context=context,
-        dtype_itemsize=ckpt.dtype.itemsize, lo_bits=opts.lo_bits, hi_dtype=opts.hi_dtype,
-        group_size=group, xla_dequant=not on_gpu,
-    )
+
+    def plan(lo_bits, budget):
+        return budget_lib.plan_memory(
+            cfg, budget=budget, batch=batch, prompt=prompt, context=context,
+            dtype_itemsize=ckpt.dtype.itemsize, lo_bits=lo_bits, hi_dtype=opts.hi_dtype,
+            group_size=group, xla_dequant=not on_gpu,
+        )
+
     if policy == "full":
         hi = budget_lib.slot_nbytes(cfg, "bfloat16", group, ckpt.dtype.itemsize)
-        full = dataclasses.replace(plan, fallback=0, slot_bytes=hi, slots=plan.num_experts_total)
+        full = dataclasses.replace(plan(opts.lo_bits, None), fallback=0, slot_bytes=hi)
         if budget is not None and full.total > budget:
             raise budget_lib.BudgetError(
                 f"policy 'full' needs {budget_lib.format_size(full.total)} for every expert at high precision, "
                 f"over the budget of {budget_lib.format_size(budget)}; use --policy dynaexq or a larger --budget"
             )
         experts = jax.tree.map(jax.device_put, ckpt.experts)
-        eng = engine_lib.Engine(dataclasses.replace(ckpt, experts=experts))
-        return eng, full
-    runtime = dynaexq_runtime(ckpt.experts, plan, opts, hotness_profile=hotness_profile, transfer=transfer)
-    return engine_lib.Engine(ckpt, runtime), plan
+        return engine_lib.Engine(dataclasses.replace(ckpt, experts=experts)), dataclasses.replace(full, budget=budget)
+    if policy == "static":
+        # Static PTQ: one bit width for every expert, no slots, no transfers. With a budget,
+        # the widest width whose fallback fits it; without one, opts.lo_bits.
+        bits = opts.lo_bits
+        if budget is not None:
+            fits = [b for b in (8, 4, 3, 2) if plan(b, None).minimum <= budget]
+            bits = fits[0] if fits else 2
+        p = dataclasses.replace(plan(bits, budget), slots=0)
+        experts, _ = build_mixed_experts(ckpt.experts, 0, dataclasses.replace(opts, lo_bits=bits), with_bank=False)
+        return engine_lib.Engine(ckpt, StaticRuntime(experts, lo_bits=bits)), p
+    p = plan(opts.lo_bits, budget)
+    runtime = dynaexq_runtime(ckpt.experts, p, opts, hotness_profile=hotness_profile, transfer=transfer)
+    return engine_lib.Engine(ckpt, runtime), p
