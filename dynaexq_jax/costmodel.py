@@ -1,0 +1,108 @@
+"""A bandwidth cost model of one decode step, to compare with measurements and to project.
+
+Decode is memory-bound: a step reads the non-expert weights, the KV cache and the weights of
+every expert some token routes to, and a policy may also move experts host -> device. The
+model predicts
+
+    step_s = read_bytes / hbm_bw + blocking_h2d_bytes / h2d_bw     (offload: copies block)
+    step_s = max(read_bytes / hbm_bw, h2d_bytes / h2d_bw)          (dynaexq, prefetch: overlap)
+
+with the expected number of distinct experts a layer touches under uniform routing,
+E * (1 - (1 - k/E) ** B); skewed routing touches fewer, so the model overestimates there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Spec-sheet figures (HBM/GDDR bandwidth, practical host->device over PCIe) for projection.
+KNOWN_DEVICES = {
+    "H100-SXM": (3.35e12, 50e9),
+    "H200": (4.8e12, 50e9),
+    "A6000": (768e9, 22e9),
+    "RTX-5090": (1.79e12, 50e9),
+}
+
+OVERLAPPED = {"dynaexq", "prefetch", "full", "static"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bandwidth:
+    hbm: float  # bytes/s, device-to-device copy
+    h2d: float  # bytes/s, host -> device (pinned where available)
+
+
+def measure_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> Bandwidth:
+    """Median device copy and host->device rates, measured on the default device."""
+    dev = jax.devices()[0]
+    x = jnp.zeros((nbytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a + 0)
+    copy(x).block_until_ready()
+    t = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        copy(x).block_until_ready()
+        t.append(time.perf_counter() - t0)
+    hbm = 2 * nbytes / float(np.median(t))  # read + write
+    from dynaexq_jax.swap import host_memory_kind, stage
+
+    host = np.zeros((nbytes // 4,), np.float32)
+    kind = host_memory_kind(dev)
+    if kind:
+        host = jax.device_put(host, jax.sharding.SingleDeviceSharding(dev, memory_kind=kind))
+    t = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        stage(host, dev).block_until_ready()
+        t.append(time.perf_counter() - t0)
+    return Bandwidth(hbm=hbm, h2d=nbytes / float(np.median(t)))
+
+
+def distinct_experts(num_experts: int, k: int, tokens: int) -> float:
+    """Expected experts a layer touches for `tokens` tokens under uniform top-k routing."""
+    return num_experts * (1 - (1 - k / num_experts) ** tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    read_bytes: float
+    h2d_bytes: float
+    seconds: float
+
+
+def decode_step_cost(
+    policy: str,
+    *,
+    cfg,
+    batch: int,
+    weights_bytes: int,
+    kv_bytes: int,
+    hi_expert_bytes: int,
+    lo_expert_bytes: int,
+    hi_hit_rate: float,
+    h2d_bytes_per_step: float,
+    bw: Bandwidth,
+) -> StepCost:
+    touched = len(cfg.moe_layers) * distinct_experts(cfg.num_experts, cfg.experts_per_token, batch)
+    per_expert = hi_hit_rate * hi_expert_bytes + (1 - hi_hit_rate) * lo_expert_bytes
+    read = weights_bytes + kv_bytes + touched * per_expert
+    return StepCost(read, h2d_bytes_per_step, step_seconds(policy, read, h2d_bytes_per_step, bw))
+
+
+def step_seconds(policy: str, read_bytes: float, h2d_bytes: float, bw: Bandwidth) -> float:
+    if policy in OVERLAPPED:
+        return max(read_bytes / bw.hbm, h2d_bytes / bw.h2d)
+    return read_bytes / bw.hbm + h2d_bytes / bw.h2d
+
+
+def project(policy: str, cost: StepCost) -> dict[str, float]:
+    """Predicted seconds per decode step of the same bytes on each of KNOWN_DEVICES."""
+    return {
+        name: step_seconds(policy, cost.read_bytes, cost.h2d_bytes, Bandwidth(hbm, h2d))
+        for name, (hbm, h2d) in KNOWN_DEVICES.items()
+    }
