@@ -257,3 +257,54 @@ def plan_memory(
     return MemoryPlan(
         budget=budget, slot_bytes=slot, slots=int(slots), num_experts_total=n_moe * E, moe_layers=n_moe, **parts
     )
+
+
+def parameter_count(cfg) -> int:
+    """Parameters of the checkpoint as config.json describes it (for checking an index's size)."""
+    gu, dn = expert_shapes(cfg)
+    return non_expert_nbytes(cfg, 1) + len(cfg.moe_layers) * cfg.num_experts * (math.prod(gu) + math.prod(dn))
+
+
+def policy_plan(
+    cfg,
+    policy: str,
+    *,
+    budget: int | None,
+    batch: int,
+    prompt: int,
+    context: int,
+    dtype_itemsize: int,
+    lo_bits: int,
+    hi_dtype: str,
+    group_size: int,
+    xla_dequant: bool,
+) -> MemoryPlan:
+    """The plan `policies.build_engine` makes for `policy`, from the config alone, so that a
+    dry run (and a run, before it loads any weight) can show it and refuse a budget early.
+
+    dynaexq: fallbacks + slots; full: every expert at high precision, no fallback; static:
+    the widest bit width whose fallback fits, no slots.
+    """
+
+    def plan(bits, b):
+        return plan_memory(
+            cfg, budget=b, batch=batch, prompt=prompt, context=context, dtype_itemsize=dtype_itemsize,
+            lo_bits=bits, hi_dtype=hi_dtype, group_size=group_size, xla_dequant=xla_dequant,
+        )
+
+    if policy == "full":
+        hi = slot_nbytes(cfg, "bfloat16", group_size, dtype_itemsize)
+        full = dataclasses.replace(plan(lo_bits, None), fallback=0, slot_bytes=hi, budget=budget)
+        if budget is not None and full.total > budget:
+            raise BudgetError(
+                f"policy 'full' needs {format_size(full.total)} for every expert at high precision, "
+                f"over the budget of {format_size(budget)}; use --policy dynaexq or a larger --budget"
+            )
+        return full
+    if policy == "static":
+        bits = lo_bits
+        if budget is not None:
+            fits = [b for b in (8, 4, 3, 2) if plan(b, None).minimum <= budget]
+            bits = fits[0] if fits else 2
+        return dataclasses.replace(plan(bits, budget), slots=0)
+    return plan(lo_bits, budget)

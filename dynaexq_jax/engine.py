@@ -39,6 +39,16 @@ def cache_bucket(n: int) -> int:
 
 
 @dataclasses.dataclass
+class Session:
+    """One conversation (batch 1): its KV cache and the token ids the cache holds, so the
+    next turn computes only what is new. Made by `Engine.new_session`."""
+
+    cache: KVCache
+    ids: list[int]
+    max_chunk: int  # longest prefill chunk: bounds the step's workspace as the memory plan assumes
+
+
+@dataclasses.dataclass
 class Generation:
     tokens: list[list[int]]  # generated ids per prompt (EOS included when generated)
     stats: dict
@@ -142,22 +152,108 @@ class Engine:
         key = jax.random.key(sampling.seed)
 
         rt = self.runtime
+        runtime_before = rt.stats()
         cache = KVCache.empty(self.cfg, B, S, self.checkpoint.dtype)
         prefill_args = (self.params, rt.experts, cache, tokens, positions, valid, key) + knobs
         prefill = self._compile("prefill", self._step, *prefill_args)
-        one = np.ones((B, 1), bool)
-        decode_args = (self.params, rt.experts, cache, np.zeros((B, 1), np.int32), lengths[:, None], one, key)
-        decode = self._compile("decode", self._step, *decode_args + knobs)
+        decode = self._compile_decode(cache, B, key, knobs)
 
         t0 = time.perf_counter()
         nxt, cache, counts, hi = prefill(*prefill_args)
         nxt_host = np.asarray(nxt)
         prefill_s = time.perf_counter() - t0
-        counts = np.asarray(counts)
-        pairs, hi_pairs = float(counts.sum()), float(hi)
-        total_counts = counts.copy()
-        rt.observe(counts, int(lengths.sum()))
+        trace = _Trace(np.asarray(counts), float(hi), runtime_before)
+        rt.observe(trace.counts, int(lengths.sum()))
+        out, cache, decode_s = self._decode(decode, nxt, nxt_host, cache, lengths, max_new_tokens, key, knobs, eos, on_tokens, trace)
+        return self._generation(out, lengths, prefill_s, decode_s, trace)
 
+    def new_session(self, context: int, max_chunk: int) -> Session:
+        """An empty conversation of up to `context` tokens (rounded up to the cache bucket),
+        whose turns are prefilled in chunks of at most `max_chunk` tokens (a power of two)."""
+        if max_chunk < 1 or max_chunk & (max_chunk - 1):
+            raise ValueError(f"max_chunk must be a power of two, got {max_chunk}")
+        return Session(KVCache.empty(self.cfg, 1, cache_bucket(context), self.checkpoint.dtype), [], max_chunk)
+
+    def chat_turn(
+        self,
+        session: Session,
+        ids: Sequence[int],
+        max_new_tokens: int = 64,
+        sampling: SamplingParams = SamplingParams(),
+        eos_token_ids: Sequence[int] | None = None,
+        on_tokens: Callable[[np.ndarray], None] | None = None,
+    ) -> Generation:
+        """Generate the reply to `ids`, the whole conversation so far (batch 1), reusing the
+        session's KV cache for the longest prefix it already holds.
+
+        Only the tokens after that prefix are prefilled. A template that rewrites an earlier
+        turn (Qwen3 drops past thinking) rewinds the cache to where the token ids part, so the
+        model always sees exactly `ids`. The greedy reply equals `generate([ids])`'s.
+        """
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise UserError("a chat turn needs at least one token")
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._check_context(len(ids), max_new_tokens)
+        if len(ids) + max_new_tokens > session.cache.length:
+            raise ContextError(
+                f"the conversation has {len(ids)} tokens + {max_new_tokens} new, over the session's context of "
+                f"{session.cache.length}; start with a larger --context or a shorter --max-new-tokens"
+            )
+        eos = set(self.checkpoint.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        knobs = sampling.as_arrays()
+        key = jax.random.key(sampling.seed)
+        rt = self.runtime
+        # Keep at least the last token to prefill: its logits give the first reply token.
+        keep = min(_common_prefix(session.ids, ids), len(ids) - 1)
+        # Rewinding is moving the write index: slots past it still hold old keys and values,
+        # but every slot a query can see (up to its own) is rewritten before it is read.
+        cache = session.cache.replace(index=jnp.int32(keep))
+        session.ids = []  # the cache is donated below; an interrupted turn must not reuse it
+        chunks = _chunks(len(ids) - keep, session.max_chunk)
+        steps = []
+        start = keep
+        for n in chunks:
+            args = (self.params, rt.experts, cache, np.asarray([ids[start : start + n]], np.int32),
+                    np.arange(start, start + n, dtype=np.int32)[None], np.ones((1, n), bool), key) + knobs
+            steps.append(self._compile("prefill", self._step, *args))
+            start += n
+        decode = self._compile_decode(cache, 1, key, knobs)
+
+        t0 = time.perf_counter()
+        trace = _Trace(np.zeros((len(self.cfg.moe_layers), self.cfg.num_experts)), 0.0, self.runtime.stats())
+        start = keep
+        for n, step in zip(chunks, steps):
+            rt.before_step()
+            nxt, cache, counts, hi = step(
+                self.params, rt.experts, cache, np.asarray([ids[start : start + n]], np.int32),
+                np.arange(start, start + n, dtype=np.int32)[None], np.ones((1, n), bool), key, *knobs,
+            )
+            counts = np.asarray(counts)
+            trace.add(counts, float(hi))
+            rt.observe(counts, n)
+            start += n
+        nxt_host = np.asarray(nxt)
+        prefill_s = time.perf_counter() - t0
+        lengths = np.array([len(ids)], np.int32)
+        out, cache, decode_s = self._decode(decode, nxt, nxt_host, cache, lengths, max_new_tokens, key, knobs, eos, on_tokens, trace)
+        session.cache = cache
+        session.ids = ids + out[0][:-1]  # the last reply token is sampled but not yet in the cache
+        gen = self._generation(out, np.array([len(ids) - keep], np.int32), prefill_s, decode_s, trace)
+        gen.stats["reused_tokens"] = keep
+        return gen
+
+    def _compile_decode(self, cache, B, key, knobs):
+        one = np.ones((B, 1), bool)
+        args = (self.params, self.runtime.experts, cache, np.zeros((B, 1), np.int32), np.zeros((B, 1), np.int32), one, key)
+        return self._compile("decode", self._step, *args + knobs)
+
+    def _decode(self, decode, nxt, nxt_host, cache, lengths, max_new_tokens, key, knobs, eos, on_tokens, trace):
+        """The decode loop after a prefill that sampled `nxt`: -> (ids per row, cache, seconds)."""
+        rt = self.runtime
+        B = len(lengths)
+        one = np.ones((B, 1), bool)
         out = [[] for _ in range(B)]
         done = np.zeros(B, bool)
         t1 = time.perf_counter()
@@ -175,25 +271,70 @@ class Engine:
                 self.params, rt.experts, cache, nxt[:, None], (lengths + step)[:, None], one, step_key, *knobs
             )
             nxt_host, counts = np.asarray(nxt), np.asarray(counts)
-            pairs += float(counts.sum())
-            hi_pairs += float(hi)
-            total_counts += counts
+            trace.add(counts, float(hi))
             rt.observe(counts, B)
-        decode_s = time.perf_counter() - t1
+        return out, cache, time.perf_counter() - t1
 
+    def _generation(self, out, prefilled, prefill_s, decode_s, trace) -> Generation:
+        """`prefilled`: [B] tokens each row prefilled."""
+        B = len(out)
         generated = sum(len(o) for o in out)
         decoded = generated - B  # each prompt's first token comes from prefill
         stats = {
             "batch_size": B,
-            "prompt_tokens": int(lengths.sum()),
+            "prompt_tokens": int(prefilled.sum()),
             "generated_tokens": generated,
             "prefill_s": prefill_s,
-            "prefill_tokens_per_s": float(lengths.sum()) / prefill_s,
+            "prefill_tokens_per_s": float(prefilled.sum()) / prefill_s,
             "decode_s": decode_s,
             "decode_tokens_per_s": decoded / decode_s if decoded else None,
             "compile_s": self.compile_s,
-            "hi_hit_rate": hi_pairs / pairs if pairs else None,
+            "hi_hit_rate": trace.hi_pairs / trace.pairs if trace.pairs else None,
             "peak_device_bytes": peak_device_bytes(),
         }
-        stats.update(rt.stats())
-        return Generation(tokens=out, stats=stats, expert_counts=total_counts)
+        after = self.runtime.stats()
+        for k in RUNTIME_COUNTERS:
+            if k in after:
+                after[k] -= trace.runtime_before[k]
+        stats.update(after)
+        return Generation(tokens=out, stats=stats, expert_counts=trace.counts)
+
+
+# Runtime counters that accumulate over an engine's life; a request reports its own share.
+RUNTIME_COUNTERS = ("promotions", "demotions", "h2d_bytes", "transfer_wait_s", "failed_promotions")
+
+
+class _Trace:
+    """Routing totals over one request: pair counts [moe_layers, E] and high-precision pairs,
+    and the runtime's counters when the request started."""
+
+    def __init__(self, counts: np.ndarray, hi_pairs: float, runtime_stats: dict):
+        self.counts = counts.copy()
+        self.pairs = float(counts.sum())
+        self.hi_pairs = hi_pairs
+        self.runtime_before = runtime_stats
+
+    def add(self, counts: np.ndarray, hi_pairs: float) -> None:
+        self.counts += counts
+        self.pairs += float(counts.sum())
+        self.hi_pairs += hi_pairs
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chunks(n: int, max_chunk: int) -> list[int]:
+    """Split `n` tokens into power-of-two chunks of at most `max_chunk`, largest first: no
+    padding enters the cache, and each chunk size compiles once."""
+    sizes = []
+    while n:
+        size = min(max_chunk, 1 << (n.bit_length() - 1))
+        sizes.append(size)
+        n -= size
+    return sizes

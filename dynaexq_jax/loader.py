@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import struct
+import sys
 from pathlib import Path
 
 import jax
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
+from tqdm import tqdm
 
 from dynaexq_jax.config import ConfigError, Qwen3MoeConfig
 from dynaexq_jax.errors import UserError
@@ -55,12 +58,25 @@ def weight_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-class _TensorReader:
-    """Reads named tensors from safetensors files, keeping each file open once."""
+def stored_nbytes(files: dict[str, Path]) -> int:
+    """Bytes of the named tensors as stored, from the safetensors headers (no tensor is read)."""
+    total = 0
+    for path in set(files.values()):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))  # the format: u64 header length, then a JSON header
+            header = json.loads(f.read(n))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k in files)
+    return total
 
-    def __init__(self, files: dict[str, Path]):
+
+class _TensorReader:
+    """Reads named tensors from safetensors files, keeping each file open once; `progress`
+    (a tqdm bar, or None) advances by each tensor's stored bytes."""
+
+    def __init__(self, files: dict[str, Path], progress=None):
         self.files = files
         self._open = {}
+        self.progress = progress
 
     def __contains__(self, name):
         return name in self.files
@@ -74,6 +90,8 @@ class _TensorReader:
         t = self._open[path].get_tensor(name)
         if t.shape != shape:
             raise CheckpointError(f"tensor {name!r} has shape {t.shape}, config.json implies {shape}")
+        if self.progress is not None:
+            self.progress.update(t.nbytes)
         return t.astype(dtype, copy=False)
 
 
@@ -109,10 +127,10 @@ def load_tokenizer(path: Path):
     return Tokenizer.from_file(str(f))
 
 
-def load_params(cfg: Qwen3MoeConfig, files: dict[str, Path], dtype) -> tuple[dict, DenseExperts]:
+def load_params(cfg: Qwen3MoeConfig, files: dict[str, Path], dtype, progress=None) -> tuple[dict, DenseExperts]:
     """Read every tensor into the Flax layout, on the host: (non-expert params, experts)."""
     npd = np_dtype(dtype)
-    r = _TensorReader(files)
+    r = _TensorReader(files, progress)
     H, D = cfg.hidden_size, cfg.head_dim
     E, I = cfg.num_experts, cfg.moe_intermediate_size
 
@@ -173,17 +191,22 @@ def to_device(tree):
     return jax.tree.map(lambda a: jax.device_put(np.ascontiguousarray(a)), tree)
 
 
-def load(path: str | Path, dtype=jnp.bfloat16, *, experts_on_device: bool = True) -> Checkpoint:
+def load(path: str | Path, dtype=jnp.bfloat16, *, experts_on_device: bool = True, progress: bool = False) -> Checkpoint:
     """Load a Hugging Face Qwen3-MoE checkpoint directory onto the default device.
 
     With `experts_on_device=False` the experts stay in host memory (numpy), for a runtime
-    that quantizes them and keeps only some at high precision on the device.
+    that quantizes them and keeps only some at high precision on the device. `progress`
+    shows a bar of bytes read, with rate and ETA, on stderr.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist; pass --model DIR of a Hugging Face checkpoint")
     cfg = Qwen3MoeConfig.from_file(path)
-    params, experts = load_params(cfg, weight_files(path), dtype)
+    files = weight_files(path)
+    total = stored_nbytes(files) if progress else 0
+    with tqdm(total=total, desc="loading", unit="B", unit_scale=True, file=sys.stderr, disable=not progress,
+              leave=False, dynamic_ncols=True) as bar:
+        params, experts = load_params(cfg, files, dtype, bar if progress else None)
     return Checkpoint(
         config=cfg,
         params=to_device(params),

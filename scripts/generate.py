@@ -3,6 +3,8 @@
 
     python scripts/generate.py --prompt "def fibonacci(n):" --max-new-tokens 64
     python scripts/generate.py --model DIR --prompt a --prompt b --temperature 0.7 --top-p 0.9 --json
+    python scripts/generate.py --model DIR --budget 20GB --dry-run        # does it fit? reads config.json only
+    python scripts/generate.py --model DIR --system "Be brief." --interactive
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import json
 import sys
 from pathlib import Path
 
+from dynaexq_jax.errors import UserError
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-qwen3-moe"
+DEFAULT_CONTEXT = 1024  # tokens planned for --dry-run and --interactive when --context is not given
+CHAT_CHUNK = 256  # longest prefill chunk of an --interactive turn: bounds its workspace
 
 
 def parse_args(argv=None):
@@ -25,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--budget", help="device memory budget, e.g. 20GB, 20GiB, 512MiB or plain bytes")
+    p.add_argument("--budget", help="device memory budget, e.g. 20GB, 20GiB, 5.5GB, 512MiB or plain bytes")
     p.add_argument("--policy", choices=["dynaexq", "full", "static"], default="dynaexq",
                    help="dynaexq: low-bit fallbacks + hot experts in high-precision slots; full: every expert at "
                         "high precision; static: every expert at one bit width (the widest the budget holds)")
@@ -38,88 +44,375 @@ def parse_args(argv=None):
     p.add_argument("--allocation", choices=["per_layer", "global"], default="per_layer")
     p.add_argument("--hotness", help="warm-start hotness profile (JSON written by --save-hotness)")
     p.add_argument("--save-hotness", help="write the run's hotness profile here")
-    p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats on stdout")
+    chat = p.add_argument_group("chat")
+    chat.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                      help="render each prompt as a user message with the model's chat template "
+                           "(default: on when the checkpoint has one)")
+    chat.add_argument("--system", help="system message for --chat")
+    chat.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                      help="Qwen3's enable_thinking switch of the chat template (default: the template's)")
+    chat.add_argument("--interactive", action="store_true",
+                      help="converse on stdin, one message a line, reusing the KV cache across turns (EOF ends)")
+    plan = p.add_argument_group("memory plan")
+    plan.add_argument("--dry-run", action="store_true",
+                      help="print the memory plan from config.json (and the index) and exit without loading weights")
+    plan.add_argument("--context", type=int,
+                      help=f"tokens per sequence (prompt + new) planned by --dry-run and held by --interactive "
+                           f"(default {DEFAULT_CONTEXT}); a plain run plans exactly what its prompts need")
+    plan.add_argument("--batch", type=int, help="sequences planned by --dry-run (default: the number of --prompt)")
+    plan.add_argument("--backend", choices=["gpu", "cpu"],
+                      help="backend --dry-run plans for (default: this machine's); on the CPU the grouped "
+                           "matmuls dequantize experts into temporaries, so its workspace is larger")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats on stdout")
+    out.add_argument("--verbose", action="store_true", help="print the memory plan on stderr before loading")
+    out.add_argument("--quiet", action="store_true", help="no progress bar and no closing summary on stderr")
     return p.parse_args(argv)
 
 
-def run(args) -> dict:
+class FlagError(UserError):
+    """Flags that do not go together, or a value a flag cannot take."""
+
+
+def check_flags(args) -> None:
+    if args.max_new_tokens < 1:
+        raise FlagError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.context is not None and not (args.dry_run or args.interactive):
+        raise FlagError("--context applies to --dry-run and --interactive; a run plans what its prompts need")
+    if args.batch is not None and not args.dry_run:
+        raise FlagError("--batch applies to --dry-run; a run's batch is its number of --prompt")
+    if args.batch is not None and args.batch < 1:
+        raise FlagError(f"--batch must be >= 1, got {args.batch}")
+    if args.backend is not None and not args.dry_run:
+        raise FlagError("--backend applies to --dry-run; a run plans for the backend it runs on")
+    if args.interactive and (args.json or args.prompt):
+        raise FlagError("--interactive reads messages from stdin; drop --json and --prompt")
+    if args.interactive and args.batch not in (None, 1):
+        raise FlagError("--interactive holds one conversation; drop --batch")
+    if args.chat is False and (args.system is not None or args.thinking is not None):
+        raise FlagError("--system and --thinking need the chat template; drop them or --no-chat")
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+
+def plan_shape(args, cfg, prompt_lengths=None) -> tuple[int, int, int]:
+    """(batch, longest prompt, new tokens) to size a run for, as `policies.build_engine` takes them.
+
+    An --interactive session holds `--context` tokens and prefills a turn in chunks of at most
+    CHAT_CHUNK, so it is planned as a CHAT_CHUNK prompt followed by the rest of the context.
+    """
+    if prompt_lengths is not None:
+        return len(prompt_lengths), max(prompt_lengths), args.max_new_tokens
+    context = args.context or min(DEFAULT_CONTEXT, cfg.max_position_embeddings)
+    if context > cfg.max_position_embeddings:
+        raise FlagError(f"--context {context} exceeds the model's context of {cfg.max_position_embeddings}")
+    if args.interactive:
+        chunk = chat_chunk(context)
+        return 1, chunk, context - chunk
+    if context <= args.max_new_tokens:
+        raise FlagError(f"--context {context} leaves no room for a prompt before {args.max_new_tokens} new tokens")
+    return args.batch or len(args.prompt or [None]), context - args.max_new_tokens, args.max_new_tokens
+
+
+def chat_chunk(context: int) -> int:
+    """The largest power of two <= CHAT_CHUNK that leaves room for a reply in `context`."""
+    chunk = CHAT_CHUNK
+    while chunk > 1 and chunk >= context:
+        chunk //= 2
+    return chunk
+
+
+def make_plan(args, cfg, shape, budget_bytes):
+    """The memory plan `policies.build_engine` will make for these flags, from the config alone."""
+    import jax
     import jax.numpy as jnp
 
-    from dynaexq_jax import budget, engine, loader, policies, sampling
+    from dynaexq_jax import budget, engine
 
-    budget_bytes = budget.parse_size(args.budget) if args.budget is not None else None
-    knobs = sampling.SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    prompts = args.prompt or ["def "]
-    dtype = jnp.dtype(args.dtype)
-    ckpt = loader.load(args.model, dtype, experts_on_device=False)
-    tok = ckpt.tokenizer
-    if tok is None:
-        raise loader.CheckpointError(f"{args.model} has no tokenizer.json, so text prompts cannot be encoded")
-    ids = [tok.encode(p).ids for p in prompts]
+    batch, longest, new = shape
+    prompt = engine.prompt_bucket(longest)
+    backend = args.backend or ("gpu" if jax.default_backend() == "gpu" else "cpu")
+    plan = budget.policy_plan(
+        cfg, args.policy, budget=budget_bytes, batch=batch, prompt=prompt,
+        context=engine.cache_bucket(prompt + new), dtype_itemsize=jnp.dtype(args.dtype).itemsize,
+        lo_bits=args.lo_bits, hi_dtype=args.hi_dtype, group_size=budget.expert_group_size(cfg, args.group_size),
+        xla_dequant=backend != "gpu",
+    )
+    header = (
+        f"memory plan: {Path(args.model).name}, policy {args.policy}, batch {batch} x context "
+        f"{engine.cache_bucket(prompt + new)} tokens (prefill up to {prompt}), {args.dtype}, "
+        f"int{args.lo_bits} fallback, {args.hi_dtype} slots, {backend}"
+    )
+    return plan, header
+
+
+def plan_text(args, cfg, plan, header) -> str:
+    from dynaexq_jax import hotness
+
+    lines = [header, plan.table()]
+    if args.policy == "dynaexq" and args.allocation == "per_layer" and plan.moe_layers:
+        cap = hotness.per_layer_capacity(plan.slots, plan.moe_layers, cfg.num_experts)
+        span = f"{cap.min()}" if cap.min() == cap.max() else f"{cap.min()} to {cap.max()}"
+        lines.append(f"per MoE layer: {span} of {cfg.num_experts} experts hold a high-precision slot")
+    return "\n".join(lines)
+
+
+def index_check(model: Path, cfg) -> str | None:
+    """A line comparing the checkpoint index's `total_size` with what config.json implies."""
+    from dynaexq_jax import budget
+
+    index = model / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+    if total is None:
+        return None
+    stored = json.loads((model / "config.json").read_text())
+    dtype = stored.get("dtype") or stored.get("torch_dtype") or "bfloat16"
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
+    params = budget.parameter_count(cfg)
+    verdict = "as config.json implies" if int(total) == params * itemsize else (
+        f"but config.json implies {budget.format_size(params * itemsize)}; the plan follows config.json"
+    )
+    return (f"checkpoint index: {budget.format_size(int(total))} stored, {params / 1e9:.2f} B parameters "
+            f"as {dtype}, {verdict}")
+
+
+def dry_run(args, budget_bytes) -> dict:
+    from dynaexq_jax.config import Qwen3MoeConfig
+
+    model = Path(args.model)
+    cfg = Qwen3MoeConfig.from_file(model)  # a missing directory is a one-line ConfigError
+    plan, header = make_plan(args, cfg, plan_shape(args, cfg), budget_bytes)
+    if args.json:
+        print(json.dumps({"memory_plan": plan.as_dict()}))
+    else:
+        print(plan_text(args, cfg, plan, header))
+        check = index_check(model, cfg)
+        if check:
+            print(check)
+    return {"memory_plan": plan.as_dict()}
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def summary_line(stats: dict) -> str:
+    """The closing line: throughput, memory, cache behaviour; every figure is in `stats`."""
+    from dynaexq_jax.budget import format_size
+
+    def rate(x):
+        return "n/a" if x is None else f"{x:.1f}"
+
+    peak, budget = stats["peak_device_bytes"], stats["budget_bytes"]
+    memory = (f"peak {format_size(peak)}" if peak is not None
+              else f"accounted {format_size(stats['accounted_device_bytes'])} (no allocator peak on this backend)")
+    if budget is not None:
+        memory += f" of {format_size(budget)} budget"
+    hit = stats["hi_hit_rate"]
+    return " | ".join([
+        f"prompt {stats['prompt_tokens']} tok, {rate(stats['prefill_tokens_per_s'])} tok/s",
+        f"generated {stats['generated_tokens']} tok, {rate(stats['decode_tokens_per_s'])} tok/s",
+        memory,
+        f"hi-precision hits {'n/a' if hit is None else f'{hit:.1%}'}",
+        f"host->device {stats['h2d_bytes'] / 1e9:.3f} GB",
+    ])
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+class Prompter:
+    """Turns user text into token ids: through the chat template when chatting, else as is."""
+
+    def __init__(self, args, model: Path, tok):
+        from dynaexq_jax import chat
+
+        template = chat.load_chat_template(model)
+        if args.chat and template is None:
+            raise FlagError(f"{model} has no chat template (tokenizer_config.json or chat_template.jinja); drop --chat")
+        self.template = template if args.chat is not False else None
+        if self.template is None and (args.system is not None or args.thinking is not None):
+            raise FlagError(f"--system and --thinking need a chat template, and {model} has none")
+        self.tok = tok
+        self.system = args.system
+        self.kwargs = {} if args.thinking is None else {"enable_thinking": args.thinking}
+
+    def messages(self, user: str) -> list[dict]:
+        system = [] if self.system is None else [{"role": "system", "content": self.system}]
+        return system + [{"role": "user", "content": user}]
+
+    def render(self, messages: list[dict]) -> list[int]:
+        text = self.template.render(messages, add_generation_prompt=True, **self.kwargs)
+        # The template writes the special tokens itself, as apply_chat_template(tokenize=True).
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode(self, user: str) -> list[int]:
+        return self.render(self.messages(user)) if self.template else self.tok.encode(user).ids
+
+    def stop_ids(self, eos: tuple[int, ...]) -> tuple[int, ...]:
+        """The checkpoint's EOS ids, and the template's end of turn (tokenizer_config eos_token)."""
+        if self.template is None:
+            return eos
+        end = self.template.special_tokens.get("eos_token")
+        end_id = self.tok.token_to_id(end) if end else None
+        return tuple(eos) + ((end_id,) if end_id is not None and end_id not in eos else ())
+
+
+class Streamer:
+    """Prints one sequence's text as it is generated: decode everything so far and print the new
+    suffix (keeps multi-byte characters whole)."""
+
+    def __init__(self, tok, echo: str = ""):
+        self.tok, self.echo = tok, echo
+        self.ids, self.shown = [], ""
+
+    def __call__(self, step_ids):
+        if not self.ids:  # echo the prompt once the request has been accepted
+            sys.stdout.write(self.echo)
+        self.ids.append(int(step_ids[0]))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.shown) :])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def load_engine(args, budget_bytes, cfg, shape):
+    """Load, quantize and place the model for `shape`; -> (engine, plan, checkpoint)."""
+    import jax.numpy as jnp
+
+    from dynaexq_jax import loader, policies
+
+    plan, header = make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
+    if args.verbose:
+        print(plan_text(args, cfg, plan, header), file=sys.stderr)
+    ckpt = loader.load(args.model, jnp.dtype(args.dtype), experts_on_device=False, progress=show_progress(args))
+    batch, longest, new = shape
     eng, plan = policies.build_engine(
-        ckpt, args.policy, budget=budget_bytes, batch=len(ids), longest_prompt=max(map(len, ids)),
-        max_new_tokens=args.max_new_tokens, hotness_profile=args.hotness,
+        ckpt, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest,
+        max_new_tokens=new, hotness_profile=args.hotness,
         opts=policies.DynaExqOptions(
             lo_bits=args.lo_bits, hi_dtype=args.hi_dtype, group_size=args.group_size,
             quant_method=args.quant_method, rebalance_every=args.rebalance_every,
             half_life_tokens=args.half_life, allocation=args.allocation,
         ),
     )
+    return eng, plan, ckpt
 
-    on_tokens = None
-    if not args.json and len(prompts) == 1:
-        # Stream: decode everything so far and print the new suffix (keeps multi-byte
-        # characters whole). The prompt is echoed once the request has been accepted.
-        state = {"ids": [], "shown": ""}
 
-        def on_tokens(step_ids):
-            if not state["ids"]:
-                sys.stdout.write(prompts[0])
-            state["ids"].append(int(step_ids[0]))
-            text = tok.decode(state["ids"], skip_special_tokens=True)
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text[len(state["shown"]) :])
-                sys.stdout.flush()
-                state["shown"] = text
+def show_progress(args) -> bool:
+    return not args.quiet and sys.stderr.isatty()
 
-    gen = eng.generate(ids, args.max_new_tokens, knobs, on_tokens=on_tokens)
+
+def read_tokenizer(args):
+    from dynaexq_jax import loader
+    from dynaexq_jax.config import Qwen3MoeConfig
+
+    model = Path(args.model)
+    if not model.is_dir():
+        raise loader.CheckpointError(f"model directory {model} does not exist; pass --model DIR of a Hugging Face checkpoint")
+    cfg = Qwen3MoeConfig.from_file(model)
+    tok = loader.load_tokenizer(model)
+    if tok is None:
+        raise loader.CheckpointError(f"{model} has no tokenizer.json, so text prompts cannot be encoded")
+    return model, cfg, tok
+
+
+def run_stats(args, gen_stats, plan, budget_bytes) -> dict:
+    stats = dict(gen_stats, budget_bytes=budget_bytes, model=str(args.model), dtype=args.dtype, policy=args.policy)
+    stats["accounted_device_bytes"] = plan.total
+    stats["memory_plan"] = plan.as_dict()
+    return stats
+
+
+def run(args, budget_bytes) -> dict:
+    from dynaexq_jax import sampling
+
+    knobs = sampling.SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    model, cfg, tok = read_tokenizer(args)
+    prompter = Prompter(args, model, tok)
+    prompts = args.prompt or ["def "]
+    ids = [prompter.encode(p) for p in prompts]
+    if min(map(len, ids)) == 0:
+        raise FlagError("every prompt needs at least one token; pass a non-empty --prompt")
+    eng, plan, ckpt = load_engine(args, budget_bytes, cfg, plan_shape(args, cfg, [len(i) for i in ids]))
+
+    streaming = not args.json and len(prompts) == 1
+    # A chat reply is printed alone; raw completions continue the echoed prompt.
+    on_tokens = Streamer(tok, "" if prompter.template else prompts[0]) if streaming else None
+    gen = eng.generate(ids, args.max_new_tokens, knobs, prompter.stop_ids(ckpt.eos_token_ids), on_tokens=on_tokens)
     outputs = [
         {"prompt": p, "token_ids": t, "text": tok.decode(t, skip_special_tokens=True)}
         for p, t in zip(prompts, gen.tokens)
     ]
-    stats = dict(gen.stats, budget_bytes=budget_bytes, model=str(args.model), dtype=args.dtype, policy=args.policy)
-    stats["accounted_device_bytes"] = plan.total
-    stats["memory_plan"] = plan.as_dict()
+    stats = run_stats(args, gen.stats, plan, budget_bytes)
     if args.save_hotness and args.policy == "dynaexq":
         eng.runtime.tracker.save(args.save_hotness)
     if args.json:
         print(json.dumps({"outputs": outputs, "stats": stats}))
+    elif streaming:
+        print()
     else:
-        if on_tokens is None:
-            for i, o in enumerate(outputs):
-                print(f"--- [{i}] {o['prompt']}{o['text']}")
-        else:
-            print()
-        dtps = stats["decode_tokens_per_s"]
-        print(
-            f"prompt {stats['prompt_tokens']} tok, prefill {stats['prefill_s']:.3f} s "
-            f"({stats['prefill_tokens_per_s']:.1f} tok/s) | generated {stats['generated_tokens']} tok, "
-            f"decode {dtps if dtps is None else f'{dtps:.1f}'} tok/s | compile {stats['compile_s']:.1f} s | "
-            f"device {budget.format_size(stats['accounted_device_bytes'])} accounted"
-            + (f" of {budget.format_size(budget_bytes)}" if budget_bytes else "")
-            + (f", hi hit {stats['hi_hit_rate']:.1%}" if stats["hi_hit_rate"] is not None else "")
-            + f", {stats['promotions']} promotions, {budget.format_size(stats['h2d_bytes'])} host->device",
-            file=sys.stderr,
-        )
+        for i, o in enumerate(outputs):
+            print(f"--- [{i}] {o['prompt']}{o['text']}")
+    if not args.quiet:
+        print(summary_line(stats), file=sys.stderr)
     return {"outputs": outputs, "stats": stats}
+
+
+def interactive(args, budget_bytes, stdin=None) -> list[dict]:
+    """Converse on stdin: each line is a user message; the reply streams to stdout and one
+    summary line per turn goes to stderr. Returns the turns' stats."""
+    from dynaexq_jax import sampling
+
+    stdin = stdin or sys.stdin
+    knobs = sampling.SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    model, cfg, tok = read_tokenizer(args)
+    prompter = Prompter(args, model, tok)
+    shape = plan_shape(args, cfg)
+    eng, plan, ckpt = load_engine(args, budget_bytes, cfg, shape)
+    batch, chunk, rest = shape
+    session = eng.new_session(chunk + rest, chunk)
+    stop = prompter.stop_ids(ckpt.eos_token_ids)
+    messages = [] if prompter.system is None else [{"role": "system", "content": prompter.system}]
+    history: list[int] = []  # without a template: the token stream so far, continued raw
+    turns = []
+    for line in stdin:
+        user = line.rstrip("\n")
+        if not user.strip():
+            continue
+        if prompter.template:
+            messages.append({"role": "user", "content": user})
+            ids = prompter.render(messages)
+        else:
+            ids = history + tok.encode(user).ids
+        gen = eng.chat_turn(session, ids, args.max_new_tokens, knobs, stop, on_tokens=Streamer(tok))
+        print()
+        reply = gen.tokens[0]
+        messages.append({"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)})
+        history = ids + reply
+        stats = run_stats(args, gen.stats, plan, budget_bytes)
+        turns.append(stats)
+        if not args.quiet:
+            print(summary_line(stats) + f" | reused {stats['reused_tokens']} cached tok", file=sys.stderr)
+    return turns
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dynaexq_jax.errors import UserError
+    from dynaexq_jax import budget
 
     try:
-        run(args)
+        check_flags(args)
+        budget_bytes = budget.parse_size(args.budget) if args.budget is not None else None
+        if args.dry_run:
+            dry_run(args, budget_bytes)
+        elif args.interactive:
+            interactive(args, budget_bytes)
+        else:
+            run(args, budget_bytes)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

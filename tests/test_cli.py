@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from dynaexq_jax import engine, loader
+from dynaexq_jax import budget, engine, loader
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -98,3 +99,102 @@ def test_script_runs_as_a_subprocess(moe_checkpoint):
     )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["outputs"][0]["token_ids"]) == 3
+
+
+# Qwen/Qwen3-30B-A3B's config.json (the fields the plan reads); no weights are written.
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
+    "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+    "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "intermediate_size": 6144,
+    "rope_theta": 1000000.0, "max_position_embeddings": 40960, "norm_topk_prob": True, "tie_word_embeddings": False,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "rms_norm_eps": 1e-06, "hidden_act": "silu",
+    "attention_bias": False, "use_sliding_window": False, "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture
+def qwen3_30b(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    # 30.53 B parameters in bf16, as the published index states (61,064,245,248 bytes).
+    index = {"metadata": {"total_size": 61064245248}, "weight_map": {"lm_head.weight": "model-00016-of-00016.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return tmp_path
+
+
+def plan_rows(text: str) -> dict[str, str]:
+    return {line[:38].strip(): line[38:].strip() for line in text.splitlines()}
+
+
+def test_dry_run_of_qwen3_30b_fits_20gb_without_weights(capsys, qwen3_30b):
+    code, out, err = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "20GB", "--dry-run", "--backend", "gpu")
+    assert code == 0 and err == "", err
+    for part in ("non-expert weights", "fallback experts", "high-precision slots", "KV cache", "workspace margin",
+                 "total", "budget"):
+        assert part in out
+    assert "per MoE layer: 1 to 2 of 128 experts hold a high-precision slot" in out
+    assert "30.53 B parameters as bfloat16, as config.json implies" in out
+    code, out, _ = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "20GB", "--dry-run", "--backend", "gpu", "--json")
+    plan = json.loads(out)["memory_plan"]
+    assert plan["total"] <= plan["budget"] == 20 * 10**9 and plan["slots"] > 0
+    assert plan["fallback"] == pytest.approx(15.4e9, rel=0.01) and plan["weights"] == pytest.approx(3.08e9, rel=0.01)
+
+
+def test_dry_run_says_when_the_fallback_does_not_fit(capsys, qwen3_30b):
+    code, out, err = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "10GB", "--dry-run", "--backend", "gpu")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: budget 10.00 GB cannot hold the int4 fallback experts") and "the minimum is 19.18 GB" in err
+
+
+def test_dry_run_plan_is_the_runs_plan(capsys, moe_checkpoint):
+    """The plan shown before loading is the one the run then holds (same shape, budget, policy)."""
+    common = ["--model", str(moe_checkpoint[0]), "--budget", "17.35MB", "--max-new-tokens", "4"]
+    code, out, _ = run_cli(capsys, *common, "--dry-run", "--context", "20", "--json")  # a 16-token prompt + 4
+    assert code == 0
+    dry = json.loads(out)["memory_plan"]
+    code, out, err = run_cli(capsys, *common, "--prompt", "the quick brown fox " * 3, "--json", "--verbose", "--quiet")
+    assert code == 0
+    assert json.loads(out)["stats"]["memory_plan"] == dry
+    assert "non-expert weights" in err and "high-precision slots" in err
+    assert "tok/s" not in err  # --quiet drops the closing line, not the plan --verbose asked for
+
+
+def test_closing_line_equals_the_json_stats(capsys, moe_checkpoint):
+    code, out, err = run_cli(capsys, "--model", str(moe_checkpoint[0]), "--prompt", "the", "--max-new-tokens", "5",
+                             "--budget", "17.35MB", "--json")
+    assert code == 0 and err.count("\n") == 1  # one summary line on stderr, also with --json
+    s = json.loads(out)["stats"]
+    m = re.fullmatch(
+        r"prompt (\d+) tok, ([\d.]+) tok/s \| generated (\d+) tok, ([\d.]+) tok/s \| "
+        r"accounted ([\d.]+ [KMG]?B) \(no allocator peak on this backend\) of ([\d.]+ [KMG]?B) budget \| "
+        r"hi-precision hits ([\d.]+)% \| host->device ([\d.]+) GB\n", err,
+    )
+    assert m, err
+    assert m.groups() == (
+        str(s["prompt_tokens"]), f"{s['prefill_tokens_per_s']:.1f}", str(s["generated_tokens"]),
+        f"{s['decode_tokens_per_s']:.1f}", budget.format_size(s["accounted_device_bytes"]),
+        budget.format_size(s["budget_bytes"]), f"{100 * s['hi_hit_rate']:.1f}", f"{s['h2d_bytes'] / 1e9:.3f}",
+    )
+
+
+def test_progress_bar_shows_bytes_on_a_terminal_only(moe_checkpoint, capsys):
+    loader.load(moe_checkpoint[0], jnp.float32, experts_on_device=False, progress=True)
+    err = capsys.readouterr().err
+    assert "loading" in err and "B/s" in err
+    assert not generate.show_progress(generate.parse_args([]))  # pytest's stderr is not a terminal
+
+
+@pytest.mark.parametrize("size", ["20GX", "20 G", "-5GB", "1e3GB"])
+def test_bad_budget_is_one_line_with_an_example(capsys, qwen3_30b, size):
+    code, out, err = run_cli(capsys, "--model", str(qwen3_30b), f"--budget={size}", "--dry-run")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert repr(size) in err and "expected a size like 20GB, 20GiB, 5.5GB, 512MiB or plain bytes" in err
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(["--context", "100"], "--context applies to --dry-run"), (["--dry-run", "--context", "50000"], "exceeds"),
+     (["--interactive", "--json"], "drop --json"), (["--batch", "2"], "--batch applies to --dry-run")],
+)
+def test_flag_misuse_is_a_one_line_error(capsys, qwen3_30b, extra, needle):
+    code, out, err = run_cli(capsys, "--model", str(qwen3_30b), *extra)
+    assert code == 2 and out == "" and err.count("\n") == 1 and needle in err

@@ -208,6 +208,10 @@ def test_decoding_under_a_tight_budget_promotes_hot_experts_without_recompiling(
     assert 0 < g.stats["hi_hit_rate"] < 1
     assert g.stats["h2d_bytes"] == (g.stats["promotions"] + eng.runtime.swapper.stats.cancelled + len(eng.runtime.swapper.inflight)) * eng.runtime.swapper.bank.expert_nbytes
     assert len(eng._compiled) == 2
+    again = eng.generate([PROMPT[::-1]], 24, eos_token_ids=())  # counters are per request
+    total = eng.runtime.swapper.stats
+    assert g.stats["h2d_bytes"] + again.stats["h2d_bytes"] == total.h2d_bytes
+    assert g.stats["promotions"] + again.stats["promotions"] == total.promotions
 
 
 def test_a_budget_below_the_fallback_is_a_one_line_error_with_the_minimum(moe_checkpoint):
