@@ -114,6 +114,18 @@ class DenseMLP(nn.Module):
         return _linear(x.shape[-1], "down_proj", self.dtype)(jax.nn.silu(g) * u)
 
 
+def route(cfg: Qwen3MoeConfig, logits):
+    """Router logits [BT, E] -> probs [BT, E] (float32), top_p, top_i [BT, k].
+
+    Shared with runtimes that run the router apart from the experts (`offload`).
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top_p, top_i = jax.lax.top_k(probs, cfg.experts_per_token)  # [BT, k]
+    if cfg.norm_topk_prob:
+        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+    return probs, top_p, top_i
+
+
 class MoEBlock(nn.Module):
     """Softmax router, top-k, optional renormalisation; experts come from the `experts` pytree."""
 
@@ -127,10 +139,7 @@ class MoEBlock(nn.Module):
         B, T, Hd = x.shape
         xt = x.reshape(B * T, Hd)
         logits = _linear(cfg.num_experts, "gate", self.dtype)(xt)  # [BT, E]
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        top_p, top_i = jax.lax.top_k(probs, cfg.experts_per_token)  # [BT, k]
-        if cfg.norm_topk_prob:
-            top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+        probs, top_p, top_i = route(cfg, logits)
         y = experts.ffn(self.moe_layer, xt, top_i, top_p.astype(self.dtype))
         # Routing trace of real tokens only: pair counts feed hotness; router probabilities
         # feed the load-balancing loss in training.

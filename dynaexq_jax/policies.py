@@ -18,7 +18,7 @@ from dynaexq_jax import hotness, quant
 from dynaexq_jax.expert_state import DenseExperts, MixedExperts
 from dynaexq_jax.swap import HostBank, Swapper
 
-POLICIES = ("dynaexq", "full", "static")
+POLICIES = ("dynaexq", "full", "static", "offload", "prefetch")
 
 
 class StaticRuntime:
@@ -130,27 +130,49 @@ def build_mixed_experts(host: DenseExperts, num_slots: int, opts: DynaExqOptions
     (None without `with_bank`).
 
     Quantization runs on the CPU backend one layer at a time, so loading never holds a
-    layer's bf16 experts on the accelerator.
+    layer's bf16 experts on the accelerator. Its results (fallbacks, int8 host copies) go
+    through `store.cached`: reused across runs when the experts' checkpoint is registered.
     """
+    from dynaexq_jax import store
+
     device = device or jax.devices()[0]
     cpu = jax.devices("cpu")[0]
     to_dev = lambda t: jax.device_put(t, device)
-    lo_gu, lo_d, bank = [], [], []
-    for wgu, wd in zip(host.gate_up, host.down):
-        with jax.default_device(cpu):
-            qgu = quant.quantize(jnp.asarray(wgu, jnp.float32), opts.lo_bits, opts.group_size, opts.quant_method)
-            qd = quant.quantize(jnp.asarray(wd, jnp.float32), opts.lo_bits, opts.group_size, opts.quant_method)
-            if not with_bank:
-                layer_bank = None
-            elif opts.hi_dtype == "int8":
-                hgu = quant.quantize(jnp.asarray(wgu, jnp.float32), 8, opts.group_size)
-                hd = quant.quantize(jnp.asarray(wd, jnp.float32), 8, opts.group_size)
-                layer_bank = [jax.device_get((hgu.take(e), hd.take(e))) for e in range(wgu.shape[0])]
-            else:  # slots hold the checkpoint's own precision (bf16; float32 in exactness tests)
-                layer_bank = [(wgu[e], wd[e]) for e in range(wgu.shape[0])]
-        lo_gu.append(to_dev(qgu))
-        lo_d.append(to_dev(qd))
-        bank.append(layer_bank)
+    pieces = ("gate_up", "down")
+
+    def quantize_all(bits: int, method: str) -> dict:
+        # {layer_i: {gate_up|down: {packed, scales, zeros}}} of host numpy, [E, ...] per leaf
+        out = {}
+        for i, ws in enumerate(zip(host.gate_up, host.down)):
+            with jax.default_device(cpu):
+                qs = [quant.quantize(jnp.asarray(w, jnp.float32), bits, opts.group_size, method) for w in ws]
+            out[f"layer_{i}"] = {n: dict(zip(("packed", "scales", "zeros"), jax.device_get(jax.tree.leaves(q))))
+                                 for n, q in zip(pieces, qs)}
+        return out
+
+    def as_tensors(tree: dict, bits: int) -> list[tuple[quant.QuantizedTensor, ...]]:
+        shapes = (host.gate_up[0].shape, host.down[0].shape)
+        return [
+            tuple(quant.QuantizedTensor(**tree[f"layer_{i}"][n], bits=bits, group_size=opts.group_size, shape=sh)
+                  for n, sh in zip(pieces, shapes))
+            for i in range(len(host.gate_up))
+        ]
+
+    def settings(bits: int, method: str) -> dict:
+        return {"bits": bits, "group_size": opts.group_size, "method": method, "dtype": str(host.gate_up[0].dtype)}
+
+    lo = as_tensors(store.cached(host, "fallback", settings(opts.lo_bits, opts.quant_method),
+                                 lambda: quantize_all(opts.lo_bits, opts.quant_method)), opts.lo_bits)
+    lo_gu = [to_dev(gu) for gu, _ in lo]
+    lo_d = [to_dev(d) for _, d in lo]
+    if not with_bank:
+        bank = None
+    elif opts.hi_dtype == "int8":
+        hi = as_tensors(store.cached(host, "hi-int8", settings(8, "rtn"), lambda: quantize_all(8, "rtn")), 8)
+        E = host.gate_up[0].shape[0]
+        bank = [[jax.tree.map(lambda a: a[e], (gu, d)) for e in range(E)] for gu, d in hi]
+    else:  # slots hold the checkpoint's own precision (bf16; float32 in exactness tests)
+        bank = [[(wgu[e], wd[e]) for e in range(wgu.shape[0])] for wgu, wd in zip(host.gate_up, host.down)]
     L, E = len(host.gate_up), host.gate_up[0].shape[0]
     (K1, N1), (K2, N2) = host.gate_up[0].shape[1:], host.down[0].shape[1:]
     S = num_slots
@@ -244,7 +266,8 @@ def build_engine(
                 f"policy 'full' needs {budget_lib.format_size(full.total)} for every expert at high precision, "
                 f"over the budget of {budget_lib.format_size(budget)}; use --policy dynaexq or a larger --budget"
             )
-        experts = jax.tree.map(jax.device_put, ckpt.experts)
+        host = ckpt.experts  # per-layer arrays, or lazily generated ones (presets)
+        experts = DenseExperts(tuple(map(jax.device_put, host.gate_up)), tuple(map(jax.device_put, host.down)))
         return engine_lib.Engine(dataclasses.replace(ckpt, experts=experts)), dataclasses.replace(full, budget=budget)
     if policy == "static":
         # Static PTQ: one bit width for every expert, no slots, no transfers. With a budget,
@@ -256,6 +279,10 @@ def build_engine(
         p = dataclasses.replace(plan(bits, budget), slots=0)
         experts, _ = build_mixed_experts(ckpt.experts, 0, dataclasses.replace(opts, lo_bits=bits), with_bank=False)
         return engine_lib.Engine(ckpt, StaticRuntime(experts, lo_bits=bits)), p
+    if policy in ("offload", "prefetch"):
+        from dynaexq_jax import offload
+
+        return offload.build_engine(ckpt, plan(opts.lo_bits, None), budget, policy=policy, batch=batch)
     p = plan(opts.lo_bits, budget)
     runtime = dynaexq_runtime(ckpt.experts, p, opts, hotness_profile=hotness_profile, transfer=transfer)
     return engine_lib.Engine(ckpt, runtime), p

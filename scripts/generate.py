@@ -32,9 +32,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--budget", help="device memory budget, e.g. 20GB, 20GiB, 5.5GB, 512MiB or plain bytes")
-    p.add_argument("--policy", choices=["dynaexq", "full", "static"], default="dynaexq",
+    p.add_argument("--policy", choices=["dynaexq", "full", "static", "offload", "prefetch"], default="dynaexq",
                    help="dynaexq: low-bit fallbacks + hot experts in high-precision slots; full: every expert at "
-                        "high precision; static: every expert at one bit width (the widest the budget holds)")
+                        "high precision; static: every expert at one bit width (the widest the budget holds); "
+                        "offload: experts on the host, an LRU cache of device slots loaded on demand; "
+                        "prefetch: offload + asynchronous prefetch of the next layer's predicted experts")
     p.add_argument("--hi-dtype", choices=["bfloat16", "int8"], default="bfloat16")
     p.add_argument("--lo-bits", type=int, choices=[4, 3, 2], default=4)
     p.add_argument("--group-size", type=int, default=128, help="quantization group (largest power of two <= this dividing the expert dims)")

@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Evaluate residency policies: perplexity, multiple-choice accuracy, greedy exact match.
+
+    python scripts/eval.py                       # full, static, dynaexq on the shipped tasks
+    python scripts/eval.py --policies full,static,dynaexq --lo-bits 4,3,2 --budgets none,+25% \\
+        --hotness checkpoints/tiny-qwen3-moe/tasks/hotness_train.json --json results.json
+
+Budgets: "none", a size (64MB, 60MiB, bytes), or "+P%": the run's lo-bit minimum (weights,
+fallbacks, KV cache, workspace for this batch and length) plus P% of all experts as slots.
+Static with a budget takes the widest width that fits it; without, its --lo-bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "checkpoints" / "tiny-qwen3-moe"
+TASKS = DEFAULT_MODEL / "tasks"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--ppl", action="append", help="perplexity task: JSONL of {\"text\"} or a text file (repeatable)")
+    p.add_argument("--mc", action="append", help="multiple-choice JSONL of {\"context\", \"choices\", \"answer\"} (repeatable)")
+    p.add_argument("--em", action="append", help="exact-match JSONL of {\"prompt\", \"answer\"} (repeatable)")
+    p.add_argument("--policies", default="full,static,dynaexq", help="comma-separated policies")
+    p.add_argument("--budgets", default="none", help="comma-separated budgets: none, a size, or +P%% (see above)")
+    p.add_argument("--lo-bits", default="4", help="comma-separated fallback / static widths from 4,3,2")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--hi-dtype", choices=["bfloat16", "int8"], default="bfloat16")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--quant-method", choices=["rtn", "mse"], default="rtn")
+    p.add_argument("--hotness", help="warm-start hotness profile for dynaexq (record it on training data, not eval data)")
+    p.add_argument("--residency", choices=["pass", "batch", "frozen"], default="pass",
+                   help="when dynaexq's residency may change: between task passes (batch-size independent), "
+                        "after every batch, or never")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--window", type=int, default=256, help="perplexity window in tokens")
+    p.add_argument("--max-length", type=int, default=512, help="longest multiple-choice sequence (contexts are left-truncated)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per exact-match prompt")
+    p.add_argument("--limit", type=int, help="first N items (documents for perplexity) of each task")
+    p.add_argument("--json", dest="json_path", help="write {\"results\": [...]} here")
+    return p.parse_args(argv)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def run(args) -> list:
+    import jax.numpy as jnp
+
+    from dynaexq_jax import evaluate, loader, policies, store
+    from dynaexq_jax.errors import UserError
+
+    try:
+        lo_bits = [int(b) for b in _csv(args.lo_bits)]
+    except ValueError:
+        raise UserError(f"--lo-bits {args.lo_bits!r}: give comma-separated widths from 4,3,2") from None
+    if not lo_bits or any(b not in (4, 3, 2) for b in lo_bits):
+        raise UserError(f"--lo-bits {args.lo_bits!r}: give comma-separated widths from 4,3,2")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.hotness and not Path(args.hotness).is_file():
+        raise UserError(f"--hotness {args.hotness} does not exist; record one with scripts/build_tasks.py")
+    runs = evaluate.expand_runs(_csv(args.policies), _csv(args.budgets) or ["none"], lo_bits)
+    if not (args.ppl or args.mc or args.em):
+        args.ppl, args.mc, args.em = [TASKS / "heldout.jsonl"], [TASKS / "next_line_mc.jsonl"], [TASKS / "next_line_em.jsonl"]
+    tasks = []
+    for kind, paths in (("ppl", args.ppl), ("mc", args.mc), ("em", args.em)):
+        for path in paths or []:
+            task = evaluate.load_task(kind, path)
+            tasks.append(dataclasses.replace(task, items=task.items[: args.limit]) if args.limit else task)
+
+    ckpt = loader.load(args.model, jnp.dtype(args.dtype), experts_on_device=False)
+    store.register(ckpt.experts, ckpt.path)  # converted experts are cached next to the checkpoint
+    opts = policies.DynaExqOptions(hi_dtype=args.hi_dtype, group_size=args.group_size, quant_method=args.quant_method)
+    log = lambda s: print(s, file=sys.stderr, flush=True)
+    return evaluate.evaluate_runs(
+        ckpt, runs, tasks, opts=opts, hotness_profile=args.hotness, batch_size=args.batch_size, window=args.window,
+        max_length=args.max_length, max_new_tokens=args.max_new_tokens, residency=args.residency,
+        progress=True, log=log,
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dynaexq_jax import evaluate
+    from dynaexq_jax.errors import UserError
+
+    try:
+        results = run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(evaluate.table(results))
+    if args.json_path:
+        payload = {"results": [dataclasses.asdict(r) for r in results]}
+        Path(args.json_path).write_text(json.dumps(payload, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The orbax cache of converted experts: written once, reused, rebuilt on change, never partial."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dynaexq_jax import policies, quant, store
+from dynaexq_jax.expert_state import DenseExperts
+
+L, E, H, I = 2, 4, 64, 32
+
+
+@pytest.fixture
+def source(tmp_path, monkeypatch):
+    """A checkpoint directory (only what the fingerprint reads) and a cache dir outside it."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DYNAEXQ_CACHE_DIR", str(cache))
+    monkeypatch.delenv("DYNAEXQ_CACHE", raising=False)
+    return ckpt, cache
+
+
+@pytest.fixture
+def quantize_calls(monkeypatch):
+    calls = []
+    real = quant.quantize
+
+    def counting(w, *args, **kw):
+        if w.shape[0] == E:  # a layer's experts; the empty slot pool is quantized too, and is not conversion
+            calls.append(args[0])
+        return real(w, *args, **kw)
+
+    monkeypatch.setattr(quant, "quantize", counting)
+    return calls
+
+
+def experts_from(ckpt, seed=0):
+    rng = np.random.default_rng(seed)
+    host = DenseExperts(
+        gate_up=tuple(rng.standard_normal((E, H, 2 * I)).astype(np.float32) for _ in range(L)),
+        down=tuple(rng.standard_normal((E, I, H)).astype(np.float32) for _ in range(L)),
+    )
+    store.register(host, ckpt)
+    return host
+
+
+def build(host, **opts):
+    return policies.build_mixed_experts(host, 2, policies.DynaExqOptions(group_size=32, **opts))
+
+
+def entries(cache):
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+def fallback_leaves(experts):
+    return [np.asarray(a) for q in experts.lo_gate_up + experts.lo_down for a in (q.packed, q.scales, q.zeros)]
+
+
+def test_second_build_reuses_cache_without_quantizing(source, quantize_calls):
+    ckpt, cache = source
+    first, _ = build(experts_from(ckpt))
+    assert len(quantize_calls) == 2 * L and len(entries(cache)) == 1
+    quantize_calls.clear()
+    again, _ = build(experts_from(ckpt))  # a fresh load of the same checkpoint
+    assert quantize_calls == []
+    for a, b in zip(fallback_leaves(first), fallback_leaves(again)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_int8_host_copies_are_cached_and_restored_equal(source, quantize_calls):
+    ckpt, cache = source
+    _, bank = build(experts_from(ckpt), hi_dtype="int8")
+    assert len(entries(cache)) == 2  # fallback + int8 copies
+    quantize_calls.clear()
+    _, bank2 = build(experts_from(ckpt), hi_dtype="int8")
+    assert quantize_calls == []
+    for le in [(0, 0), (L - 1, E - 1)]:
+        for a, b in zip(np.asarray(bank[le][0].packed), np.asarray(bank2[le][0].packed)):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("change", [dict(lo_bits=2), dict(quant_method="mse")])
+def test_changed_quantization_settings_rebuild(source, quantize_calls, change):
+    ckpt, cache = source
+    build(experts_from(ckpt))
+    quantize_calls.clear()
+    build(experts_from(ckpt), **change)
+    assert len(quantize_calls) == 2 * L
+    assert len(entries(cache)) == 2  # both settings stay usable
+
+
+def test_changed_source_rebuilds_and_drops_the_stale_entry(source, quantize_calls):
+    ckpt, cache = source
+    build(experts_from(ckpt))
+    old = entries(cache)
+    st = (ckpt / "model.safetensors").stat()
+    os.utime(ckpt / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    quantize_calls.clear()
+    build(experts_from(ckpt, seed=1))
+    assert len(quantize_calls) == 2 * L
+    assert len(entries(cache)) == 1 and entries(cache) != old
+
+
+def test_failure_midway_leaves_no_partial_entry(source, monkeypatch):
+    ckpt, cache = source
+
+    def interrupted(*_):
+        raise KeyboardInterrupt  # after the arrays are written, before the entry is committed
+
+    monkeypatch.setattr(store.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(experts_from(ckpt))
+    assert entries(cache) == []  # no entry, no temporary directory
+
+
+def test_opt_out_and_unregistered_experts_write_nothing(source, monkeypatch):
+    ckpt, cache = source
+    monkeypatch.setenv("DYNAEXQ_CACHE", "0")
+    build(experts_from(ckpt))
+    monkeypatch.delenv("DYNAEXQ_CACHE")
+    host = DenseExperts(gate_up=experts_from(ckpt).gate_up, down=experts_from(ckpt).down)  # never registered
+    build(host)
+    assert entries(cache) == []
