@@ -175,6 +175,7 @@ class MemoryPlan:
     slots: int
     num_experts_total: int  # experts over all MoE layers
     moe_layers: int
+    lo_bits: int | None = None  # bit width of the fallback experts; None: no fallback
 
     @property
     def slots_total_bytes(self) -> int:
@@ -255,7 +256,8 @@ def plan_memory(
     else:
         slots = min((budget - minimum) // slot, n_moe * E)
     return MemoryPlan(
-        budget=budget, slot_bytes=slot, slots=int(slots), num_experts_total=n_moe * E, moe_layers=n_moe, **parts
+        budget=budget, slot_bytes=slot, slots=int(slots), num_experts_total=n_moe * E, moe_layers=n_moe,
+        lo_bits=lo_bits, **parts
     )
 
 
@@ -283,7 +285,9 @@ def policy_plan(
     dry run (and a run, before it loads any weight) can show it and refuse a budget early.
 
     dynaexq: fallbacks + slots; full: every expert at high precision, no fallback; static:
-    the widest bit width whose fallback fits, no slots.
+    the widest bit width whose fallback fits, no slots; offload / prefetch: no fallback, slots
+    in the checkpoint's dtype, and staging room in the workspace for one layer's copies in
+    flight (a token's experts must fit at once).
     """
 
     def plan(bits, b):
@@ -294,7 +298,7 @@ def policy_plan(
 
     if policy == "full":
         hi = slot_nbytes(cfg, "bfloat16", group_size, dtype_itemsize)
-        full = dataclasses.replace(plan(lo_bits, None), fallback=0, slot_bytes=hi, budget=budget)
+        full = dataclasses.replace(plan(lo_bits, None), fallback=0, slot_bytes=hi, budget=budget, lo_bits=None)
         if budget is not None and full.total > budget:
             raise BudgetError(
                 f"policy 'full' needs {format_size(full.total)} for every expert at high precision, "
@@ -307,4 +311,21 @@ def policy_plan(
             fits = [b for b in (8, 4, 3, 2) if plan(b, None).minimum <= budget]
             bits = fits[0] if fits else 2
         return dataclasses.replace(plan(bits, budget), slots=0)
+    if policy in ("offload", "prefetch"):
+        k = cfg.experts_per_token
+        slot = slot_nbytes(cfg, "bfloat16", group_size, dtype_itemsize)
+        staging = min(batch * k, cfg.num_experts)
+        base = plan(lo_bits, None)
+        p = dataclasses.replace(
+            base, budget=budget, fallback=0, slot_bytes=slot, workspace=base.workspace + staging * slot, lo_bits=None
+        )
+        if budget is None:
+            return p
+        need = p.minimum + k * slot
+        if budget < need:
+            raise BudgetError(
+                f"budget {format_size(budget)} cannot hold the weights, KV cache, workspace and {k} expert "
+                f"slots that policy {policy!r} needs: the minimum is {format_size(need)} ({need} bytes)"
+            )
+        return dataclasses.replace(p, slots=int(min((budget - p.minimum) // slot, p.num_experts_total)))
     return plan(lo_bits, budget)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import time
 from typing import Callable, Sequence
 
@@ -448,29 +447,11 @@ class OffloadEngine:
         return Generation(tokens=out, stats=stats, expert_counts=counts)
 
 
-def build_engine(ckpt, plan: budget_lib.MemoryPlan, budget: int | None, *, policy: str, batch: int):
-    """An `OffloadEngine` for policy 'offload' or 'prefetch' and its memory plan.
+def build_engine(ckpt, plan: budget_lib.MemoryPlan, *, policy: str, batch: int) -> "OffloadEngine":
+    """An `OffloadEngine` for policy 'offload' or 'prefetch' with `plan.slots` device slots.
 
-    `plan` is `budget.plan_memory` without a budget; offloading keeps no fallback experts,
-    and its slots hold the checkpoint's dtype. The workspace also reserves staging room for
-    the copies in flight at once: one layer's experts for the batch (at most `batch` x
-    `experts_per_token`, at most all of a layer's experts). The rest of the budget is slots;
-    a token's experts must fit at once.
+    `plan` is `budget.policy_plan`'s for the policy: its workspace reserves staging room for
+    one layer's copies in flight, at most `batch` x `experts_per_token` experts.
     """
-    cfg = ckpt.config
-    k = cfg.experts_per_token
-    slot = sum(math.prod(s) for s in budget_lib.expert_shapes(cfg)) * ckpt.dtype.itemsize
-    staging = min(batch * k, cfg.num_experts)
-    p = dataclasses.replace(plan, budget=budget, fallback=0, slot_bytes=slot, workspace=plan.workspace + staging * slot)
-    if budget is None:
-        slots = p.num_experts_total
-    else:
-        need = p.minimum + k * slot
-        if budget < need:
-            raise budget_lib.BudgetError(
-                f"budget {budget_lib.format_size(budget)} cannot hold the weights, KV cache, workspace and {k} expert "
-                f"slots that policy {policy!r} needs: the minimum is {budget_lib.format_size(need)} ({need} bytes)"
-            )
-        slots = min((budget - p.minimum) // slot, p.num_experts_total)
-    p = dataclasses.replace(p, slots=int(slots))
-    return OffloadEngine(ckpt, p.slots, prefetch=policy == "prefetch", staging=staging), p
+    staging = min(batch * ckpt.config.experts_per_token, ckpt.config.num_experts)
+    return OffloadEngine(ckpt, plan.slots, prefetch=policy == "prefetch", staging=staging)

@@ -125,13 +125,15 @@ class DynaExqRuntime:
         }
 
 
-def build_mixed_experts(host: DenseExperts, num_slots: int, opts: DynaExqOptions, device=None, with_bank: bool = True):
+def build_mixed_experts(
+    host: DenseExperts, num_slots: int, opts: DynaExqOptions, *, source=None, device=None, with_bank: bool = True
+):
     """Quantize every expert to its fallback, allocate the slot pool, stage the host bank
     (None without `with_bank`).
 
     Quantization runs on the CPU backend one layer at a time, so loading never holds a
     layer's bf16 experts on the accelerator. Its results (fallbacks, int8 host copies) go
-    through `store.cached`: reused across runs when the experts' checkpoint is registered.
+    through `store.cached`: reused across runs when `source` names their checkpoint directory.
     """
     from dynaexq_jax import store
 
@@ -161,18 +163,20 @@ def build_mixed_experts(host: DenseExperts, num_slots: int, opts: DynaExqOptions
     def settings(bits: int, method: str) -> dict:
         return {"bits": bits, "group_size": opts.group_size, "method": method, "dtype": str(host.gate_up[0].dtype)}
 
-    lo = as_tensors(store.cached(host, "fallback", settings(opts.lo_bits, opts.quant_method),
+    lo = as_tensors(store.cached(source, "fallback", settings(opts.lo_bits, opts.quant_method),
                                  lambda: quantize_all(opts.lo_bits, opts.quant_method)), opts.lo_bits)
     lo_gu = [to_dev(gu) for gu, _ in lo]
     lo_d = [to_dev(d) for _, d in lo]
     if not with_bank:
         bank = None
     elif opts.hi_dtype == "int8":
-        hi = as_tensors(store.cached(host, "hi-int8", settings(8, "rtn"), lambda: quantize_all(8, "rtn")), 8)
+        hi = as_tensors(store.cached(source, "hi-int8", settings(8, "rtn"), lambda: quantize_all(8, "rtn")), 8)
         E = host.gate_up[0].shape[0]
-        bank = [[jax.tree.map(lambda a: a[e], (gu, d)) for e in range(E)] for gu, d in hi]
+        one = lambda qt, e: dataclasses.replace(jax.tree.map(lambda a: a[e], qt), shape=qt.shape[1:])  # host slice
+        bank = ([(one(gu, e), one(d, e)) for e in range(E)] for gu, d in hi)
     else:  # slots hold the checkpoint's own precision (bf16; float32 in exactness tests)
-        bank = [[(wgu[e], wd[e]) for e in range(wgu.shape[0])] for wgu, wd in zip(host.gate_up, host.down)]
+        # A generator: HostBank pins one layer at a time, never two copies of every expert.
+        bank = ([(wgu[e], wd[e]) for e in range(wgu.shape[0])] for wgu, wd in zip(host.gate_up, host.down))
     L, E = len(host.gate_up), host.gate_up[0].shape[0]
     (K1, N1), (K2, N2) = host.gate_up[0].shape[1:], host.down[0].shape[1:]
     S = num_slots
@@ -204,8 +208,10 @@ def dynaexq_runtime(
     *,
     hotness_profile: str | None = None,
     transfer=None,
+    source=None,
 ) -> DynaExqRuntime:
-    experts, bank = build_mixed_experts(host, plan.slots, opts)
+    """`source`: the checkpoint directory `host` came from, for the converted-expert cache."""
+    experts, bank = build_mixed_experts(host, plan.slots, opts, source=source)
     L, E = len(host.gate_up), host.gate_up[0].shape[0]
     if hotness_profile:
         tracker = hotness.HotnessTracker.load(hotness_profile, opts.half_life_tokens, expect_shape=(L, E))
@@ -249,40 +255,25 @@ def build_engine(
     context = engine_lib.cache_bucket(prompt + max_new_tokens)
     group = budget_lib.expert_group_size(cfg, opts.group_size)
     opts = dataclasses.replace(opts, group_size=group)
-    on_gpu = jax.default_backend() == "gpu"
-
-    def plan(lo_bits, budget):
-        return budget_lib.plan_memory(
-            cfg, budget=budget, batch=batch, prompt=prompt, context=context,
-            dtype_itemsize=ckpt.dtype.itemsize, lo_bits=lo_bits, hi_dtype=opts.hi_dtype,
-            group_size=group, xla_dequant=not on_gpu,
-        )
-
+    plan = budget_lib.policy_plan(
+        cfg, policy, budget=budget, batch=batch, prompt=prompt, context=context,
+        dtype_itemsize=ckpt.dtype.itemsize, lo_bits=opts.lo_bits, hi_dtype=opts.hi_dtype,
+        group_size=group, xla_dequant=jax.default_backend() != "gpu",
+    )
     if policy == "full":
-        hi = budget_lib.slot_nbytes(cfg, "bfloat16", group, ckpt.dtype.itemsize)
-        full = dataclasses.replace(plan(opts.lo_bits, None), fallback=0, slot_bytes=hi)
-        if budget is not None and full.total > budget:
-            raise budget_lib.BudgetError(
-                f"policy 'full' needs {budget_lib.format_size(full.total)} for every expert at high precision, "
-                f"over the budget of {budget_lib.format_size(budget)}; use --policy dynaexq or a larger --budget"
-            )
         host = ckpt.experts  # per-layer arrays, or lazily generated ones (presets)
         experts = DenseExperts(tuple(map(jax.device_put, host.gate_up)), tuple(map(jax.device_put, host.down)))
-        return engine_lib.Engine(dataclasses.replace(ckpt, experts=experts)), dataclasses.replace(full, budget=budget)
+        return engine_lib.Engine(dataclasses.replace(ckpt, experts=experts)), plan
     if policy == "static":
-        # Static PTQ: one bit width for every expert, no slots, no transfers. With a budget,
-        # the widest width whose fallback fits it; without one, opts.lo_bits.
-        bits = opts.lo_bits
-        if budget is not None:
-            fits = [b for b in (8, 4, 3, 2) if plan(b, None).minimum <= budget]
-            bits = fits[0] if fits else 2
-        p = dataclasses.replace(plan(bits, budget), slots=0)
-        experts, _ = build_mixed_experts(ckpt.experts, 0, dataclasses.replace(opts, lo_bits=bits), with_bank=False)
-        return engine_lib.Engine(ckpt, StaticRuntime(experts, lo_bits=bits)), p
+        experts, _ = build_mixed_experts(
+            ckpt.experts, 0, dataclasses.replace(opts, lo_bits=plan.lo_bits), source=ckpt.path, with_bank=False
+        )
+        return engine_lib.Engine(ckpt, StaticRuntime(experts, lo_bits=plan.lo_bits)), plan
     if policy in ("offload", "prefetch"):
         from dynaexq_jax import offload
 
-        return offload.build_engine(ckpt, plan(opts.lo_bits, None), budget, policy=policy, batch=batch)
-    p = plan(opts.lo_bits, budget)
-    runtime = dynaexq_runtime(ckpt.experts, p, opts, hotness_profile=hotness_profile, transfer=transfer)
-    return engine_lib.Engine(ckpt, runtime), p
+        return offload.build_engine(ckpt, plan, policy=policy, batch=batch), plan
+    runtime = dynaexq_runtime(
+        ckpt.experts, plan, opts, hotness_profile=hotness_profile, transfer=transfer, source=ckpt.path
+    )
+    return engine_lib.Engine(ckpt, runtime), plan

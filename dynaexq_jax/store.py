@@ -13,9 +13,9 @@ Writes are atomic: an entry is built in a temporary directory next to its final 
 renamed into it only when complete, so an interrupted build never leaves an entry that a
 later run would trust.
 
-Which experts came from which directory: `register(experts, path)` (done by whoever loads a
-checkpoint). Unregistered experts, or `DYNAEXQ_CACHE=0`, are converted without a cache.
-`DYNAEXQ_CACHE_DIR` moves the cache root (tests use it to keep out of `checkpoints/`).
+Callers name the checkpoint directory the experts came from (`source`); experts without one
+(random presets), or `DYNAEXQ_CACHE=0`, are converted without a cache. `DYNAEXQ_CACHE_DIR`
+moves the cache root (tests use it to keep out of `checkpoints/`).
 """
 
 from __future__ import annotations
@@ -25,26 +25,11 @@ import json
 import os
 import shutil
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Callable
 
 CACHE_DIRNAME = ".dynaexq-cache"
 FORMAT_VERSION = 1  # bump when the layout of what is cached changes
-
-_sources: dict[int, tuple[weakref.ref, Path]] = {}
-
-
-def register(experts, path: str | Path) -> None:
-    """Record that `experts` (a host pytree) were read from checkpoint directory `path`."""
-    key = id(experts)
-    _sources[key] = (weakref.ref(experts, lambda _: _sources.pop(key, None)), Path(path))
-
-
-def source_of(experts) -> Path | None:
-    entry = _sources.get(id(experts))
-    return entry[1] if entry is not None and entry[0]() is experts else None
-
 
 def enabled() -> bool:
     return os.environ.get("DYNAEXQ_CACHE", "1") != "0"
@@ -98,15 +83,15 @@ def _save_atomic(root: Path, name: str, tree, meta: dict) -> None:
         raise
 
 
-def cached(experts, kind: str, settings: dict, build: Callable[[], object], like: Callable[[object], object] | None = None):
-    """`build()` (a pytree of numpy arrays), through the cache when `experts` have a known source.
+def cached(source: Path | None, kind: str, settings: dict, build: Callable[[], object], like: Callable[[object], object] | None = None):
+    """`build()` (a pytree of numpy arrays), through the cache of checkpoint directory `source`.
 
     `settings` (JSON-serialisable) are everything besides the source that changes the result.
     `like(tree)` is optional post-processing applied to both fresh and restored trees.
     """
     finish = like or (lambda t: t)
-    src = source_of(experts)
-    if src is None or not enabled():
+    src = Path(source) if source is not None else None
+    if src is None or not src.is_dir() or not enabled():
         return finish(build())
     root = cache_root(src)
     slug = _settings_slug(kind, settings)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Iterable
 
 import jax
 import numpy as np
@@ -62,15 +62,17 @@ class HostBank:
     without a device-side gather from host memory.
     """
 
-    def __init__(self, experts: list[list[object]], device=None):
+    def __init__(self, layers: Iterable[list[object]], device=None):
+        """`layers` yields each MoE layer's [E] expert pytrees; it is consumed one layer at a
+        time, so a lazily made layer is pinned and dropped before the next one exists."""
         device = device or jax.devices()[0]
         kind = host_memory_kind(device)
         if kind is not None:
             sharding = SingleDeviceSharding(device, memory_kind=kind)
-            experts = [[jax.device_put(t, sharding) for t in layer] for layer in experts]
-        self.experts = experts  # [moe_layers][E] -> (gate_up, down) pytree
+            layers = ([jax.device_put(t, sharding) for t in layer] for layer in layers)
+        self.experts = list(layers)  # [moe_layers][E] -> (gate_up, down) pytree
         self.memory_kind = kind or "numpy"
-        self.expert_nbytes = sum(a.nbytes for a in jax.tree.leaves(experts[0][0]))
+        self.expert_nbytes = sum(a.nbytes for a in jax.tree.leaves(self.experts[0][0]))
 
     def __getitem__(self, key: tuple[int, int]):
         layer, expert = key

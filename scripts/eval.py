@@ -56,7 +56,7 @@ def _csv(text: str) -> list[str]:
 def run(args) -> list:
     import jax.numpy as jnp
 
-    from dynaexq_jax import evaluate, loader, policies, store
+    from dynaexq_jax import evaluate, loader, policies
     from dynaexq_jax.errors import UserError
 
     try:
@@ -79,7 +79,6 @@ def run(args) -> list:
             tasks.append(dataclasses.replace(task, items=task.items[: args.limit]) if args.limit else task)
 
     ckpt = loader.load(args.model, jnp.dtype(args.dtype), experts_on_device=False)
-    store.register(ckpt.experts, ckpt.path)  # converted experts are cached next to the checkpoint
     opts = policies.DynaExqOptions(hi_dtype=args.hi_dtype, group_size=args.group_size, quant_method=args.quant_method)
     log = lambda s: print(s, file=sys.stderr, flush=True)
     return evaluate.evaluate_runs(

@@ -8,6 +8,8 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Converted-expert caches would land inside the test checkpoints; tests of the cache opt in.
+os.environ["DYNAEXQ_CACHE"] = "0"
 
 VOCAB = 300
 

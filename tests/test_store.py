@@ -47,12 +47,11 @@ def experts_from(ckpt, seed=0):
         gate_up=tuple(rng.standard_normal((E, H, 2 * I)).astype(np.float32) for _ in range(L)),
         down=tuple(rng.standard_normal((E, I, H)).astype(np.float32) for _ in range(L)),
     )
-    store.register(host, ckpt)
     return host
 
 
-def build(host, **opts):
-    return policies.build_mixed_experts(host, 2, policies.DynaExqOptions(group_size=32, **opts))
+def build(host, source, **opts):
+    return policies.build_mixed_experts(host, 2, policies.DynaExqOptions(group_size=32, **opts), source=source)
 
 
 def entries(cache):
@@ -65,10 +64,10 @@ def fallback_leaves(experts):
 
 def test_second_build_reuses_cache_without_quantizing(source, quantize_calls):
     ckpt, cache = source
-    first, _ = build(experts_from(ckpt))
+    first, _ = build(experts_from(ckpt), ckpt)
     assert len(quantize_calls) == 2 * L and len(entries(cache)) == 1
     quantize_calls.clear()
-    again, _ = build(experts_from(ckpt))  # a fresh load of the same checkpoint
+    again, _ = build(experts_from(ckpt), ckpt)  # a fresh load of the same checkpoint
     assert quantize_calls == []
     for a, b in zip(fallback_leaves(first), fallback_leaves(again)):
         np.testing.assert_array_equal(a, b)
@@ -76,10 +75,10 @@ def test_second_build_reuses_cache_without_quantizing(source, quantize_calls):
 
 def test_int8_host_copies_are_cached_and_restored_equal(source, quantize_calls):
     ckpt, cache = source
-    _, bank = build(experts_from(ckpt), hi_dtype="int8")
+    _, bank = build(experts_from(ckpt), ckpt, hi_dtype="int8")
     assert len(entries(cache)) == 2  # fallback + int8 copies
     quantize_calls.clear()
-    _, bank2 = build(experts_from(ckpt), hi_dtype="int8")
+    _, bank2 = build(experts_from(ckpt), ckpt, hi_dtype="int8")
     assert quantize_calls == []
     for le in [(0, 0), (L - 1, E - 1)]:
         for a, b in zip(np.asarray(bank[le][0].packed), np.asarray(bank2[le][0].packed)):
@@ -89,21 +88,21 @@ def test_int8_host_copies_are_cached_and_restored_equal(source, quantize_calls):
 @pytest.mark.parametrize("change", [dict(lo_bits=2), dict(quant_method="mse")])
 def test_changed_quantization_settings_rebuild(source, quantize_calls, change):
     ckpt, cache = source
-    build(experts_from(ckpt))
+    build(experts_from(ckpt), ckpt)
     quantize_calls.clear()
-    build(experts_from(ckpt), **change)
+    build(experts_from(ckpt), ckpt, **change)
     assert len(quantize_calls) == 2 * L
     assert len(entries(cache)) == 2  # both settings stay usable
 
 
 def test_changed_source_rebuilds_and_drops_the_stale_entry(source, quantize_calls):
     ckpt, cache = source
-    build(experts_from(ckpt))
+    build(experts_from(ckpt), ckpt)
     old = entries(cache)
     st = (ckpt / "model.safetensors").stat()
     os.utime(ckpt / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     quantize_calls.clear()
-    build(experts_from(ckpt, seed=1))
+    build(experts_from(ckpt, seed=1), ckpt)
     assert len(quantize_calls) == 2 * L
     assert len(entries(cache)) == 1 and entries(cache) != old
 
@@ -116,15 +115,14 @@ def test_failure_midway_leaves_no_partial_entry(source, monkeypatch):
 
     monkeypatch.setattr(store.os, "rename", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build(experts_from(ckpt))
+        build(experts_from(ckpt), ckpt)
     assert entries(cache) == []  # no entry, no temporary directory
 
 
-def test_opt_out_and_unregistered_experts_write_nothing(source, monkeypatch):
+def test_opt_out_and_experts_without_a_source_write_nothing(source, monkeypatch):
     ckpt, cache = source
     monkeypatch.setenv("DYNAEXQ_CACHE", "0")
-    build(experts_from(ckpt))
+    build(experts_from(ckpt), ckpt)
     monkeypatch.delenv("DYNAEXQ_CACHE")
-    host = DenseExperts(gate_up=experts_from(ckpt).gate_up, down=experts_from(ckpt).down)  # never registered
-    build(host)
+    build(experts_from(ckpt), None)  # e.g. a random preset: no checkpoint directory
     assert entries(cache) == []
