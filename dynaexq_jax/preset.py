@@ -7,8 +7,8 @@ logit spread grows with its row norm, so high-ranked experts win the top-k far m
 `skew=0` keeps the uniform router. Moving the hot set (`--routing-shift-every`) draws a new
 ranking: only the router arrays change, so no step retraces.
 
-Expert weights are generated one layer at a time on first use (`LazyLayers`), so building the
-host bank never holds a second bf16 copy of every expert.
+Expert weights are made one layer at a time on use (`LazyLayers`), so building the host bank
+never holds a second bf16 copy of every expert.
 """
 
 from __future__ import annotations
@@ -56,10 +56,19 @@ def preset_config(name: str) -> Qwen3MoeConfig:
 
 
 class LazyLayers:
-    """Per-MoE-layer random expert arrays, made deterministically on access: [E, K, N]."""
+    """Per-MoE-layer random expert arrays [E, K, N], made deterministically on access.
+
+    Drawing ~29 billion normal samples for a 30B model would dominate a benchmark's start-up,
+    so a small pool of random matrices is drawn once and each expert is a pool matrix rolled
+    along K by its own offset: distinct experts, the same statistics, a copy's cost.
+    """
+
+    POOL = 4
 
     def __init__(self, shape: tuple[int, int, int], num_layers: int, seed: int, dtype):
-        self.shape, self.num_layers, self.seed, self.dtype = shape, num_layers, seed, dtype
+        self.shape, self.num_layers, self.dtype = shape, num_layers, dtype
+        rng = np.random.default_rng(seed)
+        self.pool = [(rng.standard_normal(shape[1:], np.float32) * INIT_STD).astype(dtype) for _ in range(self.POOL)]
 
     def __len__(self):
         return self.num_layers
@@ -67,10 +76,11 @@ class LazyLayers:
     def __getitem__(self, layer: int) -> np.ndarray:
         if not 0 <= layer < self.num_layers:
             raise IndexError(layer)
-        rng = np.random.default_rng((self.seed, layer))
+        E, K = self.shape[:2]
         out = np.empty(self.shape, self.dtype)
-        for e in range(self.shape[0]):  # one expert of float32 at a time
-            out[e] = (rng.standard_normal(self.shape[1:], np.float32) * INIT_STD).astype(self.dtype)
+        for e in range(E):
+            i = layer * E + e
+            out[e] = np.roll(self.pool[i % self.POOL], (i * 7919) % K, axis=0)
         return out
 
     def __iter__(self):
