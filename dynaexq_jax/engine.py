@@ -68,6 +68,28 @@ def left_pad(batch: Sequence[Sequence[int]], length: int):
     return tokens, positions, valid
 
 
+def check_context(cfg, longest: int, new_tokens: int) -> None:
+    limit = cfg.max_position_embeddings
+    if longest >= limit:
+        raise ContextError(f"a prompt has {longest} tokens but the model's context is {limit}; shorten the prompt")
+    if longest + new_tokens > limit:
+        raise ContextError(
+            f"{longest} prompt tokens + {new_tokens} new tokens exceed the model's context of {limit}; "
+            f"lower --max-new-tokens to {limit - longest}"
+        )
+
+
+def check_request(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    """Validate a generation request; returns the longest prompt's length."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token; pass a non-empty prompt")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    check_context(cfg, longest, max_new_tokens)
+    return longest
+
+
 def peak_device_bytes() -> int | None:
     """The allocator's peak on the default device; None where the backend reports none (CPU)."""
     stats = jax.devices()[0].memory_stats()
@@ -106,20 +128,10 @@ class Engine:
             self.compile_s += time.perf_counter() - t0
         return self._compiled[key]
 
-    def _check_context(self, longest: int, new_tokens: int):
-        limit = self.cfg.max_position_embeddings
-        if longest >= limit:
-            raise ContextError(f"a prompt has {longest} tokens but the model's context is {limit}; shorten the prompt")
-        if longest + new_tokens > limit:
-            raise ContextError(
-                f"{longest} prompt tokens + {new_tokens} new tokens exceed the model's context of {limit}; "
-                f"lower --max-new-tokens to {limit - longest}"
-            )
-
     def logits(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Logits [len_i, vocab] (float32) at every position of each token sequence."""
         longest = max(len(s) for s in batch)
-        self._check_context(longest, 0)
+        check_context(self.cfg, longest, 0)
         P = prompt_bucket(longest)
         tokens, positions, valid = left_pad(batch, P)
         cache = KVCache.empty(self.cfg, len(batch), P, self.checkpoint.dtype)
@@ -137,13 +149,9 @@ class Engine:
         on_tokens: Callable[[np.ndarray], None] | None = None,
     ) -> Generation:
         """Generate for a batch of token-id prompts. `on_tokens([B] ids)` is called per step."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise UserError("every prompt needs at least one token; pass a non-empty prompt")
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = check_request(self.cfg, prompts, max_new_tokens)
         eos = set(self.checkpoint.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        B, longest = len(prompts), max(len(p) for p in prompts)
-        self._check_context(longest, max_new_tokens)
+        B = len(prompts)
         P = prompt_bucket(longest)
         S = cache_bucket(P + max_new_tokens)
         tokens, positions, valid = left_pad(prompts, P)
@@ -195,7 +203,7 @@ class Engine:
             raise UserError("a chat turn needs at least one token")
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self._check_context(len(ids), max_new_tokens)
+        check_context(self.cfg, len(ids), max_new_tokens)
         if len(ids) + max_new_tokens > session.cache.length:
             raise ContextError(
                 f"the conversation has {len(ids)} tokens + {max_new_tokens} new, over the session's context of "

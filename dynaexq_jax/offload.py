@@ -29,17 +29,17 @@ import numpy as np
 
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.engine import (
-    Engine,
     Generation,
     KVCache,
     SamplingParams,
     cache_bucket,
+    check_context,
+    check_request,
     left_pad,
     peak_device_bytes,
     prompt_bucket,
     sample,
 )
-from dynaexq_jax.errors import UserError
 from dynaexq_jax.expert_state import routed_swiglu
 from dynaexq_jax.kernels import grouped_matmul
 from dynaexq_jax.model import Attention, DenseMLP, RMSNorm, route
@@ -224,7 +224,6 @@ class OffloadEngine:
     them at a time in a device slot pool (the checkpoint's dtype). At most `staging` copies
     are in flight at once (default: as many as slots), the room the memory plan reserves."""
 
-    _check_context = Engine._check_context  # same context checks and messages
 
     def __init__(self, checkpoint, num_slots: int, *, prefetch: bool = False, staging: int | None = None):
         cfg = self.cfg = checkpoint.config
@@ -356,7 +355,7 @@ class OffloadEngine:
     def logits(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Logits [len_i, vocab] (float32) at every position of each token sequence."""
         longest = max(len(s) for s in batch)
-        self._check_context(longest, 0)
+        check_context(self.cfg, longest, 0)
         P = prompt_bucket(longest)
         tokens, positions, valid = left_pad(batch, P)
         counts = np.zeros((len(self.cfg.moe_layers), self.cfg.num_experts), np.int64)
@@ -376,13 +375,9 @@ class OffloadEngine:
         on_tokens: Callable[[np.ndarray], None] | None = None,
     ) -> Generation:
         """Like `Engine.generate`. Stats count this call; the cache's contents carry over."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise UserError("every prompt needs at least one token; pass a non-empty prompt")
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = check_request(self.cfg, prompts, max_new_tokens)
         eos = set(self.checkpoint.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        B, longest = len(prompts), max(len(p) for p in prompts)
-        self._check_context(longest, max_new_tokens)
+        B = len(prompts)
         P = prompt_bucket(longest)
         tokens, positions, valid = left_pad(prompts, P)
         lengths = np.array([len(p) for p in prompts], np.int32)

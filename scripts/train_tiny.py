@@ -28,7 +28,6 @@ import zlib
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
@@ -245,7 +244,7 @@ def main(argv=None):
     routing["prose_tokens"] = int(len(prose_stream))
     log("top-quarter share per layer: code " + " ".join(f"{s:.3f}" for s in routing["code_top_quarter_share"])
         + " | prose " + " ".join(f"{s:.3f}" for s in routing["prose_top_quarter_share"])
-        + f" | Jaccard code/prose " + " ".join(f"{j:.2f}" for j in routing["jaccard_code_vs_prose_hot_set"]))
+        + " | Jaccard code/prose " + " ".join(f"{j:.2f}" for j in routing["jaccard_code_vs_prose_hot_set"]))
 
     # ---- checkpoint ---------------------------------------------------------------------
     metrics = {
