@@ -145,8 +145,11 @@ def kv_cache_nbytes(cfg, batch: int, context: int, itemsize: int) -> int:
 def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int, xla_dequant: bool) -> int:
     """Upper estimate of the transient buffers of the largest step (prefill of `prompt`).
 
-    `xla_dequant`: the grouped matmuls dequantize active experts into temporaries (the XLA
-    path, off GPU); the Pallas kernels dequantize in registers instead.
+    `xla_dequant`: the XLA path (off GPU) dequantizes experts into temporaries, and the CPU
+    backend computes bf16 dots on float32 copies of their operands, hoisted out of the
+    layers; measured on the CPU, a step holds such copies of every expert at once. The
+    Pallas kernels (GPU) dequantize in registers instead. Slots add their own copies
+    (`slot_workspace_nbytes`).
 
     The engine checks it against XLA's own figure for the compiled steps
     (`memory_analysis().temp_size_in_bytes`) and reports both.
@@ -157,9 +160,14 @@ def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int, 
     scores = batch * cfg.num_heads * prompt * context * 4  # f32 attention scores, one layer
     hidden = 6 * tokens * H * 4  # residual stream, norms, attention in/out
     moe = pairs * (H * itemsize + 2 * I * 4 + I * 4 + H * 4)  # gathered x, gate_up, act, down
-    dequant = min(pairs, cfg.num_experts) * 3 * H * I * itemsize if xla_dequant else 0
     logits = batch * cfg.vocab_size * 4 * 2
-    return (3 * (scores + hidden + moe + dequant + logits)) // 2 + 16 * 2**20
+    cpu_copies = len(cfg.moe_layers) * cfg.num_experts * 3 * H * I * (itemsize + 4) if xla_dequant else 0
+    return (3 * (scores + hidden + moe + logits)) // 2 + cpu_copies + 16 * 2**20
+
+
+def slot_workspace_nbytes(cfg, xla_dequant: bool) -> int:
+    """Transient bytes each slot adds: its float32 copy on the XLA CPU path, none on GPU."""
+    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4 if xla_dequant else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,20 +178,25 @@ class MemoryPlan:
     weights: int  # non-expert parameters
     fallback: int  # every expert at lo_bits
     kv_cache: int
-    workspace: int
+    workspace: int  # transient buffers of the largest step, slots aside
     slot_bytes: int  # one high-precision slot
     slots: int
     num_experts_total: int  # experts over all MoE layers
     moe_layers: int
     lo_bits: int | None = None  # bit width of the fallback experts; None: no fallback
+    slot_workspace: int = 0  # transient bytes each slot adds (`slot_workspace_nbytes`)
 
     @property
     def slots_total_bytes(self) -> int:
         return self.slots * self.slot_bytes
 
     @property
+    def workspace_total(self) -> int:
+        return self.workspace + self.slots * self.slot_workspace
+
+    @property
     def total(self) -> int:
-        return self.weights + self.fallback + self.kv_cache + self.workspace + self.slots_total_bytes
+        return self.weights + self.fallback + self.kv_cache + self.workspace_total + self.slots_total_bytes
 
     @property
     def minimum(self) -> int:
@@ -192,7 +205,10 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(slots_total_bytes=self.slots_total_bytes, total=self.total, minimum=self.minimum)
+        d.update(
+            slots_total_bytes=self.slots_total_bytes, workspace_total=self.workspace_total, total=self.total,
+            minimum=self.minimum,
+        )
         return d
 
     def table(self) -> str:
@@ -201,7 +217,7 @@ class MemoryPlan:
             ("fallback experts", self.fallback),
             (f"high-precision slots ({self.slots} x {format_size(self.slot_bytes)})", self.slots_total_bytes),
             ("KV cache", self.kv_cache),
-            ("workspace margin", self.workspace),
+            ("workspace margin", self.workspace_total),
             ("total", self.total),
         ]
         if self.budget is not None:
@@ -245,6 +261,7 @@ def plan_memory(
         workspace=workspace_nbytes(cfg, batch, prompt, context, dtype_itemsize, xla_dequant),
     )
     slot = slot_nbytes(cfg, hi_dtype, group_size, dtype_itemsize)
+    slot_ws = slot_workspace_nbytes(cfg, xla_dequant)
     minimum = sum(parts.values())
     if budget is None:
         slots = n_moe * E
@@ -254,10 +271,10 @@ def plan_memory(
             f"for batch {batch} x context {context}: the minimum is {format_size(minimum)} ({minimum} bytes)"
         )
     else:
-        slots = min((budget - minimum) // slot, n_moe * E)
+        slots = min((budget - minimum) // (slot + slot_ws), n_moe * E)
     return MemoryPlan(
         budget=budget, slot_bytes=slot, slots=int(slots), num_experts_total=n_moe * E, moe_layers=n_moe,
-        lo_bits=lo_bits, **parts
+        lo_bits=lo_bits, slot_workspace=slot_ws, **parts
     )
 
 
@@ -319,13 +336,15 @@ def policy_plan(
         p = dataclasses.replace(
             base, budget=budget, fallback=0, slot_bytes=slot, workspace=base.workspace + staging * slot, lo_bits=None
         )
-        if budget is None:
-            return p
-        need = p.minimum + k * slot
-        if budget < need:
-            raise BudgetError(
-                f"budget {format_size(budget)} cannot hold the weights, KV cache, workspace and {k} expert "
-                f"slots that policy {policy!r} needs: the minimum is {format_size(need)} ({need} bytes)"
-            )
-        return dataclasses.replace(p, slots=int(min((budget - p.minimum) // slot, p.num_experts_total)))
+        per_slot = slot + p.slot_workspace
+        slots = p.num_experts_total
+        if budget is not None:
+            need = p.minimum + k * per_slot
+            if budget < need:
+                raise BudgetError(
+                    f"budget {format_size(budget)} cannot hold the weights, KV cache, workspace and {k} expert "
+                    f"slots that policy {policy!r} needs: the minimum is {format_size(need)} ({need} bytes)"
+                )
+            slots = min((budget - p.minimum) // per_slot, p.num_experts_total)
+        return dataclasses.replace(p, slots=int(slots))
     return plan(lo_bits, budget)

@@ -108,6 +108,7 @@ class Engine:
         self.model = Qwen3Moe(self.cfg, checkpoint.dtype)
         self._compiled: dict[tuple, Callable] = {}
         self.compile_s = 0.0
+        self.workspace_bytes = 0  # XLA's temporaries of the largest compiled step
 
         def forward(params, experts, cache, tokens, positions, valid, last_only=False):
             return self.model.apply({"params": params}, tokens, positions, valid, cache, experts, last_only)
@@ -126,6 +127,8 @@ class Engine:
             t0 = time.perf_counter()
             self._compiled[key] = fn.lower(*args).compile()
             self.compile_s += time.perf_counter() - t0
+            # What the memory plan's workspace margin must cover; checked in tests, reported.
+            self.workspace_bytes = max(self.workspace_bytes, self._compiled[key].memory_analysis().temp_size_in_bytes)
         return self._compiled[key]
 
     def logits(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -297,6 +300,7 @@ class Engine:
             "decode_s": decode_s,
             "decode_tokens_per_s": decoded / decode_s if decoded else None,
             "compile_s": self.compile_s,
+            "workspace_measured_bytes": self.workspace_bytes,
             "hi_hit_rate": trace.hi_pairs / trace.pairs if trace.pairs else None,
             "peak_device_bytes": peak_device_bytes(),
         }

@@ -437,7 +437,7 @@ def resolve_budget(spec: str, ckpt, opts: policies.DynaExqOptions, *, batch: int
         group_size=budget_lib.expert_group_size(cfg, opts.group_size), xla_dequant=jax.default_backend() != "gpu",
     )
     slots = math.ceil(pct / 100 * plan.num_experts_total)
-    return plan.minimum + slots * plan.slot_bytes
+    return plan.minimum + slots * (plan.slot_bytes + plan.slot_workspace)
 
 
 def expand_runs(policy_names: Sequence[str], budgets: Sequence[str], lo_bits: Sequence[int]) -> list[RunSpec]:

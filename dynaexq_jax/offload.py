@@ -246,6 +246,8 @@ class OffloadEngine:
         self.run = RunStats()
         self.functions = _layer_functions(cfg, checkpoint.dtype)
         self.compile_s = 0.0
+        self.workspace_bytes = 0  # XLA's temporaries of the largest function this engine ran
+        self._used: set[tuple] = set()
         self._moe_params = [self.params[f"layers_{i}"] for i in cfg.moe_layers]
         self._head_params = {n: self.params[n] for n in ("norm", "embed_tokens", "lm_head") if n in self.params}
 
@@ -258,6 +260,9 @@ class OffloadEngine:
             t0 = time.perf_counter()
             exe = self.functions.executables[key] = self.functions.jitted[name].lower(*args).compile()
             self.compile_s += time.perf_counter() - t0
+        if key not in self._used:  # executables are shared between engines; the figure is per engine
+            self._used.add(key)
+            self.workspace_bytes = max(self.workspace_bytes, exe.memory_analysis().temp_size_in_bytes)
         return exe(*args)
 
     # ------------------------------------------------------------------ expert movement
@@ -424,6 +429,7 @@ class OffloadEngine:
             "decode_s": decode_s,
             "decode_tokens_per_s": decoded / decode_s if decoded else None,
             "compile_s": self.compile_s,
+            "workspace_measured_bytes": self.workspace_bytes,
             "hi_hit_rate": run.hit_pairs / run.pairs if run.pairs else None,
             "peak_device_bytes": peak_device_bytes(),
             "slots": self.num_slots,

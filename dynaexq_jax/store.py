@@ -90,7 +90,7 @@ def cached(source: Path | None, kind: str, settings: dict, build: Callable[[], o
     `like(tree)` is optional post-processing applied to both fresh and restored trees.
     """
     finish = like or (lambda t: t)
-    src = Path(source) if source is not None else None
+    src = Path(source).resolve() if source is not None else None  # orbax wants absolute paths
     if src is None or not src.is_dir() or not enabled():
         return finish(build())
     root = cache_root(src)

@@ -147,7 +147,7 @@ def test_dry_run_says_when_the_fallback_does_not_fit(capsys, qwen3_30b):
 
 def test_dry_run_plan_is_the_runs_plan(capsys, moe_checkpoint):
     """The plan shown before loading is the one the run then holds (same shape, budget, policy)."""
-    common = ["--model", str(moe_checkpoint[0]), "--budget", "17.35MB", "--max-new-tokens", "4"]
+    common = ["--model", str(moe_checkpoint[0]), "--budget", "18.3MB", "--max-new-tokens", "4"]
     code, out, _ = run_cli(capsys, *common, "--dry-run", "--context", "20", "--json")  # a 16-token prompt + 4
     assert code == 0
     dry = json.loads(out)["memory_plan"]
@@ -160,7 +160,7 @@ def test_dry_run_plan_is_the_runs_plan(capsys, moe_checkpoint):
 
 def test_closing_line_equals_the_json_stats(capsys, moe_checkpoint):
     code, out, err = run_cli(capsys, "--model", str(moe_checkpoint[0]), "--prompt", "the", "--max-new-tokens", "5",
-                             "--budget", "17.35MB", "--json")
+                             "--budget", "18.3MB", "--json")
     assert code == 0 and err.count("\n") == 1  # one summary line on stderr, also with --json
     s = json.loads(out)["stats"]
     m = re.fullmatch(

@@ -121,10 +121,11 @@ def test_build_engine_sizes_the_cache_from_the_budget(moe_checkpoint):
     eng, plan = policies.build_engine(ckpt, "offload", budget=None, **kw)
     assert plan.fallback == 0 and plan.slots == eng.num_slots == plan.num_experts_total
     assert plan.slot_bytes == eng.bank.expert_nbytes
-    budget_bytes = plan.minimum + 3 * plan.slot_bytes + 7  # room for exactly three slots
+    per_slot = plan.slot_bytes + plan.slot_workspace  # a slot and, off GPU, its transient copy
+    budget_bytes = plan.minimum + 3 * per_slot + 7  # room for exactly three slots
     eng, plan = policies.build_engine(ckpt, "prefetch", budget=budget_bytes, **kw)
     assert plan.slots == eng.num_slots == 3 and eng.prefetch and plan.total <= budget_bytes
     k = ckpt.config.experts_per_token
-    with pytest.raises(budget.BudgetError, match=rf"the minimum is [\d.]+ MB \({plan.minimum + k * plan.slot_bytes} bytes\)") as e:
-        policies.build_engine(ckpt, "offload", budget=plan.minimum + k * plan.slot_bytes - 1, **kw)
+    with pytest.raises(budget.BudgetError, match=rf"the minimum is [\d.]+ MB \({plan.minimum + k * per_slot} bytes\)") as e:
+        policies.build_engine(ckpt, "offload", budget=plan.minimum + k * per_slot - 1, **kw)
     assert "\n" not in str(e.value)

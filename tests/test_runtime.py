@@ -199,7 +199,7 @@ def test_decoding_under_a_tight_budget_promotes_hot_experts_without_recompiling(
         cfg, budget=None, batch=1, prompt=16, context=128, dtype_itemsize=4, lo_bits=4,
         hi_dtype="bfloat16", group_size=16, xla_dequant=True,
     )
-    tight = probe.minimum + 3 * probe.slot_bytes + 7  # room for exactly three slots
+    tight = probe.minimum + 3 * (probe.slot_bytes + probe.slot_workspace) + 7  # room for exactly three slots
     eng, plan = build(path, tight)
     assert plan.slots == 3 and plan.total <= tight
     g = eng.generate([PROMPT], 24, eos_token_ids=())
@@ -207,6 +207,7 @@ def test_decoding_under_a_tight_budget_promotes_hot_experts_without_recompiling(
     assert 0 < g.stats["hi_hit_rate"] < 1
     assert g.stats["h2d_bytes"] == (g.stats["promotions"] + eng.runtime.swapper.stats.cancelled + len(eng.runtime.swapper.inflight)) * eng.runtime.swapper.bank.expert_nbytes
     assert len(eng._compiled) == 2
+    assert 0 < g.stats["workspace_measured_bytes"] <= plan.workspace_total  # XLA's temporaries fit the margin
     again = eng.generate([PROMPT[::-1]], 24, eos_token_ids=())  # counters are per request
     total = eng.runtime.swapper.stats
     assert g.stats["h2d_bytes"] + again.stats["h2d_bytes"] == total.h2d_bytes
@@ -232,3 +233,12 @@ def test_planned_fallback_bytes_equal_the_quantized_tensors(moe_checkpoint):
     experts = eng.runtime.experts
     assert plan.fallback == experts.fallback_nbytes
     assert plan.slots * plan.slot_bytes == experts.slots_nbytes
+
+
+@pytest.mark.parametrize("policy", ["full", "static", "dynaexq", "offload", "prefetch"])
+def test_planned_workspace_covers_xla_temporaries_of_every_step(moe_checkpoint, policy):
+    ckpt = loader.load(moe_checkpoint[0], jnp.bfloat16, experts_on_device=False)
+    eng, plan = policies.build_engine(ckpt, policy, budget=None, batch=2, longest_prompt=len(PROMPT), max_new_tokens=8)
+    eng.generate([PROMPT, PROMPT[:3]], 8)
+    eng.logits([PROMPT])
+    assert 0 < eng.workspace_bytes <= plan.workspace_total
