@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax import budget as budget_lib
-from dynaexq_jax import hotness, quant
+from dynaexq_jax import hotness, quant, store
 from dynaexq_jax.expert_state import DenseExperts, MixedExperts
 from dynaexq_jax.swap import HostBank, Swapper
 
@@ -135,8 +135,6 @@ def build_mixed_experts(
     layer's bf16 experts on the accelerator. Its results (fallbacks, int8 host copies) go
     through `store.cached`: reused across runs when `source` names their checkpoint directory.
     """
-    from dynaexq_jax import store
-
     device = device or jax.devices()[0]
     cpu = jax.devices("cpu")[0]
     to_dev = lambda t: jax.device_put(t, device)
