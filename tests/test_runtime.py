@@ -242,3 +242,15 @@ def test_planned_workspace_covers_xla_temporaries_of_every_step(moe_checkpoint, 
     eng.generate([PROMPT, PROMPT[:3]], 8)
     eng.logits([PROMPT])
     assert 0 < eng.workspace_bytes <= plan.workspace_total
+
+
+def test_static_policy_equals_the_dequantized_reference(moe_checkpoint):
+    ckpt = host_checkpoint(moe_checkpoint[0])
+    opts = policies.DynaExqOptions(lo_bits=3, group_size=16)
+    eng, plan = policies.build_engine(ckpt, "static", budget=None, batch=2, longest_prompt=len(PROMPT), max_new_tokens=4, opts=opts)
+    experts = eng.runtime.experts
+    assert plan.slots == 0 and plan.lo_bits == 3 and experts.num_slots == 0
+    fwd = forward_fn(ckpt)
+    tokens = jnp.asarray([PROMPT, PROMPT[::-1]])
+    ref = reference_experts(experts, ckpt.experts.gate_up, ckpt.experts.down)
+    np.testing.assert_allclose(fwd(ckpt.params, experts, tokens), fwd(ckpt.params, ref, tokens), atol=1e-4, rtol=0)
