@@ -90,6 +90,39 @@ def check_request(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int) ->
     return longest
 
 
+def collect_tokens(first: np.ndarray, max_new_tokens: int, eos, on_tokens, step) -> list[list[int]]:
+    """Generated ids per row: `first` [B] (sampled by prefill), then `step(i)` -> the next [B]
+    host ids, until every row has produced an EOS (kept) or `max_new_tokens` ids."""
+    ids = first
+    out = [[] for _ in range(len(first))]
+    done = np.zeros(len(first), bool)
+    for i in range(max_new_tokens):
+        for b in np.flatnonzero(~done):
+            out[b].append(int(ids[b]))
+            done[b] = ids[b] in eos
+        if on_tokens is not None:
+            on_tokens(ids)
+        if done.all() or i == max_new_tokens - 1:
+            break
+        ids = step(i)
+    return out
+
+
+def timing_stats(out: list[list[int]], prefilled: np.ndarray, prefill_s: float, decode_s: float) -> dict:
+    """The throughput figures every engine reports. `prefilled`: [B] tokens each row prefilled."""
+    generated = sum(len(o) for o in out)
+    decoded = generated - len(out)  # each row's first token comes from prefill
+    return {
+        "batch_size": len(out),
+        "prompt_tokens": int(prefilled.sum()),
+        "generated_tokens": generated,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": float(prefilled.sum()) / prefill_s,
+        "decode_s": decode_s,
+        "decode_tokens_per_s": decoded / decode_s if decoded else None,
+    }
+
+
 def peak_device_bytes() -> int | None:
     """The allocator's peak on the default device; None where the backend reports none (CPU)."""
     stats = jax.devices()[0].memory_stats()
@@ -265,40 +298,27 @@ class Engine:
         rt = self.runtime
         B = len(lengths)
         one = np.ones((B, 1), bool)
-        out = [[] for _ in range(B)]
-        done = np.zeros(B, bool)
-        t1 = time.perf_counter()
-        for step in range(max_new_tokens):
-            for b in np.flatnonzero(~done):
-                out[b].append(int(nxt_host[b]))
-                done[b] = nxt_host[b] in eos
-            if on_tokens is not None:
-                on_tokens(nxt_host)
-            if done.all() or step == max_new_tokens - 1:
-                break
+
+        def step(i):
+            nonlocal nxt, cache
             rt.before_step()
-            step_key = jax.random.fold_in(key, step + 1)
+            step_key = jax.random.fold_in(key, i + 1)
             nxt, cache, counts, hi = decode(
-                self.params, rt.experts, cache, nxt[:, None], (lengths + step)[:, None], one, step_key, *knobs
+                self.params, rt.experts, cache, nxt[:, None], (lengths + i)[:, None], one, step_key, *knobs
             )
-            nxt_host, counts = np.asarray(nxt), np.asarray(counts)
+            counts = np.asarray(counts)
             trace.add(counts, float(hi))
             rt.observe(counts, B)
+            return np.asarray(nxt)
+
+        t1 = time.perf_counter()
+        out = collect_tokens(nxt_host, max_new_tokens, eos, on_tokens, step)
         return out, cache, time.perf_counter() - t1
 
     def _generation(self, out, prefilled, prefill_s, decode_s, trace) -> Generation:
         """`prefilled`: [B] tokens each row prefilled."""
-        B = len(out)
-        generated = sum(len(o) for o in out)
-        decoded = generated - B  # each prompt's first token comes from prefill
         stats = {
-            "batch_size": B,
-            "prompt_tokens": int(prefilled.sum()),
-            "generated_tokens": generated,
-            "prefill_s": prefill_s,
-            "prefill_tokens_per_s": float(prefilled.sum()) / prefill_s,
-            "decode_s": decode_s,
-            "decode_tokens_per_s": decoded / decode_s if decoded else None,
+            **timing_stats(out, prefilled, prefill_s, decode_s),
             "compile_s": self.compile_s,
             "workspace_measured_bytes": self.workspace_bytes,
             "hi_hit_rate": trace.hi_pairs / trace.pairs if trace.pairs else None,

@@ -35,10 +35,12 @@ from dynaexq_jax.engine import (
     cache_bucket,
     check_context,
     check_request,
+    collect_tokens,
     left_pad,
     peak_device_bytes,
     prompt_bucket,
     sample,
+    timing_stats,
 )
 from dynaexq_jax.expert_state import routed_swiglu
 from dynaexq_jax.kernels import grouped_matmul
@@ -399,35 +401,21 @@ class OffloadEngine:
         nxt_host = np.asarray(nxt)
         prefill_s = time.perf_counter() - t0 - (self.compile_s - c0)
 
-        out = [[] for _ in range(B)]
-        done = np.zeros(B, bool)
         one = np.ones((B, 1), bool)
+
+        def step(i):
+            nonlocal nxt, cache
+            x, cache = self._forward(nxt[:, None], (lengths + i)[:, None], one, cache, counts)
+            nxt = self._call("next_token", self._head_params, x[:, -1:], jax.random.fold_in(key, i + 1), *knobs)
+            return np.asarray(nxt)
+
         t1, c1 = time.perf_counter(), self.compile_s
-        for step in range(max_new_tokens):
-            for b in np.flatnonzero(~done):
-                out[b].append(int(nxt_host[b]))
-                done[b] = nxt_host[b] in eos
-            if on_tokens is not None:
-                on_tokens(nxt_host)
-            if done.all() or step == max_new_tokens - 1:
-                break
-            x, cache = self._forward(nxt[:, None], (lengths + step)[:, None], one, cache, counts)
-            step_key = jax.random.fold_in(key, step + 1)
-            nxt = self._call("next_token", self._head_params, x[:, -1:], step_key, *knobs)
-            nxt_host = np.asarray(nxt)
+        out = collect_tokens(nxt_host, max_new_tokens, eos, on_tokens, step)
         decode_s = time.perf_counter() - t1 - (self.compile_s - c1)
 
-        generated = sum(len(o) for o in out)
-        decoded = generated - B  # each prompt's first token comes from prefill
         s, run = self.cache.stats, self.run
         stats = {
-            "batch_size": B,
-            "prompt_tokens": int(lengths.sum()),
-            "generated_tokens": generated,
-            "prefill_s": prefill_s,
-            "prefill_tokens_per_s": float(lengths.sum()) / prefill_s,
-            "decode_s": decode_s,
-            "decode_tokens_per_s": decoded / decode_s if decoded else None,
+            **timing_stats(out, lengths, prefill_s, decode_s),
             "compile_s": self.compile_s,
             "workspace_measured_bytes": self.workspace_bytes,
             "hi_hit_rate": run.hit_pairs / run.pairs if run.pairs else None,
