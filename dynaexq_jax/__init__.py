@@ -15,17 +15,17 @@ Public API:
     eng, plan = dynaexq_jax.build_engine(ckpt, "dynaexq", budget=parse_size("20GB"), batch=1,
                                          longest_prompt=128, max_new_tokens=256)
 
-Kernels and quantization: `dynaexq_jax.quant.quantize / dequantize`,
-`dynaexq_jax.kernels.grouped_matmul`, `pallas_kernels.grouped_dequant_matmul`.
+Kernels and quantization: `dynaexq_jax.experts.quant.quantize / dequantize`,
+`dynaexq_jax.experts.matmul.grouped_matmul`, `pallas_kernels.grouped_dequant_matmul`.
 """
 
 from dynaexq_jax.budget import parse_size, plan_memory
-from dynaexq_jax.config import Qwen3MoeConfig
-from dynaexq_jax.engine import Engine, Generation
+from dynaexq_jax.models.config import Qwen3MoeConfig
+from dynaexq_jax.runtime.engine import Engine, Generation
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.loader import Checkpoint, load
+from dynaexq_jax.io.loader import Checkpoint, load
 from dynaexq_jax.policies import DynaExqOptions, build_engine
-from dynaexq_jax.sampling import SamplingParams
+from dynaexq_jax.runtime.sampling import SamplingParams
 
 __all__ = [
     "Checkpoint",

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dynaexq_jax.config import Qwen3MoeConfig
-from dynaexq_jax.expert_state import DenseExperts
-from dynaexq_jax.model import KVCache, Qwen3Moe
+from dynaexq_jax.models.config import Qwen3MoeConfig
+from dynaexq_jax.experts.expert_state import DenseExperts
+from dynaexq_jax.models.decoder import KVCache, Qwen3Moe
 
 INIT_STD = 0.02  # transformers' Qwen3MoeConfig.initializer_range
 BLOCK_ROWS = 64  # rows per expert block in BlockedExperts

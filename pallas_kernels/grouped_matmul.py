@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dynaexq_jax.quant import QuantizedTensor, slices_per_group
+from dynaexq_jax.experts.quant import QuantizedTensor, slices_per_group
 from pallas_kernels.tiling import make_row_tiles
 
 

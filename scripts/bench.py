@@ -83,7 +83,10 @@ def run(args):
     import jax.numpy as jnp
 
     from dynaexq_jax import budget as budget_lib
-    from dynaexq_jax import costmodel, loader, policies, preset
+    from dynaexq_jax import policies
+    from dynaexq_jax.runtime import costmodel
+    from dynaexq_jax.io import loader
+    from dynaexq_jax.io import preset
     from dynaexq_jax.errors import UserError
 
     dtype = jnp.dtype(args.dtype)
@@ -208,7 +211,7 @@ def print_table(results):
 
 def project(results, costs):
     """Where the measured mix of bytes would land on other GPUs (the cost model alone)."""
-    from dynaexq_jax import costmodel
+    from dynaexq_jax.runtime import costmodel
 
     print("\nprojected decode tokens/s from the cost model (measured hit rates and h2d bytes):", file=sys.stderr)
     for r, cost in zip(results, costs):

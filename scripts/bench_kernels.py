@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pallas_kernels  # noqa: E402
-from dynaexq_jax import quant  # noqa: E402
-from dynaexq_jax.kernels import grouped_matmul  # noqa: E402
+from dynaexq_jax.experts import quant  # noqa: E402
+from dynaexq_jax.experts.matmul import grouped_matmul  # noqa: E402
 
 FULL = dict(experts=128, top_k=8, shapes=((2048, 768), (768, 2048)), tokens=(1, 8, 32, 256),
             copy_bytes=1 << 30, group_size=128)

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dynaexq_jax import quant  # noqa: E402
+from dynaexq_jax.experts import quant  # noqa: E402
 
 
 def rel_error(w, x, qt) -> float:

@@ -57,8 +57,9 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from dynaexq_jax import budget as budget_lib
-    from dynaexq_jax import policies, preset
-    from dynaexq_jax.engine import peak_device_bytes
+    from dynaexq_jax import policies
+    from dynaexq_jax.io import preset
+    from dynaexq_jax.runtime.engine import peak_device_bytes
     from dynaexq_jax.errors import UserError
 
     try:

@@ -62,7 +62,10 @@ def build(args) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from dynaexq_jax import evaluate, hotness, loader, policies
+    from dynaexq_jax import policies
+    from dynaexq_jax.eval import evaluate
+    from dynaexq_jax.policies import hotness
+    from dynaexq_jax.io import loader
 
     root, rels = train_tiny.stdlib_files()
     held = [r for r in rels if train_tiny.is_held_out(r)]

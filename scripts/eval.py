@@ -56,7 +56,9 @@ def _csv(text: str) -> list[str]:
 def run(args) -> list:
     import jax.numpy as jnp
 
-    from dynaexq_jax import evaluate, loader, policies
+    from dynaexq_jax import policies
+    from dynaexq_jax.eval import evaluate
+    from dynaexq_jax.io import loader
     from dynaexq_jax.errors import UserError
 
     try:
@@ -90,7 +92,7 @@ def run(args) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dynaexq_jax import evaluate
+    from dynaexq_jax.eval import evaluate
     from dynaexq_jax.errors import UserError
 
     try:

@@ -130,7 +130,8 @@ def make_plan(args, cfg, shape, budget_bytes):
     import jax
     import jax.numpy as jnp
 
-    from dynaexq_jax import budget, engine
+    from dynaexq_jax import budget
+    from dynaexq_jax.runtime import engine
 
     batch, longest, new = shape
     prompt = engine.prompt_bucket(longest)
@@ -150,7 +151,7 @@ def make_plan(args, cfg, shape, budget_bytes):
 
 
 def plan_text(args, cfg, plan, header) -> str:
-    from dynaexq_jax import hotness
+    from dynaexq_jax.policies import hotness
 
     lines = [header, plan.table()]
     if args.policy == "dynaexq" and args.allocation == "per_layer" and plan.moe_layers:
@@ -182,7 +183,7 @@ def index_check(model: Path, cfg) -> str | None:
 
 
 def dry_run(args, budget_bytes) -> dict:
-    from dynaexq_jax.config import Qwen3MoeConfig
+    from dynaexq_jax.models.config import Qwen3MoeConfig
 
     model = Path(args.model)
     cfg = Qwen3MoeConfig.from_file(model)  # a missing directory is a one-line ConfigError
@@ -229,7 +230,7 @@ class Prompter:
     """Turns user text into token ids: through the chat template when chatting, else as is."""
 
     def __init__(self, args, model: Path, tok):
-        from dynaexq_jax import chat
+        from dynaexq_jax.io import chat
 
         template = chat.load_chat_template(model)
         if args.chat and template is None:
@@ -285,7 +286,8 @@ def load_engine(args, budget_bytes, cfg, shape):
     """Load, quantize and place the model for `shape`; -> (engine, plan, checkpoint)."""
     import jax.numpy as jnp
 
-    from dynaexq_jax import loader, policies
+    from dynaexq_jax import policies
+    from dynaexq_jax.io import loader
 
     plan, header = make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
     if args.verbose:
@@ -309,8 +311,8 @@ def show_progress(args) -> bool:
 
 
 def read_tokenizer(args):
-    from dynaexq_jax import loader
-    from dynaexq_jax.config import Qwen3MoeConfig
+    from dynaexq_jax.io import loader
+    from dynaexq_jax.models.config import Qwen3MoeConfig
 
     model = Path(args.model)
     if not model.is_dir():
@@ -330,7 +332,7 @@ def run_stats(args, gen_stats, plan, budget_bytes) -> dict:
 
 
 def run(args, budget_bytes) -> dict:
-    from dynaexq_jax import sampling
+    from dynaexq_jax.runtime import sampling
 
     knobs = sampling.SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     model, cfg, tok = read_tokenizer(args)
@@ -367,7 +369,7 @@ def run(args, budget_bytes) -> dict:
 def interactive(args, budget_bytes, stdin=None) -> list[dict]:
     """Converse on stdin: each line is a user message; the reply streams to stdout and one
     summary line per turn goes to stderr. Returns the turns' stats."""
-    from dynaexq_jax import sampling
+    from dynaexq_jax.runtime import sampling
 
     stdin = stdin or sys.stdin
     knobs = sampling.SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)

@@ -33,8 +33,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from dynaexq_jax import train
-from dynaexq_jax.config import Qwen3MoeConfig
-from dynaexq_jax.hf_export import save_checkpoint
+from dynaexq_jax.models.config import Qwen3MoeConfig
+from dynaexq_jax.io.hf_export import save_checkpoint
 
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaexq_jax import budget, costmodel, policies, preset
+from dynaexq_jax import budget, policies
+from dynaexq_jax.runtime import costmodel
+from dynaexq_jax.io import preset
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -35,7 +37,7 @@ def budget_for(config_path, *, prompt, gen, batch, itemsize, slots) -> int:
     """Room for `slots` slots above what dynaexq and offload need at least, for this shape."""
     import jax
 
-    from dynaexq_jax.engine import cache_bucket, prompt_bucket
+    from dynaexq_jax.runtime.engine import cache_bucket, prompt_bucket
 
     cfg = preset.preset_config(config_path)
     P = prompt_bucket(prompt)

@@ -11,7 +11,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from dynaexq_jax import chat, engine, loader
+from dynaexq_jax.io import chat
+from dynaexq_jax.runtime import engine
+from dynaexq_jax.io import loader
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))

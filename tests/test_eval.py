@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaexq_jax import evaluate, loader, policies
+from dynaexq_jax import policies
+from dynaexq_jax.eval import evaluate
+from dynaexq_jax.io import loader
 from dynaexq_jax.errors import UserError
 
 MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-qwen3-moe"

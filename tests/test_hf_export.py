@@ -10,9 +10,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dynaexq_jax import hf_export, loader
-from dynaexq_jax.config import Qwen3MoeConfig
-from dynaexq_jax.model import KVCache, Qwen3Moe
+from dynaexq_jax.io import hf_export
+from dynaexq_jax.io import loader
+from dynaexq_jax.models.config import Qwen3MoeConfig
+from dynaexq_jax.models.decoder import KVCache, Qwen3Moe
 from dynaexq_jax.train import init_params
 
 SHAPES = {

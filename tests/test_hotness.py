@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from dynaexq_jax.hotness import (
+from dynaexq_jax.policies.hotness import (
     HotnessTracker,
     global_capacity,
     per_layer_capacity,

@@ -10,8 +10,8 @@ import pytest
 from absl.testing import parameterized
 
 import pallas_kernels
-from dynaexq_jax import quant
-from dynaexq_jax.kernels import grouped_matmul
+from dynaexq_jax.experts import quant
+from dynaexq_jax.experts.matmul import grouped_matmul
 from pallas_kernels.tiling import make_row_tiles
 
 K, N = 128, 64

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaexq_jax import budget, engine, loader, policies
-from dynaexq_jax.offload import LRUSlots, OffloadEngine
+from dynaexq_jax import budget, policies
+from dynaexq_jax.runtime import engine
+from dynaexq_jax.io import loader
+from dynaexq_jax.policies.offload import LRUSlots, OffloadEngine
 
 PROMPTS = [[5, 17, 42, 9, 100, 7, 250, 33, 12], [3, 4, 5]]  # two lengths: left padding in the batch
 NB = 1000  # expert bytes in the scripted traces

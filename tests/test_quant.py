@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from dynaexq_jax import quant
+from dynaexq_jax.experts import quant
 
 BITS = (8, 4, 3, 2)
 

@@ -10,9 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaexq_jax import budget, engine, loader, policies, quant
-from dynaexq_jax.expert_state import DenseExperts, MixedExperts
-from dynaexq_jax.swap import Transfer, stage
+from dynaexq_jax import budget, policies
+from dynaexq_jax.runtime import engine
+from dynaexq_jax.io import loader
+from dynaexq_jax.experts import quant
+from dynaexq_jax.experts.expert_state import DenseExperts, MixedExperts
+from dynaexq_jax.experts.swap import Transfer, stage
 
 PROMPT = [5, 17, 42, 9, 100, 7, 250, 33, 12]
 OPTS = policies.DynaExqOptions(lo_bits=4, group_size=16, rebalance_every=2)

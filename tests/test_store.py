@@ -8,8 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from dynaexq_jax import policies, quant, store
-from dynaexq_jax.expert_state import DenseExperts
+from dynaexq_jax import policies
+from dynaexq_jax.experts import quant
+from dynaexq_jax.io import store
+from dynaexq_jax.experts.expert_state import DenseExperts
 
 L, E, H, I = 2, 4, 64, 32
 

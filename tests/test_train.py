@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dynaexq_jax import train
-from dynaexq_jax.config import Qwen3MoeConfig
-from dynaexq_jax.expert_state import DenseExperts
+from dynaexq_jax.models.config import Qwen3MoeConfig
+from dynaexq_jax.experts.expert_state import DenseExperts
 
 
 def tiny_cfg() -> Qwen3MoeConfig:
@@ -96,7 +96,7 @@ def test_train_steps_reduce_loss_and_are_deterministic():
 def test_padding_does_not_count():
     cfg = tiny_cfg()
     model_params, experts = train.init_params(cfg, 0)
-    from dynaexq_jax.model import Qwen3Moe
+    from dynaexq_jax.models.decoder import Qwen3Moe
 
     model = Qwen3Moe(cfg, jnp.float32)
     batch = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)

@@ -20,9 +20,9 @@ import numpy as np
 from safetensors import safe_open
 from tqdm import tqdm
 
-from dynaexq_jax.config import ConfigError, Qwen3MoeConfig
+from dynaexq_jax.models.config import ConfigError, Qwen3MoeConfig
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.expert_state import DenseExperts
+from dynaexq_jax.experts.expert_state import DenseExperts
 
 
 class CheckpointError(UserError):

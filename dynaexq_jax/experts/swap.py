@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from dynaexq_jax.expert_state import MixedExperts
+from dynaexq_jax.experts.expert_state import MixedExperts
 
 
 def host_memory_kind(device) -> str | None:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax import budget as budget_lib
-from dynaexq_jax.engine import (
+from dynaexq_jax.runtime.engine import (
     Generation,
     KVCache,
     SamplingParams,
@@ -42,10 +42,10 @@ from dynaexq_jax.engine import (
     sample,
     timing_stats,
 )
-from dynaexq_jax.expert_state import routed_swiglu
-from dynaexq_jax.kernels import grouped_matmul
-from dynaexq_jax.model import Attention, DenseMLP, RMSNorm, route
-from dynaexq_jax.swap import HostBank, _write_slot, stage
+from dynaexq_jax.experts.expert_state import routed_swiglu
+from dynaexq_jax.experts.matmul import grouped_matmul
+from dynaexq_jax.models.decoder import Attention, DenseMLP, RMSNorm, route
+from dynaexq_jax.experts.swap import HostBank, _write_slot, stage
 
 Key = tuple[int, int]  # (moe_layer, expert)
 

@@ -19,9 +19,9 @@ from typing import Iterator
 import numpy as np
 from safetensors.numpy import save_file
 
-from dynaexq_jax.config import Qwen3MoeConfig
-from dynaexq_jax.expert_state import DenseExperts
-from dynaexq_jax.loader import np_dtype
+from dynaexq_jax.models.config import Qwen3MoeConfig
+from dynaexq_jax.experts.expert_state import DenseExperts
+from dynaexq_jax.io.loader import np_dtype
 
 _DTYPE_NAMES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.loader import Checkpoint
-from dynaexq_jax.model import KVCache, Qwen3Moe
+from dynaexq_jax.io.loader import Checkpoint
+from dynaexq_jax.models.decoder import KVCache, Qwen3Moe
 from dynaexq_jax.policies import StaticRuntime
-from dynaexq_jax.sampling import SamplingParams, sample
+from dynaexq_jax.runtime.sampling import SamplingParams, sample
 
 MIN_PROMPT_BUCKET = 16
 CACHE_BUCKET = 128

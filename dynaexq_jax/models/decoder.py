@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dynaexq_jax.config import Qwen3MoeConfig
+from dynaexq_jax.models.config import Qwen3MoeConfig
 
 _MASKED = -1e30  # finite, so rows with every key masked (left padding) give no NaN
 

@@ -33,11 +33,11 @@ import numpy as np
 from tqdm import tqdm
 
 from dynaexq_jax import budget as budget_lib
-from dynaexq_jax import engine as engine_lib
+from dynaexq_jax.runtime import engine as engine_lib
 from dynaexq_jax import policies
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.model import KVCache
-from dynaexq_jax.sampling import SamplingParams
+from dynaexq_jax.models.decoder import KVCache
+from dynaexq_jax.runtime.sampling import SamplingParams
 
 TASK_KINDS = ("ppl", "mc", "em")
 RESIDENCY_MODES = ("pass", "batch", "frozen")

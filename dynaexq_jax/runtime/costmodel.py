@@ -49,7 +49,7 @@ def measure_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> Bandwidth:
         copy(x).block_until_ready()
         t.append(time.perf_counter() - t0)
     hbm = 2 * nbytes / float(np.median(t))  # read + write
-    from dynaexq_jax.swap import host_memory_kind, stage
+    from dynaexq_jax.experts.swap import host_memory_kind, stage
 
     host = np.zeros((nbytes // 4,), np.float32)
     kind = host_memory_kind(dev)

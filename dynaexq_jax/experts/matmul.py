@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from dynaexq_jax.quant import QuantizedTensor, dequantize
+from dynaexq_jax.experts.quant import QuantizedTensor, dequantize
 
 BACKENDS = (None, "pallas", "xla")
 

@@ -120,7 +120,7 @@ def _abstract(desc):
     """Restore targets: numpy arrays, so restored trees stay in host memory like fresh ones."""
     import numpy as np
 
-    from dynaexq_jax.loader import np_dtype
+    from dynaexq_jax.io.loader import np_dtype
 
     if isinstance(desc.get("shape"), list):
         return np.empty(tuple(desc["shape"]), np_dtype(desc["dtype"]))  # untouched pages: no real allocation

@@ -14,8 +14,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dynaexq_jax.kernels import grouped_matmul
-from dynaexq_jax.quant import QuantizedTensor
+from dynaexq_jax.experts.matmul import grouped_matmul
+from dynaexq_jax.experts.quant import QuantizedTensor
 
 # (x_sorted [P, K], group_sizes [G]) -> [P, N]
 GroupedMatmul = Callable[[jax.Array, jax.Array], jax.Array]

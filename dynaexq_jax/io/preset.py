@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.config import Qwen3MoeConfig
+from dynaexq_jax.models.config import Qwen3MoeConfig
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.expert_state import DenseExperts
-from dynaexq_jax.loader import Checkpoint, np_dtype, to_device
-from dynaexq_jax.model import KVCache, Qwen3Moe
+from dynaexq_jax.experts.expert_state import DenseExperts
+from dynaexq_jax.io.loader import Checkpoint, np_dtype, to_device
+from dynaexq_jax.models.decoder import KVCache, Qwen3Moe
 
 PRESETS = {
     "qwen3-30b-a3b": dict(

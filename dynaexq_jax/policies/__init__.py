@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax import budget as budget_lib
-from dynaexq_jax import hotness, quant, store
-from dynaexq_jax.expert_state import DenseExperts, MixedExperts
-from dynaexq_jax.swap import HostBank, Swapper
+from dynaexq_jax.policies import hotness
+from dynaexq_jax.experts import quant
+from dynaexq_jax.io import store
+from dynaexq_jax.experts.expert_state import DenseExperts, MixedExperts
+from dynaexq_jax.experts.swap import HostBank, Swapper
 
 POLICIES = ("dynaexq", "full", "static", "offload", "prefetch")
 
@@ -244,7 +246,7 @@ def build_engine(
 
     Returns (engine, memory plan). The plan's `total` is the accounted device bytes.
     """
-    from dynaexq_jax import engine as engine_lib
+    from dynaexq_jax.runtime import engine as engine_lib
 
     if policy not in POLICIES:
         raise budget_lib.BudgetError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -268,7 +270,7 @@ def build_engine(
         )
         return engine_lib.Engine(ckpt, StaticRuntime(experts, lo_bits=plan.lo_bits)), plan
     if policy in ("offload", "prefetch"):
-        from dynaexq_jax import offload
+        from dynaexq_jax.policies import offload
 
         return offload.build_engine(ckpt, plan, policy=policy, batch=batch), plan
     runtime = dynaexq_runtime(
