@@ -1,42 +1,53 @@
-"""dynaexq-jax: serve Qwen3-MoE models on one memory-limited GPU.
+"""dynaexq-jax: serve Mixture-of-Experts models on memory-limited GPUs with JAX.
 
 Every expert stays on the device in a low-bit fallback; the hottest experts, estimated online
 from router traces, also hold a high-precision slot, swapped asynchronously between decode
 steps under a hard device-memory budget.
 
-Public API:
+    import dynaexq_jax as dx
+    ckpt = dx.load("checkpoints/tiny-qwen3-moe", jnp.float32)      # weights, config, tokenizer
+    eng, plan = dx.build_engine(ckpt, "dynaexq", budget=dx.parse_size("20GB"), batch=1,
+                                longest_prompt=128, max_new_tokens=256)
+    ids = ckpt.tokenizer.encode("def f(x):").ids
+    gen = eng.generate([ids], 32, dx.SamplingParams())             # .tokens, .stats, .expert_counts
+    logps, routing = eng.score([ids])                              # log p(token | prefix), routing stats
+    print(plan.table())                                            # where every device byte goes
 
-    ckpt = dynaexq_jax.load("checkpoints/tiny-qwen3-moe", dtype=jnp.float32)
-    eng = dynaexq_jax.Engine(ckpt)                      # every expert at full precision
-    eng.logits([[1, 2, 3]])                             # -> [np.ndarray [3, vocab]]
-    eng.generate([[1, 2, 3]], max_new_tokens=16, sampling=dynaexq_jax.SamplingParams())
-
-    ckpt = dynaexq_jax.load(path, experts_on_device=False)
-    eng, plan = dynaexq_jax.build_engine(ckpt, "dynaexq", budget=parse_size("20GB"), batch=1,
-                                         longest_prompt=128, max_new_tokens=256)
-
-Kernels and quantization: `dynaexq_jax.experts.quant.quantize / dequantize`,
-`dynaexq_jax.experts.matmul.grouped_matmul`, `pallas_kernels.grouped_dequant_matmul`.
+From research code: `dx.Decoder(cfg, dtype)` is the model as a pure function of explicit
+pytrees, `(params, experts, cache, tokens, positions, valid) -> (logits, cache, routing)`;
+`eng.params` and `eng.policy.experts` (an `ExpertState`) are the arrays a step takes, so the
+model can be called inside one's own `jax.jit` with any expert state (a promotion is a new
+value, never a retrace). Policies: `dx.POLICIES`; options: `dx.DynaExqOptions`.
 """
 
-from dynaexq_jax.budget import parse_size, plan_memory
-from dynaexq_jax.models.config import Qwen3MoeConfig
-from dynaexq_jax.runtime.engine import Engine, Generation
+from dynaexq_jax.budget import MemoryPlan, parse_size
 from dynaexq_jax.errors import UserError
+from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier
 from dynaexq_jax.io.loader import Checkpoint, load
-from dynaexq_jax.policies import DynaExqOptions, build_engine
+from dynaexq_jax.models.config import ModelConfig
+from dynaexq_jax.models.decoder import Decoder, KVCache
+from dynaexq_jax.policies import POLICIES
+from dynaexq_jax.policies.dynaexq import DynaExqOptions
+from dynaexq_jax.runtime.build import build_engine, plan_for
+from dynaexq_jax.runtime.engine import Engine, Generation
 from dynaexq_jax.runtime.sampling import SamplingParams
 
 __all__ = [
+    "POLICIES",
     "Checkpoint",
+    "Decoder",
     "DynaExqOptions",
     "Engine",
+    "ExpertState",
+    "ExpertTier",
     "Generation",
-    "Qwen3MoeConfig",
+    "KVCache",
+    "MemoryPlan",
+    "ModelConfig",
     "SamplingParams",
     "UserError",
     "build_engine",
     "load",
     "parse_size",
-    "plan_memory",
+    "plan_for",
 ]

@@ -142,14 +142,14 @@ def kv_cache_nbytes(cfg, batch: int, context: int, itemsize: int) -> int:
     return cfg.num_layers * per_layer + batch * context  # + the validity mask
 
 
-def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int, xla_dequant: bool) -> int:
+def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int) -> int:
     """Upper estimate of the transient buffers of the largest step (prefill of `prompt`).
 
-    `xla_dequant`: the XLA path (off GPU) dequantizes experts into temporaries, and the CPU
-    backend computes bf16 dots on float32 copies of their operands, hoisted out of the
-    layers; measured on the CPU, a step holds such copies of every expert at once. The
-    Pallas kernels (GPU) dequantize in registers instead. Slots add their own copies
-    (`slot_workspace_nbytes`).
+    Attention scores of one layer, the residual stream and norms, the MoE block's routed pairs
+    (gathered rows, gate_up, activation, down), the last position's logits, and one expert
+    materialised in float32 (the CPU path dequantizes one expert at a time; the GPU kernels
+    dequantize in registers). Expert weights never get a transient copy: every path reads
+    the routed experts where they are stored.
 
     The engine checks it against XLA's own figure for the compiled steps
     (`memory_analysis().temp_size_in_bytes`) and reports both.
@@ -159,15 +159,10 @@ def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int, 
     pairs = tokens * k
     scores = batch * cfg.num_heads * prompt * context * 4  # f32 attention scores, one layer
     hidden = 6 * tokens * H * 4  # residual stream, norms, attention in/out
-    moe = pairs * (H * itemsize + 2 * I * 4 + I * 4 + H * 4)  # gathered x, gate_up, act, down
+    moe = pairs * (H * itemsize + 2 * I * 4 + I * 4 + H * 4 + 16)  # gathered x, gate_up, act, down, sort keys
     logits = batch * cfg.vocab_size * 4 * 2
-    cpu_copies = len(cfg.moe_layers) * cfg.num_experts * 3 * H * I * (itemsize + 4) if xla_dequant else 0
-    return (3 * (scores + hidden + moe + logits)) // 2 + cpu_copies + 16 * 2**20
-
-
-def slot_workspace_nbytes(cfg, xla_dequant: bool) -> int:
-    """Transient bytes each slot adds: its float32 copy on the XLA CPU path, none on GPU."""
-    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4 if xla_dequant else 0
+    one_expert = 2 * 3 * H * I * 4
+    return (3 * (scores + hidden + moe + logits)) // 2 + one_expert + 16 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,19 +179,14 @@ class MemoryPlan:
     num_experts_total: int  # experts over all MoE layers
     moe_layers: int
     lo_bits: int | None = None  # bit width of the fallback experts; None: no fallback
-    slot_workspace: int = 0  # transient bytes each slot adds (`slot_workspace_nbytes`)
 
     @property
     def slots_total_bytes(self) -> int:
         return self.slots * self.slot_bytes
 
     @property
-    def workspace_total(self) -> int:
-        return self.workspace + self.slots * self.slot_workspace
-
-    @property
     def total(self) -> int:
-        return self.weights + self.fallback + self.kv_cache + self.workspace_total + self.slots_total_bytes
+        return self.weights + self.fallback + self.kv_cache + self.workspace + self.slots_total_bytes
 
     @property
     def minimum(self) -> int:
@@ -205,10 +195,7 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(
-            slots_total_bytes=self.slots_total_bytes, workspace_total=self.workspace_total, total=self.total,
-            minimum=self.minimum,
-        )
+        d.update(slots_total_bytes=self.slots_total_bytes, total=self.total, minimum=self.minimum)
         return d
 
     def table(self) -> str:
@@ -217,7 +204,7 @@ class MemoryPlan:
             ("fallback experts", self.fallback),
             (f"high-precision slots ({self.slots} x {format_size(self.slot_bytes)})", self.slots_total_bytes),
             ("KV cache", self.kv_cache),
-            ("workspace margin", self.workspace_total),
+            ("workspace margin", self.workspace),
             ("total", self.total),
         ]
         if self.budget is not None:
@@ -243,7 +230,6 @@ def plan_memory(
     lo_bits: int,
     hi_dtype: str,
     group_size: int,
-    xla_dequant: bool,
 ) -> MemoryPlan:
     """Split `budget` into weights, fallback, KV cache, workspace and as many slots as fit.
 
@@ -258,10 +244,9 @@ def plan_memory(
         weights=non_expert_nbytes(cfg, dtype_itemsize),
         fallback=n_moe * per_layer,
         kv_cache=kv_cache_nbytes(cfg, batch, context, dtype_itemsize),
-        workspace=workspace_nbytes(cfg, batch, prompt, context, dtype_itemsize, xla_dequant),
+        workspace=workspace_nbytes(cfg, batch, prompt, context, dtype_itemsize),
     )
     slot = slot_nbytes(cfg, hi_dtype, group_size, dtype_itemsize)
-    slot_ws = slot_workspace_nbytes(cfg, xla_dequant)
     minimum = sum(parts.values())
     if budget is None:
         slots = n_moe * E
@@ -271,10 +256,10 @@ def plan_memory(
             f"for batch {batch} x context {context}: the minimum is {format_size(minimum)} ({minimum} bytes)"
         )
     else:
-        slots = min((budget - minimum) // (slot + slot_ws), n_moe * E)
+        slots = min((budget - minimum) // slot, n_moe * E)
     return MemoryPlan(
         budget=budget, slot_bytes=slot, slots=int(slots), num_experts_total=n_moe * E, moe_layers=n_moe,
-        lo_bits=lo_bits, slot_workspace=slot_ws, **parts
+        lo_bits=lo_bits, **parts
     )
 
 
@@ -296,9 +281,8 @@ def policy_plan(
     lo_bits: int,
     hi_dtype: str,
     group_size: int,
-    xla_dequant: bool,
 ) -> MemoryPlan:
-    """The plan `policies.build_engine` makes for `policy`, from the config alone, so that a
+    """The plan `runtime.build.build_engine` makes for `policy`, from the config alone, so that a
     dry run (and a run, before it loads any weight) can show it and refuse a budget early.
 
     dynaexq: fallbacks + slots; full: every expert at high precision, no fallback; static:
@@ -310,7 +294,7 @@ def policy_plan(
     def plan(bits, b):
         return plan_memory(
             cfg, budget=b, batch=batch, prompt=prompt, context=context, dtype_itemsize=dtype_itemsize,
-            lo_bits=bits, hi_dtype=hi_dtype, group_size=group_size, xla_dequant=xla_dequant,
+            lo_bits=bits, hi_dtype=hi_dtype, group_size=group_size,
         )
 
     if policy == "full":
@@ -336,15 +320,14 @@ def policy_plan(
         p = dataclasses.replace(
             base, budget=budget, fallback=0, slot_bytes=slot, workspace=base.workspace + staging * slot, lo_bits=None
         )
-        per_slot = slot + p.slot_workspace
         slots = p.num_experts_total
         if budget is not None:
-            need = p.minimum + k * per_slot
+            need = p.minimum + k * slot
             if budget < need:
                 raise BudgetError(
                     f"budget {format_size(budget)} cannot hold the weights, KV cache, workspace and {k} expert "
                     f"slots that policy {policy!r} needs: the minimum is {format_size(need)} ({need} bytes)"
                 )
-            slots = min((budget - p.minimum) // per_slot, p.num_experts_total)
+            slots = min((budget - p.minimum) // slot, p.num_experts_total)
         return dataclasses.replace(p, slots=int(slots))
     return plan(lo_bits, budget)

@@ -1,8 +1,9 @@
 """Training a Qwen3-MoE from scratch: initialisation, loss, a jitted AdamW step, evaluation.
 
 Parameters are trained in float32 (the CPU has no fast bf16) and exported in bf16 with
-`hf_export.save_checkpoint`. Differentiation is w.r.t. both the non-expert Flax params and
-the `DenseExperts` pytree.
+`hf_export.save_checkpoint` (experts through `host_experts`). Differentiation is w.r.t. both
+the decoder's parameter tree and the `TrainExperts` pytree; the decoder runs with
+`blocked_ffn` as its expert FFN.
 
 Loss = next-token cross-entropy over valid (input, target) pairs
      + `lb_coef` * load-balancing loss (Switch Transformer style):
@@ -25,49 +26,78 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dynaexq_jax.models.config import Qwen3MoeConfig
-from dynaexq_jax.experts.expert_state import DenseExperts
-from dynaexq_jax.models.decoder import KVCache, Qwen3Moe
+from dynaexq_jax.experts.expert_state import HostExperts
+from dynaexq_jax.models.config import ModelConfig
+from dynaexq_jax.models.decoder import Decoder, KVCache
+from dynaexq_jax.models.layers import Routing, mm
 
 INIT_STD = 0.02  # transformers' Qwen3MoeConfig.initializer_range
-BLOCK_ROWS = 64  # rows per expert block in BlockedExperts
+BLOCK_ROWS = 64  # rows per expert block in `blocked_ffn`
 
 
 @flax.struct.dataclass
-class BlockedExperts(DenseExperts):
-    """The same expert arrays as `DenseExperts`, with a training-friendly `ffn`.
+class TrainExperts:
+    """Every MoE layer's expert weights, stacked: the trainable expert pytree."""
 
-    `jax.lax.ragged_dot` (what `DenseExperts.ffn` uses) is lowered on the CPU into dense
-    per-group dots, ~E times the work, forward and backward. Here the sorted (token, expert)
-    pairs are padded per expert to whole blocks of `BLOCK_ROWS` rows, each block gathers its
-    expert's weights and one batched matmul does all blocks (MegaBlocks-style). Exact: no
-    pair is dropped, padding rows are zero; results equal `DenseExperts.ffn` up to float
-    rounding.
+    gate_up: jax.Array  # [L_moe, E, H, 2I] (gate columns first, then up)
+    down: jax.Array  # [L_moe, E, I, H]
+
+
+def host_experts(experts: TrainExperts) -> HostExperts:
+    """Host numpy copies, one array per MoE layer: what `hf_export.save_checkpoint` takes."""
+    return HostExperts(gate_up=list(np.asarray(experts.gate_up)), down=list(np.asarray(experts.down)))
+
+
+def _block_layout(expert_ids, token_valid, num_experts: int, num_blocks: int):
+    """Where each routed pair goes among blocks of `BLOCK_ROWS` rows, one expert per block.
+
+    -> order [P] (pairs sorted by expert), dest [P] (row of each sorted pair; pairs of invalid
+    tokens get distinct rows past the last block, so writes drop them and reads fill zeros),
+    block_expert [num_blocks] (blocks past the last used one hold zero rows only).
     """
+    E, b = num_experts, BLOCK_ROWS
+    # Pairs of invalid tokens form an extra group E, sorted after every expert.
+    keys = jnp.where(token_valid[:, None], expert_ids, E).reshape(-1)  # [P]
+    order = jnp.argsort(keys, stable=True)
+    sorted_keys = keys[order]
+    sizes = jnp.bincount(keys, length=E + 1).astype(jnp.int32)  # [E+1]
+    start = jnp.cumsum(sizes) - sizes  # [E+1] first sorted position of each group
+    padded = -(-sizes[:E] // b) * b  # [E] rows each expert takes, whole blocks
+    padded_end = jnp.cumsum(padded)
+    pad_start = jnp.concatenate([padded_end - padded, jnp.full((1,), num_blocks * b, jnp.int32)])
+    rank = jnp.arange(keys.shape[0], dtype=jnp.int32) - start[sorted_keys]  # position within its group
+    dest = pad_start[sorted_keys] + rank
+    block_start = jnp.arange(num_blocks, dtype=jnp.int32) * b
+    block_expert = jnp.searchsorted(padded_end, block_start, side="right", method="compare_all")
+    return order, dest, jnp.minimum(block_expert, E - 1)
 
-    def ffn(self, moe_layer: int, x, expert_ids, weights):
-        wgu, wd = self.gate_up[moe_layer], self.down[moe_layer]
-        E = wgu.shape[0]
-        T, k = expert_ids.shape
-        P, b = T * k, BLOCK_ROWS
-        nb = -(-P // b) + E  # static bound on sum_e ceil(size_e / b)
-        flat = expert_ids.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        sorted_e = flat[order]
-        sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-        padded = -(-sizes // b) * b
-        pad_start = jnp.cumsum(padded) - padded
-        start = jnp.cumsum(sizes) - sizes
-        dest = pad_start[sorted_e] + jnp.arange(P, dtype=jnp.int32) - start[sorted_e]  # [P] row in blocks
-        token_of = order // k
-        xs = jnp.zeros((nb * b, x.shape[-1]), x.dtype).at[dest].set(x[token_of], unique_indices=True)
-        block_e = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(nb, dtype=jnp.int32) * b, side="right")
-        block_e = jnp.minimum(block_e, E - 1)  # blocks past the last group hold zero rows only
-        h = jnp.einsum("nbh,nhf->nbf", xs.reshape(nb, b, -1), wgu[block_e].astype(x.dtype))
-        g, u = jnp.split(h, 2, axis=-1)
-        y = jnp.einsum("nbi,nih->nbh", jax.nn.silu(g) * u, wd[block_e].astype(x.dtype)).reshape(nb * b, -1)
-        y = y[dest] * weights.reshape(-1)[order][:, None].astype(y.dtype)
-        return jnp.zeros_like(x).at[token_of].add(y.astype(x.dtype))
+
+def blocked_ffn(experts: TrainExperts, moe_layer, x, expert_ids, weights, token_valid, residual):
+    """A differentiable expert FFN for the decoder (the `ExpertFFN` signature).
+
+    x [T, H]; expert_ids, weights [T, k]; token_valid [T]; residual [T, H]; `moe_layer` may be
+    traced (the decoder's layer scan). -> residual + sum_j weights_j * expert_j(x) [T, H];
+    pairs of invalid tokens add nothing.
+
+    `jax.lax.ragged_dot` is lowered on the CPU into dense per-group dots, ~E times the work,
+    forward and backward, and the inference FFN's tile loop has a data-dependent trip count
+    (not reverse-differentiable). Here the sorted pairs are padded per expert to whole blocks,
+    each block gathers its expert's weights and one batched matmul does all blocks
+    (MegaBlocks-style). Exact: no valid pair is dropped, padding rows are zero.
+    """
+    E = experts.gate_up.shape[1]
+    T, k = expert_ids.shape
+    b = BLOCK_ROWS
+    nb = -(-T * k // b) + E  # static bound on sum_e ceil(size_e / b)
+    order, dest, block_expert = _block_layout(expert_ids, token_valid, E, nb)
+    token_of = order // k  # [P] token of each sorted pair
+    xs = jnp.zeros((nb * b, x.shape[-1]), x.dtype).at[dest].set(x[token_of], mode="drop", unique_indices=True)
+    wgu = experts.gate_up[moe_layer, block_expert].astype(x.dtype)  # [nb, H, 2I]: one gather, no layer copy
+    wd = experts.down[moe_layer, block_expert].astype(x.dtype)  # [nb, I, H]
+    g, u = jnp.split(mm(xs.reshape(nb, b, -1), wgu, "nbh,nhf->nbf"), 2, axis=-1)
+    y = mm(jax.nn.silu(g) * u, wd, "nbi,nih->nbh").reshape(nb * b, -1)
+    y = y.at[dest].get(mode="fill", fill_value=0) * weights.reshape(-1)[order][:, None].astype(y.dtype)
+    return residual.at[token_of].add(y.astype(residual.dtype))
 
 
 def _path_key(key, path) -> jax.Array:
@@ -76,37 +106,33 @@ def _path_key(key, path) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def init_params(cfg: Qwen3MoeConfig, seed: int, std: float = INIT_STD) -> tuple[dict, DenseExperts]:
+def _is_norm(path) -> bool:
+    """RMSNorm weights (incl. the fused q/k norm) are the leaves named "weight"."""
+    return getattr(path[-1], "key", None) == "weight"
+
+
+def init_params(cfg: ModelConfig, seed: int, std: float = INIT_STD) -> tuple[dict, TrainExperts]:
     """Deterministic float32 (params, experts) from a seed.
 
     Like transformers' `_init_weights` for Qwen3-MoE: every linear kernel, the embedding and
     the router ~ N(0, std); RMSNorm weights = 1; expert weights ~ N(0, std). (Flax's own
     defaults differ: nn.Dense is lecun_normal, std 1/sqrt(fan_in); nn.Embed std 1/sqrt(H).)
+    Fused q|k|v kernels are i.i.d. N(0, std) like their three parts.
     """
     key = jax.random.key(seed)
-    model = Qwen3Moe(cfg, jnp.float32)
-    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    n_moe = len(cfg.moe_layers)
-    zeros = DenseExperts(
-        gate_up=tuple(jnp.zeros((E, H, 2 * I)) for _ in range(n_moe)),
-        down=tuple(jnp.zeros((E, I, H)) for _ in range(n_moe)),
-    )
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    shapes = jax.eval_shape(
-        lambda: model.init(key, tokens, tokens, tokens > -1, KVCache.empty(cfg, 1, 2, jnp.float32), zeros)
-    )["params"]
+    shapes = Decoder(cfg, jnp.float32).param_shapes()
 
     def leaf(path, s):
-        last = getattr(path[-1], "key", None)
-        if last == "weight":  # RMSNorm
+        if _is_norm(path):
             return jnp.ones(s.shape, s.dtype)
         return std * jax.random.normal(_path_key(key, path), s.shape, s.dtype)
 
     params = jax.tree_util.tree_map_with_path(leaf, shapes)
+    L, E, H, I = len(cfg.moe_layers), cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     ekey = jax.random.fold_in(key, 0x5EED)
-    experts = BlockedExperts(
-        gate_up=tuple(std * jax.random.normal(jax.random.fold_in(ekey, 2 * m), (E, H, 2 * I)) for m in range(n_moe)),
-        down=tuple(std * jax.random.normal(jax.random.fold_in(ekey, 2 * m + 1), (E, I, H)) for m in range(n_moe)),
+    experts = TrainExperts(
+        gate_up=std * jax.random.normal(jax.random.fold_in(ekey, 0), (L, E, H, 2 * I)),
+        down=std * jax.random.normal(jax.random.fold_in(ekey, 1), (L, E, I, H)),
     )
     return params, experts
 
@@ -124,29 +150,39 @@ def load_balancing_loss(counts: jax.Array, probs: jax.Array, num_tokens: jax.Arr
     return jnp.mean(E * jnp.sum(f * P, axis=-1))
 
 
-def forward(model: Qwen3Moe, params, experts, tokens, valid):
-    """Training forward over [B, T] tokens from position 0 -> (logits [B, T, V], trace)."""
+def training_decoder(cfg: ModelConfig, dtype=jnp.float32) -> Decoder:
+    """The decoder on `TrainExperts`, also returning the summed router probabilities."""
+    return Decoder(cfg, dtype, ffn=blocked_ffn, router_probs=True, kernels=False)
+
+
+def routed_counts(routing: Routing) -> jax.Array:
+    """[moe_layers, E] float32: routed (real token, expert) pairs per expert."""
+    return jnp.sum(routing.chosen >= 0, axis=1, dtype=jnp.float32)
+
+
+def forward(model: Decoder, params, experts, tokens, valid):
+    """Training forward over [B, T] tokens from position 0 -> (logits [B, T, V], Routing)."""
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cache = KVCache.empty(model.cfg, B, T, model.dtype)
-    logits, _, trace = model.apply({"params": params}, tokens, positions, valid, cache, experts)
-    return logits, trace
+    logits, _, routing = model(params, experts, cache, tokens, positions, valid)
+    return logits, routing
 
 
 def token_nll(model, params, experts, batch, valid):
-    """batch, valid: [B, T+1]. -> (nll [B, T] of each next token, pair mask [B, T], trace)."""
+    """batch, valid: [B, T+1]. -> (nll [B, T] of each next token, pair mask [B, T], Routing)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits, trace = forward(model, params, experts, inputs, valid[:, :-1])
+    logits, routing = forward(model, params, experts, inputs, valid[:, :-1])
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     mask = (valid[:, :-1] & valid[:, 1:]).astype(jnp.float32)
-    return nll * mask, mask, trace
+    return nll * mask, mask, routing
 
 
 def loss_fn(params, experts, model, batch, valid, lb_coef: float):
-    nll, mask, trace = token_nll(model, params, experts, batch, valid)
+    nll, mask, routing = token_nll(model, params, experts, batch, valid)
     ce = jnp.sum(nll) / jnp.maximum(jnp.sum(mask), 1.0)
     n_tokens = jnp.sum(valid[:, :-1].astype(jnp.float32))
-    lb = load_balancing_loss(trace["counts"], trace["probs"], n_tokens)
+    lb = load_balancing_loss(routed_counts(routing), routing.router_probs, n_tokens)
     return ce + lb_coef * lb, {"ce": ce, "lb": lb}
 
 
@@ -157,9 +193,14 @@ def _global_norm(tree):
 
 class TrainState(NamedTuple):
     params: dict
-    experts: DenseExperts
+    experts: TrainExperts
     opt_state: optax.OptState
     step: jax.Array
+
+
+def _decay_mask(tree):
+    # By name, not rank: stacked per segment, a layer's norm weights are [layers, H] matrices.
+    return jax.tree_util.tree_map_with_path(lambda path, a: not _is_norm(path), tree)
 
 
 def make_optimizer(lr: float, total_steps: int, warmup_steps: int | None = None, weight_decay: float = 0.1,
@@ -173,10 +214,9 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int | None = None,
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1), end_value=lr * min_lr_ratio
     )
-    decay_mask = lambda tree: jax.tree.map(lambda a: a.ndim >= 2, tree)
     return optax.chain(
         optax.clip_by_global_norm(clip),
-        optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay, mask=decay_mask),
+        optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay, mask=_decay_mask),
     )
 
 
@@ -184,9 +224,9 @@ def init_state(params, experts, optimizer) -> TrainState:
     return TrainState(params, experts, optimizer.init((params, experts)), jnp.zeros((), jnp.int32))
 
 
-def make_train_step(cfg: Qwen3MoeConfig, optimizer, lb_coef: float = 0.01):
+def make_train_step(cfg: ModelConfig, optimizer, lb_coef: float = 0.01):
     """-> jitted step(state, batch [B, T+1] int32, valid [B, T+1] bool) -> (state, metrics)."""
-    model = Qwen3Moe(cfg, jnp.float32)
+    model = training_decoder(cfg)
 
     def step(state: TrainState, batch, valid):
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
@@ -199,13 +239,13 @@ def make_train_step(cfg: Qwen3MoeConfig, optimizer, lb_coef: float = 0.01):
     return jax.jit(step, donate_argnums=(0,))
 
 
-def make_eval_step(cfg: Qwen3MoeConfig, dtype=jnp.float32):
+def make_eval_step(cfg: ModelConfig, dtype=jnp.float32):
     """-> jitted eval(params, experts, batch, valid) -> (summed nll, pair count, counts [layers, E])."""
-    model = Qwen3Moe(cfg, dtype)
+    model = training_decoder(cfg, dtype)
 
     def ev(params, experts, batch, valid):
-        nll, mask, trace = token_nll(model, params, experts, batch, valid)
-        return jnp.sum(nll), jnp.sum(mask), trace["counts"]
+        nll, mask, routing = token_nll(model, params, experts, batch, valid)
+        return jnp.sum(nll), jnp.sum(mask), routed_counts(routing)
 
     return jax.jit(ev)
 
@@ -229,10 +269,13 @@ def evaluate(eval_step, params, experts, windows: np.ndarray, batch_size: int):
 
 __all__ = [
     "BLOCK_ROWS",
-    "BlockedExperts",
     "INIT_STD",
+    "TrainExperts",
     "TrainState",
+    "blocked_ffn",
     "evaluate",
+    "forward",
+    "host_experts",
     "init_params",
     "init_state",
     "load_balancing_loss",
@@ -240,4 +283,6 @@ __all__ = [
     "make_eval_step",
     "make_optimizer",
     "make_train_step",
+    "routed_counts",
+    "training_decoder",
 ]

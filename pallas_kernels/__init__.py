@@ -1,17 +1,37 @@
-"""Pallas kernels (GPU via Triton, `interpret=True` elsewhere) for grouped expert matmuls."""
+"""Pallas kernels (GPU via Triton, `interpret=True` elsewhere) for grouped expert matmuls.
 
+Nothing here imports `dynaexq_jax`: kernels take plain arrays and a static layout
+description, so they can be tested and benchmarked on their own.
+"""
+
+from pallas_kernels.decode_attention import decode_attention, decode_attention_supported
 from pallas_kernels.grouped_matmul import (
+    Packed,
     default_block_m,
     default_block_n,
     gpu_unsupported_reason,
-    grouped_dequant_matmul,
-    grouped_matmul_dense,
+    layer_matmul,
+    layer_matmul_supported,
+    split_key,
+    tiled_matmul,
 )
+from pallas_kernels.tiling import INVALID, Tiles, group_keys, max_tiles, plan_tiles, row_tiles
 
 __all__ = [
+    "INVALID",
+    "Packed",
+    "Tiles",
+    "decode_attention",
+    "decode_attention_supported",
     "default_block_m",
     "default_block_n",
     "gpu_unsupported_reason",
-    "grouped_dequant_matmul",
-    "grouped_matmul_dense",
+    "group_keys",
+    "layer_matmul",
+    "layer_matmul_supported",
+    "max_tiles",
+    "plan_tiles",
+    "row_tiles",
+    "split_key",
+    "tiled_matmul",
 ]

@@ -1,33 +1,53 @@
-"""Grouped matmuls over rows sorted by expert: packed low-bit weights or dense bf16 weights.
+"""Grouped matmul over row tiles whose weights come from one of several tiers.
 
-One Pallas kernel body serves both: the grid is (row tile, N block); a row tile knows its
-expert (see `tiling.py`), loops over K, and for each step loads only that expert's weight
-tile, unpacks the codes in registers (shift, mask) for a tensor-core dot with f32
-accumulation, and applies each group's scale and zero to the partial sums (`_quant_step`).
-The bf16 weights of a quantized expert never exist in memory, and experts without rows are
-never touched, so decode reads the active experts' packed bytes and nothing else.
+`tiled_matmul(x, tiers, tile_tier, tile_row, tiles)`: tile t multiplies its rows of `x` by
+weight `tile_row[t]` of tier `tile_tier[t]`. A tier is dense ([R, K, N], e.g. bf16 slots) or
+packed low-bit codes with per-group scales and zeros ([R, K*bits/8, N] uint8 + [R, K/g, N]),
+in the layout `dynaexq_jax.experts.quant` describes. One call covers every tier, so a MoE layer
+whose experts sit in a bf16 slot pool and in int4 fallbacks is one kernel launch per matrix,
+and it reads exactly the weights of the experts that have rows, once per N block.
 
-GPU lowering: Pallas on Triton, chosen explicitly with `plgpu.CompilerParams` because jax >=
-0.10 defaults `pl.pallas_call` to Mosaic GPU. Triton's mma takes 16-row tiles, which suits
-decode (a few rows per expert); Mosaic GPU's wgmma wants 64-row warpgroup tiles and jax's
-Mosaic GPU mixed-type example handles int8 only. The same kernel runs with `interpret=True`.
+Grid (tile, N block). A program loads its tier and row from the tile tables, loops over K,
+and for packed tiers unpacks codes in registers (shift, mask) for a tensor-core dot with f32
+accumulation, applying each group's scale and zero to the partial sums (`_packed_step`); the
+bf16 weights of a packed expert never exist in memory.
+
+GPU lowering: Pallas on Triton, chosen with `plgpu.CompilerParams`. Triton's mma takes
+16-row tiles, which suits decode (a few rows per expert); Mosaic GPU's wgmma wants 64-row
+warpgroup tiles. The same kernel runs with `interpret=True` on any backend (tests).
+float32 inputs use IEEE float32 dots (no TF32), so float32 means float32 on the GPU too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dynaexq_jax.experts.quant import QuantizedTensor, slices_per_group
-from pallas_kernels.tiling import make_row_tiles
+from pallas_kernels.tiling import INVALID, Tiles
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() in ("gpu", "cuda", "rocm")
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """Static layout of a packed tier: `bits` per code, `group_size` rows per scale/zero, and
+    the group cut into `slices` K-slices of group_size/slices rows, one shift each."""
+
+    bits: int
+    group_size: int
+    slices: int
+
+    @property
+    def slice_rows(self) -> int:
+        return self.group_size // self.slices
+
+
+# A tier: ((w,), None) dense, or ((packed, scales, zeros), Packed(...)).
+Tier = tuple[tuple[jax.Array, ...], "Packed | None"]
 
 
 def _is_pow2(v: int) -> bool:
@@ -35,9 +55,10 @@ def _is_pow2(v: int) -> bool:
 
 
 def default_block_m(num_rows: int, num_groups: int) -> int:
-    """Rows per tile: 16 for decode (the mma minimum), up to 64 as rows per expert grow."""
-    per_expert = -(-num_rows // max(1, min(num_groups, num_rows)))
-    return min(64, max(16, 1 << (per_expert - 1).bit_length()))
+    """Rows per tile: 16 for decode (the mma minimum), up to 128 as rows per group grow (a
+    group's weights are read once per tile: bigger tiles, fewer reads in prefill)."""
+    per_group = -(-num_rows // max(1, min(num_groups, num_rows)))
+    return min(128, max(16, 1 << (per_group - 1).bit_length()))
 
 
 def default_block_n(n: int, num_rows: int) -> int:
@@ -46,29 +67,39 @@ def default_block_n(n: int, num_rows: int) -> int:
     return next((b for b in prefer if n % b == 0), n)
 
 
-def gpu_unsupported_reason(k: int, n: int, *, bits=None, group_size=None, block_m=16,
-                           block_n=None, block_k=None) -> str | None:
+def gpu_unsupported_reason(k: int, n: int, layouts: Sequence["Packed | None"], *, block_m: int, block_n: int) -> str | None:
     """Why the compiled (Triton) kernel cannot run these shapes, or None if it can."""
-    bn = block_n or default_block_n(n, 0)
-    if not (_is_pow2(bn) and bn >= 16 and n % bn == 0):
+    if not (_is_pow2(block_n) and block_n >= 16 and n % block_n == 0):
         return f"N={n} needs a power-of-two block_n >= 16 dividing it"
     if not (_is_pow2(block_m) and block_m >= 16):
         return f"block_m={block_m} must be a power of two >= 16"
-    if bits is not None:
-        r = group_size // slices_per_group(bits)
-        if not (_is_pow2(r) and r >= 16):
-            return (f"{bits}-bit, group_size={group_size} gives {r}-row slices; the GPU kernel "
-                    f"needs a power of two >= 16 (group_size >= {16 * slices_per_group(bits)})")
-    elif block_k is not None and not (_is_pow2(block_k) and block_k >= 16 and k % block_k == 0):
-        return f"K={k} needs a power-of-two block_k >= 16 dividing it"
+    for lay in layouts:
+        if lay is None:
+            if _dense_block_k(k) is None:
+                return f"K={k} needs a power-of-two block_k >= 16 dividing it"
+        elif not (_is_pow2(lay.slice_rows) and lay.slice_rows >= 16):
+            return (f"{lay.bits}-bit, group_size={lay.group_size} gives {lay.slice_rows}-row slices; the GPU "
+                    f"kernel needs a power of two >= 16 (group_size >= {16 * lay.slices})")
     return None
 
 
+def _dense_block_k(k: int) -> int | None:
+    return next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+
+
 # --------------------------------------------------------------------------- K steps
-# A step function returns one K step's [tm, bn] f32 contribution for the rows of `xload`.
+# A step returns one K step's [tm, bn] f32 contribution for the rows `xload` gives.
 
 
-def _quant_step(w_refs, xload, e, step, n0, *, bits, group_size, groups_per_step, bn):
+def _dense_step(refs, xload, row, step, n0, *, bk, bn, precision):
+    (w_ref,) = refs
+    k0 = step * bk
+    w = w_ref[row, pl.ds(k0, bk), pl.ds(n0, bn)]  # [bk, bn]
+    x = xload(k0, bk)
+    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
+
+
+def _packed_step(refs, xload, row, step, n0, *, lay: Packed, groups_per_step, bn, precision):
     """Dots of raw codes, then the group's affine map on the [tm, bn] partial sums:
 
         sum_k x_k (q_k - z) s = s * (x . q) - (z s) * sum_k x_k
@@ -76,146 +107,168 @@ def _quant_step(w_refs, xload, e, step, n0, *, bits, group_size, groups_per_step
     so per weight only shift, mask and convert remain (codes <= 255 are exact in bf16), and
     the scale/zero work is per output element instead of per weight.
     """
-    p_ref, s_ref, z_ref = w_refs
-    s = slices_per_group(bits)
-    r = group_size // s
+    p_ref, s_ref, z_ref = refs
+    bits, g, r = lay.bits, lay.group_size, lay.slice_rows
     total = None
     for u in range(groups_per_step):
         gi = step * groups_per_step + u
-        scale = s_ref[e, pl.ds(gi, 1), pl.ds(n0, bn)].astype(jnp.float32)  # [1, bn]
-        zero_scaled = z_ref[e, pl.ds(gi, 1), pl.ds(n0, bn)].astype(jnp.float32) * scale
-        base = gi * (group_size * bits // 8)  # first packed row of group gi
+        scale = s_ref[row, pl.ds(gi, 1), pl.ds(n0, bn)].astype(jnp.float32)  # [1, bn]
+        zero_scaled = z_ref[row, pl.ds(gi, 1), pl.ds(n0, bn)].astype(jnp.float32) * scale
+        base = gi * (g * bits // 8)  # first packed row of group gi
         if bits == 3:
-            planes = [p_ref[e, pl.ds(base + b * r, r), pl.ds(n0, bn)].astype(jnp.int32)
-                      for b in range(3)]  # 3 x [R, bn]
-            codes = [((planes[0] >> p) & 1) | (((planes[1] >> p) & 1) << 1)
-                     | (((planes[2] >> p) & 1) << 2) for p in range(s)]
+            planes = [p_ref[row, pl.ds(base + b * r, r), pl.ds(n0, bn)].astype(jnp.int32) for b in range(3)]
+            codes = [((planes[0] >> p) & 1) | (((planes[1] >> p) & 1) << 1) | (((planes[2] >> p) & 1) << 2)
+                     for p in range(lay.slices)]
         else:
-            packed = p_ref[e, pl.ds(base, r), pl.ds(n0, bn)].astype(jnp.int32)  # [R, bn]
-            codes = [(packed >> (p * bits)) & ((1 << bits) - 1) for p in range(s)]
+            packed = p_ref[row, pl.ds(base, r), pl.ds(n0, bn)].astype(jnp.int32)  # [R, bn]
+            codes = [(packed >> (p * bits)) & ((1 << bits) - 1) for p in range(lay.slices)]
         dots = xsum = 0.0
         for p, q in enumerate(codes):
-            xk = xload(gi * group_size + p * r, r)  # [tm, R]
-            dots += jnp.dot(xk, q.astype(xk.dtype), preferred_element_type=jnp.float32)
+            xk = xload(gi * g + p * r, r)  # [tm, R]
+            dots += jnp.dot(xk, q.astype(xk.dtype), preferred_element_type=jnp.float32, precision=precision)
             xsum += jnp.sum(xk.astype(jnp.float32), axis=1, keepdims=True)  # [tm, 1]
         part = dots * scale - xsum * zero_scaled
         total = part if total is None else total + part
     return total
 
 
-def _dense_step(w_refs, xload, e, step, n0, *, block_k, bn):
-    (w_ref,) = w_refs
-    k0 = step * block_k
-    w = w_ref[e, pl.ds(k0, block_k), pl.ds(n0, bn)]  # [bk, bn]
-    return jnp.dot(xload(k0, block_k), w, preferred_element_type=jnp.float32)
-
-
-def _kernel(te_ref, rs_ref, re_ref, x_ref, *refs, k_step, num_steps, tm, bn):
+def _kernel(tier_ref, row_ref, *refs, steps, arity, tm, bn, row_tiles: bool):
+    if row_tiles:  # tile t starts at row t
+        end_ref, x_ref, *refs = refs
+    else:
+        start_ref, end_ref, x_ref, *refs = refs
     *w_refs, o_ref = refs
     # program_id outside pl.when: interpret mode only substitutes it at the kernel's top level.
     t = pl.program_id(0)
     n0 = pl.multiple_of(pl.program_id(1) * bn, bn)
-    e = te_ref[t]
+    tier, row, re = tier_ref[t], row_ref[t], end_ref[t]
+    rs = t if row_tiles else start_ref[t]
+    xload = _row_loader(x_ref, rs, re, tm)
+    first = 0
+    for i, ((step, num_steps), n_refs) in enumerate(zip(steps, arity)):
+        _tier_branch(tier == i, step, num_steps, tuple(w_refs[first:first + n_refs]), xload, row, rs, re, n0, o_ref, tm, bn)
+        first += n_refs
 
-    @pl.when(e >= 0)
+
+def _row_loader(x_ref, rs, re, tm):
+    """Loads of rows rs..rs+tm of x, those from `re` on masked: a GPU fetches only the tile's
+    own rows (x is padded, so the block itself never leaves the array)."""
+    def load(k0, width):
+        rows = rs + jax.lax.broadcasted_iota(jnp.int32, (tm, width), 0)
+        return plgpu.load(x_ref.at[pl.ds(rs, tm), pl.ds(k0, width)], mask=rows < re, other=0)  # [tm, width]
+
+    return load
+
+
+def _tier_branch(active, step, num_steps, refs, xload, row, rs, re, n0, o_ref, tm, bn):
+    @pl.when(active)
     def _():
-        rs = rs_ref[t]
-        xload = lambda k0, width: x_ref[pl.ds(rs, tm), pl.ds(k0, width)]  # [tm, width]
-        body = lambda step, acc: acc + k_step(w_refs, xload, e, step, n0)
+        body = lambda s, acc: acc + step(refs, xload, row, s, n0)
         acc = jax.lax.fori_loop(0, num_steps, body, jnp.zeros((tm, bn), jnp.float32))
-        # Rows past the expert's end belong to the next expert's tiles: do not store them.
+        # Rows past the group's end belong to the next group's tiles: do not store them.
         rows = rs + jax.lax.broadcasted_iota(jnp.int32, (tm, bn), 0)
-        plgpu.store(o_ref.at[pl.ds(rs, tm), pl.ds(n0, bn)], acc.astype(o_ref.dtype),
-                    mask=rows < re_ref[t])
+        plgpu.store(o_ref.at[pl.ds(rs, tm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=rows < re)
 
 
-def _run(name, x, w_arrays, group_sizes, n, *, k_step, num_steps, tm, bn, out_dtype,
-         interpret, num_warps, num_stages):
-    t_rows = x.shape[0]
-    if t_rows == 0:
-        return jnp.zeros((0, n), out_dtype)
-    tiles = make_row_tiles(group_sizes, t_rows, tm)
-    num_tiles = tiles.expert.shape[0]
-    # tm spare rows so the last tile's read stays in bounds; its extra rows are masked.
-    x_pad = jnp.pad(x, ((0, tm), (0, 0)))  # [T + tm, K]
-    out = pl.pallas_call(
-        functools.partial(_kernel, k_step=k_step, num_steps=num_steps, tm=tm, bn=bn),
-        out_shape=jax.ShapeDtypeStruct((t_rows + tm, n), out_dtype),
+def tiled_matmul(x, tiers: Sequence[Tier], tile_tier, tile_row, tiles: Tiles, *, n: int, tm: int,
+                 out_dtype, interpret: bool, block_n: int | None = None, num_warps: int = 4,
+                 num_stages: int = 3, name: str = "tiled_matmul"):
+    """Rows of `x` [P + tm, K] (sorted by group, `tm` spare rows at the end) times their tile's
+    weights -> [P + tm, N]. Rows no tile stores (INVALID keys, the spare rows) are undefined:
+    callers mask them.
+
+    `tile_tier`, `tile_row` [M] int32: each tile's tier (-1: unused tile) and weight row.
+    """
+    p_rows, k = x.shape
+    bn = block_n or default_block_n(n, p_rows - tm)
+    if n % bn:
+        raise ValueError(f"block_n={bn} must divide N={n}.")
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    steps, arity, arrays = [], [], []
+    for ws, lay in tiers:
+        if ws[0].shape[1:] != ((k if lay is None else k * lay.bits // 8), n):
+            raise ValueError(f"tier weights {ws[0].shape} do not match x [.., {k}] and N={n}.")
+        if lay is None:
+            bk = _dense_block_k(k) or k
+            step = functools.partial(_dense_step, bk=bk, bn=bn, precision=precision)
+            steps.append((step, k // bk))
+        else:
+            g = lay.group_size
+            # K rows per loop step: whole groups, >= 256 when K allows, for more bytes in flight.
+            bk = next((m * g for m in (256 // g, 2, 1) if m >= 1 and k % (m * g) == 0), g)
+            step = functools.partial(_packed_step, lay=lay, groups_per_step=bk // g, bn=bn, precision=precision)
+            steps.append((step, k // bk))
+        arity.append(len(ws))
+        arrays.extend(ws)
+    if not interpret:
+        reason = gpu_unsupported_reason(k, n, [lay for _, lay in tiers], block_m=tm, block_n=bn)
+        if reason:
+            raise ValueError(f"tiled_matmul on GPU: {reason}.")
+    num_tiles = tile_tier.shape[0]
+    row_tiles = tiles.start is None
+    num_warps = max(num_warps, tm * bn // 2048)  # big accumulators need the registers of 8 warps
+    starts = () if row_tiles else (tiles.start,)
+    return pl.pallas_call(
+        functools.partial(_kernel, steps=tuple(steps), arity=tuple(arity), tm=tm, bn=bn, row_tiles=row_tiles),
+        out_shape=jax.ShapeDtypeStruct((p_rows, n), out_dtype),
         grid=(num_tiles, n // bn),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=name,
-    )(tiles.expert, tiles.row_start, tiles.row_end, x_pad, *w_arrays)
-    rows = jnp.arange(t_rows)[:, None]
-    return jnp.where(rows < tiles.num_valid_rows, out[:t_rows], 0).astype(out_dtype)
+        name=f"{name}_tm{tm}",  # tm in the name: what the AOT report's byte count needs
+    )(tile_tier, tile_row, *starts, tiles.end, x, *arrays)
 
 
-def _resolve(interpret, num_rows, num_groups, n, block_m, block_n):
-    if interpret is None:
-        interpret = not _on_gpu()
-    tm = block_m or default_block_m(num_rows, num_groups)
-    bn = block_n or default_block_n(n, num_rows)
-    if n % bn:
-        raise ValueError(f"block_n={bn} must divide N={n}.")
-    return interpret, tm, bn
+def _layer_kernel(layer_ref, x_ref, w_ref, o_ref, *, step, num_steps, tm, bn, rows):
+    t = pl.program_id(0)
+    n0 = pl.multiple_of(pl.program_id(1) * bn, bn)
+    layer = layer_ref[0]
+    rs = t * tm
+    xload = _row_loader(x_ref, rs, rows, tm)
+    acc = jax.lax.fori_loop(0, num_steps, lambda s, acc: acc + step((w_ref,), xload, layer, s, n0),
+                            jnp.zeros((tm, bn), jnp.float32))
+    r = rs + jax.lax.broadcasted_iota(jnp.int32, (tm, bn), 0)
+    plgpu.store(o_ref.at[pl.ds(rs, tm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=r < rows)
 
 
-def _check_rows(x, group_sizes, num_groups, k):
-    if x.ndim != 2 or x.shape[1] != k:
-        raise ValueError(f"x must be [T, K={k}], got shape {x.shape}.")
-    if group_sizes.shape != (num_groups,):
-        raise ValueError(f"group_sizes must be [{num_groups}], got shape {group_sizes.shape}.")
+def _layer_tiles(M: int, N: int, block_n: int | None = None) -> tuple[int, int]:
+    return max(16, min(64, 1 << (M - 1).bit_length())), block_n or default_block_n(N, M)
 
 
-def grouped_dequant_matmul(x, qt: QuantizedTensor, group_sizes, *, interpret=None,
-                           preferred_element_type=None, block_m=None, block_n=None,
-                           block_k=None, num_warps=4, num_stages=3):
-    """`x` [T, K] (rows sorted by expert) times dequantized `qt` [E, K, N] -> [T, N].
+def layer_matmul_supported(K: int, N: int, M: int) -> bool:
+    """Whether the compiled kernel takes these shapes (else use XLA's dot)."""
+    tm, bn = _layer_tiles(M, N)
+    return gpu_unsupported_reason(K, N, [None], block_m=tm, block_n=bn) is None
 
-    `group_sizes` [E] int32 sums to at most T (`jax.lax.ragged_dot` semantics; rows past the
-    sum come out zero). Dots run in x's dtype with f32 accumulation; the result is in
-    `preferred_element_type` (default x's dtype). interpret=None: compiled on GPU, interpreted
-    elsewhere.
-    """
-    if qt.ndim != 3:
-        raise ValueError(f"qt must be stacked [E, K, N], got logical shape {qt.shape}.")
-    e, k, n = qt.shape
-    _check_rows(x, group_sizes, e, k)
-    interpret, tm, bn = _resolve(interpret, x.shape[0], e, n, block_m, block_n)
+
+def layer_matmul(x, w, layer, *, out_dtype, interpret: bool, block_n: int | None = None, num_warps: int = 4,
+                 num_stages: int = 3):
+    """`x` [M, K] times `w[layer]` [K, N] of a stacked weight `w` [L, K, N] -> [M, N], reading
+    the layer's weights in place (no slice of the stack is copied). For small M (decode)."""
+    M, K = x.shape
+    N = w.shape[-1]
+    tm, bn = _layer_tiles(M, N, block_n)
+    n_tiles = -(-M // tm)
+    bk = _dense_block_k(K) or K
     if not interpret:
-        reason = gpu_unsupported_reason(k, n, bits=qt.bits, group_size=qt.group_size,
-                                        block_m=tm, block_n=bn)
+        reason = gpu_unsupported_reason(K, N, [None], block_m=tm, block_n=bn)
         if reason:
-            raise ValueError(f"grouped_dequant_matmul on GPU: {reason}.")
-    g = qt.group_size
-    # K rows per loop step: whole groups, >= 256 when K allows, for more bytes in flight.
-    bk = block_k or next((m * g for m in (256 // g, 2, 1) if m >= 1 and k % (m * g) == 0), g)
-    if bk % g or k % bk:
-        raise ValueError(f"block_k={bk} must be a multiple of group_size={g} dividing K={k}.")
-    step = functools.partial(_quant_step, bits=qt.bits, group_size=g, groups_per_step=bk // g,
-                             bn=bn)
-    return _run("grouped_dequant_matmul", x, (qt.packed, qt.scales, qt.zeros), group_sizes, n,
-                k_step=step,
-                num_steps=k // bk, tm=tm, bn=bn,
-                out_dtype=preferred_element_type or x.dtype, interpret=interpret,
-                num_warps=num_warps, num_stages=num_stages)
+            raise ValueError(f"layer_matmul on GPU: {reason}.")
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    step = functools.partial(_dense_step, bk=bk, bn=bn, precision=precision)
+    xp = jnp.pad(x, ((0, n_tiles * tm - M), (0, 0)))  # whole tiles: loads stay in bounds
+    out = pl.pallas_call(
+        functools.partial(_layer_kernel, step=step, num_steps=K // bk, tm=tm, bn=bn, rows=M),
+        out_shape=jax.ShapeDtypeStruct((n_tiles * tm, N), out_dtype),
+        grid=(n_tiles, N // bn),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"layer_matmul_tm{tm}_m{M}",  # tile and real rows: what the AOT report's byte count needs
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, w)
+    return out[:M]
 
 
-def grouped_matmul_dense(x, w, group_sizes, *, interpret=None, preferred_element_type=None,
-                         block_m=None, block_n=None, block_k=None, num_warps=4, num_stages=3):
-    """Same contract as `grouped_dequant_matmul` for dense `w` [E, K, N] (e.g. bf16 slots)."""
-    e, k, n = w.shape
-    _check_rows(x, group_sizes, e, k)
-    interpret, tm, bn = _resolve(interpret, x.shape[0], e, n, block_m, block_n)
-    bk = block_k or next((b for b in (128, 64, 32, 16) if k % b == 0), k)
-    if k % bk:
-        raise ValueError(f"block_k={bk} must divide K={k}.")
-    if not interpret:
-        reason = gpu_unsupported_reason(k, n, block_m=tm, block_n=bn, block_k=bk)
-        if reason:
-            raise ValueError(f"grouped_matmul_dense on GPU: {reason}.")
-    step = functools.partial(_dense_step, block_k=bk, bn=bn)
-    return _run("grouped_matmul_dense", x.astype(w.dtype), (w,), group_sizes, n, k_step=step,
-                num_steps=k // bk,
-                tm=tm, bn=bn, out_dtype=preferred_element_type or x.dtype,
-                interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+def split_key(tiles: Tiles, rows_per_tier: int):
+    """(tier, row) [M] of each tile from keys `tier * rows_per_tier + row`; -1 for unused tiles."""
+    used = tiles.key != INVALID
+    return (jnp.where(used, tiles.key // rows_per_tier, -1).astype(jnp.int32),
+            jnp.where(used, tiles.key % rows_per_tier, 0).astype(jnp.int32))

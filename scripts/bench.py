@@ -11,6 +11,14 @@ generations are reported. Quality: each policy's next-token distributions on fix
 sequences are compared with a reference: `full` without a budget (it only needs to fit the
 device, not the budget) or, if `--reference static8`, every expert at int8.
 
+Next to the measured rates, `min_decode_bytes` is what a decode step must read at least
+(`runtime.aot.traffic_and_min`: the non-expert weights, the experts its tokens route to under
+uniform routing at their tier, the KV cache of the mean context), and `min_bytes_gbs` that
+figure over the measured time per step: the rate the step reached on its unavoidable bytes.
+
+The budget, batch sizes and policies are checked against each policy's memory plan from the
+config alone, before any weight is made or read.
+
 `peak_device_bytes` is the allocator's peak since the process started (null on CPU); policies
 run in the order given, so list them from the smallest footprint up.
 """
@@ -23,7 +31,19 @@ import json
 import statistics
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from dynaexq_jax import budget as budget_lib
+from dynaexq_jax.errors import UserError
+from dynaexq_jax.io import loader, preset
+from dynaexq_jax.models.config import ModelConfig
+from dynaexq_jax.policies import POLICIES
+from dynaexq_jax.policies.dynaexq import DynaExqOptions
+from dynaexq_jax.runtime import aot, costmodel
+from dynaexq_jax.runtime.build import build_engine, plan_for
+from dynaexq_jax.runtime.engine import check_context
 
 
 def parse_args(argv=None):
@@ -52,8 +72,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dynaexq_jax.errors import UserError
-
     try:
         run(args)
     except UserError as e:
@@ -78,53 +96,100 @@ def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]
     return kl / n, agree / n
 
 
-def run(args):
-    import jax
-    import jax.numpy as jnp
+def positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"bad {flag} {text!r}: expected positive integers separated by commas, e.g. 1,8,32")
+    return values
 
-    from dynaexq_jax import budget as budget_lib
-    from dynaexq_jax import policies
-    from dynaexq_jax.runtime import costmodel
-    from dynaexq_jax.io import loader
-    from dynaexq_jax.io import preset
-    from dynaexq_jax.errors import UserError
+
+def check_args(args):
+    """Everything a user can get wrong that needs no weights: -> (batch sizes, policies, budget)."""
+    batch_sizes = positive_ints(args.batch_sizes, "--batch-sizes")
+    names = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for n in names or [args.policies]:
+        if n not in POLICIES:
+            raise UserError(f"unknown policy {n!r} in --policies; choose from {', '.join(POLICIES)}")
+    for flag, value, least in (("--prompt-len", args.prompt_len, 1), ("--gen-len", args.gen_len, 2),
+                               ("--repeats", args.repeats, 1), ("--quality-seqs", args.quality_seqs, 1)):
+        if value < least:  # --gen-len 1 has no decode step to time
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib; pip install matplotlib") from None
+    return batch_sizes, names, budget_lib.parse_size(args.budget) if args.budget else None
+
+
+def model_config(args):
+    if args.model:
+        return ModelConfig.from_file(args.model)
+    return preset.preset_config(args.preset)
+
+
+def fitting_plans(cfg, names, budget, *, batch, longest_prompt, max_new_tokens, itemsize, opts) -> dict:
+    """The memory plan of every policy the budget holds, from the config alone (before any
+    weight is made or read); a budget none of them fits is an error."""
+    plans = {}
+    for policy in names:
+        try:
+            plans[policy] = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=longest_prompt,
+                                     max_new_tokens=max_new_tokens, dtype_itemsize=itemsize, opts=opts)
+        except UserError as e:
+            print(f"{policy}: skipped ({e})", file=sys.stderr)
+    if not plans:
+        raise UserError(f"budget {budget_lib.format_size(budget)} fits none of --policies {','.join(names)} "
+                        "(each one's minimum is above); pass a larger --budget")
+    return plans
+
+
+def min_decode_bytes(cfg, policy, plan, *, batch, prompt_len, gen_len, itemsize, opts) -> int:
+    """The bytes a decode step must read at least (`runtime.aot.traffic_and_min`)."""
+    _, nbytes = aot.traffic_and_min(
+        # offload and prefetch compute with every routed expert in its bf16 slot, as `full` does.
+        cfg, "full" if policy in ("offload", "prefetch") else policy, plan, step="decode", batch=batch,
+        # The mean real context over the decode steps: the KV slots a step reads on average.
+        context=prompt_len + gen_len // 2, prompt=prompt_len, itemsize=itemsize, hi_dtype=opts.hi_dtype,
+        group=budget_lib.expert_group_size(cfg, opts.group_size),
+    )
+    return nbytes
+
+
+def run(args):
+    batch_sizes, names, budget = check_args(args)
+    cfg = model_config(args)
 
     dtype = jnp.dtype(args.dtype)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    names = [p.strip() for p in args.policies.split(",") if p.strip()]
-    for n in names:
-        if n not in policies.POLICIES:
-            raise UserError(f"unknown policy {n!r}; choose from {', '.join(policies.POLICIES)}")
-    budget = budget_lib.parse_size(args.budget) if args.budget else None
+    # Quality sequences are prompt + gen tokens long; generation adds gen to the prompt.
+    longest = args.prompt_len + args.gen_len
+    check_context(cfg, longest, 0)
+    opts = DynaExqOptions(lo_bits=args.lo_bits, rebalance_every=args.rebalance_every)
+    shape = dict(batch=max(batch_sizes), longest_prompt=longest, max_new_tokens=args.gen_len)
+    plans = fitting_plans(cfg, names, budget, itemsize=dtype.itemsize, opts=opts, **shape)
+
     if args.model:
-        ckpt = loader.load(args.model, dtype, experts_on_device=False)
+        ckpt = loader.load(args.model, dtype)
     else:
-        cfg = preset.preset_config(args.preset)
         ckpt = preset.random_checkpoint(cfg, dtype, seed=args.seed, routing_skew=args.routing_skew)
-    cfg = ckpt.config
     shift = preset.RouterShift(ckpt, args.routing_skew or 1.0) if args.routing_shift_every else None
     rng = np.random.default_rng(args.seed)
     vocab = cfg.vocab_size
     prompts = rng.integers(1, vocab, (max(batch_sizes), args.prompt_len)).tolist()
-    quality = rng.integers(1, vocab, (args.quality_seqs, args.prompt_len + args.gen_len)).tolist()
+    quality = rng.integers(1, vocab, (args.quality_seqs, longest)).tolist()
     bw = costmodel.measure_bandwidth(64 * 2**20)
     device = str(jax.devices()[0].device_kind)
     print(f"device: {device}; measured copy {bw.hbm / 1e9:.1f} GB/s, host->device {bw.h2d / 1e9:.1f} GB/s", file=sys.stderr)
-    opts = policies.DynaExqOptions(lo_bits=args.lo_bits, rebalance_every=args.rebalance_every)
 
     def build(policy, budget_bytes, o=opts):
-        return policies.build_engine(
-            ckpt, policy, budget=budget_bytes, batch=max(batch_sizes),
-            longest_prompt=args.prompt_len + args.gen_len, max_new_tokens=args.gen_len, opts=o,
-        )
+        return build_engine(ckpt, policy, budget=budget_bytes, opts=o, **shape)
 
     results, costs, logits = [], [], {}
-    for policy in names:
-        try:
-            eng, plan = build(policy, budget)
-        except UserError as e:
-            print(f"{policy}: skipped ({e})", file=sys.stderr)
-            continue
+    for policy in plans:
+        eng, plan = build(policy, budget)
         for B in batch_sizes:
             on_tokens = None
             if shift is not None:
@@ -148,12 +213,17 @@ def run(args):
             )
             costs.append(cost)
             decode_tps = med("decode_tokens_per_s")
+            tpot = med("decode_s") / steps
+            min_bytes = min_decode_bytes(cfg, policy, plan, batch=B, prompt_len=args.prompt_len,
+                                         gen_len=args.gen_len, itemsize=dtype.itemsize, opts=opts)
             results.append({
                 "policy": policy, "batch_size": B,
                 "decode_tokens_per_s": decode_tps,
                 "prefill_tokens_per_s": med("prefill_tokens_per_s"),
                 "ttft_s": med("prefill_s"),
-                "tpot_s": med("decode_s") / steps,
+                "tpot_s": tpot,
+                "min_decode_bytes": min_bytes,
+                "min_bytes_gbs": min_bytes / tpot / 1e9,
                 "h2d_bytes_per_token": (h2d or 0) / (B * args.gen_len),
                 "transfer_wait_s": med("transfer_wait_s"),
                 "peak_device_bytes": runs[-1]["peak_device_bytes"],
@@ -162,18 +232,19 @@ def run(args):
                 "predicted_tpot_s": cost.seconds,
                 "kl_vs_full": None, "top1_agreement": None,
             })
-            print(f"{policy:>9} B={B:<3} decode {decode_tps or 0:9.1f} tok/s  tpot {results[-1]['tpot_s'] * 1e3:8.2f} ms "
-                  f"(model {cost.seconds * 1e3:8.2f} ms)", file=sys.stderr)
+            print(f"{policy:>9} B={B:<3} decode {decode_tps or 0:9.1f} tok/s  tpot {tpot * 1e3:8.2f} ms "
+                  f"(model {cost.seconds * 1e3:8.2f} ms)  reads >= {min_bytes / 1e6:9.2f} MB/step "
+                  f"= {min_bytes / tpot / 1e9:7.2f} GB/s", file=sys.stderr)
         logits[policy] = eng.logits(quality)
         del eng
         gc.collect()
 
     ref_name = "full" if args.reference == "full" else "static8"
-    if ref_name in names and budget is None:
+    if ref_name in plans and budget is None:
         ref = logits[ref_name]
     else:
         try:
-            o = opts if args.reference == "full" else policies.DynaExqOptions(lo_bits=8)
+            o = opts if args.reference == "full" else DynaExqOptions(lo_bits=8)
             eng, _ = build("full" if args.reference == "full" else "static", None, o)
             ref = eng.logits(quality)
             del eng
@@ -197,8 +268,8 @@ def run(args):
 
 def print_table(results):
     cols = ["policy", "batch_size", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "tpot_s", "predicted_tpot_s",
-            "h2d_bytes_per_token", "transfer_wait_s", "hi_hit_rate", "kl_vs_full", "top1_agreement", "accounted_device_bytes",
-            "peak_device_bytes"]
+            "min_decode_bytes", "min_bytes_gbs", "h2d_bytes_per_token", "transfer_wait_s", "hi_hit_rate", "kl_vs_full",
+            "top1_agreement", "accounted_device_bytes", "peak_device_bytes"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:
@@ -211,8 +282,6 @@ def print_table(results):
 
 def project(results, costs):
     """Where the measured mix of bytes would land on other GPUs (the cost model alone)."""
-    from dynaexq_jax.runtime import costmodel
-
     print("\nprojected decode tokens/s from the cost model (measured hit rates and h2d bytes):", file=sys.stderr)
     for r, cost in zip(results, costs):
         proj = costmodel.project(r["policy"], cost)
@@ -221,15 +290,11 @@ def project(results, costs):
 
 
 def plot(results, path, device):
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from dynaexq_jax.errors import UserError
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        raise UserError("--plot needs matplotlib; pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy in dict.fromkeys(r["policy"] for r in results):
         rs = [r for r in results if r["policy"] == policy]

@@ -27,7 +27,7 @@ def rel_error(w, x, qt) -> float:
     return float(np.linalg.norm(ref - x @ deq) / np.linalg.norm(ref))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--n", type=int, default=768)
@@ -35,6 +35,12 @@ def main(argv=None) -> None:
     ap.add_argument("--markdown", nargs="?", const="docs/PERFORMANCE.md", default=None,
                     metavar="PATH")
     args = ap.parse_args(argv)
+    try:
+        for bits in quant.SUPPORTED_BITS:
+            quant.check_group_size(args.k, bits, args.group_size)
+    except ValueError as e:  # already one line, naming the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rng = np.random.default_rng(0)
     x = rng.standard_normal((512, args.k))
     weights = {
@@ -59,7 +65,8 @@ def main(argv=None) -> None:
                 f"X [512, K] Gaussian; relative output error.\n\n{head}\n{body}\n")
         with Path(args.markdown).open("a") as f:
             f.write(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

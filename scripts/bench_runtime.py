@@ -15,11 +15,20 @@ step) for comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
+
+from dynaexq_jax import budget as budget_lib
+from dynaexq_jax.errors import UserError
+from dynaexq_jax.io import preset
+from dynaexq_jax.policies.dynaexq import DynaExqOptions
+from dynaexq_jax.runtime.build import build_engine, plan_for
+from dynaexq_jax.runtime.engine import peak_device_bytes
 
 
 def parse_args(argv=None):
@@ -39,7 +48,7 @@ def parse_args(argv=None):
 
 def timed_run(eng, prompts, gen_len, shift, shift_every):
     """Per decode step: wall time between consecutive tokens and whether copies were in flight."""
-    swapper = eng.runtime.swapper
+    swapper = eng.policy.swapper
     marks = []  # (time, in flight at dispatch of the next step)
 
     def on_tokens(_ids):
@@ -52,37 +61,40 @@ def timed_run(eng, prompts, gen_len, shift, shift_every):
     return gen, steps
 
 
+def check_args(args, opts):
+    """-> (config, budget) from the preset and the budget alone, before any weight is made: a
+    budget too small, or one that leaves no slot to promote into, is refused here."""
+    if args.batch_size < 1 or args.prompt_len < 1 or args.gen_len < 2:
+        raise UserError("--batch-size and --prompt-len must be at least 1 and --gen-len at least 2 "
+                        f"(got {args.batch_size}, {args.prompt_len}, {args.gen_len})")
+    budget = budget_lib.parse_size(args.budget)
+    cfg = preset.preset_config(args.preset)
+    plan = plan_for(cfg, "dynaexq", budget=budget, batch=args.batch_size, longest_prompt=args.prompt_len,
+                    max_new_tokens=args.gen_len, dtype_itemsize={"bfloat16": 2, "float32": 4}[args.dtype], opts=opts)
+    if plan.slots == 0:
+        raise UserError(f"budget {budget_lib.format_size(budget)} leaves no high-precision slot (the minimum is "
+                        f"{budget_lib.format_size(plan.minimum)} plus {budget_lib.format_size(plan.slot_bytes)} "
+                        f"per slot); nothing would be promoted, so pass a larger --budget")
+    return cfg, budget
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import jax.numpy as jnp
-
-    from dynaexq_jax import budget as budget_lib
-    from dynaexq_jax import policies
-    from dynaexq_jax.io import preset
-    from dynaexq_jax.runtime.engine import peak_device_bytes
-    from dynaexq_jax.errors import UserError
-
+    base = DynaExqOptions(rebalance_every=args.rebalance_every)
     try:
-        budget = budget_lib.parse_size(args.budget)
-        cfg = preset.preset_config(args.preset)
-        ckpt = preset.random_checkpoint(cfg, jnp.dtype(args.dtype), routing_skew=args.routing_skew)
+        cfg, budget = check_args(args, base)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    ckpt = preset.random_checkpoint(cfg, jnp.dtype(args.dtype), routing_skew=args.routing_skew)
     shift = preset.RouterShift(ckpt, args.routing_skew)
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, cfg.vocab_size, (args.batch_size, args.prompt_len)).tolist()
     report = {"preset": args.preset, "budget_bytes": budget, "batch_size": args.batch_size}
     for variant, blocking in (("async", False), ("blocking", True)):
-        opts = policies.DynaExqOptions(rebalance_every=args.rebalance_every, blocking=blocking)
-        try:
-            eng, plan = policies.build_engine(
-                ckpt, "dynaexq", budget=budget, batch=args.batch_size, longest_prompt=args.prompt_len,
-                max_new_tokens=args.gen_len, opts=opts,
-            )
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        eng, plan = build_engine(ckpt, "dynaexq", budget=budget, batch=args.batch_size,
+                                 longest_prompt=args.prompt_len, max_new_tokens=args.gen_len,
+                                 opts=dataclasses.replace(base, blocking=blocking))
         timed_run(eng, prompts, args.gen_len, shift, args.routing_shift_every)  # warm-up: compile, fill slots
         gen, steps = timed_run(eng, prompts, args.gen_len, shift, args.routing_shift_every)
         busy = [t for t, fl in steps if fl]

@@ -10,8 +10,9 @@ The held-out files are those `scripts/train_tiny.py` never trained on (crc32 of 
                        next? The true line and 3 distractors drawn from elsewhere in the same
                        file, re-indented like the true line so indentation gives nothing away
   next_line_em.jsonl   exact match: the previous lines; greedy-generate the next line
-  hotness_train.json   dynaexq warm-start profile: per-token routing rates of the full model
-                       over evenly spaced windows of the *training* split (never the eval data)
+  hotness_train.json   dynaexq warm-start profile: the full model's router mass per token of
+                       every expert, over evenly spaced windows of the *training* split (never
+                       the eval data)
 
     python scripts/build_tasks.py
 """
@@ -62,10 +63,10 @@ def build(args) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from dynaexq_jax import policies
-    from dynaexq_jax.eval import evaluate
-    from dynaexq_jax.policies import hotness
     from dynaexq_jax.io import loader
+    from dynaexq_jax.policies import hotness
+    from dynaexq_jax.policies.dynaexq import DynaExqOptions
+    from dynaexq_jax.runtime.engine import Engine
 
     root, rels = train_tiny.stdlib_files()
     held = [r for r in rels if train_tiny.is_held_out(r)]
@@ -96,22 +97,21 @@ def build(args) -> None:
     write_jsonl(out / "next_line_em.jsonl", em)
 
     # Warm-start profile: the full model's routing over windows spread evenly over the training split.
-    ckpt = loader.load(args.model, jnp.bfloat16, experts_on_device=False)
+    ckpt = loader.load(args.model, jnp.bfloat16)
     eos = ckpt.eos_token_ids[0]
     stream = []
     for enc in ckpt.tokenizer.encode_batch([train_tiny.read(root, r) for r in train], add_special_tokens=False):
         stream += enc.ids + [eos]
     W = args.window
     starts = np.linspace(0, len(stream) - W, args.profile_windows).astype(int)
-    engine, _ = policies.build_engine(ckpt, "full", budget=None, batch=16, longest_prompt=W, max_new_tokens=1)
-    scorer = evaluate.Scorer(engine)
-    counts, tokens = 0.0, 0
+    engine = Engine(ckpt)  # the full policy
+    mass, tokens = 0.0, 0
     for i in range(0, len(starts), 16):
-        seqs = [stream[s : s + W] for s in starts[i : i + 16]]
-        counts = counts + scorer(seqs)[1]
-        tokens += sum(map(len, seqs))
-    L, E = counts.shape
-    hotness.HotnessTracker(L, E, policies.DynaExqOptions().half_life_tokens, counts / tokens).save(out / "hotness_train.json")
+        _, stats = engine.score([stream[s : s + W] for s in starts[i : i + 16]])
+        mass = mass + np.asarray(stats.mass, np.float64)
+        tokens += int(stats.tokens)
+    L, E = mass.shape
+    hotness.HotnessTracker(L, E, DynaExqOptions().half_life_steps, mass / tokens).save(out / "hotness_train.json")
     total = sum(f.stat().st_size for f in out.iterdir())
     print(f"{len(docs)} perplexity documents ({size:,} bytes), {len(mc)} multiple-choice and {len(em)} exact-match "
           f"items from {len(held)} held-out files; profile from {tokens:,} training tokens; {out} holds {total:,} bytes",

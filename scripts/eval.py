@@ -36,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--hi-dtype", choices=["bfloat16", "int8"], default="bfloat16")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--quant-method", choices=["rtn", "mse"], default="rtn")
-    p.add_argument("--hotness", help="warm-start hotness profile for dynaexq (record it on training data, not eval data)")
+    p.add_argument("--hotness", help="warm-start hotness profile for dynaexq (record it on training data, not eval "
+                                     "data); without one, dynaexq warms from the routing of the first task's first "
+                                     "sequence")
     p.add_argument("--residency", choices=["pass", "batch", "frozen"], default="pass",
                    help="when dynaexq's residency may change: between task passes (batch-size independent), "
                         "after every batch, or never")
@@ -56,10 +58,10 @@ def _csv(text: str) -> list[str]:
 def run(args) -> list:
     import jax.numpy as jnp
 
-    from dynaexq_jax import policies
+    from dynaexq_jax.errors import UserError
     from dynaexq_jax.eval import evaluate
     from dynaexq_jax.io import loader
-    from dynaexq_jax.errors import UserError
+    from dynaexq_jax.policies.dynaexq import DynaExqOptions
 
     try:
         lo_bits = [int(b) for b in _csv(args.lo_bits)]
@@ -80,8 +82,8 @@ def run(args) -> list:
             task = evaluate.load_task(kind, path)
             tasks.append(dataclasses.replace(task, items=task.items[: args.limit]) if args.limit else task)
 
-    ckpt = loader.load(args.model, jnp.dtype(args.dtype), experts_on_device=False)
-    opts = policies.DynaExqOptions(hi_dtype=args.hi_dtype, group_size=args.group_size, quant_method=args.quant_method)
+    ckpt = loader.load(args.model, jnp.dtype(args.dtype))
+    opts = DynaExqOptions(hi_dtype=args.hi_dtype, group_size=args.group_size, quant_method=args.quant_method)
     log = lambda s: print(s, file=sys.stderr, flush=True)
     return evaluate.evaluate_runs(
         ckpt, runs, tasks, opts=opts, hotness_profile=args.hotness, batch_size=args.batch_size, window=args.window,

@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=128, help="quantization group (largest power of two <= this dividing the expert dims)")
     p.add_argument("--quant-method", choices=["rtn", "mse"], default="rtn")
     p.add_argument("--rebalance-every", type=int, default=16, help="decode steps between residency decisions")
-    p.add_argument("--half-life", type=float, default=256.0, help="hotness half-life in tokens")
+    p.add_argument("--half-life", type=float, default=256.0,
+                   help="hotness half-life in decode steps (a prompt counts as one step per token)")
     p.add_argument("--allocation", choices=["per_layer", "global"], default="per_layer")
     p.add_argument("--hotness", help="warm-start hotness profile (JSON written by --save-hotness)")
     p.add_argument("--save-hotness", help="write the run's hotness profile here")
@@ -62,9 +63,6 @@ def parse_args(argv=None):
                       help=f"tokens per sequence (prompt + new) planned by --dry-run and held by --interactive "
                            f"(default {DEFAULT_CONTEXT}); a plain run plans exactly what its prompts need")
     plan.add_argument("--batch", type=int, help="sequences planned by --dry-run (default: the number of --prompt)")
-    plan.add_argument("--backend", choices=["gpu", "cpu"],
-                      help="backend --dry-run plans for (default: this machine's); on the CPU the grouped "
-                           "matmuls dequantize experts into temporaries, so its workspace is larger")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats on stdout")
     out.add_argument("--verbose", action="store_true", help="print the memory plan on stderr before loading")
@@ -85,8 +83,6 @@ def check_flags(args) -> None:
         raise FlagError("--batch applies to --dry-run; a run's batch is its number of --prompt")
     if args.batch is not None and args.batch < 1:
         raise FlagError(f"--batch must be >= 1, got {args.batch}")
-    if args.backend is not None and not args.dry_run:
-        raise FlagError("--backend applies to --dry-run; a run plans for the backend it runs on")
     if args.interactive and (args.json or args.prompt):
         raise FlagError("--interactive reads messages from stdin; drop --json and --prompt")
     if args.interactive and args.batch not in (None, 1):
@@ -99,7 +95,7 @@ def check_flags(args) -> None:
 
 
 def plan_shape(args, cfg, prompt_lengths=None) -> tuple[int, int, int]:
-    """(batch, longest prompt, new tokens) to size a run for, as `policies.build_engine` takes them.
+    """(batch, longest prompt, new tokens) to size a run for, as `build_engine` takes them.
 
     An --interactive session holds `--context` tokens and prefills a turn in chunks of at most
     CHAT_CHUNK, so it is planned as a CHAT_CHUNK prompt followed by the rest of the context.
@@ -125,27 +121,30 @@ def chat_chunk(context: int) -> int:
     return chunk
 
 
+def options(args):
+    from dynaexq_jax.policies.dynaexq import DynaExqOptions
+
+    return DynaExqOptions(
+        lo_bits=args.lo_bits, hi_dtype=args.hi_dtype, group_size=args.group_size, quant_method=args.quant_method,
+        rebalance_every=args.rebalance_every, half_life_steps=args.half_life, allocation=args.allocation,
+    )
+
+
 def make_plan(args, cfg, shape, budget_bytes):
-    """The memory plan `policies.build_engine` will make for these flags, from the config alone."""
-    import jax
+    """The memory plan `build_engine` will make for these flags, from the config alone."""
     import jax.numpy as jnp
 
-    from dynaexq_jax import budget
     from dynaexq_jax.runtime import engine
+    from dynaexq_jax.runtime.build import plan_for
 
     batch, longest, new = shape
     prompt = engine.prompt_bucket(longest)
-    backend = args.backend or ("gpu" if jax.default_backend() == "gpu" else "cpu")
-    plan = budget.policy_plan(
-        cfg, args.policy, budget=budget_bytes, batch=batch, prompt=prompt,
-        context=engine.cache_bucket(prompt + new), dtype_itemsize=jnp.dtype(args.dtype).itemsize,
-        lo_bits=args.lo_bits, hi_dtype=args.hi_dtype, group_size=budget.expert_group_size(cfg, args.group_size),
-        xla_dequant=backend != "gpu",
-    )
+    plan = plan_for(cfg, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
+                    dtype_itemsize=jnp.dtype(args.dtype).itemsize, opts=options(args))
     header = (
         f"memory plan: {Path(args.model).name}, policy {args.policy}, batch {batch} x context "
         f"{engine.cache_bucket(prompt + new)} tokens (prefill up to {prompt}), {args.dtype}, "
-        f"int{args.lo_bits} fallback, {args.hi_dtype} slots, {backend}"
+        f"int{args.lo_bits} fallback, {args.hi_dtype} slots"
     )
     return plan, header
 
@@ -183,10 +182,10 @@ def index_check(model: Path, cfg) -> str | None:
 
 
 def dry_run(args, budget_bytes) -> dict:
-    from dynaexq_jax.models.config import Qwen3MoeConfig
+    from dynaexq_jax.models.config import ModelConfig
 
     model = Path(args.model)
-    cfg = Qwen3MoeConfig.from_file(model)  # a missing directory is a one-line ConfigError
+    cfg = ModelConfig.from_file(model)  # a missing directory is a one-line ConfigError
     plan, header = make_plan(args, cfg, plan_shape(args, cfg), budget_bytes)
     if args.json:
         print(json.dumps({"memory_plan": plan.as_dict()}))
@@ -283,27 +282,25 @@ class Streamer:
 
 
 def load_engine(args, budget_bytes, cfg, shape):
-    """Load, quantize and place the model for `shape`; -> (engine, plan, checkpoint)."""
+    """Load, convert and place the model for `shape`; -> (engine, plan, checkpoint, load seconds)."""
+    import time
+
     import jax.numpy as jnp
 
-    from dynaexq_jax import policies
     from dynaexq_jax.io import loader
+    from dynaexq_jax.runtime.build import build_engine
 
     plan, header = make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
     if args.verbose:
         print(plan_text(args, cfg, plan, header), file=sys.stderr)
-    ckpt = loader.load(args.model, jnp.dtype(args.dtype), experts_on_device=False, progress=show_progress(args))
+    t0 = time.perf_counter()
+    ckpt = loader.load(args.model, jnp.dtype(args.dtype), progress=show_progress(args))
     batch, longest, new = shape
-    eng, plan = policies.build_engine(
-        ckpt, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest,
-        max_new_tokens=new, hotness_profile=args.hotness,
-        opts=policies.DynaExqOptions(
-            lo_bits=args.lo_bits, hi_dtype=args.hi_dtype, group_size=args.group_size,
-            quant_method=args.quant_method, rebalance_every=args.rebalance_every,
-            half_life_tokens=args.half_life, allocation=args.allocation,
-        ),
+    eng, plan = build_engine(
+        ckpt, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
+        hotness_profile=args.hotness, opts=options(args), progress=show_progress(args),
     )
-    return eng, plan, ckpt
+    return eng, plan, ckpt, time.perf_counter() - t0
 
 
 def show_progress(args) -> bool:
@@ -312,20 +309,21 @@ def show_progress(args) -> bool:
 
 def read_tokenizer(args):
     from dynaexq_jax.io import loader
-    from dynaexq_jax.models.config import Qwen3MoeConfig
+    from dynaexq_jax.models.config import ModelConfig
 
     model = Path(args.model)
     if not model.is_dir():
         raise loader.CheckpointError(f"model directory {model} does not exist; pass --model DIR of a Hugging Face checkpoint")
-    cfg = Qwen3MoeConfig.from_file(model)
+    cfg = ModelConfig.from_file(model)
     tok = loader.load_tokenizer(model)
     if tok is None:
         raise loader.CheckpointError(f"{model} has no tokenizer.json, so text prompts cannot be encoded")
     return model, cfg, tok
 
 
-def run_stats(args, gen_stats, plan, budget_bytes) -> dict:
-    stats = dict(gen_stats, budget_bytes=budget_bytes, model=str(args.model), dtype=args.dtype, policy=args.policy)
+def run_stats(args, gen_stats, plan, budget_bytes, load_s: float) -> dict:
+    stats = dict(gen_stats, budget_bytes=budget_bytes, model=str(args.model), dtype=args.dtype, policy=args.policy,
+                 load_s=load_s)
     stats["accounted_device_bytes"] = plan.total
     stats["memory_plan"] = plan.as_dict()
     return stats
@@ -341,7 +339,7 @@ def run(args, budget_bytes) -> dict:
     ids = [prompter.encode(p) for p in prompts]
     if min(map(len, ids)) == 0:
         raise FlagError("every prompt needs at least one token; pass a non-empty --prompt")
-    eng, plan, ckpt = load_engine(args, budget_bytes, cfg, plan_shape(args, cfg, [len(i) for i in ids]))
+    eng, plan, ckpt, load_s = load_engine(args, budget_bytes, cfg, plan_shape(args, cfg, [len(i) for i in ids]))
 
     streaming = not args.json and len(prompts) == 1
     # A chat reply is printed alone; raw completions continue the echoed prompt.
@@ -351,9 +349,9 @@ def run(args, budget_bytes) -> dict:
         {"prompt": p, "token_ids": t, "text": tok.decode(t, skip_special_tokens=True)}
         for p, t in zip(prompts, gen.tokens)
     ]
-    stats = run_stats(args, gen.stats, plan, budget_bytes)
+    stats = run_stats(args, gen.stats, plan, budget_bytes, load_s)
     if args.save_hotness and args.policy == "dynaexq":
-        eng.runtime.tracker.save(args.save_hotness)
+        eng.policy.tracker.save(args.save_hotness)
     if args.json:
         print(json.dumps({"outputs": outputs, "stats": stats}))
     elif streaming:
@@ -376,7 +374,7 @@ def interactive(args, budget_bytes, stdin=None) -> list[dict]:
     model, cfg, tok = read_tokenizer(args)
     prompter = Prompter(args, model, tok)
     shape = plan_shape(args, cfg)
-    eng, plan, ckpt = load_engine(args, budget_bytes, cfg, shape)
+    eng, plan, ckpt, load_s = load_engine(args, budget_bytes, cfg, shape)
     batch, chunk, rest = shape
     session = eng.new_session(chunk + rest, chunk)
     stop = prompter.stop_ids(ckpt.eos_token_ids)
@@ -397,7 +395,7 @@ def interactive(args, budget_bytes, stdin=None) -> list[dict]:
         reply = gen.tokens[0]
         messages.append({"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)})
         history = ids + reply
-        stats = run_stats(args, gen.stats, plan, budget_bytes)
+        stats = run_stats(args, gen.stats, plan, budget_bytes, load_s)
         turns.append(stats)
         if not args.quiet:
             print(summary_line(stats) + f" | reused {stats['reused_tokens']} cached tok", file=sys.stderr)

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from dynaexq_jax import train
-from dynaexq_jax.models.config import Qwen3MoeConfig
+from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.io.hf_export import save_checkpoint
 
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -170,7 +170,7 @@ def main(argv=None):
     log(f"tokenizer: vocab {V}; train {len(train_stream):,} tokens, held-out {len(held_stream):,} tokens")
 
     # ---- model --------------------------------------------------------------------------
-    cfg = Qwen3MoeConfig(
+    cfg = ModelConfig(
         vocab_size=V,
         hidden_size=128,
         num_layers=4,
@@ -284,7 +284,7 @@ def main(argv=None):
     }
     metrics["wall_s"] = round(time.perf_counter() - t_start, 1)
     out = save_checkpoint(
-        args.out, cfg, params, experts, tokenizer=tok, eos_token_id=eos_id, dtype="bfloat16",
+        args.out, cfg, params, train.host_experts(experts), tokenizer=tok, eos_token_id=eos_id, dtype="bfloat16",
         extra_files={"train_metrics.json": json.dumps(metrics, indent=1) + "\n"},
     )
     size = sum(f.stat().st_size for f in out.iterdir())

@@ -1,4 +1,5 @@
-"""Benchmarks and presets: CPU smoke runs, routing skew, the cost model's arithmetic."""
+"""Benchmarks and presets: CPU smoke runs, early refusal of bad input, routing skew, the cost
+model's arithmetic."""
 
 from __future__ import annotations
 
@@ -6,17 +7,22 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dynaexq_jax import budget, policies
-from dynaexq_jax.runtime import costmodel
+from dynaexq_jax.experts import quant
 from dynaexq_jax.io import preset
+from dynaexq_jax.runtime import costmodel
+from dynaexq_jax.runtime.build import build_engine, plan_for
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench  # noqa: E402
+import bench_kernels  # noqa: E402
+import bench_quant  # noqa: E402
 import bench_runtime  # noqa: E402
 
 TINY = dict(
@@ -35,24 +41,17 @@ def tiny_preset(tmp_path_factory):
 
 def budget_for(config_path, *, prompt, gen, batch, itemsize, slots) -> int:
     """Room for `slots` slots above what dynaexq and offload need at least, for this shape."""
-    import jax
-
-    from dynaexq_jax.runtime.engine import cache_bucket, prompt_bucket
-
     cfg = preset.preset_config(config_path)
-    P = prompt_bucket(prompt)
-    xla = jax.default_backend() != "gpu"
-    kw = dict(budget=None, batch=batch, prompt=P, context=cache_bucket(P + gen), dtype_itemsize=itemsize,
-              lo_bits=4, hi_dtype="bfloat16", group_size=budget.expert_group_size(cfg), xla_dequant=xla)
-    need = max(budget.policy_plan(cfg, p, **kw).minimum for p in ("dynaexq", "offload"))
-    per_slot = budget.slot_nbytes(cfg, "bfloat16", 128, itemsize) + budget.slot_workspace_nbytes(cfg, xla)
-    return need + cfg.experts_per_token * batch * per_slot + slots * per_slot
+    kw = dict(budget=None, batch=batch, longest_prompt=prompt, max_new_tokens=gen, dtype_itemsize=itemsize)
+    plans = [plan_for(cfg, p, **kw) for p in ("dynaexq", "offload")]
+    per_slot = max(p.slot_bytes for p in plans)
+    return max(p.minimum for p in plans) + (cfg.experts_per_token * batch + slots) * per_slot
 
 
 KEYS = {
-    "policy", "batch_size", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "tpot_s",
-    "h2d_bytes_per_token", "transfer_wait_s", "peak_device_bytes", "accounted_device_bytes",
-    "hi_hit_rate", "kl_vs_full", "top1_agreement",
+    "policy", "batch_size", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "tpot_s", "predicted_tpot_s",
+    "min_decode_bytes", "min_bytes_gbs", "h2d_bytes_per_token", "transfer_wait_s", "peak_device_bytes",
+    "accounted_device_bytes", "hi_hit_rate", "kl_vs_full", "top1_agreement",
 }
 
 
@@ -73,9 +72,44 @@ def test_bench_smoke_writes_every_figure_for_every_policy(tmp_path, tiny_preset)
     for r in doc["results"]:
         assert KEYS <= set(r)
         assert r["decode_tokens_per_s"] > 0 and r["accounted_device_bytes"] <= limit
+        assert r["min_decode_bytes"] > 0
+        assert r["min_bytes_gbs"] == pytest.approx(r["min_decode_bytes"] / r["tpot_s"] / 1e9)
         assert 0 <= r["top1_agreement"] <= 1 and r["kl_vs_full"] >= -1e-9
         if r["policy"] in ("offload", "prefetch"):  # they only move bytes
             assert r["kl_vs_full"] < 1e-9 and r["top1_agreement"] == 1, r
+    least = {(r["policy"], r["batch_size"]): r["min_decode_bytes"] for r in doc["results"]}
+    for b in (1, 2):  # low-bit experts are fewer bytes to read than the float ones offload serves
+        assert least[("static", b)] < least[("offload", b)] == least[("prefetch", b)]
+    assert least[("static", 1)] < least[("static", 2)]  # two tokens route to more experts
+
+
+def _no_weights(*_args, **_kwargs):
+    raise AssertionError("bad input must be refused before any weight is made")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--budget", "20gb"], "bad memory size '20gb'"),
+    (["--batch-sizes", "1,x"], "bad --batch-sizes '1,x'"),
+    (["--batch-sizes", "0"], "bad --batch-sizes '0'"),
+    (["--policies", "static,nope"], "unknown policy 'nope'"),
+    (["--budget", "1MB"], "fits none of --policies"),
+])
+def test_bench_refuses_bad_input_in_one_line_before_making_weights(argv, needle, tiny_preset, monkeypatch, capsys):
+    monkeypatch.setattr(preset, "random_checkpoint", _no_weights)
+    assert bench.main(["--preset", tiny_preset, *argv]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: ") and needle in last
+
+
+def test_runtime_bench_refuses_a_budget_without_slots_before_making_weights(tiny_preset, monkeypatch, capsys):
+    monkeypatch.setattr(preset, "random_checkpoint", _no_weights)
+    plan = plan_for(preset.preset_config(tiny_preset), "dynaexq", budget=None, batch=1, longest_prompt=8,
+                    max_new_tokens=12, dtype_itemsize=2)
+    bare = plan.minimum + plan.slot_bytes // 2  # holds the fallbacks, not one slot
+    assert bench_runtime.main(["--preset", tiny_preset, "--budget", str(bare), "--prompt-len", "8",
+                               "--gen-len", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no high-precision slot" in err
 
 
 def test_runtime_bench_reports_budget_and_step_split(tmp_path, tiny_preset):
@@ -100,7 +134,7 @@ def test_routing_skew_concentrates_traffic_on_a_few_experts(tiny_preset):
 
     def top_quarter_share(skew):
         ckpt = preset.random_checkpoint(cfg, jnp.float32, routing_skew=skew)
-        eng, _ = policies.build_engine(ckpt, "full", budget=None, batch=4, longest_prompt=32, max_new_tokens=4)
+        eng, _ = build_engine(ckpt, "full", budget=None, batch=4, longest_prompt=32, max_new_tokens=4)
         c = np.sort(eng.generate(prompts, 4).expert_counts, axis=1)[:, ::-1]
         return (c[:, : cfg.num_experts // 4].sum(1) / c.sum(1)).mean()
 
@@ -111,8 +145,9 @@ def test_router_shift_changes_only_the_routers(tiny_preset):
     cfg = preset.preset_config(tiny_preset)
     ckpt = preset.random_checkpoint(cfg, jnp.float32, routing_skew=1.0)
     shifted = preset.RouterShift(ckpt, 1.0).params(ckpt.params, 3)
-    for i in range(cfg.num_layers):
-        old, new = ckpt.params[f"layers_{i}"], shifted[f"layers_{i}"]
+    assert shifted["embed_tokens"] is ckpt.params["embed_tokens"]
+    for seg, old, new in zip(cfg.segments, ckpt.params["layers"], shifted["layers"]):
+        assert seg.kind == "moe"
         assert old["self_attn"] is new["self_attn"]
         assert not np.array_equal(old["mlp"]["gate"]["kernel"], new["mlp"]["gate"]["kernel"])
 
@@ -121,7 +156,7 @@ def test_random_preset_has_the_published_qwen3_30b_sizes():
     cfg = preset.preset_config("qwen3-30b-a3b")
     plan = budget.plan_memory(
         cfg, budget=None, batch=1, prompt=128, context=4096, dtype_itemsize=2, lo_bits=4,
-        hi_dtype="bfloat16", group_size=128, xla_dequant=False,
+        hi_dtype="bfloat16", group_size=128,
     )
     assert plan.fallback == pytest.approx(15.4e9, rel=0.01)  # NOTES: all experts at int4 ~ 15.4 GB
     assert plan.slots * plan.slot_bytes == pytest.approx(58e9, rel=0.01)  # experts in bf16 ~ 58 GB
@@ -133,3 +168,48 @@ def test_cost_model_adds_blocking_copies_and_overlaps_async_ones():
     assert costmodel.step_seconds("dynaexq", 1e9, 1e8, bw) == pytest.approx(1e-2)
     assert costmodel.distinct_experts(128, 8, 1) == pytest.approx(8)
     assert costmodel.distinct_experts(128, 8, 10**6) == pytest.approx(128)
+
+
+def test_kernel_bench_smoke_marks_interpreted_kernel_times(tmp_path, capsys):
+    md = tmp_path / "perf.md"
+    argv = ["--smoke", "--bits", "4", "--tokens", "2", "--reps", "1", "--inner", "1", "--markdown", str(md)]
+    assert bench_kernels.main(argv) == 0
+    assert "interpret mode" in capsys.readouterr().out
+    lines = [line for line in md.read_text().splitlines() if line.startswith("| ")]
+    head, rows = lines[0], [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+    col = {name.strip(): i for i, name in enumerate(head.strip("|").split("|"))}
+    # Per expert matrix: the ragged_dot baseline, then the kernel and the XLA loop on int4.
+    assert [r[col["path"]] for r in rows] == ["ragged_dot", "pallas (interpreted)", "xla"] * 2
+    for r in rows:
+        assert float(r[col["rel err"]]) < 1e-2 and float(r[col["time (us)"]]) > 0
+        interpreted = r[col["path"]].startswith("pallas")
+        for figure in ("GB/s", "% copy BW", "vs ragged_dot"):  # no kernel speed from an interpreter
+            assert (r[col[figure]] == "-") == interpreted, (r, figure)
+
+
+def test_kernel_bench_gpu_sweep_lowers_to_triton_for_cuda():
+    """The sweep only runs on a GPU: check here that every variant it times lowers for one."""
+    e, k, n, rows = 128, 2048, 1536, 8
+    sds = jax.ShapeDtypeStruct
+    w = quant.QuantizedTensor(sds((e, k // 2, n), jnp.uint8), sds((e, k // 128, n), jnp.bfloat16),
+                              sds((e, k // 128, n), jnp.bfloat16), 4, 128, (e, k, n))
+    paths = bench_kernels.sweep(w, e, k, n, rows)
+    assert len(paths) == 5  # block_n 64, 128, 256 x 2 warp counts, less the default (64, 4)
+    for fn in [*paths.values(), bench_kernels.pallas_path(e, n, interpret=False)]:
+        lowered = fn.trace(sds((rows, k), jnp.bfloat16), w, sds((e,), jnp.int32)).lower(lowering_platforms=("cuda",))
+        assert "triton" in lowered.as_text()
+
+
+def test_quant_bench_table_has_every_width_and_mse_never_worse(capsys):
+    assert bench_quant.main(["--k", "128", "--n", "16", "--group-size", "64"]) == 0
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(w.strip(), b.strip()) for w, b, *_ in rows] == [
+        (w, f"int{b}") for w in ("gaussian", "student-t3") for b in quant.SUPPORTED_BITS]
+    for _, _, rtn, mse, _ in rows:
+        assert 0 < float(mse) <= float(rtn)
+
+
+def test_quant_bench_refuses_a_group_size_in_one_line(capsys):
+    assert bench_quant.main(["--k", "128", "--group-size", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: group_size=100") and err.count("\n") == 1

@@ -128,23 +128,23 @@ def plan_rows(text: str) -> dict[str, str]:
 
 
 def test_dry_run_of_qwen3_30b_fits_20gb_without_weights(capsys, qwen3_30b):
-    code, out, err = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "20GB", "--dry-run", "--backend", "gpu")
+    code, out, err = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "20GB", "--dry-run")
     assert code == 0 and err == "", err
     for part in ("non-expert weights", "fallback experts", "high-precision slots", "KV cache", "workspace margin",
                  "total", "budget"):
         assert part in out
     assert "per MoE layer: 1 to 2 of 128 experts hold a high-precision slot" in out
     assert "30.53 B parameters as bfloat16, as config.json implies" in out
-    code, out, _ = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "20GB", "--dry-run", "--backend", "gpu", "--json")
+    code, out, _ = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "20GB", "--dry-run", "--json")
     plan = json.loads(out)["memory_plan"]
     assert plan["total"] <= plan["budget"] == 20 * 10**9 and plan["slots"] > 0
     assert plan["fallback"] == pytest.approx(15.4e9, rel=0.01) and plan["weights"] == pytest.approx(3.08e9, rel=0.01)
 
 
 def test_dry_run_says_when_the_fallback_does_not_fit(capsys, qwen3_30b):
-    code, out, err = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "10GB", "--dry-run", "--backend", "gpu")
+    code, out, err = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "10GB", "--dry-run")
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert err.startswith("error: budget 10.00 GB cannot hold the int4 fallback experts") and "the minimum is 19.18 GB" in err
+    assert err.startswith("error: budget 10.00 GB cannot hold the int4 fallback experts") and "the minimum is 19.22 GB" in err
 
 
 def test_dry_run_plan_is_the_runs_plan(capsys, moe_checkpoint):
@@ -179,7 +179,7 @@ def test_closing_line_equals_the_json_stats(capsys, moe_checkpoint):
 
 
 def test_progress_bar_shows_bytes_on_a_terminal_only(moe_checkpoint, capsys):
-    loader.load(moe_checkpoint[0], jnp.float32, experts_on_device=False, progress=True)
+    loader.load(moe_checkpoint[0], jnp.float32, progress=True)
     err = capsys.readouterr().err
     assert "loading" in err and "B/s" in err
     assert not generate.show_progress(generate.parse_args([]))  # pytest's stderr is not a terminal

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaexq_jax import policies
+from dynaexq_jax.errors import UserError
 from dynaexq_jax.eval import evaluate
 from dynaexq_jax.io import loader
-from dynaexq_jax.errors import UserError
+from dynaexq_jax.policies.dynaexq import DynaExqOptions, DynaExqPolicy
+from dynaexq_jax.runtime.build import build_engine
 
 MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-qwen3-moe"
 PROFILE = MODEL / "tasks" / "hotness_train.json"
@@ -34,12 +35,12 @@ MC = [  # the true continuation against noise: any code model should pick the fi
 
 @pytest.fixture(scope="module")
 def ckpt():
-    return loader.load(MODEL, jnp.float32, experts_on_device=False)
+    return loader.load(MODEL, jnp.float32)
 
 
 def engine_for(ckpt, policy, **kw):
     kw = {"budget": None, "batch": 16, "longest_prompt": 64, "max_new_tokens": 8, **kw}
-    return policies.build_engine(ckpt, policy, **kw)[0]
+    return build_engine(ckpt, policy, **kw)[0]
 
 
 def write_jsonl(path, rows):
@@ -98,10 +99,30 @@ def test_results_identical_for_batch_sizes_1_and_16(ckpt, tmp_path, policy, budg
 
 
 def test_relative_budget_gives_dynaexq_that_share_of_experts_as_slots(ckpt):
-    opts = policies.DynaExqOptions(lo_bits=4)
+    opts = DynaExqOptions(lo_bits=4)
     b = evaluate.resolve_budget("+25%", ckpt, opts, batch=16, longest=64, max_new_tokens=8)
-    _, plan = policies.build_engine(ckpt, "dynaexq", budget=b, batch=16, longest_prompt=64, max_new_tokens=8, opts=opts)
+    _, plan = build_engine(ckpt, "dynaexq", budget=b, batch=16, longest_prompt=64, max_new_tokens=8, opts=opts)
     assert plan.slots == math.ceil(0.25 * plan.num_experts_total)
+
+
+@pytest.mark.parametrize("mode", ["pass", "frozen"])
+def test_residency_lands_only_between_passes_and_never_when_frozen(ckpt, mode):
+    # A short horizon: the first pass's routing, not the training profile, picks the second's residents.
+    opts = DynaExqOptions(lo_bits=2, half_life_steps=1.0, save_profile=False)
+    budget = evaluate.resolve_budget("+25%", ckpt, opts, batch=16, longest=64, max_new_tokens=8)
+    eng = engine_for(ckpt, "dynaexq", budget=budget, opts=opts, hotness_profile=str(PROFILE))
+    policy = eng.policy
+    assert isinstance(policy, DynaExqPolicy)  # slots to move experts in and out of
+    tasks = [evaluate.Task("ppl", "a", DOCS), evaluate.Task("ppl", "b", DOCS)]
+    rows = evaluate.Evaluator(eng, batch_size=2, window=32, residency=mode).run(tasks)
+    shares = [v for _, m, v, _ in rows if m == "hi_pair_share"]
+    sw = policy.swapper
+    assert eng.policy is policy and not sw.pending and not sw.inflight
+    sw.check_invariants()
+    if mode == "frozen":  # the warm-start set throughout: both passes see the same residency
+        assert policy.stats()["promotions"] == policy.num_slots and shares[0] == shares[1]
+    else:  # the first pass's routing moved experts in before the second pass, which hits them more
+        assert policy.stats()["promotions"] > policy.num_slots and shares[1] > shares[0]
 
 
 @pytest.mark.parametrize("kind, line, needle", [

@@ -10,11 +10,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from dynaexq_jax import train
 from dynaexq_jax.io import hf_export
 from dynaexq_jax.io import loader
-from dynaexq_jax.models.config import Qwen3MoeConfig
-from dynaexq_jax.models.decoder import KVCache, Qwen3Moe
-from dynaexq_jax.train import init_params
+from dynaexq_jax.models.config import ModelConfig
+from dynaexq_jax.runtime.engine import Engine
 
 SHAPES = {
     "moe": dict(num_layers=2, num_experts=8, experts_per_token=2, norm_topk_prob=True,
@@ -24,8 +24,8 @@ SHAPES = {
 }
 
 
-def tiny_cfg(name="moe") -> Qwen3MoeConfig:
-    return Qwen3MoeConfig(
+def tiny_cfg(name="moe") -> ModelConfig:
+    return ModelConfig(
         vocab_size=96, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=16,
         moe_intermediate_size=16, intermediate_size=48, rope_theta=10000.0,
         max_position_embeddings=256, **SHAPES[name],
@@ -42,6 +42,12 @@ def tiny_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 10, trainer)
     return tok
+
+
+def init_params(cfg, seed, std=train.INIT_STD):
+    """Trained-model params and its experts as the exporter takes them (host, per MoE layer)."""
+    params, experts = train.init_params(cfg, seed, std)
+    return params, train.host_experts(experts)
 
 
 def leaves_with_paths(tree):
@@ -77,8 +83,9 @@ def test_transformers_loads_export_and_logits_agree(tmp_path, name):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     cfg = tiny_cfg(name)
-    params, experts = init_params(cfg, seed=2, std=0.3)
-    out = hf_export.save_checkpoint(tmp_path / "ckpt", cfg, params, experts, eos_token_id=0, dtype="float32")
+    params, experts = train.init_params(cfg, seed=2, std=0.3)
+    out = hf_export.save_checkpoint(tmp_path / "ckpt", cfg, params, train.host_experts(experts), eos_token_id=0,
+                                    dtype="float32")
     hf, info = transformers.Qwen3MoeForCausalLM.from_pretrained(
         out, output_loading_info=True, dtype=torch.float32, attn_implementation="eager"
     )
@@ -87,15 +94,15 @@ def test_transformers_loads_export_and_logits_agree(tmp_path, name):
     hf.eval()
 
     ids = np.array([[5, 17, 3, 88, 42, 9, 61, 23, 70, 1, 33, 12]], np.int32)
-    T = ids.shape[1]
-    pos = np.arange(T, dtype=np.int32)[None]
-    ours, _, _ = Qwen3Moe(cfg, jnp.float32).apply(
-        {"params": params}, ids, pos, np.ones_like(ids, bool), KVCache.empty(cfg, 1, T, jnp.float32), experts
-    )
     with torch.no_grad():
-        ref = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+        ref = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()[0]
     assert np.abs(ref).max() > 0.1  # a non-trivial model
-    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+    # The model as trained (blocked experts) and as served from the export (the runtime).
+    trained, _ = jax.jit(train.forward, static_argnums=0)(train.training_decoder(cfg), params, experts, ids,
+                                                          np.ones_like(ids, bool))
+    served = Engine(loader.load(out, jnp.float32)).logits([ids[0].tolist()])[0]
+    np.testing.assert_allclose(np.asarray(trained)[0], ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(served, ref, atol=1e-4, rtol=0)
 
 
 def test_failure_midway_leaves_no_checkpoint(tmp_path, monkeypatch):

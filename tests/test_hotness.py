@@ -23,20 +23,20 @@ def served_mass(scores, capacity):
 
 
 def test_score_halves_after_one_half_life_without_traffic():
-    t = HotnessTracker(2, 3, half_life_tokens=100, scores=np.ones((2, 3)))
-    t.update(np.zeros((2, 3)), tokens=100)
+    t = HotnessTracker(2, 3, half_life_steps=100, scores=np.ones((2, 3)))
+    t.update(np.zeros((2, 3)), tokens=100, steps=100)
     np.testing.assert_allclose(t.scores, 0.5)
-    t.update(np.zeros((2, 3)), tokens=200)
+    t.update(np.zeros((2, 3)), tokens=200, steps=200)
     np.testing.assert_allclose(t.scores, 0.125)
 
 
 def test_score_converges_to_per_token_rate():
-    t = HotnessTracker(1, 2, half_life_tokens=50)
-    counts = np.array([[30.0, 6.0]])  # per 10 tokens: rates 3.0 and 0.6
-    t.update(counts * 5, tokens=50)  # one half-life from zero: halfway to the rate
+    t = HotnessTracker(1, 2, half_life_steps=50)
+    mass = np.array([[30.0, 6.0]])  # per 10 tokens: rates 3.0 and 0.6
+    t.update(mass * 5, tokens=50, steps=50)  # one half-life from zero: halfway to the rate
     np.testing.assert_allclose(t.scores, [[1.5, 0.3]])
     for _ in range(200):
-        t.update(counts, tokens=10)
+        t.update(mass, tokens=10, steps=10)
     np.testing.assert_allclose(t.scores, [[3.0, 0.6]], rtol=1e-9)
 
 
@@ -44,21 +44,67 @@ def test_update_frequency_does_not_change_scores():
     rng = np.random.default_rng(0)
     start = rng.random((4, 8))
     rate = rng.random((4, 8)) * 8
-    once = HotnessTracker(4, 8, half_life_tokens=300, scores=start)
-    twice = HotnessTracker(4, 8, half_life_tokens=300, scores=start)
-    once.update(rate * 2 * 37, tokens=2 * 37)
-    twice.update(rate * 37, tokens=37)
-    twice.update(rate * 37, tokens=37)
+    once = HotnessTracker(4, 8, half_life_steps=300, scores=start)
+    twice = HotnessTracker(4, 8, half_life_steps=300, scores=start)
+    once.update(rate * 2 * 37, tokens=2 * 37, steps=2 * 37)
+    twice.update(rate * 37, tokens=37, steps=37)
+    twice.update(rate * 37, tokens=37, steps=37)
     np.testing.assert_allclose(once.scores, twice.scores, rtol=1e-12)
 
 
+def test_the_horizon_is_in_steps_whatever_the_batch_size():
+    """16 steps at batch 32 move the estimate exactly as much as 16 steps at batch 1."""
+    rate = np.array([[0.5, 0.1, 0.0]])
+    one = HotnessTracker(1, 3, half_life_steps=256, scores=np.full((1, 3), 0.2))
+    many = HotnessTracker(1, 3, half_life_steps=256, scores=np.full((1, 3), 0.2))
+    one.update(rate * 16, tokens=16, steps=16)
+    many.update(rate * 16 * 32, tokens=16 * 32, steps=16)
+    np.testing.assert_allclose(one.scores, many.scores, rtol=1e-12)
+    # The old token horizon would have decayed the batch-32 estimate 32 times faster.
+    assert many.scores[0, 2] == pytest.approx(0.2 * 0.5 ** (16 / 256))
+
+
+def test_a_prompt_weighs_like_the_decode_steps_it_replaces():
+    """A prefill of T tokens per row decays a warm profile as T decode steps would, not T x batch."""
+    warm = np.array([[0.9, 0.0]])
+    prompt = np.array([[0.0, 1.0]])
+    for batch in (1, 8):
+        t = HotnessTracker(1, 2, half_life_steps=256, scores=warm)
+        t.update(prompt * 64 * batch, tokens=64 * batch, steps=64)
+        np.testing.assert_allclose(t.scores, [[0.9 * 0.5 ** 0.25, 1 - 0.5 ** 0.25]], rtol=1e-12)
+
+
+def test_the_resident_set_follows_a_workload_shift_within_the_horizon():
+    """A routing trace whose hot set moves at step 400: the top-4 resident set, decided every 16
+    steps with hysteresis and 4 swaps per decision, follows it about one half-life later (the
+    new experts' rate passes the old ones' decayed rate at 0.5 ** (t / h) ~ 0.475)."""
+    E, cap, half_life, every = 16, 4, 128, 16
+    rng = np.random.default_rng(0)
+    hot_a, hot_b = np.arange(4), np.arange(8, 12)
+    t = HotnessTracker(1, E, half_life_steps=half_life)
+    resident = np.zeros((1, E), bool)
+    caught_up = None
+    for step in range(0, 800, every):
+        hot = hot_a if step < 400 else hot_b
+        mass = np.full(E, 0.01)
+        mass[hot] = 0.2
+        t.update(mass[None] * every * (1 + 0.1 * rng.random(E)), tokens=every, steps=every)
+        resident = select_resident(t.scores, [cap], resident, hysteresis=0.01, max_swaps_per_layer=4)
+        if step >= 400 and caught_up is None and set(np.flatnonzero(resident[0])) == set(hot_b):
+            caught_up = step + every - 400
+    assert set(np.flatnonzero(resident[0])) == set(hot_b)
+    assert caught_up is not None and half_life / 2 < caught_up <= 1.1 * half_life + every  # steps after the shift
+
+
 def test_update_rejects_bad_input_and_ignores_empty_step():
-    t = HotnessTracker(2, 3, half_life_tokens=10, scores=np.full((2, 3), 0.2))
+    t = HotnessTracker(2, 3, half_life_steps=10, scores=np.full((2, 3), 0.2))
     with pytest.raises(ValueError, match="shape"):
-        t.update(np.zeros((3, 2)), tokens=1)
+        t.update(np.zeros((3, 2)), tokens=1, steps=1)
     with pytest.raises(ValueError, match="tokens is 0"):
-        t.update(np.ones((2, 3)), tokens=0)
-    t.update(np.zeros((2, 3)), tokens=0)
+        t.update(np.ones((2, 3)), tokens=0, steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        t.update(np.ones((2, 3)), tokens=3, steps=0)
+    t.update(np.zeros((2, 3)), tokens=0, steps=0)
     np.testing.assert_allclose(t.scores, 0.2)
     with pytest.raises(ValueError):
         t.scores[0, 0] = 1.0  # read-only: state changes only through update
@@ -66,21 +112,21 @@ def test_update_rejects_bad_input_and_ignores_empty_step():
 
 def test_save_load_round_trip(tmp_path):
     rng = np.random.default_rng(1)
-    t = HotnessTracker(3, 5, half_life_tokens=1234.5, scores=rng.random((3, 5)))
+    t = HotnessTracker(3, 5, half_life_steps=1234.5, scores=rng.random((3, 5)))
     path = tmp_path / "hot.json"
     t.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["hot.json"]  # no temp file left behind
-    assert set(json.loads(path.read_text())) == {"layers", "experts", "half_life_tokens", "scores"}
+    assert set(json.loads(path.read_text())) == {"layers", "experts", "half_life_steps", "scores"}
 
     back = HotnessTracker.load(path, expect_shape=(3, 5))
-    assert (back.num_layers, back.num_experts, back.half_life_tokens) == (3, 5, 1234.5)
+    assert (back.num_layers, back.num_experts, back.half_life_steps) == (3, 5, 1234.5)
     np.testing.assert_array_equal(back.scores, t.scores)
-    assert HotnessTracker.load(path, half_life_tokens=10).half_life_tokens == 10
+    assert HotnessTracker.load(path, half_life_steps=10).half_life_steps == 10
 
 
 def test_load_profile_of_other_model_names_both_shapes(tmp_path):
     path = tmp_path / "hot.json"
-    HotnessTracker(48, 128, half_life_tokens=100).save(path)
+    HotnessTracker(48, 128, half_life_steps=100).save(path)
     with pytest.raises(ValueError) as err:
         HotnessTracker.load(path, expect_shape=(24, 60))
     msg = str(err.value)

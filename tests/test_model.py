@@ -59,13 +59,16 @@ def test_generation_stops_at_eos_and_keeps_it(loaded):
     assert cut == free[: free.index(stop) + 1]
 
 
-def test_decode_step_compiles_once_per_bucket(moe_checkpoint):
+def test_steps_compile_once_per_bucket_and_sampling_mode(moe_checkpoint):
     eng = engine.Engine(loader.load(moe_checkpoint[0], jnp.float32))
     eng.generate([[1, 2, 3]], max_new_tokens=8)
-    compiled = len(eng._compiled)
+    assert len(eng._compiled) == 2  # one prefill, one decode executable
     eng.generate([[4, 5, 6, 7, 8]], max_new_tokens=8)  # same prompt and cache buckets
     eng.generate([[9]], max_new_tokens=20, sampling=SamplingParams(temperature=0.8, top_k=5, seed=3))
-    assert len(eng._compiled) == compiled == 2  # one prefill, one decode executable
+    assert len(eng._compiled) == 4  # greedy is an argmax: sampling has its own pair
+    eng.generate([[1, 2], [3, 4], [5, 6], [7, 8]], max_new_tokens=8)
+    eng.generate([[1, 2], [3, 4], [5, 6]], max_new_tokens=8)  # 3 rows share the 4-row bucket
+    assert len(eng._compiled) == 6
 
 
 def test_sampling_is_seeded_and_its_limits_reduce_to_greedy(moe_checkpoint):
@@ -93,7 +96,7 @@ def test_sharded_checkpoint_loads_the_same_weights(tmp_path, moe_checkpoint):
 def jax_leaves(ckpt):
     import jax
 
-    return jax.tree.leaves((ckpt.params, ckpt.experts))
+    return jax.tree.leaves((ckpt.params, list(ckpt.experts.gate_up), list(ckpt.experts.down)))
 
 
 def test_bfloat16_load_stays_close_to_float32(moe_checkpoint):

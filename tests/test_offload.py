@@ -7,17 +7,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynaexq_jax import budget, policies
-from dynaexq_jax.runtime import engine
+from dynaexq_jax import budget
 from dynaexq_jax.io import loader
-from dynaexq_jax.policies.offload import LRUSlots, OffloadEngine
+from dynaexq_jax.policies.offload import LRUSlots, OffloadPolicy
+from dynaexq_jax.runtime import engine
+from dynaexq_jax.runtime.build import build_engine
+from dynaexq_jax.runtime.layerwise import LayerwiseEngine
 
 PROMPTS = [[5, 17, 42, 9, 100, 7, 250, 33, 12], [3, 4, 5]]  # two lengths: left padding in the batch
 NB = 1000  # expert bytes in the scripted traces
 
 
 def host_checkpoint(path):
-    return loader.load(path, jnp.float32, experts_on_device=False)
+    return loader.load(path, jnp.float32)
+
+
+def offload_engine(ckpt, slots: int, *, prefetch: bool = False, staging: int | None = None) -> LayerwiseEngine:
+    policy = OffloadPolicy(ckpt.experts, slots, prefetch=prefetch, staging=staging or slots)
+    return LayerwiseEngine(ckpt, policy)
 
 
 def test_lru_counts_a_scripted_trace_exactly():
@@ -64,8 +71,9 @@ def test_prefetch_counts_hits_waste_and_evicted_guesses_exactly():
 
 def check_counters(eng, g, free_before):
     s = g.stats
-    assert s["h2d_bytes"] == s["misses"] * eng.bank.expert_nbytes + s["prefetch_bytes"]
-    assert s["promotions"] == s["misses"] + s["prefetch_bytes"] // eng.bank.expert_nbytes
+    nbytes = eng.policy.bank.expert_nbytes
+    assert s["h2d_bytes"] == s["misses"] * nbytes + s["prefetch_bytes"]
+    assert s["promotions"] == s["misses"] + s["prefetch_bytes"] // nbytes
     assert s["wasted_prefetch_bytes"] <= s["prefetch_bytes"]
     assert s["demotions"] == max(0, s["promotions"] - free_before)  # free slots fill first, then every load evicts
 
@@ -78,7 +86,7 @@ def test_offload_and_prefetch_equal_full_token_for_token_with_evictions(hf_check
     k = full.cfg.experts_per_token
     # Fewest slots: evicting all the time. Staging 1: one copy in flight, one guess per layer.
     for prefetch, staging in ((False, None), (True, 1)):
-        eng = OffloadEngine(host_checkpoint(path), k, prefetch=prefetch, staging=staging)
+        eng = offload_engine(host_checkpoint(path), k, prefetch=prefetch, staging=staging)
         g = eng.generate(PROMPTS, 24, eos_token_ids=())
         assert g.tokens == ref.tokens
         np.testing.assert_array_equal(g.expert_counts, ref.expert_counts)
@@ -93,12 +101,12 @@ def test_offload_and_prefetch_equal_full_token_for_token_with_evictions(hf_check
 def test_a_cache_of_every_expert_loads_each_used_expert_once(moe_checkpoint):
     path, _ = moe_checkpoint
     ckpt = host_checkpoint(path)
-    eng = OffloadEngine(ckpt, 10**6)
-    assert eng.num_slots == len(ckpt.config.moe_layers) * ckpt.config.num_experts
+    eng = offload_engine(ckpt, 10**6)
+    assert eng.policy.num_slots == len(ckpt.config.moe_layers) * ckpt.config.num_experts
     g = eng.generate(PROMPTS, 24, eos_token_ids=())
     s = g.stats
     assert s["misses"] == np.count_nonzero(g.expert_counts) and s["demotions"] == 0
-    assert s["h2d_bytes"] == s["misses"] * eng.bank.expert_nbytes
+    assert s["h2d_bytes"] == s["misses"] * eng.policy.bank.expert_nbytes
     again = eng.generate(PROMPTS, 24, eos_token_ids=())  # the cache carries over: nothing moves
     assert again.tokens == g.tokens
     assert (again.stats["misses"], again.stats["h2d_bytes"], again.stats["hi_hit_rate"]) == (0, 0, 1.0)
@@ -106,12 +114,13 @@ def test_a_cache_of_every_expert_loads_each_used_expert_once(moe_checkpoint):
 
 def test_prefetch_decodes_without_recompiling_per_token(moe_checkpoint):
     path, _ = moe_checkpoint
-    eng = OffloadEngine(host_checkpoint(path), host_checkpoint(path).config.experts_per_token, prefetch=True)
+    ckpt = host_checkpoint(path)
+    eng = offload_engine(ckpt, ckpt.config.experts_per_token, prefetch=True)
     eng.generate(PROMPTS, 4, eos_token_ids=())  # compiles the prefill and decode buckets
-    compiled, compile_s = len(eng.functions.executables), eng.compile_s
-    free_before = eng.num_slots - len(eng.cache)
+    compiled, compile_s = len(eng._executables), eng.compile_s
+    free_before = eng.policy.num_slots - len(eng.policy.cache)
     g = eng.generate([PROMPTS[1], PROMPTS[0][::-1]], 40, eos_token_ids=())  # same buckets, 10x the tokens
-    assert len(eng.functions.executables) == compiled and eng.compile_s == compile_s
+    assert len(eng._executables) == compiled and eng.compile_s == compile_s
     assert len(g.tokens[0]) == 40
     check_counters(eng, g, free_before)
 
@@ -120,14 +129,14 @@ def test_build_engine_sizes_the_cache_from_the_budget(moe_checkpoint):
     path, _ = moe_checkpoint
     ckpt = host_checkpoint(path)
     kw = dict(batch=1, longest_prompt=len(PROMPTS[0]), max_new_tokens=8)
-    eng, plan = policies.build_engine(ckpt, "offload", budget=None, **kw)
-    assert plan.fallback == 0 and plan.slots == eng.num_slots == plan.num_experts_total
-    assert plan.slot_bytes == eng.bank.expert_nbytes
-    per_slot = plan.slot_bytes + plan.slot_workspace  # a slot and, off GPU, its transient copy
+    eng, plan = build_engine(ckpt, "offload", budget=None, **kw)
+    assert plan.fallback == 0 and plan.slots == eng.policy.num_slots == plan.num_experts_total
+    assert plan.slot_bytes == eng.policy.bank.expert_nbytes
+    per_slot = plan.slot_bytes
     budget_bytes = plan.minimum + 3 * per_slot + 7  # room for exactly three slots
-    eng, plan = policies.build_engine(ckpt, "prefetch", budget=budget_bytes, **kw)
-    assert plan.slots == eng.num_slots == 3 and eng.prefetch and plan.total <= budget_bytes
+    eng, plan = build_engine(ckpt, "prefetch", budget=budget_bytes, **kw)
+    assert plan.slots == eng.policy.num_slots == 3 and eng.policy.prefetch_enabled and plan.total <= budget_bytes
     k = ckpt.config.experts_per_token
     with pytest.raises(budget.BudgetError, match=rf"the minimum is [\d.]+ MB \({plan.minimum + k * per_slot} bytes\)") as e:
-        policies.build_engine(ckpt, "offload", budget=plan.minimum + k * per_slot - 1, **kw)
+        build_engine(ckpt, "offload", budget=plan.minimum + k * per_slot - 1, **kw)
     assert "\n" not in str(e.value)

@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from dynaexq_jax import policies
 from dynaexq_jax.experts import quant
+from dynaexq_jax.experts.expert_state import HostExperts
 from dynaexq_jax.io import store
-from dynaexq_jax.experts.expert_state import DenseExperts
+from dynaexq_jax.policies import tiers
 
 L, E, H, I = 2, 4, 64, 32
 
@@ -35,7 +35,7 @@ def quantize_calls(monkeypatch):
     real = quant.quantize
 
     def counting(w, *args, **kw):
-        if w.shape[0] == E:  # a layer's experts; the empty slot pool is quantized too, and is not conversion
+        if w.shape[0] == E:  # a layer's experts (not the shape probe of an empty int8 slot pool)
             calls.append(args[0])
         return real(w, *args, **kw)
 
@@ -45,23 +45,24 @@ def quantize_calls(monkeypatch):
 
 def experts_from(ckpt, seed=0):
     rng = np.random.default_rng(seed)
-    host = DenseExperts(
-        gate_up=tuple(rng.standard_normal((E, H, 2 * I)).astype(np.float32) for _ in range(L)),
-        down=tuple(rng.standard_normal((E, I, H)).astype(np.float32) for _ in range(L)),
+    return HostExperts(
+        gate_up=[rng.standard_normal((E, H, 2 * I)).astype(np.float32) for _ in range(L)],
+        down=[rng.standard_normal((E, I, H)).astype(np.float32) for _ in range(L)],
     )
-    return host
 
 
-def build(host, source, **opts):
-    return policies.build_mixed_experts(host, 2, policies.DynaExqOptions(group_size=32, **opts), source=source)
+def build(host, source, lo_bits=4, quant_method="rtn", hi_dtype="bfloat16"):
+    """What the dynaexq policy converts: the fallbacks, and the host bank of high-precision copies."""
+    layers = tiers.quantized_layers(host, lo_bits, 32, quant_method, source=source)
+    return layers, tiers.host_bank(host, hi_dtype, 32, source=source)
 
 
 def entries(cache):
     return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
 
 
-def fallback_leaves(experts):
-    return [np.asarray(a) for q in experts.lo_gate_up + experts.lo_down for a in (q.packed, q.scales, q.zeros)]
+def fallback_leaves(layers):
+    return [np.asarray(a) for pair in layers for q in pair for a in (q.packed, q.scales, q.zeros)]
 
 
 def test_second_build_reuses_cache_without_quantizing(source, quantize_calls):

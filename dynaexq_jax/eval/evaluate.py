@@ -1,13 +1,13 @@
 """Accuracy evaluation of any residency policy: perplexity, multiple choice, exact match.
 
-Every task runs as batched forwards of one jitted scorer over left-padded, power-of-two
-length buckets (the engine's layout); the log-softmax and the gather of each next token's
-log-probability happen inside the jit, so only [B, T] floats come back to the host.
+Every task runs as batched calls of the engine's own jitted scorer (`Engine.score`: the
+log-softmax and the gather of each next token's log-probability happen on the device, so only
+[B, T] floats come back) or of its `generate`, over left-padded power-of-two buckets.
 
 Batch independence. A sequence's scores must not depend on what shares its batch: padded
-positions are masked out of attention and out of the routing trace, every row is scored on
-its own, and a dynaexq runtime's residency never changes in the middle of a pass (see
-`Residency`), so results are identical for any batch size.
+positions are masked out of attention and out of the routing statistics, every row is scored
+on its own and padded to its task's length, and a dynaexq policy's residency never changes in
+the middle of a pass (see `Residency`), so results are identical for any batch size.
 
 Tasks (JSONL, one object a line):
   perplexity       `{"text": ...}` per document, or any other file read as one document
@@ -25,18 +25,18 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from dynaexq_jax import budget as budget_lib
-from dynaexq_jax.runtime import engine as engine_lib
-from dynaexq_jax import policies
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.models.decoder import KVCache
+from dynaexq_jax.policies import POLICIES
+from dynaexq_jax.policies.dynaexq import DynaExqOptions, DynaExqPolicy
+from dynaexq_jax.runtime import engine as engine_lib
+from dynaexq_jax.runtime.build import build_engine, plan_for
 from dynaexq_jax.runtime.sampling import SamplingParams
 
 TASK_KINDS = ("ppl", "mc", "em")
@@ -86,7 +86,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _need(path: Path, i: int, obj: dict, key: str, kind: type):
     if not isinstance(obj.get(key), kind):
-        raise TaskError(f"{path}:{i} needs a {kind.__name__} field {key!r}; see the task formats in dynaexq_jax/evaluate.py")
+        raise TaskError(f"{path}:{i} needs a {kind.__name__} field {key!r}; "
+                        "see the task formats in dynaexq_jax/eval/evaluate.py")
     return obj[key]
 
 
@@ -122,106 +123,84 @@ def load_task(kind: str, path: str | Path) -> Task:
     return Task(kind, path.name.split(".")[0], items)
 
 
-# ----------------------------------------------------------------------------- scoring
-
-
-class Scorer:
-    """Log-probability of every next token, for a batch of token sequences, in one jit.
-
-    `__call__(seqs)` -> ([len_i - 1] float32 per sequence: log p(seq[t] | seq[:t]) for
-    t = 1.., routing counts [moe_layers, E] of the batch's real tokens). Engines other than
-    `engine.Engine` (the offloading baselines run layer by layer from Python) are scored
-    through their own `logits`, on the host, without routing counts (None).
-    """
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.jitted = isinstance(engine, engine_lib.Engine)
-        if not self.jitted:
-            return
-        cfg, dtype = engine.cfg, engine.checkpoint.dtype
-
-        def score(params, experts, tokens, positions, valid):  # [B, P] each
-            B, P = tokens.shape
-            cache = KVCache.empty(cfg, B, P, dtype)
-            logits, _, trace = engine.model.apply({"params": params}, tokens, positions, valid, cache, experts)
-            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [B, P-1, V] float32
-            picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, P-1]
-            return picked, trace["counts"]
-
-        self._score = jax.jit(score)
-
-    def __call__(self, seqs: Sequence[Sequence[int]], length: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-        """`length`: the padded length (default: the batch's bucket). A task passes its own
-        longest bucket, so a sequence's padding, hence its float rounding, never depends on
-        which other sequences share its batch."""
-        if not self.jitted:
-            return [_next_token_logp(l, s) for l, s in zip(self.engine.logits(seqs), seqs)], None
-        P = length or engine_lib.prompt_bucket(max(len(s) for s in seqs))
-        tokens, positions, valid = engine_lib.left_pad(seqs, P)
-        rt = self.engine.runtime
-        rt.before_step()
-        lp, counts = self._score(self.engine.params, rt.experts, tokens, positions, valid)
-        lp, counts = np.asarray(lp), np.asarray(counts)
-        rt.observe(counts, int(valid.sum()))
-        return [lp[b, P - len(s) : P - 1] for b, s in enumerate(seqs)], counts
-
-
-def _next_token_logp(logits: np.ndarray, seq: Sequence[int]) -> np.ndarray:
-    """logits [len, V] -> log p(seq[t] | seq[:t]) for t = 1.., [len - 1] float32."""
-    z = logits[:-1] - logits[:-1].max(axis=-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    return logp[np.arange(len(seq) - 1), np.asarray(seq[1:])].astype(np.float32)
-
-
 # ----------------------------------------------------------------------------- residency
 
 
 class Residency:
-    """Drives a dynaexq runtime through an evaluation, deterministically.
+    """Drives a dynaexq policy through an evaluation, deterministically.
 
-    The engine is given a stand-in runtime with the same experts whose `observe` only sums
-    the routing trace, so no swap starts or lands mid-pass. The trace is then folded into
-    hotness and the new resident set landed completely (the warm start's procedure):
+    While an evaluation runs the engine computes with this stand-in for the policy: the same
+    experts, but the routing it reports (every generation step) and the routing of every
+    scored batch are only summed, so no swap starts or lands mid-pass. At a settle point the
+    sum goes to the policy's `observe` (hotness, then a rebalance) and every swap it queues is
+    landed before the next batch:
       pass    after each task pass (batch-size independent; the default)
       batch   after each batch (closer to serving, but depends on the batch size)
       frozen  never: the warm-start residency throughout
-    Other runtimes are driven as the engine drives them (before_step / observe per step).
+    Other policies are left to the engine.
     """
+
+    name = "dynaexq"
+    layerwise = False
+    observe_every = 1  # every generation step, so a generation's routing is summed whole
 
     def __init__(self, engine, mode: str):
         if mode not in RESIDENCY_MODES:
             raise UserError(f"unknown residency mode {mode!r}; choose one of {', '.join(RESIDENCY_MODES)}")
         self.engine = engine
         self.mode = mode
-        self.runtime = getattr(engine, "runtime", None)
-        self.managed = isinstance(self.runtime, policies.DynaExqRuntime)
-        self.counts = None  # [moe_layers, E] routed pairs since the last settle
+        self.policy = engine.policy
+        self.managed = isinstance(self.policy, DynaExqPolicy)
+        self.mass = 0.0  # [moe_layers, E] router mass since the last settle
         self.tokens = 0
-        self.pairs = 0.0  # routed pairs this pass, and how many hit a high-precision slot
-        self.hi_pairs = 0.0
+        self.pairs = 0  # routed pairs this pass, and how many a high-precision slot served
+        self.hi_pairs = 0
         if self.managed:
-            engine.runtime = self
+            engine.policy = self
 
-    # the runtime interface the engine calls
+    # the policy interface the engine calls
     @property
     def experts(self):
-        return self.runtime.experts
+        return self.policy.experts
 
-    def before_step(self) -> None:
+    def prepare(self, routing_pass) -> None:
+        self.policy.prepare(routing_pass)
+
+    def between_steps(self) -> None:
         pass
 
-    def observe(self, counts: np.ndarray, tokens: int) -> None:
-        self.counts = counts.copy() if self.counts is None else self.counts + counts
-        self.tokens += tokens
-        resident = np.asarray(self.runtime.swapper.slot_of) >= 0  # [moe_layers, E]
-        self.pairs += float(counts.sum())
-        self.hi_pairs += float(counts[resident].sum())
+    def observe(self, mass: np.ndarray, tokens: int, steps: float) -> None:
+        """A generation's routing so far (its `steps` are not needed: see `_settle`)."""
+        self._sum(mass, tokens)
+
+    def after_request(self) -> None:
+        pass  # no profile saved: what an evaluation learns comes from its own test data
 
     def stats(self) -> dict:
-        return self.runtime.stats()
+        return self.policy.stats()
 
     # called by the evaluation loop
+    def warm(self, seq: Sequence[int]) -> None:
+        """Without a hotness profile, dynaexq fills its slots from its first request's routing:
+        make that request one fixed sequence, so the warm-start set does not depend on the
+        batch size."""
+        if self.managed and not self.policy.warm:
+            self.engine.score([seq])
+
+    def scored(self, stats) -> None:
+        """A scored batch's `RoutingStats` (None from a layerwise engine, never managed)."""
+        if self.managed:
+            self._sum(stats.mass, int(stats.tokens))
+            self.pairs += int(stats.counts.sum())
+            self.hi_pairs += int(stats.hi_pairs)
+
+    def generated(self, gen) -> None:
+        """A generation's pairs (its routing came through `observe`)."""
+        if self.managed:
+            pairs = int(gen.expert_counts.sum())
+            self.pairs += pairs
+            self.hi_pairs += round(gen.stats["hi_hit_rate"] * pairs) if pairs else 0
+
     def after_batch(self) -> None:
         if self.managed and self.mode == "batch":
             self._settle()
@@ -233,23 +212,28 @@ class Residency:
         share = self.hi_pairs / self.pairs if self.pairs else None
         if self.mode == "pass":
             self._settle()
-        self.counts, self.tokens, self.pairs, self.hi_pairs = None, 0, 0.0, 0.0
+        self.mass, self.tokens, self.pairs, self.hi_pairs = 0.0, 0, 0, 0
         return share
 
     def close(self) -> None:
         if self.managed:
-            self.engine.runtime = self.runtime
+            self.engine.policy = self.policy
+
+    def _sum(self, mass: np.ndarray, tokens: int) -> None:
+        """Routing to observe at the next settle point."""
+        self.mass = self.mass + np.asarray(mass, np.float64)
+        self.tokens += int(tokens)
 
     def _settle(self) -> None:
         if self.mode == "frozen" or not self.tokens:
             return
-        rt = self.runtime
-        rt.tracker.update(self.counts, self.tokens)
-        self.counts, self.tokens = None, 0
-        rt.rebalance()
-        sw = rt.swapper
+        # One step per token, as if every sequence were served alone: the hotness horizon then
+        # does not depend on how the sequences were batched.
+        self.policy.observe(self.mass, self.tokens, self.tokens)
+        self.mass, self.tokens = 0.0, 0
+        sw = self.policy.swapper
         while sw.pending or sw.inflight:
-            jax.block_until_ready([t.result() for _, t in sw.inflight.values()])
+            jax.block_until_ready([tr.tree for _, tr, _ in sw.inflight.values()])
             sw.poll()
 
 
@@ -292,6 +276,16 @@ def first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
+class _Pass(NamedTuple):
+    """How one task is run: its sequences (or prompts), the order they are batched in, what a
+    batch of indices yields, and the metrics from every batch's output."""
+
+    seqs: list[list[int]]
+    order: list[int]
+    run: Callable[[list[int]], object]
+    finish: Callable[[list], list[tuple[str, float, int]]]
+
+
 class Evaluator:
     """Runs tasks on one engine. `batch_size` sequences per forward (or prompts per generate)."""
 
@@ -312,34 +306,42 @@ class Evaluator:
         self.residency = residency
         self.progress = progress
         self.label = label
-        self.scorer = Scorer(engine)
 
     def run(self, tasks: Sequence[Task]) -> list[tuple[str, str, float, int]]:
         """-> [(task, metric, value, n)]; a dynaexq run adds each task's `hi_pair_share`."""
         res = Residency(self.engine, self.residency)
-        plans = [(t, self._plan(t)) for t in tasks]
-        total = sum(len(batches) for _, (batches, _, _) in plans)
         rows = []
-        with tqdm(total=total, desc=self.label or "eval", file=sys.stderr, disable=not self.progress,
-                  dynamic_ncols=True, leave=False) as bar:
-            try:
-                for task, (batches, run_batch, finish) in plans:
+        try:
+            passes = [(t, self._pass(t, res)) for t in tasks]
+            total = sum(-(-len(p.order) // self.batch_size) for _, p in passes)
+            if passes:
+                first = passes[0][1]
+                res.warm(first.seqs[first.order[0]])
+            with tqdm(total=total, desc=self.label or "eval", file=sys.stderr, disable=not self.progress,
+                      dynamic_ncols=True, leave=False) as bar:
+                for task, p in passes:
                     outputs = []
-                    for batch in batches:
-                        outputs.append(run_batch(batch))
+                    for idx in _batches(p.order, self.batch_size):
+                        outputs.append(p.run(idx))
                         res.after_batch()
                         bar.update(1)
-                    rows += [(task.name, m, v, n) for m, v, n in finish(outputs)]
+                    rows += [(task.name, m, v, n) for m, v, n in p.finish(outputs)]
                     share = res.after_pass()
                     if share is not None:
                         rows.append((task.name, "hi_pair_share", share, 0))
-            finally:
-                res.close()
+        finally:
+            res.close()
         return rows
 
-    def _plan(self, task: Task):
-        """-> (batches, run_batch(batch) -> output, finish([outputs]) -> [(metric, value, n)])."""
-        B = self.batch_size
+    def _score(self, seqs: list[list[int]], idx: list[int], length: int, res: Residency) -> list[np.ndarray]:
+        """Next-token log-probabilities of `seqs[i]` for i in `idx`, padded to `length`: the
+        task's own, so a sequence's padding (hence its rounding) never depends on which others
+        share its batch."""
+        lps, stats = self.engine.score([seqs[i] for i in idx], length)
+        res.scored(stats)
+        return lps
+
+    def _pass(self, task: Task, res: Residency) -> _Pass:
         if task.kind == "ppl":
             eos = self.engine.checkpoint.eos_token_ids
             if not eos:
@@ -352,15 +354,14 @@ class Evaluator:
                 nll = -float(np.sum(lps, dtype=np.float64)) / len(lps)
                 return [("ppl", math.exp(nll), len(lps))]
 
-            return _batches(seqs, B), lambda batch: self.scorer(batch, P)[0], finish
+            return _Pass(seqs, list(range(len(seqs))), lambda idx: self._score(seqs, idx, P, res), finish)
 
         if task.kind == "mc":
             seqs, n_cont = mc_sequences(self.tok, task.items, self.max_length)
-            order = _by_length([len(s) for s in seqs])
             P = engine_lib.prompt_bucket(max(map(len, seqs)))
 
             def run_batch(idx):
-                lps, _ = self.scorer([seqs[i] for i in idx], P)
+                lps = self._score(seqs, idx, P, res)
                 return [(i, float(np.sum(lp[len(lp) - n_cont[i] :], dtype=np.float64))) for i, lp in zip(idx, lps)]
 
             def finish(outs):
@@ -376,16 +377,16 @@ class Evaluator:
                 n = len(task.items)
                 return [("acc", correct / n, n), ("acc_norm", correct_norm / n, n)]
 
-            return _batches(order, B), run_batch, finish
+            return _Pass(seqs, _by_length([len(s) for s in seqs]), run_batch, finish)
 
         # Prompts are left-truncated like multiple-choice contexts: the engine is sized for max_length.
         prompts = [self.tok.encode(it["prompt"], add_special_tokens=False).ids[-self.max_length :] for it in task.items]
         if any(not p for p in prompts):
             raise TaskError(f"task {task.name}: every prompt must encode to at least one token")
-        order = _by_length([len(p) for p in prompts])
 
         def run_gen(idx):
             gen = self.engine.generate([prompts[i] for i in idx], self.max_new_tokens, SamplingParams())
+            res.generated(gen)
             texts = self.tok.decode_batch(gen.tokens, skip_special_tokens=True)
             return [(i, first_line(t)) for i, t in zip(idx, texts)]
 
@@ -394,7 +395,7 @@ class Evaluator:
             hits = sum(got[i] == it["answer"].strip() for i, it in enumerate(task.items))
             return [("exact_match", hits / len(task.items), len(task.items))]
 
-        return _batches(order, B), run_gen, finish_em
+        return _Pass(prompts, _by_length([len(p) for p in prompts]), run_gen, finish_em)
 
 
 # ----------------------------------------------------------------------------- runs and budgets
@@ -417,8 +418,8 @@ class RunSpec:
         return self.policy + at
 
 
-def resolve_budget(spec: str, ckpt, opts: policies.DynaExqOptions, *, batch: int, longest: int, max_new_tokens: int) -> int | None:
-    """Bytes for a budget spec; "+P%" uses the same memory plan as `policies.build_engine`."""
+def resolve_budget(spec: str, ckpt, opts: DynaExqOptions, *, batch: int, longest: int, max_new_tokens: int) -> int | None:
+    """Bytes for a budget spec; "+P%" uses the memory plan `build_engine` makes for dynaexq."""
     if spec == "none":
         return None
     if not spec.startswith("+"):
@@ -429,15 +430,9 @@ def resolve_budget(spec: str, ckpt, opts: policies.DynaExqOptions, *, batch: int
         pct = -1.0
     if not spec.endswith("%") or not 0 <= pct <= 100:
         raise UserError(f"budget {spec!r}: a relative budget is '+P%' with 0 <= P <= 100, e.g. +25%")
-    cfg = ckpt.config
-    prompt = engine_lib.prompt_bucket(longest)
-    plan = budget_lib.plan_memory(
-        cfg, budget=None, batch=batch, prompt=prompt, context=engine_lib.cache_bucket(prompt + max_new_tokens),
-        dtype_itemsize=ckpt.dtype.itemsize, lo_bits=opts.lo_bits, hi_dtype=opts.hi_dtype,
-        group_size=budget_lib.expert_group_size(cfg, opts.group_size), xla_dequant=jax.default_backend() != "gpu",
-    )
-    slots = math.ceil(pct / 100 * plan.num_experts_total)
-    return plan.minimum + slots * (plan.slot_bytes + plan.slot_workspace)
+    plan = plan_for(ckpt.config, "dynaexq", budget=None, batch=batch, longest_prompt=longest,
+                    max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=opts)
+    return plan.minimum + math.ceil(pct / 100 * plan.num_experts_total) * plan.slot_bytes
 
 
 def expand_runs(policy_names: Sequence[str], budgets: Sequence[str], lo_bits: Sequence[int]) -> list[RunSpec]:
@@ -445,8 +440,8 @@ def expand_runs(policy_names: Sequence[str], budgets: Sequence[str], lo_bits: Se
     bit width to vary), and a budget-less dynaexq run (every expert in a slot, i.e. full
     precision) is dropped when `full` is also asked for."""
     for p in policy_names:
-        if p not in policies.POLICIES:
-            raise UserError(f"unknown policy {p!r}; choose from {', '.join(policies.POLICIES)}")
+        if p not in POLICIES:
+            raise UserError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
     runs = []
     for p in policy_names:
         if p == "full":
@@ -465,7 +460,7 @@ def evaluate_runs(
     runs: Sequence[RunSpec],
     tasks: Sequence[Task],
     *,
-    opts: policies.DynaExqOptions = policies.DynaExqOptions(),
+    opts: DynaExqOptions = DynaExqOptions(),
     hotness_profile: str | None = None,
     batch_size: int = 16,
     window: int = 256,
@@ -479,15 +474,15 @@ def evaluate_runs(
     longest = max([window, max_length] if any(t.kind != "ppl" for t in tasks) else [window])
     results = []
     for spec in runs:
-        run_opts = dataclasses.replace(opts, lo_bits=spec.lo_bits)
+        # No saved profile: a run must not depend on what earlier runs of the checkpoint learned.
+        run_opts = dataclasses.replace(opts, lo_bits=spec.lo_bits, save_profile=False)
         budget = resolve_budget(spec.budget, ckpt, run_opts, batch=batch_size, longest=longest, max_new_tokens=max_new_tokens)
-        engine, plan = policies.build_engine(
+        engine, plan = build_engine(
             ckpt, spec.policy, budget=budget, batch=batch_size, longest_prompt=longest, max_new_tokens=max_new_tokens,
             opts=run_opts, hotness_profile=hotness_profile if spec.policy == "dynaexq" else None,
         )
-        runtime = getattr(engine, "runtime", None)
         # The width experts are computed at: static's pick, dynaexq's fallback, else all high precision.
-        bits = {"static": getattr(runtime, "lo_bits", None), "dynaexq": spec.lo_bits}.get(spec.policy, 16)
+        bits = {"static": getattr(engine.policy, "lo_bits", None), "dynaexq": spec.lo_bits}.get(spec.policy, 16)
         label = spec.label(bits)
         log(f"{label}: budget {budget_lib.format_size(budget) if budget else 'none'}, accounted "
             f"{budget_lib.format_size(plan.total)}, {plan.slots if spec.policy != 'static' else 0} slots")

@@ -1,150 +1,144 @@
-"""Expert weights as an explicit pytree, separate from the model's other parameters.
+"""Expert weights as an explicit pytree, apart from the model's other parameters.
 
-The model's MoE block only ever calls `experts.ffn(moe_layer, x, expert_ids, weights)`, so
-any pytree with that method (all-bf16 experts here; mixed-precision slots later) serves the
-same jitted model without retracing when its array contents change.
+Every policy hands the model the same structure: a few *tiers* of stored experts and a
+*handle* per (MoE layer, expert) naming the tier and row that serve it.
+
+    full      one dense tier, [L*E] rows: every expert at the checkpoint's precision
+    static    one packed tier (int8/4/3/2), [L*E] rows
+    dynaexq   a packed fallback tier [L*E] and a high-precision slot pool [S] shared by all
+              layers; an expert's handle points at its slot when it holds one
+    offload   one dense slot pool [S] holding the experts the current layer needs
+
+A promotion writes a slot and flips a handle; a demotion flips it back. Only array contents
+change, never shapes or tier structure, so a jitted step never retraces. Handles are plain
+int32 arrays and every published version is a fresh device array: a step already dispatched
+keeps computing with the version it was given.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import math
+from typing import Sequence
 
-import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dynaexq_jax.experts.matmul import grouped_matmul
 from dynaexq_jax.experts.quant import QuantizedTensor
 
-# (x_sorted [P, K], group_sizes [G]) -> [P, N]
-GroupedMatmul = Callable[[jax.Array, jax.Array], jax.Array]
+Weights = jax.Array | QuantizedTensor
 
 
-def routed_swiglu(
-    x: jax.Array,  # [T, H]
-    group_ids: jax.Array,  # [T, k] group of each routed (token, expert) pair
-    weights: jax.Array,  # [T, k] combine weight of each pair
-    num_groups: int,
-    gate_up: GroupedMatmul,  # -> [P, 2I]
-    down: GroupedMatmul,  # -> [P, H]
-) -> jax.Array:  # [T, H]
-    """SwiGLU experts over routed pairs: sort pairs by group, two grouped matmuls, combine.
-
-    Every (token, expert) pair is computed exactly once, on the weights its group names.
-    """
-    T, k = group_ids.shape
-    flat = group_ids.reshape(-1)  # [P = T*k]
-    order = jnp.argsort(flat, stable=True)
-    token_of = order // k  # [P]
-    group_sizes = jnp.bincount(flat, length=num_groups).astype(jnp.int32)  # [G]
-    h = gate_up(x[token_of], group_sizes)  # [P, 2I]
-    g, u = jnp.split(h, 2, axis=-1)
-    y = down(jax.nn.silu(g) * u, group_sizes)  # [P, H]
-    y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
-    return jnp.zeros_like(x).at[token_of].add(y.astype(x.dtype))
+def weights_nbytes(w: Weights) -> int:
+    """Device bytes of a dense array or a `QuantizedTensor` (packed at its real size)."""
+    return w.nbytes if isinstance(w, QuantizedTensor) else math.prod(w.shape) * jnp.dtype(w.dtype).itemsize
 
 
 @flax.struct.dataclass
-class DenseExperts:
-    """Every expert of every MoE layer in one precision (the all-high-precision model)."""
+class ExpertTier:
+    """One way of storing experts: `rows` of them, each a gate_up and a down matrix."""
 
-    gate_up: tuple[jax.Array, ...]  # per MoE layer: [E, H, 2I] (gate columns first, then up)
-    down: tuple[jax.Array, ...]  # per MoE layer: [E, I, H]
+    gate_up: Weights  # [rows, H, 2I] (gate columns first, then up)
+    down: Weights  # [rows, I, H]
+    high_precision: bool = flax.struct.field(pytree_node=False, default=True)
 
     @property
-    def num_experts(self) -> int:
-        return self.gate_up[0].shape[0]
-
-    def ffn(self, moe_layer: int, x, expert_ids, weights):
-        wgu, wd = self.gate_up[moe_layer], self.down[moe_layer]
-        chex.assert_equal_shape_prefix((wgu, wd), 1)
-        return routed_swiglu(
-            x,
-            expert_ids,
-            weights,
-            self.num_experts,
-            lambda xs, gs: grouped_matmul(xs, wgu, gs, preferred_element_type=x.dtype),
-            lambda xs, gs: grouped_matmul(xs, wd, gs, preferred_element_type=x.dtype),
-        )
+    def rows(self) -> int:
+        return self.gate_up.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.gate_up + self.down)
-
-    def hi_pairs(self, counts):
-        """Routed pairs served at high precision, from a trace's counts [moe_layers, E]."""
-        return jnp.sum(counts)
-
-
-def _nbytes(w) -> int:
-    return w.nbytes if isinstance(w, QuantizedTensor) else w.size * w.dtype.itemsize
+        return weights_nbytes(self.gate_up) + weights_nbytes(self.down)
 
 
 @flax.struct.dataclass
-class MixedExperts:
-    """Every expert on its low-precision fallback, plus a pool of high-precision slots.
+class ExpertState:
+    """Tiers of stored experts and the handle of every (MoE layer, expert)."""
 
-    One slot pool serves all MoE layers (all have the same expert shape), so a budget's
-    slots can go where traffic is: evenly per layer (the paper's rule) or by a global
-    allocation, without reshaping anything. `slot_of` is the stable handle of each expert:
-    flipping it is the only thing a promotion or demotion changes in what a step computes.
-    """
+    tiers: tuple[ExpertTier, ...]
+    tier_of: jax.Array  # [L, E] int32: tier serving the expert
+    row_of: jax.Array  # [L, E] int32: its row in that tier
 
-    lo_gate_up: tuple[QuantizedTensor, ...]  # per MoE layer: [E, H, 2I]
-    lo_down: tuple[QuantizedTensor, ...]  # per MoE layer: [E, I, H]
-    hi_gate_up: jax.Array | QuantizedTensor  # [S, H, 2I] bf16, or int8
-    hi_down: jax.Array | QuantizedTensor  # [S, I, H]
-    slot_of: jax.Array  # [moe_layers, E] int32: slot holding the expert, -1 = fallback
-    owner: jax.Array  # [S] int32: layer * E + expert in the slot, -1 = free
+    @property
+    def num_layers(self) -> int:
+        return self.tier_of.shape[0]
 
     @property
     def num_experts(self) -> int:
-        return self.slot_of.shape[1]
+        return self.tier_of.shape[1]
 
     @property
-    def num_slots(self) -> int:
-        return self.owner.shape[0]
-
-    @property
-    def fallback_nbytes(self) -> int:
-        return sum(_nbytes(w) for w in self.lo_gate_up + self.lo_down)
-
-    @property
-    def slots_nbytes(self) -> int:
-        return _nbytes(self.hi_gate_up) + _nbytes(self.hi_down)
+    def rows_per_tier(self) -> int:
+        """Static stride of the (tier, row) sort keys."""
+        return max(t.rows for t in self.tiers)
 
     @property
     def nbytes(self) -> int:
-        return self.fallback_nbytes + self.slots_nbytes + self.slot_of.nbytes + self.owner.nbytes
+        return sum(t.nbytes for t in self.tiers) + self.tier_of.nbytes + self.row_of.nbytes
 
-    def hi_pairs(self, counts):
-        return jnp.sum(jnp.where(self.slot_of >= 0, counts, 0))
+    def served_high(self) -> jax.Array:
+        """[L, E] bool: the expert is served by a high-precision tier."""
+        high = jnp.asarray([t.high_precision for t in self.tiers])
+        return high[self.tier_of] & (self.row_of >= 0)
 
-    def ffn(self, moe_layer: int, x, expert_ids, weights):
-        E, S = self.num_experts, self.num_slots
-        slot = self.slot_of[moe_layer][expert_ids]  # [T, k]
-        # Groups 0..E-1 are fallbacks, E..E+S-1 slots: slotted pairs sort after all others.
-        groups = jnp.where(slot >= 0, E + slot, expert_ids)
 
-        def two_tier(lo, hi):
-            def matmul(xs, gs):
-                y = grouped_matmul(xs, lo, gs[:E], preferred_element_type=x.dtype)
-                if S == 0:
-                    return y
-                # Slot rows start where fallback rows end; bring them to the front for
-                # the slot pool's grouped matmul, then put the results back in place.
-                n_lo = jnp.sum(gs[:E])
-                y_hi = grouped_matmul(jnp.roll(xs, -n_lo, 0), hi, gs[E:], preferred_element_type=x.dtype)
-                return y + jnp.roll(y_hi, n_lo, 0)
+def layer_major_handles(num_layers: int, num_experts: int, tier: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(tier_of, row_of) [L, E] for a tier that stores every expert at row `l * E + e`."""
+    rows = np.arange(num_layers * num_experts, dtype=np.int32).reshape(num_layers, num_experts)
+    return np.full((num_layers, num_experts), tier, np.int32), rows
 
-            return matmul
 
-        return routed_swiglu(
-            x,
-            groups,
-            weights,
-            E + S,
-            two_tier(self.lo_gate_up[moe_layer], self.hi_gate_up),
-            two_tier(self.lo_down[moe_layer], self.hi_down),
-        )
+def single_tier(tier: ExpertTier, num_layers: int, num_experts: int, device=None) -> ExpertState:
+    """Every expert of every layer in one tier, layer-major."""
+    tier_of, row_of = layer_major_handles(num_layers, num_experts)
+    put = lambda a: jax.device_put(a, device)
+    return ExpertState(tiers=(tier,), tier_of=put(tier_of), row_of=put(row_of))
+
+
+def stack_layers(layers, device=None) -> Weights:
+    """Per-layer host arrays (or `QuantizedTensor`s) [E, K, N] -> one device array [L*E, K, N].
+
+    `layers` is a sequence (a lazy one is fine: presets make each layer on access). Layers are
+    moved one at a time into a preallocated device buffer (donated update), so the device never
+    holds two copies and the host never holds more than the layer being moved.
+    """
+    n = len(layers)
+    first = layers[0]
+    leaves, treedef = jax.tree.flatten(first)
+    out = [jnp.zeros((n * a.shape[0],) + a.shape[1:], a.dtype, device=device) for a in leaves]
+    for i in range(n):
+        layer = first if i == 0 else layers[i]
+        for j, a in enumerate(jax.tree.leaves(layer)):
+            out[j] = _write_rows(out[j], jax.device_put(np.asarray(a), device),
+                                 jax.device_put(np.int32(i * a.shape[0]), device))
+        del layer
+    stacked = jax.tree.unflatten(treedef, out)
+    if isinstance(first, QuantizedTensor):
+        return dataclasses.replace(stacked, shape=(n * first.shape[0],) + first.shape[1:])
+    return stacked
+
+
+_write_rows = jax.jit(lambda buf, block, start: jax.lax.dynamic_update_slice_in_dim(buf, block, start, 0),
+                      donate_argnums=(0,))
+
+
+@dataclasses.dataclass
+class HostExperts:
+    """Every expert as the checkpoint holds it, in host memory, one array per MoE layer.
+
+    Sequences may be lazy (random presets make each layer on access), so consumers take one
+    layer at a time.
+    """
+
+    gate_up: Sequence[np.ndarray]  # per MoE layer: [E, H, 2I] (gate columns, then up)
+    down: Sequence[np.ndarray]  # per MoE layer: [E, I, H]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.gate_up)
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up[0].shape[0] if len(self.gate_up) else 0

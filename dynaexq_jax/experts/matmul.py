@@ -1,65 +1,211 @@
-"""One entry point for grouped (per-expert) matmuls, whatever the weights' precision."""
+"""Expert FFNs over routed (token, expert) pairs that read only the experts with rows.
+
+`routed_ffn` sorts a layer's pairs by the (tier, row) their expert's handle names, cuts the
+sorted rows into tiles of one expert each (`pallas_kernels.plan_tiles`), and multiplies tile
+by tile, so a step reads each routed expert's stored weights (packed or dense, from whichever
+tier holds it) once, and nothing else, whatever the size of the tiers.
+
+The kernel is chosen per lowering platform (`jax.lax.platform_dependent`), never from the
+backend the process runs on, so compiling for a GPU on a CPU-only machine gives exactly the
+program a GPU would run:
+
+- cuda: the Pallas-Triton `tiled_matmul`, one launch per matrix covering every tier;
+- elsewhere (CPU): a loop over the used tiles (`lax.fori_loop`, the tile count its trip
+  count) that fetches one expert at a time (dequantized if packed) and multiplies its rows.
+  Its transient memory is one expert and its work the routed rows only; `jax.lax.ragged_dot`
+  on the CPU multiplies every row by every group.
+
+`grouped_matmul` is the same machinery for one weight array and `ragged_dot`-style group
+sizes: what the kernel tests and benchmarks call.
+"""
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from dynaexq_jax.experts.expert_state import ExpertState, Weights
 from dynaexq_jax.experts.quant import QuantizedTensor, dequantize
+from pallas_kernels import INVALID
 
+Activation = Callable[[jax.Array], jax.Array]  # [rows, 2I] gate|up -> [rows, I]
 BACKENDS = (None, "pallas", "xla")
+ROW_TILES_MAX = 2048  # up to this many routed pairs the Pallas grid has a slot per row (no compaction)
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() in ("gpu", "cuda", "rocm")
+def swiglu(h):
+    g, u = jnp.split(h, 2, axis=-1)
+    return jax.nn.silu(g) * u
 
 
-def grouped_matmul(x, w, group_sizes, *, backend=None, preferred_element_type=None):
+def xla_tile_rows(num_rows: int, num_groups: int) -> int:
+    """Rows per tile of the XLA loop: about twice the mean rows per expert, so most experts
+    take one iteration (1 for decode at batch 1, up to 256 for long prefills)."""
+    per_group = -(-2 * num_rows // max(num_groups, 1))
+    return min(256, 1 << max(per_group - 1, 0).bit_length())
+
+
+def _dot(a, b):
+    """float32 product of one tile (the XLA path: XLA:CPU has no bf16 x bf16 -> f32 dot, and a
+    tile's operands are small)."""
+    return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def _fetch(w: Weights, row, dtype):
+    """One expert's [K, N] matrix in `dtype`, dequantized when packed."""
+    if isinstance(w, QuantizedTensor):
+        return dequantize(w.take(row), dtype)
+    return jax.lax.dynamic_index_in_dim(w, row, 0, keepdims=False).astype(dtype)
+
+
+def _kernel_tier(w: Weights) -> pallas_kernels.grouped_matmul.Tier:
+    if isinstance(w, QuantizedTensor):
+        return (w.packed, w.scales, w.zeros), w.layout
+    return (w,), None
+
+
+# ------------------------------------------------------------------------- XLA loop path
+
+
+def _xla_loop(xs, keys, *, num_groups: int, rows_per_tier: int, width: int, out_dtype, tile_fn):
+    """Sorted rows `xs` [P, K] tile by tile: `tile_fn(tier, row, x_tile [tm, K])` -> [tm, width].
+    Rows no tile covers come out as zeros."""
+    P = xs.shape[0]
+    tm = xla_tile_rows(P, num_groups)
+    tiles = pallas_kernels.plan_tiles(keys, tm, pallas_kernels.max_tiles(P, num_groups, tm))
+    tier, row = pallas_kernels.split_key(tiles, rows_per_tier)
+    xp = jnp.pad(xs, ((0, tm), (0, 0)))
+
+    def body(t, out):
+        y = tile_fn(tier[t], row[t], jax.lax.dynamic_slice_in_dim(xp, tiles.start[t], tm))
+        # Tiles run in row order, so rows a tile computes past its expert's end are rewritten
+        # by the tiles that own them (or land in the spare rows).
+        return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), tiles.start[t], 0)
+
+    return jax.lax.fori_loop(0, tiles.count, body, jnp.zeros((P + tm, width), out_dtype))[:P]
+
+
+def _switch(tier, branches, *operands):
+    return branches[0](*operands) if len(branches) == 1 else jax.lax.switch(tier, branches, *operands)
+
+
+# ----------------------------------------------------------------------- Pallas path
+
+
+def _pallas_plan(xs, keys, num_groups: int, rows_per_tier: int):
+    P = xs.shape[0]
+    tm = pallas_kernels.default_block_m(P, num_groups)
+    if P <= ROW_TILES_MAX:
+        tiles = pallas_kernels.row_tiles(keys, tm)
+    else:
+        tiles = pallas_kernels.plan_tiles(keys, tm, pallas_kernels.max_tiles(P, num_groups, tm))
+    tier, row = pallas_kernels.split_key(tiles, rows_per_tier)
+    return tm, tiles, tier, row, jnp.pad(xs, ((0, tm), (0, 0)))
+
+
+def _pallas_supported(k: int, weights: Sequence[Weights], num_rows: int, num_groups: int) -> bool:
+    n = weights[0].shape[-1]
+    layouts = [_kernel_tier(w)[1] for w in weights]
+    tm = pallas_kernels.default_block_m(num_rows, num_groups)
+    bn = pallas_kernels.default_block_n(n, num_rows)
+    return pallas_kernels.gpu_unsupported_reason(k, n, layouts, block_m=tm, block_n=bn) is None
+
+
+def _tiled(xp, weights, tier, row, tiles, tm, out_dtype, interpret: bool):
+    return pallas_kernels.tiled_matmul(xp, [_kernel_tier(w) for w in weights], tier, row, tiles,
+                                       n=weights[0].shape[-1], tm=tm, out_dtype=out_dtype, interpret=interpret)
+
+
+# ------------------------------------------------------------------------------ FFNs
+
+
+def routed_ffn(state: ExpertState, layer, x, expert_ids, weights, token_valid, residual=None, *,
+               activation: Activation = swiglu):
+    """MoE experts of MoE layer `layer` (an int or a traced index) for routed pairs.
+
+    x [T, H]; expert_ids, weights [T, k]: each token's experts and combine weights;
+    token_valid [T] bool: pairs of invalid tokens (padding) are not computed, nor are pairs
+    whose expert's handle has a negative row (not available to this call). -> `residual`
+    [T, H] (default zeros) plus the weighted expert outputs, in x's dtype.
+    """
+    T, k = expert_ids.shape
+    tier = state.tier_of[layer][expert_ids]  # [T, k]
+    row = state.row_of[layer][expert_ids]
+    valid = token_valid[:, None] & (row >= 0)
+    R = state.rows_per_tier
+    keys = jnp.where(valid, tier * R + row, INVALID).reshape(-1)  # [P]
+    order = jnp.argsort(keys, stable=True)
+    keys = keys[order]
+    token_of = order // k
+    xs = x[token_of]  # [P, H]
+    E = state.num_experts
+    dt = x.dtype
+
+    def elsewhere(xs, keys):
+        f32 = jnp.float32
+        fetchers = [lambda r, t=t: (_fetch(t.gate_up, r, f32), _fetch(t.down, r, f32)) for t in state.tiers]
+
+        def ffn(tier, row, xt):
+            wgu, wd = _switch(tier, fetchers, row)
+            return _dot(activation(_dot(xt, wgu).astype(dt)), wd).astype(dt)
+
+        return _xla_loop(xs, keys, num_groups=E, rows_per_tier=R, width=x.shape[1], out_dtype=dt, tile_fn=ffn)
+
+    def cuda(xs, keys):
+        gu, dn = [t.gate_up for t in state.tiers], [t.down for t in state.tiers]
+        P, H = xs.shape
+        I = dn[0].shape[1]
+        if not (_pallas_supported(H, gu, P, E) and _pallas_supported(I, dn, P, E)):
+            return elsewhere(xs, keys)
+        tm, tiles, tier, row, xp = _pallas_plan(xs, keys, E, R)
+        h = _tiled(xp, gu, tier, row, tiles, tm, dt, interpret=False)
+        return _tiled(activation(h), dn, tier, row, tiles, tm, dt, interpret=False)[:P]
+
+    ys = jax.lax.platform_dependent(xs, keys, cuda=cuda, default=elsewhere)
+    used = keys != INVALID
+    w = jnp.where(used, weights.reshape(-1)[order], 0).astype(dt)
+    ys = jnp.where(used[:, None], ys, 0) * w[:, None]  # rows no tile stored are undefined on GPU
+    return (jnp.zeros_like(x) if residual is None else residual).at[token_of].add(ys)
+
+
+def grouped_matmul(x, w: Weights, group_sizes, *, backend: str | None = None, out_dtype=None):
     """Rows of `x` [T, K], sorted by group, times `w[g]` [K, N] for their group g -> [T, N].
 
-    `group_sizes` [G] int32 sums to at most T (`jax.lax.ragged_dot` semantics; rows past
-    the sum come out zero). `w` is a dense array [G, K, N] or a `QuantizedTensor`.
-
-    backend None picks per platform: on GPU the Pallas kernel for quantized weights (unless
-    its shape limits rule it out) and `ragged_dot` for dense ones; elsewhere the XLA path.
-    "pallas" forces the Pallas kernels (interpreted off GPU, also for dense weights);
-    "xla" forces dequantize + `ragged_dot`.
+    `jax.lax.ragged_dot` semantics: `group_sizes` [G] counts rows per group; rows past their
+    sum come out zero (a sum past T is clamped, never read out of bounds). `w` is a dense
+    [G, K, N] array or a `QuantizedTensor`. backend None: the Pallas kernel when lowering for
+    CUDA (if its shape limits allow), the XLA tile loop elsewhere; "pallas": the kernel
+    everywhere (interpreted off GPU); "xla": the tile loop everywhere.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
-    group_sizes = group_sizes.astype(jnp.int32)
-    out_dtype = preferred_element_type or x.dtype
-    if isinstance(w, QuantizedTensor):
-        if backend is None:
-            _, k, n = w.shape
-            ok = _on_gpu() and pallas_kernels.gpu_unsupported_reason(
-                k, n, bits=w.bits, group_size=w.group_size,
-                block_m=pallas_kernels.default_block_m(x.shape[0], w.shape[0]),
-                block_n=pallas_kernels.default_block_n(n, x.shape[0])) is None
-            backend = "pallas" if ok else "xla"
-        if backend == "pallas":
-            return pallas_kernels.grouped_dequant_matmul(
-                x, w, group_sizes, preferred_element_type=out_dtype)
-        return _xla_dequant_matmul(x, w, group_sizes, out_dtype)
-    if backend == "pallas":
-        return pallas_kernels.grouped_matmul_dense(
-            x, w, group_sizes, preferred_element_type=out_dtype)
-    return jax.lax.ragged_dot(x.astype(w.dtype), w, group_sizes, preferred_element_type=out_dtype)
+    T = x.shape[0]
+    G = w.shape[0]
+    dt = out_dtype or x.dtype
+    if T == 0:
+        return jnp.zeros((0, w.shape[-1]), dt)
+    keys = pallas_kernels.group_keys(group_sizes, T)
 
+    def xla(x, keys):
+        tile_fn = lambda tier, row, xt: _dot(xt, _fetch(w, row, jnp.float32))
+        return _xla_loop(x, keys, num_groups=G, rows_per_tier=G, width=w.shape[-1], out_dtype=dt, tile_fn=tile_fn)
 
-def _xla_dequant_matmul(x, qt: QuantizedTensor, group_sizes, out_dtype):
-    """Dequantize + `ragged_dot`; with fewer rows than experts only the active experts are
-    dequantized (at most T of them), so decode does not expand the whole bank."""
-    t = x.shape[0]
-    num_experts = qt.shape[0]
-    if t == 0:
-        return jnp.zeros((0, qt.shape[-1]), out_dtype)
-    if t < num_experts:
-        # Ascending ids keep the rows' expert order; padding entries get zero rows.
-        (active,) = jnp.nonzero(group_sizes > 0, size=t, fill_value=0)  # [T]
-        n_active = jnp.sum(group_sizes > 0)
-        group_sizes = jnp.where(jnp.arange(t) < n_active, group_sizes[active], 0)
-        qt = qt.take(active)
-    w = dequantize(qt, x.dtype)  # [min(T, E), K, N]
-    return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=out_dtype)
+    def pallas(interpret: bool):
+        def run(x, keys):
+            if not interpret and not _pallas_supported(x.shape[1], [w], T, G):
+                return xla(x, keys)
+            tm, tiles, tier, row, xp = _pallas_plan(x, keys, G, G)
+            return _tiled(xp, [w], tier, row, tiles, tm, dt, interpret)[:T]
+
+        return run
+
+    if backend == "xla":
+        y = xla(x, keys)
+    elif backend == "pallas":
+        y = jax.lax.platform_dependent(x, keys, cuda=pallas(False), default=pallas(True))
+    else:
+        y = jax.lax.platform_dependent(x, keys, cuda=pallas(False), default=xla)
+    return jnp.where((keys != INVALID)[:, None], y, 0).astype(dt)

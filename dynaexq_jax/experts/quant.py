@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import Packed
+
 SUPPORTED_BITS = (8, 4, 3, 2)
 METHODS = ("rtn", "mse")
 
@@ -101,6 +103,11 @@ class QuantizedTensor:
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+    @property
+    def layout(self) -> Packed:
+        """The static packing description the Pallas kernels take."""
+        return Packed(self.bits, self.group_size, slices_per_group(self.bits))
 
     def take(self, idx) -> "QuantizedTensor":
         """Experts `idx` along axis 0 (an int gives [K, N]; an index array [M] gives [M, K, N]).

@@ -1,13 +1,17 @@
 """Asynchronous promotion and instant demotion of experts between decode steps.
 
 A promotion goes through three stages, none of which makes a step wait:
-1. an asynchronous host -> device `jax.device_put` of the expert's high-precision copy
-   (from pinned host memory where the backend has it), started within a per-step byte budget;
-2. once that copy `is_ready()`, a jitted in-place write of the slot (the pool is donated, so
-   XLA orders the write after every step already enqueued that reads the old contents);
-3. only then the expert's handle (`slot_of`) flips to the slot.
-A demotion flips the handle back to the fallback at once and frees the slot; a transfer that
-never completes never changes outputs, and one that fails leaves the expert on its fallback.
+1. an asynchronous host -> device `jax.device_put` of the expert's high-precision copy (from
+   pinned host memory where the backend has it), started within a per-step byte budget;
+2. once that copy `is_ready()` and did not fail, a jitted in-place write of the slot (the pool
+   is donated, so XLA orders the write after every step already enqueued that reads it);
+3. only then the expert's handle flips to the slot, in a newly published expert state.
+A demotion flips the handle back to the fallback at once and frees the slot.
+
+Published states are fresh device arrays made from fresh host arrays, never views of the
+swapper's own bookkeeping, so a step dispatched earlier computes with the handles in force
+when it was dispatched. A copy that fails, or does not land within `stall_s`, never reaches
+the pool: the expert stays on its fallback and its slot is freed.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from dynaexq_jax.experts.expert_state import MixedExperts
+from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, layer_major_handles
 
 
 def host_memory_kind(device) -> str | None:
@@ -43,7 +47,8 @@ class Transfer:
         return all(a.is_ready() for a in jax.tree.leaves(self.tree))
 
     def result(self):
-        return self.tree
+        """The copied pytree; raises if the copy failed (instant once `ready()`)."""
+        return jax.block_until_ready(self.tree)
 
 
 def stage(host_tree, device=None):
@@ -83,11 +88,12 @@ def _write_slot_impl(pool, staged, slot):
     # Leaf by leaf: a pool QuantizedTensor [S, K, N] and one staged expert [K, N] differ in
     # their static shape, so they are not the same pytree structure.
     leaves, treedef = jax.tree.flatten(pool)
-    new = [jax.lax.dynamic_update_index_in_dim(p, s.astype(p.dtype), slot, 0) for p, s in zip(leaves, jax.tree.leaves(staged))]
+    new = [jax.lax.dynamic_update_index_in_dim(p, s.astype(p.dtype), slot, 0)
+           for p, s in zip(leaves, jax.tree.leaves(staged))]
     return jax.tree.unflatten(treedef, new)
 
 
-_write_slot = jax.jit(_write_slot_impl, donate_argnums=(0,))
+write_slot = jax.jit(_write_slot_impl, donate_argnums=(0,))
 
 
 @dataclasses.dataclass
@@ -98,38 +104,54 @@ class SwapStats:
     failed: int = 0
     h2d_bytes: int = 0
     transfer_wait_s: float = 0.0
+    fill_s: float = 0.0  # warm start: slots filled before the first step
 
 
 class Swapper:
-    """Owns the slot pool and the handles; the engine reads `experts` before every step."""
+    """Owns the slot pool and the handles; the engine reads `experts` before every step.
+
+    `fallback` stores every expert (row `layer * E + expert`); `pool` holds the slots.
+    """
 
     def __init__(
         self,
-        experts: MixedExperts,
+        fallback: ExpertTier,
+        pool: ExpertTier,
         bank: HostBank,
+        num_layers: int,
         *,
         bytes_per_step: int,
         transfer: Callable[[object], Transfer] | None = None,
         blocking: bool = False,
+        stall_s: float = 30.0,
+        device=None,
     ):
-        self._pool = (experts.hi_gate_up, experts.hi_down)
-        self._lo = (experts.lo_gate_up, experts.lo_down)
-        self.slot_of = np.asarray(experts.slot_of).copy()  # [moe_layers, E]
-        self.owner = np.asarray(experts.owner).copy()  # [S]
+        self.device = device or jax.devices()[0]
+        self.fallback = fallback
+        self._pool = (pool.gate_up, pool.down)
+        self.num_layers = num_layers
+        E = fallback.rows // num_layers
+        self.slot_of = np.full((num_layers, E), -1, np.int32)  # [moe_layers, E]; -1 = fallback
+        self.owner = np.full((pool.rows,), -1, np.int32)  # [S]: layer * E + expert, -1 = free
         self.bank = bank
         self.bytes_per_step = max(int(bytes_per_step), bank.expert_nbytes)
-        self.transfer = transfer or device_put_transfer(jax.devices()[0])
+        self.transfer = transfer or device_put_transfer(self.device)
         self.blocking = blocking  # wait for each transfer (the "blocking migration" variant)
+        self.stall_s = stall_s
         self.pending: list[tuple[int, int]] = []  # promotions not yet started, in order
-        self.inflight: dict[tuple[int, int], tuple[int, Transfer]] = {}  # -> (reserved slot, transfer)
+        self.inflight: dict[tuple[int, int], tuple[int, Transfer, float]] = {}  # -> (slot, transfer, start)
         self.stats = SwapStats()
-        self._experts = experts
-        self._handles_sharding = experts.slot_of.sharding  # republished handles keep it: no retrace
+        self._lo_handles = layer_major_handles(num_layers, E)
+        self._publish()
 
     # ------------------------------------------------------------------ queries
     @property
     def num_experts(self) -> int:
         return self.slot_of.shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        return self.owner.shape[0]
 
     def resident(self) -> np.ndarray:
         """[moe_layers, E] bool: experts whose handle points at a slot now."""
@@ -143,11 +165,11 @@ class Swapper:
         return w
 
     def free_slots(self) -> list[int]:
-        reserved = {slot for slot, _ in self.inflight.values()}
+        reserved = {slot for slot, _, _ in self.inflight.values()}
         return [s for s in np.flatnonzero(self.owner < 0) if s not in reserved]
 
     @property
-    def experts(self) -> MixedExperts:
+    def experts(self) -> ExpertState:
         return self._experts
 
     # ------------------------------------------------------------------ requests
@@ -172,53 +194,89 @@ class Swapper:
     # ------------------------------------------------------------------ progress
     def poll(self) -> None:
         """Between steps: land finished transfers, then start new ones within the byte rate."""
-        landed = []
-        for key, (slot, tr) in list(self.inflight.items()):
-            try:
-                if self.blocking:
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(tr.result())
-                    self.stats.transfer_wait_s += time.perf_counter() - t0
-                if not tr.ready():
-                    continue
-                staged = tr.result()
-                self._pool = _write_slot(self._pool, staged, np.int32(slot))
-            except Exception as e:  # a failed copy must not stop decoding
-                warnings.warn(f"promotion of expert {key[1]} in MoE layer {key[0]} failed ({e}); it stays on its fallback")
-                del self.inflight[key]
-                self.stats.failed += 1
+        landed = False
+        for key, (slot, tr, t0) in list(self.inflight.items()):
+            if self.blocking:
+                tw = time.perf_counter()
+                jax.block_until_ready(tr.tree)
+                self.stats.transfer_wait_s += time.perf_counter() - tw
+            elif not tr.ready():
+                if time.perf_counter() - t0 > self.stall_s:
+                    self._fail(key, f"no copy after {self.stall_s:g} s")
                 continue
-            del self.inflight[key]
-            self.slot_of[key] = slot
-            self.owner[slot] = key[0] * self.num_experts + key[1]
-            self.stats.promotions += 1
-            landed.append(key)
+            landed |= self._land(key, slot, tr)
         started = 0
         free = self.free_slots()
         while self.pending and free and started + self.bank.expert_nbytes <= self.bytes_per_step:
             key = self.pending.pop(0)
-            try:
-                tr = self.transfer(self.bank[key])
-            except Exception as e:
-                warnings.warn(f"promotion of expert {key[1]} in MoE layer {key[0]} failed ({e}); it stays on its fallback")
-                self.stats.failed += 1
-                continue
-            self.inflight[key] = (free.pop(0), tr)
-            started += self.bank.expert_nbytes
-            self.stats.h2d_bytes += self.bank.expert_nbytes
+            if self._start(key, free.pop(0)):
+                started += self.bank.expert_nbytes
         if landed:
             self._publish()
         if self.blocking and self.inflight:
             self.poll()
 
+    def fill(self, keys: Iterable[tuple[int, int]]) -> None:
+        """Promote `keys` now, waiting for every copy: the warm start, before any step runs."""
+        t0 = time.perf_counter()
+        free = self.free_slots()
+        for key in keys:
+            if self.slot_of[key] < 0 and key not in self.inflight and free:
+                self._start(key, free.pop(0))
+        for key, (slot, tr, _) in list(self.inflight.items()):
+            try:
+                jax.block_until_ready(tr.tree)
+            except Exception:
+                pass  # _land reports it
+            self._land(key, slot, tr)
+        self._publish()
+        jax.block_until_ready(self._pool)
+        self.stats.fill_s += time.perf_counter() - t0
+
+    def _start(self, key, slot) -> bool:
+        try:
+            tr = self.transfer(self.bank[key])
+        except Exception as e:
+            self._warn(key, e)
+            return False
+        self.inflight[key] = (slot, tr, time.perf_counter())
+        self.stats.h2d_bytes += self.bank.expert_nbytes
+        return True
+
+    def _land(self, key, slot, tr: Transfer) -> bool:
+        """Write a finished copy into its slot and flip the handle (bookkeeping only until the
+        next publish). A failed copy never reaches the pool."""
+        try:
+            staged = tr.result()
+        except Exception as e:  # the copy itself failed: surfaced here, not inside the write
+            self._fail(key, e)
+            return False
+        del self.inflight[key]
+        self._pool = write_slot(self._pool, staged, jax.device_put(np.int32(slot), self.device))
+        self.slot_of[key] = slot
+        self.owner[slot] = key[0] * self.num_experts + key[1]
+        self.stats.promotions += 1
+        return True
+
+    def _fail(self, key, why) -> None:
+        del self.inflight[key]
+        self.stats.failed += 1
+        self._warn(key, why)
+
+    @staticmethod
+    def _warn(key, why) -> None:
+        warnings.warn(f"promotion of expert {key[1]} in MoE layer {key[0]} failed ({why}); it stays on its fallback")
+
     def _publish(self) -> None:
-        self._experts = MixedExperts(
-            lo_gate_up=self._lo[0],
-            lo_down=self._lo[1],
-            hi_gate_up=self._pool[0],
-            hi_down=self._pool[1],
-            slot_of=jax.device_put(self.slot_of, self._handles_sharding),
-            owner=jax.device_put(self.owner, self._handles_sharding),
+        tier_lo, row_lo = self._lo_handles
+        slotted = self.slot_of >= 0
+        tier_of = np.where(slotted, 1, tier_lo).astype(np.int32)  # fresh arrays: never views of
+        row_of = np.where(slotted, self.slot_of, row_lo).astype(np.int32)  # the mutable bookkeeping
+        pool = ExpertTier(self._pool[0], self._pool[1], high_precision=True)
+        self._experts = ExpertState(
+            tiers=(self.fallback, pool),
+            tier_of=jax.device_put(tier_of, self.device),
+            row_of=jax.device_put(row_of, self.device),
         )
 
     def check_invariants(self) -> None:
@@ -228,5 +286,5 @@ class Swapper:
         for layer, expert in zip(*np.nonzero(self.slot_of >= 0)):
             assert self.owner[self.slot_of[layer, expert]] == layer * self.num_experts + expert
         assert int((self.owner >= 0).sum()) == len(held)
-        reserved = [s for s, _ in self.inflight.values()]
+        reserved = [s for s, _, _ in self.inflight.values()]
         assert not set(reserved) & set(held.tolist()), "an in-flight transfer targets a slot in use"

@@ -19,58 +19,53 @@ from typing import Iterator
 import numpy as np
 from safetensors.numpy import save_file
 
-from dynaexq_jax.models.config import Qwen3MoeConfig
-from dynaexq_jax.experts.expert_state import DenseExperts
+from dynaexq_jax.experts.expert_state import HostExperts
 from dynaexq_jax.io.loader import np_dtype
+from dynaexq_jax.models import registry
+from dynaexq_jax.models.config import ModelConfig
 
 _DTYPE_NAMES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 
 
-def hf_tensors(cfg: Qwen3MoeConfig, params: dict, experts: DenseExperts, dtype) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF tensor name, host array in HF layout and `dtype`) for every weight of the model."""
+def hf_tensors(cfg: ModelConfig, params: dict, experts: HostExperts, dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF tensor name, host array in HF layout and `dtype`) for every weight of the model:
+    the family adapter's tables read backwards."""
+    fam = registry.adapter(cfg)
     npd = np_dtype(dtype)
-    H, D = cfg.hidden_size, cfg.head_dim
+
+    def out(t, leaf):
+        a = np.asarray(leaf)
+        if t.cols is not None:
+            a = a[..., t.cols[0]:t.cols[1]]
+        a = (a.T if t.linear else a).astype(npd)
+        if a.shape != t.shape:
+            raise ValueError(f"{t.name}: expected shape {t.shape}, got {a.shape}")
+        return t.name, np.ascontiguousarray(a)
+
+    def leaf(tree, path):
+        for k in path:
+            tree = tree[k]
+        return tree
+
+    top = {t.path[0]: t for t in fam.top_tensors(cfg)}
+    yield out(top["embed_tokens"], leaf(params, top["embed_tokens"].path))
     I = cfg.moe_intermediate_size
-
-    def arr(x, shape):
-        a = np.asarray(x).astype(npd)
-        if a.shape != shape:
-            raise ValueError(f"expected shape {shape}, got {a.shape}")
-        return np.ascontiguousarray(a)
-
-    def linear(p, in_dim, out_dim):  # Flax [in, out] -> HF [out, in]
-        return arr(np.asarray(p["kernel"]), (in_dim, out_dim)).T.copy()
-
-    yield "model.embed_tokens.weight", arr(params["embed_tokens"]["embedding"], (cfg.vocab_size, H))
-    for i in range(cfg.num_layers):
-        p, layer = f"model.layers.{i}.", params[f"layers_{i}"]
-        attn = layer["self_attn"]
-        yield p + "input_layernorm.weight", arr(layer["input_layernorm"]["weight"], (H,))
-        yield p + "post_attention_layernorm.weight", arr(layer["post_attention_layernorm"]["weight"], (H,))
-        yield p + "self_attn.q_proj.weight", linear(attn["q_proj"], H, cfg.num_heads * D)
-        yield p + "self_attn.k_proj.weight", linear(attn["k_proj"], H, cfg.num_kv_heads * D)
-        yield p + "self_attn.v_proj.weight", linear(attn["v_proj"], H, cfg.num_kv_heads * D)
-        yield p + "self_attn.o_proj.weight", linear(attn["o_proj"], cfg.num_heads * D, H)
-        yield p + "self_attn.q_norm.weight", arr(attn["q_norm"]["weight"], (D,))
-        yield p + "self_attn.k_norm.weight", arr(attn["k_norm"]["weight"], (D,))
-        if cfg.is_moe_layer(i):
-            m = cfg.moe_layers.index(i)
-            yield p + "mlp.gate.weight", linear(layer["mlp"]["gate"], H, cfg.num_experts)
-            wgu = arr(experts.gate_up[m], (cfg.num_experts, H, 2 * I))
-            wd = arr(experts.down[m], (cfg.num_experts, I, H))
-            for e in range(cfg.num_experts):
-                q = f"{p}mlp.experts.{e}."
-                yield q + "gate_proj.weight", np.ascontiguousarray(wgu[e, :, :I].T)
-                yield q + "up_proj.weight", np.ascontiguousarray(wgu[e, :, I:].T)
-                yield q + "down_proj.weight", np.ascontiguousarray(wd[e].T)
-        else:
-            F, mlp = cfg.intermediate_size, layer["mlp"]
-            yield p + "mlp.gate_proj.weight", linear(mlp["gate_proj"], H, F)
-            yield p + "mlp.up_proj.weight", linear(mlp["up_proj"], H, F)
-            yield p + "mlp.down_proj.weight", linear(mlp["down_proj"], F, H)
-    yield "model.norm.weight", arr(params["norm"]["weight"], (H,))
-    if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", linear(params["lm_head"], H, cfg.vocab_size)
+    for seg, stacked in zip(cfg.segments, params["layers"]):
+        for j in range(seg.count):
+            i = seg.first + j
+            for t in fam.layer_tensors(cfg, i):
+                yield out(t, np.asarray(leaf(stacked, t.path))[j])
+            if seg.kind == "moe":
+                m = cfg.moe_layers.index(i)
+                wgu, wd = np.asarray(experts.gate_up[m]), np.asarray(experts.down[m])
+                for e in range(cfg.num_experts):
+                    g, u, d = fam.expert_tensors(cfg, i, e)
+                    yield out(g, wgu[e, :, :I])
+                    yield out(u, wgu[e, :, I:])
+                    yield out(d, wd[e])
+    for name in ("norm", "lm_head"):
+        if name in top:
+            yield out(top[name], leaf(params, top[name].path))
 
 
 def _write(path: Path, data: str | bytes):
@@ -83,9 +78,9 @@ def _write(path: Path, data: str | bytes):
 
 def save_checkpoint(
     path: str | Path,
-    cfg: Qwen3MoeConfig,
+    cfg: ModelConfig,
     params: dict,
-    experts: DenseExperts,
+    experts: HostExperts,
     *,
     tokenizer=None,
     eos_token_id: int | list[int] | None = None,
@@ -110,7 +105,7 @@ def save_checkpoint(
             os.fsync(f.fileno())
         del tensors
 
-        config = cfg.to_hf_dict()
+        config = registry.adapter(cfg).config_to_hf(cfg)
         config["torch_dtype"] = dtype_name
         config["dtype"] = dtype_name
         gen = {"_from_model_config": True}

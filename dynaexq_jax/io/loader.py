@@ -1,8 +1,9 @@
-"""Load a Hugging Face Qwen3-MoE checkpoint directory: config, weights, tokenizer.
+"""Load a Hugging Face MoE checkpoint directory: config, weights, tokenizer.
 
-Tensors are streamed one at a time from the safetensors files (memory-mapped), converted to
-the compute dtype and transposed into the Flax layout; each layer's experts are stacked into
-one preallocated host array, so host memory peaks near one copy of the model, not two.
+The family adapter (`models.registry`) names every tensor; they are streamed one at a time
+from the safetensors files (memory-mapped), converted to the compute dtype and transposed into
+the Flax layout. Each segment's layers are stacked into one preallocated host array, and each
+MoE layer's experts into one [E, ...] array, so host memory peaks near one copy of the model.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import numpy as np
 from safetensors import safe_open
 from tqdm import tqdm
 
-from dynaexq_jax.models.config import ConfigError, Qwen3MoeConfig
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.experts.expert_state import DenseExperts
+from dynaexq_jax.experts.expert_state import HostExperts
+from dynaexq_jax.models import registry
+from dynaexq_jax.models.config import ConfigError, ModelConfig
+from dynaexq_jax.models.decoder import Decoder
 
 
 class CheckpointError(UserError):
@@ -73,35 +76,38 @@ class _TensorReader:
     """Reads named tensors from safetensors files, keeping each file open once; `progress`
     (a tqdm bar, or None) advances by each tensor's stored bytes."""
 
-    def __init__(self, files: dict[str, Path], progress=None):
+    def __init__(self, files: dict[str, Path], dtype, progress=None):
         self.files = files
+        self.dtype = np_dtype(dtype)
         self._open = {}
         self.progress = progress
 
     def __contains__(self, name):
         return name in self.files
 
-    def get(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in self.files:
-            raise CheckpointError(f"checkpoint lacks tensor {name!r}; is it a complete Qwen3-MoE checkpoint?")
-        path = self.files[name]
+    def get(self, t) -> np.ndarray:
+        """Tensor `t` (an adapter's `Tensor`) in our layout: shape checked, [in, out] if linear."""
+        if t.name not in self.files:
+            raise CheckpointError(f"checkpoint lacks tensor {t.name!r}; is it a complete checkpoint of this model type?")
+        path = self.files[t.name]
         if path not in self._open:
             self._open[path] = safe_open(path, framework="numpy")
-        t = self._open[path].get_tensor(name)
-        if t.shape != shape:
-            raise CheckpointError(f"tensor {name!r} has shape {t.shape}, config.json implies {shape}")
+        a = self._open[path].get_tensor(t.name)
+        if a.shape != t.shape:
+            raise CheckpointError(f"tensor {t.name!r} has shape {a.shape}, config.json implies {t.shape}")
         if self.progress is not None:
-            self.progress.update(t.nbytes)
-        return t.astype(dtype, copy=False)
+            self.progress.update(a.nbytes)
+        a = a.astype(self.dtype, copy=False)
+        return a.T if t.linear else a
 
 
 @dataclasses.dataclass
 class Checkpoint:
-    """What `load` returns: everything needed to run the model, on the default device."""
+    """What `load` returns: the config, non-expert params on the device, experts on the host."""
 
-    config: Qwen3MoeConfig
-    params: dict  # Flax params of everything but the experts
-    experts: DenseExperts
+    config: ModelConfig
+    params: dict  # Flax params of everything but the experts (see models.decoder)
+    experts: HostExperts
     dtype: jnp.dtype
     eos_token_ids: tuple[int, ...]
     tokenizer: object | None  # tokenizers.Tokenizer, when the directory has tokenizer.json
@@ -127,63 +133,51 @@ def load_tokenizer(path: Path):
     return Tokenizer.from_file(str(f))
 
 
-def load_params(cfg: Qwen3MoeConfig, files: dict[str, Path], dtype, progress=None) -> tuple[dict, DenseExperts]:
-    """Read every tensor into the Flax layout, on the host: (non-expert params, experts)."""
-    npd = np_dtype(dtype)
-    r = _TensorReader(files, progress)
-    H, D = cfg.hidden_size, cfg.head_dim
-    E, I = cfg.num_experts, cfg.moe_intermediate_size
+def _fill(leaf: np.ndarray, t, value: np.ndarray) -> None:
+    """Write `value` where tensor `t` goes in `leaf` (all of it, or its column range)."""
+    if t.cols is None:
+        leaf[...] = value
+    else:
+        leaf[..., t.cols[0]:t.cols[1]] = value
 
-    def linear(name, out_dim, in_dim):  # HF stores [out, in]; Flax kernels are [in, out]
-        return {"kernel": r.get(name, npd, (out_dim, in_dim)).T}
 
-    def norm(name, dim):
-        return {"weight": r.get(name, npd, (dim,))}
+def _leaf(tree: dict, path: tuple[str, ...]) -> np.ndarray:
+    for k in path:
+        tree = tree[k]
+    return tree
 
-    params = {"embed_tokens": {"embedding": r.get("model.embed_tokens.weight", npd, (cfg.vocab_size, H))}}
+
+def load_params(cfg: ModelConfig, files: dict[str, Path], dtype, progress=None) -> tuple[dict, HostExperts]:
+    """Read every tensor into our layout, on the host: (non-expert params, experts).
+
+    The parameter tree is allocated from the decoder's own shapes (segments stacked), then
+    each checkpoint tensor is written where the family adapter says it goes."""
+    fam = registry.adapter(cfg)
+    r = _TensorReader(files, dtype, progress)
+    shapes = Decoder(cfg, dtype).param_shapes()
+    params = jax.tree.map(lambda a: np.empty(a.shape, r.dtype), shapes)
+    for t in fam.top_tensors(cfg):
+        _fill(_leaf(params, t.path), t, r.get(t))
+    for seg, stacked in zip(cfg.segments, params["layers"]):
+        for j in range(seg.count):
+            for t in fam.layer_tensors(cfg, seg.first + j):
+                _fill(_leaf(stacked, t.path)[j], t, r.get(t))
     gate_up, down = [], []
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        layer = {
-            "input_layernorm": norm(p + "input_layernorm.weight", H),
-            "post_attention_layernorm": norm(p + "post_attention_layernorm.weight", H),
-            "self_attn": {
-                "q_proj": linear(p + "self_attn.q_proj.weight", cfg.num_heads * D, H),
-                "k_proj": linear(p + "self_attn.k_proj.weight", cfg.num_kv_heads * D, H),
-                "v_proj": linear(p + "self_attn.v_proj.weight", cfg.num_kv_heads * D, H),
-                "o_proj": linear(p + "self_attn.o_proj.weight", H, cfg.num_heads * D),
-                "q_norm": norm(p + "self_attn.q_norm.weight", D),
-                "k_norm": norm(p + "self_attn.k_norm.weight", D),
-            },
-        }
-        if cfg.is_moe_layer(i):
-            layer["mlp"] = {"gate": linear(p + "mlp.gate.weight", E, H)}
-            wgu = np.empty((E, H, 2 * I), npd)  # [E, H, 2I]: gate columns, then up
-            wd = np.empty((E, I, H), npd)  # [E, I, H]
-            fused = p + "mlp.experts.gate_up_proj"
-            if fused in r:  # transformers' in-memory layout, when saved unconverted
-                wgu[:] = r.get(fused, npd, (E, 2 * I, H)).transpose(0, 2, 1)
-                wd[:] = r.get(p + "mlp.experts.down_proj", npd, (E, H, I)).transpose(0, 2, 1)
-            else:
-                for e in range(E):
-                    q = f"{p}mlp.experts.{e}."
-                    wgu[e, :, :I] = r.get(q + "gate_proj.weight", npd, (I, H)).T
-                    wgu[e, :, I:] = r.get(q + "up_proj.weight", npd, (I, H)).T
-                    wd[e] = r.get(q + "down_proj.weight", npd, (H, I)).T
-            gate_up.append(wgu)
-            down.append(wd)
+    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    for i in cfg.moe_layers:
+        wgu = np.empty((E, H, 2 * I), r.dtype)  # [E, H, 2I]: gate columns, then up
+        wd = np.empty((E, I, H), r.dtype)  # [E, I, H]
+        fused_gu, fused_d = fam.fused_expert_tensors(cfg, i)
+        if fused_gu.name in r:  # transformers' in-memory layout, when saved unconverted
+            wgu[:] = r.get(fused_gu).transpose(0, 2, 1)
+            wd[:] = r.get(fused_d).transpose(0, 2, 1)
         else:
-            F = cfg.intermediate_size
-            layer["mlp"] = {
-                "gate_proj": linear(p + "mlp.gate_proj.weight", F, H),
-                "up_proj": linear(p + "mlp.up_proj.weight", F, H),
-                "down_proj": linear(p + "mlp.down_proj.weight", H, F),
-            }
-        params[f"layers_{i}"] = layer
-    params["norm"] = norm("model.norm.weight", H)
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = linear("lm_head.weight", cfg.vocab_size, H)
-    return params, DenseExperts(gate_up=tuple(gate_up), down=tuple(down))
+            for e in range(E):
+                g, u, d = fam.expert_tensors(cfg, i, e)
+                wgu[e, :, :I], wgu[e, :, I:], wd[e] = r.get(g), r.get(u), r.get(d)
+        gate_up.append(wgu)
+        down.append(wd)
+    return params, HostExperts(gate_up=gate_up, down=down)
 
 
 def to_device(tree):
@@ -191,17 +185,14 @@ def to_device(tree):
     return jax.tree.map(lambda a: jax.device_put(np.ascontiguousarray(a)), tree)
 
 
-def load(path: str | Path, dtype=jnp.bfloat16, *, experts_on_device: bool = True, progress: bool = False) -> Checkpoint:
-    """Load a Hugging Face Qwen3-MoE checkpoint directory onto the default device.
-
-    With `experts_on_device=False` the experts stay in host memory (numpy), for a runtime
-    that quantizes them and keeps only some at high precision on the device. `progress`
-    shows a bar of bytes read, with rate and ETA, on stderr.
-    """
+def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False) -> Checkpoint:
+    """Load a Hugging Face checkpoint directory: non-expert weights onto the default device,
+    experts into host memory (a policy decides what of them goes to the device, and how).
+    `progress` shows a bar of bytes read, with rate and ETA, on stderr."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist; pass --model DIR of a Hugging Face checkpoint")
-    cfg = Qwen3MoeConfig.from_file(path)
+    cfg = ModelConfig.from_file(path)
     files = weight_files(path)
     total = stored_nbytes(files) if progress else 0
     with tqdm(total=total, desc="loading", unit="B", unit_scale=True, file=sys.stderr, disable=not progress,
@@ -210,7 +201,7 @@ def load(path: str | Path, dtype=jnp.bfloat16, *, experts_on_device: bool = True
     return Checkpoint(
         config=cfg,
         params=to_device(params),
-        experts=to_device(experts) if experts_on_device else experts,
+        experts=experts,
         dtype=jnp.dtype(dtype),
         eos_token_ids=read_eos(path),
         tokenizer=load_tokenizer(path),

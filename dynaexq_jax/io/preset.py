@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.models.config import Qwen3MoeConfig
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.experts.expert_state import DenseExperts
+from dynaexq_jax.experts.expert_state import HostExperts
 from dynaexq_jax.io.loader import Checkpoint, np_dtype, to_device
-from dynaexq_jax.models.decoder import KVCache, Qwen3Moe
+from dynaexq_jax.models import registry
+from dynaexq_jax.models.config import ModelConfig
+from dynaexq_jax.models.decoder import Decoder
 
 PRESETS = {
     "qwen3-30b-a3b": dict(
@@ -45,13 +46,13 @@ PRESETS = {
 INIT_STD = 0.02
 
 
-def preset_config(name: str) -> Qwen3MoeConfig:
+def preset_config(name: str) -> ModelConfig:
     """A preset name, or the path of a config.json (or of its directory)."""
     if name in PRESETS:
-        return Qwen3MoeConfig.from_dict(PRESETS[name])
+        return registry.adapter_for(PRESETS[name]).config_from_hf(PRESETS[name])
     path = Path(name)
     if path.exists():
-        return Qwen3MoeConfig.from_file(path)
+        return ModelConfig.from_file(path)
     raise UserError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)} or a config.json path")
 
 
@@ -87,14 +88,9 @@ class LazyLayers:
         return (self[i] for i in range(self.num_layers))
 
 
-def random_params(cfg: Qwen3MoeConfig, dtype, seed: int) -> dict:
-    """Non-expert parameters: the model's own init tree, weights ~ N(0, 0.02), norms 1."""
-    model = Qwen3Moe(cfg, dtype)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    cache = KVCache.empty(cfg, 1, 1, dtype)
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), tokens, tokens, tokens > -1, cache, _NoExperts(cfg))
-    )["params"]
+def random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
+    """Non-expert parameters: the model's own tree, weights ~ N(0, 0.02), norms 1 (host numpy)."""
+    shapes = Decoder(cfg, dtype).param_shapes()
     rng = np.random.default_rng(seed)
     npd = np_dtype(dtype)
 
@@ -107,42 +103,44 @@ def random_params(cfg: Qwen3MoeConfig, dtype, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(init, shapes)
 
 
-class _NoExperts:
-    """Shape-only stand-in for the experts while tracing the parameter tree."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def ffn(self, moe_layer, x, expert_ids, weights):
-        return jnp.zeros_like(x)
+def _routers(params: dict, cfg: ModelConfig):
+    """(segment index, its stacked router kernel [n, H, E]) of every MoE segment."""
+    return [(s, params["layers"][s]["mlp"]["gate"]["kernel"]) for s, seg in enumerate(cfg.segments) if seg.kind == "moe"]
 
 
-def skew_router(params: dict, cfg: Qwen3MoeConfig, skew: float, seed: int) -> dict:
+def _with_routers(params: dict, kernels: dict) -> dict:
+    """`params` with the router kernels of segments `kernels` {segment: [n, H, E]} replaced."""
+    layers = list(params["layers"])
+    for s, k in kernels.items():
+        layers[s] = {**layers[s], "mlp": {**layers[s]["mlp"], "gate": {"kernel": k}}}
+    return {**params, "layers": tuple(layers)}
+
+
+def _zipf_scale(rng, num_experts: int, skew: float) -> np.ndarray:
+    rank = rng.permutation(num_experts) + 1
+    scale = rank.astype(np.float32) ** -skew
+    return scale / np.sqrt(np.mean(scale**2))  # keep the mean logit spread
+
+
+def skew_router(params: dict, cfg: ModelConfig, skew: float, seed: int) -> dict:
     """Scale each MoE layer's router rows by a random Zipf-like ranking (see module doc)."""
     if skew == 0:
         return params
     rng = np.random.default_rng((seed, 7))
-    new = dict(params)
-    for i in cfg.moe_layers:
-        layer = dict(new[f"layers_{i}"])
-        mlp = dict(layer["mlp"])
-        kernel = mlp["gate"]["kernel"]  # [H, E]
-        rank = rng.permutation(cfg.num_experts) + 1
-        scale = (rank.astype(np.float32) ** -skew)
-        scale = scale / np.sqrt(np.mean(scale**2))  # keep the mean logit spread
-        mlp["gate"] = {"kernel": (np.asarray(kernel, np.float32) * scale).astype(kernel.dtype)}
-        layer["mlp"] = mlp
-        new[f"layers_{i}"] = layer
-    return new
+    out = {}
+    for s, kernel in _routers(params, cfg):  # [n, H, E]
+        scale = np.stack([_zipf_scale(rng, cfg.num_experts, skew) for _ in range(kernel.shape[0])])  # [n, E]
+        out[s] = (np.asarray(kernel, np.float32) * scale[:, None, :]).astype(kernel.dtype)
+    return _with_routers(params, out)
 
 
-def random_checkpoint(cfg: Qwen3MoeConfig, dtype=jnp.bfloat16, *, seed: int = 0, routing_skew: float = 0.0) -> Checkpoint:
+def random_checkpoint(cfg: ModelConfig, dtype=jnp.bfloat16, *, seed: int = 0, routing_skew: float = 0.0) -> Checkpoint:
     """A Checkpoint of `cfg`'s shapes with random weights; experts stay on the host, lazily."""
     host = skew_router(random_params(cfg, dtype, seed), cfg, routing_skew, seed)
     H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     n = len(cfg.moe_layers)
     npd = np_dtype(dtype)
-    experts = DenseExperts(
+    experts = HostExperts(
         gate_up=LazyLayers((E, H, 2 * I), n, seed * 2 + 1, npd),
         down=LazyLayers((E, I, H), n, seed * 2 + 2, npd),
     )
@@ -157,30 +155,23 @@ class RouterShift:
 
     def __init__(self, ckpt: Checkpoint, skew: float):
         self.cfg, self.skew = ckpt.config, skew
-        # Undo nothing: re-ranking starts from the current routers' row norms divided out.
-        self.base = {
-            i: _unit_rows(np.asarray(ckpt.params[f"layers_{i}"]["mlp"]["gate"]["kernel"], np.float32))
-            for i in ckpt.config.moe_layers
-        }
+        # Re-ranking starts from the current routers with their row norms divided out.
+        self.base = {s: _unit_rows(np.asarray(k, np.float32)) for s, k in _routers(ckpt.params, ckpt.config)}
 
     def params(self, params: dict, shift: int) -> dict:
         """`params` with the routers of ranking number `shift`."""
         rng = np.random.default_rng((shift, 11))
-        new = dict(params)
-        for i, base in self.base.items():
-            rank = rng.permutation(self.cfg.num_experts) + 1
-            scale = rank.astype(np.float32) ** -self.skew
-            scale = scale / np.sqrt(np.mean(scale**2))
-            old = params[f"layers_{i}"]["mlp"]["gate"]["kernel"]
-            kernel = jax.device_put((base * scale).astype(old.dtype), old.sharding)
-            new[f"layers_{i}"] = {**params[f"layers_{i}"], "mlp": {**params[f"layers_{i}"]["mlp"], "gate": {"kernel": kernel}}}
-        return new
+        out = {}
+        for (s, old), base in zip(_routers(params, self.cfg), self.base.values()):
+            scale = np.stack([_zipf_scale(rng, self.cfg.num_experts, self.skew) for _ in range(base.shape[0])])
+            out[s] = jax.device_put((base * scale[:, None, :]).astype(old.dtype), old.sharding)
+        return _with_routers(params, out)
 
 
 def _unit_rows(kernel: np.ndarray) -> np.ndarray:
-    """Router [H, E] with every expert column scaled to the mean column norm."""
-    norms = np.linalg.norm(kernel, axis=0)
-    return kernel * (norms.mean() / norms)
+    """Routers [n, H, E] with every expert column scaled to the layer's mean column norm."""
+    norms = np.linalg.norm(kernel, axis=1, keepdims=True)  # [n, 1, E]
+    return kernel * (norms.mean(axis=2, keepdims=True) / norms)
 
 
 __all__ = ["PRESETS", "RouterShift", "preset_config", "random_checkpoint", "skew_router"]

@@ -125,3 +125,12 @@ def _abstract(desc):
     if isinstance(desc.get("shape"), list):
         return np.empty(tuple(desc["shape"]), np_dtype(desc["dtype"]))  # untouched pages: no real allocation
     return {k: _abstract(v) for k, v in desc.items()}
+
+
+def profile_path(source: Path | None) -> Path | None:
+    """Where the hotness profile of checkpoint `source` is saved between runs (beside its
+    converted experts), or None when there is no source or the cache is off (`DYNAEXQ_CACHE=0`)."""
+    src = Path(source).resolve() if source is not None else None
+    if src is None or not src.is_dir() or not enabled():
+        return None
+    return cache_root(src) / f"hotness-{source_fingerprint(src)}.json"

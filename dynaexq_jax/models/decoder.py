@@ -1,12 +1,24 @@
-"""Qwen3-MoE decoder as Flax modules, with an explicit KV cache and explicit expert weights.
+"""The decoder as pure functions of explicit pytrees: non-expert params, experts, KV cache.
 
-`Qwen3Moe.apply({"params": params}, tokens, positions, cache, experts)` is a pure function:
-the non-expert parameters, the expert pytree (see `expert_state`) and the KV cache all come in
-as arguments and the updated cache goes out, so jitted steps never retrace when expert
-residency changes.
+    logits, cache, trace = Decoder(cfg, dtype)(params, experts, cache, tokens, positions, token_valid)
+
+Layers are Flax modules; the decoder applies them segment by segment (`ModelConfig.segments`,
+runs of layers of one kind), each segment a `jax.lax.scan` over its stacked parameters, so a
+48-layer model traces and compiles one layer. The KV cache is one stacked array per K and V,
+[layers, B, S, KVH, D], carried through the scans and updated in place at (layer, index).
+
+Experts are not parameters: each MoE layer calls `ffn(experts, moe_layer, x, ids, weights,
+valid)` on the expert-state pytree it is given (`experts.matmul.routed_ffn` by default), so a
+new expert version (a promotion) is a new argument value, never a retrace.
+
+Parameter tree: {"embed_tokens": {"embedding"}, "layers": (segment trees, stacked on axis 0),
+"norm": {"weight"}, "lm_head": {"kernel"} (absent when tied)}; inside a layer, the Hugging
+Face names (`self_attn/q_proj/kernel`, `mlp/gate/kernel`, ...) with kernels [in, out].
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import chex
 import flax.linen as nn
@@ -14,201 +26,139 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dynaexq_jax.models.config import Qwen3MoeConfig
-
-_MASKED = -1e30  # finite, so rows with every key masked (left padding) give no NaN
+from dynaexq_jax.experts.matmul import routed_ffn
+from dynaexq_jax.models.config import ModelConfig
+from dynaexq_jax.models.layers import DecoderLayer, ExpertFFN, LayerSlice, Linear, RMSNorm, Routing, mm, rotary
 
 
 @flax.struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer: [B, S, KVH, D]
-    v: tuple[jax.Array, ...]  # per layer: [B, S, KVH, D]
-    valid: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
+    # Keys and values in one array, written together; heads before slots, so a layer's
+    # [B, KVH, S, D] is what the attention dots contract over without a transpose.
+    kv: jax.Array  # [layers, 2 (k, v), B, KVH, S, D]
+    # [B] int32: each row's first real slot. Rows are left-padded and then only appended to,
+    # so a row's real tokens are the slots from `start` to the last written; S: none yet.
+    start: jax.Array
     index: jax.Array  # [] int32: next slot to write (all rows aligned by left padding)
 
     @classmethod
-    def empty(cls, cfg: Qwen3MoeConfig, batch: int, length: int, dtype) -> "KVCache":
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(
-            k=zeros,
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            valid=jnp.zeros((batch, length), bool),
-            index=jnp.zeros((), jnp.int32),
-        )
+    def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
+        shape = (cfg.num_layers, 2, batch, cfg.num_kv_heads, length, cfg.head_dim)
+        return cls(kv=jnp.zeros(shape, dtype), start=jnp.full((batch,), length, jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
 
     @property
     def length(self) -> int:
-        return self.valid.shape[1]
+        return self.kv.shape[4]
 
     @staticmethod
-    def nbytes_for(cfg: Qwen3MoeConfig, batch: int, length: int, dtype) -> int:
+    def nbytes_for(cfg: ModelConfig, batch: int, length: int, dtype) -> int:
         per_layer = 2 * batch * length * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-        return cfg.num_layers * per_layer + batch * length  # + the validity mask
+        return cfg.num_layers * per_layer + 4 * batch  # + each row's start
+
+    def written(self, token_valid) -> jax.Array:
+        """`start` after writing a chunk whose real tokens are `token_valid` [B, T] from `index`."""
+        first = self.index + jnp.argmax(token_valid, axis=1).astype(jnp.int32)
+        return jnp.where(jnp.any(token_valid, axis=1), jnp.minimum(self.start, first), self.start)
 
 
-class RMSNorm(nn.Module):
-    eps: float
-
-    @nn.compact
-    def __call__(self, x):
-        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), x.dtype)
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return w * xf.astype(x.dtype)
+def _no_experts(experts, moe_layer, x, expert_ids, weights, token_valid, residual):
+    """Stand-in FFN while tracing the parameter tree (experts are not parameters)."""
+    return residual
 
 
-def rope(x, positions, theta: float):
-    """Rotary embedding, rotate-half convention. x: [B, T, heads, D], positions: [B, T]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
-    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :].astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+class Decoder:
+    """The whole model. `ffn` computes an MoE layer's experts from the expert-state pytree."""
 
+    def __init__(self, cfg: ModelConfig, dtype=jnp.bfloat16, ffn: ExpertFFN = routed_ffn, router_probs: bool = False,
+                 kernels: bool = True):
+        """`router_probs`: also return every expert's router probability summed per layer (what
+        a load-balancing loss needs). `kernels`: use the Pallas decode kernels when lowering
+        for a GPU; training turns them off (they have no derivative rules)."""
+        self.cfg, self.dtype = cfg, jnp.dtype(dtype)
+        self.layers = {kind: DecoderLayer(cfg, kind, self.dtype, ffn, router_probs, kernels)
+                       for kind in ("moe", "dense")}
+        self.router_probs = router_probs
+        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
+        self.norm = RMSNorm(cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.vocab_size, self.dtype)
 
-def _linear(features: int, name: str, dtype):
-    return nn.Dense(features, use_bias=False, name=name, dtype=dtype, param_dtype=dtype)
-
-
-class Attention(nn.Module):
-    cfg: Qwen3MoeConfig
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x, positions, k_cache, v_cache, valid, index):
-        cfg = self.cfg
-        B, T, _ = x.shape
-        D, H, KVH = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        q = _linear(H * D, "q_proj", self.dtype)(x).reshape(B, T, H, D)
-        k = _linear(KVH * D, "k_proj", self.dtype)(x).reshape(B, T, KVH, D)
-        v = _linear(KVH * D, "v_proj", self.dtype)(x).reshape(B, T, KVH, D)
-        q = rope(RMSNorm(cfg.rms_norm_eps, name="q_norm")(q), positions, cfg.rope_theta)
-        k = rope(RMSNorm(cfg.rms_norm_eps, name="k_norm")(k), positions, cfg.rope_theta)
-
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        S = k_cache.shape[1]
-        q_slot = index + jnp.arange(T)  # [T]
-        mask = valid[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot[None, :, None])  # [B, T, S]
-
-        qg = q.reshape(B, T, KVH, H // KVH, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
-        scores = scores * (D**-0.5)
-        scores = jnp.where(mask[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache).reshape(B, T, H * D)
-        return _linear(cfg.hidden_size, "o_proj", self.dtype)(out), k_cache, v_cache
-
-
-class DenseMLP(nn.Module):
-    intermediate: int
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x):
-        g = _linear(self.intermediate, "gate_proj", self.dtype)(x)
-        u = _linear(self.intermediate, "up_proj", self.dtype)(x)
-        return _linear(x.shape[-1], "down_proj", self.dtype)(jax.nn.silu(g) * u)
-
-
-def route(cfg: Qwen3MoeConfig, logits):
-    """Router logits [BT, E] -> probs [BT, E] (float32), top_p, top_i [BT, k].
-
-    Shared with runtimes that run the router apart from the experts (`offload`).
-    """
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    top_p, top_i = jax.lax.top_k(probs, cfg.experts_per_token)  # [BT, k]
-    if cfg.norm_topk_prob:
-        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-    return probs, top_p, top_i
-
-
-class MoEBlock(nn.Module):
-    """Softmax router, top-k, optional renormalisation; experts come from the `experts` pytree."""
-
-    cfg: Qwen3MoeConfig
-    moe_layer: int  # index among the MoE layers, into the expert pytree
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x, token_valid, experts):
-        cfg = self.cfg
-        B, T, Hd = x.shape
-        xt = x.reshape(B * T, Hd)
-        logits = _linear(cfg.num_experts, "gate", self.dtype)(xt)  # [BT, E]
-        probs, top_p, top_i = route(cfg, logits)
-        y = experts.ffn(self.moe_layer, xt, top_i, top_p.astype(self.dtype))
-        # Routing trace of real tokens only: pair counts feed hotness; router probabilities
-        # feed the load-balancing loss in training.
-        tv = token_valid.reshape(B * T, 1).astype(jnp.float32)
-        trace = {
-            "counts": jnp.zeros((cfg.num_experts,), jnp.float32).at[top_i].add(tv),
-            "probs": jnp.sum(probs * tv, axis=0),
-        }
-        return y.reshape(B, T, Hd), trace
-
-
-class DecoderLayer(nn.Module):
-    cfg: Qwen3MoeConfig
-    layer: int
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x, positions, token_valid, k_cache, v_cache, valid, index, experts):
-        cfg = self.cfg
-        h, k_cache, v_cache = Attention(cfg, self.dtype, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, k_cache, v_cache, valid, index
-        )
-        x = x + h
-        hn = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x)
-        trace = None
-        if cfg.is_moe_layer(self.layer):
-            moe_layer = cfg.moe_layers.index(self.layer)
-            h, trace = MoEBlock(cfg, moe_layer, self.dtype, name="mlp")(hn, token_valid, experts)
-        else:
-            h = DenseMLP(cfg.intermediate_size, self.dtype, name="mlp")(hn)
-        return x + h, k_cache, v_cache, trace
-
-
-class Qwen3Moe(nn.Module):
-    cfg: Qwen3MoeConfig
-    dtype: jnp.dtype = jnp.bfloat16
-
-    @nn.compact
-    def __call__(self, tokens, positions, token_valid, cache: KVCache, experts, last_only: bool = False):
+    def __call__(self, params, experts, cache: KVCache, tokens, positions, token_valid, last_only: bool = False,
+                 fresh: bool = False):
         """tokens, positions, token_valid: [B, T]. Writes T cache slots from `cache.index`.
+        `fresh` (static): the cache is empty (index 0), so attention reads only this chunk.
 
-        Returns logits [B, T, V] (float32; [B, 1, V] of the last position if `last_only`), the updated cache and the routing trace of this
-        call's real tokens: {"counts": routed pair counts, "probs": summed router
-        probabilities}, each [moe_layers, experts].
+        Returns logits [B, T, V] float32 ([B, 1, V] of the last position if `last_only`), the
+        updated cache, and the routing of this call's real tokens: `Routing` stacked over the MoE
+        layers (`chosen` [moe_layers, B*T, E]; `router_probs` [moe_layers, E] if asked for).
         """
         cfg = self.cfg
         chex.assert_equal_shape((tokens, positions, token_valid))
         chex.assert_rank(tokens, 2)
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", dtype=self.dtype, param_dtype=self.dtype)
-        x = embed(tokens)
-        valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, cache.index))
-        ks, vs, traces = [], [], []
-        for i in range(cfg.num_layers):
-            x, k, v, t = DecoderLayer(cfg, i, self.dtype, name=f"layers_{i}")(
-                x, positions, token_valid, cache.k[i], cache.v[i], valid, cache.index, experts
-            )
-            ks.append(k)
-            vs.append(v)
-            if t is not None:
-                traces.append(t)
+        x = self.embed.apply({"params": params["embed_tokens"]}, tokens)
+        start = cache.written(token_valid)
+        rot = rotary(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
+        kv = cache.kv
+        routing = []
+        for seg, seg_params in zip(cfg.segments, params["layers"]):
+            layer_fn = self.layers[seg.kind]
+
+            def body(carry, _, seg=seg, seg_params=seg_params, layer_fn=layer_fn):
+                x, kv, i = carry
+                p = jax.tree.map(lambda a: LayerSlice(a, i), seg_params)  # the stack, read at layer i
+                x, kv, route = layer_fn.apply(
+                    {"params": p}, x, rot, token_valid, kv, seg.first + i, start, cache.index, experts,
+                    seg.first_moe + i, fresh,
+                )
+                return (x, kv, i + 1), route
+
+            (x, kv, _), route = jax.lax.scan(body, (x, kv, jnp.zeros((), jnp.int32)), length=seg.count)
+            if seg.kind == "moe":
+                routing.append(route)
         if last_only:  # prefill needs only the next token: skip the [B, T, V] projection
             x = x[:, -1:]
-        x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+        logits = self.head(params, x)
+        new_cache = KVCache(kv=kv, start=start, index=cache.index + tokens.shape[1])
+        B, T = tokens.shape
+        E = cfg.num_experts
+        if routing:
+            routing = jax.tree.map(lambda *parts: jnp.concatenate(parts), *routing)
         else:
-            logits = _linear(cfg.vocab_size, "lm_head", self.dtype)(x)
-        T = tokens.shape[1]
-        new_cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid, index=cache.index + T)
-        empty = jnp.zeros((0, cfg.num_experts), jnp.float32)
-        trace = {k: jnp.stack([t[k] for t in traces]) if traces else empty for k in ("counts", "probs")}
-        return logits.astype(jnp.float32), new_cache, trace
+            routing = Routing(jnp.zeros((0, B * T, E)), jnp.zeros((0, E)) if self.router_probs else None)
+        return logits, new_cache, routing
+
+    def head(self, params, x):
+        """Final norm and LM head: x [B, T, H] -> logits [B, T, V] float32."""
+        x = self.norm.apply({"params": params["norm"]}, x)
+        if self.cfg.tie_word_embeddings:
+            logits = mm(x, params["embed_tokens"]["embedding"], "...h,vh->...v")
+        else:
+            logits = self.lm_head.apply({"params": params["lm_head"]}, x)
+        return logits.astype(jnp.float32)
+
+    def init(self, key) -> dict:
+        """Parameters with Flax's default initialisers (use `param_shapes` for shapes only)."""
+        cfg = self.cfg
+        x = jnp.zeros((1, 1, cfg.hidden_size), self.dtype)
+        ones = jnp.ones((1, 1), bool)
+        rot = rotary(jnp.zeros((1, 1), jnp.int32), cfg.head_dim, cfg.rope_theta, self.dtype)
+        kv = jnp.zeros((1, 2, 1, cfg.num_kv_heads, 1, cfg.head_dim), self.dtype)
+        zero = jnp.zeros((), jnp.int32)
+        start = jnp.zeros((1,), jnp.int32)
+        keys = jax.random.split(key, len(cfg.segments) + 2)
+        layers = []
+        for seg, k in zip(cfg.segments, keys[2:]):
+            mod = DecoderLayer(cfg, seg.kind, self.dtype, _no_experts)
+            one = lambda k, mod=mod: mod.init(k, x, rot, ones, kv, zero, start, zero, None, zero)["params"]
+            layers.append(jax.vmap(one)(jax.random.split(k, seg.count)))
+        params = {
+            "embed_tokens": self.embed.init(keys[0], jnp.zeros((1, 1), jnp.int32))["params"],
+            "layers": tuple(layers),
+            "norm": self.norm.init(keys[1], x)["params"],
+        }
+        if not cfg.tie_word_embeddings:
+            params["lm_head"] = self.lm_head.init(keys[1], x)["params"]
+        return params
+
+    def param_shapes(self) -> dict:
+        return jax.eval_shape(self.init, jax.random.key(0))

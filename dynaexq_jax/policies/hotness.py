@@ -4,9 +4,9 @@ Every expert is always resident in low precision; these functions decide which e
 MoE layer also get one of the layer's high-precision slots. All of it is host-side numpy that
 runs between jitted decode steps, so it favours clarity over vectorisation.
 
-Scores are per-token selection rates: the (exponentially weighted) number of times, or
-router-probability mass with which, an expert was chosen per token. "Layers" here means the
-model's MoE layers (dense layers have no experts).
+Scores are per-token rates: the (exponentially weighted) router-probability mass an expert
+received when chosen, per token (DynaExq's signal; pair counts work the same way). "Layers"
+here means the model's MoE layers (dense layers have no experts).
 """
 
 from __future__ import annotations
@@ -21,20 +21,23 @@ import numpy as np
 
 
 class HotnessTracker:
-    """Exponentially weighted per-token selection rate of every (layer, expert).
+    """Exponentially weighted per-token rate of every (layer, expert), over decode steps.
 
-    Decay is measured in tokens, not in calls to `update`, so the estimate has one meaning
-    (a moving average over roughly `half_life_tokens` tokens) whatever the update cadence.
+    The horizon is in steps, not tokens, so it means the same at batch 1 and batch 32: an
+    update covers `steps` decode steps (a prefill of T tokens per sequence counts as the T
+    steps it replaces) and decays the old estimate by 0.5 ** (steps / half_life_steps). The
+    new rate enters with the complementary weight, so k updates of n steps at a constant rate
+    equal one update of k*n steps whatever the cadence.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, half_life_tokens: float, scores=None):
+    def __init__(self, num_layers: int, num_experts: int, half_life_steps: float, scores=None):
         if num_layers <= 0 or num_experts <= 0:
             raise ValueError(f"need at least one layer and one expert, got {num_layers}x{num_experts}")
-        if not half_life_tokens > 0:
-            raise ValueError(f"half_life_tokens must be > 0, got {half_life_tokens}")
+        if not half_life_steps > 0:
+            raise ValueError(f"half_life_steps must be > 0, got {half_life_steps}")
         self.num_layers = num_layers
         self.num_experts = num_experts
-        self.half_life_tokens = float(half_life_tokens)
+        self.half_life_steps = float(half_life_steps)
         shape = (num_layers, num_experts)
         if scores is None:
             self._scores = np.zeros(shape, np.float64)  # [layers, experts]
@@ -48,19 +51,20 @@ class HotnessTracker:
         view.flags.writeable = False
         return view
 
-    def update(self, counts, tokens: float) -> None:
-        """Fold in `counts` [layers, experts] routed pairs (or probability mass) seen over `tokens` tokens."""
-        counts = _check_scores(counts, self._scores.shape, "counts")
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
+    def update(self, signal, tokens: float, steps: float) -> None:
+        """Fold in `signal` [layers, experts] (router mass or pair counts) summed over `tokens`
+        real tokens that took `steps` decode steps (or a prefill of that many tokens per row)."""
+        signal = _check_scores(signal, self._scores.shape, "signal")
+        if tokens < 0 or steps < 0:
+            raise ValueError(f"tokens and steps must be >= 0, got {tokens} and {steps}")
         if tokens == 0:
-            if counts.any():
-                raise ValueError("counts are non-zero but tokens is 0; pass the number of tokens they came from")
+            if signal.any():
+                raise ValueError("signal is non-zero but tokens is 0; pass the number of tokens it came from")
             return
-        # Applying decay d1 then d2 equals applying d1*d2 once, and the new rate enters with the
-        # complementary weight, so k updates of n tokens at a constant rate equal one of k*n.
-        decay = 0.5 ** (tokens / self.half_life_tokens)
-        self._scores = decay * self._scores + (1.0 - decay) * (counts / tokens)
+        if steps == 0:
+            raise ValueError("tokens without steps; pass the decode steps (or prefill length) they took")
+        decay = 0.5 ** (steps / self.half_life_steps)
+        self._scores = decay * self._scores + (1.0 - decay) * (signal / tokens)
 
     def save(self, path: str | Path) -> None:
         """Write the profile as JSON; atomic, so a crash never leaves a half-written warm-start file."""
@@ -68,7 +72,7 @@ class HotnessTracker:
         payload = {
             "layers": self.num_layers,
             "experts": self.num_experts,
-            "half_life_tokens": self.half_life_tokens,
+            "half_life_steps": self.half_life_steps,
             "scores": self._scores.tolist(),
         }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -86,20 +90,20 @@ class HotnessTracker:
     def load(
         cls,
         path: str | Path,
-        half_life_tokens: float | None = None,
+        half_life_steps: float | None = None,
         *,
         expect_shape: tuple[int, int] | None = None,
     ) -> "HotnessTracker":
         """Read a profile written by `save`.
 
-        `half_life_tokens` overrides the saved one; `expect_shape` is the model's
+        `half_life_steps` overrides the saved one; `expect_shape` is the model's
         (moe_layers, experts), checked so a profile from another model fails loudly.
         """
         path = Path(path)
         try:
             d = json.loads(path.read_text())
             layers, experts = int(d["layers"]), int(d["experts"])
-            saved_half_life = float(d["half_life_tokens"])
+            saved_half_life = float(d["half_life_steps"])
             scores = d["scores"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a hotness profile ({type(e).__name__}: {e})") from None
@@ -108,9 +112,12 @@ class HotnessTracker:
                 f"hotness profile {path} is for {layers} MoE layers x {experts} experts but the model has "
                 f"{expect_shape[0]} x {expect_shape[1]}; record a profile with this model or drop --hotness"
             )
-        if half_life_tokens is None:
-            half_life_tokens = saved_half_life
-        return cls(layers, experts, half_life_tokens, scores)
+        if half_life_steps is None:
+            half_life_steps = saved_half_life
+        try:
+            return cls(layers, experts, half_life_steps, scores)
+        except ValueError as e:
+            raise ValueError(f"{path} is not a usable hotness profile ({e})") from None
 
 
 def _check_scores(x, shape: tuple[int, int], what: str) -> np.ndarray:

@@ -1,25 +1,37 @@
-"""Batched, KV-cached generation with jitted prefill and decode steps.
+"""Batched, KV-cached generation with jitted prefill and decode steps, on the device's terms.
 
-Shapes are bucketed: prompts are left-padded to a power-of-two length and the cache to a
-multiple of `CACHE_BUCKET`, so a decode step compiles once per (batch, cache length) and is
-then reused for every token. Steps are compiled ahead of time, so their compile time is
-reported apart from the run time.
+The decode loop never makes the device wait for the host:
+- a step computes the next step's inputs itself (sampled tokens, positions, its PRNG step) and
+  accumulates routing statistics on the device (`RoutingStats`);
+- step i+1 is dispatched before step i's tokens are read: one lagged, explicit device->host
+  read per step. Routing statistics are read only every `policy.observe_every` steps, at the
+  same lag;
+- between dispatches the policy lands finished copies and flips handles, never waiting.
+
+Shapes are bucketed (prompts: powers of two >= 16 tokens; cache: multiples of 128 slots;
+batch: powers of two, padding rows masked), so each step compiles once per bucket. Greedy
+decoding is a static choice of the step (an argmax, no vocabulary sort).
+
+Before a request's first step the policy fills what must be resident (`Policy.prepare`); a
+policy with nothing to go on routes the request's own prompt once on its fallbacks first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.io.loader import Checkpoint
-from dynaexq_jax.models.decoder import KVCache, Qwen3Moe
-from dynaexq_jax.policies import StaticRuntime
+from dynaexq_jax.models.decoder import Decoder, KVCache
+from dynaexq_jax.policies import Policy
 from dynaexq_jax.runtime.sampling import SamplingParams, sample
 
 MIN_PROMPT_BUCKET = 16
@@ -38,6 +50,98 @@ def cache_bucket(n: int) -> int:
     return -(-n // CACHE_BUCKET) * CACHE_BUCKET
 
 
+def batch_bucket(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+@flax.struct.dataclass
+class RoutingStats:
+    """Routing of real tokens, accumulated on the device over a request."""
+
+    counts: jax.Array  # [moe_layers, E] int32 routed pairs
+    mass: jax.Array  # [moe_layers, E] float32 router probability of the chosen experts
+    hi_pairs: jax.Array  # [] int32 pairs served by a high-precision tier
+    tokens: jax.Array  # [] int32 real tokens
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_experts: int) -> "RoutingStats":
+        z = lambda shape, dt: jnp.zeros(shape, dt)
+        return cls(z((num_layers, num_experts), jnp.int32), z((num_layers, num_experts), jnp.float32),
+                   z((), jnp.int32), z((), jnp.int32))
+
+    def add(self, routing, token_valid, experts) -> "RoutingStats":
+        """Fold in a step's `Routing` (`chosen` [L, B*T, E]) of `token_valid` [B, T]."""
+        picked = routing.chosen >= 0  # padding tokens chose nothing
+        counts = jnp.sum(picked, axis=1, dtype=jnp.int32)  # [L, E]
+        return RoutingStats(
+            self.counts + counts,
+            self.mass + jnp.sum(jnp.maximum(routing.chosen, 0.0), axis=1),
+            self.hi_pairs + jnp.sum(jnp.where(experts.served_high(), counts, 0)),
+            self.tokens + jnp.sum(token_valid, dtype=jnp.int32),
+        )
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """What a decode step needs from the step before it, all on the device."""
+
+    tokens: jax.Array  # [B] int32 last sampled token of each row
+    positions: jax.Array  # [B] int32 position the next token takes
+    rows: jax.Array  # [B] bool rows still generating (False: batch padding, or a stop token was sampled)
+    step: jax.Array  # [] int32 decode steps taken (0 after prefill)
+
+
+def _setup():
+    """A request's setup (inputs, empty cache and statistics, compiles, warm start) copies to
+    the device by design; the decode loop after it must not, except its lagged reads."""
+    return jax.transfer_guard("allow")
+
+
+def _pick(logits, key, knobs, greedy: bool):
+    """-> (next tokens [B], whether each is a stop token). knobs: temperature, top_k, top_p,
+    stop ids [n] (-1 padded)."""
+    *sampling, stop = knobs
+    nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else sample(logits, key, *sampling)
+    return nxt, jnp.any(nxt[:, None] == stop[None, :], axis=1)
+
+
+def _prefill(decoder, params, experts, cache, stats, tokens, positions, valid, key, knobs, *, greedy, fresh):
+    logits, cache, routing = decoder(params, experts, cache, tokens, positions, valid, last_only=True, fresh=fresh)
+    nxt, stopped = _pick(logits[:, -1], key, knobs, greedy)
+    state = DecodeState(tokens=nxt, positions=positions[:, -1] + 1, rows=jnp.any(valid, axis=1) & ~stopped,
+                        step=jnp.zeros((), jnp.int32))
+    return cache, stats.add(routing, valid, experts), state
+
+
+def _decode(decoder, params, experts, cache, stats, state: DecodeState, key, knobs, *, greedy):
+    valid = state.rows[:, None]  # rows that stopped compute nothing more and count in no statistics
+    logits, cache, routing = decoder(params, experts, cache, state.tokens[:, None], state.positions[:, None], valid,
+                                     last_only=True)
+    step = state.step + 1
+    nxt, stopped = _pick(logits[:, -1], jax.random.fold_in(key, step), knobs, greedy)
+    return cache, stats.add(routing, valid, experts), DecodeState(nxt, state.positions + 1, state.rows & ~stopped, step)
+
+
+def stop_array(eos: set[int]):
+    """Stop ids as a device array padded with -1 to a power of two (>= 4), so a step compiles
+    once per handful of stop tokens."""
+    n = max(4, 1 << (max(len(eos), 1) - 1).bit_length())
+    return jax.device_put(np.array(sorted(eos) + [-1] * (n - len(eos)), np.int32))
+
+
+def _logits(decoder, params, experts, cache, tokens, positions, valid):
+    return decoder(params, experts, cache, tokens, positions, valid, fresh=True)[0]
+
+
+def _score(decoder, params, experts, cache, tokens, positions, valid):
+    """Log-probabilities of each next token: [B, T-1] float32, and the routing statistics."""
+    logits, _, routing = decoder(params, experts, cache, tokens, positions, valid, fresh=True)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    stats = RoutingStats.zeros(routing.chosen.shape[0], routing.chosen.shape[-1])
+    return picked, stats.add(routing, valid, experts)
+
+
 @dataclasses.dataclass
 class Session:
     """One conversation (batch 1): its KV cache and the token ids the cache holds, so the
@@ -52,12 +156,13 @@ class Session:
 class Generation:
     tokens: list[list[int]]  # generated ids per prompt (EOS included when generated)
     stats: dict
-    expert_counts: np.ndarray  # [moe_layers, experts] routed pairs of real tokens, whole run
+    expert_counts: np.ndarray  # [moe_layers, experts] routed pairs of real tokens, whole request
 
 
-def left_pad(batch: Sequence[Sequence[int]], length: int):
-    """-> tokens, positions, valid: [B, length] with each sequence right-aligned."""
-    B = len(batch)
+def left_pad(batch: Sequence[Sequence[int]], length: int, rows: int | None = None):
+    """-> tokens, positions, valid: [rows, length] with each sequence right-aligned; rows past
+    the batch (bucket padding) are empty."""
+    B = rows or len(batch)
     tokens = np.zeros((B, length), np.int32)
     valid = np.zeros((B, length), bool)
     for b, seq in enumerate(batch):
@@ -90,24 +195,6 @@ def check_request(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int) ->
     return longest
 
 
-def collect_tokens(first: np.ndarray, max_new_tokens: int, eos, on_tokens, step) -> list[list[int]]:
-    """Generated ids per row: `first` [B] (sampled by prefill), then `step(i)` -> the next [B]
-    host ids, until every row has produced an EOS (kept) or `max_new_tokens` ids."""
-    ids = first
-    out = [[] for _ in range(len(first))]
-    done = np.zeros(len(first), bool)
-    for i in range(max_new_tokens):
-        for b in np.flatnonzero(~done):
-            out[b].append(int(ids[b]))
-            done[b] = ids[b] in eos
-        if on_tokens is not None:
-            on_tokens(ids)
-        if done.all() or i == max_new_tokens - 1:
-            break
-        ids = step(i)
-    return out
-
-
 def timing_stats(out: list[list[int]], prefilled: np.ndarray, prefill_s: float, decode_s: float) -> dict:
     """The throughput figures every engine reports. `prefilled`: [B] tokens each row prefilled."""
     generated = sum(len(o) for o in out)
@@ -119,7 +206,7 @@ def timing_stats(out: list[list[int]], prefilled: np.ndarray, prefill_s: float, 
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": float(prefilled.sum()) / prefill_s,
         "decode_s": decode_s,
-        "decode_tokens_per_s": decoded / decode_s if decoded else None,
+        "decode_tokens_per_s": decoded / decode_s if decoded and decode_s > 0 else None,
     }
 
 
@@ -129,53 +216,95 @@ def peak_device_bytes() -> int | None:
     return stats.get("peak_bytes_in_use") if stats else None
 
 
-class Engine:
-    """Runs a loaded checkpoint. `runtime` (see `policies`) owns the expert pytree each step
-    uses; by default every expert as loaded, unchanging."""
+# Counters that accumulate over a policy's life; a request reports its own share.
+RUNTIME_COUNTERS = ("promotions", "demotions", "h2d_bytes", "transfer_wait_s", "failed_promotions")
 
-    def __init__(self, checkpoint: Checkpoint, runtime=None):
+
+class Engine:
+    """Runs a loaded checkpoint under a residency policy (default: `full`)."""
+
+    def __init__(self, checkpoint: Checkpoint, policy: Policy | None = None):
+        from dynaexq_jax.policies import full
+
         self.checkpoint = checkpoint
         self.cfg = checkpoint.config
         self.params = checkpoint.params
-        self.runtime = runtime or StaticRuntime(checkpoint.experts)
-        self.model = Qwen3Moe(self.cfg, checkpoint.dtype)
+        self.policy = policy or full.build(checkpoint)
+        self.decoder = Decoder(self.cfg, checkpoint.dtype)
         self._compiled: dict[tuple, Callable] = {}
         self.compile_s = 0.0
         self.workspace_bytes = 0  # XLA's temporaries of the largest compiled step
+        self.host_reads = 0  # explicit device->host reads (tokens, statistics) over the engine's life
+        self._prefill = jax.jit(functools.partial(_prefill, self.decoder), static_argnames=("greedy", "fresh"),
+                                donate_argnums=(2,))
+        self._decode = jax.jit(functools.partial(_decode, self.decoder), static_argnames="greedy",
+                               donate_argnums=(2,))
+        self._score = jax.jit(functools.partial(_score, self.decoder))
+        self._logits = jax.jit(functools.partial(_logits, self.decoder))
 
-        def forward(params, experts, cache, tokens, positions, valid, last_only=False):
-            return self.model.apply({"params": params}, tokens, positions, valid, cache, experts, last_only)
-
-        def step(params, experts, cache, tokens, positions, valid, key, temperature, top_k, top_p):
-            logits, cache, trace = forward(params, experts, cache, tokens, positions, valid, last_only=True)
-            nxt = sample(logits[:, -1], key, temperature, top_k, top_p)
-            return nxt, cache, trace["counts"], experts.hi_pairs(trace["counts"])
-
-        self._forward = jax.jit(forward)
-        self._step = jax.jit(step, donate_argnums=(2,))
-
-    def _compile(self, name: str, fn, *args):
-        key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[2:]))
+    # ------------------------------------------------------------------ plumbing
+    def _compile(self, name: str, fn, *args, **static):
+        key = (name, tuple(sorted(static.items()))) + tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[2:]))
         if key not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[key] = fn.lower(*args).compile()
+            self._compiled[key] = fn.lower(*args, **static).compile()
             self.compile_s += time.perf_counter() - t0
             # What the memory plan's workspace margin must cover; checked in tests, reported.
             self.workspace_bytes = max(self.workspace_bytes, self._compiled[key].memory_analysis().temp_size_in_bytes)
         return self._compiled[key]
 
+    def _read(self, x):
+        """The one way the engine brings device values to the host (explicit, counted)."""
+        self.host_reads += 1
+        return jax.device_get(x)
+
+    def _stats0(self) -> RoutingStats:
+        return RoutingStats.zeros(len(self.cfg.moe_layers), self.cfg.num_experts)
+
+    def _empty_cache(self, batch: int, length: int) -> KVCache:
+        return KVCache.empty(self.cfg, batch, length, self.checkpoint.dtype)
+
+    # ------------------------------------------------------------------ scoring
     def logits(self, batch: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Logits [len_i, vocab] (float32) at every position of each token sequence."""
         longest = max(len(s) for s in batch)
         check_context(self.cfg, longest, 0)
         P = prompt_bucket(longest)
-        tokens, positions, valid = left_pad(batch, P)
-        cache = KVCache.empty(self.cfg, len(batch), P, self.checkpoint.dtype)
-        args = (self.params, self.runtime.experts, cache, tokens, positions, valid)
-        logits, _, _ = self._compile("forward", self._forward, *args)(*args)
-        logits = np.asarray(logits)
+        host = left_pad(batch, P, batch_bucket(len(batch)))
+        self.policy.prepare(lambda: self._routing_of(self._run_score(host)))
+        tokens, positions, valid = (jax.device_put(a) for a in host)
+        args = (self.params, self.policy.experts, self._empty_cache(*tokens.shape), tokens, positions, valid)
+        logits = self._read(self._compile("logits", self._logits, *args)(*args))
         return [logits[b, P - len(s) :] for b, s in enumerate(batch)]
 
+    def score(self, seqs: Sequence[Sequence[int]], length: int | None = None):
+        """Log p(seq[t] | seq[:t]) for t = 1.. of each sequence ([len_i - 1] float32), and the
+        batch's routing statistics (host numpy `RoutingStats`). `length`: the padded length
+        (default: the batch's bucket)."""
+        longest = max(len(s) for s in seqs)
+        check_context(self.cfg, longest, 0)
+        P = length or prompt_bucket(longest)
+        B = batch_bucket(len(seqs))
+        host = left_pad(seqs, P, B)
+        self.policy.prepare(lambda: self._routing_of(self._run_score(host)))
+        lp, stats = self._read(self._run_score(host))
+        return [lp[b, P - len(s) : P - 1] for b, s in enumerate(seqs)], stats
+
+    def _run_score(self, host):
+        tokens, positions, valid = (jax.device_put(a) for a in host)
+        args = (self.params, self.policy.experts, self._empty_cache(*tokens.shape), tokens, positions, valid)
+        return self._compile("score", self._score, *args)(*args)
+
+    def _routing_of(self, scored):
+        _, stats = self._read(scored)
+        return np.asarray(stats.mass, np.float64), int(stats.tokens), scored[0].shape[1] + 1
+
+    def logits_fn(self):
+        """The jitted scoring function, for research code: (params, experts, cache, tokens,
+        positions, valid) -> (next-token log-probs [B, T-1], `RoutingStats`)."""
+        return self._score
+
+    # ------------------------------------------------------------------ generation
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -184,39 +313,46 @@ class Engine:
         eos_token_ids: Sequence[int] | None = None,
         on_tokens: Callable[[np.ndarray], None] | None = None,
     ) -> Generation:
-        """Generate for a batch of token-id prompts. `on_tokens([B] ids)` is called per step."""
+        """Generate for a batch of token-id prompts. `on_tokens([B] ids)` is called per step
+        (one step late: the next step is already running)."""
         longest = check_request(self.cfg, prompts, max_new_tokens)
         eos = set(self.checkpoint.eos_token_ids if eos_token_ids is None else eos_token_ids)
         B = len(prompts)
+        rows = batch_bucket(B)
         P = prompt_bucket(longest)
-        S = cache_bucket(P + max_new_tokens)
-        tokens, positions, valid = left_pad(prompts, P)
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        knobs = sampling.as_arrays()
-        key = jax.random.key(sampling.seed)
+        host = left_pad(prompts, P, rows)
+        greedy = sampling.greedy
+        before = self.policy.stats()
+        with _setup():
+            tokens, positions, valid = (jax.device_put(a) for a in host)
+            knobs, key, stats0 = sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed), self._stats0()
+            cache = self._empty_cache(rows, cache_bucket(P + max_new_tokens))
+            args = lambda cache: (self.params, self.policy.experts, cache, stats0, tokens, positions, valid, key, knobs)
+            prefill = self._compile("prefill", self._prefill, *args(cache), greedy=greedy, fresh=True)
+            decode = self._compile_decode(cache, key, knobs, greedy)
+            run = lambda cache: prefill(*args(cache))
+            rewound = jnp.zeros((), jnp.int32)
 
-        rt = self.runtime
-        runtime_before = rt.stats()
-        cache = KVCache.empty(self.cfg, B, S, self.checkpoint.dtype)
-        prefill_args = (self.params, rt.experts, cache, tokens, positions, valid, key) + knobs
-        prefill = self._compile("prefill", self._step, *prefill_args)
-        decode = self._compile_decode(cache, B, key, knobs)
+            def routing_pass():  # the prompt, once, on the current experts; then the cache is rewound
+                nonlocal cache
+                cache, stats, _ = run(cache)
+                cache = cache.replace(index=rewound)
+                return np.asarray(self._read(stats.mass), np.float64), int(host[2].sum()), longest
 
+            self.policy.prepare(routing_pass)
         t0 = time.perf_counter()
-        nxt, cache, counts, hi = prefill(*prefill_args)
-        nxt_host = np.asarray(nxt)
-        prefill_s = time.perf_counter() - t0
-        trace = _Trace(np.asarray(counts), float(hi), runtime_before)
-        rt.observe(trace.counts, int(lengths.sum()))
-        out, cache, decode_s = self._decode(decode, nxt, nxt_host, cache, lengths, max_new_tokens, key, knobs, eos, on_tokens, trace)
-        return self._generation(out, lengths, prefill_s, decode_s, trace)
+        cache, stats, state = run(cache)
+        out, cache, stats, t_first, decode_s = self._decode_loop(decode, cache, stats, state, key, knobs, B,
+                                                                 max_new_tokens, eos, on_tokens, longest)
+        self.policy.after_request()
+        return self._generation(out, host[2][:B].sum(axis=1), t_first - t0, decode_s, stats, before)
 
     def new_session(self, context: int, max_chunk: int) -> Session:
         """An empty conversation of up to `context` tokens (rounded up to the cache bucket),
         whose turns are prefilled in chunks of at most `max_chunk` tokens (a power of two)."""
         if max_chunk < 1 or max_chunk & (max_chunk - 1):
             raise ValueError(f"max_chunk must be a power of two, got {max_chunk}")
-        return Session(KVCache.empty(self.cfg, 1, cache_bucket(context), self.checkpoint.dtype), [], max_chunk)
+        return Session(self._empty_cache(1, cache_bucket(context)), [], max_chunk)
 
     def chat_turn(
         self,
@@ -246,110 +382,113 @@ class Engine:
                 f"{session.cache.length}; start with a larger --context or a shorter --max-new-tokens"
             )
         eos = set(self.checkpoint.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        knobs = sampling.as_arrays()
-        key = jax.random.key(sampling.seed)
-        rt = self.runtime
+        greedy = sampling.greedy
+        before = self.policy.stats()
         # Keep at least the last token to prefill: its logits give the first reply token.
         keep = min(_common_prefix(session.ids, ids), len(ids) - 1)
-        # Rewinding is moving the write index: slots past it still hold old keys and values,
-        # but every slot a query can see (up to its own) is rewritten before it is read.
-        cache = session.cache.replace(index=jnp.int32(keep))
+        cache = session.cache
         session.ids = []  # the cache is donated below; an interrupted turn must not reuse it
-        chunks = _chunks(len(ids) - keep, session.max_chunk)
-        steps = []
-        start = keep
-        for n in chunks:
-            args = (self.params, rt.experts, cache, np.asarray([ids[start : start + n]], np.int32),
-                    np.arange(start, start + n, dtype=np.int32)[None], np.ones((1, n), bool), key) + knobs
-            steps.append(self._compile("prefill", self._step, *args))
-            start += n
-        decode = self._compile_decode(cache, 1, key, knobs)
+        with _setup():
+            knobs, key, stats0 = sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed), self._stats0()
+            rewind = jax.device_put(np.int32(keep))
+            chunks, start = [], keep
+            for n in _chunks(len(ids) - keep, session.max_chunk):
+                chunks.append(tuple(jax.device_put(a) for a in (
+                    np.asarray([ids[start : start + n]], np.int32), np.arange(start, start + n, dtype=np.int32)[None],
+                    np.ones((1, n), bool))))
+                start += n
+            # The first chunk of an empty conversation attends to itself only.
+            steps = [self._compile("prefill", self._prefill, self.params, self.policy.experts, cache, stats0,
+                                   *chunk, key, knobs, greedy=greedy, fresh=keep == 0 and i == 0)
+                     for i, chunk in enumerate(chunks)]
+            decode = self._compile_decode(cache, key, knobs, greedy)
 
+            def prefill(cache):
+                # Rewinding is moving the write index: slots past it still hold old keys and values,
+                # but every slot a query can see (up to its own) is rewritten before it is read.
+                cache, stats, state = cache.replace(index=rewind), stats0, None
+                for step, chunk in zip(steps, chunks):
+                    cache, stats, state = step(self.params, self.policy.experts, cache, stats, *chunk, key, knobs)
+                return cache, stats, state
+
+            def routing_pass():
+                nonlocal cache
+                cache, stats, _ = prefill(cache)
+                return np.asarray(self._read(stats.mass), np.float64), len(ids) - keep, len(ids) - keep
+
+            self.policy.prepare(routing_pass)
         t0 = time.perf_counter()
-        trace = _Trace(np.zeros((len(self.cfg.moe_layers), self.cfg.num_experts)), 0.0, self.runtime.stats())
-        start = keep
-        for n, step in zip(chunks, steps):
-            rt.before_step()
-            nxt, cache, counts, hi = step(
-                self.params, rt.experts, cache, np.asarray([ids[start : start + n]], np.int32),
-                np.arange(start, start + n, dtype=np.int32)[None], np.ones((1, n), bool), key, *knobs,
-            )
-            counts = np.asarray(counts)
-            trace.add(counts, float(hi))
-            rt.observe(counts, n)
-            start += n
-        nxt_host = np.asarray(nxt)
-        prefill_s = time.perf_counter() - t0
-        lengths = np.array([len(ids)], np.int32)
-        out, cache, decode_s = self._decode(decode, nxt, nxt_host, cache, lengths, max_new_tokens, key, knobs, eos, on_tokens, trace)
+        cache, stats, state = prefill(cache)
+        out, cache, stats, t_first, decode_s = self._decode_loop(decode, cache, stats, state, key, knobs, 1,
+                                                                 max_new_tokens, eos, on_tokens, len(ids) - keep)
+        self.policy.after_request()
         session.cache = cache
         session.ids = ids + out[0][:-1]  # the last reply token is sampled but not yet in the cache
-        gen = self._generation(out, np.array([len(ids) - keep], np.int32), prefill_s, decode_s, trace)
+        gen = self._generation(out, np.array([len(ids) - keep]), t_first - t0, decode_s, stats, before)
         gen.stats["reused_tokens"] = keep
         return gen
 
-    def _compile_decode(self, cache, B, key, knobs):
-        one = np.ones((B, 1), bool)
-        args = (self.params, self.runtime.experts, cache, np.zeros((B, 1), np.int32), np.zeros((B, 1), np.int32), one, key)
-        return self._compile("decode", self._step, *args + knobs)
+    def _compile_decode(self, cache, key, knobs, greedy):
+        rows = cache.start.shape[0]
+        state = DecodeState(*(jax.ShapeDtypeStruct(s, d) for s, d in (((rows,), jnp.int32), ((rows,), jnp.int32),
+                                                                         ((rows,), jnp.bool_), ((), jnp.int32))))
+        args = (self.params, self.policy.experts, cache, self._stats0(), state, key, knobs)
+        return self._compile("decode", self._decode, *args, greedy=greedy)
 
-    def _decode(self, decode, nxt, nxt_host, cache, lengths, max_new_tokens, key, knobs, eos, on_tokens, trace):
-        """The decode loop after a prefill that sampled `nxt`: -> (ids per row, cache, seconds)."""
-        rt = self.runtime
-        B = len(lengths)
-        one = np.ones((B, 1), bool)
+    def _decode_loop(self, decode, cache, stats, state, key, knobs, B, max_new_tokens, eos, on_tokens, prefilled):
+        """Tokens 0.. of every row: step i+1 is dispatched before step i's tokens are read.
+        -> (ids per row, cache, stats of the last step read, first-token time, decode seconds)."""
+        policy = self.policy
+        every = policy.observe_every
+        out = [[] for _ in range(B)]
+        done = np.zeros(B, bool)
+        seen = None  # statistics (host) at the last observation
+        t_first = None
+        for i in range(max_new_tokens):
+            if i + 1 < max_new_tokens:
+                policy.between_steps()
+                cache, next_stats, next_state = decode(self.params, policy.experts, cache, stats, state, key, knobs)
+            ids = self._read(state.tokens)[:B]
+            if t_first is None:
+                t_first = time.perf_counter()
+            for b in np.flatnonzero(~done):
+                out[b].append(int(ids[b]))
+                done[b] = ids[b] in eos
+            if on_tokens is not None:
+                on_tokens(ids)
+            if every and i % every == 0:  # step 0 is the prefill: observe the prompt's routing
+                seen = self._observe(stats, seen, prefilled if i == 0 else every)
+            if done.all() or i + 1 == max_new_tokens:
+                break
+            stats, state = next_stats, next_state
+        return out, cache, stats, t_first, time.perf_counter() - t_first
 
-        def step(i):
-            nonlocal nxt, cache
-            rt.before_step()
-            step_key = jax.random.fold_in(key, i + 1)
-            nxt, cache, counts, hi = decode(
-                self.params, rt.experts, cache, nxt[:, None], (lengths + i)[:, None], one, step_key, *knobs
-            )
-            counts = np.asarray(counts)
-            trace.add(counts, float(hi))
-            rt.observe(counts, B)
-            return np.asarray(nxt)
+    def _observe(self, stats, seen, steps):
+        now = self._read(stats)
+        if seen is None:
+            mass, tokens = now.mass, int(now.tokens)
+        else:
+            mass, tokens = now.mass - seen.mass, int(now.tokens - seen.tokens)
+        self.policy.observe(np.asarray(mass, np.float64), tokens, steps)
+        return now
 
-        t1 = time.perf_counter()
-        out = collect_tokens(nxt_host, max_new_tokens, eos, on_tokens, step)
-        return out, cache, time.perf_counter() - t1
-
-    def _generation(self, out, prefilled, prefill_s, decode_s, trace) -> Generation:
-        """`prefilled`: [B] tokens each row prefilled."""
+    def _generation(self, out, prefilled, prefill_s, decode_s, stats, before) -> Generation:
+        """`prefilled`: [B] tokens each row prefilled; `before`: the policy's counters at the start."""
+        final = self._read(stats)
+        pairs = int(final.counts.sum())
         stats = {
             **timing_stats(out, prefilled, prefill_s, decode_s),
             "compile_s": self.compile_s,
             "workspace_measured_bytes": self.workspace_bytes,
-            "hi_hit_rate": trace.hi_pairs / trace.pairs if trace.pairs else None,
+            "hi_hit_rate": int(final.hi_pairs) / pairs if pairs else None,
             "peak_device_bytes": peak_device_bytes(),
         }
-        after = self.runtime.stats()
+        after = self.policy.stats()
         for k in RUNTIME_COUNTERS:
             if k in after:
-                after[k] -= trace.runtime_before[k]
+                after[k] -= before[k]
         stats.update(after)
-        return Generation(tokens=out, stats=stats, expert_counts=trace.counts)
-
-
-# Runtime counters that accumulate over an engine's life; a request reports its own share.
-RUNTIME_COUNTERS = ("promotions", "demotions", "h2d_bytes", "transfer_wait_s", "failed_promotions")
-
-
-class _Trace:
-    """Routing totals over one request: pair counts [moe_layers, E] and high-precision pairs,
-    and the runtime's counters when the request started."""
-
-    def __init__(self, counts: np.ndarray, hi_pairs: float, runtime_stats: dict):
-        self.counts = counts.copy()
-        self.pairs = float(counts.sum())
-        self.hi_pairs = hi_pairs
-        self.runtime_before = runtime_stats
-
-    def add(self, counts: np.ndarray, hi_pairs: float) -> None:
-        self.counts += counts
-        self.pairs += float(counts.sum())
-        self.hi_pairs += hi_pairs
+        return Generation(tokens=out, stats=stats, expert_counts=np.asarray(final.counts))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -1,6 +1,8 @@
-"""Next-token selection: greedy, or temperature / top-k / top-p sampling, all traced values.
+"""Next-token selection: greedy, or temperature / top-k / top-p sampling.
 
-The knobs are arrays, not Python constants, so changing them never recompiles a step.
+Greedy decoding (temperature 0, or top-k 1) is a static choice of the step: an argmax, with no
+vocabulary sort. Otherwise the knobs are arrays, not Python constants, so changing them never
+recompiles a step.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dynaexq_jax.errors import UserError
 
@@ -28,16 +31,18 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
     def as_arrays(self):
-        return (
-            jnp.float32(self.temperature),
-            jnp.int32(self.top_k),
-            jnp.float32(self.top_p),
-        )
+        """(temperature, top_k, top_p) as device scalars, the traced knobs of `sample`."""
+        return tuple(jax.device_put(v) for v in (np.float32(self.temperature), np.int32(self.top_k),
+                                                  np.float32(self.top_p)))
 
 
 def sample(logits, key, temperature, top_k, top_p):
-    """logits [B, V] float32 -> token ids [B] int32."""
+    """logits [B, V] float32 -> token ids [B] int32 (temperature 0 still gives the argmax)."""
     V = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)

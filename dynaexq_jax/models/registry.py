@@ -1,0 +1,26 @@
+"""`model_type` -> family adapter: the one place that lists the supported families."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from dynaexq_jax.models import qwen3_moe
+from dynaexq_jax.models.config import ConfigError
+
+ADAPTERS: dict[str, ModuleType] = {qwen3_moe.MODEL_TYPE: qwen3_moe}
+
+
+def adapter_for(hf_config: dict) -> ModuleType:
+    """The adapter module for a `config.json` dict, or a one-line error naming what is supported."""
+    model_type = hf_config.get("model_type")
+    if model_type not in ADAPTERS:
+        raise ConfigError(
+            f"config.json has model_type={model_type!r}; supported: {', '.join(sorted(ADAPTERS))} "
+            "(e.g. Qwen/Qwen3-30B-A3B)"
+        )
+    return ADAPTERS[model_type]
+
+
+def adapter(cfg) -> ModuleType:
+    """The adapter of a `ModelConfig`."""
+    return ADAPTERS[cfg.model_type]

@@ -1,0 +1,20 @@
+"""`static`: every expert at one bit width (static post-training quantization), the widest
+the memory plan holds."""
+
+from __future__ import annotations
+
+import jax
+
+from dynaexq_jax.experts.expert_state import single_tier
+from dynaexq_jax.policies.full import FixedPolicy
+from dynaexq_jax.policies.tiers import packed_tier, quantized_layers
+
+
+def build(ckpt, plan, opts, *, progress: bool = False, device=None) -> FixedPolicy:
+    """`opts`: a `DynaExqOptions` (group size, quantization method); the width is the plan's."""
+    host = ckpt.experts
+    device = device or jax.devices()[0]  # committed arrays: every published state has one placement
+    layers = quantized_layers(host, plan.lo_bits, opts.group_size, opts.quant_method, source=ckpt.path,
+                              progress=progress)
+    tier = packed_tier(layers, device)
+    return FixedPolicy("static", single_tier(tier, host.num_layers, host.num_experts, device), lo_bits=plan.lo_bits)

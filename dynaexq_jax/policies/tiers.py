@@ -1,0 +1,100 @@
+"""Expert tiers built from the checkpoint's host experts, shared by the policies.
+
+Quantization runs on the CPU backend one layer at a time, so loading never holds a layer's
+bf16 experts on the accelerator, and its results go through `io.store.cached`: converted once
+per checkpoint and settings, reused by later runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from dynaexq_jax.experts import quant
+from dynaexq_jax.experts.expert_state import ExpertTier, HostExperts, stack_layers
+from dynaexq_jax.experts.swap import HostBank
+from dynaexq_jax.io import store
+
+_PIECES = ("gate_up", "down")
+_LEAVES = ("packed", "scales", "zeros")
+
+
+def quantized_layers(host: HostExperts, bits: int, group_size: int, method: str, *, source=None,
+                     progress: bool = False) -> list[tuple[quant.QuantizedTensor, quant.QuantizedTensor]]:
+    """Every MoE layer's (gate_up, down) quantized, as host `QuantizedTensor`s [E, K, N]."""
+    cpu = jax.devices("cpu")[0]
+
+    def build() -> dict:  # {layer_i: {gate_up|down: {packed, scales, zeros}}} of host numpy
+        out = {}
+        layers = zip(host.gate_up, host.down)
+        for i, ws in enumerate(tqdm(layers, total=host.num_layers, desc=f"quantizing int{bits}", unit="layer",
+                                    file=sys.stderr, disable=not progress, leave=False)):
+            with jax.default_device(cpu):
+                qs = [quant.quantize(jnp.asarray(w, jnp.float32), bits, group_size, method) for w in ws]
+            out[f"layer_{i}"] = {n: dict(zip(_LEAVES, jax.device_get(jax.tree.leaves(q)))) for n, q in zip(_PIECES, qs)}
+        return out
+
+    settings = {"bits": bits, "group_size": group_size, "method": method, "dtype": str(host.gate_up[0].dtype)}
+    tree = store.cached(source, f"int{bits}", settings, build)
+    shapes = (host.gate_up[0].shape, host.down[0].shape)
+    return [tuple(quant.QuantizedTensor(**tree[f"layer_{i}"][n], bits=bits, group_size=group_size, shape=sh)
+                  for n, sh in zip(_PIECES, shapes))
+            for i in range(host.num_layers)]
+
+
+class _Layers:
+    """A lazy sequence: item i of each layer pair in `layers`."""
+
+    def __init__(self, layers, item: int):
+        self.layers, self.item = layers, item
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i][self.item]
+
+
+def dense_tier(host: HostExperts, device=None) -> ExpertTier:
+    """Every expert at the checkpoint's precision, rows [L*E] layer-major, on the device."""
+    return ExpertTier(stack_layers(host.gate_up, device), stack_layers(host.down, device), high_precision=True)
+
+
+def packed_tier(layers, device=None, *, high_precision: bool = False) -> ExpertTier:
+    """`quantized_layers` stacked on the device, rows [L*E] layer-major."""
+    return ExpertTier(stack_layers(_Layers(layers, 0), device), stack_layers(_Layers(layers, 1), device),
+                      high_precision=high_precision)
+
+
+def slot_pool(host: HostExperts, slots: int, hi_dtype: str, group_size: int, device=None) -> ExpertTier:
+    """`slots` empty high-precision slots: the checkpoint's dtype, or int8 (group-wise)."""
+    (_, K1, N1), (_, K2, N2) = host.gate_up[0].shape, host.down[0].shape
+    if hi_dtype == "int8":
+        def empty(k, n):
+            with jax.default_device(jax.devices("cpu")[0]):
+                one = quant.quantize(jnp.zeros((1, k, n)), 8, group_size)
+            leaves = [np.zeros((slots,) + a.shape[1:], a.dtype) for a in (one.packed, one.scales, one.zeros)]
+            return dataclasses.replace(one, packed=leaves[0], scales=leaves[1], zeros=leaves[2], shape=(slots, k, n))
+    else:
+        dtype = host.gate_up[0].dtype
+        empty = lambda k, n: np.zeros((slots, k, n), dtype)
+    put = lambda t: jax.device_put(t, device)
+    return ExpertTier(put(empty(K1, N1)), put(empty(K2, N2)), high_precision=True)
+
+
+def host_bank(host: HostExperts, hi_dtype: str, group_size: int, *, source=None, device=None,
+              progress: bool = False) -> HostBank:
+    """Each expert's high-precision copy in (pinned) host memory: as loaded, or int8."""
+    if hi_dtype == "int8":
+        layers = quantized_layers(host, 8, group_size, "rtn", source=source, progress=progress)
+        one = lambda qt, e: dataclasses.replace(jax.tree.map(lambda a: a[e], qt), shape=qt.shape[1:])
+        E = host.num_experts
+        # A generator: HostBank pins one layer at a time.
+        return HostBank(([(one(gu, e), one(d, e)) for e in range(E)] for gu, d in layers), device)
+    return HostBank(([(wgu[e], wd[e]) for e in range(wgu.shape[0])] for wgu, wd in zip(host.gate_up, host.down)),
+                    device)

@@ -1,0 +1,386 @@
+"""The engine's steps compiled for an NVIDIA Hopper GPU that is not here, and what they read.
+
+XLA's GPU compiler runs without a GPU ("deviceless AOT"): with jax and its CUDA plugin
+(`jax-cuda13-plugin`, `jax-cuda13-pjrt`) installed and `JAX_PLATFORMS=cpu`, a step lowered
+for a target device made from a GPU description compiles to the optimized HLO and sm_90a
+cubins (Pallas-Triton kernels included) an H100/H200 would run. Nothing is allocated: the
+arguments are abstract shapes, so a 30B model compiles on a laptop. The GPU code paths are
+chosen per lowering platform (`jax.lax.platform_dependent`), so this is the program a GPU runs.
+
+From the optimized HLO this module counts kernels, launches per step (loop trip counts
+applied) and the bytes each launch reads and writes: slices of an operand count as the slice,
+in-place updates as the update. XLA counts custom calls (the Pallas kernels) as unknown, so
+their bytes come from their tiling (`pallas_bytes`), under uniform routing. The minimum a step
+must read (`min_bytes`): the non-expert weights it touches, the distinct experts its tokens
+route to under uniform routing (at their tier), and the KV cache up to the context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from dynaexq_jax import budget as budget_lib
+from dynaexq_jax.errors import UserError
+from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier
+from dynaexq_jax.experts.quant import QuantizedTensor
+from dynaexq_jax.models.decoder import Decoder, KVCache
+from dynaexq_jax.runtime import engine as engine_lib
+from dynaexq_jax.runtime.costmodel import distinct_experts
+
+# name, HBM bytes/s (spec sheet), HBM bytes
+GPUS = {
+    "h100": ("NVIDIA H100 80GB HBM3", 3.35e12, 84929347584),
+    "h200": ("NVIDIA H200", 4.8e12, 150754820096),
+}
+# Cost of one kernel launch in a step, beyond its bytes: dependent small kernels back to back
+# take ~1 us each inside a CUDA graph (XLA's command buffers) and ~3-4 us as plain stream
+# launches on Hopper (NVIDIA's and others' published microbenchmarks). 2 us is the midpoint the
+# model uses until a lent GPU measures it (scripts/gpu_check.py prints the measured figure).
+LAUNCH_S = 2e-6
+
+_INFO = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per_block=49152,
+             shared_memory_per_core=233472, threads_per_core_limit=2048, core_count=132, fpus_per_core=128,
+             block_dim_limit_x=2147483647, block_dim_limit_y=65535, block_dim_limit_z=65535,
+             l2_cache_size=52428800, clock_rate_ghz=1.98, shared_memory_per_block_optin=232448,
+             registers_per_core_limit=65536, registers_per_block_limit=65536)
+
+
+class AotUnavailable(UserError):
+    """The compile-only GPU stack is not installed."""
+
+
+def target_config(gpu: str) -> str:
+    """stream_executor.GpuTargetConfigProto text for an SXM Hopper (compute capability 9.0)."""
+    name, bw, mem = GPUS[gpu]
+    info = "".join(f"  {k}: {v}\n" for k, v in dict(_INFO, memory_bandwidth=int(bw), device_memory_size=mem).items())
+    return (f"gpu_device_info {{\n{info}  cuda_compute_capability {{\n    major: 9\n  }}\n}}\n"
+            f'platform_name: "CUDA"\ndnn_version_info {{\n  major: 9\n  minor: 7\n}}\n'
+            f"runtime_version {{\n  major: 12\n  minor: 8\n  patch: 0\n}}\n"
+            f'device_description_str: "{name}"\n')
+
+
+@functools.lru_cache(maxsize=None)
+def target_device(gpu: str):
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(platform="cuda", target_config=target_config(gpu),
+                                            topology="1x1x1").devices[0]
+    except Exception as e:  # no CUDA plugin, or a backend already started without it
+        raise AotUnavailable(
+            f"cannot make a {gpu} target ({type(e).__name__}: {str(e).splitlines()[0][:120]}); install the "
+            "compile-only stack (pip install -e '.[aot]', see README) and run with JAX_PLATFORMS=cpu"
+        ) from None
+
+
+def compile_for(fn, args, gpu: str):
+    """(compiled, seconds): `fn` (jitted) lowered for `gpu` from abstract `args`."""
+    dev = target_device(gpu)
+    sharding = jax.sharding.SingleDeviceSharding(dev)
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+    t0 = time.perf_counter()
+    with jax.default_device(dev):  # Pallas on Triton reads the compute capability off the default device
+        compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- HLO accounting
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": .5, "u4": .5, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+          "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_INST = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)(.*)$")
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "opt-barrier",
+              "partition-id", "replica-id", "add-dependency", "domain", "fusion-done", "async-done"}
+_SLICES = {"dynamic-slice", "slice", "gather"}
+
+
+def nbytes(ty: str) -> int:
+    return int(sum(math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(dt, 0)
+                   for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", ty)))
+
+
+def parse_hlo(text: str):
+    """Optimized HLO text -> ({computation: [instruction dicts]}, entry computation name)."""
+    comps, cur, entry = {}, None, None
+    for line in text.splitlines():
+        if m := re.match(r"^(ENTRY\s+)?%?([\w.\-]+) \(.*\) -> .* \{$", line):
+            cur = comps.setdefault(m.group(2), [])
+            entry = m.group(2) if m.group(1) else entry
+        elif cur is not None and (mi := _INST.match(line)):
+            root, name, ty, op, args, rest = mi.groups()
+            cur.append(dict(root=bool(root), name=name, ty=ty, op=op, rest=rest,
+                            operands=re.findall(r"%([\w.\-]+)", args)))
+    return comps, entry
+
+
+@dataclasses.dataclass
+class Kernel:
+    label: str  # "fusion kLoop(add)", "custom-call pallas:tiled_matmul", ...
+    name: str
+    trips: int  # launches per step
+    read: int  # bytes per launch (0 for Pallas kernels: see pallas_bytes)
+    write: int
+    pallas: str | None = None  # Pallas kernel name
+    operands: tuple = ()  # operand types (Pallas kernels: for their own accounting)
+    grid: tuple = ()
+    tm: int = 0  # rows per tile (tiled kernels)
+    rows: int = 0  # real rows of x (layer_matmul; its x is padded to whole tiles)
+
+
+def _fused_io(comp: list[dict]) -> tuple[int, int]:
+    """(read, write) bytes of one launch of a fused computation: a parameter used only through
+    slices reads the slices; one only updated in place (dynamic-update-slice operand 0) reads
+    nothing; an output made by such an update writes the update."""
+    by_name = {x["name"]: x for x in comp}
+    users: dict[str, list[dict]] = {}
+    for x in comp:
+        for o in x["operands"]:
+            users.setdefault(o, []).append(x)
+
+    def reads(name: str, full: int) -> int:
+        total = 0
+        for u in users.get(name, []):
+            if u["op"] == "bitcast":
+                total += reads(u["name"], full)
+            elif u["op"] in _SLICES and u["operands"][0] == name:
+                total += nbytes(u["ty"])
+            elif u["op"] == "dynamic-update-slice" and u["operands"][0] == name:
+                continue
+            else:
+                return full
+        return min(total, full)
+
+    read = sum(reads(x["name"], nbytes(x["ty"])) for x in comp if x["op"] == "parameter")
+    root = next(x for x in comp if x["root"])
+    write = 0
+    for o in ([by_name[n] for n in root["operands"]] if root["op"] == "tuple" else [root]):
+        if o["op"] == "dynamic-update-slice":
+            write += nbytes(by_name[o["operands"][1]]["ty"])
+        else:
+            write += nbytes(o["ty"])
+    return read, write
+
+
+def kernels(text: str) -> list[Kernel]:
+    """Every kernel launch of the HLO module, with trip counts of the loops around it."""
+    comps, entry = parse_hlo(text)
+    out: list[Kernel] = []
+
+    def walk(comp_name: str, trips: int):
+        insts = comps.get(comp_name, [])
+        types = {x["name"]: x["ty"] for x in insts}
+        for x in insts:
+            op = x["op"]
+            if op in ("while", "call", "conditional", "async-start"):
+                n = re.search(r'"known_trip_count":\{"n":"(\d+)"', x["rest"]) if op == "while" else None
+                called = [c for c in re.findall(r"%([\w.\-]+)", x["rest"].split("metadata=")[0]) if c in comps]
+                for c in called:
+                    walk(c, trips * (int(n.group(1)) if n else 1))
+                continue
+            if op in _NO_KERNEL:
+                continue
+            fc = re.search(r"calls=%([\w.\-]+)", x["rest"])
+            operand_types = [types.get(o, "") for o in x["operands"]]
+            if op == "custom-call":
+                target = re.search(r'custom_call_target="([^"]+)"', x["rest"]).group(1)
+                name = re.search(r'op_name="[^"]*?/([a-z_]+?)(?:_tm(\d+))?(?:_m(\d+))?/pallas_call"', x["rest"])
+                grid = tuple(int(g) for g in re.findall(r"grid_[xyz] = (\d+)", x["rest"]))
+                if name:
+                    out.append(Kernel(f"custom-call pallas:{name.group(1)}", x["name"], trips, 0, 0, name.group(1),
+                                      tuple(operand_types), grid, int(name.group(2) or 0), int(name.group(3) or 0)))
+                else:
+                    out.append(Kernel(f"custom-call {target}", x["name"], trips, sum(map(nbytes, operand_types)),
+                                      nbytes(x["ty"])))
+                continue
+            if fc and fc.group(1) in comps:
+                comp = comps[fc.group(1)]
+                kind = re.search(r"kind=(\w+)", x["rest"])
+                root = next((y["op"] for y in comp if y["root"]), "?")
+                label = f"{op} {kind.group(1) if kind else ''}({root})"
+                r, w = _fused_io(comp)
+                out.append(Kernel(label, x["name"], trips, r, w))
+                continue
+            out.append(Kernel(op, x["name"], trips, sum(map(nbytes, operand_types)), nbytes(x["ty"])))
+
+    walk(entry, 1)
+    return out
+
+
+# ------------------------------------------------------------------- the Pallas kernels' bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """What decides the data-dependent bytes of the Pallas kernels in one step."""
+
+    distinct_experts: float  # expected experts a MoE layer routes to
+    hi_fraction: float  # expected share of those served by the high-precision tier (tier 1)
+    filled_slots: int  # KV slots a decode step reads (the context)
+    num_experts: int
+    pairs_per_expert: float  # mean routed rows of an expert (tokens * k / E)
+
+    def tiles(self, tm: int) -> float:
+        """Expected tiles of `tm` rows a layer's routed rows cut into: sum over experts of
+        E[ceil(n / tm)], n ~ Poisson(mean rows per expert), the uniform-routing count."""
+        lam = self.pairs_per_expert
+        total, p, n = 0.0, math.exp(-lam), 0
+        while n <= lam + 12 * math.sqrt(lam) + 50:
+            total += p * math.ceil(n / tm)
+            n += 1
+            p *= lam / n
+        return self.num_experts * total
+
+
+def _dims(ty: str) -> tuple[str, tuple[int, ...]]:
+    m = re.search(r"\b([a-z]+\d*)\[([\d,]*)\]", ty)
+    return m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)
+
+
+def pallas_bytes(k: Kernel, traffic: Traffic) -> int:
+    """Bytes one launch of a Pallas kernel reads and writes, from its operands and tiling."""
+    ops = [_dims(t) for t in k.operands]
+    if k.pallas in ("tiled_matmul", "layer_matmul"):
+        xi = next(i for i, (_, shape) in enumerate(ops) if len(shape) == 2)  # after the 1-D tile tables
+        (_, (max_tiles,)), (xdt, (rows, K)) = ops[0], ops[xi]
+        tiers = _tier_bytes(ops[xi + 1:], K)
+        N = ops[xi + 1][1][-1]
+        if k.pallas == "layer_matmul":
+            used, per_tile, real = max_tiles, tiers[0], k.rows
+        else:  # a tile per tm rows of each routed expert
+            used, real = min(max_tiles, traffic.tiles(k.tm)), rows - k.tm
+            fractions = [1.0] if len(tiers) == 1 else [1 - traffic.hi_fraction, traffic.hi_fraction]
+            per_tile = sum(f * b for f, b in zip(fractions, tiers))
+        # Row loads are masked to each tile's own rows, and the N blocks of a tile run together,
+        # so L2 (50 MB on Hopper) serves their repeated reads: x counts once, real rows only.
+        return int(used * per_tile + real * (K + N) * _BYTES[xdt])  # weights, x rows in, rows out
+    if k.pallas == "decode_attention":
+        (_, (B, KVH, H, D)) = ops[2]
+        kdt, _ = ops[3]  # the stacked cache
+        kv = 2 * B * KVH * traffic.filled_slots * D * _BYTES[kdt]
+        return int(kv + B * traffic.filled_slots + B * KVH * H * D * 4 * 3)
+    return 0
+
+
+def _tier_bytes(ops, K) -> list[int]:
+    """Bytes of one weight matrix [K, N] in each tier passed to the kernel: a dense tier is one
+    array [R, K, N]; a packed one three ([R, K*bits/8, N] codes, [R, K/g, N] scales, zeros)."""
+    out, i = [], 0
+    while i < len(ops):
+        dt, shape = ops[i]
+        if dt == "u8" and shape[1] != K:  # packed codes: scales and zeros follow
+            out.append(sum(math.prod(s[1:]) * _BYTES[d] for d, s in ops[i:i + 3]))
+            i += 3
+        else:
+            out.append(math.prod(shape[1:]) * _BYTES[dt])
+            i += 1
+    return out
+
+
+# -------------------------------------------------------------------------- the steps
+
+
+def _sds(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def _packed(rows: int, K: int, N: int, bits: int, group: int) -> QuantizedTensor:
+    g = K // group
+    return QuantizedTensor(_sds((rows, K * bits // 8, N), "uint8"), _sds((rows, g, N), "bfloat16"),
+                           _sds((rows, g, N), "bfloat16"), bits, group, (rows, K, N))
+
+
+def abstract_experts(cfg, policy: str, plan: budget_lib.MemoryPlan, *, dtype, hi_dtype: str, group: int):
+    """The expert state `policy` runs with under `plan`, as shapes only (layer-major rows)."""
+    L, E, H, I = len(cfg.moe_layers), cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+
+    def dense(rows):
+        return ExpertTier(_sds((rows, H, 2 * I), dtype), _sds((rows, I, H), dtype))
+
+    def packed(rows, bits, hi=False):
+        return ExpertTier(_packed(rows, H, 2 * I, bits, group), _packed(rows, I, H, bits, group), high_precision=hi)
+
+    if policy == "full":
+        tiers = (dense(L * E),)
+    elif policy == "static" or (policy == "dynaexq" and plan.slots == 0):
+        tiers = (packed(L * E, plan.lo_bits),)
+    elif policy == "dynaexq":
+        hi = packed(plan.slots, 8, hi=True) if hi_dtype == "int8" else dense(plan.slots)
+        tiers = (packed(L * E, plan.lo_bits), hi)
+    else:
+        raise UserError(f"policy {policy!r} runs layer by layer from the host; aot_report compiles whole steps "
+                        "(full, static, dynaexq)")
+    return ExpertState(tiers, _sds((L, E), "int32"), _sds((L, E), "int32"))
+
+
+def step_args(cfg, experts, *, step: str, batch: int, context: int, prompt: int, dtype):
+    """(jitted step, abstract arguments) of the engine's prefill or decode step."""
+    decoder = Decoder(cfg, dtype)
+    params = decoder.param_shapes()
+    L, E = len(cfg.moe_layers), cfg.num_experts
+    kv = _sds((cfg.num_layers, 2, batch, cfg.num_kv_heads, context, cfg.head_dim), dtype)
+    cache = KVCache(kv, _sds((batch,), "int32"), _sds((), "int32"))
+    stats = engine_lib.RoutingStats(_sds((L, E), "int32"), _sds((L, E), "float32"), _sds((), "int32"),
+                                    _sds((), "int32"))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    knobs = (_sds((), "float32"), _sds((), "int32"), _sds((), "float32"), _sds((4,), "int32"))
+    if step == "decode":
+        state = engine_lib.DecodeState(_sds((batch,), "int32"), _sds((batch,), "int32"), _sds((batch,), bool),
+                                       _sds((), "int32"))
+        fn = jax.jit(functools.partial(engine_lib._decode, decoder, greedy=True), donate_argnums=(2,))
+        return fn, (params, experts, cache, stats, state, key, knobs)
+    toks = _sds((batch, prompt), "int32")
+    fn = jax.jit(functools.partial(engine_lib._prefill, decoder, greedy=True, fresh=True), donate_argnums=(2,))
+    return fn, (params, experts, cache, stats, toks, toks, _sds((batch, prompt), bool), key, knobs)
+
+
+def expert_bytes(cfg, tier_bits: int | None, itemsize: int, group: int) -> int:
+    """One expert's gate_up + down at `tier_bits` (None: dense at `itemsize`)."""
+    gu, dn = budget_lib.expert_shapes(cfg)
+    if tier_bits is None:
+        return (math.prod(gu) + math.prod(dn)) * itemsize
+    return budget_lib.quantized_nbytes(gu, tier_bits, group) + budget_lib.quantized_nbytes(dn, tier_bits, group)
+
+
+def traffic_and_min(cfg, policy: str, plan, *, step: str, batch: int, context: int, prompt: int, itemsize: int,
+                    hi_dtype: str, group: int) -> tuple[Traffic, int]:
+    """The expected routing traffic and the minimum bytes of one step (see module doc)."""
+    L, E, H, V = len(cfg.moe_layers), cfg.num_experts, cfg.hidden_size, cfg.vocab_size
+    tokens = batch * (1 if step == "decode" else prompt)
+    D = distinct_experts(E, cfg.experts_per_token, tokens)
+    if policy == "full":
+        per_expert, hi = expert_bytes(cfg, None, itemsize, group), 1.0
+    elif policy == "static" or plan.slots == 0:
+        per_expert, hi = expert_bytes(cfg, plan.lo_bits, itemsize, group), 0.0
+    else:
+        hi = min(1.0, plan.slots / (L * E))  # uniform residency: each expert equally likely slotted
+        hi_bytes = expert_bytes(cfg, 8 if hi_dtype == "int8" else None, itemsize, group)
+        per_expert = hi * hi_bytes + (1 - hi) * expert_bytes(cfg, plan.lo_bits, itemsize, group)
+    # Non-expert weights, minus the embedding table (a step reads only its tokens' rows).
+    weights = budget_lib.non_expert_nbytes(cfg, itemsize) - (0 if cfg.tie_word_embeddings else V * H * itemsize)
+    weights += tokens * H * itemsize
+    kv = KVCache.nbytes_for(cfg, batch, context, jnp.dtype({2: "bfloat16", 4: "float32"}[itemsize]))
+    filled = context if step == "decode" else prompt
+    traffic = Traffic(D, hi, filled, E, tokens * cfg.experts_per_token / E)
+    return traffic, int(weights + L * D * per_expert + kv * filled // context)
+
+
+def report_step(compiled, traffic: Traffic) -> dict:
+    ks = kernels(compiled.as_text())
+    xla = sum(k.trips * (k.read + k.write) for k in ks if k.pallas is None)
+    pallas = sum(k.trips * pallas_bytes(k, traffic) for k in ks if k.pallas is not None)
+    return {
+        "kernels": len(ks),
+        "launches": sum(k.trips for k in ks),
+        "xla_bytes": int(xla),
+        "pallas_bytes": int(pallas),
+        "bytes": int(xla + pallas),
+        "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+        "by_kernel": ks,
+    }

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Compile the engine's decode and prefill steps for an H100/H200 on a machine without one,
+and say what each step launches and reads, against the bytes it must read.
+
+    python scripts/aot_report.py --preset qwen3-30b-a3b --budget 20GB --batch 1 --gpu h100,h200
+    python scripts/aot_report.py --preset qwen3-30b-a3b --budget 32GB --batch 32 --context 2048 --json
+    python scripts/aot_report.py --model DIR --policy static --dump-hlo hlo/
+
+Needs the compile-only GPU stack (jax + jax-cuda13-plugin + jax-cuda13-pjrt, no GPU and no
+CUDA wheels): `pip install -e ".[aot]"` into an environment of its own (README, "Compiling for
+a GPU"). The script sets JAX_PLATFORMS=cpu itself. Nothing is allocated: a 30B model's steps
+compile from abstract shapes.
+
+Per step: kernels in the optimized HLO; launches per step (loop trip counts applied) and per
+layer; bytes read and written per step, XLA's kernels from the HLO and the Pallas kernels from
+their tiling (see `dynaexq_jax.runtime.aot`); the minimum bytes; their ratio; XLA's temporaries
+against the plan's workspace; compile seconds; and a predicted step time,
+bytes / HBM bandwidth + launches x `aot.LAUNCH_S`, with the tokens/s it implies.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax starts: the CUDA plugin cannot start without a GPU
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+STEPS = ("decode", "prefill")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="Hugging Face checkpoint directory (config.json is all that is read)")
+    src.add_argument("--preset", default="qwen3-30b-a3b", help="preset name or config.json path")
+    p.add_argument("--budget", help="device memory budget, e.g. 20GB (default: room for every expert)")
+    p.add_argument("--policy", default="dynaexq", help="comma-separated: dynaexq, static, full")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    p.add_argument("--context", type=int, default=1024, help="tokens per sequence (KV cache) of the decode step")
+    p.add_argument("--prompt", type=int, default=128, help="prompt length of the prefill step")
+    p.add_argument("--gpu", default="h200", help="comma-separated: h100, h200")
+    p.add_argument("--steps", default="decode,prefill", help="comma-separated: decode, prefill")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--lo-bits", type=int, choices=[4, 3, 2], default=4)
+    p.add_argument("--hi-dtype", choices=["bfloat16", "int8"], default="bfloat16")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--dump-hlo", help="write each step's optimized HLO into this directory")
+    p.add_argument("--top", type=int, default=0, help="also list the N kernels that move the most bytes")
+    return p.parse_args(argv)
+
+
+def _list(text: str, allowed, what: str, convert=str) -> list:
+    from dynaexq_jax.errors import UserError
+
+    try:
+        items = [convert(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"bad --{what} {text!r}; expected a comma-separated list") from None
+    bad = [v for v in items if allowed is not None and v not in allowed]
+    if not items or bad:
+        raise UserError(f"bad --{what} {text!r}; choose from {', '.join(map(str, allowed))}")
+    return items
+
+
+def rows(args):
+    """Every (gpu, policy, batch, step) row, checked and planned before anything compiles."""
+    import jax.numpy as jnp
+
+    from dynaexq_jax import budget as budget_lib
+    from dynaexq_jax.errors import UserError
+    from dynaexq_jax.io.preset import preset_config
+    from dynaexq_jax.models.config import ModelConfig
+    from dynaexq_jax.policies.dynaexq import DynaExqOptions
+    from dynaexq_jax.runtime import aot
+    from dynaexq_jax.runtime.build import plan_for
+
+    cfg = ModelConfig.from_file(args.model) if args.model else preset_config(args.preset)
+    gpus = _list(args.gpu, aot.GPUS, "gpu")
+    policies = _list(args.policy, ("dynaexq", "static", "full"), "policy")
+    batches = _list(args.batch, None, "batch", int)
+    steps = _list(args.steps, STEPS, "steps")
+    if min(batches) < 1 or args.context <= args.prompt or args.prompt < 1:
+        raise UserError("--batch must be >= 1 and --context longer than --prompt (>= 1)")
+    budget = budget_lib.parse_size(args.budget) if args.budget else None
+    dtype = jnp.dtype(args.dtype)
+    opts = DynaExqOptions(lo_bits=args.lo_bits, hi_dtype=args.hi_dtype)
+    out = []
+    for policy in policies:
+        for batch in batches:
+            try:
+                plan = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=args.prompt,
+                                max_new_tokens=args.context - args.prompt, dtype_itemsize=dtype.itemsize, opts=opts)
+            except budget_lib.BudgetError as e:
+                out.append(dict(policy=policy, batch=batch, refused=str(e)))
+                continue
+            for step in steps:
+                for gpu in gpus:
+                    out.append(dict(cfg=cfg, policy=policy, batch=batch, step=step, gpu=gpu, plan=plan, dtype=dtype,
+                                    group=budget_lib.expert_group_size(cfg, opts.group_size)))
+    return cfg, out
+
+
+def measure(args, row) -> dict:
+    from dynaexq_jax.runtime import aot, engine
+
+    cfg, plan, step, batch = row["cfg"], row["plan"], row["step"], row["batch"]
+    context = engine.cache_bucket(args.context)
+    experts = aot.abstract_experts(cfg, row["policy"], plan, dtype=row["dtype"], hi_dtype=args.hi_dtype,
+                                   group=row["group"])
+    fn, fargs = aot.step_args(cfg, experts, step=step, batch=batch, context=context, prompt=args.prompt,
+                              dtype=row["dtype"])
+    compiled, compile_s = aot.compile_for(fn, fargs, row["gpu"])
+    traffic, minimum = aot.traffic_and_min(cfg, row["policy"], plan, step=step, batch=batch, context=context,
+                                           prompt=args.prompt, itemsize=row["dtype"].itemsize,
+                                           hi_dtype=args.hi_dtype, group=row["group"])
+    r = aot.report_step(compiled, traffic)
+    hlo = None
+    if args.dump_hlo:
+        Path(args.dump_hlo).mkdir(parents=True, exist_ok=True)
+        hlo = str(Path(args.dump_hlo) / f"{row['policy']}-{step}-b{batch}-c{context}-{row['gpu']}.hlo")
+        Path(hlo).write_text(compiled.as_text())
+    bandwidth = aot.GPUS[row["gpu"]][1]
+    seconds = r["bytes"] / bandwidth + r["launches"] * aot.LAUNCH_S
+    tokens = batch * (1 if step == "decode" else args.prompt)
+    return {
+        "gpu": row["gpu"], "policy": row["policy"], "step": step, "batch": batch, "context": context,
+        "layers": cfg.num_layers, "slots": plan.slots, "kernels": r["kernels"], "launches": r["launches"],
+        "xla_bytes": r["xla_bytes"], "pallas_bytes": r["pallas_bytes"], "bytes": r["bytes"], "min_bytes": minimum,
+        "temp_bytes": r["temp_bytes"], "workspace_bytes": plan.workspace, "compile_s": round(compile_s, 2),
+        "predicted_s": seconds, "predicted_tokens_per_s": tokens / seconds, "hlo": hlo,
+        "top": [(k.label, k.name, k.trips * (k.read + k.write if k.pallas is None else aot.pallas_bytes(k, traffic)))
+                for k in sorted(r["by_kernel"], key=lambda k: -k.trips * (k.read + k.write if k.pallas is None
+                                                                            else aot.pallas_bytes(k, traffic)))[:args.top]],
+    }
+
+
+def table(results: list[dict]) -> str:
+    head = ("| gpu | policy | step | batch | context | slots | launches (/layer) | bytes | min | ratio | "
+            "temp / workspace | compile | predicted |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    from dynaexq_jax.budget import format_size as gb
+    for r in results:
+        if "refused" in r:
+            lines.append(f"| | {r['policy']} | | {r['batch']} | | | refused: {r['refused']} | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['gpu']} | {r['policy']} | {r['step']} | {r['batch']} | {r['context']} | {r['slots']} | "
+            f"{r['launches']} ({r['launches'] / r['layers']:.1f}) | {gb(r['bytes'])} | {gb(r['min_bytes'])} | "
+            f"{r['bytes'] / r['min_bytes']:.2f} | {gb(r['temp_bytes'])} / {gb(r['workspace_bytes'])} | "
+            f"{r['compile_s']:.1f} s | {r['predicted_s'] * 1e3:.2f} ms, {r['predicted_tokens_per_s']:.0f} tok/s |")
+        for label, name, b in r["top"]:
+            lines.append(f"|   | {name} | {label} | | | | | {gb(b)} | | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dynaexq_jax.errors import UserError
+
+    try:
+        _, todo = rows(args)
+        results = [r if "refused" in r else measure(args, r) for r in todo]
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"steps": [{k: v for k, v in r.items() if k != "top"} for r in results]}))
+    else:
+        print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
