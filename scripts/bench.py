@@ -26,6 +26,7 @@ run in the order given, so list them from the smallest footprint up.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -51,7 +52,8 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="Hugging Face checkpoint directory")
     src.add_argument("--preset", default="qwen3-moe-smoke", help="preset name or config.json path (random weights)")
-    p.add_argument("--policies", default="static,offload,prefetch,dynaexq,full")
+    p.add_argument("--policies", default="static,offload,prefetch,dynaexq,dynaexq/int8,full",
+                   help="comma-separated; dynaexq/int8: dynaexq with int8 slots (more slots in the same bytes)")
     p.add_argument("--budget", help="device memory budget, e.g. 20GB")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -111,8 +113,10 @@ def check_args(args):
     batch_sizes = positive_ints(args.batch_sizes, "--batch-sizes")
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
     for n in names or [args.policies]:
-        if n not in POLICIES:
-            raise UserError(f"unknown policy {n!r} in --policies; choose from {', '.join(POLICIES)}")
+        policy, _, hi = n.partition("/")
+        if policy not in POLICIES or hi not in ("", "int8", "bfloat16") or (hi and policy != "dynaexq"):
+            raise UserError(f"unknown policy {n!r} in --policies; choose from {', '.join(POLICIES)} "
+                            "(dynaexq/int8: int8 slots)")
     for flag, value, least in (("--prompt-len", args.prompt_len, 1), ("--gen-len", args.gen_len, 2),
                                ("--repeats", args.repeats, 1), ("--quality-seqs", args.quality_seqs, 1)):
         if value < least:  # --gen-len 1 has no decode step to time
@@ -131,16 +135,23 @@ def model_config(args):
     return preset.preset_config(args.preset)
 
 
+def variant(name: str, opts):
+    """A --policies entry -> (policy, its options): "dynaexq/int8" is dynaexq with int8 slots."""
+    policy, _, hi = name.partition("/")
+    return policy, dataclasses.replace(opts, hi_dtype=hi) if hi else opts
+
+
 def fitting_plans(cfg, names, budget, *, batch, longest_prompt, max_new_tokens, itemsize, opts) -> dict:
     """The memory plan of every policy the budget holds, from the config alone (before any
     weight is made or read); a budget none of them fits is an error."""
     plans = {}
-    for policy in names:
+    for name in names:
+        policy, o = variant(name, opts)
         try:
-            plans[policy] = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=longest_prompt,
-                                     max_new_tokens=max_new_tokens, dtype_itemsize=itemsize, opts=opts)
+            plans[name] = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=longest_prompt,
+                                   max_new_tokens=max_new_tokens, dtype_itemsize=itemsize, opts=o)
         except UserError as e:
-            print(f"{policy}: skipped ({e})", file=sys.stderr)
+            print(f"{name}: skipped ({e})", file=sys.stderr)
     if not plans:
         raise UserError(f"budget {budget_lib.format_size(budget)} fits none of --policies {','.join(names)} "
                         "(each one's minimum is above); pass a larger --budget")
@@ -188,8 +199,9 @@ def run(args):
         return build_engine(ckpt, policy, budget=budget_bytes, opts=o, **shape)
 
     results, costs, logits = [], [], {}
-    for policy in plans:
-        eng, plan = build(policy, budget)
+    for name in plans:
+        policy, popts = variant(name, opts)
+        eng, plan = build(policy, budget, popts)
         for B in batch_sizes:
             on_tokens = None
             if shift is not None:
@@ -215,9 +227,9 @@ def run(args):
             decode_tps = med("decode_tokens_per_s")
             tpot = med("decode_s") / steps
             min_bytes = min_decode_bytes(cfg, policy, plan, batch=B, prompt_len=args.prompt_len,
-                                         gen_len=args.gen_len, itemsize=dtype.itemsize, opts=opts)
+                                         gen_len=args.gen_len, itemsize=dtype.itemsize, opts=popts)
             results.append({
-                "policy": policy, "batch_size": B,
+                "policy": name, "batch_size": B,
                 "decode_tokens_per_s": decode_tps,
                 "prefill_tokens_per_s": med("prefill_tokens_per_s"),
                 "ttft_s": med("prefill_s"),
@@ -232,10 +244,10 @@ def run(args):
                 "predicted_tpot_s": cost.seconds,
                 "kl_vs_full": None, "top1_agreement": None,
             })
-            print(f"{policy:>9} B={B:<3} decode {decode_tps or 0:9.1f} tok/s  tpot {tpot * 1e3:8.2f} ms "
+            print(f"{name:>12} B={B:<3} decode {decode_tps or 0:9.1f} tok/s  tpot {tpot * 1e3:8.2f} ms "
                   f"(model {cost.seconds * 1e3:8.2f} ms)  reads >= {min_bytes / 1e6:9.2f} MB/step "
                   f"= {min_bytes / tpot / 1e9:7.2f} GB/s", file=sys.stderr)
-        logits[policy] = eng.logits(quality)
+        logits[name] = eng.logits(quality)
         del eng
         gc.collect()
 

@@ -218,7 +218,7 @@ def summary(name: str, r: dict) -> str:
                          f"{v['async']['ratio'] if v['async']['ratio'] is not None else float('nan'):.2f}"
                          for k, v in r.items() if k.startswith("runtime_"))
     if name == "decode":
-        return "; ".join(f"{x['policy']} b{x['batch']}: {x['decode_tokens_per_s']:.0f} tok/s"
+        return "; ".join(f"{x['policy']} b{x['batch_size']}: {x['decode_tokens_per_s']:.0f} tok/s"
                          for x in r.get("decode", {}).get("results", []) if x.get("decode_tokens_per_s"))
     if name == "kernels":
         return f"{len(r['kernels']['rows'])} kernel rows, copy {r['kernels']['copy_gbs']:.0f} GB/s"

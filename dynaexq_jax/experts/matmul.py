@@ -55,7 +55,8 @@ def _dot(a, b):
 
 
 def _fetch(w: Weights, row, dtype):
-    """One expert's [K, N] matrix in `dtype`, dequantized when packed."""
+    """One expert's [K, N] matrix in `dtype`, dequantized when packed (see
+    `runtime.engine.compiler_options`: XLA:CPU must not hoist this out of the tile loop)."""
     if isinstance(w, QuantizedTensor):
         return dequantize(w.take(row), dtype)
     return jax.lax.dynamic_index_in_dim(w, row, 0, keepdims=False).astype(dtype)

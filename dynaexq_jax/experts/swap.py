@@ -194,6 +194,8 @@ class Swapper:
     # ------------------------------------------------------------------ progress
     def poll(self) -> None:
         """Between steps: land finished transfers, then start new ones within the byte rate."""
+        if not self.inflight and not self.pending:  # the common case between rebalances: nothing to do
+            return
         landed = False
         for key, (slot, tr, t0) in list(self.inflight.items()):
             if self.blocking:

@@ -26,6 +26,7 @@ from dynaexq_jax.runtime.engine import (
     cache_bucket,
     check_context,
     check_request,
+    compiler_options,
     left_pad,
     peak_device_bytes,
     prompt_bucket,
@@ -130,7 +131,7 @@ class LayerwiseEngine:
         exe = self._executables.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            exe = self._executables[key] = self.functions.jitted[name].lower(*args).compile()
+            exe = self._executables[key] = self.functions.jitted[name].lower(*args).compile(compiler_options())
             self.compile_s += time.perf_counter() - t0
             self.workspace_bytes = max(self.workspace_bytes, exe.memory_analysis().temp_size_in_bytes)
         return exe(*args)
