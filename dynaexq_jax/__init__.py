@@ -4,20 +4,34 @@ Every expert stays on the device in a low-bit fallback; the hottest experts, est
 from router traces, also hold a high-precision slot, swapped asynchronously between decode
 steps under a hard device-memory budget.
 
-    import dynaexq_jax as dx
-    ckpt = dx.load("checkpoints/tiny-qwen3-moe", jnp.float32)      # weights, config, tokenizer
-    eng, plan = dx.build_engine(ckpt, "dynaexq", budget=dx.parse_size("20GB"), batch=1,
-                                longest_prompt=128, max_new_tokens=256)
-    ids = ckpt.tokenizer.encode("def f(x):").ids
-    gen = eng.generate([ids], 32, dx.SamplingParams())             # .tokens, .stats, .expert_counts
-    logps, routing = eng.score([ids])                              # log p(token | prefix), routing stats
-    print(plan.table())                                            # where every device byte goes
+The surface for research code (README, "Python API", runs this as a test):
 
-From research code: `dx.Decoder(cfg, dtype)` is the model as a pure function of explicit
-pytrees, `(params, experts, cache, tokens, positions, valid) -> (logits, cache, routing)`;
-`eng.params` and `eng.policy.experts` (an `ExpertState`) are the arrays a step takes, so the
-model can be called inside one's own `jax.jit` with any expert state (a promotion is a new
-value, never a retrace). Policies: `dx.POLICIES`; options: `dx.DynaExqOptions`.
+    import jax, jax.numpy as jnp
+    import dynaexq_jax as dx
+
+    ckpt = dx.load("checkpoints/tiny-qwen3-moe", jnp.float32)     # config, weights, experts, tokenizer
+    eng, plan = dx.build_engine(ckpt, "dynaexq", budget=dx.parse_size("30MB"), batch=1,
+                                longest_prompt=32, max_new_tokens=16)
+    ids = ckpt.tokenizer.encode("def fibonacci(n):").ids
+    gen = eng.generate([ids], 16)                     # greedy; dx.SamplingParams(...) samples
+    logps, routing = eng.score([ids])                 # log p(token | prefix); routing statistics
+
+- load with a policy and a budget: `load`, then `build_engine(ckpt, policy, budget=...)` with a
+  policy from `POLICIES` (options: `DynaExqOptions`); `plan_for` is the same memory plan from
+  the config alone; `plan.table()` shows where every device byte goes.
+- generate and score: `Engine.generate` -> `Generation(tokens, stats, expert_counts)`;
+  `Engine.score` -> per-sequence log-probabilities and `RoutingStats`; `Engine.logits`.
+- stats: `Generation.stats` (throughput, compile_s, hi_hit_rate, the policy's counters) and
+  `engine.policy.stats()` (promotions, demotions, h2d_bytes, fill_s, convert_s, ...).
+- inside one's own `jax.jit`: `engine.steps` (`Steps`) holds the engine's prefill, decode,
+  score and logits steps as pure functions of explicit pytrees; `engine.params` and
+  `engine.policy.experts` (an `ExpertState` pytree) are what they take, with a
+  `KVCache.empty(...)` and inputs from `left_pad`. A promotion is a new `ExpertState` value
+  of the same shapes, never a retrace. `Decoder(cfg, dtype)` is the bare model. On a CPU, pass
+  `compiler_options()` to `.lower(...).compile(...)` as the engine does (it keeps XLA from
+  holding a float32 copy of every expert).
+- `enable_compile_cache()`: JAX's persistent compilation cache for this process, as the
+  scripts turn it on (`~/.cache/dynaexq/jax`; `DYNAEXQ_COMPILE_CACHE=0` turns it off).
 """
 
 from dynaexq_jax.budget import MemoryPlan, parse_size
@@ -29,7 +43,8 @@ from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.policies import POLICIES
 from dynaexq_jax.policies.dynaexq import DynaExqOptions
 from dynaexq_jax.runtime.build import build_engine, plan_for
-from dynaexq_jax.runtime.engine import Engine, Generation
+from dynaexq_jax.runtime.compile_cache import enable as enable_compile_cache
+from dynaexq_jax.runtime.engine import Engine, Generation, RoutingStats, Steps, compiler_options, left_pad
 from dynaexq_jax.runtime.sampling import SamplingParams
 
 __all__ = [
@@ -44,9 +59,14 @@ __all__ = [
     "KVCache",
     "MemoryPlan",
     "ModelConfig",
+    "RoutingStats",
     "SamplingParams",
+    "Steps",
     "UserError",
     "build_engine",
+    "compiler_options",
+    "enable_compile_cache",
+    "left_pad",
     "load",
     "parse_size",
     "plan_for",

@@ -112,13 +112,15 @@ def expert_group_size(cfg, requested: int = 128) -> int:
 
 
 def non_expert_nbytes(cfg, itemsize: int) -> int:
-    """Embeddings, attention, norms, routers, dense MLPs and the LM head."""
-    H, D = cfg.hidden_size, cfg.head_dim
-    attn = H * D * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 2 * D + 2 * H
-    total = cfg.vocab_size * H * (1 if cfg.tie_word_embeddings else 2) + H
+    """Embeddings, attention (biases included), norms, routers, dense MLPs, shared experts and
+    the LM head: every tensor the family adapter's tables name outside the routed experts,
+    which are exactly the decoder's params."""
+    from dynaexq_jax.models import registry
+
+    fam = registry.adapter(cfg)
+    total = sum(math.prod(t.shape) for t in fam.top_tensors(cfg))
     for i in range(cfg.num_layers):
-        total += attn
-        total += cfg.num_experts * H if cfg.is_moe_layer(i) else 3 * H * cfg.intermediate_size
+        total += sum(math.prod(t.shape) for t in fam.layer_tensors(cfg, i))
     return total * itemsize
 
 
@@ -146,10 +148,12 @@ def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int) 
     """Upper estimate of the transient buffers of the largest step (prefill of `prompt`).
 
     Attention scores of one layer, the residual stream and norms, the MoE block's routed pairs
-    (gathered rows, gate_up, activation, down), the last position's logits, and one expert
+    (gathered rows, gate_up, activation, down), the last position's logits, one expert
     materialised in float32 (the CPU path dequantizes one expert at a time; the GPU kernels
-    dequantize in registers). Expert weights never get a transient copy: every path reads
-    the routed experts where they are stored.
+    dequantize in registers), a dense MLP's (shared expert's) activations, and twice one
+    layer's attention, router and dense-MLP weights (a prefill's XLA matmuls read their layer
+    through a copy of its slice of the stacked weights; decode's kernels read the stack in
+    place). Expert weights never get a transient copy.
 
     The engine checks it against XLA's own figure for the compiled steps
     (`memory_analysis().temp_size_in_bytes`) and reports both.
@@ -162,7 +166,15 @@ def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int) 
     moe = pairs * (H * itemsize + 2 * I * 4 + I * 4 + H * 4 + 16)  # gathered x, gate_up, act, down, sort keys
     logits = batch * cfg.vocab_size * 4 * 2
     one_expert = 2 * 3 * H * I * 4
-    return (3 * (scores + hidden + moe + logits)) // 2 + one_expert + 16 * 2**20
+    D = cfg.head_dim
+    # A layer's dense MLP: the shared expert of a MoE layer, or a dense layer's MLP (its
+    # intermediate activations in float32, its weights sliced like attention's).
+    dense = max(cfg.shared_expert_size if cfg.moe_layers else 0,
+                cfg.intermediate_size if len(cfg.moe_layers) < cfg.num_layers else 0)
+    layer_weights = (H * D * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + cfg.num_experts * H
+                     + 3 * H * dense) * itemsize
+    mlp = 3 * tokens * dense * 4
+    return (3 * (scores + hidden + moe + mlp + logits)) // 2 + one_expert + 2 * layer_weights + 16 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)

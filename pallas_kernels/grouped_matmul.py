@@ -1,7 +1,8 @@
 """Grouped matmul over row tiles whose weights come from one of several tiers.
 
-`tiled_matmul(x, tiers, tile_tier, tile_row, tiles)`: tile t multiplies its rows of `x` by
-weight `tile_row[t]` of tier `tile_tier[t]`. A tier is dense ([R, K, N], e.g. bf16 slots) or
+`tiled_matmul(x, tiers, tiles, rows_per_tier=R)`: tile t multiplies its rows of `x` by weight
+`key % R` of tier `key // R`, `key = tiles.key[t]` (the kernel splits the key itself: one
+planning kernel less per call). A tier is dense ([R, K, N], e.g. bf16 slots) or
 packed low-bit codes with per-group scales and zeros ([R, K*bits/8, N] uint8 + [R, K/g, N]),
 in the layout `dynaexq_jax.experts.quant` describes. One call covers every tier, so a MoE layer
 whose experts sit in a bf16 slot pool and in int4 fallbacks is one kernel launch per matrix,
@@ -132,7 +133,7 @@ def _packed_step(refs, xload, row, step, n0, *, lay: Packed, groups_per_step, bn
     return total
 
 
-def _kernel(tier_ref, row_ref, *refs, steps, arity, tm, bn, row_tiles: bool):
+def _kernel(key_ref, *refs, steps, arity, tm, bn, row_tiles: bool, rows_per_tier: int):
     if row_tiles:  # tile t starts at row t
         end_ref, x_ref, *refs = refs
     else:
@@ -141,7 +142,9 @@ def _kernel(tier_ref, row_ref, *refs, steps, arity, tm, bn, row_tiles: bool):
     # program_id outside pl.when: interpret mode only substitutes it at the kernel's top level.
     t = pl.program_id(0)
     n0 = pl.multiple_of(pl.program_id(1) * bn, bn)
-    tier, row, re = tier_ref[t], row_ref[t], end_ref[t]
+    key, re = key_ref[t], end_ref[t]
+    tier = jnp.where(key == INVALID, -1, key // rows_per_tier)  # -1: an unused tile, no branch runs
+    row = key % rows_per_tier
     rs = t if row_tiles else start_ref[t]
     xload = _row_loader(x_ref, rs, re, tm)
     first = 0
@@ -170,14 +173,12 @@ def _tier_branch(active, step, num_steps, refs, xload, row, rs, re, n0, o_ref, t
         plgpu.store(o_ref.at[pl.ds(rs, tm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=rows < re)
 
 
-def tiled_matmul(x, tiers: Sequence[Tier], tile_tier, tile_row, tiles: Tiles, *, n: int, tm: int,
+def tiled_matmul(x, tiers: Sequence[Tier], tiles: Tiles, *, rows_per_tier: int, n: int, tm: int,
                  out_dtype, interpret: bool, block_n: int | None = None, num_warps: int = 4,
                  num_stages: int = 3, name: str = "tiled_matmul"):
     """Rows of `x` [P + tm, K] (sorted by group, `tm` spare rows at the end) times their tile's
     weights -> [P + tm, N]. Rows no tile stores (INVALID keys, the spare rows) are undefined:
-    callers mask them.
-
-    `tile_tier`, `tile_row` [M] int32: each tile's tier (-1: unused tile) and weight row.
+    callers mask them. A tile's key is `tier * rows_per_tier + row` (INVALID: unused).
     """
     p_rows, k = x.shape
     bn = block_n or default_block_n(n, p_rows - tm)
@@ -204,18 +205,19 @@ def tiled_matmul(x, tiers: Sequence[Tier], tile_tier, tile_row, tiles: Tiles, *,
         reason = gpu_unsupported_reason(k, n, [lay for _, lay in tiers], block_m=tm, block_n=bn)
         if reason:
             raise ValueError(f"tiled_matmul on GPU: {reason}.")
-    num_tiles = tile_tier.shape[0]
+    num_tiles = tiles.key.shape[0]
     row_tiles = tiles.start is None
     num_warps = max(num_warps, tm * bn // 2048)  # big accumulators need the registers of 8 warps
     starts = () if row_tiles else (tiles.start,)
     return pl.pallas_call(
-        functools.partial(_kernel, steps=tuple(steps), arity=tuple(arity), tm=tm, bn=bn, row_tiles=row_tiles),
+        functools.partial(_kernel, steps=tuple(steps), arity=tuple(arity), tm=tm, bn=bn, row_tiles=row_tiles,
+                          rows_per_tier=rows_per_tier),
         out_shape=jax.ShapeDtypeStruct((p_rows, n), out_dtype),
         grid=(num_tiles, n // bn),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"{name}_tm{tm}",  # tm in the name: what the AOT report's byte count needs
-    )(tile_tier, tile_row, *starts, tiles.end, x, *arrays)
+    )(tiles.key, *starts, tiles.end, x, *arrays)
 
 
 def _layer_kernel(layer_ref, x_ref, w_ref, o_ref, *, step, num_steps, tm, bn, rows):

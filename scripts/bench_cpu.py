@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--eval-windows", type=int, default=72, help="held-out windows of --eval-len tokens to score")
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of --eval-len tokens to score")
     p.add_argument("--eval-len", type=int, default=256)
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)

@@ -95,10 +95,9 @@ def pallas_path(experts: int, n: int, *, interpret: bool, block_n: int | None = 
             tiles = pallas_kernels.row_tiles(keys, tm)
         else:
             tiles = pallas_kernels.plan_tiles(keys, tm, pallas_kernels.max_tiles(rows, experts, tm))
-        tier, row = pallas_kernels.split_key(tiles, experts)
         xp = jnp.pad(x, ((0, tm), (0, 0)))
-        out = pallas_kernels.tiled_matmul(xp, [kernel_tier(w)], tier, row, tiles, n=n, tm=tm, out_dtype=x.dtype,
-                                          interpret=interpret, block_n=block_n, num_warps=num_warps)
+        out = pallas_kernels.tiled_matmul(xp, [kernel_tier(w)], tiles, rows_per_tier=experts, n=n, tm=tm,
+                                          out_dtype=x.dtype, interpret=interpret, block_n=block_n, num_warps=num_warps)
         return out[:rows]
 
     return jax.jit(run)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +63,9 @@ def run(args) -> list:
     from dynaexq_jax.errors import UserError
     from dynaexq_jax.eval import evaluate
     from dynaexq_jax.io import loader
+    from dynaexq_jax.models.config import ModelConfig
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
+    from dynaexq_jax.policies.hotness import HotnessTracker
 
     try:
         lo_bits = [int(b) for b in _csv(args.lo_bits)]
@@ -71,8 +75,15 @@ def run(args) -> list:
         raise UserError(f"--lo-bits {args.lo_bits!r}: give comma-separated widths from 4,3,2")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.group_size < 1:
+        raise UserError(f"--group-size must be >= 1, got {args.group_size}")
+    if args.json_path:
+        check_writable(Path(args.json_path))
     if args.hotness and not Path(args.hotness).is_file():
         raise UserError(f"--hotness {args.hotness} does not exist; record one with scripts/build_tasks.py")
+    cfg = ModelConfig.from_file(args.model)
+    if args.hotness:  # read in full now: a bad profile must not end the evaluation after its first runs
+        HotnessTracker.load(args.hotness, expect_shape=(len(cfg.moe_layers), cfg.num_experts))
     runs = evaluate.expand_runs(_csv(args.policies), _csv(args.budgets) or ["none"], lo_bits)
     if not (args.ppl or args.mc or args.em):
         args.ppl, args.mc, args.em = [TASKS / "heldout.jsonl"], [TASKS / "next_line_mc.jsonl"], [TASKS / "next_line_em.jsonl"]
@@ -92,11 +103,41 @@ def run(args) -> list:
     )
 
 
+def check_writable(path: Path) -> None:
+    """Fail before the first run, not after the last, if --json cannot be written."""
+    from dynaexq_jax.errors import UserError
+
+    if path.is_dir():
+        raise UserError(f"--json {path} is a directory; name a file in it")
+    if not path.parent.is_dir():
+        raise UserError(f"--json {path}: the folder {path.parent} does not exist; create it first")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise UserError(f"--json {path}: cannot write in {path.parent} ({e.strerror}); name a writable folder") \
+            from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """All of `text` or nothing at `path`: a reader never sees half a results file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dynaexq_jax.eval import evaluate
     from dynaexq_jax.errors import UserError
+    from dynaexq_jax.runtime import compile_cache
 
+    compile_cache.enable()  # DYNAEXQ_COMPILE_CACHE=0 turns it off
     try:
         results = run(args)
     except UserError as e:
@@ -105,7 +146,11 @@ def main(argv=None) -> int:
     print(evaluate.table(results))
     if args.json_path:
         payload = {"results": [dataclasses.asdict(r) for r in results]}
-        Path(args.json_path).write_text(json.dumps(payload, indent=1) + "\n")
+        try:
+            write_atomic(Path(args.json_path), json.dumps(payload, indent=1) + "\n")
+        except OSError as e:  # checked writable at the start; the disk may have filled since
+            print(f"error: --json {args.json_path}: {e.strerror}; the table above holds the results", file=sys.stderr)
+            return 2
     return 0
 
 

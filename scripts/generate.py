@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 from dynaexq_jax.errors import UserError
@@ -65,8 +69,14 @@ def parse_args(argv=None):
     plan.add_argument("--batch", type=int, help="sequences planned by --dry-run (default: the number of --prompt)")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats on stdout")
-    out.add_argument("--verbose", action="store_true", help="print the memory plan on stderr before loading")
+    out.add_argument("--verbose", action="store_true",
+                     help="print the memory plan, backend and device on stderr before loading, and the load, "
+                          "convert, fill and compile times after the run")
     out.add_argument("--quiet", action="store_true", help="no progress bar and no closing summary on stderr")
+    p.add_argument("--compile-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse compiled steps from JAX's persistent cache (default on, in $XDG_CACHE_HOME/dynaexq/jax "
+                        "or ~/.cache/dynaexq/jax; DYNAEXQ_COMPILE_CACHE=DIR moves it, =0 turns it off; deleting "
+                        "the directory is always safe)")
     return p.parse_args(argv)
 
 
@@ -89,6 +99,60 @@ def check_flags(args) -> None:
         raise FlagError("--interactive holds one conversation; drop --batch")
     if args.chat is False and (args.system is not None or args.thinking is not None):
         raise FlagError("--system and --thinking need the chat template; drop them or --no-chat")
+    if args.context is not None and args.context < 2:
+        raise FlagError(f"--context must be >= 2 tokens (a prompt token and a new one), got {args.context}")
+    for flag, value in (("--group-size", args.group_size), ("--rebalance-every", args.rebalance_every)):
+        if value < 1:
+            raise FlagError(f"{flag} must be >= 1, got {value}")
+    if not (math.isfinite(args.half_life) and args.half_life > 0):
+        raise FlagError(f"--half-life must be a number of decode steps > 0, got {args.half_life}")
+    if (args.hotness or args.save_hotness) and args.policy != "dynaexq":
+        raise FlagError("--hotness and --save-hotness apply to --policy dynaexq; drop them or the --policy")
+    for flag, texts in (("--prompt", args.prompt or []), ("--system", [args.system or ""])):
+        if not all(map(is_utf8, texts)):
+            raise FlagError(f"{flag} holds bytes that are not UTF-8 text; pass it in UTF-8")
+    if args.save_hotness and not args.dry_run:
+        check_writable(args.save_hotness, "--save-hotness")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` is valid Unicode: Python passes non-UTF-8 bytes of argv on as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Fail now, not after a whole generation, if `path` cannot be written."""
+    target = Path(path)
+    if target.is_dir():
+        raise FlagError(f"{flag} {path} is a directory; name a file in it")
+    if not target.parent.is_dir():
+        raise FlagError(f"{flag} {path}: the folder {target.parent} does not exist; create it first")
+    try:
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as e:
+        raise FlagError(f"{flag} {path}: cannot write in {target.parent} ({e.strerror}); name a writable folder") \
+            from None
+
+
+def check_vocab(ids: list[list[int]], cfg, model: Path) -> None:
+    """Token ids past the embedding table would be read as NaN: the tokenizer is not the model's."""
+    worst = max(max(i) for i in ids)
+    if worst >= cfg.vocab_size:
+        raise FlagError(f"{model / 'tokenizer.json'} gives token id {worst}, but config.json's vocab_size is "
+                        f"{cfg.vocab_size}; the tokenizer does not belong to this model, restore the model's own")
+
+
+def check_hotness(args, cfg) -> None:
+    """A --hotness profile is read in full before any weight is: corrupt, empty or foreign is an error now."""
+    from dynaexq_jax.policies.hotness import HotnessTracker
+
+    if args.hotness:
+        HotnessTracker.load(args.hotness, expect_shape=(len(cfg.moe_layers), cfg.num_experts))
 
 
 # ----------------------------------------------------------------------------- memory plan
@@ -106,6 +170,9 @@ def plan_shape(args, cfg, prompt_lengths=None) -> tuple[int, int, int]:
     if context > cfg.max_position_embeddings:
         raise FlagError(f"--context {context} exceeds the model's context of {cfg.max_position_embeddings}")
     if args.interactive:
+        if context <= args.max_new_tokens:
+            raise FlagError(f"--context {context} leaves no room for a message before --max-new-tokens "
+                            f"{args.max_new_tokens}; raise --context or lower --max-new-tokens")
         chunk = chat_chunk(context)
         return 1, chunk, context - chunk
     if context <= args.max_new_tokens:
@@ -163,15 +230,14 @@ def plan_text(args, cfg, plan, header) -> str:
 def index_check(model: Path, cfg) -> str | None:
     """A line comparing the checkpoint index's `total_size` with what config.json implies."""
     from dynaexq_jax import budget
+    from dynaexq_jax.io import loader
 
-    index = model / "model.safetensors.index.json"
-    if not index.is_file():
-        return None
-    total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+    index = loader.read_index(model)  # checked: a damaged index is an error, not a traceback after the plan
+    total = None if index is None else (index.get("metadata") or {}).get("total_size")
     if total is None:
         return None
     stored = json.loads((model / "config.json").read_text())
-    dtype = stored.get("dtype") or stored.get("torch_dtype") or "bfloat16"
+    dtype = str(stored.get("dtype") or stored.get("torch_dtype") or "bfloat16")
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
     params = budget.parameter_count(cfg)
     verdict = "as config.json implies" if int(total) == params * itemsize else (
@@ -186,12 +252,12 @@ def dry_run(args, budget_bytes) -> dict:
 
     model = Path(args.model)
     cfg = ModelConfig.from_file(model)  # a missing directory is a one-line ConfigError
+    check = index_check(model, cfg)
     plan, header = make_plan(args, cfg, plan_shape(args, cfg), budget_bytes)
     if args.json:
         print(json.dumps({"memory_plan": plan.as_dict()}))
     else:
         print(plan_text(args, cfg, plan, header))
-        check = index_check(model, cfg)
         if check:
             print(check)
     return {"memory_plan": plan.as_dict()}
@@ -269,16 +335,26 @@ class Streamer:
     def __init__(self, tok, echo: str = ""):
         self.tok, self.echo = tok, echo
         self.ids, self.shown = [], ""
+        self.started = False  # set before the first write: an interrupt then still ends the line
 
     def __call__(self, step_ids):
-        if not self.ids:  # echo the prompt once the request has been accepted
+        if not self.started:  # echo the prompt once the request has been accepted
+            self.started = True
             sys.stdout.write(self.echo)
         self.ids.append(int(step_ids[0]))
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(self.shown) :])
-            sys.stdout.flush()
-            self.shown = text
+            self.show(text)
+
+    def show(self, text: str) -> None:
+        sys.stdout.write(text[len(self.shown) :])
+        sys.stdout.flush()
+        self.shown = text
+
+    def finish(self) -> None:
+        """End the reply: what the tokens decode to, an unfinished character included, and a newline."""
+        self.show(self.tok.decode(self.ids, skip_special_tokens=True))
+        print()
 
 
 def load_engine(args, budget_bytes, cfg, shape):
@@ -291,8 +367,14 @@ def load_engine(args, budget_bytes, cfg, shape):
     from dynaexq_jax.runtime.build import build_engine
 
     plan, header = make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
+    if args.save_hotness and plan.slots == 0:  # dynaexq without slots runs static: it learns no hotness
+        raise FlagError("--save-hotness: the budget leaves no high-precision slot, so no hotness is learned; "
+                        "raise --budget or drop --save-hotness")
     if args.verbose:
         print(plan_text(args, cfg, plan, header), file=sys.stderr)
+        info = runtime_info()
+        print(f"backend {info['backend']}, device {info['device']}, compile cache {info['compile_cache'] or 'off'}",
+              file=sys.stderr)
     t0 = time.perf_counter()
     ckpt = loader.load(args.model, jnp.dtype(args.dtype), progress=show_progress(args))
     batch, longest, new = shape
@@ -321,104 +403,216 @@ def read_tokenizer(args):
     return model, cfg, tok
 
 
+def runtime_info() -> dict:
+    """Where the run computes: JAX's backend, the device's kind, and the compilation cache in use."""
+    import jax
+
+    from dynaexq_jax.runtime import compile_cache
+
+    cache = compile_cache.active_dir()
+    return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "compile_cache": None if cache is None else str(cache)}
+
+
 def run_stats(args, gen_stats, plan, budget_bytes, load_s: float) -> dict:
-    stats = dict(gen_stats, budget_bytes=budget_bytes, model=str(args.model), dtype=args.dtype, policy=args.policy,
-                 load_s=load_s)
+    """`load_s`: loading and building the engine; the quantization inside it is reported as
+    convert_s (the policy's), the rest as load_s."""
+    stats = dict(gen_stats, budget_bytes=budget_bytes, model=str(args.model), dtype=args.dtype, policy=args.policy)
+    stats["load_s"] = load_s - stats["convert_s"]
     stats["accounted_device_bytes"] = plan.total
     stats["memory_plan"] = plan.as_dict()
+    stats.update(runtime_info())
     return stats
 
 
+def timings_line(stats: dict) -> str:
+    """--verbose: where the time before the first token went."""
+    return ("load {load_s:.2f} s | convert {convert_s:.2f} s | fill {fill_s:.2f} s | compile {compile_s:.2f} s"
+            .format(**stats))
+
+
 def run(args, budget_bytes) -> dict:
-    from dynaexq_jax.runtime import sampling
+    from dynaexq_jax.runtime import engine, sampling
 
     knobs = sampling.SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     model, cfg, tok = read_tokenizer(args)
+    check_hotness(args, cfg)
     prompter = Prompter(args, model, tok)
     prompts = args.prompt or ["def "]
     ids = [prompter.encode(p) for p in prompts]
     if min(map(len, ids)) == 0:
         raise FlagError("every prompt needs at least one token; pass a non-empty --prompt")
+    check_vocab(ids, cfg, model)
+    engine.check_request(cfg, ids, args.max_new_tokens)  # a prompt over the context, before any budget message
     eng, plan, ckpt, load_s = load_engine(args, budget_bytes, cfg, plan_shape(args, cfg, [len(i) for i in ids]))
 
     streaming = not args.json and len(prompts) == 1
     # A chat reply is printed alone; raw completions continue the echoed prompt.
     on_tokens = Streamer(tok, "" if prompter.template else prompts[0]) if streaming else None
-    gen = eng.generate(ids, args.max_new_tokens, knobs, prompter.stop_ids(ckpt.eos_token_ids), on_tokens=on_tokens)
+    try:
+        gen = eng.generate(ids, args.max_new_tokens, knobs, prompter.stop_ids(ckpt.eos_token_ids), on_tokens=on_tokens)
+    except KeyboardInterrupt:
+        if streaming and on_tokens.started:
+            print(flush=True)  # what was streamed stays, ended by a newline
+        raise
     outputs = [
         {"prompt": p, "token_ids": t, "text": tok.decode(t, skip_special_tokens=True)}
         for p, t in zip(prompts, gen.tokens)
     ]
     stats = run_stats(args, gen.stats, plan, budget_bytes, load_s)
-    if args.save_hotness and args.policy == "dynaexq":
-        eng.policy.tracker.save(args.save_hotness)
+    if args.save_hotness:
+        try:
+            eng.policy.tracker.save(args.save_hotness)
+        except OSError as e:  # checked writable at the start; the disk may have filled since
+            raise FlagError(f"--save-hotness {args.save_hotness}: {e.strerror}; free space there") from None
     if args.json:
         print(json.dumps({"outputs": outputs, "stats": stats}))
     elif streaming:
-        print()
+        on_tokens.finish()
     else:
         for i, o in enumerate(outputs):
             print(f"--- [{i}] {o['prompt']}{o['text']}")
     if not args.quiet:
         print(summary_line(stats), file=sys.stderr)
+    if args.verbose:
+        print(timings_line(stats), file=sys.stderr)
     return {"outputs": outputs, "stats": stats}
+
+
+class Conversation:
+    """The finished turns of an --interactive session, as the model sees them: through the chat
+    template, or as the raw token stream continued. When the next turn does not fit the
+    session, its oldest turns are dropped."""
+
+    def __init__(self, prompter: Prompter):
+        self.prompter = prompter
+        self.turns: list[tuple[str, list[int]]] = []  # (user text, reply ids)
+
+    def ids(self, user: str, turns) -> list[int]:
+        p = self.prompter
+        if p.template:
+            history = [{"role": r, "content": c} for u, reply in turns
+                       for r, c in (("user", u), ("assistant", p.tok.decode(reply, skip_special_tokens=True)))]
+            system_and_user = p.messages(user)
+            return p.render(system_and_user[:-1] + history + system_and_user[-1:])
+        return [t for u, reply in turns for t in p.tok.encode(u).ids + reply] + p.tok.encode(user).ids
+
+    def fit(self, user: str, limit: int) -> tuple[list[int], int] | None:
+        """(ids of the next turn, oldest turns dropped) within `limit` tokens; None if it does
+        not fit even alone."""
+        for dropped in range(len(self.turns) + 1):
+            ids = self.ids(user, self.turns[dropped:])
+            if len(ids) <= limit:
+                self.turns = self.turns[dropped:]
+                return ids, dropped
+        return None
+
+
+def stdin_lines(stdin):
+    """Lines of stdin as text; bytes that are not UTF-8 are an error naming the line."""
+    for n, line in enumerate(getattr(stdin, "buffer", stdin), 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise FlagError(f"line {n} of stdin is not UTF-8 text (byte {line[e.start]:#04x} at {e.start}); "
+                                "send UTF-8") from None
+        yield line
 
 
 def interactive(args, budget_bytes, stdin=None) -> list[dict]:
     """Converse on stdin: each line is a user message; the reply streams to stdout and one
-    summary line per turn goes to stderr. Returns the turns' stats."""
+    summary line per turn goes to stderr. Ctrl-C stops a reply and drops its turn; a turn over
+    the context drops the oldest turns (or, alone too long, is not sent). Returns the turns' stats."""
     from dynaexq_jax.runtime import sampling
 
     stdin = stdin or sys.stdin
     knobs = sampling.SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     model, cfg, tok = read_tokenizer(args)
+    check_hotness(args, cfg)
     prompter = Prompter(args, model, tok)
     shape = plan_shape(args, cfg)
     eng, plan, ckpt, load_s = load_engine(args, budget_bytes, cfg, shape)
     batch, chunk, rest = shape
     session = eng.new_session(chunk + rest, chunk)
     stop = prompter.stop_ids(ckpt.eos_token_ids)
-    messages = [] if prompter.system is None else [{"role": "system", "content": prompter.system}]
-    history: list[int] = []  # without a template: the token stream so far, continued raw
+    convo = Conversation(prompter)
+    context = chunk + rest
+    limit = context - args.max_new_tokens  # the messages' share of the context
     turns = []
-    for line in stdin:
-        user = line.rstrip("\n")
+    for line in stdin_lines(stdin):
+        user = line.rstrip("\r\n")
         if not user.strip():
             continue
-        if prompter.template:
-            messages.append({"role": "user", "content": user})
-            ids = prompter.render(messages)
-        else:
-            ids = history + tok.encode(user).ids
-        gen = eng.chat_turn(session, ids, args.max_new_tokens, knobs, stop, on_tokens=Streamer(tok))
-        print()
+        fitted = convo.fit(user, limit)
+        if fitted is None:
+            print(f"note: this message is over the context ({context} tokens, {args.max_new_tokens} of them for "
+                  "the reply) on its own; not sent (shorten it, or raise --context)", file=sys.stderr)
+            continue
+        ids, dropped = fitted
+        check_vocab([ids], cfg, model)
+        if dropped:
+            print(f"note: the context ({context} tokens) is full; dropped the {dropped} oldest turn(s)",
+                  file=sys.stderr)
+        try:
+            streamer = Streamer(tok)
+            gen = eng.chat_turn(session, ids, args.max_new_tokens, knobs, stop, on_tokens=streamer)
+        except KeyboardInterrupt:
+            print(flush=True)
+            print("note: interrupted; the turn is dropped", file=sys.stderr)
+            continue
+        streamer.finish()
         reply = gen.tokens[0]
-        messages.append({"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)})
-        history = ids + reply
+        convo.turns.append((user, reply))
         stats = run_stats(args, gen.stats, plan, budget_bytes, load_s)
         turns.append(stats)
         if not args.quiet:
             print(summary_line(stats) + f" | reused {stats['reused_tokens']} cached tok", file=sys.stderr)
+        if args.verbose:
+            print(timings_line(stats), file=sys.stderr)
     return turns
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dynaexq_jax import budget
+    from dynaexq_jax.runtime import compile_cache
 
+    compile_cache.enable(args.compile_cache)
     try:
-        check_flags(args)
-        budget_bytes = budget.parse_size(args.budget) if args.budget is not None else None
-        if args.dry_run:
-            dry_run(args, budget_bytes)
-        elif args.interactive:
-            interactive(args, budget_bytes)
-        else:
-            run(args, budget_bytes)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            check_flags(args)
+            budget_bytes = budget.parse_size(args.budget) if args.budget is not None else None
+            if args.dry_run:
+                dry_run(args, budget_bytes)
+            elif args.interactive:
+                interactive(args, budget_bytes)
+            else:
+                run(args, budget_bytes)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a reply of --interactive
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `generate.py ... | head`: the reader is gone; leave quietly
+        silence_stdout()
+        return 141
     return 0
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings (an unusable cache, say) as one line, like errors."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush raises no second BrokenPipeError."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (captured in tests)
+        pass
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Converted-expert caches would land inside the test checkpoints; tests of the cache opt in.
 os.environ["DYNAEXQ_CACHE"] = "0"
+# Likewise JAX's compilation cache, which scripts' main() turns on: tests of it choose a directory.
+os.environ["DYNAEXQ_COMPILE_CACHE"] = "0"
 
 VOCAB = 300
 

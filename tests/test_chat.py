@@ -110,14 +110,14 @@ CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</thin
 
 
 def write_chat_tokenizer(path: Path, vocab: int = 300) -> None:
-    """A byte-level BPE like Qwen3's, with its chat control tokens as added tokens."""
+    """A byte-level BPE like Qwen3's, with its chat control tokens as added tokens: `vocab` ids in all."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=CHAT_TOKENS[:3], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab - len(CHAT_TOKENS[3:]), special_tokens=CHAT_TOKENS[:3], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(["def f(x):\n    return x + 1\n", "the quick brown fox", "user assistant system"] * 20, trainer)

@@ -80,9 +80,9 @@ def _run_tiled(x, tiers, keys, planner, out_dtype=jnp.float32):
         tiles = pallas_kernels.row_tiles(keys, TM)
     else:
         tiles = pallas_kernels.plan_tiles(keys, TM, pallas_kernels.max_tiles(P, 2 * ROWS, TM))
-    tier, row = pallas_kernels.split_key(tiles, ROWS)
     xp = jnp.pad(x, ((0, TM), (0, 0)))
-    out = pallas_kernels.tiled_matmul(xp, tiers, tier, row, tiles, n=N, tm=TM, out_dtype=out_dtype, interpret=True)
+    out = pallas_kernels.tiled_matmul(xp, tiers, tiles, rows_per_tier=ROWS, n=N, tm=TM, out_dtype=out_dtype,
+                                      interpret=True)
     return out[:P]
 
 

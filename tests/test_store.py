@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -58,7 +59,10 @@ def build(host, source, lo_bits=4, quant_method="rtn", hi_dtype="bfloat16"):
 
 
 def entries(cache):
-    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    """Every checkpoint's entries (each checkpoint has a folder, which also holds a hash memo)."""
+    if not cache.exists():
+        return []
+    return sorted(p.name for d in cache.iterdir() for p in d.iterdir() if p.name != store.HASHES)
 
 
 def fallback_leaves(layers):
@@ -102,12 +106,33 @@ def test_changed_source_rebuilds_and_drops_the_stale_entry(source, quantize_call
     ckpt, cache = source
     build(experts_from(ckpt), ckpt)
     old = entries(cache)
-    st = (ckpt / "model.safetensors").stat()
-    os.utime(ckpt / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    (ckpt / "model.safetensors").write_bytes(b"other weights")
     quantize_calls.clear()
     build(experts_from(ckpt, seed=1), ckpt)
     assert len(quantize_calls) == 2 * L
     assert len(entries(cache)) == 1 and entries(cache) != old
+
+
+def test_weights_changed_in_place_with_the_same_size_and_mtime_rebuild(source, quantize_calls):
+    ckpt, cache = source
+    build(experts_from(ckpt), ckpt)
+    f = ckpt / "model.safetensors"
+    st = f.stat()
+    f.write_bytes(b"WEIGHTS")  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    quantize_calls.clear()
+    build(experts_from(ckpt, seed=1), ckpt)
+    assert len(quantize_calls) == 2 * L
+
+
+def test_a_touched_but_unchanged_source_is_still_a_hit(source, quantize_calls):
+    ckpt, cache = source
+    build(experts_from(ckpt), ckpt)
+    st = (ckpt / "model.safetensors").stat()
+    os.utime(ckpt / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    quantize_calls.clear()
+    build(experts_from(ckpt), ckpt)
+    assert quantize_calls == []  # hashed again, same contents: the entry stands
 
 
 def test_failure_midway_leaves_no_partial_entry(source, monkeypatch):
@@ -129,3 +154,31 @@ def test_opt_out_and_experts_without_a_source_write_nothing(source, monkeypatch)
     monkeypatch.delenv("DYNAEXQ_CACHE")
     build(experts_from(ckpt), None)  # e.g. a random preset: no checkpoint directory
     assert entries(cache) == []
+
+
+def test_temporaries_of_dead_runs_are_removed_and_live_ones_kept(source):
+    ckpt, cache = source
+    home = store.source_dir(ckpt.resolve())
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead = home / f".tmp-int4-x-{store._HOST}-{finished.pid}-abc"  # as a kill -9 leaves it
+    live = home / f".tmp-int4-x-{store._HOST}-{os.getpid()}-abc"  # a concurrent run, still writing
+    remote = home / ".tmp-int4-x-otherhost-1-abc"  # another machine's run on a shared cache
+    for d in (dead, live, remote):
+        d.mkdir(parents=True)
+    build(experts_from(ckpt), ckpt)
+    assert not dead.exists() and live.exists() and remote.exists()
+
+
+def test_checkpoints_sharing_a_cache_keep_each_others_entries(source, tmp_path, quantize_calls):
+    ckpt, cache = source
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text((ckpt / "config.json").read_text())
+    (other / "model.safetensors").write_bytes(b"other weights")
+    build(experts_from(ckpt), ckpt)
+    build(experts_from(other, seed=1), other)
+    quantize_calls.clear()
+    build(experts_from(ckpt), ckpt)
+    assert quantize_calls == [] and len(entries(cache)) == 2
+    assert store.profile_path(ckpt).parent == store.source_dir(ckpt.resolve())  # the profile sits beside them

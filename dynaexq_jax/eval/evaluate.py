@@ -472,6 +472,15 @@ def evaluate_runs(
 ) -> list[Result]:
     """Evaluate every run on every task; one engine per run, built and dropped in turn."""
     longest = max([window, max_length] if any(t.kind != "ppl" for t in tasks) else [window])
+    shape = dict(batch=batch_size, longest=longest, max_new_tokens=max_new_tokens)
+    for spec in runs:  # every run's budget, before the first run starts: a late refusal wastes the earlier runs
+        run_opts = dataclasses.replace(opts, lo_bits=spec.lo_bits)
+        try:
+            plan_for(ckpt.config, spec.policy, budget=resolve_budget(spec.budget, ckpt, run_opts, **shape),
+                     batch=batch_size, longest_prompt=longest, max_new_tokens=max_new_tokens,
+                     dtype_itemsize=ckpt.dtype.itemsize, opts=run_opts)
+        except UserError as e:
+            raise UserError(f"run {spec.label(spec.lo_bits)}: {e}") from None
     results = []
     for spec in runs:
         # No saved profile: a run must not depend on what earlier runs of the checkpoint learned.

@@ -103,8 +103,7 @@ def _pallas_plan(xs, keys, num_groups: int, rows_per_tier: int):
         tiles = pallas_kernels.row_tiles(keys, tm)
     else:
         tiles = pallas_kernels.plan_tiles(keys, tm, pallas_kernels.max_tiles(P, num_groups, tm))
-    tier, row = pallas_kernels.split_key(tiles, rows_per_tier)
-    return tm, tiles, tier, row, jnp.pad(xs, ((0, tm), (0, 0)))
+    return tm, tiles, jnp.pad(xs, ((0, tm), (0, 0)))
 
 
 def _pallas_supported(k: int, weights: Sequence[Weights], num_rows: int, num_groups: int) -> bool:
@@ -115,8 +114,8 @@ def _pallas_supported(k: int, weights: Sequence[Weights], num_rows: int, num_gro
     return pallas_kernels.gpu_unsupported_reason(k, n, layouts, block_m=tm, block_n=bn) is None
 
 
-def _tiled(xp, weights, tier, row, tiles, tm, out_dtype, interpret: bool):
-    return pallas_kernels.tiled_matmul(xp, [_kernel_tier(w) for w in weights], tier, row, tiles,
+def _tiled(xp, weights, tiles, rows_per_tier, tm, out_dtype, interpret: bool):
+    return pallas_kernels.tiled_matmul(xp, [_kernel_tier(w) for w in weights], tiles, rows_per_tier=rows_per_tier,
                                        n=weights[0].shape[-1], tm=tm, out_dtype=out_dtype, interpret=interpret)
 
 
@@ -161,9 +160,9 @@ def routed_ffn(state: ExpertState, layer, x, expert_ids, weights, token_valid, r
         I = dn[0].shape[1]
         if not (_pallas_supported(H, gu, P, E) and _pallas_supported(I, dn, P, E)):
             return elsewhere(xs, keys)
-        tm, tiles, tier, row, xp = _pallas_plan(xs, keys, E, R)
-        h = _tiled(xp, gu, tier, row, tiles, tm, dt, interpret=False)
-        return _tiled(activation(h), dn, tier, row, tiles, tm, dt, interpret=False)[:P]
+        tm, tiles, xp = _pallas_plan(xs, keys, E, R)
+        h = _tiled(xp, gu, tiles, R, tm, dt, interpret=False)
+        return _tiled(activation(h), dn, tiles, R, tm, dt, interpret=False)[:P]
 
     ys = jax.lax.platform_dependent(xs, keys, cuda=cuda, default=elsewhere)
     used = keys != INVALID
@@ -198,8 +197,8 @@ def grouped_matmul(x, w: Weights, group_sizes, *, backend: str | None = None, ou
         def run(x, keys):
             if not interpret and not _pallas_supported(x.shape[1], [w], T, G):
                 return xla(x, keys)
-            tm, tiles, tier, row, xp = _pallas_plan(x, keys, G, G)
-            return _tiled(xp, [w], tier, row, tiles, tm, dt, interpret)[:T]
+            tm, tiles, xp = _pallas_plan(x, keys, G, G)
+            return _tiled(xp, [w], tiles, G, tm, dt, interpret)[:T]
 
         return run
 

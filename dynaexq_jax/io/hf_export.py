@@ -1,7 +1,10 @@
-"""Write a Hugging Face-format Qwen3-MoE checkpoint directory, atomically.
+"""Write a Hugging Face-format checkpoint directory of any supported family, atomically.
 
-The inverse of `loader.load_params`: Flax kernels [in, out] go back to HF's [out, in] layout,
-each MoE layer's stacked experts are split into `mlp.experts.{j}.{gate,up,down}_proj.weight`.
+The inverse of `loader.load_params`, driven by the same family tables: Flax kernels [in, out]
+go back to HF's [out, in] layout, fused q|k|v and q|k norms are split into their tensors, each
+MoE layer's stacked experts into the family's per-expert names (Qwen3-MoE:
+`mlp.experts.{j}.{gate,up,down}_proj.weight`).
+
 Everything is written into a temporary directory beside the target and renamed into place
 only when complete, so a failure midway never leaves a half-written checkpoint at `path`
 (and an existing checkpoint there stays intact until the new one is whole).
@@ -47,8 +50,10 @@ def hf_tensors(cfg: ModelConfig, params: dict, experts: HostExperts, dtype) -> I
             tree = tree[k]
         return tree
 
-    top = {t.path[0]: t for t in fam.top_tensors(cfg)}
-    yield out(top["embed_tokens"], leaf(params, top["embed_tokens"].path))
+    top = fam.top_tensors(cfg)  # the embedding first, then the layers, then the rest (norm, head)
+    for t in top:
+        if t.path[0] == "embed_tokens":
+            yield out(t, leaf(params, t.path))
     I = cfg.moe_intermediate_size
     for seg, stacked in zip(cfg.segments, params["layers"]):
         for j in range(seg.count):
@@ -63,9 +68,9 @@ def hf_tensors(cfg: ModelConfig, params: dict, experts: HostExperts, dtype) -> I
                     yield out(g, wgu[e, :, :I])
                     yield out(u, wgu[e, :, I:])
                     yield out(d, wd[e])
-    for name in ("norm", "lm_head"):
-        if name in top:
-            yield out(top[name], leaf(params, top[name].path))
+    for t in top:
+        if t.path[0] != "embed_tokens":
+            yield out(t, leaf(params, t.path))
 
 
 def _write(path: Path, data: str | bytes):

@@ -4,12 +4,18 @@ The family adapter (`models.registry`) names every tensor; they are streamed one
 from the safetensors files (memory-mapped), converted to the compute dtype and transposed into
 the Flax layout. Each segment's layers are stacked into one preallocated host array, and each
 MoE layer's experts into one [E, ...] array, so host memory peaks near one copy of the model.
+
+Nothing is taken on trust: every safetensors header is checked against its file, the tensors
+against what config.json implies (none missing, none unused), and every weight is checked
+finite as it is converted. Each failure is one `CheckpointError` line naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import struct
 import sys
 from pathlib import Path
@@ -18,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from dynaexq_jax.errors import UserError
@@ -33,43 +39,184 @@ class CheckpointError(UserError):
 
 
 _NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}
+INDEX = "model.safetensors.index.json"
+# The safetensors dtypes a weight may have, with their bytes per element.
+_WEIGHT_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+# Buffers older transformers versions saved with the weights; they are recomputed, never read.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def np_dtype(dtype) -> np.dtype:
     return np.dtype(_NP_DTYPES.get(str(jnp.dtype(dtype)), dtype))
 
 
+def read_json(path: Path, what: str):
+    """A JSON file's contents, or a one-line CheckpointError naming it; `what` says what it holds."""
+    duplicates = []
+
+    def pairs(items):  # a key given twice: JSON keeps the last one without a word
+        out = {}
+        for k, v in items:
+            if k in out:
+                duplicates.append(k)
+            out[k] = v
+        return out
+
+    try:
+        doc = json.loads(path.read_text(), object_pairs_hook=pairs)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore {what}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text; restore {what}") from None
+    if duplicates:
+        raise CheckpointError(f"{path} gives {duplicates[0]!r} twice; restore {what}")
+    return doc
+
+
+def _integral(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def read_header(path: Path) -> dict:
+    """The safetensors header of `path`, {tensor name: {dtype, shape, data_offsets}}, checked
+    against the file's size, so a truncated or damaged file is one error line before any tensor
+    is read (the format: u64 header length, a JSON header, then the tensors' bytes)."""
+    size = path.stat().st_size
+
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is damaged ({why}); download or export the checkpoint again")
+
+    if size < 8:
+        raise damaged(f"{size} bytes, too short for a safetensors header")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise damaged(f"its header claims {n} bytes, the file holds {size - 8} after the length")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise damaged("its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise damaged("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    data = size - 8 - n
+    for name, t in header.items():
+        _check_entry(path, name, t, data, damaged)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if end != data:
+        raise damaged(f"its tensors span {end} bytes of data, the file holds {data}")
+    return header
+
+
+def _check_entry(path: Path, name: str, t, data: int, damaged) -> None:
+    """One header entry: a floating-point dtype, a shape, and offsets that match them and fit
+    the data (a wrong dtype would reinterpret the bytes: integers read as weights)."""
+    dtype = t.get("dtype") if isinstance(t, dict) else None
+    if dtype not in _WEIGHT_ITEMSIZE:
+        raise CheckpointError(f"{path}: tensor {name!r} is stored as {dtype!r}, not as one of "
+                              f"{', '.join(_WEIGHT_ITEMSIZE)}; the file is damaged, or quantized, which is not "
+                              "supported: download the model's bf16 release")
+    shape, offsets = t.get("shape"), t.get("data_offsets")
+    if not (isinstance(shape, list) and all(_integral(d) and d >= 0 for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(map(_integral, offsets))):
+        raise damaged(f"tensor {name!r} has no valid shape and data_offsets")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data or end - begin != math.prod(shape) * _WEIGHT_ITEMSIZE[dtype]:
+        raise damaged(f"tensor {name!r} has data_offsets {offsets} that do not fit its shape or the file")
+
+
+def read_index(path: Path) -> dict | None:
+    """The checkpoint's shard index (None without one), checked to be a JSON object with a
+    `weight_map` of tensor names to shard file names and, if any, an integer total_size."""
+    index = path / INDEX
+    if not index.is_file():
+        return None
+    doc = read_json(index, "it from the model's release")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map naming each tensor's shard; restore it from the "
+                              "model's release")
+    metadata = doc.get("metadata") or {}
+    if not isinstance(metadata, dict) or not _integral(metadata.get("total_size", 0)):
+        raise CheckpointError(f"{index} has no integer metadata.total_size; restore it from the model's release")
+    return doc
+
+
 def weight_files(path: Path) -> dict[str, Path]:
-    """Map each tensor name to the safetensors file that holds it."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+    """Map each tensor name to the safetensors file that holds it, checking every file's header
+    and that each tensor the index names is in the shard it names."""
+    index = path / INDEX
+    doc = read_index(path)
+    if doc is not None:
         files = {}
-        for name, fname in weight_map.items():
-            f = path / fname
-            if not f.is_file():
+        for name, fname in doc["weight_map"].items():
+            if not isinstance(fname, str) or Path(fname).name != fname:
+                raise CheckpointError(f"{index} maps {name!r} to {fname!r}, not a file name in {path}; restore it")
+            if not (path / fname).is_file():
                 raise CheckpointError(f"shard {fname} named by {index.name} is missing from {path}")
-            files[name] = f
+            files[name] = path / fname
+        headers = {f: read_header(f) for f in set(files.values())}
+        for name, f in files.items():
+            if name not in headers[f]:
+                raise CheckpointError(f"{index} puts {name!r} in {f.name}, which does not hold it; restore the "
+                                      "index from the model's release")
         return files
     single = path / "model.safetensors"
     if not single.is_file():
         raise CheckpointError(
-            f"{path} has neither model.safetensors nor model.safetensors.index.json; "
+            f"{path} has neither model.safetensors nor {INDEX}; "
             "point --model at a Hugging Face checkpoint directory"
         )
-    with safe_open(single, framework="numpy") as f:
-        return {name: single for name in f.keys()}
+    return {name: single for name in read_header(single)}
 
 
 def stored_nbytes(files: dict[str, Path]) -> int:
     """Bytes of the named tensors as stored, from the safetensors headers (no tensor is read)."""
     total = 0
     for path in set(files.values()):
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))  # the format: u64 header length, then a JSON header
-            header = json.loads(f.read(n))
+        header = read_header(path)
         total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k in files)
     return total
+
+
+def expected_tensors(cfg: ModelConfig, names) -> list[str]:
+    """The tensor names `load_params` reads for `cfg` from a checkpoint holding `names`."""
+    fam = registry.adapter(cfg)
+    out = [t.name for t in fam.top_tensors(cfg)]
+    for i in range(cfg.num_layers):
+        out += [t.name for t in fam.layer_tensors(cfg, i)]
+    for i in cfg.moe_layers:
+        fused = fam.fused_expert_tensors(cfg, i)
+        if fused[0].name in names:
+            out += [t.name for t in fused]
+        else:
+            out += [t.name for e in range(cfg.num_experts) for t in fam.expert_tensors(cfg, i, e)]
+    return out
+
+
+def check_tensor_names(cfg: ModelConfig, files: dict[str, Path], path: Path) -> None:
+    """The checkpoint holds exactly the tensors config.json implies: a config that disagrees with
+    the weights (fewer layers, tied embeddings beside an lm_head) would otherwise run, wrongly."""
+    wanted = expected_tensors(cfg, files)
+    missing = [n for n in wanted if n not in files]
+    unused = sorted(set(files) - set(wanted) - {n for n in files if n.endswith(_IGNORED_SUFFIXES)})
+    hint = ("config.json does not match the weights: check num_hidden_layers, num_experts, mlp_only_layers "
+            "and tie_word_embeddings against the model's release")
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) that config.json implies, e.g. {missing[0]!r}; "
+                              + hint)
+    if unused:
+        raise CheckpointError(f"{path} holds {len(unused)} tensor(s) that config.json does not use, e.g. "
+                              f"{unused[0]!r}; " + hint)
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether no element is NaN or Inf, at memory speed: bfloat16 by its exponent bits (all ones
+    exactly for Inf and NaN), since numpy widens bfloat16 one element at a time."""
+    if a.dtype == ml_dtypes.bfloat16:
+        return bool((np.ascontiguousarray(a).view(np.uint16) & 0x7F80).max(initial=0) != 0x7F80)
+    return bool(np.isfinite(a).all())
 
 
 class _TensorReader:
@@ -90,14 +237,22 @@ class _TensorReader:
         if t.name not in self.files:
             raise CheckpointError(f"checkpoint lacks tensor {t.name!r}; is it a complete checkpoint of this model type?")
         path = self.files[t.name]
-        if path not in self._open:
-            self._open[path] = safe_open(path, framework="numpy")
-        a = self._open[path].get_tensor(t.name)
+        try:
+            if path not in self._open:
+                self._open[path] = safe_open(path, framework="numpy")
+            a = self._open[path].get_tensor(t.name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} cannot be read ({e}); download or export the checkpoint again") from None
         if a.shape != t.shape:
             raise CheckpointError(f"tensor {t.name!r} has shape {a.shape}, config.json implies {t.shape}")
         if self.progress is not None:
             self.progress.update(a.nbytes)
         a = a.astype(self.dtype, copy=False)
+        # Checked as each tensor is converted, one more pass over memory just read: a NaN or
+        # Inf weight would otherwise come out as garbage tokens, or none.
+        if not all_finite(a):
+            raise CheckpointError(f"tensor {t.name!r} in {path} holds NaN or Inf values (or values too large for "
+                                  f"{self.dtype}); the checkpoint is damaged: download or export it again")
         return a.T if t.linear else a
 
 
@@ -118,9 +273,15 @@ def read_eos(path: Path) -> tuple[int, ...]:
     for name in ("generation_config.json", "config.json"):
         f = path / name
         if f.is_file():
-            eos = json.loads(f.read_text()).get("eos_token_id")
-            if eos is not None:
-                return tuple(eos) if isinstance(eos, list) else (int(eos),)
+            doc = read_json(f, "it from the model's release")
+            eos = doc.get("eos_token_id") if isinstance(doc, dict) else None
+            if eos is None:
+                continue
+            ids = eos if isinstance(eos, list) else [eos]
+            if not all(_integral(i) and i >= 0 for i in ids):
+                raise CheckpointError(f"{f} has eos_token_id={eos!r}, not a token id or a list of them; restore it "
+                                      "from the model's release")
+            return tuple(int(i) for i in ids)
     return ()
 
 
@@ -130,7 +291,11 @@ def load_tokenizer(path: Path):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(f))
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{f} cannot be read ({why}); restore it from the model's release") from None
 
 
 def _fill(leaf: np.ndarray, t, value: np.ndarray) -> None:
@@ -194,6 +359,8 @@ def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False) -> Che
         raise CheckpointError(f"model directory {path} does not exist; pass --model DIR of a Hugging Face checkpoint")
     cfg = ModelConfig.from_file(path)
     files = weight_files(path)
+    check_tensor_names(cfg, files, path)
+    eos, tokenizer = read_eos(path), load_tokenizer(path)  # before the weights: a bad file fails fast
     total = stored_nbytes(files) if progress else 0
     with tqdm(total=total, desc="loading", unit="B", unit_scale=True, file=sys.stderr, disable=not progress,
               leave=False, dynamic_ncols=True) as bar:
@@ -203,8 +370,8 @@ def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False) -> Che
         params=to_device(params),
         experts=experts,
         dtype=jnp.dtype(dtype),
-        eos_token_ids=read_eos(path),
-        tokenizer=load_tokenizer(path),
+        eos_token_ids=eos,
+        tokenizer=tokenizer,
         path=path,
     )
 

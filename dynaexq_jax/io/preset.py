@@ -34,6 +34,37 @@ PRESETS = {
         norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
         max_position_embeddings=40960,
     ),
+    # The published shapes of the other families (config.json fields as on the Hub).
+    "mixtral-8x7b": dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
+        tie_word_embeddings=False, max_position_embeddings=32768,
+    ),
+    "olmoe-1b-7b": dict(
+        model_type="olmoe", vocab_size=50304, hidden_size=2048, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+        intermediate_size=1024, norm_topk_prob=False, clip_qkv=None, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=4096,
+    ),
+    "qwen1.5-moe-a2.7b": dict(
+        model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=24,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+        moe_intermediate_size=1408, shared_expert_intermediate_size=5632, intermediate_size=5632,
+        norm_topk_prob=False, rms_norm_eps=1e-6, rope_theta=1e6, use_sliding_window=False,
+        tie_word_embeddings=False, max_position_embeddings=8192,
+    ),
+    "phi-3.5-moe": dict(
+        model_type="phimoe", vocab_size=32064, hidden_size=4096, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2,
+        intermediate_size=6400, attention_bias=True, lm_head_bias=True, router_jitter_noise=0.01,
+        rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=131072, tie_word_embeddings=False,
+        max_position_embeddings=131072,
+        # longrope as released, with stand-in factors (they change no shape and no byte)
+        rope_scaling=dict(type="longrope", short_factor=[1.0] * 64, long_factor=[1.0] * 64,
+                          short_mscale=1.243163121016122, long_mscale=1.243163121016122,
+                          original_max_position_embeddings=4096),
+    ),
     # Same layer shapes, 4 layers and a small vocabulary: a CPU-sized smoke preset.
     "qwen3-moe-smoke": dict(
         model_type="qwen3_moe", vocab_size=512, hidden_size=256, num_hidden_layers=4,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from pathlib import Path
 
 from dynaexq_jax.errors import UserError
@@ -15,6 +17,49 @@ from dynaexq_jax.errors import UserError
 
 class ConfigError(UserError):
     """A checkpoint's config.json names something this model cannot run."""
+
+
+# config.json keys of the fields whose names differ, as transformers spells them (messages name
+# what the user edits).
+CONFIG_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+               "num_kv_heads": "num_key_value_heads", "experts_per_token": "num_experts_per_tok"}
+# Numeric fields that must be > 0; every other number must be >= 0.
+_POSITIVE = frozenset({"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                       "decoder_sparse_step", "max_position_embeddings", "rms_norm_eps", "rope_theta", "clip_qkv"})
+_KINDS = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string",
+          "tuple[int, ...]": "a list of integers", "tuple[float, ...]": "a list of finite numbers"}
+
+
+def _bad(field: str, value, what: str) -> ConfigError:
+    key = CONFIG_KEYS.get(field, field)
+    return ConfigError(f"config.json has {key}={value!r}, but it must be {what}; correct it in config.json "
+                       "(the model's original release has the right value)")
+
+
+def _integral(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _typed(field: str, value, annotation: str):
+    """`value` as the field's annotated type (`int`, `float | None`, ...), or a ConfigError.
+    Strict: JSON's "64" is not 64, false is not 0, and 1.5 is not an integer."""
+    kind, *rest = (k.strip() for k in annotation.split("|"))
+    if value is None and rest == ["None"]:
+        return None
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "int" and _integral(value):
+        return int(value)
+    if kind == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if kind == "tuple[int, ...]" and isinstance(value, (list, tuple)) and all(map(_integral, value)):
+        return tuple(int(v) for v in value)
+    if kind == "tuple[float, ...]" and isinstance(value, (list, tuple)) and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        return tuple(float(v) for v in value)
+    raise _bad(field, value, _KINDS.get(kind, kind) + (" or null" if rest == ["None"] else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +92,61 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 40960
     model_type: str = "qwen3_moe"
+    # What differs between families, each read by the layers (defaults: Qwen3-MoE).
+    qk_norm: str | None = "per_head"  # RMSNorm of q and k: "per_head" ([D] weights), "full" (whole projection), None
+    qkv_bias: bool = False  # bias on the q, k and v projections
+    o_bias: bool = False  # bias on the attention output projection
+    clip_qkv: float | None = None  # q, k and v clamped to [-clip_qkv, clip_qkv] after the q/k norms
+    router: str = "softmax_topk"  # softmax over the experts, then top-k (renormalised if norm_topk_prob)
+    shared_expert_size: int = 0  # intermediate size of an always-resident shared expert per MoE layer (0: none)
+    shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(x @ gate) [H, 1]
+    norm: str = "rms"  # the layers' and the final norm: "rms" (RMSNorm) or "layer" (LayerNorm with bias)
+    lm_head_bias: bool = False
+    router_jitter: float = 0.0  # the "sparsemixer" router's jitter eps (Phi-3.5-MoE's router_jitter_noise)
+    # RoPE scaling: None, or "longrope" (Phi-3.5): per-frequency divisors and a cos/sin scale, the
+    # short ones while a call's sequence is within rope_original_max tokens, the long ones past it.
+    rope_scaling: str | None = None
+    rope_original_max: int = 0
+    rope_short_factor: tuple[float, ...] = ()
+    rope_long_factor: tuple[float, ...] = ()
+    rope_short_mscale: float = 1.0
+    rope_long_mscale: float = 1.0
+
+    def __post_init__(self):
+        # Adapters pass config.json's values as they are, so this is the one place that checks
+        # the type and range of every field: a damaged config.json is one error line, never a
+        # traceback or a model that runs wrong (int("64") and bool("false") would hide both).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (f.name == "head_dim" and value is None):
+                object.__setattr__(self, f.name, _typed(f.name, value, f.type))
+        if self.head_dim is None:  # transformers' rule when config.json has no head_dim
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if f.name in _POSITIVE and not value > 0:
+                    raise _bad(f.name, value, "greater than 0")
+                if not value >= 0:
+                    raise _bad(f.name, value, "at least 0")
+        self._check_shape()
+
+    def _check_shape(self) -> None:
+        """Fields that must agree with each other."""
+        if self.num_heads % self.num_kv_heads:
+            raise _bad("num_kv_heads", self.num_kv_heads, f"a divisor of num_attention_heads={self.num_heads}")
+        outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if outside:
+            raise _bad("mlp_only_layers", list(self.mlp_only_layers),
+                       f"layer indices from 0 to num_hidden_layers-1={self.num_layers - 1}")
+        if self.moe_layers:
+            if not 1 <= self.experts_per_token <= self.num_experts:
+                raise _bad("experts_per_token", self.experts_per_token, f"from 1 to num_experts={self.num_experts}")
+            if self.moe_intermediate_size < 1:
+                raise _bad("moe_intermediate_size", self.moe_intermediate_size,
+                           "greater than 0 in a model with experts")
+        if len(self.moe_layers) < self.num_layers and self.intermediate_size < 1:
+            raise _bad("intermediate_size", self.intermediate_size, "greater than 0 in a model with dense layers")
 
     def is_moe_layer(self, layer: int) -> bool:
         return (
@@ -88,6 +188,8 @@ class ModelConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text; restore it from the model's original release") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not an object of config fields")
         return registry.adapter_for(d).config_from_hf(d)

@@ -13,7 +13,9 @@ new expert version (a promotion) is a new argument value, never a retrace.
 
 Parameter tree: {"embed_tokens": {"embedding"}, "layers": (segment trees, stacked on axis 0),
 "norm": {"weight"}, "lm_head": {"kernel"} (absent when tied)}; inside a layer, the Hugging
-Face names (`self_attn/q_proj/kernel`, `mlp/gate/kernel`, ...) with kernels [in, out].
+Face names (`self_attn/q_proj/kernel`, `mlp/gate/kernel`, ...) with kernels [in, out]. What
+varies by family (biases, LayerNorm biases, q/k norm shapes, a shared expert under `mlp`)
+follows from `ModelConfig`'s fields; the family adapters map checkpoints onto this tree.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 
 from dynaexq_jax.experts.matmul import routed_ffn
 from dynaexq_jax.models.config import ModelConfig
-from dynaexq_jax.models.layers import DecoderLayer, ExpertFFN, LayerSlice, Linear, RMSNorm, Routing, mm, rotary
+from dynaexq_jax.models.layers import DecoderLayer, ExpertFFN, LayerSlice, Linear, Routing, make_norm, mm, rotary_for
 
 
 @flax.struct.dataclass
@@ -80,8 +82,8 @@ class Decoder:
                        for kind in ("moe", "dense")}
         self.router_probs = router_probs
         self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        self.norm = RMSNorm(cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.vocab_size, self.dtype)
+        self.norm = make_norm(cfg)
+        self.lm_head = Linear(cfg.vocab_size, self.dtype, use_bias=cfg.lm_head_bias)
 
     def __call__(self, params, experts, cache: KVCache, tokens, positions, token_valid, last_only: bool = False,
                  fresh: bool = False):
@@ -97,7 +99,7 @@ class Decoder:
         chex.assert_rank(tokens, 2)
         x = self.embed.apply({"params": params["embed_tokens"]}, tokens)
         start = cache.written(token_valid)
-        rot = rotary(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
+        rot = rotary_for(cfg, positions, self.dtype)
         kv = cache.kv
         routing = []
         for seg, seg_params in zip(cfg.segments, params["layers"]):
@@ -141,7 +143,7 @@ class Decoder:
         cfg = self.cfg
         x = jnp.zeros((1, 1, cfg.hidden_size), self.dtype)
         ones = jnp.ones((1, 1), bool)
-        rot = rotary(jnp.zeros((1, 1), jnp.int32), cfg.head_dim, cfg.rope_theta, self.dtype)
+        rot = rotary_for(cfg, jnp.zeros((1, 1), jnp.int32), self.dtype)
         kv = jnp.zeros((1, 2, 1, cfg.num_kv_heads, 1, cfg.head_dim), self.dtype)
         zero = jnp.zeros((), jnp.int32)
         start = jnp.zeros((1,), jnp.int32)

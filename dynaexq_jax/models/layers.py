@@ -88,16 +88,20 @@ def project(x, kernel, kernels: bool = True):
 
 
 class Linear(nn.Module):
-    """A bias-free projection, kernel [in, out] (Flax's layout; checkpoints store [out, in])."""
+    """A projection, kernel [in, out] (Flax's layout; checkpoints store [out, in]), bias optional."""
 
     features: int
     dtype: jnp.dtype
     kernels: bool = True  # Pallas kernels allowed (off to differentiate)
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
-        return project(x.astype(self.dtype), kernel, self.kernels)
+        y = project(x.astype(self.dtype), kernel, self.kernels)
+        if self.use_bias:
+            y = y + as_array(self.param("bias", nn.initializers.zeros, (self.features,), self.dtype))
+        return y
 
 
 def rms_normalize(x, eps: float):
@@ -125,6 +129,45 @@ class RMSNorm(nn.Module):
         return w * rms_normalize(x, self.eps)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (Phi-3.5-MoE), computed in float32 like torch's kernel."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        H = x.shape[-1]
+        w = as_array(self.param("weight", nn.initializers.ones, (H,), x.dtype)).astype(jnp.float32)
+        b = as_array(self.param("bias", nn.initializers.zeros, (H,), x.dtype)).astype(jnp.float32)
+        xf = x.astype(jnp.float32)
+        xc = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + self.eps)
+        return (y * w + b).astype(x.dtype)
+
+
+NORMS = ("rms", "layer")
+
+
+def make_norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
+    """The family's layer and final norm: RMSNorm, or LayerNorm with bias."""
+    if cfg.norm == "layer":
+        return LayerNorm(cfg.rms_norm_eps, name=name)
+    return RMSNorm(cfg.rms_norm_eps, name=name)
+
+
+def qk_normalize(qk, num_q: int, mode: str, eps: float):
+    """RMS-normalize q and k heads side by side, qk [..., q heads + k heads, D]: each head on
+    its own ("per_head"), or q's and k's whole projections ("full": the mean square over all
+    of q's heads, and over all of k's)."""
+    if mode == "per_head":
+        return rms_normalize(qk, eps)
+    xf = qk.astype(jnp.float32)
+    ms = jnp.mean(xf * xf, axis=-1)  # [..., heads]: equal-sized heads, so a mean of means
+    is_q = jnp.arange(qk.shape[-2]) < num_q
+    ms = jnp.where(is_q, jnp.mean(ms[..., :num_q], -1, keepdims=True), jnp.mean(ms[..., num_q:], -1, keepdims=True))
+    return (xf * jax.lax.rsqrt(ms + eps)[..., None]).astype(qk.dtype)
+
+
 def rotary(positions, head_dim: int, theta: float, dtype):
     """(cos, sin) [B, T, 1, D] of the rotary embedding at `positions` [B, T]: computed once per
     step, shared by every layer."""
@@ -132,6 +175,27 @@ def rotary(positions, head_dim: int, theta: float, dtype):
     ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
     return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
+
+
+ROPE_SCALINGS = (None, "longrope")
+
+
+def rotary_for(cfg: ModelConfig, positions, dtype):
+    """`rotary` with the config's RoPE scaling. "longrope": inv_freq divided per frequency by
+    the short factors and cos/sin times the short mscale while the call's sequence (its largest
+    position + 1) is within `rope_original_max`, the long ones past it (Phi-3.5-MoE's rule)."""
+    if cfg.rope_scaling is None:
+        return rotary(positions, cfg.head_dim, cfg.rope_theta, dtype)
+    D = cfg.head_dim
+    base = cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # [D/2]
+    long = jnp.max(positions) + 1 > cfg.rope_original_max
+    factor = jnp.where(long, jnp.asarray(cfg.rope_long_factor, jnp.float32),
+                       jnp.asarray(cfg.rope_short_factor, jnp.float32))
+    mscale = jnp.where(long, cfg.rope_long_mscale, cfg.rope_short_mscale).astype(jnp.float32)
+    inv_freq = 1.0 / (factor * base)
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq
+    ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
+    return (jnp.cos(ang) * mscale).astype(dtype), (jnp.sin(ang) * mscale).astype(dtype)
 
 
 def rope(x, cos, sin):
@@ -153,14 +217,22 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         D, H, KVH = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        qkv = Linear((H + 2 * KVH) * D, self.dtype, self.kernels, name="qkv_proj")(x)  # q, k, v: one read of x and the weights
+        # q, k, v: one read of x and the weights
+        qkv = Linear((H + 2 * KVH) * D, self.dtype, self.kernels, cfg.qkv_bias, name="qkv_proj")(x)
         # q and k heads are adjacent: normed (q_norm, k_norm weights side by side) and rotated
         # as one array, one kernel.
         qk = qkv[..., : (H + KVH) * D].reshape(B, T, H + KVH, D)
         v = qkv[..., (H + KVH) * D :].reshape(B, T, KVH, D)
-        w = NormWeight(2 * D, self.dtype, name="qk_norm")().reshape(2, D)
-        w = jnp.where((jnp.arange(H + KVH) < H)[:, None], w[0], w[1])  # [H + KVH, D]
-        qk = rope(w * rms_normalize(qk, cfg.rms_norm_eps), *rot)
+        if cfg.qk_norm == "per_head":
+            w = NormWeight(2 * D, self.dtype, name="qk_norm")().reshape(2, D)
+            w = jnp.where((jnp.arange(H + KVH) < H)[:, None], w[0], w[1])  # [H + KVH, D]
+            qk = w * qk_normalize(qk, H, cfg.qk_norm, cfg.rms_norm_eps)
+        elif cfg.qk_norm == "full":  # weights over the whole projections: [H * D] then [KVH * D]
+            w = NormWeight((H + KVH) * D, self.dtype, name="qk_norm")().reshape(H + KVH, D)
+            qk = w * qk_normalize(qk, H, cfg.qk_norm, cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            qk, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (qk, v))
+        qk = rope(qk, *rot)
         q, k = qk[:, :, :H], qk[:, :, H:]
 
         new = jnp.stack([k, v]).transpose(0, 1, 3, 2, 4)[None].astype(kv.dtype)  # [1, 2, B, KVH, T, D]
@@ -178,7 +250,7 @@ class Attention(nn.Module):
         else:
             out = _attention(qg, kv[layer, 0], kv[layer, 1], start, index, dtype=self.dtype)
         out = out.reshape(B, T, H * D)
-        return Linear(cfg.hidden_size, self.dtype, self.kernels, name="o_proj")(out), kv
+        return Linear(cfg.hidden_size, self.dtype, self.kernels, cfg.o_bias, name="o_proj")(out), kv
 
 
 def _attention(qg, k_cache, v_cache, start, index, *, dtype):
@@ -214,9 +286,62 @@ class DenseMLP(nn.Module):
         return linear(x.shape[-1], "down_proj")(jax.nn.silu(g) * u)
 
 
+def shared_expert(cfg: ModelConfig, dtype, kernels: bool, x):
+    """The shared expert's output for x [..., H] (a dense MLP, times sigmoid(x @ gate) if the
+    family gates it). Call it inside a compact method: its modules ("shared_expert",
+    "shared_expert_gate") are the caller's children, so their params sit in the MoE block's."""
+    y = DenseMLP(cfg.shared_expert_size, dtype, kernels, name="shared_expert")(x)
+    if cfg.shared_expert_gate:
+        y = y * jax.nn.sigmoid(Linear(1, dtype, kernels, name="shared_expert_gate")(x))
+    return y
+
+
+class SharedExpert(nn.Module):
+    """The shared expert alone, applied to a MoE block's params (the layer-by-layer runtime)."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    kernels: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        return shared_expert(self.cfg, self.dtype, self.kernels, x)
+
+
+ROUTERS = ("softmax_topk", "sparsemixer")
+
+
+def _sparsemixer(logits, eps: float):
+    """Phi-3.5-MoE's top-2 rule at inference: the best expert, weighted by its softmax over
+    the experts whose logit is within a relative 2*eps of it; then the same for the best of
+    the rest. logits [BT, E] float32 -> weights, ids [BT, 2]."""
+    E = logits.shape[-1]
+
+    def pick(scores, masked):
+        top = jnp.max(masked, axis=-1, keepdims=True)
+        idx = jnp.argmax(masked, axis=-1)
+        factor = jnp.maximum(jnp.abs(scores), top)
+        gates = jax.nn.softmax(jnp.where((top - scores) / factor > 2 * eps, -jnp.inf, masked), axis=-1)
+        return jnp.take_along_axis(gates, idx[:, None], axis=-1)[:, 0], idx
+
+    w1, i1 = pick(logits, logits)
+    w2, i2 = pick(logits, jnp.where(jnp.arange(E) == i1[:, None], -jnp.inf, logits))
+    return jnp.stack([w1, w2], -1), jnp.stack([i1, i2], -1).astype(jnp.int32)
+
+
 def route(cfg: ModelConfig, logits):
-    """Router logits [BT, E] -> probs [BT, E] (float32), top_p, top_i [BT, k]."""
+    """Router logits [BT, E] -> probs [BT, E] (float32: the softmax, what routing statistics
+    record), top_p, top_i [BT, k] (the chosen experts and their combine weights).
+
+    "softmax_topk": softmax over all experts, the k largest, renormalised to sum to 1 if
+    `norm_topk_prob` (Qwen3-MoE, Qwen2-MoE, OLMoE; Mixtral always renormalises).
+    "sparsemixer": Phi-3.5-MoE's top-2 rule (`_sparsemixer`)."""
+    if cfg.router not in ROUTERS:
+        raise ValueError(f"router {cfg.router!r} is not one of {ROUTERS}")
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    if cfg.router == "sparsemixer":
+        top_p, top_i = _sparsemixer(logits.astype(jnp.float32), cfg.router_jitter)
+        return probs, top_p, top_i
     top_p, top_i = jax.lax.top_k(probs, cfg.experts_per_token)  # [BT, k]
     if cfg.norm_topk_prob:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
@@ -240,7 +365,8 @@ class Routing:
 
 
 class MoEBlock(nn.Module):
-    """Softmax router, top-k, optional renormalisation; experts from the `experts` pytree."""
+    """Router (`route`), top-k experts from the `experts` pytree, and the shared expert if the
+    family has one (its params in this block's, beside the router's)."""
 
     cfg: ModelConfig
     dtype: jnp.dtype
@@ -257,7 +383,10 @@ class MoEBlock(nn.Module):
         tv = token_valid.reshape(B * T)
         logits = Linear(cfg.num_experts, self.dtype, self.kernels, name="gate")(xt)  # [BT, E]
         probs, top_p, top_i = route(cfg, logits)
-        y = self.ffn(experts, moe_layer, xt, top_i, top_p.astype(self.dtype), tv, residual.reshape(B * T, Hd))
+        residual = residual.reshape(B * T, Hd)
+        if cfg.shared_expert_size:
+            residual = residual + shared_expert(cfg, self.dtype, self.kernels, xt)
+        y = self.ffn(experts, moe_layer, xt, top_i, top_p.astype(self.dtype), tv, residual)
         picked = jnp.any(top_i[:, :, None] == jnp.arange(cfg.num_experts), axis=1)  # [BT, E], no scatter
         chosen = jnp.where(picked & tv[:, None], probs, -1.0)
         summed = jnp.sum(probs * tv[:, None], axis=0) if self.router_probs else None
@@ -276,10 +405,10 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, rot, token_valid, kv, layer, start, index, experts, moe_layer, fresh: bool = False):
         cfg = self.cfg
         h, kv = Attention(cfg, self.dtype, self.kernels, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), rot, kv, layer, start, index, fresh
+            make_norm(cfg, "input_layernorm")(x), rot, kv, layer, start, index, fresh
         )
         x = x + h
-        hn = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x)
+        hn = make_norm(cfg, "post_attention_layernorm")(x)
         if self.kind == "moe":
             moe = MoEBlock(cfg, self.dtype, self.ffn, self.router_probs, self.kernels, name="mlp")
             x, route = moe(hn, token_valid, experts, moe_layer, residual=x)

@@ -29,10 +29,20 @@ class Tensor:
     cols: tuple[int, int] | None = None
 
 
+def _opt(d: dict, key: str, default):
+    """A field that may be absent or null: transformers then takes its default."""
+    value = d.get(key)
+    return default if value is None else value
+
+
 def config_from_hf(d: dict) -> ModelConfig:
+    """config.json's fields as they are; `ModelConfig` checks their types and ranges."""
     if d.get("model_type") != MODEL_TYPE:
         raise ConfigError(f"config.json has model_type={d.get('model_type')!r}, not {MODEL_TYPE!r}")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config.json has rope_scaling={rope!r}, but it must be an object or null; "
+                          "remove 'rope_scaling' to run at the model's native context")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ConfigError(
@@ -49,37 +59,28 @@ def config_from_hf(d: dict) -> ModelConfig:
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json has hidden_act={d['hidden_act']!r}; only 'silu' is supported")
     try:
-        num_heads = int(d["num_attention_heads"])
-        hidden = int(d["hidden_size"])
-        cfg = ModelConfig(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=hidden,
-            num_layers=int(d["num_hidden_layers"]),
-            num_heads=num_heads,
-            num_kv_heads=int(d.get("num_key_value_heads", num_heads)),
-            head_dim=int(d.get("head_dim") or hidden // num_heads),
-            num_experts=int(d.get("num_experts", d.get("num_local_experts", 0))),
-            experts_per_token=int(d["num_experts_per_tok"]),
-            moe_intermediate_size=int(d["moe_intermediate_size"]),
-            intermediate_size=int(d.get("intermediate_size", 0)),
-            norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-            decoder_sparse_step=int(d.get("decoder_sparse_step", 1)),
-            mlp_only_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 40960)),
+        return ModelConfig(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=_opt(d, "num_key_value_heads", d["num_attention_heads"]),
+            head_dim=d.get("head_dim"),
+            num_experts=_opt(d, "num_experts", _opt(d, "num_local_experts", 0)),
+            experts_per_token=d["num_experts_per_tok"],
+            moe_intermediate_size=d["moe_intermediate_size"],
+            intermediate_size=_opt(d, "intermediate_size", 0),
+            norm_topk_prob=_opt(d, "norm_topk_prob", True),
+            decoder_sparse_step=_opt(d, "decoder_sparse_step", 1),
+            mlp_only_layers=_opt(d, "mlp_only_layers", ()),
+            rms_norm_eps=_opt(d, "rms_norm_eps", 1e-6),
+            rope_theta=_opt(rope, "rope_theta", _opt(d, "rope_theta", 10000.0)),
+            tie_word_embeddings=_opt(d, "tie_word_embeddings", False),
+            max_position_embeddings=_opt(d, "max_position_embeddings", 40960),
             model_type=MODEL_TYPE,
         )
     except KeyError as e:
         raise ConfigError(f"config.json lacks the field {e.args[0]!r} that Qwen3-MoE needs") from None
-    if cfg.num_heads % cfg.num_kv_heads:
-        raise ConfigError(
-            f"num_attention_heads={cfg.num_heads} is not a multiple of num_key_value_heads={cfg.num_kv_heads}"
-        )
-    if cfg.experts_per_token > cfg.num_experts and cfg.moe_layers:
-        raise ConfigError(f"num_experts_per_tok={cfg.experts_per_token} exceeds num_experts={cfg.num_experts}")
-    return cfg
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from dynaexq_jax.models import qwen3_moe
+from dynaexq_jax.models import mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
 from dynaexq_jax.models.config import ConfigError
 
-ADAPTERS: dict[str, ModuleType] = {qwen3_moe.MODEL_TYPE: qwen3_moe}
+ADAPTERS: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (qwen3_moe, mixtral, olmoe, qwen2_moe, phimoe)}
 
 
 def adapter_for(hf_config: dict) -> ModuleType:
@@ -16,7 +16,7 @@ def adapter_for(hf_config: dict) -> ModuleType:
     if model_type not in ADAPTERS:
         raise ConfigError(
             f"config.json has model_type={model_type!r}; supported: {', '.join(sorted(ADAPTERS))} "
-            "(e.g. Qwen/Qwen3-30B-A3B)"
+            "(e.g. Qwen/Qwen3-30B-A3B, mistralai/Mixtral-8x7B-v0.1)"
         )
     return ADAPTERS[model_type]
 

@@ -22,7 +22,7 @@ from dynaexq_jax.io import store
 from dynaexq_jax.policies import hotness
 from dynaexq_jax.policies.full import FixedPolicy
 from dynaexq_jax.experts.expert_state import single_tier
-from dynaexq_jax.policies.tiers import host_bank, packed_tier, quantized_layers, slot_pool
+from dynaexq_jax.policies.tiers import Stopwatch, host_bank, packed_tier, quantized_layers, slot_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class DynaExqPolicy:
     layerwise = False
 
     def __init__(self, swapper: Swapper, tracker: hotness.HotnessTracker, opts: DynaExqOptions, *,
-                 informed: bool, profile_path=None):
+                 informed: bool, profile_path=None, convert_s: float = 0.0):
         self.swapper = swapper
         self.tracker = tracker
         self.opts = opts
@@ -54,6 +54,7 @@ class DynaExqPolicy:
         self.informed = informed  # the tracker holds a profile (given or saved), not zeros
         self.warm = False
         self.profile_path = profile_path
+        self.convert_s = convert_s  # quantizing the fallbacks (and int8 slots' host copies) at build
 
     @property
     def experts(self):
@@ -125,6 +126,7 @@ class DynaExqPolicy:
             "transfer_wait_s": s.transfer_wait_s,
             "failed_promotions": s.failed,
             "fill_s": s.fill_s,
+            "convert_s": self.convert_s,
             "host_bank": self.swapper.bank.memory_kind,
         }
 
@@ -135,13 +137,16 @@ def build(ckpt, plan, opts: DynaExqOptions, *, hotness_profile=None, transfer=No
     host = ckpt.experts
     device = device or jax.devices()[0]  # committed arrays: every published state has one placement
     L, E = host.num_layers, host.num_experts
+    clock = Stopwatch()
     layers = quantized_layers(host, opts.lo_bits, opts.group_size, opts.quant_method, source=ckpt.path,
-                              progress=progress)
+                              progress=progress, clock=clock)
     fallback = packed_tier(layers, device)
     del layers
     if plan.slots == 0:
-        return FixedPolicy("dynaexq", single_tier(fallback, L, E, device), lo_bits=opts.lo_bits)
-    bank = host_bank(host, opts.hi_dtype, opts.group_size, source=ckpt.path, device=device, progress=progress)
+        return FixedPolicy("dynaexq", single_tier(fallback, L, E, device), lo_bits=opts.lo_bits,
+                           convert_s=clock.seconds)
+    bank = host_bank(host, opts.hi_dtype, opts.group_size, source=ckpt.path, device=device, progress=progress,
+                     clock=clock)
     pool = slot_pool(host, plan.slots, opts.hi_dtype, opts.group_size, device)
     per_step = opts.bytes_per_step or 4 * bank.expert_nbytes
     swapper = Swapper(fallback, pool, bank, L, bytes_per_step=per_step, transfer=transfer, blocking=opts.blocking,
@@ -159,4 +164,4 @@ def build(ckpt, plan, opts: DynaExqOptions, *, hotness_profile=None, transfer=No
             warnings.warn(f"ignoring the saved hotness profile ({e})")
     if tracker is None:
         tracker = hotness.HotnessTracker(L, E, opts.half_life_steps)
-    return DynaExqPolicy(swapper, tracker, opts, informed=informed, profile_path=saved)
+    return DynaExqPolicy(swapper, tracker, opts, informed=informed, profile_path=saved, convert_s=clock.seconds)

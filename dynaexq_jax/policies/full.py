@@ -14,10 +14,11 @@ class FixedPolicy:
     layerwise = False
     observe_every = None
 
-    def __init__(self, name: str, experts: ExpertState, lo_bits: int | None = None):
+    def __init__(self, name: str, experts: ExpertState, lo_bits: int | None = None, convert_s: float = 0.0):
         self.name = name
         self.experts = experts
         self.lo_bits = lo_bits
+        self.convert_s = convert_s  # quantizing the tier at build (static); 0 for full
 
     def prepare(self, routing_pass) -> None:
         pass
@@ -33,7 +34,7 @@ class FixedPolicy:
 
     def stats(self) -> dict:
         return {"slots": None, "lo_bits": self.lo_bits, "promotions": 0, "demotions": 0, "h2d_bytes": 0,
-                "transfer_wait_s": 0.0, "fill_s": 0.0}
+                "transfer_wait_s": 0.0, "fill_s": 0.0, "convert_s": self.convert_s}
 
 
 def build(ckpt, device=None) -> FixedPolicy:

@@ -19,6 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dynaexq_jax.errors import UserError
+
+
+class ProfileError(UserError):
+    """A hotness profile file that cannot be used."""
+
 
 class HotnessTracker:
     """Exponentially weighted per-token rate of every (layer, expert), over decode steps.
@@ -102,13 +108,17 @@ class HotnessTracker:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
+            if not isinstance(d, dict):
+                raise TypeError(f"a JSON {type(d).__name__}, not an object")
             layers, experts = int(d["layers"]), int(d["experts"])
             saved_half_life = float(d["half_life_steps"])
             scores = d["scores"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not a hotness profile ({type(e).__name__}: {e})") from None
+            why = f"no field {e}" if isinstance(e, KeyError) else " ".join(str(e).split()) or type(e).__name__
+            raise ProfileError(f"{path} is not a hotness profile ({why}); pass a file written by --save-hotness") \
+                from None
         if expect_shape is not None and (layers, experts) != tuple(expect_shape):
-            raise ValueError(
+            raise ProfileError(
                 f"hotness profile {path} is for {layers} MoE layers x {experts} experts but the model has "
                 f"{expect_shape[0]} x {expect_shape[1]}; record a profile with this model or drop --hotness"
             )
@@ -117,7 +127,8 @@ class HotnessTracker:
         try:
             return cls(layers, experts, half_life_steps, scores)
         except ValueError as e:
-            raise ValueError(f"{path} is not a usable hotness profile ({e})") from None
+            raise ProfileError(f"{path} is not a usable hotness profile ({e}); record it again with --save-hotness") \
+                from None
 
 
 def _check_scores(x, shape: tuple[int, int], what: str) -> np.ndarray:

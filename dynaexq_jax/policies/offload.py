@@ -173,6 +173,7 @@ class OffloadPolicy:
             "prefetch_wait_s": run.prefetch_wait_s,
             "host_bank": self.bank.memory_kind,
             "fill_s": 0.0,
+            "convert_s": 0.0,  # experts stay as loaded
         }
 
     # -------------------------------------------------------------- layer by layer

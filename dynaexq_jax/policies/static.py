@@ -7,14 +7,16 @@ import jax
 
 from dynaexq_jax.experts.expert_state import single_tier
 from dynaexq_jax.policies.full import FixedPolicy
-from dynaexq_jax.policies.tiers import packed_tier, quantized_layers
+from dynaexq_jax.policies.tiers import Stopwatch, packed_tier, quantized_layers
 
 
 def build(ckpt, plan, opts, *, progress: bool = False, device=None) -> FixedPolicy:
     """`opts`: a `DynaExqOptions` (group size, quantization method); the width is the plan's."""
     host = ckpt.experts
     device = device or jax.devices()[0]  # committed arrays: every published state has one placement
+    clock = Stopwatch()
     layers = quantized_layers(host, plan.lo_bits, opts.group_size, opts.quant_method, source=ckpt.path,
-                              progress=progress)
+                              progress=progress, clock=clock)
     tier = packed_tier(layers, device)
-    return FixedPolicy("static", single_tier(tier, host.num_layers, host.num_experts, device), lo_bits=plan.lo_bits)
+    return FixedPolicy("static", single_tier(tier, host.num_layers, host.num_experts, device), lo_bits=plan.lo_bits,
+                       convert_s=clock.seconds)

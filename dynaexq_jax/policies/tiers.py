@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,20 @@ _PIECES = ("gate_up", "down")
 _LEAVES = ("packed", "scales", "zeros")
 
 
+@dataclasses.dataclass
+class Stopwatch:
+    """Seconds spent getting converted experts (quantizing them, or reading them back from the
+    converted-expert cache), summed over the calls it is passed to; a policy reports it as
+    `convert_s`."""
+
+    seconds: float = 0.0
+
+
 def quantized_layers(host: HostExperts, bits: int, group_size: int, method: str, *, source=None,
-                     progress: bool = False) -> list[tuple[quant.QuantizedTensor, quant.QuantizedTensor]]:
+                     progress: bool = False, clock: Stopwatch | None = None,
+                     ) -> list[tuple[quant.QuantizedTensor, quant.QuantizedTensor]]:
     """Every MoE layer's (gate_up, down) quantized, as host `QuantizedTensor`s [E, K, N]."""
+    t0 = time.perf_counter()
     cpu = jax.devices("cpu")[0]
 
     def build() -> dict:  # {layer_i: {gate_up|down: {packed, scales, zeros}}} of host numpy
@@ -42,9 +54,12 @@ def quantized_layers(host: HostExperts, bits: int, group_size: int, method: str,
     settings = {"bits": bits, "group_size": group_size, "method": method, "dtype": str(host.gate_up[0].dtype)}
     tree = store.cached(source, f"int{bits}", settings, build)
     shapes = (host.gate_up[0].shape, host.down[0].shape)
-    return [tuple(quant.QuantizedTensor(**tree[f"layer_{i}"][n], bits=bits, group_size=group_size, shape=sh)
-                  for n, sh in zip(_PIECES, shapes))
-            for i in range(host.num_layers)]
+    layers = [tuple(quant.QuantizedTensor(**tree[f"layer_{i}"][n], bits=bits, group_size=group_size, shape=sh)
+                    for n, sh in zip(_PIECES, shapes))
+              for i in range(host.num_layers)]
+    if clock is not None:
+        clock.seconds += time.perf_counter() - t0
+    return layers
 
 
 class _Layers:
@@ -88,10 +103,10 @@ def slot_pool(host: HostExperts, slots: int, hi_dtype: str, group_size: int, dev
 
 
 def host_bank(host: HostExperts, hi_dtype: str, group_size: int, *, source=None, device=None,
-              progress: bool = False) -> HostBank:
+              progress: bool = False, clock: Stopwatch | None = None) -> HostBank:
     """Each expert's high-precision copy in (pinned) host memory: as loaded, or int8."""
     if hi_dtype == "int8":
-        layers = quantized_layers(host, 8, group_size, "rtn", source=source, progress=progress)
+        layers = quantized_layers(host, 8, group_size, "rtn", source=source, progress=progress, clock=clock)
         one = lambda qt, e: dataclasses.replace(jax.tree.map(lambda a: a[e], qt), shape=qt.shape[1:])
         E = host.num_experts
         # A generator: HostBank pins one layer at a time.

@@ -32,7 +32,7 @@ from dynaexq_jax.errors import UserError
 from dynaexq_jax.io.loader import Checkpoint
 from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.policies import Policy
-from dynaexq_jax.runtime.sampling import SamplingParams, sample
+from dynaexq_jax.runtime.sampling import NON_FINITE, SamplingParams, flag_non_finite, sample
 
 MIN_PROMPT_BUCKET = 16
 CACHE_BUCKET = 128
@@ -40,6 +40,15 @@ CACHE_BUCKET = 128
 
 class ContextError(UserError):
     """A request does not fit the model's context window."""
+
+
+class NonFiniteError(UserError):
+    """The model computed NaN or Inf logits: a damaged model, never a token to print."""
+
+    @classmethod
+    def at(cls, step: int, row: int) -> "NonFiniteError":
+        return cls(f"the model's logits are NaN or Inf at generation step {step} (0 = the prompt) of sequence "
+                   f"{row}; its weights or config.json are damaged, or the dtype overflows (try --dtype float32)")
 
 
 def prompt_bucket(n: int) -> int:
@@ -98,11 +107,13 @@ def _setup():
 
 
 def _pick(logits, key, knobs, greedy: bool):
-    """-> (next tokens [B], whether each is a stop token). knobs: temperature, top_k, top_p,
-    stop ids [n] (-1 padded)."""
+    """-> (next tokens [B], whether each row stops). knobs: temperature, top_k, top_p, stop ids
+    [n] (-1 padded). A row whose logits are not all finite gets NON_FINITE and stops; the host,
+    which reads the tokens anyway, raises on it: no extra read per step."""
     *sampling, stop = knobs
     nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else sample(logits, key, *sampling)
-    return nxt, jnp.any(nxt[:, None] == stop[None, :], axis=1)
+    nxt = flag_non_finite(logits, nxt)
+    return nxt, jnp.any(nxt[:, None] == stop[None, :], axis=1) | (nxt == NON_FINITE)
 
 
 def _prefill(decoder, params, experts, cache, stats, tokens, positions, valid, key, knobs, *, greedy, fresh):
@@ -151,6 +162,30 @@ class Session:
     ids: list[int]
     max_chunk: int  # longest prefill chunk: bounds the step's workspace as the memory plan assumes
 
+    @property
+    def length(self) -> int:
+        """Tokens the conversation may hold, its reply included."""
+        return self.cache.length
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """An engine's steps as pure functions of explicit pytrees, with its model bound (`Engine.steps`):
+    call them inside one's own `jax.jit`. `params` is `Engine.params`, `experts` is
+    `Engine.policy.experts` (an `ExpertState`: a promotion is a new value of the same shape, never
+    a retrace), `cache` is a `KVCache.empty(...)`, and tokens, positions and valid are [B, T] as
+    `left_pad` makes them."""
+
+    # (params, experts, cache, stats, tokens, positions, valid, key, knobs, *, greedy, fresh)
+    #   -> (cache, stats, DecodeState); knobs = SamplingParams.as_arrays() + (stop_array(eos),)
+    prefill: Callable
+    # (params, experts, cache, stats, state, key, knobs, *, greedy) -> (cache, stats, DecodeState)
+    decode: Callable
+    # (params, experts, cache, tokens, positions, valid) -> (next-token log-probs [B, T-1], RoutingStats)
+    score: Callable
+    # (params, experts, cache, tokens, positions, valid) -> logits [B, T, vocab] float32
+    logits: Callable
+
 
 @dataclasses.dataclass
 class Generation:
@@ -175,8 +210,9 @@ def left_pad(batch: Sequence[Sequence[int]], length: int, rows: int | None = Non
 
 def check_context(cfg, longest: int, new_tokens: int) -> None:
     limit = cfg.max_position_embeddings
-    if longest >= limit:
-        raise ContextError(f"a prompt has {longest} tokens but the model's context is {limit}; shorten the prompt")
+    if longest > limit or (new_tokens and longest >= limit):
+        raise ContextError(f"the prompt is longer than the context: {longest} tokens, and the model's context is "
+                           f"{limit}; shorten the prompt")
     if longest + new_tokens > limit:
         raise ContextError(
             f"{longest} prompt tokens + {new_tokens} new tokens exceed the model's context of {limit}; "
@@ -317,6 +353,12 @@ class Engine:
         positions, valid) -> (next-token log-probs [B, T-1], `RoutingStats`)."""
         return self._score
 
+    @property
+    def steps(self) -> Steps:
+        """The steps this engine runs, as pure functions for research code (see `Steps`)."""
+        bind = lambda fn: functools.partial(fn, self.decoder)
+        return Steps(bind(_prefill), bind(_decode), bind(_score), bind(_logits))
+
     # ------------------------------------------------------------------ generation
     def generate(
         self,
@@ -389,18 +431,26 @@ class Engine:
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         check_context(self.cfg, len(ids), max_new_tokens)
-        if len(ids) + max_new_tokens > session.cache.length:
+        if len(ids) + max_new_tokens > session.length:
             raise ContextError(
                 f"the conversation has {len(ids)} tokens + {max_new_tokens} new, over the session's context of "
-                f"{session.cache.length}; start with a larger --context or a shorter --max-new-tokens"
+                f"{session.length}; start with a larger --context or a shorter --max-new-tokens"
             )
         eos = set(self.checkpoint.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        try:
+            return self._chat_turn(session, ids, max_new_tokens, sampling, eos, on_tokens)
+        except BaseException:
+            # The turn donated the session's cache to its steps; an interrupted or failed turn
+            # leaves the session empty, so the next turn prefills the conversation afresh.
+            session.cache, session.ids = self._empty_cache(1, session.length), []
+            raise
+
+    def _chat_turn(self, session, ids, max_new_tokens, sampling, eos, on_tokens) -> Generation:
         greedy = sampling.greedy
         before = self.policy.stats()
         # Keep at least the last token to prefill: its logits give the first reply token.
         keep = min(_common_prefix(session.ids, ids), len(ids) - 1)
         cache = session.cache
-        session.ids = []  # the cache is donated below; an interrupted turn must not reuse it
         with _setup():
             knobs, key, stats0 = sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed), self._stats0()
             rewind = jax.device_put(np.int32(keep))
@@ -465,6 +515,8 @@ class Engine:
             if t_first is None:
                 t_first = time.perf_counter()
             for b in np.flatnonzero(~done):
+                if ids[b] == NON_FINITE:
+                    raise NonFiniteError.at(i, b)
                 out[b].append(int(ids[b]))
                 done[b] = ids[b] in eos
             if on_tokens is not None:

@@ -19,9 +19,10 @@ import numpy as np
 
 from dynaexq_jax.experts.matmul import routed_ffn
 from dynaexq_jax.models.decoder import Decoder, KVCache
-from dynaexq_jax.models.layers import Attention, DenseMLP, Linear, RMSNorm, route, rotary
+from dynaexq_jax.models.layers import Attention, DenseMLP, Linear, SharedExpert, make_norm, route, rotary_for
 from dynaexq_jax.runtime.engine import (
     Generation,
+    NonFiniteError,
     batch_bucket,
     cache_bucket,
     check_context,
@@ -32,7 +33,7 @@ from dynaexq_jax.runtime.engine import (
     prompt_bucket,
     timing_stats,
 )
-from dynaexq_jax.runtime.sampling import SamplingParams, sample
+from dynaexq_jax.runtime.sampling import NON_FINITE, SamplingParams, flag_non_finite, sample
 
 
 class _LayerFunctions:
@@ -43,10 +44,11 @@ class _LayerFunctions:
         attention = Attention(cfg, dtype)
         gate = Linear(E, dtype)
         dense_mlp = DenseMLP(cfg.intermediate_size, dtype)
+        shared = SharedExpert(cfg, dtype)
         decoder = Decoder(cfg, dtype)
 
-        def rms(p, x):
-            return RMSNorm(cfg.rms_norm_eps).apply({"params": p}, x)
+        def rms(p, x):  # the family's norm (RMSNorm, or LayerNorm with bias)
+            return make_norm(cfg).apply({"params": p}, x)
 
         def layer(seg, j):  # one layer's params out of its segment's stack (reads only that layer)
             return jax.tree.map(lambda a: a[j], seg)
@@ -56,7 +58,7 @@ class _LayerFunctions:
             return x, cache.written(token_valid)
 
         def attention_block(p, x, positions, kv, i, start, index):
-            rot = rotary(positions, cfg.head_dim, cfg.rope_theta, dtype)
+            rot = rotary_for(cfg, positions, dtype)
             h, kv = attention.apply({"params": p["self_attn"]}, rms(p["input_layernorm"], x), rot, kv, i, start, index)
             x = x + h
             return x, rms(p["post_attention_layernorm"], x), kv
@@ -70,6 +72,8 @@ class _LayerFunctions:
         def moe_attention(seg, j, token_valid, x, positions, kv, i, start, index):
             p = layer(seg, j)
             x, hn, kv = attention_block(p, x, positions, kv, i, start, index)
+            if cfg.shared_expert_size:  # always resident: added before the routed experts, as in the decoder
+                x = x + shared.apply({"params": p["mlp"]}, hn)
             return (x, hn) + router(p, hn, token_valid) + (kv,)
 
         def dense_layer(seg, j, x, positions, kv, i, start, index):
@@ -95,7 +99,8 @@ class _LayerFunctions:
             return decoder.head(params, x)
 
         def next_token(params, x_last, key, knobs):  # x_last [B, 1, H] -> [B] int32
-            return sample(decoder.head(params, x_last)[:, -1], key, *knobs)
+            logits = decoder.head(params, x_last)[:, -1]
+            return flag_non_finite(logits, sample(logits, key, *knobs))
 
         self.jitted = {
             "embed": jax.jit(embed_tokens),
@@ -232,6 +237,8 @@ class LayerwiseEngine:
         t1, c1 = time.perf_counter(), self.compile_s
         for i in range(max_new_tokens):
             for b in np.flatnonzero(~done):
+                if ids[b] == NON_FINITE:
+                    raise NonFiniteError.at(i, b)
                 out[b].append(int(ids[b]))
                 done[b] = ids[b] in eos
             if on_tokens is not None:

@@ -8,6 +8,7 @@ recompiles a step.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +25,14 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not -(2**63) <= self.seed < 2**63:  # what jax.random.key takes
+            raise UserError(f"seed must fit in 64 bits (-2**63 <= seed < 2**63), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -39,6 +42,15 @@ class SamplingParams:
         """(temperature, top_k, top_p) as device scalars, the traced knobs of `sample`."""
         return tuple(jax.device_put(v) for v in (np.float32(self.temperature), np.int32(self.top_k),
                                                   np.float32(self.top_p)))
+
+
+NON_FINITE = -1  # the token of a row whose logits hold NaN or Inf: for the host to raise on, never to print
+
+
+def flag_non_finite(logits, tokens):
+    """`tokens` [B] with NON_FINITE where a row of `logits` [B, V] is not all finite: argmax of
+    NaN is token 0, often EOS, so a broken model would otherwise end its reply looking fine."""
+    return jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), tokens, NON_FINITE)
 
 
 def sample(logits, key, temperature, top_k, top_p):

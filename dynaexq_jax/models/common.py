@@ -1,0 +1,159 @@
+"""What the family adapters share: reading config fields into `ModelConfig`, the checks every
+family gets, and the tensor names of the Llama-style decoder most families keep (embeddings,
+norms, q/k/v/o, dense MLPs). A family's adapter keeps only its own mapping and quirks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from dynaexq_jax.models.config import ConfigError, ModelConfig
+from dynaexq_jax.models.qwen3_moe import Tensor
+
+QK_NORMS = ("per_head", "full", None)
+
+
+def check_model_type(d: dict, model_type: str) -> None:
+    if d.get("model_type") != model_type:
+        raise ConfigError(f"config.json has model_type={d.get('model_type')!r}, not {model_type!r}")
+
+
+def refuse(d: dict, field: str, why: str) -> None:
+    """A one-line ConfigError for a field set to something this model cannot run."""
+    raise ConfigError(f"config.json sets {field}={d.get(field)!r}, which is not supported: {why}")
+
+
+def rope_theta(d: dict, default: float) -> float:
+    """RoPE base frequency; any rope scaling type but the default is refused (naming the field)."""
+    field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    rope = d.get(field) or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config.json has {field}={rope!r}, but it must be an object or null; "
+                          f"remove {field!r} to run at the model's native context")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(
+            f"config.json asks for rope scaling {rope_type!r} in {field!r}, which is not supported; "
+            f"remove {field!r} to run at the model's native context"
+        )
+    return opt(rope, "rope_theta", opt(d, "rope_theta", default))
+
+
+def silu_only(d: dict, field: str = "hidden_act") -> None:
+    if d.get(field, "silu") != "silu":
+        raise ConfigError(f"config.json has {field}={d[field]!r}; only 'silu' is supported")
+
+
+def opt(d: dict, key: str, default):
+    """A field that may be absent or null: transformers then takes its default. Values pass as
+    they are: `ModelConfig` checks every field's type and range."""
+    value = d.get(key)
+    return default if value is None else value
+
+
+@contextlib.contextmanager
+def fields(family: str):
+    """Turn a missing config field (a KeyError while reading `d[...]`) into a one-line error."""
+    try:
+        yield
+    except KeyError as e:
+        raise ConfigError(f"config.json lacks the field {e.args[0]!r} that {family} needs") from None
+
+
+def checked(cfg: ModelConfig) -> ModelConfig:
+    """The decoder runs what the adapter chose (`ModelConfig` itself checks config.json's values)."""
+    if cfg.qk_norm not in QK_NORMS:
+        raise ConfigError(f"qk_norm={cfg.qk_norm!r} is not one of {QK_NORMS}")
+    from dynaexq_jax.models.layers import NORMS, ROPE_SCALINGS, ROUTERS
+
+    if cfg.router not in ROUTERS:
+        raise ConfigError(f"router={cfg.router!r} is not one of {ROUTERS}")
+    if cfg.norm not in NORMS:
+        raise ConfigError(f"norm={cfg.norm!r} is not one of {NORMS}")
+    if cfg.rope_scaling not in ROPE_SCALINGS:
+        raise ConfigError(f"rope_scaling={cfg.rope_scaling!r} is not one of {ROPE_SCALINGS}")
+    if cfg.lm_head_bias and cfg.tie_word_embeddings:
+        raise ConfigError("config.json sets lm_head_bias with tie_word_embeddings, which is not supported; "
+                          "untie the embeddings or drop the bias")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- tensor names
+
+
+def top_tensors(cfg: ModelConfig) -> list[Tensor]:
+    """Embeddings, final norm and LM head (absent when tied), as Llama-style checkpoints name them."""
+    H, V = cfg.hidden_size, cfg.vocab_size
+    out = [Tensor(("embed_tokens", "embedding"), "model.embed_tokens.weight", (V, H))]
+    out += _norm(cfg, "norm", "model.norm.")
+    if not cfg.tie_word_embeddings:
+        out.append(Tensor(("lm_head", "kernel"), "lm_head.weight", (V, H), linear=True))
+        if cfg.lm_head_bias:
+            out.append(Tensor(("lm_head", "bias"), "lm_head.bias", (V,)))
+    return out
+
+
+def _norm(cfg: ModelConfig, path: str, prefix: str) -> list[Tensor]:
+    """A norm's weight, and its bias if it is a LayerNorm."""
+    H = cfg.hidden_size
+    out = [Tensor((path, "weight"), prefix + "weight", (H,))]
+    if cfg.norm == "layer":
+        out.append(Tensor((path, "bias"), prefix + "bias", (H,)))
+    return out
+
+
+def norm_tensors(cfg: ModelConfig, p: str) -> list[Tensor]:
+    """The layer's two norms."""
+    return (_norm(cfg, "input_layernorm", p + "input_layernorm.")
+            + _norm(cfg, "post_attention_layernorm", p + "post_attention_layernorm."))
+
+
+def attention_tensors(cfg: ModelConfig, p: str) -> list[Tensor]:
+    """`self_attn.{q,k,v,o}_proj` (biases where the config has them) into the fused qkv_proj,
+    and `self_attn.{q,k}_norm` into the fused qk_norm: per head ([D] each) or over the whole
+    projection ([heads * D] each), whichever `cfg.qk_norm` says."""
+    H, D = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * D, cfg.num_kv_heads * D
+    a = p + "self_attn."
+    parts = (("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv))
+    out = [Tensor(("self_attn", "qkv_proj", "kernel"), f"{a}{n}_proj.weight", (b - s, H), linear=True, cols=(s, b))
+           for n, s, b in parts]
+    if cfg.qkv_bias:
+        out += [Tensor(("self_attn", "qkv_proj", "bias"), f"{a}{n}_proj.bias", (b - s,), cols=(s, b))
+                for n, s, b in parts]
+    out.append(Tensor(("self_attn", "o_proj", "kernel"), a + "o_proj.weight", (H, q), linear=True))
+    if cfg.o_bias:
+        out.append(Tensor(("self_attn", "o_proj", "bias"), a + "o_proj.bias", (H,)))
+    norm = ("self_attn", "qk_norm", "weight")
+    if cfg.qk_norm == "per_head":
+        out += [Tensor(norm, a + "q_norm.weight", (D,), cols=(0, D)),
+                Tensor(norm, a + "k_norm.weight", (D,), cols=(D, 2 * D))]
+    elif cfg.qk_norm == "full":
+        out += [Tensor(norm, a + "q_norm.weight", (q,), cols=(0, q)),
+                Tensor(norm, a + "k_norm.weight", (kv,), cols=(q, q + kv))]
+    return out
+
+
+def mlp_tensors(path: tuple[str, ...], prefix: str, size: int, hidden: int,
+                names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> list[Tensor]:
+    """A dense SwiGLU MLP at `path` in the layer's params, named `prefix{gate,up,down}.weight`."""
+    g, u, d = names
+    return [Tensor(path + ("gate_proj", "kernel"), f"{prefix}{g}.weight", (size, hidden), linear=True),
+            Tensor(path + ("up_proj", "kernel"), f"{prefix}{u}.weight", (size, hidden), linear=True),
+            Tensor(path + ("down_proj", "kernel"), f"{prefix}{d}.weight", (hidden, size), linear=True)]
+
+
+def expert_tensors(cfg: ModelConfig, prefix: str, names=("gate_proj", "up_proj", "down_proj")):
+    """One expert's gate, up and down projections ([out, in] each), named `prefix{name}.weight`."""
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    g, u, d = names
+    return (Tensor((), f"{prefix}{g}.weight", (I, H), linear=True),
+            Tensor((), f"{prefix}{u}.weight", (I, H), linear=True),
+            Tensor((), f"{prefix}{d}.weight", (H, I), linear=True))
+
+
+def fused_expert_tensors(cfg: ModelConfig, prefix: str) -> tuple[Tensor, Tensor]:
+    """transformers' in-memory layout of a layer's experts, when saved unconverted:
+    `prefix`gate_up_proj [E, 2I, H] (gate rows first) and `prefix`down_proj [E, H, I]."""
+    H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    return (Tensor((), prefix + "gate_up_proj", (E, 2 * I, H)), Tensor((), prefix + "down_proj", (E, H, I)))

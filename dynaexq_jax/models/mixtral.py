@@ -1,0 +1,85 @@
+"""Mixtral (`model_type: mixtral`, Mixtral-8x7B / 8x22B): config mapping and tensor names.
+
+Quirks: no q/k norms; the experts' intermediate size is `intermediate_size` (no dense layers);
+the router always renormalises its top-k (softmax, top-k, divide by their sum); checkpoints
+name the MoE block `block_sparse_moe` and the experts' projections w1 (gate), w3 (up), w2
+(down). A sliding window is refused: the released models run without one.
+"""
+
+from __future__ import annotations
+
+from dynaexq_jax.models import common
+from dynaexq_jax.models.config import ConfigError, ModelConfig
+
+MODEL_TYPE = "mixtral"
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    common.check_model_type(d, MODEL_TYPE)
+    if d.get("sliding_window") is not None:
+        raise ConfigError(
+            f"config.json sets sliding_window={d['sliding_window']!r}, which is not supported for Mixtral; "
+            "set it to null (Mixtral-8x7B and 8x22B ship with it null)"
+        )
+    common.silu_only(d)
+    with common.fields("Mixtral"):
+        cfg = ModelConfig(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=common.opt(d, "num_key_value_heads", d["num_attention_heads"]),
+            head_dim=d.get("head_dim"),
+            num_experts=common.opt(d, "num_local_experts", 8),
+            experts_per_token=common.opt(d, "num_experts_per_tok", 2),
+            moe_intermediate_size=d["intermediate_size"],  # the experts'; Mixtral has no dense layers
+            intermediate_size=d["intermediate_size"],
+            norm_topk_prob=True,
+            rms_norm_eps=common.opt(d, "rms_norm_eps", 1e-5),
+            rope_theta=common.rope_theta(d, 1e6),
+            tie_word_embeddings=common.opt(d, "tie_word_embeddings", False),
+            max_position_embeddings=common.opt(d, "max_position_embeddings", 4096 * 32),
+            model_type=MODEL_TYPE,
+            qk_norm=None,
+        )
+    return common.checked(cfg)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": MODEL_TYPE,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.moe_intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "num_local_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.experts_per_token,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "hidden_act": "silu",
+        "sliding_window": None,
+    }
+
+
+top_tensors = common.top_tensors
+
+
+def layer_tensors(cfg: ModelConfig, i: int) -> list:
+    p = f"model.layers.{i}."
+    return (common.norm_tensors(cfg, p) + common.attention_tensors(cfg, p)
+            + [common.Tensor(("mlp", "gate", "kernel"), p + "block_sparse_moe.gate.weight",
+                             (cfg.num_experts, cfg.hidden_size), linear=True)])
+
+
+def expert_tensors(cfg: ModelConfig, i: int, e: int):
+    return common.expert_tensors(cfg, f"model.layers.{i}.block_sparse_moe.experts.{e}.", ("w1", "w3", "w2"))
+
+
+def fused_expert_tensors(cfg: ModelConfig, i: int):
+    return common.fused_expert_tensors(cfg, f"model.layers.{i}.mlp.experts.")

@@ -1,0 +1,107 @@
+"""Qwen2-MoE (`model_type: qwen2_moe`, Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): config mapping and
+tensor names.
+
+Quirks: a shared expert (a dense SwiGLU MLP of `shared_expert_intermediate_size`) beside the
+routed experts in every MoE layer, its output scaled by sigmoid(x @ shared_expert_gate); it is
+always resident, a non-expert weight in the layer's params (`mlp/shared_expert`). Biases on
+q, k and v (`qkv_bias`, on unless the config says otherwise); no q/k norms; dense layers from
+`mlp_only_layers` / `decoder_sparse_step`; the router's top-k renormalised only if
+`norm_topk_prob`. Sliding-window attention is refused (the released models keep it off).
+"""
+
+from __future__ import annotations
+
+from dynaexq_jax.models import common
+from dynaexq_jax.models.config import ConfigError, ModelConfig
+
+MODEL_TYPE = "qwen2_moe"
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    common.check_model_type(d, MODEL_TYPE)
+    if d.get("use_sliding_window"):
+        common.refuse(d, "use_sliding_window", "set it to false (Qwen2-MoE checkpoints ship with it off)")
+    if "sliding_attention" in (d.get("layer_types") or ()):
+        raise ConfigError("config.json's layer_types has 'sliding_attention' layers, which are not supported; "
+                          "use 'full_attention' for every layer")
+    common.silu_only(d)
+    with common.fields("Qwen2-MoE"):
+        cfg = ModelConfig(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=common.opt(d, "num_key_value_heads", d["num_attention_heads"]),
+            head_dim=d.get("head_dim"),
+            num_experts=common.opt(d, "num_experts", 60),
+            experts_per_token=common.opt(d, "num_experts_per_tok", 4),
+            moe_intermediate_size=d["moe_intermediate_size"],
+            intermediate_size=common.opt(d, "intermediate_size", 0),
+            norm_topk_prob=common.opt(d, "norm_topk_prob", False),
+            decoder_sparse_step=common.opt(d, "decoder_sparse_step", 1),
+            mlp_only_layers=common.opt(d, "mlp_only_layers", ()),
+            rms_norm_eps=common.opt(d, "rms_norm_eps", 1e-6),
+            rope_theta=common.rope_theta(d, 10000.0),
+            tie_word_embeddings=common.opt(d, "tie_word_embeddings", False),
+            max_position_embeddings=common.opt(d, "max_position_embeddings", 32768),
+            model_type=MODEL_TYPE,
+            qk_norm=None,
+            qkv_bias=common.opt(d, "qkv_bias", True),
+            shared_expert_size=d["shared_expert_intermediate_size"],
+            shared_expert_gate=True,
+        )
+    if cfg.moe_layers and cfg.shared_expert_size <= 0:
+        common.refuse(d, "shared_expert_intermediate_size", "Qwen2-MoE's shared expert needs a positive size")
+    return common.checked(cfg)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": MODEL_TYPE,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.experts_per_token,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "shared_expert_intermediate_size": cfg.shared_expert_size,
+        "intermediate_size": cfg.intermediate_size,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "decoder_sparse_step": cfg.decoder_sparse_step,
+        "mlp_only_layers": list(cfg.mlp_only_layers),
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "hidden_act": "silu",
+        "qkv_bias": cfg.qkv_bias,
+        "use_sliding_window": False,
+    }
+
+
+top_tensors = common.top_tensors
+
+
+def layer_tensors(cfg: ModelConfig, i: int) -> list:
+    H, p = cfg.hidden_size, f"model.layers.{i}."
+    out = common.norm_tensors(cfg, p) + common.attention_tensors(cfg, p)
+    if cfg.is_moe_layer(i):
+        out.append(common.Tensor(("mlp", "gate", "kernel"), p + "mlp.gate.weight", (cfg.num_experts, H), linear=True))
+        out += common.mlp_tensors(("mlp", "shared_expert"), p + "mlp.shared_expert.", cfg.shared_expert_size, H)
+        out.append(common.Tensor(("mlp", "shared_expert_gate", "kernel"), p + "mlp.shared_expert_gate.weight", (1, H),
+                                 linear=True))
+    else:
+        out += common.mlp_tensors(("mlp",), p + "mlp.", cfg.intermediate_size, H)
+    return out
+
+
+def expert_tensors(cfg: ModelConfig, i: int, e: int):
+    return common.expert_tensors(cfg, f"model.layers.{i}.mlp.experts.{e}.")
+
+
+def fused_expert_tensors(cfg: ModelConfig, i: int):
+    return common.fused_expert_tensors(cfg, f"model.layers.{i}.mlp.experts.")

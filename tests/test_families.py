@@ -1,0 +1,367 @@
+"""Every supported MoE family against transformers' own model on tiny checkpoints written by
+transformers' `save_pretrained` (random weights, float32), through every policy; and the
+published configs of the real models: parameter counts and dry-run plans from config.json.
+
+Select one family with `python -m pytest tests/test_families.py -k <model_type>`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from dynaexq_jax import budget
+from dynaexq_jax.io import hf_export, loader
+from dynaexq_jax.models import registry
+from dynaexq_jax.models.config import ConfigError, ModelConfig
+from dynaexq_jax.models.decoder import Decoder
+from dynaexq_jax.policies import dynaexq
+from dynaexq_jax.runtime import engine
+from dynaexq_jax.runtime.build import build_engine
+
+from conftest import VOCAB, write_tokenizer
+
+PROMPTS = [[5, 17, 42, 9, 100, 7, 250, 33, 12], [64, 3], [8, 8, 19, 200, 45]]
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512, rope_theta=10000.0, initializer_range=0.3, eos_token_id=0)
+
+# model_type -> (transformers config class, model class, shared kwargs, {name: the configuration's own}).
+# Two configurations per family: the family's special features, dense layers where it has them,
+# tied and untied embeddings.
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=32, head_dim=16), {
+        "untied": dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+        "tied": dict(num_hidden_layers=3, num_local_experts=6, num_experts_per_tok=3, tie_word_embeddings=True,
+                     num_key_value_heads=4),
+    }),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, pad_token_id=1), {
+        "untied": dict(num_hidden_layers=2, num_experts=8, num_experts_per_tok=4, norm_topk_prob=False,
+                       tie_word_embeddings=False),
+        # clip_qkv clamps a good share of q, k and v at this init; biases on q, k, v and o.
+        "clip-bias-tied": dict(num_hidden_layers=2, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True,
+                               clip_qkv=1.5, attention_bias=True, tie_word_embeddings=True),
+    }),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48), {
+        "untied": dict(num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                       tie_word_embeddings=False),
+        # a dense layer between MoE layers (three scanned segments), no qkv bias, renormalised top-k
+        "mixed-tied": dict(num_hidden_layers=3, num_experts=6, num_experts_per_tok=3, norm_topk_prob=True,
+                           tie_word_embeddings=True, mlp_only_layers=[1], qkv_bias=False),
+    }),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=32, head_dim=16), {
+        # LayerNorms with bias everywhere; biases on q, k, v, o and the LM head; sparsemixer top-2
+        "bias-untied": dict(num_hidden_layers=2, num_local_experts=4, attention_bias=True, lm_head_bias=True,
+                            tie_word_embeddings=False),
+        # longrope (the prompts stay within original_max_position_embeddings: see models/phimoe.py),
+        # a wide sparsemixer window (weights well below 1)
+        "longrope-tied": dict(num_hidden_layers=2, num_local_experts=6, router_jitter_noise=0.6,
+                              tie_word_embeddings=True, rope_parameters=dict(
+                                  rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=64,
+                                  short_factor=[1.0, 1.1, 1.3, 1.2, 1.8, 1.9, 1.6, 1.7],
+                                  long_factor=[4.2, 5.7, 5.3, 2.0, 5.4, 2.1, 4.9, 2.7], short_mscale=1.1,
+                                  long_mscale=1.3)),
+    }),
+}
+CASES = [(fam, name) for fam, spec in FAMILIES.items() for name in spec[3]]
+
+
+def make_family_checkpoint(path, family: str, name: str, seed: int = 0):
+    import transformers
+
+    cfg_cls, model_cls, shared, configs = FAMILIES[family]
+    torch.manual_seed(seed)
+    kw = {**COMMON, **shared, **configs[name]}
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
+    model.save_pretrained(path)
+    write_tokenizer(path)
+    return model
+
+
+_MADE: dict[tuple[str, str], tuple] = {}
+
+
+def checkpoint(tmp_path_factory, family: str, name: str):
+    """(family, configuration name, directory, transformers model), written once per session."""
+    if (family, name) not in _MADE:
+        path = tmp_path_factory.mktemp(f"hf-{family}-{name}")
+        _MADE[family, name] = family, name, path, make_family_checkpoint(path, family, name)
+    return _MADE[family, name]
+
+
+@pytest.fixture(scope="session", params=CASES, ids=[f"{f}-{n}" for f, n in CASES])
+def family_checkpoint(request, tmp_path_factory):
+    """Each tiny configuration, float32 (see `checkpoint`)."""
+    return checkpoint(tmp_path_factory, *request.param)
+
+
+@pytest.fixture(scope="session")
+def full_engine(family_checkpoint):
+    family, _, path, hf = family_checkpoint
+    return engine.Engine(loader.load(path, jnp.float32)), hf
+
+
+def hf_generate(hf, prompts, n):
+    """transformers' greedy generate on left-padded prompts -> the new tokens of each."""
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    return out[:, P:].tolist()
+
+
+# ----------------------------------------------------------------- parity with transformers
+
+
+def test_config_maps_to_the_family_and_back(family_checkpoint):
+    family, _, path, hf = family_checkpoint
+    cfg = ModelConfig.from_file(path)
+    assert cfg.model_type == family
+    fam = registry.adapter(cfg)
+    assert fam.config_from_hf(fam.config_to_hf(cfg)) == cfg
+    # The plan's parameter count is the checkpoint's, and the non-expert bytes are the decoder's params.
+    assert budget.parameter_count(cfg) == sum(p.numel() for p in hf.parameters())
+    shapes = jax.tree.leaves(Decoder(cfg, jnp.float32).param_shapes())
+    assert budget.non_expert_nbytes(cfg, 4) == sum(math.prod(s.shape) for s in shapes) * 4
+
+
+def test_logits_match_transformers(full_engine):
+    eng, hf = full_engine
+    for ids, lg in zip(PROMPTS, eng.logits(PROMPTS)):  # one left-padded batch
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0].numpy()
+        np.testing.assert_allclose(lg[-1], ref[-1], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(lg, ref, atol=1e-4, rtol=0)
+
+
+def test_greedy_tokens_match_transformers_generate(full_engine):
+    eng, hf = full_engine
+    ours = eng.generate([PROMPTS[0]], max_new_tokens=16, eos_token_ids=()).tokens
+    assert ours == hf_generate(hf, [PROMPTS[0]], 16)
+    assert len(set(ours[0])) > 2, "degenerate reference: the test would not tell much"
+    assert eng.generate(PROMPTS, max_new_tokens=12, eos_token_ids=()).tokens == hf_generate(hf, PROMPTS, 12)
+
+
+# ----------------------------------------------------------------- every policy
+
+
+PROMPT = PROMPTS[0]
+OPTS = dynaexq.DynaExqOptions(lo_bits=4, group_size=16, rebalance_every=2)
+
+
+def build(path, policy, opts=OPTS):
+    ckpt = loader.load(path, jnp.float32)
+    return build_engine(ckpt, policy, budget=None, batch=2, longest_prompt=len(PROMPT), max_new_tokens=16,
+                        opts=opts)
+
+
+def test_offload_or_prefetch_equals_full(family_checkpoint, full_engine):
+    """offload on a family's first configuration, prefetch on its second (both share the layer loop)."""
+    from dynaexq_jax.policies.offload import OffloadPolicy
+    from dynaexq_jax.runtime.layerwise import LayerwiseEngine
+
+    family, name, path, _ = family_checkpoint
+    prefetch = name != list(FAMILIES[family][3])[0]
+    full = full_engine[0]
+    batch = [PROMPT, PROMPT[:4]]
+    ref = full.generate(batch, 12, eos_token_ids=())
+    k = full.cfg.experts_per_token
+    ckpt = loader.load(path, jnp.float32)
+    # The fewest slots: evicting all the time.
+    eng = LayerwiseEngine(ckpt, OffloadPolicy(ckpt.experts, k, prefetch=prefetch, staging=k))
+    g = eng.generate(batch, 12, eos_token_ids=())
+    assert g.tokens == ref.tokens
+    np.testing.assert_array_equal(g.expert_counts, ref.expert_counts)
+    assert g.stats["demotions"] > 0 and (g.stats["prefetch_bytes"] > 0) == prefetch
+    for ours, theirs in zip(eng.logits(batch), full.logits(batch)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)  # experts summed in rounds
+
+
+def test_dynaexq_with_every_expert_in_a_slot_equals_full(family_checkpoint, full_engine):
+    _, _, path, _ = family_checkpoint
+    full = full_engine[0]
+    eng, plan = build(path, "dynaexq")  # no budget: every expert holds a slot
+    assert plan.slots == len(eng.cfg.moe_layers) * eng.cfg.num_experts
+    batch = [PROMPT, PROMPT[::-1][:5]]
+    assert eng.generate(batch, 12, eos_token_ids=()).tokens == full.generate(batch, 12, eos_token_ids=()).tokens
+    np.testing.assert_allclose(eng.logits([PROMPT])[0], full.logits([PROMPT])[0], atol=1e-6, rtol=0)
+
+
+def test_static_equals_its_dequantized_reference(family_checkpoint):
+    from test_runtime import forward_fn, reference_state
+
+    _, _, path, _ = family_checkpoint
+    eng, plan = build(path, "static", opts=dynaexq.DynaExqOptions(lo_bits=3, group_size=16))
+    experts = eng.policy.experts
+    assert plan.slots == 0 and plan.lo_bits == 3 and len(experts.tiers) == 1
+    ckpt = eng.checkpoint
+    fwd = forward_fn(ckpt.config)
+    tokens = jnp.asarray([PROMPT, PROMPT[::-1]])
+    ref = reference_state(experts, ckpt.experts.gate_up, ckpt.experts.down)
+    np.testing.assert_allclose(fwd(ckpt.params, experts, tokens), fwd(ckpt.params, ref, tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generate_script_runs_the_family(family, tmp_path_factory, capsys):
+    generate = _generate_script()
+    _, _, path, _ = checkpoint(tmp_path_factory, family, list(FAMILIES[family][3])[0])
+    code = generate.main(["--model", str(path), "--prompt", "def f", "--max-new-tokens", "4", "--dtype", "float32",
+                          "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    ckpt = loader.load(path, jnp.float32)
+    ids = ckpt.tokenizer.encode("def f").ids
+    assert json.loads(out)["outputs"][0]["token_ids"] == engine.Engine(ckpt).generate([ids], 4).tokens[0]
+
+
+def _generate_script():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import generate
+
+    return generate
+
+
+# ----------------------------------------------------------------- export
+
+
+def test_export_round_trip_loads_in_transformers(family_checkpoint, tmp_path):
+    import transformers
+
+    family, _, path, hf = family_checkpoint
+    ckpt = loader.load(path, jnp.float32)
+    out = hf_export.save_checkpoint(tmp_path / "ckpt", ckpt.config, ckpt.params, ckpt.experts, eos_token_id=0,
+                                    dtype="float32")
+    again = loader.load(out, jnp.float32)
+    assert again.config == ckpt.config
+    for a, b in zip(jax.tree.leaves((ckpt.params, list(ckpt.experts.gate_up), list(ckpt.experts.down))),
+                    jax.tree.leaves((again.params, list(again.experts.gate_up), list(again.experts.down)))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    model_cls = getattr(transformers, FAMILIES[family][1])
+    theirs, info = model_cls.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info.get("mismatched_keys"), info
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        # (from_pretrained may pick another experts kernel than the model built in memory: not bit-exact)
+        np.testing.assert_allclose(theirs.eval()(ids).logits.numpy(), hf(ids).logits.numpy(), atol=1e-5, rtol=0)
+
+
+def test_longrope_frequencies_are_phi3s_short_then_long():
+    """`rotary_for` against transformers' own longrope frequencies, within the original context
+    (short factors) and past it (long factors), with the short and long mscales."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from dynaexq_jax.models.layers import rotary_for
+
+    kw = {**COMMON, **FAMILIES["phimoe"][2], **FAMILIES["phimoe"][3]["longrope-tied"]}
+    hf_cfg = transformers.PhimoeConfig(**kw)
+    cfg = registry.adapter_for(hf_cfg.to_dict()).config_from_hf(hf_cfg.to_dict())
+    rope = kw["rope_parameters"]
+    for length, mscale in ((64, rope["short_mscale"]), (65, rope["long_mscale"])):
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](hf_cfg, None, seq_len=length)
+        pos = np.arange(length)[None]
+        ang = pos[..., None] * inv_freq.numpy()[None, None]
+        ang = np.concatenate([ang, ang], -1)
+        cos, sin = rotary_for(cfg, jnp.asarray(pos), jnp.float32)
+        np.testing.assert_allclose(np.asarray(cos)[:, :, 0], np.cos(ang) * mscale, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(sin)[:, :, 0], np.sin(ang) * mscale, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("family, change, needle", [
+    ("mixtral", dict(sliding_window=4096), "sliding_window=4096"),
+    ("mixtral", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope scaling 'yarn'"),
+    ("olmoe", dict(clip_qkv=-1), "clip_qkv=-1"),
+    ("olmoe", dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    ("qwen2_moe", dict(use_sliding_window=True), "use_sliding_window=True"),
+    ("qwen2_moe", dict(shared_expert_intermediate_size=None), "shared_expert_intermediate_size"),
+    ("phimoe", dict(sliding_window=2048), "sliding_window=2048"),
+    ("phimoe", dict(num_experts_per_tok=4), "num_experts_per_tok=4"),
+    ("phimoe", dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope scaling 'yarn'"),
+])
+def test_unsupported_fields_are_one_line_errors_naming_the_field(family, change, needle):
+    d = {**PUBLISHED[{"mixtral": "mixtral-8x7b", "olmoe": "olmoe-1b-7b", "qwen2_moe": "qwen1.5-moe-a2.7b",
+                      "phimoe": "phi-3.5-moe"}[family]], **change}
+    d = {k: v for k, v in d.items() if v is not None}
+    with pytest.raises(ConfigError) as e:
+        registry.adapter_for(d).config_from_hf(d)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------- the published models
+
+# The config.json of each published checkpoint (the fields that matter, as on the Hub), and its
+# published parameter count.
+PUBLISHED = {
+    "mixtral-8x7b": {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-05,
+        "rope_theta": 1e6, "sliding_window": None, "tie_word_embeddings": False, "hidden_act": "silu",
+        "router_aux_loss_coef": 0.02, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+    },
+    "olmoe-1b-7b": {
+        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048,
+        "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False, "clip_qkv": None,
+        "attention_bias": False, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+        "rope_scaling": None, "tie_word_embeddings": False, "hidden_act": "silu", "eos_token_id": 50279,
+        "pad_token_id": 1, "torch_dtype": "bfloat16",
+    },
+    "qwen1.5-moe-a2.7b": {
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "vocab_size": 151936,
+        "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632, "norm_topk_prob": False, "decoder_sparse_step": 1,
+        "max_position_embeddings": 8192, "max_window_layers": 21, "rms_norm_eps": 1e-06, "rope_theta": 1e6,
+        "sliding_window": 32768, "use_sliding_window": False, "tie_word_embeddings": False, "hidden_act": "silu",
+        "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16",
+    },
+    "phi-3.5-moe": {
+        "architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe", "vocab_size": 32064, "hidden_size": 4096,
+        "intermediate_size": 6400, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "num_local_experts": 16, "num_experts_per_tok": 2, "attention_bias": True, "lm_head_bias": True,
+        "router_jitter_noise": 0.01, "input_jitter_noise": 0.01, "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+        "sliding_window": 131072, "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1,
+        "eos_token_id": 32000, "torch_dtype": "bfloat16",
+        # The release's 64 short and 64 long factors are stand-ins here: they change no count and no plan.
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 64, "long_factor": [1.0] * 64,
+                         "short_mscale": 1.243163121016122, "long_mscale": 1.243163121016122,
+                         "original_max_position_embeddings": 4096},
+    },
+}
+PUBLISHED_PARAMS = {"mixtral-8x7b": 46.7e9, "olmoe-1b-7b": 6.9e9, "qwen1.5-moe-a2.7b": 14.3e9, "phi-3.5-moe": 41.9e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_configs_count_their_published_parameters(name):
+    d = PUBLISHED[name]
+    cfg = registry.adapter_for(d).config_from_hf(d)
+    assert round(budget.parameter_count(cfg) / 1e9, 1) == PUBLISHED_PARAMS[name] / 1e9
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_dry_run_plans_the_published_configs(name, tmp_path, capsys):
+    generate = _generate_script()
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[name]))
+    code = generate.main(["--model", str(tmp_path), "--dry-run", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    plan = json.loads(out)["memory_plan"]
+    d = PUBLISHED[name]
+    cfg = registry.adapter_for(d).config_from_hf(d)
+    assert plan["weights"] == budget.non_expert_nbytes(cfg, 2)
+    assert plan["num_experts_total"] == len(cfg.moe_layers) * cfg.num_experts
