@@ -158,6 +158,19 @@ def fitting_plans(cfg, names, budget, *, batch, longest_prompt, max_new_tokens, 
     return plans
 
 
+def free_device_bytes() -> int | None:
+    """Bytes the device can still allocate: the allocator's limit less its use, or on the CPU
+    (whose device memory is host memory) the kernel's MemAvailable; None where neither is known."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def min_decode_bytes(cfg, policy, plan, *, batch, prompt_len, gen_len, itemsize, opts) -> int:
     """The bytes a decode step must read at least (`runtime.aot.traffic_and_min`)."""
     _, nbytes = aot.traffic_and_min(
@@ -257,7 +270,13 @@ def run(args):
     else:
         try:
             o = opts if args.reference == "full" else DynaExqOptions(lo_bits=8)
-            eng, _ = build("full" if args.reference == "full" else "static", None, o)
+            policy = "full" if args.reference == "full" else "static"
+            need = plan_for(cfg, policy, budget=None, dtype_itemsize=dtype.itemsize, opts=o, **shape).total
+            free = free_device_bytes()
+            if free is not None and need > free:  # e.g. a 7B preset on a CPU: the host bank shares its memory
+                raise UserError(f"it needs {budget_lib.format_size(need)} and the device has "
+                                f"{budget_lib.format_size(free)} free; try --reference static8")
+            eng, _ = build(policy, None, o)
             ref = eng.logits(quality)
             del eng
         except UserError as e:
