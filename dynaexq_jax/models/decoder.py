@@ -64,7 +64,7 @@ class KVCache:
         return jnp.where(jnp.any(token_valid, axis=1), jnp.minimum(self.start, first), self.start)
 
 
-def _no_experts(experts, moe_layer, x, expert_ids, weights, token_valid, residual):
+def _no_experts(experts, moe_layer, x, expert_ids, weights, token_valid, residual, activation=None):
     """Stand-in FFN while tracing the parameter tree (experts are not parameters)."""
     return residual
 
