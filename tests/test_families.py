@@ -274,6 +274,26 @@ def test_export_round_trip_loads_in_transformers(family_checkpoint, tmp_path):
         np.testing.assert_allclose(theirs.eval()(ids).logits.numpy(), hf(ids).logits.numpy(), atol=1e-5, rtol=0)
 
 
+def test_fused_experts_load_like_per_expert_ones(moe_checkpoint, tmp_path):
+    """transformers' in-memory layout (gate_up_proj [E, 2I, H], gate rows first; down_proj
+    [E, H, I]), as an unconverted save writes it, loads to the same experts as the per-expert names."""
+    from safetensors.numpy import load_file, save_file
+
+    path, _ = moe_checkpoint
+    tensors = load_file(path / "model.safetensors")
+    cfg = ModelConfig.from_file(path)
+    for i in cfg.moe_layers:
+        p = f"model.layers.{i}.mlp.experts."
+        per = lambda n: np.stack([tensors.pop(f"{p}{e}.{n}.weight") for e in range(cfg.num_experts)])
+        gate, up, down = per("gate_proj"), per("up_proj"), per("down_proj")
+        tensors[p + "gate_up_proj"], tensors[p + "down_proj"] = np.concatenate([gate, up], axis=1), down
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_bytes((path / "config.json").read_bytes())
+    ours, theirs = loader.load(tmp_path, jnp.float32).experts, loader.load(path, jnp.float32).experts
+    for a, b in zip([*ours.gate_up, *ours.down], [*theirs.gate_up, *theirs.down]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_longrope_frequencies_are_phi3s_short_then_long():
     """`rotary_for` against transformers' own longrope frequencies, within the original context
     (short factors) and past it (long factors), with the short and long mscales."""
