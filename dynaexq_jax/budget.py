@@ -111,17 +111,25 @@ def expert_group_size(cfg, requested: int = 128) -> int:
     return g
 
 
+def expert_bias_count(cfg) -> int:
+    """Parameters of the experts' biases (gpt-oss): gate_up [2I] and down [H] per expert."""
+    if not cfg.expert_bias:
+        return 0
+    return len(cfg.moe_layers) * cfg.num_experts * (2 * cfg.moe_intermediate_size + cfg.hidden_size)
+
+
 def non_expert_nbytes(cfg, itemsize: int) -> int:
-    """Embeddings, attention (biases included), norms, routers, dense MLPs, shared experts and
-    the LM head: every tensor the family adapter's tables name outside the routed experts,
-    which are exactly the decoder's params."""
+    """Embeddings, attention (biases and sinks included), norms, routers, dense MLPs, shared
+    experts and the LM head: every tensor the family adapter's tables name outside the routed
+    experts, which are exactly the decoder's params; plus the experts' biases, which stay
+    resident at the compute dtype whatever tier serves their expert."""
     from dynaexq_jax.models import registry
 
     fam = registry.adapter(cfg)
     total = sum(math.prod(t.shape) for t in fam.top_tensors(cfg))
     for i in range(cfg.num_layers):
         total += sum(math.prod(t.shape) for t in fam.layer_tensors(cfg, i))
-    return total * itemsize
+    return (total + expert_bias_count(cfg)) * itemsize
 
 
 def expert_shapes(cfg) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dynaexq_jax.errors import UserError
 from dynaexq_jax.experts.expert_state import HostExperts
+from dynaexq_jax.experts.matmul import swiglu
 from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.models.layers import Routing, mm
@@ -72,7 +74,7 @@ def _block_layout(expert_ids, token_valid, num_experts: int, num_blocks: int):
     return order, dest, jnp.minimum(block_expert, E - 1)
 
 
-def blocked_ffn(experts: TrainExperts, moe_layer, x, expert_ids, weights, token_valid, residual):
+def blocked_ffn(experts: TrainExperts, moe_layer, x, expert_ids, weights, token_valid, residual, activation=swiglu):
     """A differentiable expert FFN for the decoder (the `ExpertFFN` signature).
 
     x [T, H]; expert_ids, weights [T, k]; token_valid [T]; residual [T, H]; `moe_layer` may be
@@ -94,8 +96,8 @@ def blocked_ffn(experts: TrainExperts, moe_layer, x, expert_ids, weights, token_
     xs = jnp.zeros((nb * b, x.shape[-1]), x.dtype).at[dest].set(x[token_of], mode="drop", unique_indices=True)
     wgu = experts.gate_up[moe_layer, block_expert].astype(x.dtype)  # [nb, H, 2I]: one gather, no layer copy
     wd = experts.down[moe_layer, block_expert].astype(x.dtype)  # [nb, I, H]
-    g, u = jnp.split(mm(xs.reshape(nb, b, -1), wgu, "nbh,nhf->nbf"), 2, axis=-1)
-    y = mm(jax.nn.silu(g) * u, wd, "nbi,nih->nbh").reshape(nb * b, -1)
+    h = mm(xs.reshape(nb, b, -1), wgu, "nbh,nhf->nbf")
+    y = mm(activation(h), wd, "nbi,nih->nbh").reshape(nb * b, -1)
     y = y.at[dest].get(mode="fill", fill_value=0) * weights.reshape(-1)[order][:, None].astype(y.dtype)
     return residual.at[token_of].add(y.astype(residual.dtype))
 
@@ -152,6 +154,9 @@ def load_balancing_loss(counts: jax.Array, probs: jax.Array, num_tokens: jax.Arr
 
 def training_decoder(cfg: ModelConfig, dtype=jnp.float32) -> Decoder:
     """The decoder on `TrainExperts`, also returning the summed router probabilities."""
+    if cfg.expert_bias:
+        raise UserError(f"training does not support {cfg.model_type}'s expert biases; train a model without them "
+                        "(e.g. qwen3_moe)")
     return Decoder(cfg, dtype, ffn=blocked_ffn, router_probs=True, kernels=False)
 
 

@@ -63,11 +63,13 @@ def decode_attention_supported(head_dim: int, slots: int, block_k: int = 64) -> 
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and slots % min(block_k, slots) == 0 and slots >= 16
 
 
-def decode_attention(q, kv, layer, start, index, *, scale: float, interpret: bool,
+def decode_attention(q, kv, layer, start, index, *, scale: float, interpret: bool, sinks=None,
                      block_k: int = 64, num_warps: int = 4, num_stages: int = 2):
     """q [B, KVH, G, D] (G query heads per KV head); kv [L, 2, B, KVH, S, D]; layer,
     index [] int32 (the slot of the current token); start [B] int32 (each row's first real
-    slot). -> [B, KVH, G, D] in q's dtype: softmax(q k^T * scale) v over slots start..index."""
+    slot). -> [B, KVH, G, D] in q's dtype: softmax(q k^T * scale) v over slots start..index.
+    `sinks` [KVH, G] (gpt-oss): one more logit per query head in the softmax, with no value;
+    it only enlarges the denominator, so it joins where the splits are merged."""
     B, KVH, G, D = q.shape
     S = kv.shape[4]
     block_k = min(block_k, S)
@@ -94,6 +96,12 @@ def decode_attention(q, kv, layer, start, index, *, scale: float, interpret: boo
       start.astype(jnp.int32))
     # Merge the splits' partial softmaxes.
     m_all = jnp.max(m, axis=0)  # [B, KVH, block_h]
+    if sinks is not None:
+        sink = jnp.pad(sinks.astype(f32), ((0, 0), (0, block_h - G)), constant_values=_NEG)[None]  # [1, KVH, block_h]
+        m_all = jnp.maximum(m_all, sink)
     w = jnp.exp(m - m_all[None])  # [splits, B, KVH, block_h]
-    out = jnp.sum(o * w[..., None], axis=0) / jnp.maximum(jnp.sum(l * w, axis=0), 1e-30)[..., None]
+    denom = jnp.sum(l * w, axis=0)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - m_all)
+    out = jnp.sum(o * w[..., None], axis=0) / jnp.maximum(denom, 1e-30)[..., None]
     return out[:, :, :G].astype(q.dtype)

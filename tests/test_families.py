@@ -70,6 +70,20 @@ FAMILIES = {
                                   long_factor=[4.2, 5.7, 5.3, 2.0, 5.4, 2.1, 4.9, 2.7], short_mscale=1.1,
                                   long_mscale=1.3)),
     }),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(intermediate_size=32, head_dim=16), {
+        # layer 0 slides over 4 keys (the prompt is 9), layer 1 attends to all; YaRN with a
+        # ramp inside the head's dims; a SwiGLU limit the pre-activations cross.
+        "yarn-window-untied": dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                   swiglu_limit=2.0, tie_word_embeddings=False, rope_parameters=dict(
+                                       rope_type="yarn", rope_theta=10000.0, factor=32.0, beta_fast=8.0,
+                                       beta_slow=1.0, truncate=False, original_max_position_embeddings=16)),
+        # layer types of our choosing (two sliding layers in a row: one scanned segment mixes
+        # both kinds), no attention biases, plain RoPE, tied embeddings
+        "types-tied": dict(num_hidden_layers=3, num_local_experts=6, num_experts_per_tok=3, sliding_window=3,
+                           layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                           attention_bias=False, tie_word_embeddings=True,
+                           rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+    }),
 }
 CASES = [(fam, name) for fam, spec in FAMILIES.items() for name in spec[3]]
 
@@ -81,6 +95,11 @@ def make_family_checkpoint(path, family: str, name: str, seed: int = 0):
     torch.manual_seed(seed)
     kw = {**COMMON, **shared, **configs[name]}
     model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
+    if family == "gpt_oss":  # transformers zeroes the expert biases at init: make them count
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for b in (layer.mlp.experts.gate_up_proj_bias, layer.mlp.experts.down_proj_bias):
+                    b.normal_(0.0, 0.3)
     model.save_pretrained(path)
     write_tokenizer(path)
     return model
@@ -132,7 +151,7 @@ def test_config_maps_to_the_family_and_back(family_checkpoint):
     # The plan's parameter count is the checkpoint's, and the non-expert bytes are the decoder's params.
     assert budget.parameter_count(cfg) == sum(p.numel() for p in hf.parameters())
     shapes = jax.tree.leaves(Decoder(cfg, jnp.float32).param_shapes())
-    assert budget.non_expert_nbytes(cfg, 4) == sum(math.prod(s.shape) for s in shapes) * 4
+    assert budget.non_expert_nbytes(cfg, 4) == (sum(math.prod(s.shape) for s in shapes) + budget.expert_bias_count(cfg)) * 4
 
 
 def test_logits_match_transformers(full_engine):
@@ -255,6 +274,26 @@ def test_export_round_trip_loads_in_transformers(family_checkpoint, tmp_path):
         np.testing.assert_allclose(theirs.eval()(ids).logits.numpy(), hf(ids).logits.numpy(), atol=1e-5, rtol=0)
 
 
+def test_fused_experts_load_like_per_expert_ones(moe_checkpoint, tmp_path):
+    """transformers' in-memory layout (gate_up_proj [E, 2I, H], gate rows first; down_proj
+    [E, H, I]), as an unconverted save writes it, loads to the same experts as the per-expert names."""
+    from safetensors.numpy import load_file, save_file
+
+    path, _ = moe_checkpoint
+    tensors = load_file(path / "model.safetensors")
+    cfg = ModelConfig.from_file(path)
+    for i in cfg.moe_layers:
+        p = f"model.layers.{i}.mlp.experts."
+        per = lambda n: np.stack([tensors.pop(f"{p}{e}.{n}.weight") for e in range(cfg.num_experts)])
+        gate, up, down = per("gate_proj"), per("up_proj"), per("down_proj")
+        tensors[p + "gate_up_proj"], tensors[p + "down_proj"] = np.concatenate([gate, up], axis=1), down
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_bytes((path / "config.json").read_bytes())
+    ours, theirs = loader.load(tmp_path, jnp.float32).experts, loader.load(path, jnp.float32).experts
+    for a, b in zip([*ours.gate_up, *ours.down], [*theirs.gate_up, *theirs.down]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_longrope_frequencies_are_phi3s_short_then_long():
     """`rotary_for` against transformers' own longrope frequencies, within the original context
     (short factors) and past it (long factors), with the short and long mscales."""
@@ -290,10 +329,14 @@ def test_longrope_frequencies_are_phi3s_short_then_long():
     ("phimoe", dict(sliding_window=2048), "sliding_window=2048"),
     ("phimoe", dict(num_experts_per_tok=4), "num_experts_per_tok=4"),
     ("phimoe", dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope scaling 'yarn'"),
+    ("gpt_oss", dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quant_method='gptq'"),
+    ("gpt_oss", dict(rope_scaling={"rope_type": "longrope", "factor": 4.0}), "rope scaling 'longrope'"),
+    ("gpt_oss", dict(layer_types=["sliding_attention"] * 3), "layer_types="),
+    ("gpt_oss", dict(sliding_window=0), "sliding_window=0"),
 ])
 def test_unsupported_fields_are_one_line_errors_naming_the_field(family, change, needle):
     d = {**PUBLISHED[{"mixtral": "mixtral-8x7b", "olmoe": "olmoe-1b-7b", "qwen2_moe": "qwen1.5-moe-a2.7b",
-                      "phimoe": "phi-3.5-moe"}[family]], **change}
+                      "phimoe": "phi-3.5-moe", "gpt_oss": "gpt-oss-20b"}[family]], **change}
     d = {k: v for k, v in d.items() if v is not None}
     with pytest.raises(ConfigError) as e:
         registry.adapter_for(d).config_from_hf(d)
@@ -343,7 +386,23 @@ PUBLISHED = {
                          "original_max_position_embeddings": 4096},
     },
 }
-PUBLISHED_PARAMS = {"mixtral-8x7b": 46.7e9, "olmoe-1b-7b": 6.9e9, "qwen1.5-moe-a2.7b": 14.3e9, "phi-3.5-moe": 41.9e9}
+PUBLISHED["gpt-oss-20b"] = {
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880,
+    "intermediate_size": 2880, "head_dim": 64, "num_hidden_layers": 24, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "num_local_experts": 32, "num_experts_per_tok": 4, "experts_per_token": 4,
+    "attention_bias": True, "attention_dropout": 0.0, "hidden_act": "silu", "initial_context_length": 4096,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "sliding_window": 128, "swiglu_limit": 7.0,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 150000, "router_aux_loss_coef": 0.9,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                     "rope_type": "yarn", "truncate": False},
+    "tie_word_embeddings": False, "eos_token_id": 200002, "pad_token_id": 199999, "use_cache": True,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                       "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+}
+PUBLISHED["gpt-oss-120b"] = {**PUBLISHED["gpt-oss-20b"], "num_hidden_layers": 36, "num_local_experts": 128,
+                             "layer_types": ["sliding_attention", "full_attention"] * 18}
+PUBLISHED_PARAMS = {"mixtral-8x7b": 46.7e9, "olmoe-1b-7b": 6.9e9, "qwen1.5-moe-a2.7b": 14.3e9, "phi-3.5-moe": 41.9e9,
+                    "gpt-oss-20b": 20.9e9, "gpt-oss-120b": 116.8e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -365,3 +424,117 @@ def test_dry_run_plans_the_published_configs(name, tmp_path, capsys):
     cfg = registry.adapter_for(d).config_from_hf(d)
     assert plan["weights"] == budget.non_expert_nbytes(cfg, 2)
     assert plan["num_experts_total"] == len(cfg.moe_layers) * cfg.num_experts
+
+
+# ----------------------------------------------------------------- gpt-oss's MXFP4 experts
+
+
+def _e2m1_64(codes: np.ndarray) -> np.ndarray:
+    """float64 value of each 4-bit e2m1 code from its bits: sign, 2 exponent bits, 1 mantissa bit."""
+    sign = np.where(codes & 8, -1.0, 1.0)
+    exp, man = (codes >> 1) & 3, (codes & 1).astype(np.float64)
+    return sign * np.where(exp == 0, man / 2, (1 + man / 2) * 2.0 ** (exp.astype(np.float64) - 1))
+
+
+def _mxfp4_reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float64 [..., K, N] of MXFP4 blocks [..., N, G, 16] and scales [..., N, G], byte by byte."""
+    *lead, n, g, b = blocks.shape
+    out = np.empty((*lead, n, g * 2 * b))
+    for j in range(b):
+        for nibble, codes in ((0, blocks[..., j] & 0x0F), (1, blocks[..., j] >> 4)):
+            out[..., 2 * j + nibble::2 * b] = _e2m1_64(codes) * 2.0 ** (scales.astype(np.float64) - 127)
+    return np.swapaxes(out, -1, -2)
+
+
+def to_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w [..., K, N] (K a multiple of 32) -> MXFP4 blocks [..., N, K/32, 16], scales [..., N, K/32]:
+    per 32 values along K the smallest power of two that brings them within e2m1's +-6, each
+    rounded to the nearest e2m1 value (transformers' integrations/mxfp4.py layout)."""
+    wt = np.swapaxes(np.asarray(w, np.float64), -1, -2)
+    groups = wt.reshape(*wt.shape[:-1], wt.shape[-1] // 32, 32)  # [..., N, G, 32]
+    amax = np.abs(groups).max(-1)
+    exp = np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)).clip(-127, 127)
+    table = _e2m1_64(np.arange(16))
+    codes = np.abs(groups[..., None] / 2.0 ** exp[..., None, None] - table).argmin(-1).astype(np.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    # contiguous: safetensors' numpy writer copies the raw buffer, whatever the strides
+    return np.ascontiguousarray(blocks), np.ascontiguousarray((exp + 127).astype(np.uint8))
+
+
+def test_mxfp4_decoding_matches_float64_and_transformers():
+    """Every code in both nibbles, exponents around 2**0, against the bit-level float64 rule and
+    transformers' own dequantization."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (3, 5, 2, 16), dtype=np.uint8)
+    scales = rng.integers(120, 135, (3, 5, 2), dtype=np.uint8)
+    ours = loader.decode_mxfp4(blocks, scales)  # [3, 64, 5]
+    assert ours.dtype == np.float32 and ours.shape == (3, 64, 5)
+    np.testing.assert_array_equal(ours, _mxfp4_reference(blocks, scales))
+    theirs = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32)
+    np.testing.assert_array_equal(ours, theirs.numpy())
+
+
+@pytest.fixture(scope="module")
+def mxfp4_checkpoint(tmp_path_factory):
+    """The first gpt-oss configuration with its experts as MXFP4 blocks and scales (the way the
+    releases ship them), and transformers' model on the decoded weights."""
+    from safetensors.numpy import load_file, save_file
+
+    _, _, src, hf = checkpoint(tmp_path_factory, "gpt_oss", "yarn-window-untied")
+    path = tmp_path_factory.mktemp("hf-gpt_oss-mxfp4")
+    tensors = load_file(src / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        tensors[name + "_blocks"], tensors[name + "_scales"] = to_mxfp4(tensors.pop(name))
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    import copy
+
+    decoded = copy.deepcopy(hf)
+    with torch.no_grad():
+        for i, layer in enumerate(decoded.model.layers):
+            for proj in ("gate_up_proj", "down_proj"):
+                name = f"model.layers.{i}.mlp.experts.{proj}"
+                ref = _mxfp4_reference(tensors[name + "_blocks"], tensors[name + "_scales"])
+                getattr(layer.mlp.experts, proj).copy_(torch.from_numpy(ref.astype(np.float32)))
+    return path, decoded
+
+
+def test_mxfp4_experts_load_as_their_decoded_weights(mxfp4_checkpoint):
+    path, decoded = mxfp4_checkpoint
+    ckpt = loader.load(path, jnp.float32)
+    I = ckpt.config.moe_intermediate_size
+    for m, layer in enumerate(decoded.model.layers):
+        gu = layer.mlp.experts.gate_up_proj.detach().numpy()  # [E, H, 2I], gate|up interleaved
+        np.testing.assert_array_equal(ckpt.experts.gate_up[m][..., :I], gu[..., 0::2])
+        np.testing.assert_array_equal(ckpt.experts.gate_up[m][..., I:], gu[..., 1::2])
+        np.testing.assert_array_equal(ckpt.experts.down[m], layer.mlp.experts.down_proj.detach().numpy())
+
+
+def test_mxfp4_checkpoint_matches_transformers_on_the_decoded_weights(mxfp4_checkpoint):
+    path, decoded = mxfp4_checkpoint
+    eng = engine.Engine(loader.load(path, jnp.float32))
+    for ids, lg in zip(PROMPTS, eng.logits(PROMPTS)):
+        with torch.no_grad():
+            ref = decoded(torch.tensor([ids])).logits[0].numpy()
+        np.testing.assert_allclose(lg, ref, atol=1e-4, rtol=0)
+    assert eng.generate(PROMPTS, max_new_tokens=12, eos_token_ids=()).tokens == hf_generate(decoded, PROMPTS, 12)
+
+
+def test_mxfp4_blocks_of_the_wrong_shape_are_one_line_errors(mxfp4_checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path, _ = mxfp4_checkpoint
+    for f in ("config.json", "tokenizer.json"):
+        (tmp_path / f).write_bytes((path / f).read_bytes())
+    tensors = load_file(path / "model.safetensors")
+    name = "model.layers.0.mlp.experts.gate_up_proj_scales"  # [E, 2I, H/32 = 2]
+    tensors[name] = np.ascontiguousarray(tensors[name][:, :, :1])  # a scale short per row
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(loader.CheckpointError) as e:
+        loader.load(tmp_path, jnp.float32)
+    assert "MXFP4 tensor 'model.layers.0.mlp.experts.gate_up_proj'" in str(e.value) and "\n" not in str(e.value)

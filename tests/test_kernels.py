@@ -226,8 +226,9 @@ def test_layer_matmul_reads_only_its_layer_and_matches_float64(rows):
 # -------------------------------------------------------------------------- decode_attention
 
 
-def _attention64(q, kv, layer, start, index, scale):
-    """float64 softmax(q k^T * scale) v over slots start[b]..index; zeros for an empty row."""
+def _attention64(q, kv, layer, start, index, scale, sinks=None):
+    """float64 softmax(q k^T * scale) v over slots start[b]..index; zeros for an empty row.
+    `sinks` [KVH, G]: an extra logit per query head in the softmax's denominator only."""
     q, kv = np.asarray(q, np.float64), np.asarray(kv, np.float64)
     out = np.zeros_like(q)
     for b in range(q.shape[0]):
@@ -236,8 +237,10 @@ def _attention64(q, kv, layer, start, index, scale):
         if k.shape[1] == 0:
             continue
         s = np.einsum("hgd,hnd->hgn", q[b], k) * scale
-        p = np.exp(s - s.max(-1, keepdims=True))
-        out[b] = np.einsum("hgn,hnd->hgd", p / p.sum(-1, keepdims=True), v)
+        m = s.max(-1, keepdims=True) if sinks is None else np.maximum(s.max(-1, keepdims=True), sinks[..., None])
+        p = np.exp(s - m)
+        denom = p.sum(-1, keepdims=True) + (0 if sinks is None else np.exp(sinks[..., None] - m))
+        out[b] = np.einsum("hgn,hnd->hgd", p / denom, v)
     return out
 
 
@@ -261,6 +264,42 @@ def test_decode_attention_matches_float64_with_gqa_left_padding_and_splits(block
     assert out.dtype == jnp.float32 and out.shape == q.shape
     _assert_close(out, ref, 1e-5)
     assert not np.any(np.asarray(out)[2])
+
+
+@pytest.mark.parametrize("block_k", [16, 64])
+def test_decode_attention_with_sinks_matches_float64(block_k):
+    """gpt-oss's sinks join the softmax where the splits merge: one sink far above the scores
+    (most weight on nothing), one far below (none), the rest comparable."""
+    B, KVH, G, D, S, L = 2, 2, 3, 16, 64, 1
+    rng = np.random.default_rng(7 + block_k)
+    start, index = np.array([0, 30], np.int32), 50
+    kv = rng.standard_normal((L, 2, B, KVH, S, D)).astype(np.float32)
+    q = rng.standard_normal((B, KVH, G, D)).astype(np.float32)
+    sinks = rng.standard_normal((KVH, G)).astype(np.float32)
+    sinks[0, 0], sinks[1, 2] = 40.0, -40.0
+    out = pallas_kernels.decode_attention(jnp.asarray(q), jnp.asarray(kv), jnp.int32(0), jnp.asarray(start),
+                                          jnp.int32(index), scale=D**-0.5, interpret=True, block_k=block_k,
+                                          sinks=jnp.asarray(sinks))
+    _assert_close(out, _attention64(q, kv, 0, start, index, D**-0.5, sinks), 1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 5, 40])
+def test_decode_attention_kernel_agrees_with_the_xla_path_under_sinks_and_a_window(window):
+    """The decoder's two decode paths (the Pallas kernel on a GPU, XLA elsewhere) on one query
+    per row, sliding window as a later first slot for the kernel, a mask for XLA."""
+    from dynaexq_jax.models.layers import _attention, _pallas_decode_attention
+
+    B, KVH, G, D, S, L = 3, 2, 2, 16, 64, 2
+    rng = np.random.default_rng(window)
+    start, index = jnp.asarray([0, 12, S], jnp.int32), jnp.int32(33)  # full, left-padded, empty row
+    kv = jnp.asarray(rng.standard_normal((L, 2, B, KVH, S, D)), jnp.float32)
+    qg = jnp.asarray(rng.standard_normal((B, 1, KVH, G, D)), jnp.float32)
+    sinks = jnp.asarray(rng.standard_normal((KVH, G)), jnp.float32)
+    w = jnp.int32(window)
+    ours = _pallas_decode_attention(qg, kv, jnp.int32(1), start, index, dtype=jnp.float32, sinks=sinks, window=w,
+                                    interpret=True)
+    xla = _attention(qg, kv[1, 0], kv[1, 1], start, index, dtype=jnp.float32, sinks=sinks, window=w)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- grouped_matmul

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -120,7 +121,8 @@ def reference_state(state: ExpertState, gate_up, down) -> ExpertState:
     tier_of = np.asarray(state.tier_of)
     for l, e in zip(*np.nonzero(tier_of > 0)):
         wgu[l * E + e], wd[l * E + e] = gate_up[l][e], down[l][e]
-    return single_tier(ExpertTier(jnp.asarray(wgu), jnp.asarray(wd)), L, E)
+    ref = single_tier(ExpertTier(jnp.asarray(wgu), jnp.asarray(wd)), L, E)
+    return dataclasses.replace(ref, gate_up_bias=state.gate_up_bias, down_bias=state.down_bias)  # biases: never quantized
 
 
 def forward_fn(cfg):

@@ -60,6 +60,11 @@ class ExpertState:
     tiers: tuple[ExpertTier, ...]
     tier_of: jax.Array  # [L, E] int32: tier serving the expert
     row_of: jax.Array  # [L, E] int32: its row in that tier
+    # The experts' biases (gpt-oss), or None. Kept once at the checkpoint's precision and indexed
+    # by (layer, expert), whichever tier serves the expert: they are ~0.3% of its bytes, so
+    # quantizing them saves nothing, and promotions never copy them.
+    gate_up_bias: jax.Array | None = None  # [L, E, 2I]
+    down_bias: jax.Array | None = None  # [L, E, H]
 
     @property
     def num_layers(self) -> int:
@@ -76,7 +81,8 @@ class ExpertState:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tiers) + self.tier_of.nbytes + self.row_of.nbytes
+        biases = sum(b.nbytes for b in (self.gate_up_bias, self.down_bias) if b is not None)
+        return sum(t.nbytes for t in self.tiers) + self.tier_of.nbytes + self.row_of.nbytes + biases
 
     def served_high(self) -> jax.Array:
         """[L, E] bool: the expert is served by a high-precision tier."""
@@ -90,11 +96,19 @@ def layer_major_handles(num_layers: int, num_experts: int, tier: int = 0) -> tup
     return np.full((num_layers, num_experts), tier, np.int32), rows
 
 
-def single_tier(tier: ExpertTier, num_layers: int, num_experts: int, device=None) -> ExpertState:
-    """Every expert of every layer in one tier, layer-major."""
+def single_tier(tier: ExpertTier, num_layers: int, num_experts: int, device=None, host=None) -> ExpertState:
+    """Every expert of every layer in one tier, layer-major; with `host`'s biases, if it has any."""
     tier_of, row_of = layer_major_handles(num_layers, num_experts)
     put = lambda a: jax.device_put(a, device)
-    return ExpertState(tiers=(tier,), tier_of=put(tier_of), row_of=put(row_of))
+    return ExpertState(tiers=(tier,), tier_of=put(tier_of), row_of=put(row_of), **device_biases(host, device))
+
+
+def device_biases(host: HostExperts | None, device=None, layers: slice = slice(None)) -> dict:
+    """`ExpertState`'s bias fields for `host`'s biases of MoE layers `layers` (none: {})."""
+    if host is None or host.gate_up_bias is None:
+        return {}
+    return dict(gate_up_bias=jax.device_put(np.ascontiguousarray(host.gate_up_bias[layers]), device),
+                down_bias=jax.device_put(np.ascontiguousarray(host.down_bias[layers]), device))
 
 
 def stack_layers(layers, device=None) -> Weights:
@@ -134,6 +148,8 @@ class HostExperts:
 
     gate_up: Sequence[np.ndarray]  # per MoE layer: [E, H, 2I] (gate columns, then up)
     down: Sequence[np.ndarray]  # per MoE layer: [E, I, H]
+    gate_up_bias: np.ndarray | None = None  # [L, E, 2I] (gate, then up), families with expert biases
+    down_bias: np.ndarray | None = None  # [L, E, H]
 
     @property
     def num_layers(self) -> int:

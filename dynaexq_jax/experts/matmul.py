@@ -41,6 +41,15 @@ def swiglu(h):
     return jax.nn.silu(g) * u
 
 
+def clamped_swiglu(h, *, alpha: float, limit: float):
+    """gpt-oss's SwiGLU: the gate clamped above at `limit`, up clamped to [-limit, limit], then
+    (up + 1) * gate * sigmoid(alpha * gate). h [rows, 2I] gate|up -> [rows, I]."""
+    g, u = jnp.split(h, 2, axis=-1)
+    g = jnp.minimum(g, limit)
+    u = jnp.clip(u, -limit, limit)
+    return (u + 1) * (g * jax.nn.sigmoid(g * alpha))
+
+
 def xla_tile_rows(num_rows: int, num_groups: int) -> int:
     """Rows per tile of the XLA loop: about twice the mean rows per expert, so most experts
     take one iteration (1 for decode at batch 1, up to 256 for long prefills)."""
@@ -71,17 +80,18 @@ def _kernel_tier(w: Weights) -> pallas_kernels.grouped_matmul.Tier:
 # ------------------------------------------------------------------------- XLA loop path
 
 
-def _xla_loop(xs, keys, *, num_groups: int, rows_per_tier: int, width: int, out_dtype, tile_fn):
-    """Sorted rows `xs` [P, K] tile by tile: `tile_fn(tier, row, x_tile [tm, K])` -> [tm, width].
-    Rows no tile covers come out as zeros."""
-    P = xs.shape[0]
+def _xla_loop(rows: tuple, keys, *, num_groups: int, rows_per_tier: int, width: int, out_dtype, tile_fn):
+    """Sorted rows tile by tile: `rows` is (x [P, K], and any per-row operands [P, ...]: the
+    experts' biases), `tile_fn(tier, row, *tiles of rows [tm, ...])` -> [tm, width]. Rows no
+    tile covers come out as zeros."""
+    P = rows[0].shape[0]
     tm = xla_tile_rows(P, num_groups)
     tiles = pallas_kernels.plan_tiles(keys, tm, pallas_kernels.max_tiles(P, num_groups, tm))
     tier, row = pallas_kernels.split_key(tiles, rows_per_tier)
-    xp = jnp.pad(xs, ((0, tm), (0, 0)))
+    padded = [jnp.pad(a, ((0, tm), (0, 0))) for a in rows]
 
     def body(t, out):
-        y = tile_fn(tier[t], row[t], jax.lax.dynamic_slice_in_dim(xp, tiles.start[t], tm))
+        y = tile_fn(tier[t], row[t], *(jax.lax.dynamic_slice_in_dim(a, tiles.start[t], tm) for a in padded))
         # Tiles run in row order, so rows a tile computes past its expert's end are rewritten
         # by the tiles that own them (or land in the spare rows).
         return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), tiles.start[t], 0)
@@ -128,10 +138,12 @@ def routed_ffn(state: ExpertState, layer, x, expert_ids, weights, token_valid, r
 
     x [T, H]; expert_ids, weights [T, k]: each token's experts and combine weights;
     token_valid [T] bool: pairs of invalid tokens (padding) are not computed, nor are pairs
-    whose expert's handle has a negative row (not available to this call). -> `residual`
-    [T, H] (default zeros) plus the weighted expert outputs, in x's dtype.
+    whose expert's handle has a negative row (not available to this call). Each expert computes
+    activation(x @ gate_up + gate_up_bias) @ down + down_bias (biases where the state has them).
+    -> `residual` [T, H] (default zeros) plus the weighted expert outputs, in x's dtype.
     """
     T, k = expert_ids.shape
+    P = T * k
     tier = state.tier_of[layer][expert_ids]  # [T, k]
     row = state.row_of[layer][expert_ids]
     valid = token_valid[:, None] & (row >= 0)
@@ -143,28 +155,43 @@ def routed_ffn(state: ExpertState, layer, x, expert_ids, weights, token_valid, r
     xs = x[token_of]  # [P, H]
     E = state.num_experts
     dt = x.dtype
+    f32 = jnp.float32
+    # Biases are indexed by (layer, expert), not by the tier serving it: every tier (fallback,
+    # slots) adds the same full-precision rows, gathered per sorted pair.
+    if state.gate_up_bias is not None:
+        pair_expert = expert_ids.reshape(P)[order]
+        bias_rows = (state.gate_up_bias[layer, pair_expert].astype(f32),  # [P, 2I]
+                     state.down_bias[layer, pair_expert].astype(f32))  # [P, H]
+    else:
+        bias_rows = ()
 
-    def elsewhere(xs, keys):
-        f32 = jnp.float32
+    def elsewhere(xs, keys, *bias):
         fetchers = [lambda r, t=t: (_fetch(t.gate_up, r, f32), _fetch(t.down, r, f32)) for t in state.tiers]
 
-        def ffn(tier, row, xt):
+        def ffn(tier, row, xt, *b):  # b: the tile's (gate_up, down) bias rows, if any
             wgu, wd = _switch(tier, fetchers, row)
-            return _dot(activation(_dot(xt, wgu).astype(dt)), wd).astype(dt)
+            h = _dot(xt, wgu)
+            h = activation((h + b[0] if b else h).astype(dt))
+            y = _dot(h, wd)
+            return (y + b[1] if b else y).astype(dt)
 
-        return _xla_loop(xs, keys, num_groups=E, rows_per_tier=R, width=x.shape[1], out_dtype=dt, tile_fn=ffn)
+        return _xla_loop((xs,) + bias, keys, num_groups=E, rows_per_tier=R, width=x.shape[1], out_dtype=dt,
+                         tile_fn=ffn)
 
-    def cuda(xs, keys):
+    def cuda(xs, keys, *bias):
         gu, dn = [t.gate_up for t in state.tiers], [t.down for t in state.tiers]
-        P, H = xs.shape
+        H = xs.shape[1]
         I = dn[0].shape[1]
         if not (_pallas_supported(H, gu, P, E) and _pallas_supported(I, dn, P, E)):
-            return elsewhere(xs, keys)
+            return elsewhere(xs, keys, *bias)
         tm, tiles, xp = _pallas_plan(xs, keys, E, R)
-        h = _tiled(xp, gu, tiles, R, tm, dt, interpret=False)
-        return _tiled(activation(h), dn, tiles, R, tm, dt, interpret=False)[:P]
+        pad = lambda b: jnp.pad(b, ((0, tm), (0, 0)))
+        h = _tiled(xp, gu, tiles, R, tm, f32 if bias else dt, interpret=False)  # [P + tm, 2I]
+        h = activation((h + pad(bias[0]) if bias else h).astype(dt))
+        y = _tiled(h, dn, tiles, R, tm, f32 if bias else dt, interpret=False)[:P]
+        return (y + bias[1] if bias else y).astype(dt)
 
-    ys = jax.lax.platform_dependent(xs, keys, cuda=cuda, default=elsewhere)
+    ys = jax.lax.platform_dependent(xs, keys, *bias_rows, cuda=cuda, default=elsewhere)
     used = keys != INVALID
     w = jnp.where(used, weights.reshape(-1)[order], 0).astype(dt)
     ys = jnp.where(used[:, None], ys, 0) * w[:, None]  # rows no tile stored are undefined on GPU
@@ -191,7 +218,7 @@ def grouped_matmul(x, w: Weights, group_sizes, *, backend: str | None = None, ou
 
     def xla(x, keys):
         tile_fn = lambda tier, row, xt: _dot(xt, _fetch(w, row, jnp.float32))
-        return _xla_loop(x, keys, num_groups=G, rows_per_tier=G, width=w.shape[-1], out_dtype=dt, tile_fn=tile_fn)
+        return _xla_loop((x,), keys, num_groups=G, rows_per_tier=G, width=w.shape[-1], out_dtype=dt, tile_fn=tile_fn)
 
     def pallas(interpret: bool):
         def run(x, keys):

@@ -125,9 +125,12 @@ class Swapper:
         blocking: bool = False,
         stall_s: float = 30.0,
         device=None,
+        biases: dict | None = None,
     ):
+        """`biases`: the `ExpertState` bias fields every published state carries (`device_biases`)."""
         self.device = device or jax.devices()[0]
         self.fallback = fallback
+        self.biases = biases or {}
         self._pool = (pool.gate_up, pool.down)
         self.num_layers = num_layers
         E = fallback.rows // num_layers
@@ -279,6 +282,7 @@ class Swapper:
             tiers=(self.fallback, pool),
             tier_of=jax.device_put(tier_of, self.device),
             row_of=jax.device_put(row_of, self.device),
+            **self.biases,
         )
 
     def check_invariants(self) -> None:

@@ -40,7 +40,10 @@ def hf_tensors(cfg: ModelConfig, params: dict, experts: HostExperts, dtype) -> I
         a = np.asarray(leaf)
         if t.cols is not None:
             a = a[..., t.cols[0]:t.cols[1]]
-        a = (a.T if t.linear else a).astype(npd)
+        if t.interleaved:  # gate columns, then up -> alternating
+            g, u = np.split(a, 2, axis=-1)
+            a = np.stack([g, u], axis=-1).reshape(a.shape)
+        a = (np.swapaxes(a, -1, -2) if t.linear else a).astype(npd)
         if a.shape != t.shape:
             raise ValueError(f"{t.name}: expected shape {t.shape}, got {a.shape}")
         return t.name, np.ascontiguousarray(a)
@@ -63,11 +66,20 @@ def hf_tensors(cfg: ModelConfig, params: dict, experts: HostExperts, dtype) -> I
             if seg.kind == "moe":
                 m = cfg.moe_layers.index(i)
                 wgu, wd = np.asarray(experts.gate_up[m]), np.asarray(experts.down[m])
-                for e in range(cfg.num_experts):
-                    g, u, d = fam.expert_tensors(cfg, i, e)
-                    yield out(g, wgu[e, :, :I])
-                    yield out(u, wgu[e, :, I:])
-                    yield out(d, wd[e])
+                if fam.expert_tensors is None:  # a family that stores only the fused layout
+                    gu, d = fam.fused_expert_tensors(cfg, i)
+                    yield out(gu, wgu)
+                    yield out(d, wd)
+                else:
+                    for e in range(cfg.num_experts):
+                        g, u, d = fam.expert_tensors(cfg, i, e)
+                        yield out(g, wgu[e, :, :I])
+                        yield out(u, wgu[e, :, I:])
+                        yield out(d, wd[e])
+                if cfg.expert_bias:
+                    bgu, bd = fam.expert_bias_tensors(cfg, i)
+                    yield out(bgu, experts.gate_up_bias[m])
+                    yield out(bd, experts.down_bias[m])
     for t in top:
         if t.path[0] != "embed_tokens":
             yield out(t, leaf(params, t.path))

@@ -44,6 +44,29 @@ INDEX = "model.safetensors.index.json"
 _WEIGHT_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 # Buffers older transformers versions saved with the weights; they are recomputed, never read.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# An MXFP4 tensor X is stored as X_blocks (uint8 [..., N, K/32, 16]: two 4-bit codes a byte, the
+# low nibble first) and X_scales (uint8 [..., N, K/32]: a power-of-two exponent + 127 per 32
+# values), as transformers' integrations/mxfp4.py defines them; it stands for X [..., K, N].
+MXFP4_SUFFIXES = ("_blocks", "_scales")
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                      np.float32)  # e2m1 code -> value
+
+
+def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 blocks [..., N, G, 16] and scales [..., N, G] (uint8) -> float32 [..., G * 32, N]:
+    value 2j of a block from byte j's low nibble, 2j + 1 from its high one, times 2**(scale - 127);
+    the last two axes swapped, as transformers lays the weight out ([in, out])."""
+    *lead, n, g, b = blocks.shape
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*lead, n, g, 2 * b)
+    values = np.ldexp(FP4_VALUES[codes], scales.astype(np.int32)[..., None] - 127)
+    return np.swapaxes(values.reshape(*lead, n, g * 2 * b), -1, -2)
+
+
+def logical_names(names) -> set[str]:
+    """The tensor names a checkpoint provides: its own, and X for each MXFP4 pair X_blocks, X_scales."""
+    names = set(names)
+    return names | {n[: -len("_blocks")] for n in names
+                    if n.endswith("_blocks") and n[: -len("_blocks")] + "_scales" in names}
 
 
 def np_dtype(dtype) -> np.dtype:
@@ -110,19 +133,21 @@ def read_header(path: Path) -> dict:
 
 
 def _check_entry(path: Path, name: str, t, data: int, damaged) -> None:
-    """One header entry: a floating-point dtype, a shape, and offsets that match them and fit
-    the data (a wrong dtype would reinterpret the bytes: integers read as weights)."""
+    """One header entry: a floating-point dtype (uint8 only for MXFP4 blocks and scales), a
+    shape, and offsets that match them and fit the data (a wrong dtype would reinterpret the
+    bytes: integers read as weights)."""
     dtype = t.get("dtype") if isinstance(t, dict) else None
-    if dtype not in _WEIGHT_ITEMSIZE:
+    itemsize = _WEIGHT_ITEMSIZE.get(dtype) or (1 if dtype == "U8" and name.endswith(MXFP4_SUFFIXES) else None)
+    if itemsize is None:
         raise CheckpointError(f"{path}: tensor {name!r} is stored as {dtype!r}, not as one of "
-                              f"{', '.join(_WEIGHT_ITEMSIZE)}; the file is damaged, or quantized, which is not "
-                              "supported: download the model's bf16 release")
+                              f"{', '.join(_WEIGHT_ITEMSIZE)} (or U8 MXFP4 blocks and scales); the file is damaged, "
+                              "or quantized in a way that is not supported: download the model's bf16 release")
     shape, offsets = t.get("shape"), t.get("data_offsets")
     if not (isinstance(shape, list) and all(_integral(d) and d >= 0 for d in shape)
             and isinstance(offsets, list) and len(offsets) == 2 and all(map(_integral, offsets))):
         raise damaged(f"tensor {name!r} has no valid shape and data_offsets")
     begin, end = offsets
-    if not 0 <= begin <= end <= data or end - begin != math.prod(shape) * _WEIGHT_ITEMSIZE[dtype]:
+    if not 0 <= begin <= end <= data or end - begin != math.prod(shape) * itemsize:
         raise damaged(f"tensor {name!r} has data_offsets {offsets} that do not fit its shape or the file")
 
 
@@ -183,15 +208,18 @@ def stored_nbytes(files: dict[str, Path]) -> int:
 def expected_tensors(cfg: ModelConfig, names) -> list[str]:
     """The tensor names `load_params` reads for `cfg` from a checkpoint holding `names`."""
     fam = registry.adapter(cfg)
+    names = logical_names(names)
     out = [t.name for t in fam.top_tensors(cfg)]
     for i in range(cfg.num_layers):
         out += [t.name for t in fam.layer_tensors(cfg, i)]
     for i in cfg.moe_layers:
         fused = fam.fused_expert_tensors(cfg, i)
-        if fused[0].name in names:
+        if fused[0].name in names or fam.expert_tensors is None:  # None: the family stores only fused experts
             out += [t.name for t in fused]
         else:
             out += [t.name for e in range(cfg.num_experts) for t in fam.expert_tensors(cfg, i, e)]
+        if cfg.expert_bias:
+            out += [t.name for t in fam.expert_bias_tensors(cfg, i)]
     return out
 
 
@@ -199,8 +227,10 @@ def check_tensor_names(cfg: ModelConfig, files: dict[str, Path], path: Path) -> 
     """The checkpoint holds exactly the tensors config.json implies: a config that disagrees with
     the weights (fewer layers, tied embeddings beside an lm_head) would otherwise run, wrongly."""
     wanted = expected_tensors(cfg, files)
-    missing = [n for n in wanted if n not in files]
-    unused = sorted(set(files) - set(wanted) - {n for n in files if n.endswith(_IGNORED_SUFFIXES)})
+    present = logical_names(files)
+    missing = [n for n in wanted if n not in present]
+    used = set(wanted) | {n + s for n in wanted if n not in files for s in MXFP4_SUFFIXES}
+    unused = sorted(set(files) - used - {n for n in files if n.endswith(_IGNORED_SUFFIXES)})
     hint = ("config.json does not match the weights: check num_hidden_layers, num_experts, mlp_only_layers "
             "and tie_word_embeddings against the model's release")
     if missing:
@@ -225,35 +255,68 @@ class _TensorReader:
 
     def __init__(self, files: dict[str, Path], dtype, progress=None):
         self.files = files
+        self.names = logical_names(files)
         self.dtype = np_dtype(dtype)
         self._open = {}
         self.progress = progress
 
     def __contains__(self, name):
-        return name in self.files
+        return name in self.names
 
-    def get(self, t) -> np.ndarray:
-        """Tensor `t` (an adapter's `Tensor`) in our layout: shape checked, [in, out] if linear."""
-        if t.name not in self.files:
-            raise CheckpointError(f"checkpoint lacks tensor {t.name!r}; is it a complete checkpoint of this model type?")
-        path = self.files[t.name]
+    def _read(self, name: str) -> np.ndarray:
+        path = self.files[name]
         try:
             if path not in self._open:
                 self._open[path] = safe_open(path, framework="numpy")
-            a = self._open[path].get_tensor(t.name)
+            a = self._open[path].get_tensor(name)
         except SafetensorError as e:
             raise CheckpointError(f"{path} cannot be read ({e}); download or export the checkpoint again") from None
-        if a.shape != t.shape:
-            raise CheckpointError(f"tensor {t.name!r} has shape {a.shape}, config.json implies {t.shape}")
         if self.progress is not None:
             self.progress.update(a.nbytes)
-        a = a.astype(self.dtype, copy=False)
+        return a
+
+    def get(self, t) -> np.ndarray:
+        """Tensor `t` (an adapter's `Tensor`) in our layout: shape checked, [..., in, out] if
+        linear, gate columns before up if interleaved; MXFP4 decoded one expert at a time."""
+        if t.name not in self.names:
+            raise CheckpointError(f"checkpoint lacks tensor {t.name!r}; is it a complete checkpoint of this model type?")
+        if t.name in self.files:
+            a = self._read(t.name)
+            if a.shape != t.shape:
+                raise CheckpointError(f"tensor {t.name!r} has shape {a.shape}, config.json implies {t.shape}")
+            a = self._layout(t, a.astype(self.dtype, copy=False))
+        else:
+            a = self._mxfp4(t)
         # Checked as each tensor is converted, one more pass over memory just read: a NaN or
         # Inf weight would otherwise come out as garbage tokens, or none.
         if not all_finite(a):
-            raise CheckpointError(f"tensor {t.name!r} in {path} holds NaN or Inf values (or values too large for "
-                                  f"{self.dtype}); the checkpoint is damaged: download or export it again")
-        return a.T if t.linear else a
+            raise CheckpointError(f"tensor {t.name!r} in {self.files.get(t.name, self.files.get(t.name + '_blocks'))} "
+                                  f"holds NaN or Inf values (or values too large for {self.dtype}); the checkpoint "
+                                  "is damaged: download or export it again")
+        return a
+
+    @staticmethod
+    def _layout(t, a: np.ndarray) -> np.ndarray:
+        if t.linear:
+            a = np.swapaxes(a, -1, -2)
+        if t.interleaved:
+            a = np.concatenate([a[..., 0::2], a[..., 1::2]], axis=-1)
+        return a
+
+    def _mxfp4(self, t) -> np.ndarray:
+        """`t` from its MXFP4 blocks and scales, decoded into the compute dtype expert by expert
+        (a whole layer in float32 would be GBs)."""
+        blocks, scales = self._read(t.name + "_blocks"), self._read(t.name + "_scales")
+        s = blocks.shape
+        decoded = (*s[:-3], 2 * s[-1] * s[-2], s[-3]) if blocks.ndim >= 3 else None  # [..., K, N]
+        if decoded != t.shape or scales.shape != s[:-1]:
+            raise CheckpointError(f"MXFP4 tensor {t.name!r} has blocks {blocks.shape} and scales {scales.shape}, "
+                                  f"config.json implies a {t.shape} weight (blocks [..., N, K/32, 16], scales "
+                                  "[..., N, K/32])")
+        out = np.empty(t.shape, self.dtype)
+        for e in range(t.shape[0]):
+            out[e] = self._layout(t, decode_mxfp4(blocks[e], scales[e]))
+        return out
 
 
 @dataclasses.dataclass
@@ -333,16 +396,20 @@ def load_params(cfg: ModelConfig, files: dict[str, Path], dtype, progress=None) 
         wgu = np.empty((E, H, 2 * I), r.dtype)  # [E, H, 2I]: gate columns, then up
         wd = np.empty((E, I, H), r.dtype)  # [E, I, H]
         fused_gu, fused_d = fam.fused_expert_tensors(cfg, i)
-        if fused_gu.name in r:  # transformers' in-memory layout, when saved unconverted
-            wgu[:] = r.get(fused_gu).transpose(0, 2, 1)
-            wd[:] = r.get(fused_d).transpose(0, 2, 1)
+        if fused_gu.name in r or fam.expert_tensors is None:  # transformers' in-memory layout
+            wgu[:] = r.get(fused_gu)
+            wd[:] = r.get(fused_d)
         else:
             for e in range(E):
                 g, u, d = fam.expert_tensors(cfg, i, e)
                 wgu[e, :, :I], wgu[e, :, I:], wd[e] = r.get(g), r.get(u), r.get(d)
         gate_up.append(wgu)
         down.append(wd)
-    return params, HostExperts(gate_up=gate_up, down=down)
+    biases = {}
+    if cfg.expert_bias:  # [L, E, 2I] and [L, E, H]: small, one array each
+        pairs = [[r.get(t) for t in fam.expert_bias_tensors(cfg, i)] for i in cfg.moe_layers]
+        biases = dict(gate_up_bias=np.stack([p[0] for p in pairs]), down_bias=np.stack([p[1] for p in pairs]))
+    return params, HostExperts(gate_up=gate_up, down=down, **biases)
 
 
 def to_device(tree):

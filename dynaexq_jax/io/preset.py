@@ -26,6 +26,17 @@ from dynaexq_jax.models import registry
 from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.models.decoder import Decoder
 
+# What gpt-oss-20b and -120b share (config.json fields as on the Hub).
+_GPT_OSS = dict(
+    model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, head_dim=64,
+    num_attention_heads=64, num_key_value_heads=8, num_experts_per_tok=4, attention_bias=True, sliding_window=128,
+    swiglu_limit=7.0, rms_norm_eps=1e-5, rope_theta=150000, tie_word_embeddings=False, max_position_embeddings=131072,
+    rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                      original_max_position_embeddings=4096),
+    quantization_config=dict(quant_method="mxfp4", modules_to_not_convert=[
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]),
+)
+
 PRESETS = {
     "qwen3-30b-a3b": dict(
         model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
@@ -65,6 +76,12 @@ PRESETS = {
                           short_mscale=1.243163121016122, long_mscale=1.243163121016122,
                           original_max_position_embeddings=4096),
     ),
+    # gpt-oss as released (MXFP4 experts on the Hub; a preset's experts are random at the
+    # compute dtype): sliding-window layers alternate with full ones, sinks, biases, YaRN.
+    "gpt-oss-20b": dict(_GPT_OSS, num_hidden_layers=24, num_local_experts=32,
+                        layer_types=["sliding_attention", "full_attention"] * 12),
+    "gpt-oss-120b": dict(_GPT_OSS, num_hidden_layers=36, num_local_experts=128,
+                         layer_types=["sliding_attention", "full_attention"] * 18),
     # Same layer shapes, 4 layers and a small vocabulary: a CPU-sized smoke preset.
     "qwen3-moe-smoke": dict(
         model_type="qwen3_moe", vocab_size=512, hidden_size=256, num_hidden_layers=4,
@@ -143,7 +160,7 @@ def _with_routers(params: dict, kernels: dict) -> dict:
     """`params` with the router kernels of segments `kernels` {segment: [n, H, E]} replaced."""
     layers = list(params["layers"])
     for s, k in kernels.items():
-        layers[s] = {**layers[s], "mlp": {**layers[s]["mlp"], "gate": {"kernel": k}}}
+        layers[s] = {**layers[s], "mlp": {**layers[s]["mlp"], "gate": {**layers[s]["mlp"]["gate"], "kernel": k}}}
     return {**params, "layers": tuple(layers)}
 
 
@@ -171,9 +188,15 @@ def random_checkpoint(cfg: ModelConfig, dtype=jnp.bfloat16, *, seed: int = 0, ro
     H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     n = len(cfg.moe_layers)
     npd = np_dtype(dtype)
+    biases = {}
+    if cfg.expert_bias:
+        rng = np.random.default_rng((seed, 3))
+        biases = {k: (rng.standard_normal(shape, np.float32) * INIT_STD).astype(npd)
+                  for k, shape in (("gate_up_bias", (n, E, 2 * I)), ("down_bias", (n, E, H)))}
     experts = HostExperts(
         gate_up=LazyLayers((E, H, 2 * I), n, seed * 2 + 1, npd),
         down=LazyLayers((E, I, H), n, seed * 2 + 2, npd),
+        **biases,
     )
     return Checkpoint(
         config=cfg, params=to_device(host), experts=experts, dtype=jnp.dtype(dtype),

@@ -64,10 +64,12 @@ def checked(cfg: ModelConfig) -> ModelConfig:
     """The decoder runs what the adapter chose (`ModelConfig` itself checks config.json's values)."""
     if cfg.qk_norm not in QK_NORMS:
         raise ConfigError(f"qk_norm={cfg.qk_norm!r} is not one of {QK_NORMS}")
-    from dynaexq_jax.models.layers import NORMS, ROPE_SCALINGS, ROUTERS
+    from dynaexq_jax.models.layers import EXPERT_ACTIVATIONS, NORMS, ROPE_SCALINGS, ROUTERS
 
     if cfg.router not in ROUTERS:
         raise ConfigError(f"router={cfg.router!r} is not one of {ROUTERS}")
+    if cfg.expert_activation not in EXPERT_ACTIVATIONS:
+        raise ConfigError(f"expert_activation={cfg.expert_activation!r} is not one of {EXPERT_ACTIVATIONS}")
     if cfg.norm not in NORMS:
         raise ConfigError(f"norm={cfg.norm!r} is not one of {NORMS}")
     if cfg.rope_scaling not in ROPE_SCALINGS:
@@ -156,4 +158,5 @@ def fused_expert_tensors(cfg: ModelConfig, prefix: str) -> tuple[Tensor, Tensor]
     """transformers' in-memory layout of a layer's experts, when saved unconverted:
     `prefix`gate_up_proj [E, 2I, H] (gate rows first) and `prefix`down_proj [E, H, I]."""
     H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
-    return (Tensor((), prefix + "gate_up_proj", (E, 2 * I, H)), Tensor((), prefix + "down_proj", (E, H, I)))
+    return (Tensor((), prefix + "gate_up_proj", (E, 2 * I, H), linear=True),
+            Tensor((), prefix + "down_proj", (E, H, I), linear=True))

@@ -25,7 +25,8 @@ CONFIG_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_he
                "num_kv_heads": "num_key_value_heads", "experts_per_token": "num_experts_per_tok"}
 # Numeric fields that must be > 0; every other number must be >= 0.
 _POSITIVE = frozenset({"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                       "decoder_sparse_step", "max_position_embeddings", "rms_norm_eps", "rope_theta", "clip_qkv"})
+                       "decoder_sparse_step", "max_position_embeddings", "rms_norm_eps", "rope_theta", "clip_qkv",
+                       "sliding_window", "rope_factor", "swiglu_limit"})
 _KINDS = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string",
           "tuple[int, ...]": "a list of integers", "tuple[float, ...]": "a list of finite numbers"}
 
@@ -111,6 +112,27 @@ class ModelConfig:
     rope_long_factor: tuple[float, ...] = ()
     rope_short_mscale: float = 1.0
     rope_long_mscale: float = 1.0
+    # "yarn" (gpt-oss): inv_freq blended between interpolated (/ rope_factor) and original
+    # frequencies by a linear ramp over the dims whose rotation counts lie between
+    # rope_beta_slow and rope_beta_fast within rope_original_max tokens; cos/sin times
+    # rope_attention_factor.
+    rope_factor: float = 1.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
+    rope_attention_factor: float = 1.0
+    # gpt-oss: a learned per-head logit in every attention softmax (the "sink"), a sliding window
+    # of `sliding_window` keys on the layers `sliding_layers`, a bias on the router, biases on
+    # the experts' gate_up and down projections, and the clamped SwiGLU ("clamped_swiglu":
+    # gate clamped above at swiglu_limit, up to +-swiglu_limit, (up + 1) * gate * sigmoid(alpha * gate)).
+    attention_sinks: bool = False
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+    router_bias: bool = False
+    expert_bias: bool = False
+    expert_activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self):
         # Adapters pass config.json's values as they are, so this is the one place that checks
@@ -145,6 +167,12 @@ class ModelConfig:
             if self.moe_intermediate_size < 1:
                 raise _bad("moe_intermediate_size", self.moe_intermediate_size,
                            "greater than 0 in a model with experts")
+        outside = [i for i in self.sliding_layers if not 0 <= i < self.num_layers]
+        if outside:
+            raise _bad("sliding_layers", list(self.sliding_layers),
+                       f"layer indices from 0 to num_hidden_layers-1={self.num_layers - 1}")
+        if self.sliding_layers and self.sliding_window is None:
+            raise _bad("sliding_window", None, "a positive integer when layers use sliding attention")
         if len(self.moe_layers) < self.num_layers and self.intermediate_size < 1:
             raise _bad("intermediate_size", self.intermediate_size, "greater than 0 in a model with dense layers")
 
@@ -154,6 +182,11 @@ class ModelConfig:
             and self.num_experts > 0
             and (layer + 1) % self.decoder_sparse_step == 0
         )
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Each layer's attention window in keys (0: the whole context)."""
+        return tuple(self.sliding_window if i in self.sliding_layers else 0 for i in range(self.num_layers))
 
     @property
     def moe_layers(self) -> tuple[int, ...]:

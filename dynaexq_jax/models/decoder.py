@@ -14,8 +14,9 @@ new expert version (a promotion) is a new argument value, never a retrace.
 Parameter tree: {"embed_tokens": {"embedding"}, "layers": (segment trees, stacked on axis 0),
 "norm": {"weight"}, "lm_head": {"kernel"} (absent when tied)}; inside a layer, the Hugging
 Face names (`self_attn/q_proj/kernel`, `mlp/gate/kernel`, ...) with kernels [in, out]. What
-varies by family (biases, LayerNorm biases, q/k norm shapes, a shared expert under `mlp`)
-follows from `ModelConfig`'s fields; the family adapters map checkpoints onto this tree.
+varies by family (biases, LayerNorm biases, q/k norm shapes, attention sinks `self_attn/sinks`,
+a shared expert under `mlp`) follows from `ModelConfig`'s fields; the family adapters map
+checkpoints onto this tree.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class KVCache:
         return jnp.where(jnp.any(token_valid, axis=1), jnp.minimum(self.start, first), self.start)
 
 
-def _no_experts(experts, moe_layer, x, expert_ids, weights, token_valid, residual):
+def _no_experts(experts, moe_layer, x, expert_ids, weights, token_valid, residual, activation=None):
     """Stand-in FFN while tracing the parameter tree (experts are not parameters)."""
     return residual
 

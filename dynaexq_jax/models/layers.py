@@ -14,14 +14,17 @@ elsewhere, and for prefill, XLA's own ops.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import pallas_kernels
+from dynaexq_jax.experts.matmul import clamped_swiglu, swiglu
 from dynaexq_jax.models.config import ModelConfig
 
 _MASKED = -1e30  # finite, so rows with every key masked (left padding) give no NaN
@@ -177,15 +180,45 @@ def rotary(positions, head_dim: int, theta: float, dtype):
     return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
 
 
-ROPE_SCALINGS = (None, "longrope")
+ROPE_SCALINGS = (None, "longrope", "yarn")
+
+
+def yarn_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """YaRN's inverse frequencies [D/2] float32, step for step as transformers computes them:
+    each dim's frequency blended from the original (extrapolated) and the interpolated
+    (divided by rope_factor) ones by a linear ramp between the dims that rotate beta_fast and
+    beta_slow times within rope_original_max positions."""
+    D, base = cfg.head_dim, cfg.rope_theta
+    f32 = np.float32
+
+    def dim_of(rotations):  # the dim that completes `rotations` turns in the original context
+        return D * np.log(cfg.rope_original_max / (rotations * 2 * np.pi)) / (2 * np.log(base))
+
+    low, high = dim_of(cfg.rope_beta_fast), dim_of(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = np.floor(low), np.ceil(high)
+    low, high = max(low, 0), min(high, D - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs = f32(base) ** (np.arange(0, D, 2, dtype=f32) / f32(D))
+    ramp = np.clip((np.arange(D // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
+    extrapolation = (1 - ramp).astype(f32)
+    inv = (1 / (f32(cfg.rope_factor) * pos_freqs)) * (1 - extrapolation) + (1 / pos_freqs) * extrapolation
+    return inv.astype(f32)
 
 
 def rotary_for(cfg: ModelConfig, positions, dtype):
     """`rotary` with the config's RoPE scaling. "longrope": inv_freq divided per frequency by
     the short factors and cos/sin times the short mscale while the call's sequence (its largest
-    position + 1) is within `rope_original_max`, the long ones past it (Phi-3.5-MoE's rule)."""
+    position + 1) is within `rope_original_max`, the long ones past it (Phi-3.5-MoE's rule).
+    "yarn": `yarn_inv_freq`, cos/sin times `rope_attention_factor`."""
     if cfg.rope_scaling is None:
         return rotary(positions, cfg.head_dim, cfg.rope_theta, dtype)
+    if cfg.rope_scaling == "yarn":
+        ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(yarn_inv_freq(cfg))  # [B, T, D/2]
+        ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
+        scale = cfg.rope_attention_factor
+        return (jnp.cos(ang) * scale).astype(dtype), (jnp.sin(ang) * scale).astype(dtype)
     D = cfg.head_dim
     base = cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # [D/2]
     long = jnp.max(positions) + 1 > cfg.rope_original_max
@@ -238,39 +271,57 @@ class Attention(nn.Module):
         new = jnp.stack([k, v]).transpose(0, 1, 3, 2, 4)[None].astype(kv.dtype)  # [1, 2, B, KVH, T, D]
         kv = jax.lax.dynamic_update_slice(kv, new, (layer, 0, 0, 0, index, 0))
         qg = q.reshape(B, T, KVH, H // KVH, D)
+        # gpt-oss: a learned logit per query head beside the keys', and a window on some layers
+        # (the layer index is traced inside the scan, so the window is read from a table).
+        sinks = None
+        if cfg.attention_sinks:
+            sinks = as_array(self.param("sinks", nn.initializers.zeros, (H,), self.dtype)).reshape(KVH, H // KVH)
+        window = jnp.asarray(cfg.layer_windows, jnp.int32)[layer] if cfg.sliding_layers else None
+        attend = lambda qg, k, v, start, index: _attention(qg, k, v, start, index, dtype=self.dtype, sinks=sinks,
+                                                          window=window)
         if fresh:
             chunk = lambda a: a.astype(kv.dtype).transpose(0, 2, 1, 3)  # [B, KVH, T, D], slots 0..T-1
-            out = _attention(qg, chunk(k), chunk(v), start, 0, dtype=self.dtype)
+            out = attend(qg, chunk(k), chunk(v), start, 0)
         elif T == 1 and self.kernels and pallas_kernels.decode_attention_supported(D, kv.shape[4]):
             args = (qg, kv, layer, start, index)
-            cuda = lambda *a: _pallas_decode_attention(*a, dtype=self.dtype)
-            xla = lambda qg, kv, layer, start, index: _attention(qg, kv[layer, 0], kv[layer, 1], start, index,
-                                                                 dtype=self.dtype)
+            cuda = lambda *a: _pallas_decode_attention(*a, dtype=self.dtype, sinks=sinks, window=window)
+            xla = lambda qg, kv, layer, start, index: attend(qg, kv[layer, 0], kv[layer, 1], start, index)
             out = jax.lax.platform_dependent(*args, cuda=cuda, default=xla)
         else:
-            out = _attention(qg, kv[layer, 0], kv[layer, 1], start, index, dtype=self.dtype)
+            out = attend(qg, kv[layer, 0], kv[layer, 1], start, index)
         out = out.reshape(B, T, H * D)
         return Linear(cfg.hidden_size, self.dtype, self.kernels, cfg.o_bias, name="o_proj")(out), kv
 
 
-def _attention(qg, k_cache, v_cache, start, index, *, dtype):
+def _attention(qg, k_cache, v_cache, start, index, *, dtype, sinks=None, window=None):
     """qg [B, T, KVH, G, D], the queries of slots `index`.. over keys and values [B, KVH, S, D]
-    of slots 0.., each row's real slots from `start` [B] -> [B, T, KVH, G, D]."""
+    of slots 0.., each row's real slots from `start` [B] -> [B, T, KVH, G, D]. `sinks`
+    [KVH, G]: one more logit per query head in the softmax, attending to nothing; `window`
+    ([] int32, 0: none): each query sees only the `window` slots up to its own."""
     B, T, KVH, G, D = qg.shape
     S = k_cache.shape[2]
     q_slot = index + jnp.arange(T)  # [T]
     slot = jnp.arange(S)[None, None, :]
     mask = (slot >= start[:, None, None]) & (slot <= q_slot[None, :, None])  # [B, T, S]
+    if window is not None:
+        mask &= (window == 0) | (slot > q_slot[None, :, None] - window)
     scores = mm(qg, k_cache, "btkgd,bksd->bkgts", out_dtype=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores * (D**-0.5), _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    else:  # the sink's column joins the softmax, then is dropped
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, :, None, None], (B, KVH, G, T, 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :S].astype(dtype)
     return mm(probs, v_cache, "bkgts,bksd->btkgd")
 
 
-def _pallas_decode_attention(qg, kv, layer, start, index, *, dtype):
+def _pallas_decode_attention(qg, kv, layer, start, index, *, dtype, sinks=None, window=None,
+                             interpret: bool = False):
     B, _, KVH, G, D = qg.shape
-    out = pallas_kernels.decode_attention(qg[:, 0], kv, layer, start, index, scale=D**-0.5,
-                                          interpret=False)
+    if window is not None:  # one query at slot `index`: its window is a later first slot
+        start = jnp.where(window > 0, jnp.maximum(start, index - window + 1), start)
+    out = pallas_kernels.decode_attention(qg[:, 0], kv, layer, start, index, scale=D**-0.5, sinks=sinks,
+                                          interpret=interpret)
     return out[:, None].astype(dtype)
 
 
@@ -308,7 +359,7 @@ class SharedExpert(nn.Module):
         return shared_expert(self.cfg, self.dtype, self.kernels, x)
 
 
-ROUTERS = ("softmax_topk", "sparsemixer")
+ROUTERS = ("softmax_topk", "sparsemixer", "topk_softmax")
 
 
 def _sparsemixer(logits, eps: float):
@@ -335,13 +386,17 @@ def route(cfg: ModelConfig, logits):
 
     "softmax_topk": softmax over all experts, the k largest, renormalised to sum to 1 if
     `norm_topk_prob` (Qwen3-MoE, Qwen2-MoE, OLMoE; Mixtral always renormalises).
-    "sparsemixer": Phi-3.5-MoE's top-2 rule (`_sparsemixer`)."""
+    "sparsemixer": Phi-3.5-MoE's top-2 rule (`_sparsemixer`).
+    "topk_softmax": the k largest logits, their softmax the weights (gpt-oss)."""
     if cfg.router not in ROUTERS:
         raise ValueError(f"router {cfg.router!r} is not one of {ROUTERS}")
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     if cfg.router == "sparsemixer":
         top_p, top_i = _sparsemixer(logits.astype(jnp.float32), cfg.router_jitter)
         return probs, top_p, top_i
+    if cfg.router == "topk_softmax":
+        top_logits, top_i = jax.lax.top_k(logits.astype(jnp.float32), cfg.experts_per_token)
+        return probs, jax.nn.softmax(top_logits, axis=-1), top_i
     top_p, top_i = jax.lax.top_k(probs, cfg.experts_per_token)  # [BT, k]
     if cfg.norm_topk_prob:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
@@ -349,8 +404,17 @@ def route(cfg: ModelConfig, logits):
 
 
 # ffn(experts, moe_layer, x [T, H], expert_ids [T, k], weights [T, k], token_valid [T],
-#     residual [T, H]) -> residual + the experts' output (added in place, one kernel less).
+#     residual [T, H], activation=...) -> residual + the experts' output (added in place, one
+#     kernel less); `activation` maps [rows, 2I] gate|up to [rows, I].
 ExpertFFN = Callable[..., jax.Array]
+EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
+
+
+def expert_activation(cfg: ModelConfig):
+    """The experts' activation the config names (`EXPERT_ACTIVATIONS`)."""
+    if cfg.expert_activation == "clamped_swiglu":
+        return functools.partial(clamped_swiglu, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+    return swiglu
 
 
 @flax.struct.dataclass
@@ -381,12 +445,13 @@ class MoEBlock(nn.Module):
         B, T, Hd = x.shape
         xt = x.reshape(B * T, Hd)
         tv = token_valid.reshape(B * T)
-        logits = Linear(cfg.num_experts, self.dtype, self.kernels, name="gate")(xt)  # [BT, E]
+        logits = Linear(cfg.num_experts, self.dtype, self.kernels, cfg.router_bias, name="gate")(xt)  # [BT, E]
         probs, top_p, top_i = route(cfg, logits)
         residual = residual.reshape(B * T, Hd)
         if cfg.shared_expert_size:
             residual = residual + shared_expert(cfg, self.dtype, self.kernels, xt)
-        y = self.ffn(experts, moe_layer, xt, top_i, top_p.astype(self.dtype), tv, residual)
+        y = self.ffn(experts, moe_layer, xt, top_i, top_p.astype(self.dtype), tv, residual,
+                     activation=expert_activation(cfg))
         picked = jnp.any(top_i[:, :, None] == jnp.arange(cfg.num_experts), axis=1)  # [BT, E], no scatter
         chosen = jnp.where(picked & tv[:, None], probs, -1.0)
         summed = jnp.sum(probs * tv[:, None], axis=0) if self.router_probs else None

@@ -18,15 +18,17 @@ MODEL_TYPE = "qwen3_moe"
 class Tensor:
     """One checkpoint tensor: where it goes in our params, its name and shape in the file.
 
-    `linear`: stored [out, in] by HF, kept [in, out] (a Flax kernel) by us. `cols`: the range
-    of the parameter's last axis this tensor fills, where we fuse several into one (q, k and v
-    into one projection, read once per step)."""
+    `linear`: stored [..., out, in] by HF, kept [..., in, out] (a Flax kernel) by us. `cols`:
+    the range of the parameter's last axis this tensor fills, where we fuse several into one
+    (q, k and v into one projection, read once per step). `interleaved`: the last axis
+    alternates gate and up columns (gpt-oss), kept as all gate columns, then all up."""
 
     path: tuple[str, ...]
     name: str
     shape: tuple[int, ...]
     linear: bool = False
     cols: tuple[int, int] | None = None
+    interleaved: bool = False
 
 
 def _opt(d: dict, key: str, default):
@@ -163,4 +165,5 @@ def fused_expert_tensors(cfg: ModelConfig, i: int) -> tuple[Tensor, Tensor]:
     gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I]."""
     H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     p = f"model.layers.{i}.mlp.experts."
-    return (Tensor((), p + "gate_up_proj", (E, 2 * I, H)), Tensor((), p + "down_proj", (E, H, I)))
+    return (Tensor((), p + "gate_up_proj", (E, 2 * I, H), linear=True),
+            Tensor((), p + "down_proj", (E, H, I), linear=True))

@@ -21,7 +21,7 @@ from dynaexq_jax.experts.swap import Swapper
 from dynaexq_jax.io import store
 from dynaexq_jax.policies import hotness
 from dynaexq_jax.policies.full import FixedPolicy
-from dynaexq_jax.experts.expert_state import single_tier
+from dynaexq_jax.experts.expert_state import device_biases, single_tier
 from dynaexq_jax.policies.tiers import Stopwatch, host_bank, packed_tier, quantized_layers, slot_pool
 
 
@@ -143,14 +143,14 @@ def build(ckpt, plan, opts: DynaExqOptions, *, hotness_profile=None, transfer=No
     fallback = packed_tier(layers, device)
     del layers
     if plan.slots == 0:
-        return FixedPolicy("dynaexq", single_tier(fallback, L, E, device), lo_bits=opts.lo_bits,
+        return FixedPolicy("dynaexq", single_tier(fallback, L, E, device, host), lo_bits=opts.lo_bits,
                            convert_s=clock.seconds)
     bank = host_bank(host, opts.hi_dtype, opts.group_size, source=ckpt.path, device=device, progress=progress,
                      clock=clock)
     pool = slot_pool(host, plan.slots, opts.hi_dtype, opts.group_size, device)
     per_step = opts.bytes_per_step or 4 * bank.expert_nbytes
     swapper = Swapper(fallback, pool, bank, L, bytes_per_step=per_step, transfer=transfer, blocking=opts.blocking,
-                      device=device)
+                      device=device, biases=device_biases(host, device))
     saved = store.profile_path(ckpt.path) if opts.save_profile else None
     tracker, informed = None, False
     if hotness_profile:

@@ -40,4 +40,4 @@ class FixedPolicy:
 def build(ckpt, device=None) -> FixedPolicy:
     host = ckpt.experts
     device = device or jax.devices()[0]  # committed arrays: every published state has one placement
-    return FixedPolicy("full", single_tier(dense_tier(host, device), host.num_layers, host.num_experts, device))
+    return FixedPolicy("full", single_tier(dense_tier(host, device), host.num_layers, host.num_experts, device, host))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax import budget as budget_lib
-from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts
+from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases
 from dynaexq_jax.experts.swap import HostBank, stage, write_slot
 
 Key = tuple[int, int]  # (moe_layer, expert)
@@ -138,6 +138,8 @@ class OffloadPolicy:
         self._pool = jax.device_put((jnp.zeros((self.num_slots,) + gu.shape, gu.dtype),
                                      jnp.zeros((self.num_slots,) + dn.shape, dn.dtype)), self.device)
         self._inflight: dict[Key, tuple[int, object]] = {}  # prefetches: key -> (slot, staged copy)
+        # Each MoE layer's expert biases ([1, E, ...], small), resident: a layer's states carry its own.
+        self._biases = [device_biases(host, self.device, slice(m, m + 1)) for m in range(L)]
         self.run = RunStats()
 
     # -------------------------------------------------------------- the policy interface
@@ -202,7 +204,7 @@ class OffloadPolicy:
                 self._load(loads[i : i + self.staging])
             pool = ExpertTier(self._pool[0], self._pool[1], high_precision=True)
             yield ExpertState(tiers=(pool,), tier_of=jax.device_put(np.zeros_like(row_of), self.device),
-                              row_of=jax.device_put(row_of, self.device))
+                              row_of=jax.device_put(row_of, self.device), **self._biases[m])
         self.cache.end_layer(m)
 
     def prefetch(self, m: int, counts: np.ndarray) -> None:

@@ -316,7 +316,10 @@ def abstract_experts(cfg, policy: str, plan: budget_lib.MemoryPlan, *, dtype, hi
     else:
         raise UserError(f"policy {policy!r} runs layer by layer from the host; aot_report compiles whole steps "
                         "(full, static, dynaexq)")
-    return ExpertState(tiers, _sds((L, E), "int32"), _sds((L, E), "int32"))
+    biases = {}
+    if cfg.expert_bias:
+        biases = dict(gate_up_bias=_sds((L, E, 2 * I), dtype), down_bias=_sds((L, E, H), dtype))
+    return ExpertState(tiers, _sds((L, E), "int32"), _sds((L, E), "int32"), **biases)
 
 
 def step_args(cfg, experts, *, step: str, batch: int, context: int, prompt: int, dtype):

@@ -19,7 +19,16 @@ import numpy as np
 
 from dynaexq_jax.experts.matmul import routed_ffn
 from dynaexq_jax.models.decoder import Decoder, KVCache
-from dynaexq_jax.models.layers import Attention, DenseMLP, Linear, SharedExpert, make_norm, route, rotary_for
+from dynaexq_jax.models.layers import (
+    Attention,
+    DenseMLP,
+    Linear,
+    SharedExpert,
+    expert_activation,
+    make_norm,
+    rotary_for,
+    route,
+)
 from dynaexq_jax.runtime.engine import (
     Generation,
     NonFiniteError,
@@ -42,10 +51,11 @@ class _LayerFunctions:
     def __init__(self, cfg, dtype):
         E = cfg.num_experts
         attention = Attention(cfg, dtype)
-        gate = Linear(E, dtype)
+        gate = Linear(E, dtype, use_bias=cfg.router_bias)
         dense_mlp = DenseMLP(cfg.intermediate_size, dtype)
         shared = SharedExpert(cfg, dtype)
         decoder = Decoder(cfg, dtype)
+        activation = expert_activation(cfg)
 
         def rms(p, x):  # the family's norm (RMSNorm, or LayerNorm with bias)
             return make_norm(cfg).apply({"params": p}, x)
@@ -85,7 +95,8 @@ class _LayerFunctions:
             """acc [B, T, H] + one round's experts (pairs whose expert has no slot this round
             are not computed)."""
             B, T, H = hn.shape
-            y = routed_ffn(state, 0, hn.reshape(B * T, H), top_i, top_p, token_valid.reshape(B * T))
+            y = routed_ffn(state, 0, hn.reshape(B * T, H), top_i, top_p, token_valid.reshape(B * T),
+                           activation=activation)
             return acc + y.reshape(B, T, H)
 
         def predict(seg, j, x, token_valid):

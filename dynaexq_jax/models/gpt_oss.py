@@ -1,0 +1,192 @@
+"""gpt-oss (`model_type: gpt_oss`, openai/gpt-oss-20b and -120b): config mapping and tensor names.
+
+Quirks: attention sinks (a learned logit per query head in every softmax, `self_attn.sinks`);
+sliding-window attention (`sliding_window` keys) on the layers `layer_types` marks
+"sliding_attention", full attention on the others; biases on q, k, v, o (`attention_bias`), on
+the router (`mlp.router`) and on both expert projections; the router takes the top-k logits
+and softmaxes them; the experts' clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`); YaRN RoPE
+scaling as released. Every layer is MoE; no q/k norms.
+
+Experts are stored fused, in transformers' layout: `experts.gate_up_proj` [E, H, 2I] with gate
+and up columns interleaved (gate at even columns), `experts.down_proj` [E, I, H], both already
+[in, out], and their biases `gate_up_proj_bias` [E, 2I] (interleaved too), `down_proj_bias`
+[E, H]. The released checkpoints hold the two matrices as MXFP4 (`*_blocks` + `*_scales`,
+`quantization_config.quant_method: mxfp4`), which `io.loader` decodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from dynaexq_jax.models import common
+from dynaexq_jax.models.config import ConfigError, ModelConfig
+
+MODEL_TYPE = "gpt_oss"
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _yarn_attention_factor(rope: dict, factor: float) -> float:
+    """transformers' rule: `attention_factor` if given, else 0.1 ln(factor) + 1 (scaled by
+    mscale / mscale_all_dim when both are given)."""
+    if rope.get("attention_factor") is not None:
+        return rope["attention_factor"]
+
+    def get_mscale(scale, mscale=1.0):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+    return get_mscale(factor)
+
+
+def _rope(d: dict) -> dict:
+    """ModelConfig's RoPE fields from `rope_parameters` / `rope_scaling`: default or yarn."""
+    field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    rope = d.get(field) or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config.json has {field}={rope!r}, but it must be an object or null")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    out = dict(rope_theta=common.opt(rope, "rope_theta", common.opt(d, "rope_theta", 150000.0)))
+    if rope_type == "default":
+        return out
+    if rope_type != "yarn":
+        raise ConfigError(f"config.json asks for rope scaling {rope_type!r} in {field!r}, which is not supported "
+                          f"for gpt-oss (only 'yarn'); remove {field!r} to run at the model's native context")
+    original = rope.get("original_max_position_embeddings")
+    if original is None:
+        raise ConfigError(f"config.json's {field} (yarn) lacks 'original_max_position_embeddings'")
+    factor = rope.get("factor")
+    if factor is None:  # transformers' fallback: the context's growth over the original one
+        factor = common.opt(d, "max_position_embeddings", 131072) / original
+    return dict(out, rope_scaling="yarn", rope_original_max=original, rope_factor=factor,
+                rope_beta_fast=rope.get("beta_fast") or 32.0, rope_beta_slow=rope.get("beta_slow") or 1.0,
+                rope_truncate=common.opt(rope, "truncate", True),
+                rope_attention_factor=_yarn_attention_factor(rope, factor))
+
+
+def _check_quantization(d: dict) -> None:
+    """No quantization, or MXFP4 (the release's experts, decoded by the loader)."""
+    q = d.get("quantization_config")
+    if q is None:
+        return
+    method = q.get("quant_method") if isinstance(q, dict) else q
+    if method != "mxfp4":
+        raise ConfigError(f"config.json has quantization_config with quant_method={method!r}, which is not "
+                          "supported for gpt-oss: use the model's MXFP4 release (quant_method 'mxfp4') or a "
+                          "bf16 one (no quantization_config)")
+
+
+def _sliding_layers(d: dict, num_layers: int) -> tuple[int, ...]:
+    """Indices of the sliding-window layers; transformers' default alternates, sliding first."""
+    types = d.get("layer_types")
+    if types is None:
+        return tuple(range(0, num_layers, 2))
+    if not (isinstance(types, list) and len(types) == num_layers and all(t in LAYER_TYPES for t in types)):
+        common.refuse(d, "layer_types", f"it must list {' or '.join(map(repr, LAYER_TYPES))} for each of the "
+                      f"num_hidden_layers={num_layers} layers")
+    return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    common.check_model_type(d, MODEL_TYPE)
+    _check_quantization(d)
+    with common.fields("gpt-oss"):
+        bias = common.opt(d, "attention_bias", True)
+        layers = d["num_hidden_layers"]
+        sliding = _sliding_layers(d, layers) if isinstance(layers, int) else ()
+        cfg = ModelConfig(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_layers=layers,
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=common.opt(d, "num_key_value_heads", d["num_attention_heads"]),
+            head_dim=common.opt(d, "head_dim", 64),  # transformers' default, not hidden / heads
+            num_experts=common.opt(d, "num_local_experts", 128),
+            experts_per_token=common.opt(d, "num_experts_per_tok", 4),
+            moe_intermediate_size=d["intermediate_size"],  # the experts'; gpt-oss has no dense layers
+            intermediate_size=d["intermediate_size"],
+            norm_topk_prob=False,
+            rms_norm_eps=common.opt(d, "rms_norm_eps", 1e-5),
+            tie_word_embeddings=common.opt(d, "tie_word_embeddings", False),
+            max_position_embeddings=common.opt(d, "max_position_embeddings", 131072),
+            model_type=MODEL_TYPE,
+            qk_norm=None,
+            qkv_bias=bias,
+            o_bias=bias,
+            router="topk_softmax",
+            router_bias=True,
+            expert_bias=True,
+            expert_activation="clamped_swiglu",
+            swiglu_alpha=common.opt(d, "swiglu_alpha", 1.702),
+            swiglu_limit=common.opt(d, "swiglu_limit", 7.0),
+            attention_sinks=True,
+            sliding_window=common.opt(d, "sliding_window", 128) if sliding else None,
+            sliding_layers=sliding,
+        )
+    return common.checked(dataclasses.replace(cfg, **_rope(d)))
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    out = {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": MODEL_TYPE,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.moe_intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "num_local_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.experts_per_token,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "attention_bias": cfg.qkv_bias,
+        "swiglu_alpha": cfg.swiglu_alpha,
+        "swiglu_limit": cfg.swiglu_limit,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": ["sliding_attention" if i in cfg.sliding_layers else "full_attention"
+                        for i in range(cfg.num_layers)],
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+    }
+    if cfg.rope_scaling == "yarn":
+        out["rope_parameters"] = {
+            "rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
+            "beta_fast": cfg.rope_beta_fast, "beta_slow": cfg.rope_beta_slow, "truncate": cfg.rope_truncate,
+            "original_max_position_embeddings": cfg.rope_original_max,
+            "attention_factor": cfg.rope_attention_factor,
+        }
+    return out
+
+
+top_tensors = common.top_tensors
+
+
+def layer_tensors(cfg: ModelConfig, i: int) -> list:
+    H, E, p = cfg.hidden_size, cfg.num_experts, f"model.layers.{i}."
+    return (common.norm_tensors(cfg, p) + common.attention_tensors(cfg, p)
+            + [common.Tensor(("self_attn", "sinks"), p + "self_attn.sinks", (cfg.num_heads,)),
+               common.Tensor(("mlp", "gate", "kernel"), p + "mlp.router.weight", (E, H), linear=True),
+               common.Tensor(("mlp", "gate", "bias"), p + "mlp.router.bias", (E,))])
+
+
+expert_tensors = None  # no per-expert tensors: checkpoints hold the fused layout only
+
+
+def fused_expert_tensors(cfg: ModelConfig, i: int):
+    """gate_up_proj [E, H, 2I] (gate|up interleaved) and down_proj [E, I, H], both [in, out]."""
+    H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    p = f"model.layers.{i}.mlp.experts."
+    return (common.Tensor((), p + "gate_up_proj", (E, H, 2 * I), interleaved=True),
+            common.Tensor((), p + "down_proj", (E, I, H)))
+
+
+def expert_bias_tensors(cfg: ModelConfig, i: int):
+    """gate_up_proj_bias [E, 2I] (interleaved like its matrix) and down_proj_bias [E, H]."""
+    H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    p = f"model.layers.{i}.mlp.experts."
+    return (common.Tensor((), p + "gate_up_proj_bias", (E, 2 * I), interleaved=True),
+            common.Tensor((), p + "down_proj_bias", (E, H)))
