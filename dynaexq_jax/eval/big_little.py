@@ -36,11 +36,12 @@ class Sweep:
 def kept_shares(engine, seqs: Sequence[Sequence[int]], little_k: int) -> np.ndarray:
     """[moe_layers, real tokens] kept share of each token at each MoE layer, on `engine`
     (an `Engine`: the decoder's routing is read in one pass)."""
+    from dynaexq_jax.models.decoder import KVCache
     from dynaexq_jax.runtime.engine import batch_bucket, left_pad, prompt_bucket
 
     P = prompt_bucket(max(len(s) for s in seqs))
     tokens, positions, valid = left_pad(seqs, P, batch_bucket(len(seqs)))
-    cache = engine._empty_cache(*tokens.shape)
+    cache = KVCache.empty(engine.cfg, *tokens.shape, engine.checkpoint.dtype)
     chosen = jax.jit(lambda p, e, c, t, pos, v: engine.decoder(p, e, c, t, pos, v, fresh=True)[2].chosen)(
         engine.params, engine.policy.experts, cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid))
     chosen = np.asarray(chosen)[:, valid.reshape(-1)]  # [L, N, E]: -1 where not chosen
