@@ -114,6 +114,9 @@ def check_flags(args) -> None:
     for flag, texts in (("--prompt", args.prompt or []), ("--system", [args.system or ""])):
         if not all(map(is_utf8, texts)):
             raise FlagError(f"{flag} holds bytes that are not UTF-8 text; pass it in UTF-8")
+    from dynaexq_jax.eval import big_little
+
+    big_little.check_knobs(args)
     if args.save_hotness and not args.dry_run:
         check_writable(args.save_hotness, "--save-hotness")
 

@@ -89,16 +89,25 @@ def add_arguments(parser, *, sweep: bool) -> None:
                         "(default 0: never)")
 
 
-def _knobs_need_flag(args, knobs) -> None:
+def check_knobs(args) -> None:
+    """Before any weight is read: a big-little knob without --big-little is a mistake, not a
+    silent no-op, and each knob's value is checked (little_k against the model later)."""
+    flags = ("--little-k", "--importance", "--little-threshold", "--little-floor")
+    knobs = {f: getattr(args, f.lstrip("-").replace("-", "_"), None) for f in flags}
     if not args.big_little:
-        for flag in knobs:
-            if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None:
+        for flag, value in knobs.items():
+            if value is not None:
                 raise UserError(f"{flag} applies to --big-little; add --big-little or drop {flag}")
+        return
+    d = BigLittle(1)
+    BigLittle(1 if knobs["--little-k"] is None else knobs["--little-k"], knobs["--importance"] or d.rule,
+              d.threshold if knobs["--little-threshold"] is None else knobs["--little-threshold"],
+              d.floor if knobs["--little-floor"] is None else knobs["--little-floor"])
 
 
 def from_args(args, experts_per_token: int) -> BigLittle | None:
     """generate.py's setting, checked against the model's top-k."""
-    _knobs_need_flag(args, ("--little-k", "--importance", "--little-threshold", "--little-floor"))
+    check_knobs(args)
     if not args.big_little:
         return None
     d = BigLittle(1)
@@ -110,7 +119,7 @@ def from_args(args, experts_per_token: int) -> BigLittle | None:
 
 def sweep_from_args(args) -> Sweep | None:
     """bench.py's and eval.py's sweep (little_k checked against the model when it is built)."""
-    _knobs_need_flag(args, ("--little-k", "--importance", "--little-floor"))
+    check_knobs(args)
     if not args.big_little:
         return None
     try:
@@ -120,5 +129,4 @@ def sweep_from_args(args) -> Sweep | None:
     if not shares or not all(0.0 <= s < 1.0 for s in shares):
         raise UserError(f"--little-shares {args.little_shares!r}: give shares in [0, 1) separated by commas, "
                         "e.g. 0,0.25,0.5,0.75")
-    d = BigLittle(args.little_k or 1, args.importance or "router", floor=args.little_floor or 0.0)  # checks the knobs
-    return Sweep(args.little_k, d.rule, d.floor, shares)
+    return Sweep(args.little_k, args.importance or BigLittle(1).rule, args.little_floor or 0.0, shares)
