@@ -38,13 +38,15 @@ import numpy as np
 
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
+from dynaexq_jax.eval import big_little
 from dynaexq_jax.io import loader, preset
+from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.policies import POLICIES
 from dynaexq_jax.policies.dynaexq import DynaExqOptions
 from dynaexq_jax.runtime import aot, costmodel
 from dynaexq_jax.runtime.build import build_engine, plan_for
-from dynaexq_jax.runtime.engine import check_context
+from dynaexq_jax.runtime.engine import Engine, check_context
 
 
 def parse_args(argv=None):
@@ -68,7 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--quality-seqs", type=int, default=2, help="sequences for KL / top-1 agreement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write results here")
-    p.add_argument("--plot", help="write a PNG of decode tokens/s by batch size per policy")
+    p.add_argument("--plot", help="write a PNG of decode tokens/s by batch size per policy (with --big-little: "
+                                  "also decode tokens/s against KL vs the reference, one line per policy)")
+    big_little.add_arguments(p, sweep=True)
     return p.parse_args(argv)
 
 
@@ -126,7 +130,8 @@ def check_args(args):
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib; pip install matplotlib") from None
-    return batch_sizes, names, budget_lib.parse_size(args.budget) if args.budget else None
+    sweep = big_little.sweep_from_args(args)
+    return batch_sizes, names, budget_lib.parse_size(args.budget) if args.budget else None, sweep
 
 
 def model_config(args):
@@ -184,7 +189,7 @@ def min_decode_bytes(cfg, policy, plan, *, batch, prompt_len, gen_len, itemsize,
 
 
 def run(args):
-    batch_sizes, names, budget = check_args(args)
+    batch_sizes, names, budget, sweep = check_args(args)
     cfg = model_config(args)
 
     dtype = jnp.dtype(args.dtype)
@@ -211,56 +216,69 @@ def run(args):
     def build(policy, budget_bytes, o=opts):
         return build_engine(ckpt, policy, budget=budget_bytes, opts=o, **shape)
 
+    levels = {}
+    if sweep:  # thresholds for the target shares, from the plain model on the quality sequences
+        little_k = sweep.little_k or max(1, cfg.experts_per_token // 2)
+        calibration = Engine(ckpt)
+        cut = big_little.thresholds(calibration, quality, little_k, sweep.rule, sweep.shares)
+        del calibration
+        levels = {s: BigLittle(little_k, sweep.rule, t, sweep.floor).checked(cfg.experts_per_token)
+                  for s, t in cut.items() if s > 0}
+
     results, costs, logits = [], [], {}
-    for name in plans:
-        policy, popts = variant(name, opts)
+    for base in plans:
+        policy, popts = variant(base, opts)
         eng, plan = build(policy, budget, popts)
-        for B in batch_sizes:
-            on_tokens = None
-            if shift is not None:
-                state = {"step": 0}
+        for share, bl in [(None, None)] + list(levels.items()):  # the plain rows, then big-little's
+            eng.big_little = bl
+            name = base if bl is None else f"{base} little {share:.0%}"
+            for B in batch_sizes:
+                on_tokens = None
+                if shift is not None:
+                    state = {"step": 0}
 
-                def on_tokens(_ids, eng=eng, state=state):
-                    state["step"] += 1
-                    if state["step"] % args.routing_shift_every == 0:
-                        eng.params = shift.params(eng.params, state["step"] // args.routing_shift_every)
+                    def on_tokens(_ids, eng=eng, state=state):
+                        state["step"] += 1
+                        if state["step"] % args.routing_shift_every == 0:
+                            eng.params = shift.params(eng.params, state["step"] // args.routing_shift_every)
 
-            eng.generate(prompts[:B], args.gen_len, eos_token_ids=(), on_tokens=on_tokens)  # warm-up
-            runs = [eng.generate(prompts[:B], args.gen_len, eos_token_ids=(), on_tokens=on_tokens).stats for _ in range(args.repeats)]
-            med = lambda k: statistics.median(r[k] for r in runs) if runs[0].get(k) is not None else None
-            steps = args.gen_len - 1
-            h2d = med("h2d_bytes")
-            cost = costmodel.decode_step_cost(
-                policy, cfg=cfg, batch=B, weights_bytes=plan.weights, kv_bytes=plan.kv_cache * B // max(batch_sizes),
-                hi_expert_bytes=plan.slot_bytes,
-                lo_expert_bytes=plan.fallback // max(plan.num_experts_total, 1) if plan.fallback else plan.slot_bytes,
-                hi_hit_rate=med("hi_hit_rate") or 0.0, h2d_bytes_per_step=(h2d or 0) / steps, bw=bw,
-            )
-            costs.append(cost)
-            decode_tps = med("decode_tokens_per_s")
-            tpot = med("decode_s") / steps
-            min_bytes = min_decode_bytes(cfg, policy, plan, batch=B, prompt_len=args.prompt_len,
-                                         gen_len=args.gen_len, itemsize=dtype.itemsize, opts=popts)
-            results.append({
-                "policy": name, "batch_size": B,
-                "decode_tokens_per_s": decode_tps,
-                "prefill_tokens_per_s": med("prefill_tokens_per_s"),
-                "ttft_s": med("prefill_s"),
-                "tpot_s": tpot,
-                "min_decode_bytes": min_bytes,
-                "min_bytes_gbs": min_bytes / tpot / 1e9,
-                "h2d_bytes_per_token": (h2d or 0) / (B * args.gen_len),
-                "transfer_wait_s": med("transfer_wait_s"),
-                "peak_device_bytes": runs[-1]["peak_device_bytes"],
-                "accounted_device_bytes": plan.total,
-                "hi_hit_rate": med("hi_hit_rate"),
-                "predicted_tpot_s": cost.seconds,
-                "kl_vs_full": None, "top1_agreement": None,
-            })
-            print(f"{name:>12} B={B:<3} decode {decode_tps or 0:9.1f} tok/s  tpot {tpot * 1e3:8.2f} ms "
-                  f"(model {cost.seconds * 1e3:8.2f} ms)  reads >= {min_bytes / 1e6:9.2f} MB/step "
-                  f"= {min_bytes / tpot / 1e9:7.2f} GB/s", file=sys.stderr)
-        logits[name] = eng.logits(quality)
+                eng.generate(prompts[:B], args.gen_len, eos_token_ids=(), on_tokens=on_tokens)  # warm-up
+                runs = [eng.generate(prompts[:B], args.gen_len, eos_token_ids=(), on_tokens=on_tokens).stats for _ in range(args.repeats)]
+                med = lambda k: statistics.median(r[k] for r in runs) if runs[0].get(k) is not None else None
+                steps = args.gen_len - 1
+                h2d = med("h2d_bytes")
+                cost = costmodel.decode_step_cost(
+                    policy, cfg=cfg, batch=B, weights_bytes=plan.weights, kv_bytes=plan.kv_cache * B // max(batch_sizes),
+                    hi_expert_bytes=plan.slot_bytes,
+                    lo_expert_bytes=plan.fallback // max(plan.num_experts_total, 1) if plan.fallback else plan.slot_bytes,
+                    hi_hit_rate=med("hi_hit_rate") or 0.0, h2d_bytes_per_step=(h2d or 0) / steps, bw=bw,
+                )
+                costs.append(cost)
+                decode_tps = med("decode_tokens_per_s")
+                tpot = med("decode_s") / steps
+                min_bytes = min_decode_bytes(cfg, policy, plan, batch=B, prompt_len=args.prompt_len,
+                                             gen_len=args.gen_len, itemsize=dtype.itemsize, opts=popts)
+                results.append({
+                    "policy": name, "batch_size": B,
+                    "decode_tokens_per_s": decode_tps,
+                    "prefill_tokens_per_s": med("prefill_tokens_per_s"),
+                    "ttft_s": med("prefill_s"),
+                    "tpot_s": tpot,
+                    "min_decode_bytes": min_bytes,
+                    "min_bytes_gbs": min_bytes / tpot / 1e9,
+                    "h2d_bytes_per_token": (h2d or 0) / (B * args.gen_len),
+                    "transfer_wait_s": med("transfer_wait_s"),
+                    "peak_device_bytes": runs[-1]["peak_device_bytes"],
+                    "accounted_device_bytes": plan.total,
+                    "hi_hit_rate": med("hi_hit_rate"),
+                    "predicted_tpot_s": cost.seconds,
+                    "kl_vs_full": None, "top1_agreement": None,
+                    **little_columns(runs),
+                })
+                print(f"{name:>12} B={B:<3} decode {decode_tps or 0:9.1f} tok/s  tpot {tpot * 1e3:8.2f} ms "
+                      f"(model {cost.seconds * 1e3:8.2f} ms)  reads >= {min_bytes / 1e6:9.2f} MB/step "
+                      f"= {min_bytes / tpot / 1e9:7.2f} GB/s", file=sys.stderr)
+            logits[name] = eng.logits(quality)
         del eng
         gc.collect()
 
@@ -297,10 +315,21 @@ def run(args):
     return results
 
 
+def little_columns(runs) -> dict:
+    """Big-little's measured share and savings (medians over the runs; None for plain rows),
+    per token the run computed (prompt and generated)."""
+    if "big_little" not in runs[0]:
+        return {"little_share": None, "pairs_saved_per_token": None, "expert_bytes_saved_per_token": None}
+    med = lambda k: statistics.median(r["big_little"][k] / r["big_little"]["tokens"] for r in runs)
+    return {"little_share": statistics.median(r["big_little"]["little_share"] for r in runs),
+            "pairs_saved_per_token": med("pairs_saved"), "expert_bytes_saved_per_token": med("bytes_saved")}
+
+
 def print_table(results):
     cols = ["policy", "batch_size", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "tpot_s", "predicted_tpot_s",
             "min_decode_bytes", "min_bytes_gbs", "h2d_bytes_per_token", "transfer_wait_s", "hi_hit_rate", "kl_vs_full",
-            "top1_agreement", "accounted_device_bytes", "peak_device_bytes"]
+            "top1_agreement", "little_share", "pairs_saved_per_token", "expert_bytes_saved_per_token",
+            "accounted_device_bytes", "peak_device_bytes"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:
@@ -326,6 +355,8 @@ def plot(results, path, device):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if any(r["little_share"] is not None for r in results):
+        return plot_big_little(results, path, device, plt)
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy in dict.fromkeys(r["policy"] for r in results):
         rs = [r for r in results if r["policy"] == policy]
@@ -334,6 +365,23 @@ def plot(results, path, device):
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"decode throughput by policy ({device})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_big_little(results, path, device, plt):
+    """Speed against quality: decode tokens/s against KL vs the reference, one line per policy
+    and batch size through its little shares."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in dict.fromkeys((r["policy"].split(" little ")[0], r["batch_size"]) for r in results):
+        rs = [r for r in results if (r["policy"].split(" little ")[0], r["batch_size"]) == key
+              and r["kl_vs_full"] is not None]
+        ax.plot([r["kl_vs_full"] for r in rs], [r["decode_tokens_per_s"] or 0 for r in rs], marker="o",
+                label=f"{key[0]} B={key[1]}")
+    ax.set_xlabel("KL vs reference (nats/token)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"big-little: speed against quality ({device})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -4,6 +4,7 @@
     python scripts/eval.py                       # full, static, dynaexq on the shipped tasks
     python scripts/eval.py --policies full,static,dynaexq --lo-bits 4,3,2 --budgets none,+25% \\
         --hotness checkpoints/tiny-qwen3-moe/tasks/hotness_train.json --json results.json
+    python scripts/eval.py --policies full,offload --big-little --little-shares 0,0.25,0.5,0.75   # big-little rows
 
 Budgets: "none", a size (64MB, 60MiB, bytes), or "+P%": the run's lo-bit minimum (weights,
 fallbacks, KV cache, workspace for this batch and length) plus P% of all experts as slots.
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per exact-match prompt")
     p.add_argument("--limit", type=int, help="first N items (documents for perplexity) of each task")
     p.add_argument("--json", dest="json_path", help="write {\"results\": [...]} here")
+    from dynaexq_jax.eval import big_little
+
+    big_little.add_arguments(p, sweep=True)
     return p.parse_args(argv)
 
 
@@ -61,7 +65,7 @@ def run(args) -> list:
     import jax.numpy as jnp
 
     from dynaexq_jax.errors import UserError
-    from dynaexq_jax.eval import evaluate
+    from dynaexq_jax.eval import big_little, evaluate
     from dynaexq_jax.io import loader
     from dynaexq_jax.models.config import ModelConfig
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
@@ -77,6 +81,7 @@ def run(args) -> list:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.group_size < 1:
         raise UserError(f"--group-size must be >= 1, got {args.group_size}")
+    sweep = big_little.sweep_from_args(args)
     if args.json_path:
         check_writable(Path(args.json_path))
     if args.hotness and not Path(args.hotness).is_file():
@@ -99,7 +104,7 @@ def run(args) -> list:
     return evaluate.evaluate_runs(
         ckpt, runs, tasks, opts=opts, hotness_profile=args.hotness, batch_size=args.batch_size, window=args.window,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, residency=args.residency,
-        progress=True, log=log,
+        progress=True, log=log, sweep=sweep,
     )
 
 

@@ -77,6 +77,9 @@ def parse_args(argv=None):
                    help="reuse compiled steps from JAX's persistent cache (default on, in $XDG_CACHE_HOME/dynaexq/jax "
                         "or ~/.cache/dynaexq/jax; DYNAEXQ_COMPILE_CACHE=DIR moves it, =0 turns it off; deleting "
                         "the directory is always safe)")
+    from dynaexq_jax.eval import big_little
+
+    big_little.add_arguments(p, sweep=False)
     return p.parse_args(argv)
 
 
@@ -111,6 +114,9 @@ def check_flags(args) -> None:
     for flag, texts in (("--prompt", args.prompt or []), ("--system", [args.system or ""])):
         if not all(map(is_utf8, texts)):
             raise FlagError(f"{flag} holds bytes that are not UTF-8 text; pass it in UTF-8")
+    from dynaexq_jax.eval import big_little
+
+    big_little.check_knobs(args)
     if args.save_hotness and not args.dry_run:
         check_writable(args.save_hotness, "--save-hotness")
 
@@ -285,7 +291,9 @@ def summary_line(stats: dict) -> str:
         memory,
         f"hi-precision hits {'n/a' if hit is None else f'{hit:.1%}'}",
         f"host->device {stats['h2d_bytes'] / 1e9:.3f} GB",
-    ])
+    ] + ([f"little {bl['little_share']:.1%} of token-layers, {bl['pairs_saved']} pairs "
+          f"({bl['bytes_saved'] / 1e9:.3f} GB of expert reads) saved, {bl['fallbacks']} fallbacks"]
+         if (bl := stats.get("big_little")) and bl["little_share"] is not None else []))
 
 
 # ----------------------------------------------------------------------------- runs
@@ -363,9 +371,11 @@ def load_engine(args, budget_bytes, cfg, shape):
 
     import jax.numpy as jnp
 
+    from dynaexq_jax.eval import big_little
     from dynaexq_jax.io import loader
     from dynaexq_jax.runtime.build import build_engine
 
+    big_little.from_args(args, cfg.experts_per_token)  # bad knobs fail before any weight is read
     plan, header = make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
     if args.save_hotness and plan.slots == 0:  # dynaexq without slots runs static: it learns no hotness
         raise FlagError("--save-hotness: the budget leaves no high-precision slot, so no hotness is learned; "
@@ -381,6 +391,7 @@ def load_engine(args, budget_bytes, cfg, shape):
     eng, plan = build_engine(
         ckpt, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
         hotness_profile=args.hotness, opts=options(args), progress=show_progress(args),
+        big_little=big_little.from_args(args, cfg.experts_per_token),
     )
     return eng, plan, ckpt, time.perf_counter() - t0
 

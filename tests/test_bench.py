@@ -213,3 +213,26 @@ def test_quant_bench_refuses_a_group_size_in_one_line(capsys):
     assert bench_quant.main(["--k", "128", "--group-size", "100"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: group_size=100") and err.count("\n") == 1
+
+
+def test_bench_big_little_rows_sit_beside_the_plain_ones_at_each_share(tmp_path, tiny_preset):
+    out = tmp_path / "bench.json"
+    code = bench.main([
+        "--preset", tiny_preset, "--batch-sizes", "2", "--prompt-len", "8", "--gen-len", "4", "--repeats", "1",
+        "--routing-skew", "1", "--policies", "offload,full", "--dtype", "float32", "--json", str(out),
+        "--big-little", "--little-k", "1", "--little-shares", "0,0.5",
+    ])
+    assert code == 0
+    rows = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["offload", "offload little 50%", "full", "full little 50%"]
+    for name in ("offload", "full"):
+        plain, little = rows[name], rows[f"{name} little 50%"]
+        assert plain["little_share"] is None and 0 < little["little_share"] < 1
+        assert little["pairs_saved_per_token"] > 0 and little["kl_vs_full"] > 0
+    assert rows["offload little 50%"]["kl_vs_full"] == pytest.approx(rows["full little 50%"]["kl_vs_full"], abs=1e-6)
+
+
+def test_bench_big_little_knobs_need_the_flag(tiny_preset, monkeypatch, capsys):
+    monkeypatch.setattr(preset, "random_checkpoint", _no_weights)
+    assert bench.main(["--preset", tiny_preset, "--little-k", "1"]) == 2
+    assert "add --big-little" in capsys.readouterr().err.splitlines()[-1]

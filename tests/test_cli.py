@@ -192,10 +192,24 @@ def test_bad_budget_is_one_line_with_an_example(capsys, qwen3_30b, size):
     assert repr(size) in err and "expected a size like 20GB, 20GiB, 5.5GB, 512MiB or plain bytes" in err
 
 
+def test_big_little_run_reports_its_counts_in_the_json_stats(capsys, moe_checkpoint):
+    path, _ = moe_checkpoint
+    code, out, _ = run_cli(
+        capsys, "--model", str(path), "--prompt", "def f", "--max-new-tokens", "4", "--dtype", "float32",
+        "--policy", "full", "--json", "--big-little", "--little-k", "1", "--little-threshold", "0.5",
+    )
+    assert code == 0
+    s = json.loads(out)["stats"]["big_little"]
+    assert (s["little_k"], s["rule"], s["threshold"]) == (1, "router", 0.5)
+    assert s["little_share"] == 1.0 and s["pairs_saved"] == s["tokens"] * 2  # 2 MoE layers x (2 - 1) pairs
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [(["--context", "100"], "--context applies to --dry-run"), (["--dry-run", "--context", "50000"], "exceeds"),
-     (["--interactive", "--json"], "drop --json"), (["--batch", "2"], "--batch applies to --dry-run")],
+     (["--interactive", "--json"], "drop --json"), (["--batch", "2"], "--batch applies to --dry-run"),
+     (["--little-k", "2"], "--little-k applies to --big-little; add --big-little"),
+     (["--big-little", "--little-floor", "2"], "--little-floor is a kept share between 0 and 1")],
 )
 def test_flag_misuse_is_a_one_line_error(capsys, qwen3_30b, extra, needle):
     code, out, err = run_cli(capsys, "--model", str(qwen3_30b), *extra)

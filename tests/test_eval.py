@@ -147,3 +147,17 @@ def test_cli_reports_bad_input_as_error_line_and_exit_2(capsys):
     spec.loader.exec_module(cli)
     assert cli.main(["--policies", "nope"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown policy 'nope'")
+
+
+def test_big_little_sweep_adds_a_row_per_share_with_its_measured_share(ckpt):
+    from dynaexq_jax.eval.big_little import Sweep
+
+    task = evaluate.Task("ppl", "docs", DOCS)
+    runs = [evaluate.RunSpec("full", "none", 4)]
+    sweep = Sweep(little_k=None, rule="router", floor=0.0, shares=(0.0, 0.5))
+    results = evaluate.evaluate_runs(ckpt, runs, [task], batch_size=4, window=32, sweep=sweep)
+    got = {(r.run, r.metric): r.value for r in results}
+    assert set(got) == {("full", "ppl"), ("full little 50%", "ppl"), ("full little 50%", "little_share")}
+    # thresholds are calibrated on this very text, so the measured share lands on the target
+    assert got["full little 50%", "little_share"] == pytest.approx(0.5, abs=0.05)
+    assert got["full little 50%", "ppl"] != got["full", "ppl"]

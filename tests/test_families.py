@@ -216,6 +216,21 @@ def test_dynaexq_with_every_expert_in_a_slot_equals_full(family_checkpoint, full
     np.testing.assert_allclose(eng.logits([PROMPT])[0], full.logits([PROMPT])[0], atol=1e-6, rtol=0)
 
 
+def test_big_little_with_little_k_equal_k_is_plain_and_little_tokens_drop_their_pairs(full_engine):
+    from dynaexq_jax.models.big_little import BigLittle
+
+    full = full_engine[0]
+    cfg = full.cfg
+    k, L = cfg.experts_per_token, len(cfg.moe_layers)
+    same = engine.Engine(full.checkpoint, big_little=BigLittle(k, "router", 0.0))
+    np.testing.assert_array_equal(same.logits([PROMPT])[0], full.logits([PROMPT])[0])
+    little = engine.Engine(full.checkpoint, big_little=BigLittle(1, "router", 0.0))  # every token little
+    g = little.generate([PROMPT], 4, eos_token_ids=())
+    s = g.stats["big_little"]
+    assert s["little_token_layers"] == s["tokens"] * L and s["pairs_saved"] == s["tokens"] * L * (k - 1)
+    assert int(g.expert_counts.sum()) == s["tokens"] * L
+
+
 def test_static_equals_its_dequantized_reference(family_checkpoint):
     from test_runtime import forward_fn, reference_state
 

@@ -35,6 +35,9 @@ from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.policies import POLICIES
 from dynaexq_jax.policies.dynaexq import DynaExqOptions, DynaExqPolicy
+from dynaexq_jax.eval import big_little as bl_eval
+from dynaexq_jax.eval.big_little import Sweep
+from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.runtime import engine as engine_lib
 from dynaexq_jax.runtime.build import build_engine, plan_for
 from dynaexq_jax.runtime.sampling import SamplingParams
@@ -306,6 +309,7 @@ class Evaluator:
         self.residency = residency
         self.progress = progress
         self.label = label
+        self._little = np.zeros(2, np.int64)  # big-little: token-layers computed little, all token-layers
 
     def run(self, tasks: Sequence[Task]) -> list[tuple[str, str, float, int]]:
         """-> [(task, metric, value, n)]; a dynaexq run adds each task's `hi_pair_share`."""
@@ -326,6 +330,9 @@ class Evaluator:
                         res.after_batch()
                         bar.update(1)
                     rows += [(task.name, m, v, n) for m, v, n in p.finish(outputs)]
+                    if self.engine.big_little is not None and self._little[1]:
+                        rows.append((task.name, "little_share", self._little[0] / self._little[1], 0))
+                    self._little[:] = 0
                     share = res.after_pass()
                     if share is not None:
                         rows.append((task.name, "hi_pair_share", share, 0))
@@ -339,6 +346,9 @@ class Evaluator:
         share its batch."""
         lps, stats = self.engine.score([seqs[i] for i in idx], length)
         res.scored(stats)
+        if stats is not None and self.engine.big_little is not None:  # the layerwise engine reports none
+            self._little += (int(stats.little_marked) - int(stats.fallbacks),
+                             int(stats.tokens) * len(self.engine.cfg.moe_layers))
         return lps
 
     def _pass(self, task: Task, res: Residency) -> _Pass:
@@ -387,6 +397,9 @@ class Evaluator:
         def run_gen(idx):
             gen = self.engine.generate([prompts[i] for i in idx], self.max_new_tokens, SamplingParams())
             res.generated(gen)
+            if "big_little" in gen.stats:
+                self._little += (gen.stats["big_little"]["little_token_layers"],
+                                 gen.stats["big_little"]["tokens"] * len(self.engine.cfg.moe_layers))
             texts = self.tok.decode_batch(gen.tokens, skip_special_tokens=True)
             return [(i, first_line(t)) for i, t in zip(idx, texts)]
 
@@ -469,8 +482,11 @@ def evaluate_runs(
     residency: str = "pass",
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    sweep: Sweep | None = None,
 ) -> list[Result]:
-    """Evaluate every run on every task; one engine per run, built and dropped in turn."""
+    """Evaluate every run on every task; one engine per run, built and dropped in turn. With a
+    big-little `sweep`, each run is evaluated again at each target little share > 0 (rows
+    labelled "<run> little <share>"), thresholds calibrated once on the first perplexity task."""
     longest = max([window, max_length] if any(t.kind != "ppl" for t in tasks) else [window])
     shape = dict(batch=batch_size, longest=longest, max_new_tokens=max_new_tokens)
     for spec in runs:  # every run's budget, before the first run starts: a late refusal wastes the earlier runs
@@ -481,25 +497,45 @@ def evaluate_runs(
                      dtype_itemsize=ckpt.dtype.itemsize, opts=run_opts)
         except UserError as e:
             raise UserError(f"run {spec.label(spec.lo_bits)}: {e}") from None
+    levels = _sweep_levels(ckpt, sweep, tasks, window) if sweep else {}
     results = []
     for spec in runs:
         # No saved profile: a run must not depend on what earlier runs of the checkpoint learned.
         run_opts = dataclasses.replace(opts, lo_bits=spec.lo_bits, save_profile=False)
         budget = resolve_budget(spec.budget, ckpt, run_opts, batch=batch_size, longest=longest, max_new_tokens=max_new_tokens)
-        engine, plan = build_engine(
-            ckpt, spec.policy, budget=budget, batch=batch_size, longest_prompt=longest, max_new_tokens=max_new_tokens,
-            opts=run_opts, hotness_profile=hotness_profile if spec.policy == "dynaexq" else None,
-        )
-        # The width experts are computed at: static's pick, dynaexq's fallback, else all high precision.
-        bits = {"static": getattr(engine.policy, "lo_bits", None), "dynaexq": spec.lo_bits}.get(spec.policy, 16)
-        label = spec.label(bits)
-        log(f"{label}: budget {budget_lib.format_size(budget) if budget else 'none'}, accounted "
-            f"{budget_lib.format_size(plan.total)}, {plan.slots if spec.policy != 'static' else 0} slots")
-        ev = Evaluator(engine, batch_size=batch_size, window=window, max_length=max_length,
-                       max_new_tokens=max_new_tokens, residency=residency, progress=progress, label=label)
-        for task, metric, value, n in ev.run(tasks):
-            results.append(Result(spec.policy, budget, task, metric, value, n, label, bits))
+        # The plain run, then one per big-little level, each on a fresh engine (residency included).
+        for share, bl in [(None, None)] + list(levels.items()):
+            engine, plan = build_engine(
+                ckpt, spec.policy, budget=budget, batch=batch_size, longest_prompt=longest,
+                max_new_tokens=max_new_tokens, opts=run_opts,
+                hotness_profile=hotness_profile if spec.policy == "dynaexq" else None, big_little=bl,
+            )
+            # The width experts are computed at: static's pick, dynaexq's fallback, else all high precision.
+            bits = {"static": getattr(engine.policy, "lo_bits", None), "dynaexq": spec.lo_bits}.get(spec.policy, 16)
+            label = spec.label(bits) + ("" if bl is None else f" little {share:.0%}")
+            log(f"{label}: budget {budget_lib.format_size(budget) if budget else 'none'}, accounted "
+                f"{budget_lib.format_size(plan.total)}, {plan.slots if spec.policy != 'static' else 0} slots"
+                + ("" if bl is None else f", {bl}"))
+            ev = Evaluator(engine, batch_size=batch_size, window=window, max_length=max_length,
+                           max_new_tokens=max_new_tokens, residency=residency, progress=progress, label=label)
+            for task, metric, value, n in ev.run(tasks):
+                results.append(Result(spec.policy, budget, task, metric, value, n, label, bits))
+            del engine
     return results
+
+
+def _sweep_levels(ckpt, sweep: Sweep, tasks: Sequence[Task], window: int) -> dict[float, BigLittle]:
+    """{target share > 0: its BigLittle}, thresholds from the plain full model on (at most 8
+    windows of) the first perplexity task."""
+    ppl = next((t for t in tasks if t.kind == "ppl"), None)
+    if ppl is None:
+        raise UserError("a big-little sweep calibrates its thresholds on a perplexity task; add --ppl")
+    if not ckpt.eos_token_ids or ckpt.tokenizer is None:
+        raise UserError("a big-little sweep needs the checkpoint's tokenizer and eos_token_id to calibrate")
+    seqs = ppl_sequences(ckpt.tokenizer, ppl.items, ckpt.eos_token_ids[0], window)[:8]
+    little_k = sweep.little_k or max(1, ckpt.config.experts_per_token // 2)
+    cut = bl_eval.thresholds(engine_lib.Engine(ckpt), seqs, little_k, sweep.rule, sweep.shares)
+    return {s: BigLittle(little_k, sweep.rule, t, sweep.floor) for s, t in cut.items() if s > 0}
 
 
 def table(results: Sequence[Result]) -> str:

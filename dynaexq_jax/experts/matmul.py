@@ -137,16 +137,18 @@ def routed_ffn(state: ExpertState, layer, x, expert_ids, weights, token_valid, r
     """MoE experts of MoE layer `layer` (an int or a traced index) for routed pairs.
 
     x [T, H]; expert_ids, weights [T, k]: each token's experts and combine weights;
-    token_valid [T] bool: pairs of invalid tokens (padding) are not computed, nor are pairs
-    whose expert's handle has a negative row (not available to this call). Each expert computes
-    activation(x @ gate_up + gate_up_bias) @ down + down_bias (biases where the state has them).
+    token_valid [T] bool, or [T, k] per pair: pairs of invalid tokens (padding) or invalid
+    pairs (big-little's dropped ones) are not computed (sorted past every tile: no rows, no
+    weight reads), nor are pairs whose expert's handle has a negative row (not available to
+    this call). Each expert computes activation(x @ gate_up + gate_up_bias) @ down + down_bias
+    (biases where the state has them).
     -> `residual` [T, H] (default zeros) plus the weighted expert outputs, in x's dtype.
     """
     T, k = expert_ids.shape
     P = T * k
     tier = state.tier_of[layer][expert_ids]  # [T, k]
     row = state.row_of[layer][expert_ids]
-    valid = token_valid[:, None] & (row >= 0)
+    valid = (token_valid if token_valid.ndim == 2 else token_valid[:, None]) & (row >= 0)
     R = state.rows_per_tier
     keys = jnp.where(valid, tier * R + row, INVALID).reshape(-1)  # [P]
     order = jnp.argsort(keys, stable=True)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dynaexq_jax.experts.matmul import routed_ffn
+from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.models.layers import DecoderLayer, ExpertFFN, LayerSlice, Linear, Routing, make_norm, mm, rotary_for
 
@@ -87,9 +88,10 @@ class Decoder:
         self.lm_head = Linear(cfg.vocab_size, self.dtype, use_bias=cfg.lm_head_bias)
 
     def __call__(self, params, experts, cache: KVCache, tokens, positions, token_valid, last_only: bool = False,
-                 fresh: bool = False):
+                 fresh: bool = False, big_little: BigLittle | None = None):
         """tokens, positions, token_valid: [B, T]. Writes T cache slots from `cache.index`.
         `fresh` (static): the cache is empty (index 0), so attention reads only this chunk.
+        `big_little` (static): big-little routing (`models.big_little`); None: plain top-k.
 
         Returns logits [B, T, V] float32 ([B, 1, V] of the last position if `last_only`), the
         updated cache, and the routing of this call's real tokens: `Routing` stacked over the MoE
@@ -102,20 +104,22 @@ class Decoder:
         start = cache.written(token_valid)
         rot = rotary_for(cfg, positions, self.dtype)
         kv = cache.kv
+        # Each token's kept share at the first MoE layer (big-little's "first" rule), set there.
+        first = jnp.zeros((tokens.size,), jnp.float32)
         routing = []
         for seg, seg_params in zip(cfg.segments, params["layers"]):
             layer_fn = self.layers[seg.kind]
 
             def body(carry, _, seg=seg, seg_params=seg_params, layer_fn=layer_fn):
-                x, kv, i = carry
+                x, kv, i, first = carry
                 p = jax.tree.map(lambda a: LayerSlice(a, i), seg_params)  # the stack, read at layer i
-                x, kv, route = layer_fn.apply(
+                x, kv, route, first = layer_fn.apply(
                     {"params": p}, x, rot, token_valid, kv, seg.first + i, start, cache.index, experts,
-                    seg.first_moe + i, fresh,
+                    seg.first_moe + i, fresh, big_little, first,
                 )
-                return (x, kv, i + 1), route
+                return (x, kv, i + 1, first), route
 
-            (x, kv, _), route = jax.lax.scan(body, (x, kv, jnp.zeros((), jnp.int32)), length=seg.count)
+            (x, kv, _, first), route = jax.lax.scan(body, (x, kv, jnp.zeros((), jnp.int32), first), length=seg.count)
             if seg.kind == "moe":
                 routing.append(route)
         if last_only:  # prefill needs only the next token: skip the [B, T, V] projection

@@ -25,6 +25,8 @@ import numpy as np
 
 import pallas_kernels
 from dynaexq_jax.experts.matmul import clamped_swiglu, swiglu
+from dynaexq_jax.models import big_little as bl_lib
+from dynaexq_jax.models.big_little import BigLittle, LittleRouting
 from dynaexq_jax.models.config import ModelConfig
 
 _MASKED = -1e30  # finite, so rows with every key masked (left padding) give no NaN
@@ -426,6 +428,7 @@ class Routing:
     # (one array a layer records, from which counts and routed mass both follow).
     chosen: jax.Array
     router_probs: jax.Array | None  # [..., E] every expert's probability summed (training only)
+    little: LittleRouting | None = None  # big-little decisions (`models.big_little`), when on
 
 
 class MoEBlock(nn.Module):
@@ -439,8 +442,11 @@ class MoEBlock(nn.Module):
     kernels: bool = True
 
     @nn.compact
-    def __call__(self, x, token_valid, experts, moe_layer, residual):
-        """-> (residual + the experts' output [B, T, H], Routing)."""
+    def __call__(self, x, token_valid, experts, moe_layer, residual, big_little: BigLittle | None = None,
+                 first=None):
+        """-> (residual + the experts' output [B, T, H], Routing, first). `big_little` (static):
+        big-little routing, with `first` [B*T] the tokens' kept share at the first MoE layer
+        (set here when `moe_layer` is 0, passed through otherwise)."""
         cfg = self.cfg
         B, T, Hd = x.shape
         xt = x.reshape(B * T, Hd)
@@ -450,12 +456,19 @@ class MoEBlock(nn.Module):
         residual = residual.reshape(B * T, Hd)
         if cfg.shared_expert_size:
             residual = residual + shared_expert(cfg, self.dtype, self.kernels, xt)
-        y = self.ffn(experts, moe_layer, xt, top_i, top_p.astype(self.dtype), tv, residual,
+        little = None
+        valid = tv  # [BT]: every pair of a real token
+        if big_little is not None:
+            valid, top_p, first, little = bl_lib.choose(cfg, big_little, probs, top_p, top_i, tv, first,
+                                                        moe_layer == 0)
+        y = self.ffn(experts, moe_layer, xt, top_i, top_p.astype(self.dtype), valid, residual,
                      activation=expert_activation(cfg))
-        picked = jnp.any(top_i[:, :, None] == jnp.arange(cfg.num_experts), axis=1)  # [BT, E], no scatter
+        # What was computed: a masked pair is neither read nor counted (hotness follows it).
+        pair = valid if valid.ndim == 2 else valid[:, None]
+        picked = jnp.any((top_i[:, :, None] == jnp.arange(cfg.num_experts)) & pair[:, :, None], axis=1)  # [BT, E]
         chosen = jnp.where(picked & tv[:, None], probs, -1.0)
         summed = jnp.sum(probs * tv[:, None], axis=0) if self.router_probs else None
-        return y.reshape(B, T, Hd), Routing(chosen, summed)
+        return y.reshape(B, T, Hd), Routing(chosen, summed, little), first
 
 
 class DecoderLayer(nn.Module):
@@ -467,7 +480,9 @@ class DecoderLayer(nn.Module):
     kernels: bool = True  # Pallas decode kernels allowed when lowering for a GPU (off to differentiate)
 
     @nn.compact
-    def __call__(self, x, rot, token_valid, kv, layer, start, index, experts, moe_layer, fresh: bool = False):
+    def __call__(self, x, rot, token_valid, kv, layer, start, index, experts, moe_layer, fresh: bool = False,
+                 big_little: BigLittle | None = None, first=None):
+        """-> (x, kv, Routing or None, first): `first` as `MoEBlock` passes it on."""
         cfg = self.cfg
         h, kv = Attention(cfg, self.dtype, self.kernels, name="self_attn")(
             make_norm(cfg, "input_layernorm")(x), rot, kv, layer, start, index, fresh
@@ -476,7 +491,7 @@ class DecoderLayer(nn.Module):
         hn = make_norm(cfg, "post_attention_layernorm")(x)
         if self.kind == "moe":
             moe = MoEBlock(cfg, self.dtype, self.ffn, self.router_probs, self.kernels, name="mlp")
-            x, route = moe(hn, token_valid, experts, moe_layer, residual=x)
+            x, route, first = moe(hn, token_valid, experts, moe_layer, residual=x, big_little=big_little, first=first)
         else:
             x, route = x + DenseMLP(cfg.intermediate_size, self.dtype, self.kernels, name="mlp")(hn), None
-        return x, kv, route
+        return x, kv, route, first

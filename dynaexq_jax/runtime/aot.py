@@ -329,8 +329,7 @@ def step_args(cfg, experts, *, step: str, batch: int, context: int, prompt: int,
     L, E = len(cfg.moe_layers), cfg.num_experts
     kv = _sds((cfg.num_layers, 2, batch, cfg.num_kv_heads, context, cfg.head_dim), dtype)
     cache = KVCache(kv, _sds((batch,), "int32"), _sds((), "int32"))
-    stats = engine_lib.RoutingStats(_sds((L, E), "int32"), _sds((L, E), "float32"), _sds((), "int32"),
-                                    _sds((), "int32"))
+    stats = jax.eval_shape(lambda: engine_lib.RoutingStats.zeros(L, E))
     key = jax.eval_shape(lambda: jax.random.key(0))
     knobs = (_sds((), "float32"), _sds((), "int32"), _sds((), "float32"), _sds((4,), "int32"))
     if step == "decode":

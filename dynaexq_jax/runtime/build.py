@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from dynaexq_jax import budget as budget_lib
+from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.policies import POLICIES, build_policy
 from dynaexq_jax.policies.dynaexq import DynaExqOptions
 from dynaexq_jax.runtime.engine import Engine, cache_bucket, prompt_bucket
@@ -37,9 +38,10 @@ def build_engine(
     hotness_profile: str | None = None,
     transfer=None,
     progress: bool = False,
+    big_little: BigLittle | None = None,
 ):
     """An engine for `policy` sized for `batch` prompts of up to `longest_prompt` tokens plus
-    `max_new_tokens`. Returns (engine, memory plan); the plan's `total` is the accounted
+    `max_new_tokens`, routing big-little if `big_little` is given. Returns (engine, memory plan); the plan's `total` is the accounted
     device bytes."""
     cfg = ckpt.config
     plan = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=longest_prompt,
@@ -47,7 +49,7 @@ def build_engine(
     opts = dataclasses.replace(opts, group_size=budget_lib.expert_group_size(cfg, opts.group_size))
     pol = build_policy(policy, ckpt, plan, opts, batch=batch, hotness_profile=hotness_profile, transfer=transfer,
                        progress=progress)
-    engine = LayerwiseEngine(ckpt, pol) if pol.layerwise else Engine(ckpt, pol)
+    engine = (LayerwiseEngine if pol.layerwise else Engine)(ckpt, pol, big_little)
     return engine, plan
 
 

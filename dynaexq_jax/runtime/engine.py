@@ -30,6 +30,8 @@ import numpy as np
 
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.io.loader import Checkpoint
+from dynaexq_jax.models import big_little as bl_lib
+from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.policies import Policy
 from dynaexq_jax.runtime.sampling import NON_FINITE, SamplingParams, flag_non_finite, sample
@@ -67,26 +69,47 @@ def batch_bucket(n: int) -> int:
 class RoutingStats:
     """Routing of real tokens, accumulated on the device over a request."""
 
-    counts: jax.Array  # [moe_layers, E] int32 routed pairs
+    counts: jax.Array  # [moe_layers, E] int32 routed pairs (computed ones: big-little drops the rest)
     mass: jax.Array  # [moe_layers, E] float32 router probability of the chosen experts
     hi_pairs: jax.Array  # [] int32 pairs served by a high-precision tier
     tokens: jax.Array  # [] int32 real tokens
+    # Big-little routing (`models.big_little`; zeros when off), in token-layers unless named:
+    little_marked: jax.Array  # [] int32 token-layers the rule marked little
+    fallbacks: jax.Array  # [] int32 ... computed big after all
+    little_tokens: jax.Array  # [] int32 tokens marked little at the first MoE layer
+    pairs_saved: jax.Array  # [] int32 routed pairs not computed
+    bytes_saved: jax.Array  # [] float32 expert weight bytes not read (only dropped pairs chose them)
 
     @classmethod
     def zeros(cls, num_layers: int, num_experts: int) -> "RoutingStats":
         z = lambda shape, dt: jnp.zeros(shape, dt)
         return cls(z((num_layers, num_experts), jnp.int32), z((num_layers, num_experts), jnp.float32),
-                   z((), jnp.int32), z((), jnp.int32))
+                   z((), jnp.int32), z((), jnp.int32), z((), jnp.int32), z((), jnp.int32), z((), jnp.int32),
+                   z((), jnp.int32), z((), jnp.float32))
 
     def add(self, routing, token_valid, experts) -> "RoutingStats":
         """Fold in a step's `Routing` (`chosen` [L, B*T, E]) of `token_valid` [B, T]."""
         picked = routing.chosen >= 0  # padding tokens chose nothing
         counts = jnp.sum(picked, axis=1, dtype=jnp.int32)  # [L, E]
-        return RoutingStats(
+        out = RoutingStats(
             self.counts + counts,
             self.mass + jnp.sum(jnp.maximum(routing.chosen, 0.0), axis=1),
             self.hi_pairs + jnp.sum(jnp.where(experts.served_high(), counts, 0)),
             self.tokens + jnp.sum(token_valid, dtype=jnp.int32),
+            self.little_marked, self.fallbacks, self.little_tokens, self.pairs_saved, self.bytes_saved,
+        )
+        little = routing.little
+        if little is None or little.marked.shape[0] == 0:
+            return out
+        # An expert's bytes at the tier serving it this step (a row of its tier).
+        per_row = jnp.asarray([t.nbytes / t.rows for t in experts.tiers], jnp.float32)
+        expert_bytes = jnp.where(experts.row_of >= 0, per_row[experts.tier_of], 0.0)  # [L, E]
+        return out.replace(
+            little_marked=out.little_marked + jnp.sum(little.marked, dtype=jnp.int32),
+            fallbacks=out.fallbacks + jnp.sum(little.fallback, dtype=jnp.int32),
+            little_tokens=out.little_tokens + jnp.sum(little.marked[0], dtype=jnp.int32),
+            pairs_saved=out.pairs_saved + jnp.sum(little.dropped_pairs),
+            bytes_saved=out.bytes_saved + jnp.sum(jnp.where(little.skipped, expert_bytes, 0.0)),
         )
 
 
@@ -116,18 +139,20 @@ def _pick(logits, key, knobs, greedy: bool):
     return nxt, jnp.any(nxt[:, None] == stop[None, :], axis=1) | (nxt == NON_FINITE)
 
 
-def _prefill(decoder, params, experts, cache, stats, tokens, positions, valid, key, knobs, *, greedy, fresh):
-    logits, cache, routing = decoder(params, experts, cache, tokens, positions, valid, last_only=True, fresh=fresh)
+def _prefill(decoder, params, experts, cache, stats, tokens, positions, valid, key, knobs, *, greedy, fresh,
+             big_little=None):
+    logits, cache, routing = decoder(params, experts, cache, tokens, positions, valid, last_only=True, fresh=fresh,
+                                     big_little=big_little)
     nxt, stopped = _pick(logits[:, -1], key, knobs, greedy)
     state = DecodeState(tokens=nxt, positions=positions[:, -1] + 1, rows=jnp.any(valid, axis=1) & ~stopped,
                         step=jnp.zeros((), jnp.int32))
     return cache, stats.add(routing, valid, experts), state
 
 
-def _decode(decoder, params, experts, cache, stats, state: DecodeState, key, knobs, *, greedy):
+def _decode(decoder, params, experts, cache, stats, state: DecodeState, key, knobs, *, greedy, big_little=None):
     valid = state.rows[:, None]  # rows that stopped compute nothing more and count in no statistics
     logits, cache, routing = decoder(params, experts, cache, state.tokens[:, None], state.positions[:, None], valid,
-                                     last_only=True)
+                                     last_only=True, big_little=big_little)
     step = state.step + 1
     nxt, stopped = _pick(logits[:, -1], jax.random.fold_in(key, step), knobs, greedy)
     return cache, stats.add(routing, valid, experts), DecodeState(nxt, state.positions + 1, state.rows & ~stopped, step)
@@ -140,13 +165,13 @@ def stop_array(eos: set[int]):
     return jax.device_put(np.array(sorted(eos) + [-1] * (n - len(eos)), np.int32))
 
 
-def _logits(decoder, params, experts, cache, tokens, positions, valid):
-    return decoder(params, experts, cache, tokens, positions, valid, fresh=True)[0]
+def _logits(decoder, params, experts, cache, tokens, positions, valid, *, big_little=None):
+    return decoder(params, experts, cache, tokens, positions, valid, fresh=True, big_little=big_little)[0]
 
 
-def _score(decoder, params, experts, cache, tokens, positions, valid):
+def _score(decoder, params, experts, cache, tokens, positions, valid, *, big_little=None):
     """Log-probabilities of each next token: [B, T-1] float32, and the routing statistics."""
-    logits, _, routing = decoder(params, experts, cache, tokens, positions, valid, fresh=True)
+    logits, _, routing = decoder(params, experts, cache, tokens, positions, valid, fresh=True, big_little=big_little)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     stats = RoutingStats.zeros(routing.chosen.shape[0], routing.chosen.shape[-1])
@@ -176,6 +201,7 @@ class Steps:
     a retrace), `cache` is a `KVCache.empty(...)`, and tokens, positions and valid are [B, T] as
     `left_pad` makes them."""
 
+    # Each takes a static keyword `big_little` (a `models.big_little.BigLittle`, default None: off).
     # (params, experts, cache, stats, tokens, positions, valid, key, knobs, *, greedy, fresh)
     #   -> (cache, stats, DecodeState); knobs = SamplingParams.as_arrays() + (stop_array(eos),)
     prefill: Callable
@@ -270,27 +296,38 @@ RUNTIME_COUNTERS = ("promotions", "demotions", "h2d_bytes", "transfer_wait_s", "
 class Engine:
     """Runs a loaded checkpoint under a residency policy (default: `full`)."""
 
-    def __init__(self, checkpoint: Checkpoint, policy: Policy | None = None):
+    def __init__(self, checkpoint: Checkpoint, policy: Policy | None = None, big_little: BigLittle | None = None):
         from dynaexq_jax.policies import full
 
         self.checkpoint = checkpoint
         self.cfg = checkpoint.config
         self.params = checkpoint.params
         self.policy = policy or full.build(checkpoint)
+        self.big_little = big_little
         self.decoder = Decoder(self.cfg, checkpoint.dtype)
         self._compiled: dict[tuple, Callable] = {}
         self.compile_s = 0.0
         self.workspace_bytes = 0  # XLA's temporaries of the largest compiled step
         self.host_reads = 0  # explicit device->host reads (tokens, statistics) over the engine's life
-        self._prefill = jax.jit(functools.partial(_prefill, self.decoder), static_argnames=("greedy", "fresh"),
-                                donate_argnums=(2,))
-        self._decode = jax.jit(functools.partial(_decode, self.decoder), static_argnames="greedy",
+        self._prefill = jax.jit(functools.partial(_prefill, self.decoder),
+                                static_argnames=("greedy", "fresh", "big_little"), donate_argnums=(2,))
+        self._decode = jax.jit(functools.partial(_decode, self.decoder), static_argnames=("greedy", "big_little"),
                                donate_argnums=(2,))
-        self._score = jax.jit(functools.partial(_score, self.decoder))
-        self._logits = jax.jit(functools.partial(_logits, self.decoder))
+        self._score = jax.jit(functools.partial(_score, self.decoder), static_argnames="big_little")
+        self._logits = jax.jit(functools.partial(_logits, self.decoder), static_argnames="big_little")
+
+    @property
+    def big_little(self) -> BigLittle | None:
+        """Big-little routing of the steps (static: each setting compiles its own steps, once)."""
+        return self._big_little
+
+    @big_little.setter
+    def big_little(self, value: BigLittle | None) -> None:
+        self._big_little = value and value.checked(self.cfg.experts_per_token)
 
     # ------------------------------------------------------------------ plumbing
     def _compile(self, name: str, fn, *args, **static):
+        static["big_little"] = self.big_little
         key = (name, tuple(sorted(static.items()))) + tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[2:]))
         if key not in self._compiled:
             t0 = time.perf_counter()
@@ -548,12 +585,22 @@ class Engine:
             "hi_hit_rate": int(final.hi_pairs) / pairs if pairs else None,
             "peak_device_bytes": peak_device_bytes(),
         }
+        if self.big_little is not None:
+            stats["big_little"] = little_stats(self.big_little, self.cfg, final)
         after = self.policy.stats()
         for k in RUNTIME_COUNTERS:
             if k in after:
                 after[k] -= before[k]
         stats.update(after)
         return Generation(tokens=out, stats=stats, expert_counts=np.asarray(final.counts))
+
+
+def little_stats(bl: BigLittle, cfg, stats: RoutingStats) -> dict:
+    """The `big_little` entry of a run's stats from its (host) `RoutingStats`."""
+    return bl_lib.summary(bl, cfg.experts_per_token, len(cfg.moe_layers), tokens=int(stats.tokens),
+                          marked=int(stats.little_marked), fallbacks=int(stats.fallbacks),
+                          little_tokens=int(stats.little_tokens), dropped_pairs=int(stats.pairs_saved),
+                          bytes_saved=float(stats.bytes_saved))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax.experts.matmul import routed_ffn
+from dynaexq_jax.models import big_little as bl_lib
+from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.models.layers import (
     Attention,
@@ -45,10 +47,14 @@ from dynaexq_jax.runtime.engine import (
 from dynaexq_jax.runtime.sampling import NON_FINITE, SamplingParams, flag_non_finite, sample
 
 
-class _LayerFunctions:
-    """The jitted pieces of one model config."""
+# Big-little counters `LayerwiseEngine._forward` adds up on the host (it reads each layer anyway).
+_LITTLE = ("marked", "fallbacks", "little_tokens", "pairs_saved", "bytes_saved")
 
-    def __init__(self, cfg, dtype):
+
+class _LayerFunctions:
+    """The jitted pieces of one model config and big-little setting (None: plain top-k)."""
+
+    def __init__(self, cfg, dtype, big_little: BigLittle | None = None):
         E = cfg.num_experts
         attention = Attention(cfg, dtype)
         gate = Linear(E, dtype, use_bias=cfg.router_bias)
@@ -73,38 +79,48 @@ class _LayerFunctions:
             x = x + h
             return x, rms(p["post_attention_layernorm"], x), kv
 
-        def router(p, hn, token_valid):  # -> top_p, top_i [BT, k]; counts [E]: pairs of real tokens
+        def router(p, hn, token_valid, first, is_first):
+            """-> top_p, top_i, valid [BT, k] (pairs to compute), counts [E] (their experts),
+            first [BT] (big-little's first-layer shares), tally [4] int32 (big-little: marked,
+            fallbacks, dropped pairs, experts not read; zeros when off)."""
             B, T, H = hn.shape
-            _, top_p, top_i = route(cfg, gate.apply({"params": p["mlp"]["gate"]}, hn.reshape(B * T, H)))
-            counts = jnp.zeros((E,), jnp.int32).at[top_i].add(token_valid.reshape(B * T, 1).astype(jnp.int32))
-            return top_p.astype(dtype), top_i, counts
+            tv = token_valid.reshape(B * T)
+            probs, top_p, top_i = route(cfg, gate.apply({"params": p["mlp"]["gate"]}, hn.reshape(B * T, H)))
+            valid, tally = jnp.broadcast_to(tv[:, None], top_i.shape), jnp.zeros((4,), jnp.int32)
+            if big_little is not None:
+                valid, top_p, first, little = bl_lib.choose(cfg, big_little, probs, top_p, top_i, tv, first, is_first)
+                tally = jnp.stack([jnp.sum(little.marked, dtype=jnp.int32), jnp.sum(little.fallback, dtype=jnp.int32),
+                                   little.dropped_pairs, jnp.sum(little.skipped, dtype=jnp.int32)])
+            counts = jnp.zeros((E,), jnp.int32).at[top_i].add(valid.astype(jnp.int32))
+            return top_p.astype(dtype), top_i, valid, counts, first, tally
 
-        def moe_attention(seg, j, token_valid, x, positions, kv, i, start, index):
+        def moe_attention(seg, j, token_valid, x, positions, kv, i, start, index, first, is_first):
             p = layer(seg, j)
             x, hn, kv = attention_block(p, x, positions, kv, i, start, index)
             if cfg.shared_expert_size:  # always resident: added before the routed experts, as in the decoder
                 x = x + shared.apply({"params": p["mlp"]}, hn)
-            return (x, hn) + router(p, hn, token_valid) + (kv,)
+            return (x, hn) + router(p, hn, token_valid, first, is_first) + (kv,)
 
         def dense_layer(seg, j, x, positions, kv, i, start, index):
             p = layer(seg, j)
             x, hn, kv = attention_block(p, x, positions, kv, i, start, index)
             return x + dense_mlp.apply({"params": p["mlp"]}, hn), kv
 
-        def experts(state, hn, top_i, top_p, token_valid, acc):
-            """acc [B, T, H] + one round's experts (pairs whose expert has no slot this round
-            are not computed)."""
+        def experts(state, hn, top_i, top_p, valid, acc):
+            """acc [B, T, H] + one round's experts for the pairs `valid` [BT, k] (pairs whose
+            expert has no slot this round are not computed)."""
             B, T, H = hn.shape
-            y = routed_ffn(state, 0, hn.reshape(B * T, H), top_i, top_p, token_valid.reshape(B * T),
-                           activation=activation)
+            y = routed_ffn(state, 0, hn.reshape(B * T, H), top_i, top_p, valid, activation=activation)
             return acc + y.reshape(B, T, H)
 
-        def predict(seg, j, x, token_valid):
+        def predict(seg, j, x, token_valid, first):
             """The next MoE layer's routing, guessed before its attention has run: its router
             on the current residual stream, normed with its post-attention norm (the input its
-            router will see, minus one attention update). -> counts [E] over real tokens."""
+            router will see, minus one attention update). -> counts [E] over the pairs it will
+            compute: with big-little, the little tokens' dropped pairs are not fetched (under
+            the "first" rule each token's mode is already known)."""
             p = layer(seg, j)
-            return router(p, rms(p["post_attention_layernorm"], x), token_valid)[2]
+            return router(p, rms(p["post_attention_layernorm"], x), token_valid, first, False)[3]
 
         def head(params, x):  # -> logits [B, T, V] float32
             return decoder.head(params, x)
@@ -127,12 +143,13 @@ class _LayerFunctions:
 class LayerwiseEngine:
     """`Engine`'s public surface (generate, logits, score) for a `layerwise` policy."""
 
-    def __init__(self, checkpoint, policy):
+    def __init__(self, checkpoint, policy, big_little: BigLittle | None = None):
         self.cfg = checkpoint.config
         self.checkpoint = checkpoint
         self.params = checkpoint.params
         self.policy = policy
-        self.functions = _LayerFunctions(self.cfg, checkpoint.dtype)
+        self._functions: dict[BigLittle | None, _LayerFunctions] = {}
+        self.big_little = big_little
         self._executables: dict[tuple, Callable] = {}
         self.compile_s = 0.0
         self.workspace_bytes = 0  # XLA's temporaries of the largest function this engine ran
@@ -140,10 +157,22 @@ class LayerwiseEngine:
         # `self.params` at every call, so new parameter values (a router shift) take effect.
         self._where = [(s, j) for s, seg in enumerate(self.cfg.segments) for j in range(seg.count)]
 
+    @property
+    def big_little(self) -> BigLittle | None:
+        """Big-little routing (static: each setting compiles its own functions, once)."""
+        return self._big_little
+
+    @big_little.setter
+    def big_little(self, value: BigLittle | None) -> None:
+        self._big_little = value and value.checked(self.cfg.experts_per_token)
+        if self._big_little not in self._functions:
+            self._functions[self._big_little] = _LayerFunctions(self.cfg, self.checkpoint.dtype, self._big_little)
+        self.functions = self._functions[self._big_little]
+
     def _call(self, name: str, *args):
         """Run function `name`, compiled ahead of time once per argument shapes (the compile
         time is counted in `compile_s`, apart from the run)."""
-        key = (name,) + tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
+        key = (name, self.big_little) + tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
         exe = self._executables.get(key)
         if exe is None:
             t0 = time.perf_counter()
@@ -152,13 +181,15 @@ class LayerwiseEngine:
             self.workspace_bytes = max(self.workspace_bytes, exe.memory_analysis().temp_size_in_bytes)
         return exe(*args)
 
-    def _forward(self, tokens, positions, token_valid, cache: KVCache, counts: np.ndarray):
+    def _forward(self, tokens, positions, token_valid, cache: KVCache, counts: np.ndarray, little: np.ndarray):
         """Every layer on [B, T] tokens written from `cache.index`; adds each MoE layer's
-        routed pairs of real tokens into `counts` [moe_layers, E]. -> x [B, T, H], cache."""
+        computed pairs of real tokens into `counts` [moe_layers, E], and big-little's counters
+        into `little` (`_LITTLE`). -> x [B, T, H], cache."""
         cfg, policy = self.cfg, self.policy
         index = jax.device_put(np.int32(cache.index))
         x, start = self._call("embed", self.params, tokens, cache.replace(index=index), token_valid)
         kv = cache.kv
+        first = jax.device_put(np.zeros(tokens.size, np.float32))  # big-little's first-layer shares
         stacks = self.params["layers"]
         for i in range(cfg.num_layers):
             s, j = self._where[i]
@@ -168,16 +199,19 @@ class LayerwiseEngine:
                 x, kv = self._call("dense_layer", seg, lj, x, positions, kv, li, start, index)
                 continue
             m = cfg.moe_layers.index(i)
-            x, hn, top_p, top_i, c, kv = self._call("moe_attention", seg, lj, token_valid, x, positions, kv, li,
-                                                    start, index)
-            c = jax.device_get(c)  # host sync: which experts this layer routes to
+            x, hn, top_p, top_i, valid, c, first, tally, kv = self._call(
+                "moe_attention", seg, lj, token_valid, x, positions, kv, li, start, index, first,
+                jax.device_put(np.bool_(m == 0)))
+            c, tally = jax.device_get((c, tally))  # host sync: which experts this layer routes to
             counts[m] += c
+            marked, fallbacks, dropped, skipped = (int(t) for t in tally)
+            little += (marked, fallbacks, marked if m == 0 else 0, dropped, skipped * policy.bank.expert_nbytes)
             for state in policy.rounds(m, c):
-                x = self._call("experts", state, hn, top_i, top_p, token_valid, x)
+                x = self._call("experts", state, hn, top_i, top_p, valid, x)
             if policy.prefetch_enabled and m + 1 < len(cfg.moe_layers):
                 ns, nj = self._where[cfg.moe_layers[m + 1]]
                 policy.prefetch(m + 1, jax.device_get(self._call("predict", stacks[ns], jax.device_put(np.int32(nj)), x,
-                                                                 token_valid)))
+                                                                 token_valid, first)))
         T = tokens.shape[1]
         return x, KVCache(kv=kv, start=start, index=int(cache.index) + T)
 
@@ -195,7 +229,8 @@ class LayerwiseEngine:
         """Logits [len_i, vocab] (float32) at every position of each token sequence."""
         P, (tokens, positions, valid) = self._prepared(batch)
         counts = np.zeros((len(self.cfg.moe_layers), self.cfg.num_experts), np.int64)
-        x, _ = self._forward(tokens, positions, valid, self._empty_cache(tokens.shape[0], P), counts)
+        x, _ = self._forward(tokens, positions, valid, self._empty_cache(tokens.shape[0], P), counts,
+                             np.zeros(len(_LITTLE)))
         logits = jax.device_get(self._call("head", self.params, x))
         return [logits[b, P - len(s):] for b, s in enumerate(batch)]
 
@@ -203,7 +238,8 @@ class LayerwiseEngine:
         """Like `Engine.score`, computed on the host from `logits` (no routing statistics)."""
         P, (tokens, positions, valid) = self._prepared(seqs, length)
         counts = np.zeros((len(self.cfg.moe_layers), self.cfg.num_experts), np.int64)
-        x, _ = self._forward(tokens, positions, valid, self._empty_cache(tokens.shape[0], P), counts)
+        x, _ = self._forward(tokens, positions, valid, self._empty_cache(tokens.shape[0], P), counts,
+                             np.zeros(len(_LITTLE)))
         logits = jax.device_get(self._call("head", self.params, x))
         out = []
         for b, s in enumerate(seqs):
@@ -233,16 +269,18 @@ class LayerwiseEngine:
         key = jax.random.key(sampling.seed)
         cache = self._empty_cache(rows, cache_bucket(P + max_new_tokens))
         counts = np.zeros((len(self.cfg.moe_layers), self.cfg.num_experts), np.int64)
+        little = np.zeros(len(_LITTLE))
         self.policy.start_request()
 
         # Functions compile on first use; their compile time is reported apart, not in prefill_s / decode_s.
         t0, c0 = time.perf_counter(), self.compile_s
-        x, cache = self._forward(tokens, positions, valid, cache, counts)
+        x, cache = self._forward(tokens, positions, valid, cache, counts, little)
         nxt = self._call("next_token", self.params, x[:, -1:], key, knobs)
         ids = jax.device_get(nxt)[:B]
         prefill_s = time.perf_counter() - t0 - (self.compile_s - c0)
 
         rows_valid = jax.device_put(np.arange(rows)[:, None] < B)
+        decoded = 0  # decode steps run
         out = [[] for _ in range(B)]
         done = np.zeros(B, bool)
         t1, c1 = time.perf_counter(), self.compile_s
@@ -257,7 +295,8 @@ class LayerwiseEngine:
             if done.all() or i == max_new_tokens - 1:
                 break
             pos = jax.device_put((lengths + i)[:, None])
-            x, cache = self._forward(nxt[:, None], pos, rows_valid, cache, counts)
+            x, cache = self._forward(nxt[:, None], pos, rows_valid, cache, counts, little)
+            decoded += 1
             nxt = self._call("next_token", self.params, x[:, -1:], jax.random.fold_in(key, i + 1), knobs)
             ids = jax.device_get(nxt)[:B]
         decode_s = time.perf_counter() - t1 - (self.compile_s - c1)
@@ -270,4 +309,12 @@ class LayerwiseEngine:
             "peak_device_bytes": peak_device_bytes(),
             **self.policy.stats(),
         }
+        if self.big_little is not None:
+            # Real tokens: the prompts, then one per decode step of each of the B rows (all compute).
+            tokens = int(lengths[:B].sum()) + decoded * B
+            marked, fallbacks, little_tokens, dropped, saved = little
+            stats["big_little"] = bl_lib.summary(
+                self.big_little, self.cfg.experts_per_token, len(self.cfg.moe_layers), tokens=tokens,
+                marked=int(marked), fallbacks=int(fallbacks), little_tokens=int(little_tokens),
+                dropped_pairs=int(dropped), bytes_saved=float(saved))
         return Generation(tokens=out, stats=stats, expert_counts=counts)
