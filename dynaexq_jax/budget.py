@@ -242,8 +242,10 @@ def plan_memory(
     lo_bits: int,
     hi_dtype: str,
     group_size: int,
+    max_slots: int | None = None,
 ) -> MemoryPlan:
-    """Split `budget` into weights, fallback, KV cache, workspace and as many slots as fit.
+    """Split `budget` into weights, fallback, KV cache, workspace and as many slots as fit
+    (at most `max_slots`).
 
     No budget means room for every expert's slot. A budget below the minimum is a one-line
     BudgetError that states the minimum for this model, batch and context.
@@ -269,6 +271,8 @@ def plan_memory(
         )
     else:
         slots = min((budget - minimum) // slot, n_moe * E)
+    if max_slots is not None:
+        slots = min(slots, max_slots)
     return MemoryPlan(
         budget=budget, slot_bytes=slot, slots=int(slots), num_experts_total=n_moe * E, moe_layers=n_moe,
         lo_bits=lo_bits, **parts
@@ -293,11 +297,12 @@ def policy_plan(
     lo_bits: int,
     hi_dtype: str,
     group_size: int,
+    max_slots: int | None = None,
 ) -> MemoryPlan:
     """The plan `runtime.build.build_engine` makes for `policy`, from the config alone, so that a
     dry run (and a run, before it loads any weight) can show it and refuse a budget early.
 
-    dynaexq: fallbacks + slots; full: every expert at high precision, no fallback; static:
+    dynaexq: fallbacks + slots (at most `max_slots`); full: every expert at high precision, no fallback; static:
     the widest bit width whose fallback fits, no slots; offload / prefetch: no fallback, slots
     in the checkpoint's dtype, and staging room in the workspace for one layer's copies in
     flight (a token's experts must fit at once).
@@ -342,4 +347,5 @@ def policy_plan(
                 )
             slots = min((budget - p.minimum) // slot, p.num_experts_total)
         return dataclasses.replace(p, slots=int(slots))
-    return plan(lo_bits, budget)
+    return plan_memory(cfg, budget=budget, batch=batch, prompt=prompt, context=context, dtype_itemsize=dtype_itemsize,
+                       lo_bits=lo_bits, hi_dtype=hi_dtype, group_size=group_size, max_slots=max_slots)

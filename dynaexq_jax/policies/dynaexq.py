@@ -27,8 +27,8 @@ from dynaexq_jax.policies.tiers import Stopwatch, host_bank, packed_tier, quanti
 
 @dataclasses.dataclass(frozen=True)
 class DynaExqOptions:
-    lo_bits: int = 4
-    hi_dtype: str = "bfloat16"  # or "int8"
+    lo_bits: int | str = 4  # or "auto": the plan picks (`policies.autotier`, resolved by `build_engine`)
+    hi_dtype: str = "bfloat16"  # or "int8", or "auto"
     group_size: int = 128
     quant_method: str = "rtn"
     rebalance_every: int = 16  # decode steps between residency decisions
@@ -39,6 +39,7 @@ class DynaExqOptions:
     bytes_per_step: int | None = None  # promotion bytes started per step; None = 4 experts
     blocking: bool = False  # land every promotion before the next step (the comparison variant)
     save_profile: bool = True  # keep this checkpoint's profile for the next run's warm start
+    max_slots: int | None = None  # at most this many slots whatever the budget leaves (auto tiers' choice)
 
 
 class DynaExqPolicy:
@@ -152,16 +153,24 @@ def build(ckpt, plan, opts: DynaExqOptions, *, hotness_profile=None, transfer=No
     swapper = Swapper(fallback, pool, bank, L, bytes_per_step=per_step, transfer=transfer, blocking=opts.blocking,
                       device=device)
     saved = store.profile_path(ckpt.path) if opts.save_profile else None
-    tracker, informed = None, False
+    tracker, informed = warm_tracker(ckpt, opts, hotness_profile)
+    return DynaExqPolicy(swapper, tracker, opts, informed=informed, profile_path=saved, convert_s=clock.seconds)
+
+
+def warm_tracker(ckpt, opts: DynaExqOptions, hotness_profile=None) -> tuple[hotness.HotnessTracker, bool]:
+    """The hotness a run starts from, and whether it is informed: the profile given (a path, or
+    a `HotnessTracker` already made, e.g. from calibration text), else the one saved for this
+    checkpoint (unless `opts.save_profile` is off), else zeros."""
+    host = ckpt.experts
+    L, E = host.num_layers, host.num_experts
+    if isinstance(hotness_profile, hotness.HotnessTracker):
+        return hotness.HotnessTracker(L, E, opts.half_life_steps, hotness_profile.scores), True
     if hotness_profile:
-        tracker = hotness.HotnessTracker.load(hotness_profile, opts.half_life_steps, expect_shape=(L, E))
-        informed = True
-    elif saved is not None and saved.is_file():
+        return hotness.HotnessTracker.load(hotness_profile, opts.half_life_steps, expect_shape=(L, E)), True
+    saved = store.profile_path(ckpt.path) if opts.save_profile else None
+    if saved is not None and saved.is_file():
         try:
-            tracker = hotness.HotnessTracker.load(saved, opts.half_life_steps, expect_shape=(L, E))
-            informed = True
+            return hotness.HotnessTracker.load(saved, opts.half_life_steps, expect_shape=(L, E)), True
         except ValueError as e:
             warnings.warn(f"ignoring the saved hotness profile ({e})")
-    if tracker is None:
-        tracker = hotness.HotnessTracker(L, E, opts.half_life_steps)
-    return DynaExqPolicy(swapper, tracker, opts, informed=informed, profile_path=saved, convert_s=clock.seconds)
+    return hotness.HotnessTracker(L, E, opts.half_life_steps), False

@@ -62,6 +62,40 @@ def quantized_layers(host: HostExperts, bits: int, group_size: int, method: str,
     return layers
 
 
+def quant_errors(host: HostExperts, widths, group_size: int, method: str, *, source=None,
+                 clock: Stopwatch | None = None) -> dict[int, np.ndarray]:
+    """Each expert's relative weight error at each width in `widths`: {bits: [L, E] float64},
+    ||W - Q(W)||^2 / ||W||^2 over its gate_up and down together.
+
+    Why this measure: it is what the output error of an expert is, relative to its output,
+    for inputs with no preferred direction, so it needs no activations and is a property of
+    the converted experts alone (cached beside them, computed once per checkpoint and
+    settings); which experts matter comes from the traffic share of the calibration profile
+    that weights it (`policies.autotier`).
+    """
+    t0 = time.perf_counter()
+    cpu = jax.devices("cpu")[0]
+    widths = tuple(sorted(widths))
+
+    def build() -> dict:
+        out = {f"int{b}": np.zeros((host.num_layers, host.num_experts)) for b in widths}
+        for i, ws in enumerate(zip(host.gate_up, host.down)):
+            with jax.default_device(cpu):
+                ws = [jnp.asarray(w, jnp.float32) for w in ws]
+                norm = sum(jnp.sum(w * w, axis=(1, 2)) for w in ws)  # [E]
+                for b in widths:
+                    err = sum(jnp.sum((quant.dequantize(quant.quantize(w, b, group_size, method), jnp.float32) - w) ** 2,
+                                      axis=(1, 2)) for w in ws)
+                    out[f"int{b}"][i] = np.asarray(err / jnp.maximum(norm, 1e-30), np.float64)
+        return out
+
+    settings = {"widths": list(widths), "group_size": group_size, "method": method, "dtype": str(host.gate_up[0].dtype)}
+    tree = store.cached(source, "qerr", settings, build)
+    if clock is not None:
+        clock.seconds += time.perf_counter() - t0
+    return {b: np.asarray(tree[f"int{b}"], np.float64) for b in widths}
+
+
 class _Layers:
     """A lazy sequence: item i of each layer pair in `layers`."""
 
