@@ -2,7 +2,7 @@
 """Accuracy against memory: budgets from the int2 minimum to full precision.
 
 At each budget: the best static width that fits, dynaexq with auto tiers (the plan picks the
-fallback width and the slot dtype), dynaexq with today's fixed tiers (int4 fallback, or the
+fallback width, a share of experts at the next wider width, and the slots), dynaexq with today's fixed tiers (int4 fallback, or the
 widest that fits below it, and bf16 slots), and full as the reference. Runs that would compute
 the same thing at several budgets (static at one width; dynaexq with the same tiers and slot
 count) are evaluated once. Writes a Markdown table, and a PNG of perplexity against budget when
@@ -101,8 +101,8 @@ def sweep(args) -> tuple[list[dict], dict]:
                  max_length=args.max_length, max_new_tokens=1, log=log)
 
     done = {}
-    # Dynaexq without slots is static at its fallback width: the same experts, the same numbers.
-    key = lambda lo, hi, slots: ("dynaexq", lo, hi, slots) if slots else ("static", lo)
+    # Dynaexq without slots or mixed fallback is static at its width: the same experts, the same numbers.
+    key = lambda lo, hi, slots, mid=(): ("dynaexq", lo, hi, slots, mid) if slots or mid else ("static", lo)
     # A "bfloat16" slot holds the checkpoint's own weights in the compute dtype.
     hi_name = lambda hi: "int8" if hi == "int8" else {"bfloat16": "bf16", "float32": "f32"}[args.dtype]
 
@@ -122,14 +122,15 @@ def sweep(args) -> tuple[list[dict], dict]:
                                **plan_kw).lo_bits
         row["static"] = (f"int{static_bits}", run(evaluate.RunSpec("static", str(b), static_bits), ("static", static_bits)))
         _, choice = auto_tiers(ckpt, opts, budget=b, hotness_profile=profile, **plan_kw)
-        tiers = f"int{choice.lo_bits}+{choice.slots}x{hi_name(choice.hi_dtype)}"
+        mid = f"/{len(choice.mid_experts)}xint{choice.mid_bits}" if choice.mid_experts else ""
+        tiers = f"int{choice.lo_bits}{mid}" + (f"+{choice.slots}x{hi_name(choice.hi_dtype)}" if choice.slots else "")
         row["auto"] = (tiers, run(evaluate.RunSpec("dynaexq", str(b), choice.lo_bits, "auto"),
-                                  key(choice.lo_bits, choice.hi_dtype, choice.slots)))
+                                  key(choice.lo_bits, choice.hi_dtype, choice.slots, choice.mid_experts)))
         row["auto_expected"] = (choice.expected_error, choice.static_error)
         fixed_lo = min(FIXED_LO, static_bits)
         slots = plan_for(cfg, "dynaexq", budget=b, dtype_itemsize=itemsize, opts=conc(fixed_lo, "bfloat16"),
                          **plan_kw).slots
-        row["fixed"] = (f"int{fixed_lo}+{slots}x{hi_name('bfloat16')}",
+        row["fixed"] = (f"int{fixed_lo}" + (f"+{slots}x{hi_name('bfloat16')}" if slots else ""),
                         run(evaluate.RunSpec("dynaexq", str(b), fixed_lo, "fixed"),
                             key(fixed_lo, "bfloat16", slots)))
         log(f"{budget_lib.format_size(b)}: static {row['static'][0]}, auto {tiers}, fixed {row['fixed'][0]}")
@@ -172,15 +173,19 @@ def plot(rows, meta, path: Path) -> bool:
         return False
     ppl = (meta["ppl_task"], "ppl")
     mb = [r["budget"] / 1e6 for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.step(mb, [r["static"][1][ppl] for r in rows], where="post", label="best static that fits")
-    ax.plot(mb, [r["fixed"][1][ppl] for r in rows], "s--", label="dynaexq, fixed tiers (int4 fallback)")
-    ax.plot(mb, [r["auto"][1][ppl] for r in rows], "o-", label="dynaexq, auto tiers")
-    ax.axhline(rows[0]["full"][ppl], color="k", lw=0.8, ls=":", label="full")
-    ax.set_xlabel("memory budget (MB)")
-    ax.set_ylabel(f"{meta['ppl_task']} perplexity")
-    ax.set_yscale("log")
-    ax.legend()
+    full = rows[0]["full"][ppl]
+    # Above: the whole range; below: the same near full precision, where int4 and wider differ.
+    fig, axes = plt.subplots(2, 1, figsize=(7, 6.4), sharex=True)
+    for ax in axes:
+        ax.step(mb, [r["static"][1][ppl] for r in rows], where="post", label="best static that fits")
+        ax.plot(mb, [r["fixed"][1][ppl] for r in rows], "s--", label="dynaexq, fixed tiers (int4 or narrower + slots)")
+        ax.plot(mb, [r["auto"][1][ppl] for r in rows], "o-", label="dynaexq, auto tiers")
+        ax.axhline(full, color="k", lw=0.8, ls=":", label="full")
+        ax.set_ylabel(f"{meta['ppl_task']} perplexity")
+    worst = max(r[k][1][ppl] for r in rows for k in ("static", "fixed", "auto") if r[k][1][ppl] < full + 0.1)
+    axes[1].set_ylim(full - 0.01, worst + 0.01)
+    axes[1].set_xlabel("memory budget (MB)")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -44,8 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--hi-dtype", choices=["auto", "bfloat16", "int8"], default="auto",
                    help="dynaexq slot dtype; auto: the one of least expected error in the budget")
     p.add_argument("--lo-bits", type=lo_bits_flag, choices=["auto", 8, 4, 3, 2], default="auto",
-                   help="dynaexq fallback width; auto (with --budget): the plan picks it with the slots, never "
-                        "below the widest static width that fits")
+                   help="dynaexq fallback width; auto (with --budget): the plan picks it, a share of experts at "
+                        "the next wider width, and the slots, never below the widest static width that fits")
     p.add_argument("--group-size", type=int, default=128, help="quantization group (largest power of two <= this dividing the expert dims)")
     p.add_argument("--quant-method", choices=["rtn", "mse"], default="rtn")
     p.add_argument("--rebalance-every", type=int, default=16, help="decode steps between residency decisions")
@@ -372,6 +372,12 @@ class Streamer:
         print()
 
 
+def check_slots_for_hotness(args, plan) -> None:
+    if args.save_hotness and plan.slots == 0:  # dynaexq without slots runs static: it learns no hotness
+        raise FlagError("--save-hotness: the budget leaves no high-precision slot, so no hotness is learned; "
+                        "raise --budget or drop --save-hotness")
+
+
 def load_engine(args, budget_bytes, cfg, shape):
     """Load, convert and place the model for `shape`; -> (engine, plan, checkpoint, load seconds)."""
     import time
@@ -381,7 +387,10 @@ def load_engine(args, budget_bytes, cfg, shape):
     from dynaexq_jax.io import loader
     from dynaexq_jax.runtime.build import auto_tiers, build_engine
 
-    make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
+    start, _ = make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
+    auto = args.policy == "dynaexq" and "auto" in (args.lo_bits, args.hi_dtype)
+    if not auto:  # explicit tiers: the run's plan is this one
+        check_slots_for_hotness(args, start)
     t0 = time.perf_counter()
     ckpt = loader.load(args.model, jnp.dtype(args.dtype), progress=show_progress(args))
     batch, longest, new = shape
@@ -390,9 +399,7 @@ def load_engine(args, budget_bytes, cfg, shape):
         opts, choice = auto_tiers(ckpt, opts, budget=budget_bytes, batch=batch, longest_prompt=longest,
                                   max_new_tokens=new, hotness_profile=args.hotness)
     plan, header = make_plan(args, cfg, shape, budget_bytes, opts)
-    if args.save_hotness and plan.slots == 0:  # dynaexq without slots runs static: it learns no hotness
-        raise FlagError("--save-hotness: the budget leaves no high-precision slot, so no hotness is learned; "
-                        "raise --budget or drop --save-hotness")
+    check_slots_for_hotness(args, plan)
     if args.verbose:
         print(plan_text(args, cfg, plan, header), file=sys.stderr)
         if choice is not None:

@@ -399,18 +399,18 @@ class RunSpec:
     policy: str
     budget: str  # "none", a size ("64MB"), or "+P%": the lo-bit minimum plus P% of experts as slots
     lo_bits: int  # static without a budget and fixed-tier dynaexq: the width; auto dynaexq: the +P% anchor
-    tiers: str = "fixed"  # dynaexq: "auto" (the plan picks fallback width and slot dtype) or "fixed"
+    tiers: str = "fixed"  # dynaexq: "auto" (the plan picks the tiers within the budget) or "fixed"
 
-    def label(self, bits: int, hi_dtype: str | None = None) -> str:
+    def label(self, bits: int, hi_dtype: str | None = None, mid: str = "") -> str:
         """`bits`: the width the built engine uses (static may pick a wider one than lo_bits);
-        `hi_dtype`: dynaexq's slot dtype."""
+        `hi_dtype`: dynaexq's slot dtype; `mid`: its experts at a wider fallback width."""
         budget = "" if self.budget == "none" else self.budget
         if budget.startswith("+"):
             budget = f"int{self.lo_bits}{budget}"
         at = f" @{budget}" if budget else ""
         if self.policy == "dynaexq":
             hi = {"bfloat16": "bf16", "float32": "f32"}.get(hi_dtype, hi_dtype)
-            return f"dynaexq {self.tiers} int{bits}" + (f"+{hi}" if hi else "") + at
+            return f"dynaexq {self.tiers} int{bits}{mid}" + (f"+{hi}" if hi else "") + at
         if self.policy == "static":
             return f"static int{bits}{at}"
         return self.policy + at
@@ -420,9 +420,9 @@ TIER_MODES = ("auto", "fixed")
 
 
 def run_options(spec: RunSpec, opts: DynaExqOptions) -> DynaExqOptions:
-    """The options `spec` builds its engine with: auto dynaexq leaves the fallback width (and an
-    "auto" slot dtype) to the plan; every other run is fixed at the spec's width, in bf16 slots
-    unless a slot dtype was given."""
+    """The options `spec` builds its engine with: auto dynaexq leaves the tiers (fallback width,
+    mixed fallback, slots, and an "auto" slot dtype) to the plan; every other run is fixed at the
+    spec's width, in bf16 slots unless a slot dtype was given."""
     hi = "bfloat16" if opts.hi_dtype == "auto" else opts.hi_dtype
     if spec.policy == "dynaexq" and spec.tiers == "auto":
         return dataclasses.replace(opts, lo_bits="auto")
@@ -576,7 +576,8 @@ def evaluate_runs(
         bits = {"static": getattr(engine.policy, "lo_bits", None), "dynaexq": run_opts.lo_bits}.get(spec.policy, 16)
         if spec.policy == "dynaexq" and plan.slots:
             hi = run_opts.hi_dtype
-        label = spec.label(bits, hi)
+        mid = f"/{len(run_opts.mid_experts)}xint{run_opts.mid_bits}" if run_opts.mid_experts else ""
+        label = spec.label(bits, hi, mid)
         log(f"{label}: budget {budget_lib.format_size(budget) if budget else 'none'}, accounted "
             f"{budget_lib.format_size(plan.total)}, {plan.slots if spec.policy != 'static' else 0} slots")
         ev = Evaluator(engine, batch_size=batch_size, window=window, max_length=max_length,

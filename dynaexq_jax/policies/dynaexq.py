@@ -1,5 +1,8 @@
 """`dynaexq`: every expert on a low-bit fallback; the hottest also in high-precision slots.
 
+The fallback may be mixed (auto tiers, `policies.autotier`): some experts stored at a wider
+width than the rest, each once; a demoted expert returns to its own.
+
 Online hotness (router-probability mass per token, decayed over decode steps) -> a
 budget-feasible top-n per layer with hysteresis -> asynchronous swaps (`experts.swap`).
 
@@ -22,7 +25,7 @@ from dynaexq_jax.io import store
 from dynaexq_jax.policies import hotness
 from dynaexq_jax.policies.full import FixedPolicy
 from dynaexq_jax.experts.expert_state import single_tier
-from dynaexq_jax.policies.tiers import Stopwatch, host_bank, packed_tier, quantized_layers, slot_pool
+from dynaexq_jax.policies.tiers import Stopwatch, host_bank, mixed_fallback, packed_tier, quantized_layers, slot_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,8 @@ class DynaExqOptions:
     blocking: bool = False  # land every promotion before the next step (the comparison variant)
     save_profile: bool = True  # keep this checkpoint's profile for the next run's warm start
     max_slots: int | None = None  # at most this many slots whatever the budget leaves (auto tiers' choice)
+    mid_bits: int | None = None  # a wider fallback width for the experts in `mid_experts` (auto tiers' choice)
+    mid_experts: tuple[tuple[int, int], ...] = ()  # (MoE layer, expert) pairs stored at mid_bits
 
 
 class DynaExqPolicy:
@@ -139,13 +144,19 @@ def build(ckpt, plan, opts: DynaExqOptions, *, hotness_profile=None, transfer=No
     device = device or jax.devices()[0]  # committed arrays: every published state has one placement
     L, E = host.num_layers, host.num_experts
     clock = Stopwatch()
-    layers = quantized_layers(host, opts.lo_bits, opts.group_size, opts.quant_method, source=ckpt.path,
-                              progress=progress, clock=clock)
-    fallback = packed_tier(layers, device)
-    del layers
+    if opts.mid_experts:
+        mid = np.zeros((L, E), bool)
+        mid[tuple(np.array(opts.mid_experts).T)] = True
+        fallback = mixed_fallback(host, opts.lo_bits, opts.mid_bits, mid, opts.group_size, opts.quant_method,
+                                  source=ckpt.path, device=device, progress=progress, clock=clock)
+    else:
+        layers = quantized_layers(host, opts.lo_bits, opts.group_size, opts.quant_method, source=ckpt.path,
+                                  progress=progress, clock=clock)
+        fallback = packed_tier(layers, device)
+        del layers
     if plan.slots == 0:
-        return FixedPolicy("dynaexq", single_tier(fallback, L, E, device), lo_bits=opts.lo_bits,
-                           convert_s=clock.seconds)
+        state = fallback if opts.mid_experts else single_tier(fallback, L, E, device)
+        return FixedPolicy("dynaexq", state, lo_bits=opts.lo_bits, convert_s=clock.seconds)
     bank = host_bank(host, opts.hi_dtype, opts.group_size, source=ckpt.path, device=device, progress=progress,
                      clock=clock)
     pool = slot_pool(host, plan.slots, opts.hi_dtype, opts.group_size, device)

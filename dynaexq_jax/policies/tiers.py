@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dynaexq_jax.experts import quant
-from dynaexq_jax.experts.expert_state import ExpertTier, HostExperts, stack_layers
+from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, stack_layers
 from dynaexq_jax.experts.swap import HostBank
 from dynaexq_jax.io import store
 
@@ -118,6 +118,30 @@ def packed_tier(layers, device=None, *, high_precision: bool = False) -> ExpertT
     """`quantized_layers` stacked on the device, rows [L*E] layer-major."""
     return ExpertTier(stack_layers(_Layers(layers, 0), device), stack_layers(_Layers(layers, 1), device),
                       high_precision=high_precision)
+
+
+def mixed_fallback(host: HostExperts, lo_bits: int, mid_bits: int, mid: np.ndarray, group_size: int, method: str, *,
+                   source=None, device=None, progress: bool = False, clock: Stopwatch | None = None) -> ExpertState:
+    """Every expert's fallback, at `mid_bits` where `mid` [L, E] is set and at `lo_bits`
+    elsewhere, each stored once: two packed tiers (lo: tier 0, mid: tier 1), rows layer-major
+    within each, and the handles that find them."""
+    mid = np.asarray(mid, bool)
+    tier_of = mid.astype(np.int32)
+    row_of = np.zeros(mid.shape, np.int32)
+    row_of[~mid] = np.arange(int((~mid).sum()))  # boolean indexing runs layer-major
+    row_of[mid] = np.arange(int(mid.sum()))
+    tiers = []
+    for bits, pick in ((lo_bits, ~mid), (mid_bits, mid)):
+        layers = quantized_layers(host, bits, group_size, method, source=source, progress=progress, clock=clock)
+        pieces = []
+        for j in range(2):  # gate_up, down: the picked experts of every layer, concatenated
+            qts = [layers[i][j] for i in range(host.num_layers)]
+            leaves = [np.concatenate([np.asarray(getattr(q, n))[pick[i]] for i, q in enumerate(qts)]) for n in _LEAVES]
+            pieces.append(dataclasses.replace(qts[0], **dict(zip(_LEAVES, leaves)),
+                                              shape=(len(leaves[0]),) + qts[0].shape[1:]))
+        tiers.append(packed_tier([tuple(pieces)], device))
+    put = lambda a: jax.device_put(a, device)
+    return ExpertState(tiers=tuple(tiers), tier_of=put(tier_of), row_of=put(row_of))
 
 
 def slot_pool(host: HostExperts, slots: int, hi_dtype: str, group_size: int, device=None) -> ExpertTier:

@@ -25,6 +25,7 @@ def plan_for(cfg, policy: str, *, budget: int | None, batch: int, longest_prompt
     return budget_lib.policy_plan(
         cfg, policy, budget=budget, batch=batch, prompt=prompt, context=cache_bucket(prompt + max_new_tokens),
         dtype_itemsize=dtype_itemsize, lo_bits=opts.lo_bits, hi_dtype=opts.hi_dtype, max_slots=opts.max_slots,
+        mid_bits=opts.mid_bits, mid_experts=len(opts.mid_experts),
         group_size=budget_lib.expert_group_size(cfg, opts.group_size),
     )
 
@@ -69,15 +70,20 @@ def auto_tiers(ckpt, opts: DynaExqOptions, *, budget: int | None, batch: int, lo
     group = budget_lib.expert_group_size(cfg, opts.group_size)
     lo_choices = autotier.LO_WIDTHS if opts.lo_bits == "auto" else (opts.lo_bits,)
     hi_choices = autotier.HI_DTYPES if opts.hi_dtype == "auto" else (opts.hi_dtype,)
-    widths = set(lo_choices) | ({8} if "int8" in hi_choices else set())
+    # A mixed fallback only when the width is the plan's to pick: an explicit --lo-bits is kept as given.
+    mixed = opts.lo_bits == "auto"
+    widths = set(autotier.LO_WIDTHS if mixed else lo_choices) | ({8} if "int8" in hi_choices else set())
     errors = quant_errors(ckpt.experts, widths, group, opts.quant_method, source=ckpt.path)
     tracker, _ = warm_tracker(ckpt, opts, hotness_profile)
-    plan_fn = lambda lo, hi: plan_for(cfg, "dynaexq", budget=budget, batch=batch, longest_prompt=longest_prompt,
-                                      max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize,
-                                      opts=dataclasses.replace(opts, lo_bits=lo, hi_dtype=hi))
+    gu, dn = budget_lib.expert_shapes(cfg)
+    expert_bytes = lambda bits: budget_lib.quantized_nbytes(gu, bits, group) + budget_lib.quantized_nbytes(dn, bits, group)
+    plan_fn = lambda lo, hi, max_slots: plan_for(
+        cfg, "dynaexq", budget=budget, batch=batch, longest_prompt=longest_prompt, max_new_tokens=max_new_tokens,
+        dtype_itemsize=ckpt.dtype.itemsize, opts=dataclasses.replace(opts, lo_bits=lo, hi_dtype=hi, max_slots=max_slots))
     choice = autotier.choose(plan_fn, errors, tracker.scores, lo_choices=lo_choices, hi_choices=hi_choices,
-                             allocation=opts.allocation)
-    return dataclasses.replace(opts, lo_bits=choice.lo_bits, hi_dtype=choice.hi_dtype, max_slots=choice.slots), choice
+                             allocation=opts.allocation, expert_bytes=expert_bytes if mixed else None)
+    return dataclasses.replace(opts, lo_bits=choice.lo_bits, hi_dtype=choice.hi_dtype, max_slots=choice.slots,
+                               mid_bits=choice.mid_bits, mid_experts=choice.mid_experts), choice
 
 
 def build_engine(
