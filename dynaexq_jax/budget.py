@@ -199,6 +199,8 @@ class MemoryPlan:
     num_experts_total: int  # experts over all MoE layers
     moe_layers: int
     lo_bits: int | None = None  # bit width of the fallback experts; None: no fallback
+    mid_bits: int | None = None  # a wider fallback width for `mid_experts` of them (stored only at it)
+    mid_experts: int = 0
 
     @property
     def slots_total_bytes(self) -> int:
@@ -219,9 +221,10 @@ class MemoryPlan:
         return d
 
     def table(self) -> str:
+        mid = f" ({self.mid_experts} at int{self.mid_bits})" if self.mid_experts else ""
         rows = [
             ("non-expert weights", self.weights),
-            ("fallback experts", self.fallback),
+            (f"fallback experts{mid}", self.fallback),
             (f"high-precision slots ({self.slots} x {format_size(self.slot_bytes)})", self.slots_total_bytes),
             ("KV cache", self.kv_cache),
             ("workspace margin", self.workspace),
@@ -250,8 +253,13 @@ def plan_memory(
     lo_bits: int,
     hi_dtype: str,
     group_size: int,
+    max_slots: int | None = None,
+    mid_bits: int | None = None,
+    mid_experts: int = 0,
 ) -> MemoryPlan:
-    """Split `budget` into weights, fallback, KV cache, workspace and as many slots as fit.
+    """Split `budget` into weights, fallback, KV cache, workspace and as many slots as fit
+    (at most `max_slots`). `mid_experts` of the fallbacks are stored at `mid_bits` instead of
+    `lo_bits` (and only there), so each costs the difference.
 
     No budget means room for every expert's slot. A budget below the minimum is a one-line
     BudgetError that states the minimum for this model, batch and context.
@@ -260,9 +268,15 @@ def plan_memory(
     n_moe = len(cfg.moe_layers)
     E = cfg.num_experts
     per_layer = quantized_nbytes((E,) + gu, lo_bits, group_size) + quantized_nbytes((E,) + dn, lo_bits, group_size)
+    mid_extra = 0
+    if mid_experts:
+        if mid_bits is None or mid_bits <= lo_bits or not 0 < mid_experts <= n_moe * E:
+            raise ValueError(f"mid tier int{mid_bits} x {mid_experts} does not fit over int{lo_bits} x {n_moe * E}")
+        one = lambda bits: quantized_nbytes(gu, bits, group_size) + quantized_nbytes(dn, bits, group_size)
+        mid_extra = mid_experts * (one(mid_bits) - one(lo_bits))
     parts = dict(
         weights=non_expert_nbytes(cfg, dtype_itemsize),
-        fallback=n_moe * per_layer,
+        fallback=n_moe * per_layer + mid_extra,
         kv_cache=kv_cache_nbytes(cfg, batch, context, dtype_itemsize),
         workspace=workspace_nbytes(cfg, batch, prompt, context, dtype_itemsize),
     )
@@ -277,9 +291,11 @@ def plan_memory(
         )
     else:
         slots = min((budget - minimum) // slot, n_moe * E)
+    if max_slots is not None:
+        slots = min(slots, max_slots)
     return MemoryPlan(
         budget=budget, slot_bytes=slot, slots=int(slots), num_experts_total=n_moe * E, moe_layers=n_moe,
-        lo_bits=lo_bits, **parts
+        lo_bits=lo_bits, mid_bits=mid_bits if mid_experts else None, mid_experts=mid_experts, **parts
     )
 
 
@@ -301,12 +317,16 @@ def policy_plan(
     lo_bits: int,
     hi_dtype: str,
     group_size: int,
+    max_slots: int | None = None,
+    mid_bits: int | None = None,
+    mid_experts: int = 0,
 ) -> MemoryPlan:
     """The plan `runtime.build.build_engine` makes for `policy`, from the config alone, so that a
     dry run (and a run, before it loads any weight) can show it and refuse a budget early.
 
-    dynaexq: fallbacks + slots; full: every expert at high precision, no fallback; static:
-    the widest bit width whose fallback fits, no slots; offload / prefetch: no fallback, slots
+    dynaexq: fallbacks (`mid_experts` of them at `mid_bits`) + slots (at most `max_slots`);
+    full: every expert at high precision, no fallback; static: the widest bit width whose
+    fallback fits, no slots; offload / prefetch: no fallback, slots
     in the checkpoint's dtype, and staging room in the workspace for one layer's copies in
     flight (a token's experts must fit at once).
     """
@@ -350,4 +370,6 @@ def policy_plan(
                 )
             slots = min((budget - p.minimum) // slot, p.num_experts_total)
         return dataclasses.replace(p, slots=int(slots))
-    return plan(lo_bits, budget)
+    return plan_memory(cfg, budget=budget, batch=batch, prompt=prompt, context=context, dtype_itemsize=dtype_itemsize,
+                       lo_bits=lo_bits, hi_dtype=hi_dtype, group_size=group_size, max_slots=max_slots,
+                       mid_bits=mid_bits, mid_experts=mid_experts)

@@ -3,12 +3,19 @@
 
     python scripts/eval.py                       # full, static, dynaexq on the shipped tasks
     python scripts/eval.py --policies full,static,dynaexq --lo-bits 4,3,2 --budgets none,+25% \\
-        --hotness checkpoints/tiny-qwen3-moe/tasks/hotness_train.json --json results.json
+        --tiers auto,fixed --hotness checkpoints/tiny-qwen3-moe/tasks/hotness_train.json --json results.json
     python scripts/eval.py --policies full,offload --big-little --little-shares 0,0.25,0.5,0.75   # big-little rows
 
-Budgets: "none", a size (64MB, 60MiB, bytes), or "+P%": the run's lo-bit minimum (weights,
-fallbacks, KV cache, workspace for this batch and length) plus P% of all experts as slots.
-Static with a budget takes the widest width that fits it; without, its --lo-bits.
+Budgets: "none", a size (64MB, 60MiB, bytes), or "+P%": the --lo-bits minimum (weights,
+fallbacks, KV cache, workspace for this batch and length) plus P% of all experts as bf16 slots.
+Static with a budget takes the widest width that fits it; without, its --lo-bits. Dynaexq with
+auto tiers (the default) picks its fallback width and slot dtype within each budget, so
+--lo-bits only anchors its "+P%"; `--tiers fixed` keeps the --lo-bits fallback and --hi-dtype
+slots (bf16 for auto) beside it for comparison.
+
+Dynaexq starts warm: from --hotness, else the profile saved for this checkpoint, else the
+model's shipped tasks/hotness_train.json, else one computed on --calibration text. See
+scripts/accuracy_sweep.py for accuracy against memory.
 """
 
 from __future__ import annotations
@@ -34,14 +41,18 @@ def parse_args(argv=None):
     p.add_argument("--em", action="append", help="exact-match JSONL of {\"prompt\", \"answer\"} (repeatable)")
     p.add_argument("--policies", default="full,static,dynaexq", help="comma-separated policies")
     p.add_argument("--budgets", default="none", help="comma-separated budgets: none, a size, or +P%% (see above)")
-    p.add_argument("--lo-bits", default="4", help="comma-separated fallback / static widths from 4,3,2")
+    p.add_argument("--lo-bits", default="4", help="comma-separated widths from 4,3,2: static without a budget, fixed "
+                                                  "tiers, and the anchor of +P%% budgets")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--hi-dtype", choices=["bfloat16", "int8"], default="bfloat16")
+    p.add_argument("--hi-dtype", choices=["auto", "bfloat16", "int8"], default="auto",
+                   help="dynaexq slot dtype; auto: the plan picks per budget (fixed tiers then use bfloat16)")
+    p.add_argument("--tiers", default="auto", help="comma-separated dynaexq tier modes from auto,fixed")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--quant-method", choices=["rtn", "mse"], default="rtn")
     p.add_argument("--hotness", help="warm-start hotness profile for dynaexq (record it on training data, not eval "
-                                     "data); without one, dynaexq warms from the routing of the first task's first "
-                                     "sequence")
+                                     "data)")
+    p.add_argument("--calibration", help="text (JSONL of {\"text\"} or a text file, never the eval data) whose routing "
+                                         "gives dynaexq's profile when no other is found")
     p.add_argument("--residency", choices=["pass", "batch", "frozen"], default="pass",
                    help="when dynaexq's residency may change: between task passes (batch-size independent), "
                         "after every batch, or never")
@@ -89,7 +100,7 @@ def run(args) -> list:
     cfg = ModelConfig.from_file(args.model)
     if args.hotness:  # read in full now: a bad profile must not end the evaluation after its first runs
         HotnessTracker.load(args.hotness, expect_shape=(len(cfg.moe_layers), cfg.num_experts))
-    runs = evaluate.expand_runs(_csv(args.policies), _csv(args.budgets) or ["none"], lo_bits)
+    runs = evaluate.expand_runs(_csv(args.policies), _csv(args.budgets) or ["none"], lo_bits, _csv(args.tiers))
     if not (args.ppl or args.mc or args.em):
         args.ppl, args.mc, args.em = [TASKS / "heldout.jsonl"], [TASKS / "next_line_mc.jsonl"], [TASKS / "next_line_em.jsonl"]
     tasks = []
@@ -98,14 +109,29 @@ def run(args) -> list:
             task = evaluate.load_task(kind, path)
             tasks.append(dataclasses.replace(task, items=task.items[: args.limit]) if args.limit else task)
 
+    calibration = evaluate.load_task("ppl", args.calibration).items if args.calibration else None
+    hotness = args.hotness or shipped_profile(Path(args.model), calibration)
     ckpt = loader.load(args.model, jnp.dtype(args.dtype))
     opts = DynaExqOptions(hi_dtype=args.hi_dtype, group_size=args.group_size, quant_method=args.quant_method)
     log = lambda s: print(s, file=sys.stderr, flush=True)
     return evaluate.evaluate_runs(
-        ckpt, runs, tasks, opts=opts, hotness_profile=args.hotness, batch_size=args.batch_size, window=args.window,
+        ckpt, runs, tasks, opts=opts, hotness_profile=hotness, calibration=calibration, batch_size=args.batch_size,
+        window=args.window,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, residency=args.residency,
         progress=True, log=log, sweep=sweep,
     )
+
+
+def shipped_profile(model: Path, calibration) -> str | None:
+    """The profile a checkpoint ships (`tasks/hotness_train.json`, recorded on its training
+    data), used when neither --hotness nor --calibration is given and no profile was saved."""
+    from dynaexq_jax.io import store
+
+    path = model / "tasks" / "hotness_train.json"
+    saved = store.profile_path(model)
+    if calibration or (saved is not None and saved.is_file()) or not path.is_file():
+        return None
+    return str(path)
 
 
 def check_writable(path: Path) -> None:

@@ -41,8 +41,11 @@ def parse_args(argv=None):
                         "high precision; static: every expert at one bit width (the widest the budget holds); "
                         "offload: experts on the host, an LRU cache of device slots loaded on demand; "
                         "prefetch: offload + asynchronous prefetch of the next layer's predicted experts")
-    p.add_argument("--hi-dtype", choices=["bfloat16", "int8"], default="bfloat16")
-    p.add_argument("--lo-bits", type=int, choices=[4, 3, 2], default=4)
+    p.add_argument("--hi-dtype", choices=["auto", "bfloat16", "int8"], default="auto",
+                   help="dynaexq slot dtype; auto: the one of least expected error in the budget")
+    p.add_argument("--lo-bits", type=lo_bits_flag, choices=["auto", 8, 4, 3, 2], default="auto",
+                   help="dynaexq fallback width; auto (with --budget): the plan picks it, a share of experts at "
+                        "the next wider width, and the slots, never below the widest static width that fits")
     p.add_argument("--group-size", type=int, default=128, help="quantization group (largest power of two <= this dividing the expert dims)")
     p.add_argument("--quant-method", choices=["rtn", "mse"], default="rtn")
     p.add_argument("--rebalance-every", type=int, default=16, help="decode steps between residency decisions")
@@ -194,6 +197,11 @@ def chat_chunk(context: int) -> int:
     return chunk
 
 
+def lo_bits_flag(text: str):
+    """--lo-bits: "auto" or a width (argparse then checks it against the choices)."""
+    return int(text) if text.isdigit() else text
+
+
 def options(args):
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
 
@@ -203,21 +211,28 @@ def options(args):
     )
 
 
-def make_plan(args, cfg, shape, budget_bytes):
-    """The memory plan `build_engine` will make for these flags, from the config alone."""
+def make_plan(args, cfg, shape, budget_bytes, opts=None):
+    """The memory plan `build_engine` will make for these flags (or for `opts`, tiers resolved),
+    from the config alone."""
     import jax.numpy as jnp
 
-    from dynaexq_jax.runtime import engine
-    from dynaexq_jax.runtime.build import plan_for
+    from dynaexq_jax.runtime import build, engine
 
     batch, longest, new = shape
     prompt = engine.prompt_bucket(longest)
-    plan = plan_for(cfg, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
-                    dtype_itemsize=jnp.dtype(args.dtype).itemsize, opts=options(args))
+    kw = dict(budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
+              dtype_itemsize=jnp.dtype(args.dtype).itemsize)
+    opts, auto = opts or options(args), ""
+    if args.policy != "dynaexq":
+        opts = build.fixed_tiers(opts)
+    elif "auto" in (opts.lo_bits, opts.hi_dtype):  # no weights read yet: the plan auto tiers start from
+        opts = build.auto_start(cfg, opts, **kw)
+        auto = " (auto tiers start here; the run picks them from each expert's measured error)"
+    plan = build.plan_for(cfg, args.policy, opts=opts, **kw)
     header = (
         f"memory plan: {Path(args.model).name}, policy {args.policy}, batch {batch} x context "
         f"{engine.cache_bucket(prompt + new)} tokens (prefill up to {prompt}), {args.dtype}, "
-        f"int{args.lo_bits} fallback, {args.hi_dtype} slots"
+        f"int{opts.lo_bits} fallback, {opts.hi_dtype} slots{auto}"
     )
     return plan, header
 
@@ -365,6 +380,12 @@ class Streamer:
         print()
 
 
+def check_slots_for_hotness(args, plan) -> None:
+    if args.save_hotness and plan.slots == 0:  # dynaexq without slots runs static: it learns no hotness
+        raise FlagError("--save-hotness: the budget leaves no high-precision slot, so no hotness is learned; "
+                        "raise --budget or drop --save-hotness")
+
+
 def load_engine(args, budget_bytes, cfg, shape):
     """Load, convert and place the model for `shape`; -> (engine, plan, checkpoint, load seconds)."""
     import time
@@ -373,25 +394,33 @@ def load_engine(args, budget_bytes, cfg, shape):
 
     from dynaexq_jax.eval import big_little
     from dynaexq_jax.io import loader
-    from dynaexq_jax.runtime.build import build_engine
+    from dynaexq_jax.runtime.build import auto_tiers, build_engine
 
-    big_little.from_args(args, cfg.experts_per_token)  # bad knobs fail before any weight is read
-    plan, header = make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
-    if args.save_hotness and plan.slots == 0:  # dynaexq without slots runs static: it learns no hotness
-        raise FlagError("--save-hotness: the budget leaves no high-precision slot, so no hotness is learned; "
-                        "raise --budget or drop --save-hotness")
-    if args.verbose:
-        print(plan_text(args, cfg, plan, header), file=sys.stderr)
-        info = runtime_info()
-        print(f"backend {info['backend']}, device {info['device']}, compile cache {info['compile_cache'] or 'off'}",
-              file=sys.stderr)
+    bl = big_little.from_args(args, cfg.experts_per_token)  # bad knobs fail before any weight is read
+    start, _ = make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
+    auto = args.policy == "dynaexq" and "auto" in (args.lo_bits, args.hi_dtype)
+    if not auto:  # explicit tiers: the run's plan is this one
+        check_slots_for_hotness(args, start)
     t0 = time.perf_counter()
     ckpt = loader.load(args.model, jnp.dtype(args.dtype), progress=show_progress(args))
     batch, longest, new = shape
+    opts, choice = options(args), None
+    if args.policy == "dynaexq":  # auto tiers need the experts' errors, so they are picked once the weights are in
+        opts, choice = auto_tiers(ckpt, opts, budget=budget_bytes, batch=batch, longest_prompt=longest,
+                                  max_new_tokens=new, hotness_profile=args.hotness)
+    plan, header = make_plan(args, cfg, shape, budget_bytes, opts)
+    check_slots_for_hotness(args, plan)
+    if args.verbose:
+        print(plan_text(args, cfg, plan, header), file=sys.stderr)
+        if choice is not None:
+            print(choice.describe(), file=sys.stderr)
+        info = runtime_info()
+        print(f"backend {info['backend']}, device {info['device']}, compile cache {info['compile_cache'] or 'off'}",
+              file=sys.stderr)
     eng, plan = build_engine(
         ckpt, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
-        hotness_profile=args.hotness, opts=options(args), progress=show_progress(args),
-        big_little=big_little.from_args(args, cfg.experts_per_token),
+        hotness_profile=args.hotness, opts=opts, progress=show_progress(args),
+        big_little=bl,
     )
     return eng, plan, ckpt, time.perf_counter() - t0
 

@@ -142,14 +142,46 @@ def test_dry_run_of_qwen3_30b_fits_20gb_without_weights(capsys, qwen3_30b):
 
 
 def test_dry_run_says_when_the_fallback_does_not_fit(capsys, qwen3_30b):
-    code, out, err = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "10GB", "--dry-run")
+    code, out, err = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "10GB", "--dry-run", "--lo-bits", "4")
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith("error: budget 10.00 GB cannot hold the int4 fallback experts") and "the minimum is 19.30 GB" in err
+    # Auto tiers refuse only below the narrowest fallback, and say so.
+    code, out, err = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "10GB", "--dry-run")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: budget 10.00 GB cannot hold the int2 fallback experts")
+
+
+def test_explicit_tiers_plan_as_before_and_auto_starts_from_the_widest_fitting_fallback(capsys, qwen3_30b):
+    from dynaexq_jax.models.config import ModelConfig
+    from dynaexq_jax.policies.dynaexq import DynaExqOptions
+    from dynaexq_jax.runtime.build import plan_for
+
+    shape = generate.plan_shape(generate.parse_args(["--model", str(qwen3_30b)]), ModelConfig.from_file(qwen3_30b))
+    for budget_flag, want_bits in (("20GB", 4), ("40GB", 8)):
+        code, out, _ = run_cli(capsys, "--model", str(qwen3_30b), "--budget", budget_flag, "--dry-run", "--json",
+                               "--lo-bits", "4", "--hi-dtype", "bfloat16")
+        explicit = json.loads(out)["memory_plan"]
+        want = plan_for(ModelConfig.from_file(qwen3_30b), "dynaexq", budget=budget.parse_size(budget_flag),
+                        batch=shape[0], longest_prompt=shape[1], max_new_tokens=shape[2], dtype_itemsize=2,
+                        opts=DynaExqOptions(lo_bits=4, hi_dtype="bfloat16"))
+        assert explicit == want.as_dict()
+        code, out, _ = run_cli(capsys, "--model", str(qwen3_30b), "--budget", budget_flag, "--dry-run")
+        assert code == 0 and f"int{want_bits} fallback, bfloat16 slots (auto tiers start here" in out
+
+
+def test_auto_tiers_run_within_the_budget_and_say_what_they_chose(capsys, moe_checkpoint):
+    code, out, err = run_cli(capsys, "--model", str(moe_checkpoint[0]), "--budget", "18.3MB", "--prompt", "the",
+                             "--max-new-tokens", "2", "--json", "--verbose", "--quiet")
+    assert code == 0, err
+    plan = json.loads(out)["stats"]["memory_plan"]
+    assert plan["total"] <= plan["budget"] and "auto tiers: int" in err
 
 
 def test_dry_run_plan_is_the_runs_plan(capsys, moe_checkpoint):
     """The plan shown before loading is the one the run then holds (same shape, budget, policy)."""
-    common = ["--model", str(moe_checkpoint[0]), "--budget", "18.3MB", "--max-new-tokens", "4"]
+    # Explicit tiers: auto ones are picked once the weights are read (see the test below).
+    common = ["--model", str(moe_checkpoint[0]), "--budget", "18.3MB", "--max-new-tokens", "4", "--lo-bits", "4",
+              "--hi-dtype", "bfloat16"]
     code, out, _ = run_cli(capsys, *common, "--dry-run", "--context", "20", "--json")  # a 16-token prompt + 4
     assert code == 0
     dry = json.loads(out)["memory_plan"]

@@ -210,10 +210,11 @@ def profile(text: str | None = None, shape=None):
 
 
 def budget_without_slots(root: Path) -> list:
-    """A budget that holds the fallbacks and no slot: dynaexq then runs static and learns nothing."""
+    """A budget that holds the fallbacks and no slot: dynaexq then runs static and learns nothing.
+    (Explicit tiers: auto ones are known only once the experts are read.)"""
     cfg = ModelConfig.from_file(root / "ckpt")
     plan = plan_for(cfg, "dynaexq", budget=None, batch=1, longest_prompt=1, max_new_tokens=2, dtype_itemsize=2)
-    return ["--budget", plan.minimum, "--save-hotness", root / "p.json"]
+    return ["--budget", plan.minimum, "--save-hotness", root / "p.json", "--lo-bits", 4, "--hi-dtype", "bfloat16"]
 
 
 FLAGS = {

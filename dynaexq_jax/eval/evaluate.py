@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -33,13 +34,15 @@ from tqdm import tqdm
 
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.policies import POLICIES
+from dynaexq_jax.io import store
+from dynaexq_jax.policies import POLICIES, autotier
 from dynaexq_jax.policies.dynaexq import DynaExqOptions, DynaExqPolicy
 from dynaexq_jax.eval import big_little as bl_eval
 from dynaexq_jax.eval.big_little import Sweep
 from dynaexq_jax.models.big_little import BigLittle
+from dynaexq_jax.policies.hotness import HotnessTracker
 from dynaexq_jax.runtime import engine as engine_lib
-from dynaexq_jax.runtime.build import build_engine, plan_for
+from dynaexq_jax.runtime.build import auto_tiers, build_engine, plan_for
 from dynaexq_jax.runtime.sampling import SamplingParams
 
 TASK_KINDS = ("ppl", "mc", "em")
@@ -183,13 +186,6 @@ class Residency:
         return self.policy.stats()
 
     # called by the evaluation loop
-    def warm(self, seq: Sequence[int]) -> None:
-        """Without a hotness profile, dynaexq fills its slots from its first request's routing:
-        make that request one fixed sequence, so the warm-start set does not depend on the
-        batch size."""
-        if self.managed and not self.policy.warm:
-            self.engine.score([seq])
-
     def scored(self, stats) -> None:
         """A scored batch's `RoutingStats` (None from a layerwise engine, never managed)."""
         if self.managed:
@@ -318,9 +314,6 @@ class Evaluator:
         try:
             passes = [(t, self._pass(t, res)) for t in tasks]
             total = sum(-(-len(p.order) // self.batch_size) for _, p in passes)
-            if passes:
-                first = passes[0][1]
-                res.warm(first.seqs[first.order[0]])
             with tqdm(total=total, desc=self.label or "eval", file=sys.stderr, disable=not self.progress,
                       dynamic_ncols=True, leave=False) as bar:
                 for task, p in passes:
@@ -418,21 +411,40 @@ class Evaluator:
 class RunSpec:
     policy: str
     budget: str  # "none", a size ("64MB"), or "+P%": the lo-bit minimum plus P% of experts as slots
-    lo_bits: int
+    lo_bits: int  # static without a budget and fixed-tier dynaexq: the width; auto dynaexq: the +P% anchor
+    tiers: str = "fixed"  # dynaexq: "auto" (the plan picks the tiers within the budget) or "fixed"
 
-    def label(self, bits: int) -> str:
-        """`bits`: the width the built engine uses (static may pick a wider one than lo_bits)."""
+    def label(self, bits: int, hi_dtype: str | None = None, mid: str = "") -> str:
+        """`bits`: the width the built engine uses (static may pick a wider one than lo_bits);
+        `hi_dtype`: dynaexq's slot dtype; `mid`: its experts at a wider fallback width."""
         budget = "" if self.budget == "none" else self.budget
         if budget.startswith("+"):
             budget = f"int{self.lo_bits}{budget}"
         at = f" @{budget}" if budget else ""
-        if self.policy in ("static", "dynaexq"):
-            return f"{self.policy} int{bits}{at}"
+        if self.policy == "dynaexq":
+            hi = {"bfloat16": "bf16", "float32": "f32"}.get(hi_dtype, hi_dtype)
+            return f"dynaexq {self.tiers} int{bits}{mid}" + (f"+{hi}" if hi else "") + at
+        if self.policy == "static":
+            return f"static int{bits}{at}"
         return self.policy + at
 
 
+TIER_MODES = ("auto", "fixed")
+
+
+def run_options(spec: RunSpec, opts: DynaExqOptions) -> DynaExqOptions:
+    """The options `spec` builds its engine with: auto dynaexq leaves the tiers (fallback width,
+    mixed fallback, slots, and an "auto" slot dtype) to the plan; every other run is fixed at the
+    spec's width, in bf16 slots unless a slot dtype was given."""
+    hi = "bfloat16" if opts.hi_dtype == "auto" else opts.hi_dtype
+    if spec.policy == "dynaexq" and spec.tiers == "auto":
+        return dataclasses.replace(opts, lo_bits="auto")
+    return dataclasses.replace(opts, lo_bits=spec.lo_bits, hi_dtype=hi)
+
+
 def resolve_budget(spec: str, ckpt, opts: DynaExqOptions, *, batch: int, longest: int, max_new_tokens: int) -> int | None:
-    """Bytes for a budget spec; "+P%" uses the memory plan `build_engine` makes for dynaexq."""
+    """Bytes for a budget spec; "+P%" uses the memory plan `build_engine` makes for dynaexq at
+    `opts.lo_bits` with bf16 slots (or the slot dtype given)."""
     if spec == "none":
         return None
     if not spec.startswith("+"):
@@ -443,18 +455,23 @@ def resolve_budget(spec: str, ckpt, opts: DynaExqOptions, *, batch: int, longest
         pct = -1.0
     if not spec.endswith("%") or not 0 <= pct <= 100:
         raise UserError(f"budget {spec!r}: a relative budget is '+P%' with 0 <= P <= 100, e.g. +25%")
+    anchor = dataclasses.replace(opts, hi_dtype="bfloat16" if opts.hi_dtype == "auto" else opts.hi_dtype)
     plan = plan_for(ckpt.config, "dynaexq", budget=None, batch=batch, longest_prompt=longest,
-                    max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=opts)
+                    max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=anchor)
     return plan.minimum + math.ceil(pct / 100 * plan.num_experts_total) * plan.slot_bytes
 
 
-def expand_runs(policy_names: Sequence[str], budgets: Sequence[str], lo_bits: Sequence[int]) -> list[RunSpec]:
+def expand_runs(policy_names: Sequence[str], budgets: Sequence[str], lo_bits: Sequence[int],
+                tiers: Sequence[str] = ("auto",)) -> list[RunSpec]:
     """The cross product, less what would repeat: `full` runs once (it has no budget or
-    bit width to vary), and a budget-less dynaexq run (every expert in a slot, i.e. full
-    precision) is dropped when `full` is also asked for."""
+    bit width to vary), a budget-less dynaexq run (every expert in a slot, i.e. full
+    precision) is dropped when `full` is also asked for, and dynaexq runs once per tier mode."""
     for p in policy_names:
         if p not in POLICIES:
             raise UserError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
+    for t in tiers:
+        if t not in TIER_MODES:
+            raise UserError(f"unknown tier mode {t!r}; choose from {', '.join(TIER_MODES)}")
     runs = []
     for p in policy_names:
         if p == "full":
@@ -464,8 +481,60 @@ def expand_runs(policy_names: Sequence[str], budgets: Sequence[str], lo_bits: Se
             for b in budgets:
                 if p == "dynaexq" and b == "none" and "full" in policy_names:
                     continue
-                runs.append(RunSpec(p, b, bits))
+                runs += [RunSpec(p, b, bits, t) for t in tiers] if p == "dynaexq" else [RunSpec(p, b, bits)]
     return runs
+
+
+def calibration_profile(ckpt, docs: Sequence[str], *, window: int, batch_size: int,
+                        half_life_steps: float) -> HotnessTracker:
+    """Router mass per token of every expert over `docs` (cut into windows as perplexity text
+    is), routed through the full model, as build_tasks.py records the shipped profile."""
+    eos = ckpt.eos_token_ids
+    if not eos:
+        raise UserError("calibration text is joined by EOS, but the checkpoint names no eos_token_id")
+    seqs = ppl_sequences(ckpt.tokenizer, docs, eos[0], window)
+    engine, _ = build_engine(ckpt, "full", budget=None, batch=batch_size, longest_prompt=window, max_new_tokens=1)
+    length = engine_lib.prompt_bucket(max(map(len, seqs)))
+    mass, tokens = 0.0, 0
+    for idx in _batches(list(range(len(seqs))), batch_size):
+        _, stats = engine.score([seqs[i] for i in idx], length)
+        mass = mass + np.asarray(stats.mass, np.float64)
+        tokens += int(stats.tokens)
+    L, E = mass.shape
+    return HotnessTracker(L, E, half_life_steps, mass / max(tokens, 1))
+
+
+def warm_profile(ckpt, opts: DynaExqOptions, hotness_profile=None, calibration: Sequence[str] | None = None, *,
+                 window: int = 256, batch_size: int = 16, log: Callable[[str], None] = lambda s: None) -> HotnessTracker:
+    """Where dynaexq's residency starts in an evaluation, never from nothing: the profile given,
+    (a path, or a `HotnessTracker`), else the one saved for this checkpoint, else one computed
+    on `calibration` text (and saved for the checkpoint, so it is computed once)."""
+    L, E = len(ckpt.config.moe_layers), ckpt.config.num_experts
+    if isinstance(hotness_profile, HotnessTracker):
+        return hotness_profile
+    if hotness_profile:
+        return HotnessTracker.load(hotness_profile, opts.half_life_steps, expect_shape=(L, E))
+    saved = store.profile_path(ckpt.path)
+    if saved is not None and saved.is_file():
+        try:
+            tracker = HotnessTracker.load(saved, opts.half_life_steps, expect_shape=(L, E))
+            log(f"warm start: the profile saved for this checkpoint ({saved})")
+            return tracker
+        except ValueError as e:
+            warnings.warn(f"ignoring the saved hotness profile ({e})")
+    if not calibration:
+        raise UserError("dynaexq needs a warm-start profile: pass --hotness PROFILE or --calibration TEXT "
+                        "(training-like text, never the evaluation data)")
+    tracker = calibration_profile(ckpt, calibration, window=window, batch_size=batch_size,
+                                  half_life_steps=opts.half_life_steps)
+    log(f"warm start: a profile computed on {len(calibration)} calibration documents")
+    if saved is not None:
+        try:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            tracker.save(saved)
+        except OSError as e:  # a read-only cache must not fail the evaluation
+            warnings.warn(f"could not save the calibration profile to {saved} ({e})")
+    return tracker
 
 
 def evaluate_runs(
@@ -475,6 +544,7 @@ def evaluate_runs(
     *,
     opts: DynaExqOptions = DynaExqOptions(),
     hotness_profile: str | None = None,
+    calibration: Sequence[str] | None = None,
     batch_size: int = 16,
     window: int = 256,
     max_length: int = 512,
@@ -484,35 +554,50 @@ def evaluate_runs(
     log: Callable[[str], None] = lambda s: None,
     sweep: Sweep | None = None,
 ) -> list[Result]:
-    """Evaluate every run on every task; one engine per run, built and dropped in turn. With a
-    big-little `sweep`, each run is evaluated again at each target little share > 0 (rows
-    labelled "<run> little <share>"), thresholds calibrated once on the first perplexity task."""
+    """Evaluate every run on every task; one engine per run, built and dropped in turn.
+    Dynaexq runs start warm from `warm_profile` (`hotness_profile`, the checkpoint's saved
+    profile, or `calibration` text). With a big-little `sweep`, each run is evaluated again at
+    each target little share > 0 (rows labelled "<run> little <share>"), thresholds calibrated
+    once on the first perplexity task."""
     longest = max([window, max_length] if any(t.kind != "ppl" for t in tasks) else [window])
     shape = dict(batch=batch_size, longest=longest, max_new_tokens=max_new_tokens)
+    plan_kw = dict(batch=batch_size, longest_prompt=longest, max_new_tokens=max_new_tokens)
+    budgets = []
     for spec in runs:  # every run's budget, before the first run starts: a late refusal wastes the earlier runs
-        run_opts = dataclasses.replace(opts, lo_bits=spec.lo_bits)
+        anchor = dataclasses.replace(opts, lo_bits=spec.lo_bits)
+        # auto tiers fit wherever the narrowest fallback does
+        check = dataclasses.replace(run_options(spec, opts), lo_bits=min(autotier.LO_WIDTHS), hi_dtype="bfloat16") \
+            if spec.policy == "dynaexq" and spec.tiers == "auto" else run_options(spec, opts)
         try:
-            plan_for(ckpt.config, spec.policy, budget=resolve_budget(spec.budget, ckpt, run_opts, **shape),
-                     batch=batch_size, longest_prompt=longest, max_new_tokens=max_new_tokens,
-                     dtype_itemsize=ckpt.dtype.itemsize, opts=run_opts)
+            budgets.append(resolve_budget(spec.budget, ckpt, anchor, **shape))
+            plan_for(ckpt.config, spec.policy, budget=budgets[-1], dtype_itemsize=ckpt.dtype.itemsize, opts=check,
+                     **plan_kw)
         except UserError as e:
             raise UserError(f"run {spec.label(spec.lo_bits)}: {e}") from None
     levels = _sweep_levels(ckpt, sweep, tasks, window) if sweep else {}
+    profile = None
+    if any(spec.policy == "dynaexq" for spec in runs):
+        profile = warm_profile(ckpt, opts, hotness_profile, calibration, window=window, batch_size=batch_size, log=log)
     results = []
-    for spec in runs:
+    for spec, budget in zip(runs, budgets):
         # No saved profile: a run must not depend on what earlier runs of the checkpoint learned.
-        run_opts = dataclasses.replace(opts, lo_bits=spec.lo_bits, save_profile=False)
-        budget = resolve_budget(spec.budget, ckpt, run_opts, batch=batch_size, longest=longest, max_new_tokens=max_new_tokens)
+        run_opts = dataclasses.replace(run_options(spec, opts), save_profile=False)
+        hi, choice = None, None
+        if spec.policy == "dynaexq":
+            run_opts, choice = auto_tiers(ckpt, run_opts, budget=budget, hotness_profile=profile, **plan_kw)
+            if choice is not None:
+                log(f"{spec.label(spec.lo_bits)}: {choice.describe()}")
         # The plain run, then one per big-little level, each on a fresh engine (residency included).
         for share, bl in [(None, None)] + list(levels.items()):
-            engine, plan = build_engine(
-                ckpt, spec.policy, budget=budget, batch=batch_size, longest_prompt=longest,
-                max_new_tokens=max_new_tokens, opts=run_opts,
-                hotness_profile=hotness_profile if spec.policy == "dynaexq" else None, big_little=bl,
-            )
+            engine, plan = build_engine(ckpt, spec.policy, budget=budget, opts=run_opts,
+                                        hotness_profile=profile if spec.policy == "dynaexq" else None,
+                                        big_little=bl, **plan_kw)
             # The width experts are computed at: static's pick, dynaexq's fallback, else all high precision.
-            bits = {"static": getattr(engine.policy, "lo_bits", None), "dynaexq": spec.lo_bits}.get(spec.policy, 16)
-            label = spec.label(bits) + ("" if bl is None else f" little {share:.0%}")
+            bits = {"static": getattr(engine.policy, "lo_bits", None), "dynaexq": run_opts.lo_bits}.get(spec.policy, 16)
+            if spec.policy == "dynaexq" and plan.slots:
+                hi = run_opts.hi_dtype
+            mid = f"/{len(run_opts.mid_experts)}xint{run_opts.mid_bits}" if run_opts.mid_experts else ""
+            label = spec.label(bits, hi, mid) + ("" if bl is None else f" little {share:.0%}")
             log(f"{label}: budget {budget_lib.format_size(budget) if budget else 'none'}, accounted "
                 f"{budget_lib.format_size(plan.total)}, {plan.slots if spec.policy != 'static' else 0} slots"
                 + ("" if bl is None else f", {bl}"))

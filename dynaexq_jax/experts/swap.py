@@ -110,12 +110,13 @@ class SwapStats:
 class Swapper:
     """Owns the slot pool and the handles; the engine reads `experts` before every step.
 
-    `fallback` stores every expert (row `layer * E + expert`); `pool` holds the slots.
+    `fallback` stores every expert: one tier (row `layer * E + expert`), or an `ExpertState`
+    whose handles say where each expert's fallback is; `pool` holds the slots.
     """
 
     def __init__(
         self,
-        fallback: ExpertTier,
+        fallback: ExpertTier | ExpertState,
         pool: ExpertTier,
         bank: HostBank,
         num_layers: int,
@@ -129,11 +130,16 @@ class Swapper:
     ):
         """`biases`: the `ExpertState` bias fields every published state carries (`device_biases`)."""
         self.device = device or jax.devices()[0]
-        self.fallback = fallback
         self.biases = biases or {}
+        if isinstance(fallback, ExpertTier):  # every expert in one tier, layer-major
+            self._lo_tiers = (fallback,)
+            self._lo_handles = layer_major_handles(num_layers, fallback.rows // num_layers)
+        else:  # an ExpertState: fallbacks spread over tiers of several widths
+            self._lo_tiers = fallback.tiers
+            self._lo_handles = (np.asarray(fallback.tier_of), np.asarray(fallback.row_of))
         self._pool = (pool.gate_up, pool.down)
         self.num_layers = num_layers
-        E = fallback.rows // num_layers
+        E = self._lo_handles[0].shape[1]
         self.slot_of = np.full((num_layers, E), -1, np.int32)  # [moe_layers, E]; -1 = fallback
         self.owner = np.full((pool.rows,), -1, np.int32)  # [S]: layer * E + expert, -1 = free
         self.bank = bank
@@ -144,7 +150,6 @@ class Swapper:
         self.pending: list[tuple[int, int]] = []  # promotions not yet started, in order
         self.inflight: dict[tuple[int, int], tuple[int, Transfer, float]] = {}  # -> (slot, transfer, start)
         self.stats = SwapStats()
-        self._lo_handles = layer_major_handles(num_layers, E)
         self._publish()
 
     # ------------------------------------------------------------------ queries
@@ -275,11 +280,11 @@ class Swapper:
     def _publish(self) -> None:
         tier_lo, row_lo = self._lo_handles
         slotted = self.slot_of >= 0
-        tier_of = np.where(slotted, 1, tier_lo).astype(np.int32)  # fresh arrays: never views of
+        tier_of = np.where(slotted, len(self._lo_tiers), tier_lo).astype(np.int32)  # fresh arrays: never views of
         row_of = np.where(slotted, self.slot_of, row_lo).astype(np.int32)  # the mutable bookkeeping
         pool = ExpertTier(self._pool[0], self._pool[1], high_precision=True)
         self._experts = ExpertState(
-            tiers=(self.fallback, pool),
+            tiers=(*self._lo_tiers, pool),
             tier_of=jax.device_put(tier_of, self.device),
             row_of=jax.device_put(row_of, self.device),
             **self.biases,

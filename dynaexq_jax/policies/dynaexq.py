@@ -1,5 +1,8 @@
 """`dynaexq`: every expert on a low-bit fallback; the hottest also in high-precision slots.
 
+The fallback may be mixed (auto tiers, `policies.autotier`): some experts stored at a wider
+width than the rest, each once; a demoted expert returns to its own.
+
 Online hotness (router-probability mass per token, decayed over decode steps) -> a
 budget-feasible top-n per layer with hysteresis -> asynchronous swaps (`experts.swap`).
 
@@ -22,13 +25,13 @@ from dynaexq_jax.io import store
 from dynaexq_jax.policies import hotness
 from dynaexq_jax.policies.full import FixedPolicy
 from dynaexq_jax.experts.expert_state import device_biases, single_tier
-from dynaexq_jax.policies.tiers import Stopwatch, host_bank, packed_tier, quantized_layers, slot_pool
+from dynaexq_jax.policies.tiers import Stopwatch, host_bank, mixed_fallback, packed_tier, quantized_layers, slot_pool
 
 
 @dataclasses.dataclass(frozen=True)
 class DynaExqOptions:
-    lo_bits: int = 4
-    hi_dtype: str = "bfloat16"  # or "int8"
+    lo_bits: int | str = 4  # or "auto": the plan picks (`policies.autotier`, resolved by `build_engine`)
+    hi_dtype: str = "bfloat16"  # or "int8", or "auto"
     group_size: int = 128
     quant_method: str = "rtn"
     rebalance_every: int = 16  # decode steps between residency decisions
@@ -39,6 +42,9 @@ class DynaExqOptions:
     bytes_per_step: int | None = None  # promotion bytes started per step; None = 4 experts
     blocking: bool = False  # land every promotion before the next step (the comparison variant)
     save_profile: bool = True  # keep this checkpoint's profile for the next run's warm start
+    max_slots: int | None = None  # at most this many slots whatever the budget leaves (auto tiers' choice)
+    mid_bits: int | None = None  # a wider fallback width for the experts in `mid_experts` (auto tiers' choice)
+    mid_experts: tuple[tuple[int, int], ...] = ()  # (MoE layer, expert) pairs stored at mid_bits
 
 
 class DynaExqPolicy:
@@ -138,13 +144,19 @@ def build(ckpt, plan, opts: DynaExqOptions, *, hotness_profile=None, transfer=No
     device = device or jax.devices()[0]  # committed arrays: every published state has one placement
     L, E = host.num_layers, host.num_experts
     clock = Stopwatch()
-    layers = quantized_layers(host, opts.lo_bits, opts.group_size, opts.quant_method, source=ckpt.path,
-                              progress=progress, clock=clock)
-    fallback = packed_tier(layers, device)
-    del layers
+    if opts.mid_experts:
+        mid = np.zeros((L, E), bool)
+        mid[tuple(np.array(opts.mid_experts).T)] = True
+        fallback = mixed_fallback(host, opts.lo_bits, opts.mid_bits, mid, opts.group_size, opts.quant_method,
+                                  source=ckpt.path, device=device, progress=progress, clock=clock)
+    else:
+        layers = quantized_layers(host, opts.lo_bits, opts.group_size, opts.quant_method, source=ckpt.path,
+                                  progress=progress, clock=clock)
+        fallback = packed_tier(layers, device)
+        del layers
     if plan.slots == 0:
-        return FixedPolicy("dynaexq", single_tier(fallback, L, E, device, host), lo_bits=opts.lo_bits,
-                           convert_s=clock.seconds)
+        state = fallback if opts.mid_experts else single_tier(fallback, L, E, device, host)
+        return FixedPolicy("dynaexq", state, lo_bits=opts.lo_bits, convert_s=clock.seconds)
     bank = host_bank(host, opts.hi_dtype, opts.group_size, source=ckpt.path, device=device, progress=progress,
                      clock=clock)
     pool = slot_pool(host, plan.slots, opts.hi_dtype, opts.group_size, device)
@@ -152,16 +164,24 @@ def build(ckpt, plan, opts: DynaExqOptions, *, hotness_profile=None, transfer=No
     swapper = Swapper(fallback, pool, bank, L, bytes_per_step=per_step, transfer=transfer, blocking=opts.blocking,
                       device=device, biases=device_biases(host, device))
     saved = store.profile_path(ckpt.path) if opts.save_profile else None
-    tracker, informed = None, False
+    tracker, informed = warm_tracker(ckpt, opts, hotness_profile)
+    return DynaExqPolicy(swapper, tracker, opts, informed=informed, profile_path=saved, convert_s=clock.seconds)
+
+
+def warm_tracker(ckpt, opts: DynaExqOptions, hotness_profile=None) -> tuple[hotness.HotnessTracker, bool]:
+    """The hotness a run starts from, and whether it is informed: the profile given (a path, or
+    a `HotnessTracker` already made, e.g. from calibration text), else the one saved for this
+    checkpoint (unless `opts.save_profile` is off), else zeros."""
+    host = ckpt.experts
+    L, E = host.num_layers, host.num_experts
+    if isinstance(hotness_profile, hotness.HotnessTracker):
+        return hotness.HotnessTracker(L, E, opts.half_life_steps, hotness_profile.scores), True
     if hotness_profile:
-        tracker = hotness.HotnessTracker.load(hotness_profile, opts.half_life_steps, expect_shape=(L, E))
-        informed = True
-    elif saved is not None and saved.is_file():
+        return hotness.HotnessTracker.load(hotness_profile, opts.half_life_steps, expect_shape=(L, E)), True
+    saved = store.profile_path(ckpt.path) if opts.save_profile else None
+    if saved is not None and saved.is_file():
         try:
-            tracker = hotness.HotnessTracker.load(saved, opts.half_life_steps, expect_shape=(L, E))
-            informed = True
+            return hotness.HotnessTracker.load(saved, opts.half_life_steps, expect_shape=(L, E)), True
         except ValueError as e:
             warnings.warn(f"ignoring the saved hotness profile ({e})")
-    if tracker is None:
-        tracker = hotness.HotnessTracker(L, E, opts.half_life_steps)
-    return DynaExqPolicy(swapper, tracker, opts, informed=informed, profile_path=saved, convert_s=clock.seconds)
+    return hotness.HotnessTracker(L, E, opts.half_life_steps), False

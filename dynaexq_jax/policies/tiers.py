@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dynaexq_jax.experts import quant
-from dynaexq_jax.experts.expert_state import ExpertTier, HostExperts, stack_layers
+from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases, stack_layers
 from dynaexq_jax.experts.swap import HostBank
 from dynaexq_jax.io import store
 
@@ -62,6 +62,40 @@ def quantized_layers(host: HostExperts, bits: int, group_size: int, method: str,
     return layers
 
 
+def quant_errors(host: HostExperts, widths, group_size: int, method: str, *, source=None,
+                 clock: Stopwatch | None = None) -> dict[int, np.ndarray]:
+    """Each expert's relative weight error at each width in `widths`: {bits: [L, E] float64},
+    ||W - Q(W)||^2 / ||W||^2 over its gate_up and down together.
+
+    Why this measure: it is what the output error of an expert is, relative to its output,
+    for inputs with no preferred direction, so it needs no activations and is a property of
+    the converted experts alone (cached beside them, computed once per checkpoint and
+    settings); which experts matter comes from the traffic share of the calibration profile
+    that weights it (`policies.autotier`).
+    """
+    t0 = time.perf_counter()
+    cpu = jax.devices("cpu")[0]
+    widths = tuple(sorted(widths))
+
+    def build() -> dict:
+        out = {f"int{b}": np.zeros((host.num_layers, host.num_experts)) for b in widths}
+        for i, ws in enumerate(zip(host.gate_up, host.down)):
+            with jax.default_device(cpu):
+                ws = [jnp.asarray(w, jnp.float32) for w in ws]
+                norm = sum(jnp.sum(w * w, axis=(1, 2)) for w in ws)  # [E]
+                for b in widths:
+                    err = sum(jnp.sum((quant.dequantize(quant.quantize(w, b, group_size, method), jnp.float32) - w) ** 2,
+                                      axis=(1, 2)) for w in ws)
+                    out[f"int{b}"][i] = np.asarray(err / jnp.maximum(norm, 1e-30), np.float64)
+        return out
+
+    settings = {"widths": list(widths), "group_size": group_size, "method": method, "dtype": str(host.gate_up[0].dtype)}
+    tree = store.cached(source, "qerr", settings, build)
+    if clock is not None:
+        clock.seconds += time.perf_counter() - t0
+    return {b: np.asarray(tree[f"int{b}"], np.float64) for b in widths}
+
+
 class _Layers:
     """A lazy sequence: item i of each layer pair in `layers`."""
 
@@ -84,6 +118,30 @@ def packed_tier(layers, device=None, *, high_precision: bool = False) -> ExpertT
     """`quantized_layers` stacked on the device, rows [L*E] layer-major."""
     return ExpertTier(stack_layers(_Layers(layers, 0), device), stack_layers(_Layers(layers, 1), device),
                       high_precision=high_precision)
+
+
+def mixed_fallback(host: HostExperts, lo_bits: int, mid_bits: int, mid: np.ndarray, group_size: int, method: str, *,
+                   source=None, device=None, progress: bool = False, clock: Stopwatch | None = None) -> ExpertState:
+    """Every expert's fallback, at `mid_bits` where `mid` [L, E] is set and at `lo_bits`
+    elsewhere, each stored once: two packed tiers (lo: tier 0, mid: tier 1), rows layer-major
+    within each, the handles that find them, and `host`'s expert biases if it has any."""
+    mid = np.asarray(mid, bool)
+    tier_of = mid.astype(np.int32)
+    row_of = np.zeros(mid.shape, np.int32)
+    row_of[~mid] = np.arange(int((~mid).sum()))  # boolean indexing runs layer-major
+    row_of[mid] = np.arange(int(mid.sum()))
+    tiers = []
+    for bits, pick in ((lo_bits, ~mid), (mid_bits, mid)):
+        layers = quantized_layers(host, bits, group_size, method, source=source, progress=progress, clock=clock)
+        pieces = []
+        for j in range(2):  # gate_up, down: the picked experts of every layer, concatenated
+            qts = [layers[i][j] for i in range(host.num_layers)]
+            leaves = [np.concatenate([np.asarray(getattr(q, n))[pick[i]] for i, q in enumerate(qts)]) for n in _LEAVES]
+            pieces.append(dataclasses.replace(qts[0], **dict(zip(_LEAVES, leaves)),
+                                              shape=(len(leaves[0]),) + qts[0].shape[1:]))
+        tiers.append(packed_tier([tuple(pieces)], device))
+    put = lambda a: jax.device_put(a, device)
+    return ExpertState(tiers=tuple(tiers), tier_of=put(tier_of), row_of=put(row_of), **device_biases(host, device))
 
 
 def slot_pool(host: HostExperts, slots: int, hi_dtype: str, group_size: int, device=None) -> ExpertTier:

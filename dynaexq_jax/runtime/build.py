@@ -7,7 +7,9 @@ import dataclasses
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.policies import POLICIES, build_policy
-from dynaexq_jax.policies.dynaexq import DynaExqOptions
+from dynaexq_jax.policies import autotier
+from dynaexq_jax.policies.dynaexq import DynaExqOptions, warm_tracker
+from dynaexq_jax.policies.tiers import quant_errors
 from dynaexq_jax.runtime.engine import Engine, cache_bucket, prompt_bucket
 from dynaexq_jax.runtime.layerwise import LayerwiseEngine
 
@@ -18,12 +20,71 @@ def plan_for(cfg, policy: str, *, budget: int | None, batch: int, longest_prompt
     before any weight is read)."""
     if policy not in POLICIES:
         raise budget_lib.BudgetError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if "auto" in (opts.lo_bits, opts.hi_dtype):
+        raise ValueError("plan_for needs concrete tiers; resolve lo_bits/hi_dtype 'auto' with auto_tiers first")
     prompt = prompt_bucket(longest_prompt)
     return budget_lib.policy_plan(
         cfg, policy, budget=budget, batch=batch, prompt=prompt, context=cache_bucket(prompt + max_new_tokens),
-        dtype_itemsize=dtype_itemsize, lo_bits=opts.lo_bits, hi_dtype=opts.hi_dtype,
+        dtype_itemsize=dtype_itemsize, lo_bits=opts.lo_bits, hi_dtype=opts.hi_dtype, max_slots=opts.max_slots,
+        mid_bits=opts.mid_bits, mid_experts=len(opts.mid_experts),
         group_size=budget_lib.expert_group_size(cfg, opts.group_size),
     )
+
+
+def fixed_tiers(opts: DynaExqOptions) -> DynaExqOptions:
+    """`opts` with "auto" replaced by today's fixed tiers (int4 fallback, bf16 slots): what the
+    policies other than dynaexq use (static's budgeted width comes from its plan)."""
+    return dataclasses.replace(opts, lo_bits=4 if opts.lo_bits == "auto" else opts.lo_bits,
+                               hi_dtype="bfloat16" if opts.hi_dtype == "auto" else opts.hi_dtype)
+
+
+def auto_start(cfg, opts: DynaExqOptions, *, budget: int | None, batch: int, longest_prompt: int, max_new_tokens: int,
+               dtype_itemsize: int) -> DynaExqOptions:
+    """Config-only stand-in for `auto_tiers` (a dry run reads no weights, so no errors): the
+    widest fallback whose plan fits, with bf16 slots unless given; where auto tiers start. A
+    budget below even the narrowest fallback is the narrowest's BudgetError."""
+    lo_choices = autotier.LO_WIDTHS if opts.lo_bits == "auto" else (opts.lo_bits,)
+    fixed = fixed_tiers(opts)
+    for i, lo in enumerate(lo_choices):
+        cand = dataclasses.replace(fixed, lo_bits=lo)
+        try:
+            plan_for(cfg, "dynaexq", budget=budget, batch=batch, longest_prompt=longest_prompt,
+                     max_new_tokens=max_new_tokens, dtype_itemsize=dtype_itemsize, opts=cand)
+        except budget_lib.BudgetError:
+            if i + 1 < len(lo_choices):
+                continue
+            raise
+        return cand
+
+
+def auto_tiers(ckpt, opts: DynaExqOptions, *, budget: int | None, batch: int, longest_prompt: int,
+               max_new_tokens: int, hotness_profile=None) -> tuple[DynaExqOptions, autotier.TierChoice | None]:
+    """`opts` with an "auto" `lo_bits` / `hi_dtype` replaced by the budget's best tiers
+    (`policies.autotier`), weighting each expert by the warm-start profile the policy will use
+    (uniform without one); a concrete value restricts the choice to itself. Unchanged, with no
+    choice, when neither is "auto"."""
+    if "auto" not in (opts.lo_bits, opts.hi_dtype):
+        return opts, None
+    if budget is None:  # room for every expert in a slot: the output is full's whatever the tiers
+        return fixed_tiers(opts), None
+    cfg = ckpt.config
+    group = budget_lib.expert_group_size(cfg, opts.group_size)
+    lo_choices = autotier.LO_WIDTHS if opts.lo_bits == "auto" else (opts.lo_bits,)
+    hi_choices = autotier.HI_DTYPES if opts.hi_dtype == "auto" else (opts.hi_dtype,)
+    # A mixed fallback only when the width is the plan's to pick: an explicit --lo-bits is kept as given.
+    mixed = opts.lo_bits == "auto"
+    widths = set(autotier.LO_WIDTHS if mixed else lo_choices) | ({8} if "int8" in hi_choices else set())
+    errors = quant_errors(ckpt.experts, widths, group, opts.quant_method, source=ckpt.path)
+    tracker, _ = warm_tracker(ckpt, opts, hotness_profile)
+    gu, dn = budget_lib.expert_shapes(cfg)
+    expert_bytes = lambda bits: budget_lib.quantized_nbytes(gu, bits, group) + budget_lib.quantized_nbytes(dn, bits, group)
+    plan_fn = lambda lo, hi, max_slots: plan_for(
+        cfg, "dynaexq", budget=budget, batch=batch, longest_prompt=longest_prompt, max_new_tokens=max_new_tokens,
+        dtype_itemsize=ckpt.dtype.itemsize, opts=dataclasses.replace(opts, lo_bits=lo, hi_dtype=hi, max_slots=max_slots))
+    choice = autotier.choose(plan_fn, errors, tracker.scores, lo_choices=lo_choices, hi_choices=hi_choices,
+                             allocation=opts.allocation, expert_bytes=expert_bytes if mixed else None)
+    return dataclasses.replace(opts, lo_bits=choice.lo_bits, hi_dtype=choice.hi_dtype, max_slots=choice.slots,
+                               mid_bits=choice.mid_bits, mid_experts=choice.mid_experts), choice
 
 
 def build_engine(
@@ -44,6 +105,11 @@ def build_engine(
     `max_new_tokens`, routing big-little if `big_little` is given. Returns (engine, memory plan); the plan's `total` is the accounted
     device bytes."""
     cfg = ckpt.config
+    if policy == "dynaexq":
+        opts, _ = auto_tiers(ckpt, opts, budget=budget, batch=batch, longest_prompt=longest_prompt,
+                             max_new_tokens=max_new_tokens, hotness_profile=hotness_profile)
+    else:  # the other policies' widths come from the plan (static) or are fixed
+        opts = fixed_tiers(opts)
     plan = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=longest_prompt,
                     max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=opts)
     opts = dataclasses.replace(opts, group_size=budget_lib.expert_group_size(cfg, opts.group_size))
@@ -53,4 +119,4 @@ def build_engine(
     return engine, plan
 
 
-__all__ = ["DynaExqOptions", "build_engine", "plan_for"]
+__all__ = ["DynaExqOptions", "auto_start", "auto_tiers", "build_engine", "fixed_tiers", "plan_for"]
