@@ -13,8 +13,8 @@ auto tiers (the default) picks its fallback width and slot dtype within each bud
 --lo-bits only anchors its "+P%"; `--tiers fixed` keeps the --lo-bits fallback and --hi-dtype
 slots (bf16 for auto) beside it for comparison.
 
-Dynaexq starts warm: from --hotness, else the profile saved for this checkpoint, else the
-model's shipped tasks/hotness_train.json, else one computed on --calibration text. See
+Dynaexq starts warm: from --hotness, else the profile saved for this checkpoint, else one
+computed on --calibration text when given, else the model's shipped tasks/hotness_train.json. See
 scripts/accuracy_sweep.py for accuracy against memory.
 """
 
@@ -110,28 +110,17 @@ def run(args) -> list:
             tasks.append(dataclasses.replace(task, items=task.items[: args.limit]) if args.limit else task)
 
     calibration = evaluate.load_task("ppl", args.calibration).items if args.calibration else None
-    hotness = args.hotness or shipped_profile(Path(args.model), calibration)
+    shipped = Path(args.model) / "tasks" / "hotness_train.json"  # recorded on the model's training data
     ckpt = loader.load(args.model, jnp.dtype(args.dtype))
     opts = DynaExqOptions(hi_dtype=args.hi_dtype, group_size=args.group_size, quant_method=args.quant_method)
     log = lambda s: print(s, file=sys.stderr, flush=True)
     return evaluate.evaluate_runs(
-        ckpt, runs, tasks, opts=opts, hotness_profile=hotness, calibration=calibration, batch_size=args.batch_size,
+        ckpt, runs, tasks, opts=opts, hotness_profile=args.hotness, calibration=calibration,
+        default_profile=str(shipped) if shipped.is_file() else None, batch_size=args.batch_size,
         window=args.window,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, residency=args.residency,
         progress=True, log=log, sweep=sweep,
     )
-
-
-def shipped_profile(model: Path, calibration) -> str | None:
-    """The profile a checkpoint ships (`tasks/hotness_train.json`, recorded on its training
-    data), used when neither --hotness nor --calibration is given and no profile was saved."""
-    from dynaexq_jax.io import store
-
-    path = model / "tasks" / "hotness_train.json"
-    saved = store.profile_path(model)
-    if calibration or (saved is not None and saved.is_file()) or not path.is_file():
-        return None
-    return str(path)
 
 
 def check_writable(path: Path) -> None:

@@ -505,10 +505,12 @@ def calibration_profile(ckpt, docs: Sequence[str], *, window: int, batch_size: i
 
 
 def warm_profile(ckpt, opts: DynaExqOptions, hotness_profile=None, calibration: Sequence[str] | None = None, *,
-                 window: int = 256, batch_size: int = 16, log: Callable[[str], None] = lambda s: None) -> HotnessTracker:
+                 default_profile: str | None = None, window: int = 256, batch_size: int = 16,
+                 log: Callable[[str], None] = lambda s: None) -> HotnessTracker:
     """Where dynaexq's residency starts in an evaluation, never from nothing: the profile given,
     (a path, or a `HotnessTracker`), else the one saved for this checkpoint, else one computed
-    on `calibration` text (and saved for the checkpoint, so it is computed once)."""
+    on `calibration` text (and saved for the checkpoint, so it is computed once), else
+    `default_profile` (e.g. the one a checkpoint ships)."""
     L, E = len(ckpt.config.moe_layers), ckpt.config.num_experts
     if isinstance(hotness_profile, HotnessTracker):
         return hotness_profile
@@ -522,6 +524,9 @@ def warm_profile(ckpt, opts: DynaExqOptions, hotness_profile=None, calibration: 
             return tracker
         except ValueError as e:
             warnings.warn(f"ignoring the saved hotness profile ({e})")
+    if not calibration and default_profile:
+        log(f"warm start: {default_profile}")
+        return HotnessTracker.load(default_profile, opts.half_life_steps, expect_shape=(L, E))
     if not calibration:
         raise UserError("dynaexq needs a warm-start profile: pass --hotness PROFILE or --calibration TEXT "
                         "(training-like text, never the evaluation data)")
@@ -545,6 +550,7 @@ def evaluate_runs(
     opts: DynaExqOptions = DynaExqOptions(),
     hotness_profile: str | None = None,
     calibration: Sequence[str] | None = None,
+    default_profile: str | None = None,
     batch_size: int = 16,
     window: int = 256,
     max_length: int = 512,
@@ -556,7 +562,7 @@ def evaluate_runs(
 ) -> list[Result]:
     """Evaluate every run on every task; one engine per run, built and dropped in turn.
     Dynaexq runs start warm from `warm_profile` (`hotness_profile`, the checkpoint's saved
-    profile, or `calibration` text). With a big-little `sweep`, each run is evaluated again at
+    profile, `calibration` text, or `default_profile`). With a big-little `sweep`, each run is evaluated again at
     each target little share > 0 (rows labelled "<run> little <share>"), thresholds calibrated
     once on the first perplexity task."""
     longest = max([window, max_length] if any(t.kind != "ppl" for t in tasks) else [window])
@@ -577,7 +583,8 @@ def evaluate_runs(
     levels = _sweep_levels(ckpt, sweep, tasks, window) if sweep else {}
     profile = None
     if any(spec.policy == "dynaexq" for spec in runs):
-        profile = warm_profile(ckpt, opts, hotness_profile, calibration, window=window, batch_size=batch_size, log=log)
+        profile = warm_profile(ckpt, opts, hotness_profile, calibration, default_profile=default_profile,
+                               window=window, batch_size=batch_size, log=log)
     results = []
     for spec, budget in zip(runs, budgets):
         # No saved profile: a run must not depend on what earlier runs of the checkpoint learned.
