@@ -26,14 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.experts.quant import QuantizedTensor
+from dynaexq_jax.experts.quant import Mxfp4Tensor, QuantizedTensor
 
-Weights = jax.Array | QuantizedTensor
+Weights = jax.Array | QuantizedTensor | Mxfp4Tensor
+PACKED = (QuantizedTensor, Mxfp4Tensor)  # the stored formats whose `shape` is logical, not a buffer's
 
 
 def weights_nbytes(w: Weights) -> int:
-    """Device bytes of a dense array or a `QuantizedTensor` (packed at its real size)."""
-    return w.nbytes if isinstance(w, QuantizedTensor) else math.prod(w.shape) * jnp.dtype(w.dtype).itemsize
+    """Device bytes of a dense array, a `QuantizedTensor` or an `Mxfp4Tensor` (packed at its real size)."""
+    return w.nbytes if isinstance(w, PACKED) else math.prod(w.shape) * jnp.dtype(w.dtype).itemsize
 
 
 @flax.struct.dataclass
@@ -112,7 +113,7 @@ def device_biases(host: HostExperts | None, device=None, layers: slice = slice(N
 
 
 def stack_layers(layers, device=None) -> Weights:
-    """Per-layer host arrays (or `QuantizedTensor`s) [E, K, N] -> one device array [L*E, K, N].
+    """Per-layer host arrays (or `QuantizedTensor`s, `Mxfp4Tensor`s) [E, K, N] -> one device array [L*E, K, N].
 
     `layers` is a sequence (a lazy one is fine: presets make each layer on access). Layers are
     moved one at a time into a preallocated device buffer (donated update), so the device never
@@ -129,7 +130,7 @@ def stack_layers(layers, device=None) -> Weights:
                                  jax.device_put(np.int32(i * a.shape[0]), device))
         del layer
     stacked = jax.tree.unflatten(treedef, out)
-    if isinstance(first, QuantizedTensor):
+    if isinstance(first, PACKED):
         return dataclasses.replace(stacked, shape=(n * first.shape[0],) + first.shape[1:])
     return stacked
 
