@@ -151,6 +151,10 @@ class HostExperts:
     down: Sequence[np.ndarray]  # per MoE layer: [E, I, H]
     gate_up_bias: np.ndarray | None = None  # [L, E, 2I] (gate, then up), families with expert biases
     down_bias: np.ndarray | None = None  # [L, E, H]
+    # Per MoE layer, the checkpoint's own MXFP4 (gate_up, down) as host `Mxfp4Tensor`s, when it
+    # ships its experts so: an MXFP4 fallback is these bytes, and `gate_up` / `down` decode them
+    # a layer at a time, only for the tiers that want the compute dtype.
+    mxfp4: Sequence[tuple[Mxfp4Tensor, Mxfp4Tensor]] | None = None
 
     @property
     def num_layers(self) -> int:
