@@ -4,7 +4,8 @@
 `key % R` of tier `key // R`, `key = tiles.key[t]` (the kernel splits the key itself: one
 planning kernel less per call). A tier is dense ([R, K, N], e.g. bf16 slots) or
 packed low-bit codes with per-group scales and zeros ([R, K*bits/8, N] uint8 + [R, K/g, N]),
-in the layout `dynaexq_jax.experts.quant` describes. One call covers every tier, so a MoE layer
+in the layout `dynaexq_jax.experts.quant` describes, or MXFP4 as checkpoints ship it (e2m1
+codes [R, N, K/2] uint8 + e8m0 scales [R, N, K/32], decoded by arithmetic in `_mxfp4_step`). One call covers every tier, so a MoE layer
 whose experts sit in a bf16 slot pool and in int4 fallbacks is one kernel launch per matrix,
 and it reads exactly the weights of the experts that have rows, once per N block.
 

@@ -443,6 +443,19 @@ def test_dry_run_plans_the_published_configs(name, tmp_path, capsys):
     assert plan["num_experts_total"] == len(cfg.moe_layers) * cfg.num_experts
 
 
+def test_dry_run_plans_gpt_oss_with_its_shipped_mxfp4_fallback(tmp_path, capsys):
+    generate = _generate_script()
+    d = PUBLISHED["gpt-oss-20b"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    code = generate.main(["--model", str(tmp_path), "--dry-run", "--json", "--policy", "static", "--lo-bits", "mxfp4"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    plan = json.loads(out)["memory_plan"]
+    cfg = registry.adapter_for(d).config_from_hf(d)
+    values = len(cfg.moe_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert plan["lo_bits"] == "mxfp4" and plan["fallback"] * 8 == values * 4.25  # 10.15 GB
+
+
 # ----------------------------------------------------------------- gpt-oss's MXFP4 experts
 
 
@@ -631,3 +644,20 @@ def test_dynaexq_over_an_mxfp4_fallback_promotes_into_bf16_slots_within_a_budget
     assert plan.slots == 2 and isinstance(lo.gate_up, quant.Mxfp4Tensor) and slots.gate_up.dtype == jnp.float32
     g = eng.generate([PROMPT], 8, eos_token_ids=())
     assert len(g.tokens[0]) == 8 and g.stats["promotions"] > 0
+
+
+def test_mxfp4_scales_beyond_the_compute_dtype_are_one_line_errors(mxfp4_checkpoint, tmp_path):
+    """A scale byte of 255 (e8m0's NaN) would decode to Inf or NaN: refused from the scales alone,
+    before any expert is decoded."""
+    from safetensors.numpy import load_file, save_file
+
+    path, _ = mxfp4_checkpoint
+    for f in ("config.json", "tokenizer.json"):
+        (tmp_path / f).write_bytes((path / f).read_bytes())
+    tensors = load_file(path / "model.safetensors")
+    name = "model.layers.1.mlp.experts.down_proj_scales"
+    tensors[name][0, 0, 0] = 255
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(loader.CheckpointError, match="too large for float32") as e:
+        loader.load(tmp_path, jnp.float32)
+    assert "model.layers.1.mlp.experts.down_proj" in str(e.value) and "\n" not in str(e.value)

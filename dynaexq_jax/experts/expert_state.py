@@ -4,7 +4,7 @@ Every policy hands the model the same structure: a few *tiers* of stored experts
 *handle* per (MoE layer, expert) naming the tier and row that serve it.
 
     full      one dense tier, [L*E] rows: every expert at the checkpoint's precision
-    static    one packed tier (int8/4/3/2), [L*E] rows
+    static    one packed tier (int8/4/3/2 or MXFP4), [L*E] rows
     dynaexq   a packed fallback tier [L*E] and a high-precision slot pool [S] shared by all
               layers; an expert's handle points at its slot when it holds one
     offload   one dense slot pool [S] holding the experts the current layer needs

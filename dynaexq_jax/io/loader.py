@@ -7,7 +7,9 @@ MoE layer's experts into one [E, ...] array, so host memory peaks near one copy 
 
 Nothing is taken on trust: every safetensors header is checked against its file, the tensors
 against what config.json implies (none missing, none unused), and every weight is checked
-finite as it is converted. Each failure is one `CheckpointError` line naming the file.
+finite as it is converted. Experts shipped as MXFP4 stay MXFP4 on the host (`HostExperts.mxfp4`,
+the checkpoint's bytes), decoded into the compute dtype only a layer at a time when a tier
+asks for it (`DecodedLayers`). Each failure is one `CheckpointError` line naming the file.
 """
 
 from __future__ import annotations
@@ -50,8 +52,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # low nibble first) and X_scales (uint8 [..., N, K/32]: a power-of-two exponent + 127 per 32
 # values), as transformers' integrations/mxfp4.py defines them; it stands for X [..., K, N].
 MXFP4_SUFFIXES = ("_blocks", "_scales")
-FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-                      np.float32)  # e2m1 code -> value
+FP4_VALUES = quant.E2M1_VALUES  # e2m1 code -> value
 
 
 def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -324,7 +325,7 @@ class _TensorReader:
         if t.linear:  # transformers' MXFP4 tensors are [in, out] already (gpt-oss's fused experts)
             raise CheckpointError(f"MXFP4 tensor {t.name!r} is stored [out, in], which is not supported; "
                                   "download the model's bf16 release")
-        if scales.size and 6.0 * 2.0 ** (int(scales.max()) - 127) > float(np.finfo(self.dtype).max):
+        if scales.size and 6.0 * 2.0 ** (int(scales.max()) - 127) > float(ml_dtypes.finfo(self.dtype).max):
             raise CheckpointError(f"MXFP4 tensor {t.name!r} in {self.files[t.name + '_scales']} has scales of up to "
                                   f"2**{int(scales.max()) - 127}, too large for {self.dtype} (or NaN); the checkpoint "
                                   "is damaged: download or export it again")

@@ -1,5 +1,7 @@
 """Expert tiers built from the checkpoint's host experts, shared by the policies.
 
+Fallback formats: group-wise integer widths (`quant.QuantizedTensor`) and MXFP4
+(`quant.Mxfp4Tensor`; a checkpoint that ships MXFP4 experts is served from its own bytes).
 Quantization runs on the CPU backend one layer at a time, so loading never holds a layer's
 bf16 experts on the accelerator, and its results go through `io.store.cached`: converted once
 per checkpoint and settings, reused by later runs.
