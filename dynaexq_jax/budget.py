@@ -90,11 +90,23 @@ def format_size(nbytes: float) -> str:
 _BF16 = 2
 
 
-def quantized_nbytes(shape: tuple[int, ...], bits: int, group_size: int) -> int:
+MXFP4 = "mxfp4"  # the fallback format beside the integer widths (`quant.Mxfp4Tensor`)
+
+
+def format_name(bits: int | str) -> str:
+    """A fallback format as messages name it: "int4", "mxfp4"."""
+    return MXFP4 if bits == MXFP4 else f"int{bits}"
+
+
+def quantized_nbytes(shape: tuple[int, ...], bits: int | str, group_size: int) -> int:
     """Exact bytes of `quant.quantize(w[shape], bits, group_size)`: packed codes + bf16
-    scales and zeros (layout in `quant`; a test pins this against `QuantizedTensor.nbytes`)."""
+    scales and zeros (layout in `quant`; a test pins this against `QuantizedTensor.nbytes`).
+    bits MXFP4: `quant.Mxfp4Tensor`'s half a byte per value + one scale byte per 32 values
+    (4.25 bits a value, whatever `group_size`)."""
     *lead, k, n = shape
     experts = math.prod(lead)
+    if bits == MXFP4:
+        return experts * (k // 2 * n + k // 32 * n)
     return experts * (k * bits // 8 * n + 2 * (k // group_size) * n * _BF16)
 
 
@@ -198,7 +210,7 @@ class MemoryPlan:
     slots: int
     num_experts_total: int  # experts over all MoE layers
     moe_layers: int
-    lo_bits: int | None = None  # bit width of the fallback experts; None: no fallback
+    lo_bits: int | str | None = None  # bit width of the fallback experts, or MXFP4; None: no fallback
     mid_bits: int | None = None  # a wider fallback width for `mid_experts` of them (stored only at it)
     mid_experts: int = 0
 
@@ -286,7 +298,7 @@ def plan_memory(
         slots = n_moe * E
     elif budget < minimum:
         raise BudgetError(
-            f"budget {format_size(budget)} cannot hold the int{lo_bits} fallback experts, weights and KV cache "
+            f"budget {format_size(budget)} cannot hold the {format_name(lo_bits)} fallback experts, weights and KV cache "
             f"for batch {batch} x context {context}: the minimum is {format_size(minimum)} ({minimum} bytes)"
         )
     else:
@@ -348,7 +360,7 @@ def policy_plan(
         return full
     if policy == "static":
         bits = lo_bits
-        if budget is not None:
+        if budget is not None and lo_bits != MXFP4:  # MXFP4 was asked for: it fits, or the plan says why not
             fits = [b for b in (8, 4, 3, 2) if plan(b, None).minimum <= budget]
             bits = fits[0] if fits else 2
         return dataclasses.replace(plan(bits, budget), slots=0)

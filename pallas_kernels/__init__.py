@@ -6,9 +6,12 @@ description, so they can be tested and benchmarked on their own.
 
 from pallas_kernels.decode_attention import decode_attention, decode_attention_supported
 from pallas_kernels.grouped_matmul import (
+    Mxfp4,
     Packed,
     default_block_m,
     default_block_n,
+    e2m1_decode,
+    e8m0_decode,
     gpu_unsupported_reason,
     layer_matmul,
     layer_matmul_supported,
@@ -19,12 +22,15 @@ from pallas_kernels.tiling import INVALID, Tiles, group_keys, max_tiles, plan_ti
 
 __all__ = [
     "INVALID",
+    "Mxfp4",
     "Packed",
     "Tiles",
     "decode_attention",
     "decode_attention_supported",
     "default_block_m",
     "default_block_n",
+    "e2m1_decode",
+    "e8m0_decode",
     "gpu_unsupported_reason",
     "group_keys",
     "layer_matmul",

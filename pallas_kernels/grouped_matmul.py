@@ -4,7 +4,8 @@
 `key % R` of tier `key // R`, `key = tiles.key[t]` (the kernel splits the key itself: one
 planning kernel less per call). A tier is dense ([R, K, N], e.g. bf16 slots) or
 packed low-bit codes with per-group scales and zeros ([R, K*bits/8, N] uint8 + [R, K/g, N]),
-in the layout `dynaexq_jax.experts.quant` describes. One call covers every tier, so a MoE layer
+in the layout `dynaexq_jax.experts.quant` describes, or MXFP4 as checkpoints ship it (e2m1
+codes [R, N, K/2] uint8 + e8m0 scales [R, N, K/32], decoded by arithmetic in `_mxfp4_step`). One call covers every tier, so a MoE layer
 whose experts sit in a bf16 slot pool and in int4 fallbacks is one kernel launch per matrix,
 and it reads exactly the weights of the experts that have rows, once per N block.
 
@@ -47,8 +48,16 @@ class Packed:
         return self.group_size // self.slices
 
 
-# A tier: ((w,), None) dense, or ((packed, scales, zeros), Packed(...)).
-Tier = tuple[tuple[jax.Array, ...], "Packed | None"]
+@dataclasses.dataclass(frozen=True)
+class Mxfp4:
+    """Static layout of an MXFP4 tier: blocks uint8 [R, N, K/2] (two e2m1 codes a byte, the lower
+    K index in the low nibble) and e8m0 scales uint8 [R, N, K/32], as checkpoints store them."""
+
+    block: int = 32  # values per scale along K
+
+
+# A tier: ((w,), None) dense, ((packed, scales, zeros), Packed(...)), or ((blocks, scales), Mxfp4()).
+Tier = tuple[tuple[jax.Array, ...], "Packed | Mxfp4 | None"]
 
 
 def _is_pow2(v: int) -> bool:
@@ -78,6 +87,9 @@ def gpu_unsupported_reason(k: int, n: int, layouts: Sequence["Packed | None"], *
         if lay is None:
             if _dense_block_k(k) is None:
                 return f"K={k} needs a power-of-two block_k >= 16 dividing it"
+        elif isinstance(lay, Mxfp4):
+            if k % lay.block:
+                return f"MXFP4 needs K={k} to be a multiple of {lay.block}"
         elif not (_is_pow2(lay.slice_rows) and lay.slice_rows >= 16):
             return (f"{lay.bits}-bit, group_size={lay.group_size} gives {lay.slice_rows}-row slices; the GPU "
                     f"kernel needs a power of two >= 16 (group_size >= {16 * lay.slices})")
@@ -133,6 +145,50 @@ def _packed_step(refs, xload, row, step, n0, *, lay: Packed, groups_per_step, bn
     return total
 
 
+def e2m1_decode(codes):
+    """float32 values of e2m1 codes (an int array): sign, 2 exponent bits, 1 mantissa bit, decoded
+    by arithmetic, since a Triton program cannot index a table held in registers."""
+    codes = codes.astype(jnp.int32)
+    e, m = (codes >> 1) & 3, (codes & 1).astype(jnp.float32)
+    mag = jnp.where(e == 0, 0.5 * m, (2.0 + m) * (1 << e).astype(jnp.float32) * 0.25)
+    return jnp.where(codes >= 8, -mag, mag)
+
+
+def e8m0_decode(scales):
+    """float32 2**(s - 127) of e8m0 scale bytes, exactly: the byte is the float's exponent field.
+    s = 0 (2**-127) gives 0: like any product below float32's normal range, which XLA and the
+    GPU flush to zero anyway (weights that small are zeros to any activation)."""
+    return jax.lax.bitcast_convert_type(scales.astype(jnp.int32) << 23, jnp.float32)
+
+
+def nibble_order(x, block: int = 32):
+    """x [P, K] with each `block` of columns reordered evens first, then odds ([0, 2, .., 30, 1,
+    3, .., 31]): the order of an MXFP4 block's low nibbles, then its high ones. The kernel dots
+    decoded nibbles with contiguous slices of this copy, so it never interleaves nibbles
+    (which Triton does poorly) nor loads strided columns (which interpret mode cannot)."""
+    p, k = x.shape
+    return jnp.swapaxes(x.reshape(p, k // block, block // 2, 2), -1, -2).reshape(p, k)
+
+
+def _mxfp4_step(refs, xload, row, step, n0, *, lay: Mxfp4, blocks_per_step, bn, precision):
+    """Per 32-value block along K: the [bn, 16] bytes decode to the block's even-K values (low
+    nibbles) and odd-K values (high nibbles), scaled by the block's power of two (exact in bf16),
+    each dotted with the matching 16 columns of x in nibble order (`nibble_order`)."""
+    b_ref, s_ref, xn_ref = refs
+    half = lay.block // 2
+    total = None
+    for u in range(blocks_per_step):
+        gi = step * blocks_per_step + u
+        scale = e8m0_decode(s_ref[row, pl.ds(n0, bn), pl.ds(gi, 1)])  # [bn, 1]
+        byts = b_ref[row, pl.ds(n0, bn), pl.ds(gi * half, half)].astype(jnp.int32)  # [bn, 16]
+        for nibble, codes in enumerate((byts & 0x0F, byts >> 4)):
+            xk = xload(gi * lay.block + nibble * half, half, xn_ref)  # [tm, 16]: K = 32 gi + nibble + 2i
+            w = (e2m1_decode(codes) * scale).astype(xk.dtype)  # [bn, 16]
+            d = jnp.dot(xk, w.T, preferred_element_type=jnp.float32, precision=precision)  # [tm, bn]
+            total = d if total is None else total + d
+    return total
+
+
 def _kernel(key_ref, *refs, steps, arity, tm, bn, row_tiles: bool, rows_per_tier: int):
     if row_tiles:  # tile t starts at row t
         end_ref, x_ref, *refs = refs
@@ -156,9 +212,10 @@ def _kernel(key_ref, *refs, steps, arity, tm, bn, row_tiles: bool, rows_per_tier
 def _row_loader(x_ref, rs, re, tm):
     """Loads of rows rs..rs+tm of x, those from `re` on masked: a GPU fetches only the tile's
     own rows (x is padded, so the block itself never leaves the array)."""
-    def load(k0, width):
+    def load(k0, width, ref=None):  # ref: a copy of x in another column order (same rows)
         rows = rs + jax.lax.broadcasted_iota(jnp.int32, (tm, width), 0)
-        return plgpu.load(x_ref.at[pl.ds(rs, tm), pl.ds(k0, width)], mask=rows < re, other=0)  # [tm, width]
+        return plgpu.load((x_ref if ref is None else ref).at[pl.ds(rs, tm), pl.ds(k0, width)], mask=rows < re,
+                          other=0)  # [tm, width]
 
     return load
 
@@ -186,10 +243,20 @@ def tiled_matmul(x, tiers: Sequence[Tier], tiles: Tiles, *, rows_per_tier: int, 
         raise ValueError(f"block_n={bn} must divide N={n}.")
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     steps, arity, arrays = [], [], []
+    xn = nibble_order(x) if any(isinstance(lay, Mxfp4) for _, lay in tiers) else None
     for ws, lay in tiers:
-        if ws[0].shape[1:] != ((k if lay is None else k * lay.bits // 8), n):
+        if isinstance(lay, Mxfp4):
+            if ws[0].shape[1:] != (n, k // 2) or k % lay.block:
+                raise ValueError(f"MXFP4 blocks {ws[0].shape} do not match x [.., {k}] and N={n}.")
+            # whole 32-value blocks per loop step, up to 256 values when K allows
+            bk = next(m * lay.block for m in (8, 4, 2, 1) if k % (m * lay.block) == 0)
+            step = functools.partial(_mxfp4_step, lay=lay, blocks_per_step=bk // lay.block, bn=bn,
+                                     precision=precision)
+            steps.append((step, k // bk))
+            ws = tuple(ws) + (xn,)
+        elif ws[0].shape[1:] != ((k if lay is None else k * lay.bits // 8), n):
             raise ValueError(f"tier weights {ws[0].shape} do not match x [.., {k}] and N={n}.")
-        if lay is None:
+        elif lay is None:
             bk = _dense_block_k(k) or k
             step = functools.partial(_dense_step, bk=bk, bn=bn, precision=precision)
             steps.append((step, k // bk))

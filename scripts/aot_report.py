@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--gpu", default="h200", help="comma-separated: h100, h200")
     p.add_argument("--steps", default="decode,prefill", help="comma-separated: decode, prefill")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--lo-bits", type=int, choices=[4, 3, 2], default=4)
+    p.add_argument("--lo-bits", type=lambda v: int(v) if v.isdigit() else v, choices=[4, 3, 2, "mxfp4"], default=4)
     p.add_argument("--hi-dtype", choices=["bfloat16", "int8"], default="bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--dump-hlo", help="write each step's optimized HLO into this directory")

@@ -43,9 +43,11 @@ def parse_args(argv=None):
                         "prefetch: offload + asynchronous prefetch of the next layer's predicted experts")
     p.add_argument("--hi-dtype", choices=["auto", "bfloat16", "int8"], default="auto",
                    help="dynaexq slot dtype; auto: the one of least expected error in the budget")
-    p.add_argument("--lo-bits", type=lo_bits_flag, choices=["auto", 8, 4, 3, 2], default="auto",
-                   help="dynaexq fallback width; auto (with --budget): the plan picks it, a share of experts at "
-                        "the next wider width, and the slots, never below the widest static width that fits")
+    p.add_argument("--lo-bits", type=lo_bits_flag, choices=["auto", 8, 4, 3, 2, "mxfp4"], default="auto",
+                   help="dynaexq (and static) fallback width; auto (with --budget): the plan picks it, a share of "
+                        "experts at the next wider width, and the slots, never below the widest static width that "
+                        "fits; mxfp4: OCP MXFP4 (4.25 bits), the checkpoint's own bytes when it ships MXFP4 "
+                        "(gpt-oss), else quantized from its weights")
     p.add_argument("--group-size", type=int, default=128, help="quantization group (largest power of two <= this dividing the expert dims)")
     p.add_argument("--quant-method", choices=["rtn", "mse"], default="rtn")
     p.add_argument("--rebalance-every", type=int, default=16, help="decode steps between residency decisions")
@@ -198,7 +200,7 @@ def chat_chunk(context: int) -> int:
 
 
 def lo_bits_flag(text: str):
-    """--lo-bits: "auto" or a width (argparse then checks it against the choices)."""
+    """--lo-bits: "auto", "mxfp4" or a width (argparse then checks it against the choices)."""
     return int(text) if text.isdigit() else text
 
 
@@ -216,6 +218,7 @@ def make_plan(args, cfg, shape, budget_bytes, opts=None):
     from the config alone."""
     import jax.numpy as jnp
 
+    from dynaexq_jax import budget as budget_lib
     from dynaexq_jax.runtime import build, engine
 
     batch, longest, new = shape
@@ -232,7 +235,7 @@ def make_plan(args, cfg, shape, budget_bytes, opts=None):
     header = (
         f"memory plan: {Path(args.model).name}, policy {args.policy}, batch {batch} x context "
         f"{engine.cache_bucket(prompt + new)} tokens (prefill up to {prompt}), {args.dtype}, "
-        f"int{opts.lo_bits} fallback, {opts.hi_dtype} slots{auto}"
+        f"{budget_lib.format_name(opts.lo_bits)} fallback, {opts.hi_dtype} slots{auto}"
     )
     return plan, header
 

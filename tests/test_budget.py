@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
+from dynaexq_jax import budget
 from dynaexq_jax.budget import BudgetError, format_size, parse_size
+from dynaexq_jax.models import registry
 
 
 @pytest.mark.parametrize(
@@ -98,3 +100,31 @@ def test_format_size_reads_back_within_rounding():
     for nbytes in (123_456_789, 20 * 2**30, 7_777):
         back = parse_size(format_size(nbytes).replace(" ", ""))
         assert abs(back - nbytes) <= 0.005 * nbytes
+
+
+def test_mxfp4_plan_and_aot_byte_model_count_4_25_bits_per_expert_value():
+    """gpt-oss-20b's MXFP4 fallback: half a byte per value and a byte per 32, exactly what
+    `quant.Mxfp4Tensor` holds, in the plan and in the AOT byte model's abstract experts."""
+    import jax.numpy as jnp
+
+    from dynaexq_jax.experts.expert_state import weights_nbytes
+    from dynaexq_jax.experts.quant import Mxfp4Tensor, quantize_mxfp4
+    from dynaexq_jax.runtime import aot
+    from test_families import PUBLISHED
+
+    t = quantize_mxfp4(jnp.zeros((3, 64, 16)))
+    assert budget.quantized_nbytes((3, 64, 16), budget.MXFP4, 128) == t.nbytes == 3 * 64 * 16 * 4.25 / 8
+    d = PUBLISHED["gpt-oss-20b"]
+    cfg = registry.adapter_for(d).config_from_hf(d)
+    plan = budget.policy_plan(cfg, "static", budget=None, batch=1, prompt=128, context=1024, dtype_itemsize=2,
+                              lo_bits=budget.MXFP4, hi_dtype="bfloat16", group_size=128)
+    values = len(cfg.moe_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert plan.lo_bits == budget.MXFP4 and plan.fallback * 8 == values * 4.25
+    state = aot.abstract_experts(cfg, "static", plan, dtype=jnp.bfloat16, hi_dtype="bfloat16", group=128)
+    (tier,) = state.tiers
+    assert isinstance(tier.gate_up, Mxfp4Tensor)
+    assert weights_nbytes(tier.gate_up) + weights_nbytes(tier.down) == plan.fallback
+    assert aot.expert_bytes(cfg, budget.MXFP4, 2, 128) * len(cfg.moe_layers) * cfg.num_experts == plan.fallback
+    with pytest.raises(budget.BudgetError, match="cannot hold the mxfp4 fallback"):
+        budget.policy_plan(cfg, "static", budget=plan.minimum - 1, batch=1, prompt=128, context=1024,
+                           dtype_itemsize=2, lo_bits=budget.MXFP4, hi_dtype="bfloat16", group_size=128)

@@ -7,6 +7,7 @@ Select one family with `python -m pytest tests/test_families.py -k <model_type>`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from dynaexq_jax import budget
+from dynaexq_jax.experts import quant
 from dynaexq_jax.io import hf_export, loader
 from dynaexq_jax.models import registry
 from dynaexq_jax.models.config import ConfigError, ModelConfig
@@ -441,6 +443,19 @@ def test_dry_run_plans_the_published_configs(name, tmp_path, capsys):
     assert plan["num_experts_total"] == len(cfg.moe_layers) * cfg.num_experts
 
 
+def test_dry_run_plans_gpt_oss_with_its_shipped_mxfp4_fallback(tmp_path, capsys):
+    generate = _generate_script()
+    d = PUBLISHED["gpt-oss-20b"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    code = generate.main(["--model", str(tmp_path), "--dry-run", "--json", "--policy", "static", "--lo-bits", "mxfp4"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    plan = json.loads(out)["memory_plan"]
+    cfg = registry.adapter_for(d).config_from_hf(d)
+    values = len(cfg.moe_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert plan["lo_bits"] == "mxfp4" and plan["fallback"] * 8 == values * 4.25  # 10.15 GB
+
+
 # ----------------------------------------------------------------- gpt-oss's MXFP4 experts
 
 
@@ -553,3 +568,96 @@ def test_mxfp4_blocks_of_the_wrong_shape_are_one_line_errors(mxfp4_checkpoint, t
     with pytest.raises(loader.CheckpointError) as e:
         loader.load(tmp_path, jnp.float32)
     assert "MXFP4 tensor 'model.layers.0.mlp.experts.gate_up_proj'" in str(e.value) and "\n" not in str(e.value)
+
+
+def _checkpoint_expert_bytes(path):
+    """{tensor name: (blocks, scales)} of an MXFP4 checkpoint's experts, as stored."""
+    from safetensors.numpy import load_file
+
+    t = load_file(path / "model.safetensors")
+    return {n[: -len("_blocks")]: (t[n], t[n[: -len("_blocks")] + "_scales"]) for n in t if n.endswith("_blocks")}
+
+
+@pytest.mark.parametrize("policy", ["static", "dynaexq"])
+def test_mxfp4_fallback_is_the_checkpoint_bytes_and_serves_the_decoded_model(mxfp4_checkpoint, policy):
+    """An MXFP4 fallback of an MXFP4 checkpoint holds exactly its blocks and scales (gate_up's
+    rows de-interleaved: whole rows moved, none re-encoded), the plan counts exactly those bytes,
+    and the model it serves is the decoded one that `full` runs (dynaexq with no slots: every
+    expert served by the fallback)."""
+    path, _ = mxfp4_checkpoint
+    ckpt = loader.load(path, jnp.float32)
+    opts = dynaexq.DynaExqOptions(lo_bits="mxfp4", hi_dtype="bfloat16", max_slots=0)
+    eng, plan = build_engine(ckpt, policy, budget=None, batch=2, longest_prompt=len(PROMPT), max_new_tokens=16,
+                             opts=opts)
+    (tier,) = eng.policy.experts.tiers
+    assert isinstance(tier.gate_up, quant.Mxfp4Tensor) and isinstance(tier.down, quant.Mxfp4Tensor)
+    stored = _checkpoint_expert_bytes(path)
+    cfg = ckpt.config
+    E, two_i = cfg.num_experts, 2 * cfg.moe_intermediate_size
+    gate_then_up = np.concatenate([np.arange(0, two_i, 2), np.arange(1, two_i, 2)])
+    for m in range(len(cfg.moe_layers)):
+        rows = slice(m * E, (m + 1) * E)
+        for piece, perm in (("gate_up_proj", gate_then_up), ("down_proj", slice(None))):
+            blocks, scales = stored[f"model.layers.{m}.mlp.experts.{piece}"]
+            w = getattr(tier, piece[: -len("_proj")])
+            np.testing.assert_array_equal(np.asarray(w.blocks[rows]), blocks[:, perm].reshape(w.blocks[rows].shape))
+            np.testing.assert_array_equal(np.asarray(w.scales[rows]), scales[:, perm])
+    assert plan.fallback == tier.nbytes == sum(b.nbytes + s.nbytes for b, s in stored.values())
+    assert plan.lo_bits == "mxfp4" and eng.policy.experts.tiers[0].nbytes * 8 == 4.25 * sum(
+        b.size * 2 for b, _ in stored.values())
+    full, _ = build_engine(loader.load(path, jnp.float32), "full", budget=None, batch=2, longest_prompt=len(PROMPT),
+                           max_new_tokens=16)
+    batch = [PROMPT, PROMPT[::-1][:5]]
+    for ours, theirs in zip(eng.logits(batch), full.logits(batch)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+    assert eng.generate(batch, 8, eos_token_ids=()).tokens == full.generate(batch, 8, eos_token_ids=()).tokens
+
+
+def test_mxfp4_fallback_of_a_float_checkpoint_is_quantized_and_equals_its_dequantized_reference(tmp_path_factory):
+    from test_runtime import forward_fn, reference_state
+
+    _, _, path, _ = checkpoint(tmp_path_factory, "gpt_oss", "yarn-window-untied")
+    eng, plan = build(path, "static", opts=dynaexq.DynaExqOptions(lo_bits="mxfp4"))
+    experts = eng.policy.experts
+    assert isinstance(experts.tiers[0].gate_up, quant.Mxfp4Tensor) and plan.fallback == experts.tiers[0].nbytes
+    ckpt = eng.checkpoint
+    fwd = forward_fn(ckpt.config)
+    tokens = jnp.asarray([PROMPT, PROMPT[::-1]])
+    ref = reference_state(experts, ckpt.experts.gate_up, ckpt.experts.down)
+    np.testing.assert_allclose(fwd(ckpt.params, experts, tokens), fwd(ckpt.params, ref, tokens), atol=1e-4, rtol=0)
+
+
+def test_dynaexq_over_an_mxfp4_fallback_promotes_into_bf16_slots_within_a_budget(mxfp4_checkpoint):
+    """--lo-bits mxfp4 with the default --hi-dtype auto: bf16 slots (auto tiers weigh integer
+    widths only), as many as the budget leaves after the MXFP4 fallback; promotions decode the
+    checkpoint's blocks into the slots."""
+    from dynaexq_jax.runtime.build import plan_for
+
+    path, _ = mxfp4_checkpoint
+    ckpt = loader.load(path, jnp.float32)
+    opts = dynaexq.DynaExqOptions(lo_bits="mxfp4", rebalance_every=1)
+    shape = dict(batch=1, longest_prompt=len(PROMPT), max_new_tokens=8)
+    concrete = dataclasses.replace(opts, hi_dtype="bfloat16")
+    base = plan_for(ckpt.config, "dynaexq", budget=None, dtype_itemsize=4, opts=concrete, **shape)
+    eng, plan = build_engine(ckpt, "dynaexq", budget=base.minimum + 2 * base.slot_bytes, opts=opts, **shape)
+    lo, slots = eng.policy.experts.tiers
+    assert plan.slots == 2 and isinstance(lo.gate_up, quant.Mxfp4Tensor) and slots.gate_up.dtype == jnp.float32
+    g = eng.generate([PROMPT], 8, eos_token_ids=())
+    assert len(g.tokens[0]) == 8 and g.stats["promotions"] > 0
+
+
+def test_mxfp4_scales_beyond_the_compute_dtype_are_one_line_errors(mxfp4_checkpoint, tmp_path):
+    """A scale byte of 255 (e8m0's NaN) would decode to Inf or NaN: refused from the scales alone,
+    before any expert is decoded."""
+    from safetensors.numpy import load_file, save_file
+
+    path, _ = mxfp4_checkpoint
+    for f in ("config.json", "tokenizer.json"):
+        (tmp_path / f).write_bytes((path / f).read_bytes())
+    tensors = load_file(path / "model.safetensors")
+    name = "model.layers.1.mlp.experts.down_proj_scales"
+    tensors[name][0, 0, 0] = 255
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(loader.CheckpointError, match="too large for float32") as e:
+        loader.load(tmp_path, jnp.float32)
+    assert "model.layers.1.mlp.experts.down_proj" in str(e.value) and "\n" not in str(e.value)

@@ -118,6 +118,35 @@ def test_tiled_matmul_packed_and_dense_tiers_in_one_call_match_float64(bits, pla
     _assert_close(out[keys != INVALID], _reference(x, weights, keys), 1e-5)
 
 
+def _mxfp4_64(t):
+    """float64 weights [..., K, N] of an Mxfp4Tensor from its bytes: K index 2j from byte j's
+    low nibble, 2j + 1 from its high one, times 2**(scale - 127) of its 32-value block."""
+    b = np.asarray(t.blocks)
+    codes = np.empty(b.shape[:-1] + (2 * b.shape[-1],), np.int64)
+    codes[..., 0::2], codes[..., 1::2] = b & 0x0F, b >> 4
+    mag = np.where(codes & 6, (1 + (codes & 1) / 2) * 2.0 ** (((codes >> 1) & 3) - 1), (codes & 1) / 2)
+    scale = 2.0 ** (np.repeat(np.asarray(t.scales, np.float64), 32, axis=-1) - 127)
+    return np.swapaxes(np.where(codes & 8, -mag, mag) * scale, -1, -2)
+
+
+@pytest.mark.parametrize("planner", ["row_tiles", "plan_tiles"])
+def test_tiled_matmul_with_an_mxfp4_tier_beside_int4_and_dense_matches_float64(planner):
+    rng = np.random.default_rng(11)
+    (packed, dense), weights = _tiers(4, rng)
+    mx = quant.quantize_mxfp4(jnp.asarray(rng.standard_normal((ROWS, K, N)) * 3, jnp.float32))
+    tiers = [packed, ((mx.blocks, mx.scales), mx.layout), dense]
+    weights = np.stack([weights[0], _mxfp4_64(mx), weights[1]])
+    keys = _keys([4, 0, 9, 1, 6, 3, 0, 2, 5], extra=3)
+    x = rng.standard_normal((len(keys), K)).astype(np.float32)
+    out = np.asarray(_run_tiled(jnp.asarray(x), tiers, keys, planner))
+    _assert_close(out[keys != INVALID], _reference(x, weights, keys), 1e-5)
+    # bf16 activations: MXFP4 values are exact in bf16, so only the activations' rounding remains.
+    mine = (keys >= ROWS) & (keys < 2 * ROWS)  # the MXFP4 tier's rows, alone in a call
+    xb = jnp.asarray(x[mine], jnp.bfloat16)
+    out = np.asarray(_run_tiled(xb, tiers[1:2], keys[mine] - ROWS, planner))
+    _assert_close(out, _reference(np.asarray(xb.astype(jnp.float32)), weights[1:2], keys[mine] - ROWS), 1e-5)
+
+
 def test_tiled_matmul_in_bf16_is_within_bf16_tolerance():
     rng = np.random.default_rng(0)
     tiers, weights = _tiers(4, rng)
@@ -313,13 +342,16 @@ def _grouped_problem(weights, rng):
     x = jnp.asarray(rng.standard_normal((16, K)), jnp.float32)
     if weights == "dense":
         return x, w, sizes, w
+    if weights == "mxfp4":
+        mx = quant.quantize_mxfp4(w)
+        return x, mx, sizes, quant.dequantize_mxfp4(mx, jnp.float32)
     qt = quant.quantize(w, weights, GROUP)
     return x, qt, sizes, quant.dequantize(qt, jnp.float32)
 
 
 class GroupedMatmulTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters("dense", 4, 3)
+    @parameterized.parameters("dense", 4, 3, "mxfp4")
     def test_backends_agree_with_ragged_dot_and_each_other(self, weights):
         x, w, sizes, dense = _grouped_problem(weights, np.random.default_rng(7))
         ref = np.asarray(jax.lax.ragged_dot(x, dense, sizes, precision=jax.lax.Precision.HIGHEST), np.float64)
@@ -350,9 +382,11 @@ def test_gpu_shape_limits_are_reported_not_miscompiled():
     assert "group_size >= 128" in reason(2048, 768, int3, block_m=16, block_n=64)
     assert "block_n" in reason(2048, 100, int4, block_m=16, block_n=64)
     assert "block_m" in reason(2048, 768, int4, block_m=8, block_n=64)
+    assert reason(2880, 5760, pallas_kernels.Mxfp4(), block_m=16, block_n=64) is None  # gpt-oss's K: 90 blocks
+    assert "multiple of 32" in reason(2048 + 16, 768, pallas_kernels.Mxfp4(), block_m=16, block_n=64)
 
 
-@pytest.mark.parametrize("weights", [8, 4, 3, 2, "dense"])
+@pytest.mark.parametrize("weights", [8, 4, 3, 2, "dense", "mxfp4"])
 def test_default_backend_is_the_triton_kernel_only_when_lowering_for_cuda(weights):
     """The choice is made per lowering platform: a CPU-only machine lowering for CUDA gets the
     kernel a GPU runs (at Qwen3-30B-A3B expert shapes), and lowering for CPU never does."""
@@ -360,6 +394,8 @@ def test_default_backend_is_the_triton_kernel_only_when_lowering_for_cuda(weight
     sds = jax.ShapeDtypeStruct
     if weights == "dense":
         w = sds((e, k, n), jnp.bfloat16)
+    elif weights == "mxfp4":
+        w = quant.Mxfp4Tensor(sds((e, n, k // 2), jnp.uint8), sds((e, n, k // 32), jnp.uint8), (e, k, n))
     else:
         w = quant.QuantizedTensor(sds((e, k * weights // 8, n), jnp.uint8), sds((e, k // 128, n), jnp.bfloat16),
                                   sds((e, k // 128, n), jnp.bfloat16), weights, 128, (e, k, n))

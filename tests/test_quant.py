@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
+from dynaexq_jax.errors import UserError
 from dynaexq_jax.experts import quant
 
 BITS = (8, 4, 3, 2)
@@ -169,3 +170,82 @@ def test_2d_weights_and_constant_groups_round_trip():
     assert qt.shape == (64, 8) and qt.packed.shape == (16, 8)
     np.testing.assert_allclose(np.asarray(quant.dequantize(qt, jnp.float32))[:, :2], w[:, :2],
                                atol=0.75 * 2**-8)
+
+
+# ------------------------------------------------------------------------------ MXFP4
+
+
+def _e2m1_64(codes):
+    """float64 value of e2m1 codes from their bits: sign, 2 exponent bits, 1 mantissa bit."""
+    codes = np.asarray(codes)
+    sign = np.where(codes & 8, -1.0, 1.0)
+    exp, man = (codes >> 1) & 3, (codes & 1).astype(np.float64)
+    return sign * np.where(exp == 0, man / 2, (1 + man / 2) * 2.0 ** (exp.astype(np.float64) - 1))
+
+
+def _mxfp4_dequantize64(t):
+    """float64 [..., K, N] of an Mxfp4Tensor, nibble by nibble: K index 2j from byte j's low
+    nibble, 2j + 1 from its high one, times 2**(scale - 127) of its 32-value block."""
+    b = np.asarray(t.blocks)
+    codes = np.empty(b.shape[:-1] + (2 * b.shape[-1],), np.uint8)
+    codes[..., 0::2], codes[..., 1::2] = b & 0x0F, b >> 4
+    scale = 2.0 ** (np.repeat(np.asarray(t.scales, np.float64), 32, axis=-1) - 127)
+    return np.swapaxes(_e2m1_64(codes) * scale, -1, -2)
+
+
+def _mxfp4_quantize64(w):
+    """float64 reference of MXFP4 quantization: per 32 values along K the smallest power of two
+    bringing them within +-6, then the nearest e2m1 value -> dequantized [..., K, N]."""
+    wt = np.swapaxes(np.asarray(w, np.float64), -1, -2)
+    g = wt.reshape(*wt.shape[:-1], -1, 32)
+    exp = np.ceil(np.log2(np.maximum(np.abs(g).max(-1), 1e-300) / 6.0)).clip(-127, 127)[..., None]
+    table = np.unique(_e2m1_64(np.arange(16)))
+    v = g / 2.0**exp
+    nearest = table[np.abs(v[..., None] - table).argmin(-1)]
+    return np.swapaxes((nearest * 2.0**exp).reshape(wt.shape), -1, -2)
+
+
+def test_mxfp4_quantize_matches_float64_nearest_e2m1_and_dequantizes_exactly():
+    rng = _rng()
+    # Magnitudes across many powers of two, so blocks use many exponents; one all-zero block.
+    w = rng.standard_normal((3, 96, 40)) * 2.0 ** rng.integers(-12, 12, (3, 1, 40))
+    w[1, :32, 5] = 0.0
+    t = quant.quantize_mxfp4(jnp.asarray(w, jnp.float32))
+    assert t.blocks.shape == (3, 40, 48) and t.scales.shape == (3, 40, 3) and t.shape == (3, 96, 40)
+    ref = _mxfp4_quantize64(np.asarray(jnp.asarray(w, jnp.float32), np.float64))
+    np.testing.assert_array_equal(_mxfp4_dequantize64(t), ref)
+    np.testing.assert_array_equal(np.asarray(quant.dequantize_mxfp4(t, jnp.float32), np.float64), ref)
+
+
+def test_mxfp4_decodes_every_code_and_scale_like_float64():
+    rng = _rng()
+    blocks = rng.integers(0, 256, (2, 7, 3, 16), dtype=np.uint8)
+    scales = rng.integers(1, 253, (2, 7, 3), dtype=np.uint8)  # 6 * 2**125 is float32's largest
+    scales[0, 0, 0], scales[0, 0, 1] = 1, 254  # e8m0's normal extremes: 2**-126 and 2**127
+    blocks[0, 0, 1] = 0x11  # 1.0 * 2**127 stays finite in float32
+    t = quant.mxfp4_from_blocks(blocks, scales)
+    assert t.shape == (2, 96, 7)
+    np.testing.assert_array_equal(np.asarray(t.blocks).reshape(blocks.shape), blocks)  # the bytes, untouched
+    ref = _mxfp4_dequantize64(t)
+    ref[np.abs(ref) < 2.0**-126] = 0.0  # below float32's normal range: flushed to zero, as XLA does
+    np.testing.assert_array_equal(np.asarray(t.dequantize(jnp.float32), np.float64), ref)
+    scales[1, 2, 0] = 0  # 2**-127, below float32's normal range: the block reads as zeros
+    assert not np.any(quant.mxfp4_from_blocks(blocks, scales).dequantize(jnp.float32)[1, :32, 2])
+
+
+def test_mxfp4_nbytes_is_4_25_bits_per_value_and_take_selects_experts():
+    t = quant.quantize_mxfp4(jnp.asarray(_rng().standard_normal((5, 64, 48)), jnp.float32))
+    assert t.nbytes == 5 * 64 * 48 * 4.25 / 8
+    sub = jax.jit(lambda t, i: t.take(i))(t, jnp.asarray([4, 0]))
+    np.testing.assert_array_equal(np.asarray(sub.dequantize(jnp.float32)),
+                                  np.asarray(t.dequantize(jnp.float32))[[4, 0]])
+    assert sub.shape == (2, 64, 48)
+
+
+def test_mxfp4_bad_shapes_raise_one_line_errors_naming_the_fix():
+    with pytest.raises(UserError, match="multiple of 32") as e:
+        quant.quantize_mxfp4(jnp.zeros((2, 48, 16)))
+    assert "\n" not in str(e.value) and "--lo-bits 4" in str(e.value)
+    with pytest.raises(UserError, match="do not pair up") as e:
+        quant.mxfp4_from_blocks(np.zeros((2, 16, 3, 16), np.uint8), np.zeros((2, 16, 2), np.uint8))
+    assert "\n" not in str(e.value)

@@ -115,8 +115,8 @@ def reference_state(state: ExpertState, gate_up, down) -> ExpertState:
     """One dense float32 tier for the map in force: the dequantized fallback of every expert,
     the exact weights of the experts whose handle points at a slot."""
     lo = state.tiers[0]
-    wgu = np.asarray(quant.dequantize(lo.gate_up, jnp.float32)).copy()  # [L*E, H, 2I]
-    wd = np.asarray(quant.dequantize(lo.down, jnp.float32)).copy()
+    wgu = np.asarray(lo.gate_up.dequantize(jnp.float32)).copy()  # [L*E, H, 2I] (any stored format)
+    wd = np.asarray(lo.down.dequantize(jnp.float32)).copy()
     L, E = state.tier_of.shape
     tier_of = np.asarray(state.tier_of)
     for l, e in zip(*np.nonzero(tier_of > 0)):

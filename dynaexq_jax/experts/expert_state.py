@@ -4,7 +4,7 @@ Every policy hands the model the same structure: a few *tiers* of stored experts
 *handle* per (MoE layer, expert) naming the tier and row that serve it.
 
     full      one dense tier, [L*E] rows: every expert at the checkpoint's precision
-    static    one packed tier (int8/4/3/2), [L*E] rows
+    static    one packed tier (int8/4/3/2 or MXFP4), [L*E] rows
     dynaexq   a packed fallback tier [L*E] and a high-precision slot pool [S] shared by all
               layers; an expert's handle points at its slot when it holds one
     offload   one dense slot pool [S] holding the experts the current layer needs
@@ -26,14 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax.experts.quant import QuantizedTensor
+from dynaexq_jax.experts.quant import Mxfp4Tensor, QuantizedTensor
 
-Weights = jax.Array | QuantizedTensor
+Weights = jax.Array | QuantizedTensor | Mxfp4Tensor
+PACKED = (QuantizedTensor, Mxfp4Tensor)  # the stored formats whose `shape` is logical, not a buffer's
 
 
 def weights_nbytes(w: Weights) -> int:
-    """Device bytes of a dense array or a `QuantizedTensor` (packed at its real size)."""
-    return w.nbytes if isinstance(w, QuantizedTensor) else math.prod(w.shape) * jnp.dtype(w.dtype).itemsize
+    """Device bytes of a dense array, a `QuantizedTensor` or an `Mxfp4Tensor` (packed at its real size)."""
+    return w.nbytes if isinstance(w, PACKED) else math.prod(w.shape) * jnp.dtype(w.dtype).itemsize
 
 
 @flax.struct.dataclass
@@ -112,7 +113,7 @@ def device_biases(host: HostExperts | None, device=None, layers: slice = slice(N
 
 
 def stack_layers(layers, device=None) -> Weights:
-    """Per-layer host arrays (or `QuantizedTensor`s) [E, K, N] -> one device array [L*E, K, N].
+    """Per-layer host arrays (or `QuantizedTensor`s, `Mxfp4Tensor`s) [E, K, N] -> one device array [L*E, K, N].
 
     `layers` is a sequence (a lazy one is fine: presets make each layer on access). Layers are
     moved one at a time into a preallocated device buffer (donated update), so the device never
@@ -129,7 +130,7 @@ def stack_layers(layers, device=None) -> Weights:
                                  jax.device_put(np.int32(i * a.shape[0]), device))
         del layer
     stacked = jax.tree.unflatten(treedef, out)
-    if isinstance(first, QuantizedTensor):
+    if isinstance(first, PACKED):
         return dataclasses.replace(stacked, shape=(n * first.shape[0],) + first.shape[1:])
     return stacked
 
@@ -150,6 +151,10 @@ class HostExperts:
     down: Sequence[np.ndarray]  # per MoE layer: [E, I, H]
     gate_up_bias: np.ndarray | None = None  # [L, E, 2I] (gate, then up), families with expert biases
     down_bias: np.ndarray | None = None  # [L, E, H]
+    # Per MoE layer, the checkpoint's own MXFP4 (gate_up, down) as host `Mxfp4Tensor`s, when it
+    # ships its experts so: an MXFP4 fallback is these bytes, and `gate_up` / `down` decode them
+    # a layer at a time, only for the tiers that want the compute dtype.
+    mxfp4: Sequence[tuple[Mxfp4Tensor, Mxfp4Tensor]] | None = None
 
     @property
     def num_layers(self) -> int:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from dynaexq_jax.experts.expert_state import ExpertState, Weights
-from dynaexq_jax.experts.quant import QuantizedTensor, dequantize
+from dynaexq_jax.experts.quant import Mxfp4Tensor, QuantizedTensor
 from pallas_kernels import INVALID
 
 Activation = Callable[[jax.Array], jax.Array]  # [rows, 2I] gate|up -> [rows, I]
@@ -66,14 +66,16 @@ def _dot(a, b):
 def _fetch(w: Weights, row, dtype):
     """One expert's [K, N] matrix in `dtype`, dequantized when packed (see
     `runtime.engine.compiler_options`: XLA:CPU must not hoist this out of the tile loop)."""
-    if isinstance(w, QuantizedTensor):
-        return dequantize(w.take(row), dtype)
+    if isinstance(w, (QuantizedTensor, Mxfp4Tensor)):
+        return w.take(row).dequantize(dtype)
     return jax.lax.dynamic_index_in_dim(w, row, 0, keepdims=False).astype(dtype)
 
 
 def _kernel_tier(w: Weights) -> pallas_kernels.grouped_matmul.Tier:
     if isinstance(w, QuantizedTensor):
         return (w.packed, w.scales, w.zeros), w.layout
+    if isinstance(w, Mxfp4Tensor):
+        return (w.blocks, w.scales), w.layout
     return (w,), None
 
 
@@ -205,7 +207,7 @@ def grouped_matmul(x, w: Weights, group_sizes, *, backend: str | None = None, ou
 
     `jax.lax.ragged_dot` semantics: `group_sizes` [G] counts rows per group; rows past their
     sum come out zero (a sum past T is clamped, never read out of bounds). `w` is a dense
-    [G, K, N] array or a `QuantizedTensor`. backend None: the Pallas kernel when lowering for
+    [G, K, N] array, a `QuantizedTensor` or an `Mxfp4Tensor`. backend None: the Pallas kernel when lowering for
     CUDA (if its shape limits allow), the XLA tile loop elsewhere; "pallas": the kernel
     everywhere (interpreted off GPU); "xla": the tile loop everywhere.
     """

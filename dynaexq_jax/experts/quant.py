@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import Packed
+from dynaexq_jax.errors import UserError
+from pallas_kernels import Mxfp4, Packed, e2m1_decode, e8m0_decode
 
 SUPPORTED_BITS = (8, 4, 3, 2)
 METHODS = ("rtn", "mse")
@@ -286,3 +287,111 @@ def dequantize(qt: QuantizedTensor, dtype=jnp.bfloat16) -> jax.Array:
     s = qt.scales.astype(jnp.float32)[..., None, :]
     z = qt.zeros.astype(jnp.float32)[..., None, :]
     return ((q - z) * s).reshape(*lead, k, n).astype(dtype)
+
+
+# ------------------------------------------------------------------------------ MXFP4
+# OCP MXFP4, as transformers' integrations/mxfp4.py and the gpt-oss checkpoints store it: each
+# value an e2m1 code (sign, 2 exponent bits, 1 mantissa bit: +-{0, .5, 1, 1.5, 2, 3, 4, 6}), two
+# codes a byte (the lower K index in the low nibble), and one e8m0 scale (2**(byte - 127)) per
+# MXFP4_BLOCK consecutive values along K. The checkpoint lays a [K, N] weight out N-major
+# (blocks [N, K/32, 16], scales [N, K/32]); `Mxfp4Tensor` keeps exactly those bytes, the
+# block axes merged ([N, K/2]), so wrapping a checkpoint's tensors copies and converts nothing.
+
+MXFP4_BLOCK = 32
+E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                       np.float32)  # code -> value
+
+
+def check_mxfp4_k(k: int) -> None:
+    """Raise a one-line UserError naming the fix when K cannot be cut into MXFP4 blocks."""
+    if k <= 0 or k % MXFP4_BLOCK:
+        raise UserError(f"MXFP4 needs the input dimension K={k} to be a multiple of {MXFP4_BLOCK} (one scale per "
+                        f"{MXFP4_BLOCK} values); use an integer fallback (--lo-bits 4) for this model")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mxfp4Tensor:
+    """MXFP4 weights of logical shape [*lead, K, N] (a jax pytree).
+
+    Leaves: `blocks` uint8 [*lead, N, K/2] (codes of column n, K ascending, low nibble first)
+    and `scales` uint8 [*lead, N, K/32] (e8m0 exponents + 127). Static: `shape`.
+    4.25 bits per value: `nbytes` is the sum of the two buffers.
+    """
+
+    blocks: jax.Array
+    scales: jax.Array
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in (self.blocks, self.scales))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def layout(self) -> Mxfp4:
+        return Mxfp4()
+
+    def take(self, idx) -> "Mxfp4Tensor":
+        """Experts `idx` along axis 0, as `QuantizedTensor.take` (traced indices clamp)."""
+        if self.ndim != 3:
+            raise ValueError(f"take() needs a stacked [E, K, N] tensor, got shape {self.shape}.")
+        idx = jnp.asarray(idx)
+        pick = lambda a: jnp.take(a, idx, axis=0, mode="clip")
+        return Mxfp4Tensor(pick(self.blocks), pick(self.scales), tuple(idx.shape) + self.shape[1:])
+
+    def __getitem__(self, idx) -> "Mxfp4Tensor":
+        return self.take(idx)
+
+    def dequantize(self, dtype=jnp.bfloat16) -> jax.Array:
+        return dequantize_mxfp4(self, dtype)
+
+
+jax.tree_util.register_dataclass(Mxfp4Tensor, data_fields=["blocks", "scales"], meta_fields=["shape"])
+
+
+def mxfp4_from_blocks(blocks, scales) -> Mxfp4Tensor:
+    """Wrap a checkpoint's MXFP4 `blocks` [*lead, N, K/32, 16] and `scales` [*lead, N, K/32]
+    (uint8, transformers' layout) as the [*lead, K, N] weight they encode; no value is touched."""
+    *lead, n, g, b = blocks.shape
+    if b != MXFP4_BLOCK // 2 or tuple(scales.shape) != (*lead, n, g):
+        raise UserError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not pair up; "
+                        f"expected blocks [..., N, K/{MXFP4_BLOCK}, {MXFP4_BLOCK // 2}] and scales [..., N, "
+                        f"K/{MXFP4_BLOCK}] (transformers' layout): re-export the checkpoint")
+    return Mxfp4Tensor(blocks.reshape(*lead, n, g * b), scales, (*lead, g * MXFP4_BLOCK, n))
+
+
+def quantize_mxfp4(w) -> Mxfp4Tensor:
+    """Quantize `w` [E, K, N] or [K, N] to MXFP4: per 32 values along K the smallest power of
+    two that brings them within e2m1's +-6, each value rounded to the nearest e2m1 code."""
+    w = jnp.asarray(w)
+    if w.ndim not in (2, 3):
+        raise ValueError(f"quantize_mxfp4 expects [E, K, N] or [K, N], got shape {w.shape}.")
+    check_mxfp4_k(w.shape[-2])
+    blocks, scales = _mxfp4_codes(w.astype(jnp.float32))
+    return Mxfp4Tensor(blocks, scales, tuple(w.shape))
+
+
+@jax.jit
+def _mxfp4_codes(w):
+    *lead, k, n = w.shape
+    wt = jnp.swapaxes(w, -1, -2).reshape(*lead, n, k // MXFP4_BLOCK, MXFP4_BLOCK)  # [*lead, N, G, 32]
+    amax = jnp.max(jnp.abs(wt), axis=-1)
+    # frexp gives amax / 6 = f * 2**e exactly, f in [0.5, 1): the smallest power of two at or
+    # above it is 2**e, or 2**(e - 1) when amax / 6 is itself one (f == 0.5).
+    f, e = jnp.frexp(jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / 6.0)
+    exp = jnp.clip(jnp.where(f == 0.5, e - 1, e), -127, 127)  # [*lead, N, G]
+    v = wt / jnp.ldexp(jnp.float32(1), exp)[..., None]
+    codes = jnp.argmin(jnp.abs(v[..., None] - jnp.asarray(E2M1_VALUES)), axis=-1).astype(jnp.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [*lead, N, G, 16]
+    return blocks.reshape(*lead, n, k // 2), (exp + 127).astype(jnp.uint8)
+
+
+def dequantize_mxfp4(t: Mxfp4Tensor, dtype=jnp.bfloat16) -> jax.Array:
+    """Materialise `t` at its logical shape [*lead, K, N] in `dtype` (exact in float32)."""
+    *lead, k, n = t.shape
+    codes = jnp.stack([t.blocks & 0x0F, t.blocks >> 4], axis=-1)  # [*lead, N, K/2, 2]
+    v = e2m1_decode(codes).reshape(*lead, n, k // MXFP4_BLOCK, MXFP4_BLOCK) * e8m0_decode(t.scales)[..., None]
+    return jnp.swapaxes(v.reshape(*lead, n, k), -1, -2).astype(dtype)

@@ -7,11 +7,14 @@ MoE layer's experts into one [E, ...] array, so host memory peaks near one copy 
 
 Nothing is taken on trust: every safetensors header is checked against its file, the tensors
 against what config.json implies (none missing, none unused), and every weight is checked
-finite as it is converted. Each failure is one `CheckpointError` line naming the file.
+finite as it is converted. Experts shipped as MXFP4 stay MXFP4 on the host (`HostExperts.mxfp4`,
+the checkpoint's bytes), decoded into the compute dtype only a layer at a time when a tier
+asks for it (`DecodedLayers`). Each failure is one `CheckpointError` line naming the file.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import math
@@ -28,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from dynaexq_jax.errors import UserError
+from dynaexq_jax.experts import quant
 from dynaexq_jax.experts.expert_state import HostExperts
 from dynaexq_jax.models import registry
 from dynaexq_jax.models.config import ConfigError, ModelConfig
@@ -48,8 +52,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # low nibble first) and X_scales (uint8 [..., N, K/32]: a power-of-two exponent + 127 per 32
 # values), as transformers' integrations/mxfp4.py defines them; it stands for X [..., K, N].
 MXFP4_SUFFIXES = ("_blocks", "_scales")
-FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-                      np.float32)  # e2m1 code -> value
+FP4_VALUES = quant.E2M1_VALUES  # e2m1 code -> value
 
 
 def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -286,7 +289,7 @@ class _TensorReader:
                 raise CheckpointError(f"tensor {t.name!r} has shape {a.shape}, config.json implies {t.shape}")
             a = self._layout(t, a.astype(self.dtype, copy=False))
         else:
-            a = self._mxfp4(t)
+            a = decode_layer(self.mxfp4(t), self.dtype)
         # Checked as each tensor is converted, one more pass over memory just read: a NaN or
         # Inf weight would otherwise come out as garbage tokens, or none.
         if not all_finite(a):
@@ -303,20 +306,67 @@ class _TensorReader:
             a = np.concatenate([a[..., 0::2], a[..., 1::2]], axis=-1)
         return a
 
-    def _mxfp4(self, t) -> np.ndarray:
-        """`t` from its MXFP4 blocks and scales, decoded into the compute dtype expert by expert
-        (a whole layer in float32 would be GBs)."""
+    def is_mxfp4(self, t) -> bool:
+        """Whether the checkpoint stores `t` as MXFP4 blocks and scales."""
+        return t.name not in self.files and t.name in self.names
+
+    def mxfp4(self, t) -> quant.Mxfp4Tensor:
+        """`t` as the checkpoint's MXFP4 bytes, wrapped, not decoded: a host `Mxfp4Tensor` whose
+        columns are in our order (an interleaved gate|up tensor moves whole rows of blocks and
+        their scales; no byte changes). Checked that every value is finite in the compute dtype
+        (from the scales alone: e2m1's largest magnitude is 6)."""
         blocks, scales = self._read(t.name + "_blocks"), self._read(t.name + "_scales")
         s = blocks.shape
         decoded = (*s[:-3], 2 * s[-1] * s[-2], s[-3]) if blocks.ndim >= 3 else None  # [..., K, N]
-        if decoded != t.shape or scales.shape != s[:-1]:
+        if decoded != t.shape or scales.shape != s[:-1] or s[-1] != quant.MXFP4_BLOCK // 2:
             raise CheckpointError(f"MXFP4 tensor {t.name!r} has blocks {blocks.shape} and scales {scales.shape}, "
                                   f"config.json implies a {t.shape} weight (blocks [..., N, K/32, 16], scales "
                                   "[..., N, K/32])")
-        out = np.empty(t.shape, self.dtype)
-        for e in range(t.shape[0]):
-            out[e] = self._layout(t, decode_mxfp4(blocks[e], scales[e]))
-        return out
+        if t.linear:  # transformers' MXFP4 tensors are [in, out] already (gpt-oss's fused experts)
+            raise CheckpointError(f"MXFP4 tensor {t.name!r} is stored [out, in], which is not supported; "
+                                  "download the model's bf16 release")
+        if scales.size and 6.0 * 2.0 ** (int(scales.max()) - 127) > float(ml_dtypes.finfo(self.dtype).max):
+            raise CheckpointError(f"MXFP4 tensor {t.name!r} in {self.files[t.name + '_scales']} has scales of up to "
+                                  f"2**{int(scales.max()) - 127}, too large for {self.dtype} (or NaN); the checkpoint "
+                                  "is damaged: download or export it again")
+        if t.interleaved:  # N is axis -3 of the blocks, -2 of the scales
+            n = s[-3]
+            perm = np.concatenate([np.arange(0, n, 2), np.arange(1, n, 2)])
+            blocks, scales = np.take(blocks, perm, axis=-3), np.take(scales, perm, axis=-2)
+        return quant.mxfp4_from_blocks(blocks, scales)
+
+
+def decode_layer(t: quant.Mxfp4Tensor, dtype) -> np.ndarray:
+    """A host `Mxfp4Tensor` [E, K, N] decoded into `dtype`, expert by expert (a whole layer in
+    float32 would be GBs)."""
+    E, K, N = t.shape
+    out = np.empty(t.shape, dtype)
+    for e in range(E):
+        out[e] = decode_mxfp4(np.asarray(t.blocks[e]).reshape(N, K // quant.MXFP4_BLOCK, quant.MXFP4_BLOCK // 2),
+                              np.asarray(t.scales[e]))
+    return out
+
+
+class DecodedLayers(collections.abc.Sequence):
+    """Item j (gate_up 0, down 1) of each layer's MXFP4 pair, decoded into `dtype` on access: the
+    checkpoint-dtype experts of an MXFP4 checkpoint, for the tiers that want them (full's bank,
+    dynaexq's slots, offload's host copies), made one layer at a time and never kept but the
+    last (which consumers' repeated `[0].shape` reads)."""
+
+    def __init__(self, layers, item: int, dtype):
+        self.layers, self.item, self.dtype = layers, item, dtype
+        self._last = (None, None)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if self._last[0] != i:
+            self._last = (None, None)  # the previous layer freed before the next is decoded
+            self._last = (i, decode_layer(self.layers[i][self.item], self.dtype))
+        return self._last[1]
 
 
 @dataclasses.dataclass
@@ -390,6 +440,20 @@ def load_params(cfg: ModelConfig, files: dict[str, Path], dtype, progress=None) 
         for j in range(seg.count):
             for t in fam.layer_tensors(cfg, seg.first + j):
                 _fill(_leaf(stacked, t.path)[j], t, r.get(t))
+    fused = [fam.fused_expert_tensors(cfg, i) for i in cfg.moe_layers]
+    if fused and all(r.is_mxfp4(t) for pair in fused for t in pair):  # shipped 4-bit: kept as shipped
+        mxfp4 = [(r.mxfp4(gu), r.mxfp4(d)) for gu, d in fused]
+        experts = dict(gate_up=DecodedLayers(mxfp4, 0, r.dtype), down=DecodedLayers(mxfp4, 1, r.dtype), mxfp4=mxfp4)
+    else:
+        experts = _decoded_experts(cfg, fam, r)
+    if cfg.expert_bias:  # [L, E, 2I] and [L, E, H]: small, one array each
+        pairs = [[r.get(t) for t in fam.expert_bias_tensors(cfg, i)] for i in cfg.moe_layers]
+        experts.update(gate_up_bias=np.stack([p[0] for p in pairs]), down_bias=np.stack([p[1] for p in pairs]))
+    return params, HostExperts(**experts)
+
+
+def _decoded_experts(cfg: ModelConfig, fam, r: _TensorReader) -> dict:
+    """HostExperts' gate_up and down, every layer read into one [E, ...] array of the compute dtype."""
     gate_up, down = [], []
     E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     for i in cfg.moe_layers:
@@ -405,11 +469,7 @@ def load_params(cfg: ModelConfig, files: dict[str, Path], dtype, progress=None) 
                 wgu[e, :, :I], wgu[e, :, I:], wd[e] = r.get(g), r.get(u), r.get(d)
         gate_up.append(wgu)
         down.append(wd)
-    biases = {}
-    if cfg.expert_bias:  # [L, E, 2I] and [L, E, H]: small, one array each
-        pairs = [[r.get(t) for t in fam.expert_bias_tensors(cfg, i)] for i in cfg.moe_layers]
-        biases = dict(gate_up_bias=np.stack([p[0] for p in pairs]), down_bias=np.stack([p[1] for p in pairs]))
-    return params, HostExperts(gate_up=gate_up, down=down, **biases)
+    return dict(gate_up=gate_up, down=down)
 
 
 def to_device(tree):

@@ -11,7 +11,8 @@ Experts are stored fused, in transformers' layout: `experts.gate_up_proj` [E, H,
 and up columns interleaved (gate at even columns), `experts.down_proj` [E, I, H], both already
 [in, out], and their biases `gate_up_proj_bias` [E, 2I] (interleaved too), `down_proj_bias`
 [E, H]. The released checkpoints hold the two matrices as MXFP4 (`*_blocks` + `*_scales`,
-`quantization_config.quant_method: mxfp4`), which `io.loader` decodes.
+`quantization_config.quant_method: mxfp4`), which `io.loader` keeps as shipped: an MXFP4
+fallback (`--lo-bits mxfp4`) serves those bytes, other tiers get them decoded.
 """
 
 from __future__ import annotations

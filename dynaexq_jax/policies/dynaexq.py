@@ -30,7 +30,7 @@ from dynaexq_jax.policies.tiers import Stopwatch, host_bank, mixed_fallback, pac
 
 @dataclasses.dataclass(frozen=True)
 class DynaExqOptions:
-    lo_bits: int | str = 4  # or "auto": the plan picks (`policies.autotier`, resolved by `build_engine`)
+    lo_bits: int | str = 4  # or "mxfp4", or "auto": the plan picks (`policies.autotier`, resolved by `build_engine`)
     hi_dtype: str = "bfloat16"  # or "int8", or "auto"
     group_size: int = 128
     quant_method: str = "rtn"

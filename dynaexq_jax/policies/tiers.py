@@ -1,5 +1,7 @@
 """Expert tiers built from the checkpoint's host experts, shared by the policies.
 
+Fallback formats: group-wise integer widths (`quant.QuantizedTensor`) and MXFP4
+(`quant.Mxfp4Tensor`; a checkpoint that ships MXFP4 experts is served from its own bytes).
 Quantization runs on the CPU backend one layer at a time, so loading never holds a layer's
 bf16 experts on the accelerator, and its results go through `io.store.cached`: converted once
 per checkpoint and settings, reused by later runs.
@@ -19,6 +21,7 @@ from tqdm import tqdm
 from dynaexq_jax.experts import quant
 from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases, stack_layers
 from dynaexq_jax.experts.swap import HostBank
+from dynaexq_jax.budget import MXFP4
 from dynaexq_jax.io import store
 
 _PIECES = ("gate_up", "down")
@@ -34,10 +37,13 @@ class Stopwatch:
     seconds: float = 0.0
 
 
-def quantized_layers(host: HostExperts, bits: int, group_size: int, method: str, *, source=None,
+def quantized_layers(host: HostExperts, bits: int | str, group_size: int, method: str, *, source=None,
                      progress: bool = False, clock: Stopwatch | None = None,
                      ) -> list[tuple[quant.QuantizedTensor, quant.QuantizedTensor]]:
-    """Every MoE layer's (gate_up, down) quantized, as host `QuantizedTensor`s [E, K, N]."""
+    """Every MoE layer's (gate_up, down) quantized, as host `QuantizedTensor`s [E, K, N]; for
+    bits MXFP4, `Mxfp4Tensor`s (`mxfp4_layers`)."""
+    if bits == MXFP4:
+        return mxfp4_layers(host, source=source, progress=progress, clock=clock)
     t0 = time.perf_counter()
     cpu = jax.devices("cpu")[0]
 
@@ -56,6 +62,35 @@ def quantized_layers(host: HostExperts, bits: int, group_size: int, method: str,
     shapes = (host.gate_up[0].shape, host.down[0].shape)
     layers = [tuple(quant.QuantizedTensor(**tree[f"layer_{i}"][n], bits=bits, group_size=group_size, shape=sh)
                     for n, sh in zip(_PIECES, shapes))
+              for i in range(host.num_layers)]
+    if clock is not None:
+        clock.seconds += time.perf_counter() - t0
+    return layers
+
+
+def mxfp4_layers(host: HostExperts, *, source=None, progress: bool = False, clock: Stopwatch | None = None,
+                 ) -> list[tuple[quant.Mxfp4Tensor, quant.Mxfp4Tensor]]:
+    """Every MoE layer's (gate_up, down) as host `Mxfp4Tensor`s [E, K, N]: the checkpoint's own
+    blocks and scales when it ships MXFP4 (no conversion, no decoded copy), else quantized from
+    the loaded weights (cached like the integer widths)."""
+    if host.mxfp4 is not None:
+        return list(host.mxfp4)
+    t0 = time.perf_counter()
+    cpu = jax.devices("cpu")[0]
+
+    def build() -> dict:
+        out = {}
+        for i, ws in enumerate(tqdm(zip(host.gate_up, host.down), total=host.num_layers, desc="quantizing mxfp4",
+                                    unit="layer", file=sys.stderr, disable=not progress, leave=False)):
+            with jax.default_device(cpu):
+                qs = [quant.quantize_mxfp4(jnp.asarray(w, jnp.float32)) for w in ws]
+            out[f"layer_{i}"] = {n: {"blocks": np.asarray(q.blocks), "scales": np.asarray(q.scales)}
+                                 for n, q in zip(_PIECES, qs)}
+        return out
+
+    tree = store.cached(source, MXFP4, {"dtype": str(host.gate_up[0].dtype)}, build)
+    shapes = (host.gate_up[0].shape, host.down[0].shape)
+    layers = [tuple(quant.Mxfp4Tensor(**tree[f"layer_{i}"][n], shape=sh) for n, sh in zip(_PIECES, shapes))
               for i in range(host.num_layers)]
     if clock is not None:
         clock.seconds += time.perf_counter() - t0

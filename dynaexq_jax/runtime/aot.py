@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier
-from dynaexq_jax.experts.quant import QuantizedTensor
+from dynaexq_jax.experts.quant import Mxfp4Tensor, QuantizedTensor
 from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.runtime import engine as engine_lib
 from dynaexq_jax.runtime.costmodel import distinct_experts
@@ -290,8 +290,10 @@ def _sds(shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
-def _packed(rows: int, K: int, N: int, bits: int, group: int) -> QuantizedTensor:
+def _packed(rows: int, K: int, N: int, bits: int | str, group: int) -> QuantizedTensor | Mxfp4Tensor:
     g = K // group
+    if bits == budget_lib.MXFP4:
+        return Mxfp4Tensor(_sds((rows, N, K // 2), "uint8"), _sds((rows, N, K // 32), "uint8"), (rows, K, N))
     return QuantizedTensor(_sds((rows, K * bits // 8, N), "uint8"), _sds((rows, g, N), "bfloat16"),
                            _sds((rows, g, N), "bfloat16"), bits, group, (rows, K, N))
 

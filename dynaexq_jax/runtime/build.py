@@ -62,10 +62,12 @@ def auto_tiers(ckpt, opts: DynaExqOptions, *, budget: int | None, batch: int, lo
     """`opts` with an "auto" `lo_bits` / `hi_dtype` replaced by the budget's best tiers
     (`policies.autotier`), weighting each expert by the warm-start profile the policy will use
     (uniform without one); a concrete value restricts the choice to itself. Unchanged, with no
-    choice, when neither is "auto"."""
+    choice, when neither is "auto"; an MXFP4 fallback gets bf16 slots for an "auto" hi_dtype."""
     if "auto" not in (opts.lo_bits, opts.hi_dtype):
         return opts, None
     if budget is None:  # room for every expert in a slot: the output is full's whatever the tiers
+        return fixed_tiers(opts), None
+    if opts.lo_bits == budget_lib.MXFP4:  # the choice weighs integer widths: an MXFP4 fallback takes bf16 slots
         return fixed_tiers(opts), None
     cfg = ckpt.config
     group = budget_lib.expert_group_size(cfg, opts.group_size)
