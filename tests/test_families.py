@@ -646,6 +646,23 @@ def test_dynaexq_over_an_mxfp4_fallback_promotes_into_bf16_slots_within_a_budget
     assert len(g.tokens[0]) == 8 and g.stats["promotions"] > 0
 
 
+def test_auto_tiers_serve_an_mxfp4_checkpoint_as_it_ships_where_it_fits(mxfp4_checkpoint):
+    """The defaults (--lo-bits auto) keep the shipped MXFP4 blocks as the fallback, not an int4
+    requantization of them; under MXFP4's minimum the integer widths are chosen instead."""
+    from dynaexq_jax.runtime.build import auto_tiers, plan_for
+
+    path, _ = mxfp4_checkpoint
+    ckpt = loader.load(path, jnp.float32)
+    shape = dict(batch=1, longest_prompt=len(PROMPT), max_new_tokens=8)
+    mx = plan_for(ckpt.config, "dynaexq", budget=None, dtype_itemsize=4,
+                  opts=dynaexq.DynaExqOptions(lo_bits="mxfp4", hi_dtype="bfloat16"), **shape)
+    auto = dynaexq.DynaExqOptions(lo_bits="auto", hi_dtype="auto")  # generate.py's defaults
+    opts, _ = auto_tiers(ckpt, auto, budget=mx.minimum + 2 * mx.slot_bytes, **shape)
+    assert (opts.lo_bits, opts.hi_dtype) == ("mxfp4", "bfloat16")
+    opts, choice = auto_tiers(ckpt, auto, budget=mx.minimum - 1, **shape)
+    assert opts.lo_bits in (3, 2) and choice is not None
+
+
 def test_mxfp4_scales_beyond_the_compute_dtype_are_one_line_errors(mxfp4_checkpoint, tmp_path):
     """A scale byte of 255 (e8m0's NaN) would decode to Inf or NaN: refused from the scales alone,
     before any expert is decoded."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from dynaexq_jax import budget as budget_lib
+from dynaexq_jax.errors import UserError
 from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.policies import POLICIES, build_policy
 from dynaexq_jax.policies import autotier
@@ -69,6 +70,16 @@ def auto_tiers(ckpt, opts: DynaExqOptions, *, budget: int | None, batch: int, lo
         return fixed_tiers(opts), None
     if opts.lo_bits == budget_lib.MXFP4:  # the choice weighs integer widths: an MXFP4 fallback takes bf16 slots
         return fixed_tiers(opts), None
+    if opts.lo_bits == "auto" and ckpt.experts.mxfp4 is not None:
+        # A checkpoint shipped in MXFP4 is served as it ships where that fits: its blocks are the
+        # model's own weights (no error) at 4.25 bits, which no integer width of that size matches.
+        shipped = fixed_tiers(dataclasses.replace(opts, lo_bits=budget_lib.MXFP4))
+        try:
+            plan_for(ckpt.config, "dynaexq", budget=budget, batch=batch, longest_prompt=longest_prompt,
+                     max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=shipped)
+            return shipped, None
+        except UserError:  # below its minimum: the narrower integer widths may still fit
+            pass
     cfg = ckpt.config
     group = budget_lib.expert_group_size(cfg, opts.group_size)
     lo_choices = autotier.LO_WIDTHS if opts.lo_bits == "auto" else (opts.lo_bits,)
