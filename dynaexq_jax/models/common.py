@@ -83,6 +83,24 @@ def checked(cfg: ModelConfig) -> ModelConfig:
 # ----------------------------------------------------------------------------- tensor names
 
 
+def hf_config(cfg: ModelConfig, architecture: str, model_type: str, **family) -> dict:
+    """config.json for transformers: the fields every family names alike, plus `family`'s own."""
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "num_experts_per_tok": cfg.experts_per_token,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        **family,
+    }
+
+
 def top_tensors(cfg: ModelConfig) -> list[Tensor]:
     """Embeddings, final norm and LM head (absent when tied), as Llama-style checkpoints name them."""
     H, V = cfg.hidden_size, cfg.vocab_size

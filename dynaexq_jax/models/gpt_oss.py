@@ -130,29 +130,19 @@ def config_from_hf(d: dict) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    out = {
-        "architectures": ["GptOssForCausalLM"],
-        "model_type": MODEL_TYPE,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.moe_intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "num_local_experts": cfg.num_experts,
-        "num_experts_per_tok": cfg.experts_per_token,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "attention_bias": cfg.qkv_bias,
-        "swiglu_alpha": cfg.swiglu_alpha,
-        "swiglu_limit": cfg.swiglu_limit,
-        "sliding_window": cfg.sliding_window,
-        "layer_types": ["sliding_attention" if i in cfg.sliding_layers else "full_attention"
-                        for i in range(cfg.num_layers)],
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-    }
+    out = common.hf_config(
+        cfg, "GptOssForCausalLM", MODEL_TYPE,
+        intermediate_size=cfg.moe_intermediate_size,
+        head_dim=cfg.head_dim,
+        num_local_experts=cfg.num_experts,
+        attention_bias=cfg.qkv_bias,
+        swiglu_alpha=cfg.swiglu_alpha,
+        swiglu_limit=cfg.swiglu_limit,
+        sliding_window=cfg.sliding_window,
+        layer_types=["sliding_attention" if i in cfg.sliding_layers else "full_attention"
+                     for i in range(cfg.num_layers)],
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    )
     if cfg.rope_scaling == "yarn":
         out["rope_parameters"] = {
             "rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,

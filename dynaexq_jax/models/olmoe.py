@@ -50,26 +50,16 @@ def config_from_hf(d: dict) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    return {
-        "architectures": ["OlmoeForCausalLM"],
-        "model_type": MODEL_TYPE,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.moe_intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "num_experts": cfg.num_experts,
-        "num_experts_per_tok": cfg.experts_per_token,
-        "norm_topk_prob": cfg.norm_topk_prob,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": cfg.qkv_bias,
-        "clip_qkv": cfg.clip_qkv,
-    }
+    return common.hf_config(
+        cfg, "OlmoeForCausalLM", MODEL_TYPE,
+        intermediate_size=cfg.moe_intermediate_size,
+        num_experts=cfg.num_experts,
+        norm_topk_prob=cfg.norm_topk_prob,
+        rope_theta=cfg.rope_theta,
+        hidden_act="silu",
+        attention_bias=cfg.qkv_bias,
+        clip_qkv=cfg.clip_qkv,
+    )
 
 
 top_tensors = common.top_tensors

@@ -92,28 +92,18 @@ def config_from_hf(d: dict) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    out = {
-        "architectures": ["PhimoeForCausalLM"],
-        "model_type": MODEL_TYPE,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.moe_intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "num_local_experts": cfg.num_experts,
-        "num_experts_per_tok": cfg.experts_per_token,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": cfg.qkv_bias,
-        "lm_head_bias": cfg.lm_head_bias,
-        "router_jitter_noise": cfg.router_jitter,
-        "sliding_window": None,
-    }
+    out = common.hf_config(
+        cfg, "PhimoeForCausalLM", MODEL_TYPE,
+        intermediate_size=cfg.moe_intermediate_size,
+        head_dim=cfg.head_dim,
+        num_local_experts=cfg.num_experts,
+        rope_theta=cfg.rope_theta,
+        hidden_act="silu",
+        attention_bias=cfg.qkv_bias,
+        lm_head_bias=cfg.lm_head_bias,
+        router_jitter_noise=cfg.router_jitter,
+        sliding_window=None,
+    )
     if cfg.rope_scaling == "longrope":
         out["original_max_position_embeddings"] = cfg.rope_original_max
         out["rope_scaling"] = {

@@ -56,31 +56,21 @@ def config_from_hf(d: dict) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    return {
-        "architectures": ["Qwen2MoeForCausalLM"],
-        "model_type": MODEL_TYPE,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "num_experts": cfg.num_experts,
-        "num_experts_per_tok": cfg.experts_per_token,
-        "moe_intermediate_size": cfg.moe_intermediate_size,
-        "shared_expert_intermediate_size": cfg.shared_expert_size,
-        "intermediate_size": cfg.intermediate_size,
-        "norm_topk_prob": cfg.norm_topk_prob,
-        "decoder_sparse_step": cfg.decoder_sparse_step,
-        "mlp_only_layers": list(cfg.mlp_only_layers),
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "hidden_act": "silu",
-        "qkv_bias": cfg.qkv_bias,
-        "use_sliding_window": False,
-    }
+    return common.hf_config(
+        cfg, "Qwen2MoeForCausalLM", MODEL_TYPE,
+        head_dim=cfg.head_dim,
+        num_experts=cfg.num_experts,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        shared_expert_intermediate_size=cfg.shared_expert_size,
+        intermediate_size=cfg.intermediate_size,
+        norm_topk_prob=cfg.norm_topk_prob,
+        decoder_sparse_step=cfg.decoder_sparse_step,
+        mlp_only_layers=list(cfg.mlp_only_layers),
+        rope_theta=cfg.rope_theta,
+        hidden_act="silu",
+        qkv_bias=cfg.qkv_bias,
+        use_sliding_window=False,
+    )
 
 
 top_tensors = common.top_tensors
