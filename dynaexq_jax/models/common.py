@@ -83,6 +83,24 @@ def checked(cfg: ModelConfig) -> ModelConfig:
 # ----------------------------------------------------------------------------- tensor names
 
 
+def hf_fields(d: dict, model_type: str, *, rms_norm_eps: float, max_positions: int, head_dim=None) -> dict:
+    """`ModelConfig` fields every family reads alike from config.json, with the family's
+    defaults where transformers' differ (a missing required field is a KeyError: read it
+    inside `fields`)."""
+    return dict(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"],
+        num_kv_heads=opt(d, "num_key_value_heads", d["num_attention_heads"]),
+        head_dim=opt(d, "head_dim", head_dim),
+        rms_norm_eps=opt(d, "rms_norm_eps", rms_norm_eps),
+        tie_word_embeddings=opt(d, "tie_word_embeddings", False),
+        max_position_embeddings=opt(d, "max_position_embeddings", max_positions),
+        model_type=model_type,
+    )
+
+
 def hf_config(cfg: ModelConfig, architecture: str, model_type: str, **family) -> dict:
     """config.json for transformers: the fields every family names alike, plus `family`'s own."""
     return {

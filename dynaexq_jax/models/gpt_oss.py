@@ -98,21 +98,13 @@ def config_from_hf(d: dict) -> ModelConfig:
         layers = d["num_hidden_layers"]
         sliding = _sliding_layers(d, layers) if isinstance(layers, int) else ()
         cfg = ModelConfig(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            num_layers=layers,
-            num_heads=d["num_attention_heads"],
-            num_kv_heads=common.opt(d, "num_key_value_heads", d["num_attention_heads"]),
-            head_dim=common.opt(d, "head_dim", 64),  # transformers' default, not hidden / heads
+            # head_dim 64: transformers' default, not hidden / heads
+            **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-5, max_positions=131072, head_dim=64),
             num_experts=common.opt(d, "num_local_experts", 128),
             experts_per_token=common.opt(d, "num_experts_per_tok", 4),
             moe_intermediate_size=d["intermediate_size"],  # the experts'; gpt-oss has no dense layers
             intermediate_size=d["intermediate_size"],
             norm_topk_prob=False,
-            rms_norm_eps=common.opt(d, "rms_norm_eps", 1e-5),
-            tie_word_embeddings=common.opt(d, "tie_word_embeddings", False),
-            max_position_embeddings=common.opt(d, "max_position_embeddings", 131072),
-            model_type=MODEL_TYPE,
             qk_norm=None,
             qkv_bias=bias,
             o_bias=bias,

@@ -24,22 +24,13 @@ def config_from_hf(d: dict) -> ModelConfig:
     common.silu_only(d)
     with common.fields("Mixtral"):
         cfg = ModelConfig(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=d["num_attention_heads"],
-            num_kv_heads=common.opt(d, "num_key_value_heads", d["num_attention_heads"]),
-            head_dim=d.get("head_dim"),
+            **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-5, max_positions=4096 * 32),
             num_experts=common.opt(d, "num_local_experts", 8),
             experts_per_token=common.opt(d, "num_experts_per_tok", 2),
             moe_intermediate_size=d["intermediate_size"],  # the experts'; Mixtral has no dense layers
             intermediate_size=d["intermediate_size"],
             norm_topk_prob=True,
-            rms_norm_eps=common.opt(d, "rms_norm_eps", 1e-5),
             rope_theta=common.rope_theta(d, 1e6),
-            tie_word_embeddings=common.opt(d, "tie_word_embeddings", False),
-            max_position_embeddings=common.opt(d, "max_position_embeddings", 4096 * 32),
-            model_type=MODEL_TYPE,
             qk_norm=None,
         )
     return common.checked(cfg)

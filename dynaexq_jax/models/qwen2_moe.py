@@ -27,12 +27,7 @@ def config_from_hf(d: dict) -> ModelConfig:
     common.silu_only(d)
     with common.fields("Qwen2-MoE"):
         cfg = ModelConfig(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=d["num_attention_heads"],
-            num_kv_heads=common.opt(d, "num_key_value_heads", d["num_attention_heads"]),
-            head_dim=d.get("head_dim"),
+            **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-6, max_positions=32768),
             num_experts=common.opt(d, "num_experts", 60),
             experts_per_token=common.opt(d, "num_experts_per_tok", 4),
             moe_intermediate_size=d["moe_intermediate_size"],
@@ -40,11 +35,7 @@ def config_from_hf(d: dict) -> ModelConfig:
             norm_topk_prob=common.opt(d, "norm_topk_prob", False),
             decoder_sparse_step=common.opt(d, "decoder_sparse_step", 1),
             mlp_only_layers=common.opt(d, "mlp_only_layers", ()),
-            rms_norm_eps=common.opt(d, "rms_norm_eps", 1e-6),
             rope_theta=common.rope_theta(d, 10000.0),
-            tie_word_embeddings=common.opt(d, "tie_word_embeddings", False),
-            max_position_embeddings=common.opt(d, "max_position_embeddings", 32768),
-            model_type=MODEL_TYPE,
             qk_norm=None,
             qkv_bias=common.opt(d, "qkv_bias", True),
             shared_expert_size=d["shared_expert_intermediate_size"],
