@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from dynaexq_jax.io import files
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "checkpoints" / "tiny-qwen3-moe"
@@ -94,7 +94,7 @@ def run(args) -> list:
         raise UserError(f"--group-size must be >= 1, got {args.group_size}")
     sweep = big_little.sweep_from_args(args)
     if args.json_path:
-        check_writable(Path(args.json_path))
+        files.check_writable(args.json_path, "--json")
     if args.hotness and not Path(args.hotness).is_file():
         raise UserError(f"--hotness {args.hotness} does not exist; record one with scripts/build_tasks.py")
     cfg = ModelConfig.from_file(args.model)
@@ -123,34 +123,6 @@ def run(args) -> list:
     )
 
 
-def check_writable(path: Path) -> None:
-    """Fail before the first run, not after the last, if --json cannot be written."""
-    from dynaexq_jax.errors import UserError
-
-    if path.is_dir():
-        raise UserError(f"--json {path} is a directory; name a file in it")
-    if not path.parent.is_dir():
-        raise UserError(f"--json {path}: the folder {path.parent} does not exist; create it first")
-    try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        raise UserError(f"--json {path}: cannot write in {path.parent} ({e.strerror}); name a writable folder") \
-            from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """All of `text` or nothing at `path`: a reader never sees half a results file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dynaexq_jax.eval import evaluate
@@ -167,7 +139,7 @@ def main(argv=None) -> int:
     if args.json_path:
         payload = {"results": [dataclasses.asdict(r) for r in results]}
         try:
-            write_atomic(Path(args.json_path), json.dumps(payload, indent=1) + "\n")
+            files.write_atomic(Path(args.json_path), json.dumps(payload, indent=1) + "\n")
         except OSError as e:  # checked writable at the start; the disk may have filled since
             print(f"error: --json {args.json_path}: {e.strerror}; the table above holds the results", file=sys.stderr)
             return 2

@@ -14,11 +14,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 from dynaexq_jax.errors import UserError
+from dynaexq_jax.io import files
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-qwen3-moe"
 DEFAULT_CONTEXT = 1024  # tokens planned for --dry-run and --interactive when --context is not given
@@ -123,7 +123,7 @@ def check_flags(args) -> None:
 
     big_little.check_knobs(args)
     if args.save_hotness and not args.dry_run:
-        check_writable(args.save_hotness, "--save-hotness")
+        files.check_writable(args.save_hotness, "--save-hotness")
 
 
 def is_utf8(text: str) -> bool:
@@ -133,21 +133,6 @@ def is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def check_writable(path: str, flag: str) -> None:
-    """Fail now, not after a whole generation, if `path` cannot be written."""
-    target = Path(path)
-    if target.is_dir():
-        raise FlagError(f"{flag} {path} is a directory; name a file in it")
-    if not target.parent.is_dir():
-        raise FlagError(f"{flag} {path}: the folder {target.parent} does not exist; create it first")
-    try:
-        with tempfile.TemporaryFile(dir=target.parent):
-            pass
-    except OSError as e:
-        raise FlagError(f"{flag} {path}: cannot write in {target.parent} ({e.strerror}); name a writable folder") \
-            from None
 
 
 def check_vocab(ids: list[list[int]], cfg, model: Path) -> None:

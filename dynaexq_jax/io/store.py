@@ -43,6 +43,8 @@ from typing import Callable
 
 import numpy as np
 
+from dynaexq_jax.io import files
+
 FORMAT_VERSION = 2  # bump when the layout of what is cached changes
 HASHES = "hashes.json"
 # Temporaries are named after the host (hashed: no dashes) and pid of the run writing them.
@@ -110,15 +112,9 @@ def _write_json_atomic(path: Path, doc) -> None:
     """Best effort: the hash memo only saves time, so a cache that cannot take it goes without."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        files.write_atomic(path, json.dumps(doc))
     except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-        os.replace(tmp, path)
-    except OSError:
-        os.unlink(tmp)
+        pass
 
 
 def source_fingerprint(checkpoint_dir: Path) -> str:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from dynaexq_jax.errors import UserError
+from dynaexq_jax.io import files
 
 
 class ProfileError(UserError):
@@ -81,16 +80,7 @@ class HotnessTracker:
             "half_life_steps": self.half_life_steps,
             "scores": self._scores.tolist(),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        files.write_atomic(path, json.dumps(payload))
 
     @classmethod
     def load(
