@@ -24,7 +24,7 @@ _NEG = -1e30
 def _kernel(layer_ref, index_ref, q_ref, kv_ref, start_ref, o_ref, m_ref, l_ref, *,
             block_h: int, block_k: int, split_len: int, scale: float, precision):
     b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer, index = layer_ref[0], index_ref[0]
+    layer, index = layer_ref[0], index_ref[b]
     head_dim = q_ref.shape[-1]
     q = q_ref[b, h, :, :]  # [block_h, D]: G query heads, zero-padded
     first = start_ref[b]  # the row's first real slot
@@ -66,7 +66,7 @@ def decode_attention_supported(head_dim: int, slots: int, block_k: int = 64) -> 
 def decode_attention(q, kv, layer, start, index, *, scale: float, interpret: bool, sinks=None,
                      block_k: int = 64, num_warps: int = 4, num_stages: int = 2):
     """q [B, KVH, G, D] (G query heads per KV head); kv [L, 2, B, KVH, S, D]; layer,
-    index [] int32 (the slot of the current token); start [B] int32 (each row's first real
+    index [] or [B] int32 (the slot of the current token, or each row's); start [B] int32 (each row's first real
     slot). -> [B, KVH, G, D] in q's dtype: softmax(q k^T * scale) v over slots start..index.
     `sinks` [KVH, G] (gpt-oss): one more logit per query head in the softmax, with no value;
     it only enlarges the denominator, so it joins where the splits are merged."""
@@ -92,7 +92,7 @@ def decode_attention(q, kv, layer, start, index, *, scale: float, interpret: boo
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), jnp.reshape(index, (1,)).astype(jnp.int32), qp, kv,
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), jnp.broadcast_to(index, (B,)).astype(jnp.int32), qp, kv,
       start.astype(jnp.int32))
     # Merge the splits' partial softmaxes.
     m_all = jnp.max(m, axis=0)  # [B, KVH, block_h]

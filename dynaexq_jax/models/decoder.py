@@ -43,7 +43,9 @@ class KVCache:
     # [B] int32: each row's first real slot. Rows are left-padded and then only appended to,
     # so a row's real tokens are the slots from `start` to the last written; S: none yet.
     start: jax.Array
-    index: jax.Array  # [] int32: next slot to write (all rows aligned by left padding)
+    # [] int32: next slot to write (all rows aligned by left padding), or [B]: each row's own
+    # (the scheduler's sequence slots, each row a sequence from slot 0 that joins and leaves alone).
+    index: jax.Array
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "KVCache":

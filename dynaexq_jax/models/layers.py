@@ -271,7 +271,11 @@ class Attention(nn.Module):
         q, k = qk[:, :, :H], qk[:, :, H:]
 
         new = jnp.stack([k, v]).transpose(0, 1, 3, 2, 4)[None].astype(kv.dtype)  # [1, 2, B, KVH, T, D]
-        kv = jax.lax.dynamic_update_slice(kv, new, (layer, 0, 0, 0, index, 0))
+        if jnp.ndim(index) == 0:  # rows aligned by left padding: one slice of slots
+            kv = jax.lax.dynamic_update_slice(kv, new, (layer, 0, 0, 0, index, 0))
+        else:  # [B]: each row its own sequence (the scheduler's slots), written at its own slot
+            slots = index[:, None] + jnp.arange(T)  # [B, T]
+            kv = kv.at[layer, :, jnp.arange(B)[:, None], :, slots].set(new[0].transpose(1, 3, 0, 2, 4))
         qg = q.reshape(B, T, KVH, H // KVH, D)
         # gpt-oss: a learned logit per query head beside the keys', and a window on some layers
         # (the layer index is traced inside the scan, so the window is read from a table).
@@ -296,17 +300,17 @@ class Attention(nn.Module):
 
 
 def _attention(qg, k_cache, v_cache, start, index, *, dtype, sinks=None, window=None):
-    """qg [B, T, KVH, G, D], the queries of slots `index`.. over keys and values [B, KVH, S, D]
-    of slots 0.., each row's real slots from `start` [B] -> [B, T, KVH, G, D]. `sinks`
+    """qg [B, T, KVH, G, D], the queries of slots `index`.. ([] or per row [B]) over keys and
+    values [B, KVH, S, D] of slots 0.., each row's real slots from `start` [B] -> [B, T, KVH, G, D]. `sinks`
     [KVH, G]: one more logit per query head in the softmax, attending to nothing; `window`
     ([] int32, 0: none): each query sees only the `window` slots up to its own."""
     B, T, KVH, G, D = qg.shape
     S = k_cache.shape[2]
-    q_slot = index + jnp.arange(T)  # [T]
+    q_slot = jnp.reshape(index, (-1, 1)) + jnp.arange(T)  # [1 or B, T]
     slot = jnp.arange(S)[None, None, :]
-    mask = (slot >= start[:, None, None]) & (slot <= q_slot[None, :, None])  # [B, T, S]
+    mask = (slot >= start[:, None, None]) & (slot <= q_slot[:, :, None])  # [B, T, S]
     if window is not None:
-        mask &= (window == 0) | (slot > q_slot[None, :, None] - window)
+        mask &= (window == 0) | (slot > q_slot[:, :, None] - window)
     scores = mm(qg, k_cache, "btkgd,bksd->bkgts", out_dtype=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores * (D**-0.5), _MASKED)
     if sinks is None:
