@@ -26,7 +26,12 @@ CHAT_CHUNK = 256  # longest prefill chunk of an --interactive turn: bounds its w
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser().parse_args(argv)
+
+
+def parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The flags; scripts/serve.py adds its own to them."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face checkpoint directory (default: the shipped tiny model)")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (default: 'def ')")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -85,7 +90,7 @@ def parse_args(argv=None):
     from dynaexq_jax.eval import big_little
 
     big_little.add_arguments(p, sweep=False)
-    return p.parse_args(argv)
+    return p
 
 
 class FlagError(UserError):

@@ -238,6 +238,19 @@ class Counters:
     generated_tokens: int = 0
     ttft_s: Histogram = dataclasses.field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     token_s: Histogram = dataclasses.field(default_factory=lambda: Histogram(LATENCY_BUCKETS))  # per request, mean
+    window_s: float = 10.0
+    recent: collections.deque = dataclasses.field(default_factory=collections.deque)  # (time, tokens) in the window
+
+    def add_tokens(self, now: float, n: int) -> None:
+        self.generated_tokens += n
+        self.recent.append((now, n))
+        self.tokens_per_s(now)
+
+    def tokens_per_s(self, now: float) -> float:
+        """Tokens generated per second over the last `window_s`."""
+        while self.recent and self.recent[0][0] < now - self.window_s:
+            self.recent.popleft()
+        return sum(n for _, n in self.recent) / self.window_s
 
 
 def slots_for(context: int, max_chunk: int) -> int:
@@ -325,6 +338,14 @@ class Scheduler:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     @property
     def running(self) -> int:
@@ -493,6 +514,7 @@ class Scheduler:
         else:
             tokens, logprob = eng._read((state.tokens, state.logprob))
         t = time.perf_counter()
+        count = 0
         for row, seq in emitters:
             slot = self._slots[row]
             if slot is None or slot.seq is not seq or seq.finish_reason is not None:
@@ -507,12 +529,13 @@ class Scheduler:
                 self.counters.ttft_s.observe(t - seq.submitted)
             seq.tokens.append(tok)
             seq.logprobs.append(float(logprob[row]))
-            self.counters.generated_tokens += 1
+            count += 1
             stop = seq.on_update(seq) if seq.on_update is not None else False
             if tok in self.eos or stop:
                 self._free(row, "stop")
             elif len(seq.tokens) >= seq.max_tokens:
                 self._free(row, "length")
+        self.counters.add_tokens(t, count)
         if observe:
             self._observe(now)
 

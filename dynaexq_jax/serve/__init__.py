@@ -1,0 +1,62 @@
+"""An OpenAI-compatible server with continuous batching (`pip install -e ".[serve]"`).
+
+    import dynaexq_jax as dx
+    from dynaexq_jax import serve
+
+    ckpt = dx.load("checkpoints/tiny-qwen3-moe")
+    # The plan holds max_batch rows of `context` tokens, prefilled in chunks of max_chunk:
+    eng, plan = dx.build_engine(ckpt, "dynaexq", budget=dx.parse_size("30MB"),
+                                **serve.engine_shape(max_batch=16, context=1024, max_chunk=64))
+    serve.serve(eng, port=8000, max_batch=16, context=1024, max_chunk=64)   # until SIGTERM / Ctrl-C
+
+`make_app(served(eng, ...))` is the ASGI app itself, for one's own uvicorn or tests.
+"""
+
+from __future__ import annotations
+
+from dynaexq_jax.runtime.scheduler import Scheduler
+from dynaexq_jax.serve.app import Served, make_app
+from dynaexq_jax.serve.protocol import Defaults
+
+
+def engine_shape(*, max_batch: int, context: int, max_chunk: int) -> dict:
+    """`build_engine`'s sizing keywords for a server: `max_batch` rows of `context` tokens (a
+    prompt's first chunk padded to its bucket included), prefill chunks of `max_chunk` tokens."""
+    return {"batch": max_batch, "longest_prompt": max_chunk, "max_new_tokens": context}
+
+
+def served(engine, *, max_batch: int, context: int, max_chunk: int = 64, max_queue: int = 64,
+           model_name: str | None = None, chat: bool = True, system: str | None = None,
+           template_kwargs: dict | None = None, defaults=None):
+    """The scheduler (not yet started) and what the app needs around it. `chat`: render chat
+    requests with the checkpoint's template (its end-of-turn token stops every sequence)."""
+    from pathlib import Path
+
+    from dynaexq_jax.io import chat as chat_lib
+
+    ckpt = engine.checkpoint
+    tok = ckpt.tokenizer
+    template = chat_lib.load_chat_template(ckpt.path) if chat else None
+    eos = set(ckpt.eos_token_ids)
+    end = template.special_tokens.get("eos_token") if template is not None else None
+    if end and tok.token_to_id(end) is not None:
+        eos.add(tok.token_to_id(end))
+    sch = Scheduler(engine, max_batch=max_batch, context=context, max_chunk=max_chunk, max_queue=max_queue,
+                    eos_token_ids=eos)
+    return Served(sch, tok, model_name or Path(ckpt.path).name, template, template_kwargs or {}, system,
+                  defaults or Defaults())
+
+
+def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, warm_up: bool = True, log_level: str = "info",
+          **kw) -> None:
+    """Serve `engine` until SIGTERM or Ctrl-C, which stop new connections, let running requests
+    finish, then stop the scheduler. `kw`: `served`'s."""
+    import uvicorn
+
+    s = served(engine, **kw)
+    if warm_up:
+        s.scheduler.warm_up()
+    uvicorn.run(make_app(s), host=host, port=port, log_level=log_level)
+
+
+__all__ = ["Defaults", "Served", "engine_shape", "make_app", "serve", "served"]

@@ -1,0 +1,237 @@
+"""The OpenAI-compatible server with continuous batching, through the official `openai` client
+against a live server (uvicorn on a thread) on the shipped tiny model, float32, greedy."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from dynaexq_jax import serve  # noqa: E402
+from dynaexq_jax.io import loader  # noqa: E402
+from dynaexq_jax.runtime.build import build_engine  # noqa: E402
+from dynaexq_jax.runtime.scheduler import QueueFull, Scheduler, Sequence, plan_chunks  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import generate  # noqa: E402
+
+SHIPPED = ROOT / "checkpoints" / "tiny-qwen3-moe"
+# A ChatML template (Qwen's turn markers, as text: the shipped tokenizer has no such tokens).
+TEMPLATE = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+MAX_BATCH, CONTEXT, CHUNK = 16, 256, 16
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The shipped tiny model, with a chat template."""
+    path = tmp_path_factory.mktemp("tiny-chat")
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(SHIPPED / name, path / name)
+    config = json.loads((SHIPPED / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=TEMPLATE)))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live(model_dir):
+    """(base url, Served, engine, uvicorn server) of a server on a thread."""
+    ckpt = loader.load(model_dir, jnp.float32)
+    eng, _ = build_engine(ckpt, "full", budget=None,
+                          **serve.engine_shape(max_batch=MAX_BATCH, context=CONTEXT, max_chunk=CHUNK))
+    s = serve.served(eng, max_batch=MAX_BATCH, context=CONTEXT, max_chunk=CHUNK, max_queue=32)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(serve.make_app(s), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", s, eng, server
+    server.should_exit = True
+    thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live[0] + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """/metrics as {name with labels: value}."""
+    lines = [line.rsplit(" ", 1) for line in httpx.get(url + "/metrics").text.splitlines() if not line.startswith("#")]
+    return {name: float(value) for name, value in lines}
+
+
+def run_generate(capsys, model_dir, prompt, n, chat):
+    argv = ["--model", str(model_dir), "--dtype", "float32", "--policy", "full", "--prompt", prompt,
+            "--max-new-tokens", str(n), "--json", "--quiet", "--no-compile-cache", "--chat" if chat else "--no-chat"]
+    assert generate.main(argv) == 0
+    return json.loads(capsys.readouterr().out)["outputs"][0]
+
+
+def test_completion_and_chat_equal_generate_py_streamed_and_not(capsys, live, client, model_dir):
+    _, s, _, _ = live
+    name = s.model
+    ref = run_generate(capsys, model_dir, "def fibonacci(n):", 24, chat=False)
+    out = client.completions.create(model=name, prompt="def fibonacci(n):", max_tokens=24, temperature=0)
+    assert out.choices[0].text == ref["text"]
+    assert out.usage.completion_tokens == len(ref["token_ids"]) and out.usage.prompt_tokens == len(s.tokenizer.encode("def fibonacci(n):").ids)
+    assert out.choices[0].finish_reason == ("stop" if ref["token_ids"][-1] == 0 else "length")
+    chunks = list(client.completions.create(model=name, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref["text"]
+    assert chunks[-1].usage.completion_tokens == len(ref["token_ids"])
+
+    ref = run_generate(capsys, model_dir, "the quick brown fox", 20, chat=True)
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    out = client.chat.completions.create(model=name, messages=messages, max_tokens=20, temperature=0)
+    assert out.choices[0].message.content == ref["text"] and out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens == len(ref["token_ids"])
+    stream = list(client.chat.completions.create(model=name, messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref["text"]
+    assert stream[-1].usage.completion_tokens == len(ref["token_ids"]) and not stream[-1].choices
+
+
+def test_stop_strings_logprobs_and_models(live, client):
+    _, s, _, _ = live
+    full = client.completions.create(model=s.model, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
+                                     logprobs=0)
+    text = full.choices[0].text
+    lp = full.choices[0].logprobs
+    assert len(lp.token_logprobs) == full.usage.completion_tokens and all(x <= 0 for x in lp.token_logprobs)
+    stop = text[5:8]
+    cut = client.completions.create(model=s.model, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
+                                    stop=[stop])
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=s.model, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text[:text.index(stop)]
+    assert [m.id for m in client.models.list().data] == [s.model]
+
+
+def test_16_concurrent_requests_equal_their_solo_outputs_and_share_decode_steps(live, client):
+    url, s, eng, _ = live
+    tok = s.tokenizer
+    words = "the quick brown fox jumps over the lazy dog def f ( x ) : return x + 1".split()
+    rng = np.random.default_rng(1)
+    prompts = [" ".join(words[: 1 + i]) for i in range(16)]  # 1..16 words: several chunks for the longest
+    max_tokens = [int(m) for m in rng.integers(4, 40, size=16)]
+    solo = [eng.generate([tok.encode(p).ids], m).tokens[0] for p, m in zip(prompts, max_tokens)]
+    before = metrics(url)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(lambda pm: client.completions.create(model=s.model, prompt=pm[0], max_tokens=pm[1],
+                                                                  temperature=0), zip(prompts, max_tokens)))
+    after = metrics(url)
+    for out, ref in zip(outs, solo):
+        assert out.choices[0].text == tok.decode(ref, skip_special_tokens=True)
+        assert out.usage.completion_tokens == len(ref)
+    steps = after["dynaexq_decode_steps_total"] - before["dynaexq_decode_steps_total"]
+    shared = after["dynaexq_decode_steps_shared_total"] - before["dynaexq_decode_steps_shared_total"]
+    rows = after["dynaexq_decode_sequence_steps_total"] - before["dynaexq_decode_sequence_steps_total"]
+    assert shared >= steps / 2 and rows / steps > 4  # far fewer steps than the 16 requests' tokens
+    assert steps < sum(len(r) for r in solo) / 3
+    assert after['dynaexq_requests_finished_total{reason="length"}'] >= 1
+    assert after["dynaexq_time_to_first_token_seconds_count"] - before["dynaexq_time_to_first_token_seconds_count"] == 16
+
+
+def test_disconnect_mid_stream_frees_the_slot(live, client):
+    url, s, _, _ = live
+    before = metrics(url)
+    body = {"model": s.model, "prompt": "def f(x):", "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.time() + 30
+    while metrics(url)['dynaexq_requests_finished_total{reason="cancelled"}'] < 1 + before.get(
+            'dynaexq_requests_finished_total{reason="cancelled"}', 0):
+        assert time.time() < deadline, "the abandoned request kept its slot"
+        time.sleep(0.05)
+    after = metrics(url)
+    assert after["dynaexq_running_sequences"] == 0
+    assert after["dynaexq_generation_tokens_total"] - before["dynaexq_generation_tokens_total"] < 200
+    out = client.completions.create(model=s.model, prompt="def f(x):", max_tokens=3, temperature=0)
+    assert out.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"{not json", "not valid JSON"),
+    ({"model": "gpt-4", "prompt": "x"}, "does not exist"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens must be >= 1"),
+    ({"prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "n": 2}, "n must be 1"),
+    ({"prompt": "x " * 300}, "context"),
+    ({"prompt": ""}, "prompt"),
+])
+def test_bad_requests_get_400_and_the_server_keeps_serving(live, client, body, needle):
+    url, s, _, _ = live
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(url + "/v1/completions", headers={"Content-Type": "application/json"}, **kw)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
+    assert client.completions.create(model=s.model, prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_full_queue_answers_429(live):
+    url, s, eng, _ = live
+    queue_bound = s.scheduler.max_queue
+    s.scheduler.max_queue = 0  # every new request finds the queue full
+    try:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    finally:
+        s.scheduler.max_queue = queue_bound
+    assert r.status_code == 429 and "retry later" in r.json()["error"]["message"]
+    idle = Scheduler(eng, max_batch=1, context=64, max_chunk=16, max_queue=2)  # not started: nothing leaves the queue
+    for _ in range(2):
+        idle.submit(Sequence([1, 2], 2))
+    with pytest.raises(QueueFull, match="queued"):
+        idle.submit(Sequence([1, 2], 2))
+
+
+def test_prompt_chunks_put_the_padding_first_and_fill_the_rest():
+    chunks = plan_chunks(37, 16)
+    assert [(c.start, c.stop, c.slot, c.lead) for c in chunks] == [(0, 5, 0, 11), (5, 21, 16, 0), (21, 37, 32, 0)]
+    assert [(c.start, c.stop, c.lead) for c in plan_chunks(3, 64)] == [(0, 3, 13)]
+
+
+def test_shutdown_lets_running_requests_finish(live, client):
+    """SIGTERM in uvicorn sets `should_exit`: running requests still get every token."""
+    url, s, _, server = live
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.completions.create, model=s.model, prompt="def f(x):", max_tokens=60,
+                              temperature=0)
+        deadline = time.time() + 30
+        while metrics(url)["dynaexq_running_sequences"] < 1:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        server.should_exit = True
+        out = pending.result(60)
+    assert out.usage.completion_tokens == 60 or out.choices[0].finish_reason == "stop"
+    deadline = time.time() + 30
+    while s.scheduler._thread.is_alive():
+        assert time.time() < deadline, "the scheduler did not stop after the drain"
+        time.sleep(0.05)
