@@ -331,6 +331,26 @@ def test_decode_attention_kernel_agrees_with_the_xla_path_under_sinks_and_a_wind
     np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5, rtol=0)
 
 
+def test_decode_attention_reads_each_rows_own_current_slot():
+    """The scheduler's rows are separate sequences: each row's current slot is its own (index
+    [B]), in the kernel and in the XLA path alike."""
+    from dynaexq_jax.models.layers import _attention
+
+    B, KVH, G, D, S, L = 3, 2, 2, 16, 64, 2
+    rng = np.random.default_rng(3)
+    start, index = np.array([0, 5, 0], np.int32), np.array([10, 40, 63], np.int32)
+    kv = rng.standard_normal((L, 2, B, KVH, S, D)).astype(np.float32)
+    q = rng.standard_normal((B, KVH, G, D)).astype(np.float32)
+    ref = np.concatenate([_attention64(q[b:b + 1], kv[:, :, b:b + 1], 1, start[b:b + 1], int(index[b]), D**-0.5)
+                          for b in range(B)])
+    kernel = pallas_kernels.decode_attention(jnp.asarray(q), jnp.asarray(kv), jnp.int32(1), jnp.asarray(start),
+                                             jnp.asarray(index), scale=D**-0.5, interpret=True, block_k=16)
+    xla = _attention(jnp.asarray(q)[:, None], jnp.asarray(kv[1, 0]), jnp.asarray(kv[1, 1]), jnp.asarray(start),
+                     jnp.asarray(index), dtype=jnp.float32)[:, 0]
+    _assert_close(kernel, ref, 1e-5)
+    _assert_close(xla, ref, 1e-5)
+
+
 # --------------------------------------------------------------------------- grouped_matmul
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from dynaexq_jax.runtime.scheduler import QueueFull, Scheduler, Sequence, plan_c
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import generate  # noqa: E402
+from bench_serve import free_port  # noqa: E402
 
 SHIPPED = ROOT / "checkpoints" / "tiny-qwen3-moe"
 # A ChatML template (Qwen's turn markers, as text: the shipped tokenizer has no such tokens).
@@ -45,12 +45,6 @@ def model_dir(tmp_path_factory):
     config = json.loads((SHIPPED / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=TEMPLATE)))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,15 @@ its tokens sit at slots 0.. of the row, its write index is its own (`KVCache.ind
 row that joins never moves the others. One loop, on its own thread:
 
 - a request waits in a bounded queue (`QueueFull` past it) until a row is free;
-- its prompt is prefilled into its row in power-of-two chunks (at most `max_chunk` tokens of
-  prefill per step), between the decode steps of the rows already generating, so a long prompt
-  never stalls them; the last chunk samples its first token and the row joins the next step;
+- its prompt is prefilled into its row in chunks of `max_chunk` tokens (the first one left-padded
+  to its bucket), at most `max_chunk` prompt tokens per decode step of the rows already
+  generating, so a long prompt never stalls them (with no row generating, every waiting prompt
+  at once); the last chunk samples its first token and the row joins the next step;
 - one decode step advances every generating row; a row leaves when it samples a stop id or
   reaches its `max_tokens` (decided on the device), when its consumer says stop (a stop string)
   or when it is cancelled (a client gone): then its row is free for the next request.
 
-Every shape is fixed (rows, context) or bucketed (chunks: powers of two), so joining and leaving
+Every shape is fixed (rows, context) or bucketed (chunks: powers of two >= 16), so joining and leaving
 never compile anything new once each chunk size has run (`warm_up` compiles them all). As in
 `Engine.generate`, step i+1 is dispatched before step i's tokens are read, in one read; routing
 statistics of all traffic are read every `policy.observe_every` steps, so hotness is learned from
@@ -38,7 +39,7 @@ import numpy as np
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.models.decoder import KVCache
 from dynaexq_jax.runtime.engine import (ContextError, Engine, NonFiniteError, RoutingStats, MIN_PROMPT_BUCKET,
-                                        _setup, cache_bucket, check_context, left_pad, prompt_bucket,
+                                        _setup, cache_bucket, left_pad, prompt_bucket,
                                         stop_array)
 from dynaexq_jax.runtime.sampling import NON_FINITE, SamplingParams, flag_non_finite, sample
 
@@ -273,7 +274,9 @@ class Scheduler:
             raise UserError(f"max_batch must be >= 1, got {max_batch}")
         if max_chunk < 1 or max_chunk & (max_chunk - 1):
             raise UserError(f"the prefill chunk must be a power of two, got {max_chunk}")
-        check_context(engine.cfg, context, 0)
+        if not 2 <= context <= engine.cfg.max_position_embeddings:
+            raise ContextError(f"a sequence's context must be in 2..{engine.cfg.max_position_embeddings} tokens "
+                               f"(the model's), got {context}")
         self.engine, self.max_batch, self.max_chunk, self.max_queue = engine, max_batch, max_chunk, max_queue
         self.context = slots_for(context, max_chunk)
         self.limit = min(context, engine.cfg.max_position_embeddings)  # prompt + new tokens of one sequence
@@ -457,9 +460,11 @@ class Scheduler:
             c.decode_rows += len(decoding)
             c.shared_decode_steps += len(decoding) > 1
             self._since += 1
-        budget = self.max_chunk
-        for row, slot in enumerate(self._slots):
-            while slot is not None and slot.chunks and slot.chunks[0].size <= budget:
+        # Prompt tokens this step: a chunk between decode steps, every waiting prompt when none decodes.
+        budget = self.max_chunk if decoding else self.max_chunk * self.max_batch
+        waiting = [(row, s) for row, s in enumerate(self._slots) if s is not None and s.chunks]
+        for row, slot in sorted(waiting, key=lambda rs: rs[1].seq.submitted):  # first come, first prefilled
+            while slot.chunks and slot.chunks[0].size <= budget:
                 chunk = slot.chunks.popleft()
                 budget -= chunk.size
                 seq, last = slot.seq, not slot.chunks
@@ -481,8 +486,6 @@ class Scheduler:
                 if last:
                     slot.decoding = True
                     emitters.append((row, seq))
-            if budget == 0:
-                break
         return emitters
 
     def _free(self, row: int, reason: str | None) -> None:

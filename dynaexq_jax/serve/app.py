@@ -60,7 +60,10 @@ class _Events:
         n = len(seq.tokens)
         new = seq.tokens[self.sent_tokens:n], seq.logprobs[self.sent_tokens:n]
         self.sent_tokens = n
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (delta, new, seq.finish_reason))
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (delta, new, seq.finish_reason))
+        except RuntimeError:  # the event loop is gone (the server stopped): nobody reads this sequence
+            seq.cancel()
         return self.text.stopped
 
 
