@@ -32,6 +32,9 @@ The surface for research code (README, "Python API", runs this as a test):
   holding a float32 copy of every expert).
 - `enable_compile_cache()`: JAX's persistent compilation cache for this process, as the
   scripts turn it on (`~/.cache/dynaexq/jax`; `DYNAEXQ_COMPILE_CACHE=0` turns it off).
+- serve: `dynaexq_jax.runtime.scheduler.Scheduler` batches requests continuously over an
+  engine built with `dynaexq_jax.serve.engine_shape(...)`; `dynaexq_jax.serve.serve(engine, ...)`
+  is the OpenAI-compatible server over it (the `serve` extra; scripts/serve.py).
 """
 
 from dynaexq_jax.budget import MemoryPlan, parse_size

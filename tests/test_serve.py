@@ -22,11 +22,13 @@ uvicorn = pytest.importorskip("uvicorn")
 from dynaexq_jax import serve  # noqa: E402
 from dynaexq_jax.io import loader  # noqa: E402
 from dynaexq_jax.runtime.build import build_engine  # noqa: E402
+from dynaexq_jax.runtime.sampling import SamplingParams  # noqa: E402
 from dynaexq_jax.runtime.scheduler import QueueFull, Scheduler, Sequence, plan_chunks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import generate  # noqa: E402
+import serve as serve_cli  # noqa: E402  (scripts/serve.py)
 from bench_serve import free_port  # noqa: E402
 
 SHIPPED = ROOT / "checkpoints" / "tiny-qwen3-moe"
@@ -204,6 +206,34 @@ def test_a_full_queue_answers_429(live):
         idle.submit(Sequence([1, 2], 2))
     with pytest.raises(QueueFull, match="queued"):
         idle.submit(Sequence([1, 2], 2))
+
+
+def test_a_seeded_sampled_request_draws_what_the_engine_draws_alone(live, client):
+    _, s, eng, _ = live
+    ids = s.tokenizer.encode("def f(x):").ids
+    alone = eng.generate([ids], 12, SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234)).tokens[0]
+    out = client.completions.create(model=s.model, prompt=ids, max_tokens=12, temperature=0.9, top_p=0.95, seed=1234,
+                                    extra_body={"top_k": 40})
+    assert out.choices[0].text == s.tokenizer.decode(alone, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--prompt", "x"], "--prompt does not apply"),
+    (["--policy", "offload"], "cannot batch continuously"),
+    (["--prefill-chunk", "24"], "power of two >= 16"),
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--context", "99999"], "exceeds the model's context"),
+])
+def test_serve_py_bad_flags_are_one_line_errors(capsys, extra, needle):
+    assert serve_cli.main(["--model", str(SHIPPED), "--dry-run", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+
+
+def test_serve_py_dry_run_plans_max_batch_sequences_of_context(capsys):
+    assert serve_cli.main(["--model", str(SHIPPED), "--dry-run", "--max-batch", "8", "--context", "512",
+                           "--prefill-chunk", "32", "--budget", "1GB"]) == 0
+    assert "batch 8 x context 640 tokens (prefill up to 32)" in capsys.readouterr().out
 
 
 def test_prompt_chunks_put_the_padding_first_and_fill_the_rest():
