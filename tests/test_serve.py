@@ -127,6 +127,12 @@ def test_stop_strings_logprobs_and_models(live, client):
                                          stop=stop, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == text[:text.index(stop)]
     assert [m.id for m in client.models.list().data] == [s.model]
+    chat = client.chat.completions.create(model=s.model, messages=[{"role": "user", "content": "def f"}], max_tokens=6,
+                                          temperature=0, logprobs=True)
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens == 6
+    # Without max_tokens a long prompt gets what is left of the context, not an error.
+    long = list(range(1, CONTEXT - 3))
+    assert client.completions.create(model=s.model, prompt=long, temperature=0).usage.completion_tokens <= 4
 
 
 def test_16_concurrent_requests_equal_their_solo_outputs_and_share_decode_steps(live, client):

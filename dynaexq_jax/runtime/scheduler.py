@@ -331,13 +331,6 @@ class Scheduler:
             self._cv.notify()
         return seq
 
-    def generate(self, seq: Sequence, timeout: float | None = None) -> Sequence:
-        """Submit and wait (for tests and scripts)."""
-        self.submit(seq).done.wait(timeout)
-        if seq.error is not None:
-            raise seq.error
-        return seq
-
     @property
     def queued(self) -> int:
         return len(self._queue)

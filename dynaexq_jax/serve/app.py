@@ -94,7 +94,7 @@ async def _handle(request: Request, chat: bool) -> Response:
     try:
         body = await _body(request, served)
         ids = _encode_chat(served, body) if chat else _encode_completion(served, body)
-        params = protocol.parse_params(body, ids, served.defaults, chat)
+        params = protocol.parse_params(body, ids, served.defaults, chat, served.scheduler.limit)
         events = _Events(served, params)
         seq = Sequence(ids, params.max_tokens, params.sampling, events.on_update)
         try:

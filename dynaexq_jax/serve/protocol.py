@@ -83,14 +83,15 @@ def check_model(body: dict, served: str) -> None:
                        code="model_not_found")
 
 
-def parse_params(body: dict, ids: list[int], defaults: Defaults, chat: bool) -> Params:
-    """The generation fields shared by both endpoints."""
+def parse_params(body: dict, ids: list[int], defaults: Defaults, chat: bool, limit: int) -> Params:
+    """The generation fields shared by both endpoints. `limit`: a sequence's tokens, prompt and
+    reply; a request without max_tokens gets the default or what is left of it, if less."""
     n = _number(body, "n", 1, int)
     if n != 1:
         raise ApiError(f"n must be 1 (one choice per request), got {n}", param="n")
     # OpenAI's max_tokens; chat's newer name is max_completion_tokens.
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, name, defaults.max_tokens, int, low=1)
+    max_tokens = _number(body, name, max(1, min(defaults.max_tokens, limit - len(ids))), int, low=1)
     temperature = _number(body, "temperature", defaults.temperature, float, low=0.0, high=2.0)
     top_p = _number(body, "top_p", defaults.top_p, float, low=0.0, high=1.0)
     if top_p == 0.0:
