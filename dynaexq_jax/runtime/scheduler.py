@@ -421,6 +421,8 @@ class Scheduler:
     def _admit(self) -> None:
         with self._cv:
             for row, slot in enumerate(self._slots):
+                while slot is None and self._queue and self._queue[0].cancelled:  # gone while waiting
+                    self._finish(self._queue.popleft(), "cancelled")
                 if slot is None and self._queue:
                     seq = self._queue.popleft()
                     if not self._prepared:
