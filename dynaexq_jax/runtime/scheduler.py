@@ -254,6 +254,12 @@ class Counters:
         return sum(n for _, n in self.recent) / self.window_s
 
 
+def engine_shape(*, max_batch: int, context: int, max_chunk: int) -> dict:
+    """`build_engine`'s sizing keywords for a scheduler: its plan holds `max_batch` rows of
+    `slots_for(context, max_chunk)` cache slots, and a prefill chunk's workspace."""
+    return {"batch": max_batch, "longest_prompt": max_chunk, "max_new_tokens": context}
+
+
 def slots_for(context: int, max_chunk: int) -> int:
     """Cache slots a row holds for sequences of `context` tokens: a first chunk's padding
     included, as `build.plan_for` plans a prompt of `max_chunk` tokens followed by `context`."""
@@ -261,8 +267,8 @@ def slots_for(context: int, max_chunk: int) -> int:
 
 
 class Scheduler:
-    """Continuous batching over `engine` (an `Engine` built for `batch=max_batch`) with
-    `max_batch` rows of `context` tokens. `start()` runs the loop on a thread; `submit` queues a
+    """Continuous batching over `engine` (built with `engine_shape(...)` of the same sizes, so
+    the budget holds the rows' cache) with `max_batch` rows of `context` tokens. `start()` runs the loop on a thread; `submit` queues a
     `Sequence` (raises `QueueFull` past `max_queue` waiting); `close()` drains and stops."""
 
     def __init__(self, engine: Engine, *, max_batch: int, context: int, max_chunk: int = 64, max_queue: int = 64,
@@ -383,13 +389,16 @@ class Scheduler:
     def _run(self) -> None:
         eng = self.engine
         try:
-            pending = None  # (state, [(row, seq)]) of the last dispatched step, read after the next is dispatched
+            pending = None  # (state, stats, [(row, seq)]) of the last dispatched step, read after the next is dispatched
             while True:
                 with self._cv:
                     while not (pending or self._queue or self.running) and not self._closing:
                         self._cv.wait()
                     if self._closing and not (pending or self._queue or self.running):
                         break
+                    first = self._queue[0].ids if self._queue and not self._prepared else None
+                if first is not None:  # outside the lock: submitting never waits on this
+                    self._prepare(first)
                 self._admit()
                 emitters = self._dispatch()
                 if pending is not None:
@@ -425,8 +434,6 @@ class Scheduler:
                     self._finish(self._queue.popleft(), "cancelled")
                 if slot is None and self._queue:
                     seq = self._queue.popleft()
-                    if not self._prepared:
-                        self._prepare(seq.ids)
                     self._slots[row] = _Slot(seq, collections.deque(plan_chunks(len(seq.ids), self.max_chunk)))
 
     def _dispatch(self) -> list:
@@ -551,4 +558,4 @@ class Scheduler:
             return jax.tree.map(np.asarray, self.stats)
 
 
-__all__ = ["Closed", "QueueFull", "Scheduler", "Sequence", "SlotState"]
+__all__ = ["Closed", "QueueFull", "Scheduler", "Sequence", "SlotState", "engine_shape", "plan_chunks", "slots_for"]

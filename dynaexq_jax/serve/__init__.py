@@ -5,7 +5,7 @@
 
     ckpt = dx.load("checkpoints/tiny-qwen3-moe")
     # The plan holds max_batch rows of `context` tokens, prefilled in chunks of max_chunk:
-    eng, plan = dx.build_engine(ckpt, "dynaexq", budget=dx.parse_size("30MB"),
+    eng, plan = dx.build_engine(ckpt, "dynaexq", budget=dx.parse_size("100MB"),
                                 **serve.engine_shape(max_batch=16, context=1024, max_chunk=64))
     serve.serve(eng, port=8000, max_batch=16, context=1024, max_chunk=64)   # until SIGTERM / Ctrl-C
 
@@ -14,15 +14,10 @@
 
 from __future__ import annotations
 
-from dynaexq_jax.runtime.scheduler import Scheduler
+from dynaexq_jax.errors import UserError
+from dynaexq_jax.runtime.scheduler import Scheduler, engine_shape
 from dynaexq_jax.serve.app import Served, make_app
 from dynaexq_jax.serve.protocol import Defaults
-
-
-def engine_shape(*, max_batch: int, context: int, max_chunk: int) -> dict:
-    """`build_engine`'s sizing keywords for a server: `max_batch` rows of `context` tokens (a
-    prompt's first chunk padded to its bucket included), prefill chunks of `max_chunk` tokens."""
-    return {"batch": max_batch, "longest_prompt": max_chunk, "max_new_tokens": context}
 
 
 def served(engine, *, max_batch: int, context: int, max_chunk: int = 64, max_queue: int = 64,
@@ -36,6 +31,8 @@ def served(engine, *, max_batch: int, context: int, max_chunk: int = 64, max_que
 
     ckpt = engine.checkpoint
     tok = ckpt.tokenizer
+    if tok is None:
+        raise UserError(f"{ckpt.path} has no tokenizer.json, so requests' text cannot be encoded")
     template = chat_lib.load_chat_template(ckpt.path) if chat else None
     eos = set(ckpt.eos_token_ids)
     end = template.special_tokens.get("eos_token") if template is not None else None
