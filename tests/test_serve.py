@@ -160,6 +160,23 @@ def test_16_concurrent_requests_equal_their_solo_outputs_and_share_decode_steps(
     assert after["dynaexq_time_to_first_token_seconds_count"] - before["dynaexq_time_to_first_token_seconds_count"] == 16
 
 
+def test_a_long_prompt_is_prefilled_between_the_others_decode_steps(live):
+    _, s, _, _ = live
+    sch = s.scheduler
+    short = sch.submit(Sequence([5, 6, 7], 60))
+    deadline = time.time() + 30
+    while not short.tokens:
+        assert time.time() < deadline
+        time.sleep(0.005)
+    seen = []  # the short sequence's length when the long one's first token arrived
+    long = Sequence(list(range(1, 201)), 2, on_update=lambda seq: seen.append(len(short.tokens)) or False)
+    at_submit = len(short.tokens)
+    sch.submit(long)
+    assert long.done.wait(60) and short.done.wait(60)
+    # 200 prompt tokens are 13 chunks of 16, one per step beside the short sequence's decode step
+    assert seen[0] - at_submit >= 12 and len(short.tokens) == 60
+
+
 def test_disconnect_mid_stream_frees_the_slot(live, client):
     url, s, _, _ = live
     before = metrics(url)
