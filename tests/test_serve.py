@@ -143,11 +143,12 @@ def test_16_concurrent_requests_equal_their_solo_outputs_and_share_decode_steps(
     prompts = [" ".join(words[: 1 + i]) for i in range(16)]  # 1..16 words: several chunks for the longest
     max_tokens = [int(m) for m in rng.integers(4, 40, size=16)]
     solo = [eng.generate([tok.encode(p).ids], m).tokens[0] for p, m in zip(prompts, max_tokens)]
-    before = metrics(url)
+    before, compiled = metrics(url), len(eng._compiled)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         outs = list(pool.map(lambda pm: client.completions.create(model=s.model, prompt=pm[0], max_tokens=pm[1],
                                                                   temperature=0), zip(prompts, max_tokens)))
     after = metrics(url)
+    assert len(eng._compiled) == compiled  # joining and leaving compiled nothing (the steps ran before)
     for out, ref in zip(outs, solo):
         assert out.choices[0].text == tok.decode(ref, skip_special_tokens=True)
         assert out.usage.completion_tokens == len(ref)
