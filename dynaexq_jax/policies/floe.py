@@ -41,8 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax import budget as budget_lib
+from dynaexq_jax.errors import UserError
 from dynaexq_jax.experts import matmul, quant
 from dynaexq_jax.experts.expert_state import HostExperts, device_biases
+from dynaexq_jax.io import floe_calibration
 from dynaexq_jax.models.layers import expert_activation
 from pallas_kernels import INVALID
 
@@ -53,14 +55,15 @@ UP_GROUP = budget_lib.FLOE_UP_GROUP
 class FloeOptions:
     """up_bits: the up projection's width (None: the checkpoint's precision); sparsity: the
     target share of channels dropped (0: keep all, no calibration needed); capacity_margin:
-    staging room over the expected active channels; thresholds: a [moe_layers, E] array
-    (from `floe_calibration`), needed when sparsity > 0."""
+    staging room over the expected active channels; thresholds: a [moe_layers, E] array, else
+    read from `calibration` (`io.floe_calibration`) when sparsity > 0."""
 
     up_bits: int | None = 2
     group_size: int = UP_GROUP
     sparsity: float = 0.9
     capacity_margin: float = 1.25
     thresholds: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    calibration: str | None = None  # a calibration folder; None: the one saved for the checkpoint
 
 
 def capacity(intermediate: int, sparsity: float, rows: int, margin: float) -> int:
@@ -211,7 +214,7 @@ class FloePolicy:
         self.convert_s = time.perf_counter() - t0
         self._biases = [device_biases(host, self.device, slice(m, m + 1)) for m in range(L)]
         self.jitted = device_functions(cfg)
-        self.recorder = None  # calibration: called with (layer, u [P, I], top_i, valid) on the host
+        self.recorder = None  # calibration: called with (layer, u [P, I], top_i, valid, hn) on the host
         self.run = FloeStats()
 
     # -------------------------------------------------------------- the policy interface
@@ -269,7 +272,7 @@ class FloePolicy:
         thr = self.thresholds[m]
         u, score = call("floe_up", self.up[m], thr, hn, top_i, valid, up_bias)
         if self.recorder is not None:
-            self.recorder(m, *jax.device_get((u, top_i, valid)))
+            self.recorder(m, *jax.device_get((u, top_i, valid, hn)))
         self.run.pairs += int(counts.sum())
         rows = int(np.prod(hn.shape[:2]))
         cap = capacity(I, self.opts.sparsity, rows, self.opts.capacity_margin)
@@ -309,16 +312,24 @@ class FloePolicy:
         return staged
 
 
+def calibrated_thresholds(ckpt, opts: FloeOptions) -> np.ndarray:
+    """The thresholds of `opts.calibration` (a folder), else of the calibration saved for this
+    checkpoint and these settings; a missing or mismatched one is a one-line UserError."""
+    s = floe_calibration.settings(opts.sparsity, opts.up_bits, opts.group_size)
+    path = opts.calibration or floe_calibration.default_path(ckpt.path, opts.sparsity, opts.up_bits, opts.group_size)
+    if path is None:
+        raise UserError(f"policy 'floe' at sparsity {opts.sparsity} needs calibrated thresholds and the cache is off "
+                        f"(DYNAEXQ_CACHE=0): pass --floe-calibration DIR written by scripts/calibrate.py --out DIR")
+    return floe_calibration.load(path, ckpt, s).thresholds
+
+
 def build(ckpt, plan: budget_lib.MemoryPlan, opts: FloeOptions, *, batch: int, device=None,
           progress: bool = False) -> FloePolicy:
     """`plan` is `budget.policy_plan`'s for floe: it holds the compressed up projections and
     staging for `batch` x `experts_per_token` experts a round."""
     cfg = ckpt.config
     if opts.sparsity > 0 and opts.thresholds is None:
-        from dynaexq_jax.errors import UserError
-
-        raise UserError(f"policy 'floe' at sparsity {opts.sparsity} needs calibrated thresholds for {ckpt.path}; "
-                        f"run scripts/calibrate.py --model {ckpt.path} --sparsity {opts.sparsity} (or --floe-sparsity 0)")
+        opts = dataclasses.replace(opts, thresholds=calibrated_thresholds(ckpt, opts))
     rounds = min(batch * cfg.experts_per_token, cfg.num_experts)
     return FloePolicy(cfg, ckpt.experts, opts, round_experts=rounds, itemsize=ckpt.dtype.itemsize, device=device,
                       progress=progress)
