@@ -214,6 +214,7 @@ class MemoryPlan:
     lo_bits: int | str | None = None  # bit width of the fallback experts, or MXFP4; None: no fallback
     mid_bits: int | None = None  # a wider fallback width for `mid_experts` of them (stored only at it)
     mid_experts: int = 0
+    fallback_label: str = "fallback experts"  # what `fallback` holds (floe: the up projections)
 
     @property
     def slots_total_bytes(self) -> int:
@@ -237,7 +238,7 @@ class MemoryPlan:
         mid = f" ({self.mid_experts} at int{self.mid_bits})" if self.mid_experts else ""
         rows = [
             ("non-expert weights", self.weights),
-            (f"fallback experts{mid}", self.fallback),
+            (f"{self.fallback_label}{mid}", self.fallback),
             (f"high-precision slots ({self.slots} x {format_size(self.slot_bytes)})", self.slots_total_bytes),
             ("KV cache", self.kv_cache),
             ("workspace margin", self.workspace),
@@ -440,5 +441,6 @@ def floe_plan(cfg, *, budget: int | None, batch: int, prompt: int, context: int,
             f"budget {format_size(budget)} cannot hold FloE's {format_name(up_bits) if up_bits else 'uncompressed'} up "
             f"projections, weights, KV cache and staging for batch {batch} x context {context}: the minimum is "
             f"{format_size(minimum)} ({minimum} bytes)")
+    label = f"up projections ({format_name(up_bits) if up_bits else 'uncompressed'}; gate, down on the host)"
     return MemoryPlan(budget=budget, slot_bytes=0, slots=0, num_experts_total=len(cfg.moe_layers) * cfg.num_experts,
-                      moe_layers=len(cfg.moe_layers), lo_bits=up_bits, **parts)
+                      moe_layers=len(cfg.moe_layers), lo_bits=up_bits, fallback_label=label, **parts)
