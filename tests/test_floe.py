@@ -24,7 +24,7 @@ from dynaexq_jax.runtime import engine
 from dynaexq_jax.runtime.build import build_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import calibrate  # noqa: E402
+import calibrate
 
 PROMPTS = [[5, 17, 42, 9, 100, 7, 250, 33, 12], [3, 4, 5]]  # two lengths: left padding in the batch
 CAL_TEXT = "def f(x):\n    return x + 1\n\nclass A:\n    def g(self, y):\n        return [y] * 3\n" * 12
@@ -39,7 +39,7 @@ def _silu64(x):
 
 def test_select_and_partial_ffn_match_float64_reference_with_capacity_overflow():
     rng = np.random.default_rng(0)
-    B, T, H, I, E, k, R, C = 2, 3, 16, 24, 5, 2, 3, 6
+    B, T, H, I, E, k, C = 2, 3, 16, 24, 5, 2, 6
     hn = rng.standard_normal((B, T, H)).astype(np.float32)
     top_i = rng.integers(0, E, (B * T, k)).astype(np.int32)
     top_i[:, 1] = (top_i[:, 0] + 1) % E  # distinct experts per token

@@ -121,6 +121,14 @@ def train_predictor(rec: Recording, router: Callable[[int, np.ndarray], np.ndarr
     """MLPs for MoE layers [0, early_layers) predicting layer m + 1's experts from layer m's
     hidden state. `router(m + 1, x)` -> the next layer's router logits [T, E] (the baseline).
     -> (params {"layer{m}": {w1, b1, w2, b2}}, {"layer{m}": {"mlp_recall", "router_recall"}})."""
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def step(p, state, x, y):
+        g = jax.grad(lambda p: optax.sigmoid_binary_cross_entropy(_mlp(p, x), y).mean())(p)
+        upd, state = opt.update(g, state, p)
+        return optax.apply_updates(p, upd), state
+
     params, report = {}, {}
     L = len(rec.hidden)
     for m in range(min(early_layers, L - 1)):
@@ -135,20 +143,12 @@ def train_predictor(rec: Recording, router: Callable[[int, np.ndarray], np.ndarr
         H = x.shape[-1]
         p = {"w1": jax.random.normal(key1, (H, hidden)) / np.sqrt(H), "b1": jnp.zeros(hidden),
              "w2": jax.random.normal(key2, (hidden, num_experts)) / np.sqrt(hidden), "b2": jnp.zeros(num_experts)}
-        opt = optax.adam(lr)
         state = opt.init(p)
-
-        @jax.jit
-        def step(p, state):
-            loss, g = jax.value_and_grad(lambda p: optax.sigmoid_binary_cross_entropy(_mlp(p, xt), yt).mean())(p)
-            upd, state = opt.update(g, state, p)
-            return optax.apply_updates(p, upd), state, loss
-
         for _ in range(steps):
-            p, state, _ = step(p, state)
+            p, state = step(p, state, xt, yt)
         xh, th = x[split:], tgt[split:]
         report[f"layer{m}"] = {"mlp_recall": _recall(np.asarray(_mlp(p, jnp.asarray(xh))), th, k),
-                               "router_recall": _recall(router(m + 1, xh), th, k), "held_out_tokens": int(len(xh))}
+                               "router_recall": _recall(router(m + 1, xh), th, k), "held_out_tokens": len(xh)}
         params[f"layer{m}"] = {n: np.asarray(v, np.float32) for n, v in p.items()}
     return params, report
 

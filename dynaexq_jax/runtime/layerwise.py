@@ -282,6 +282,7 @@ class LayerwiseEngine:
         nxt = self._call("next_token", self.params, x[:, -1:], key, knobs)
         ids = jax.device_get(nxt)[:B]
         prefill_s = time.perf_counter() - t0 - (self.compile_s - c0)
+        h2d_prefill = self.policy.stats()["h2d_bytes"]  # decode's own bytes are the rest
 
         rows_valid = jax.device_put(np.arange(rows)[:, None] < B)
         decoded = 0  # decode steps run
@@ -312,6 +313,7 @@ class LayerwiseEngine:
             "hi_hit_rate": run.hit_pairs / run.pairs if run.pairs else None,
             "peak_device_bytes": peak_device_bytes(),
             **self.policy.stats(),
+            "h2d_prefill_bytes": h2d_prefill,
         }
         if self.big_little is not None:
             # Real tokens: the prompts, then one per decode step of each of the B rows (all compute).
