@@ -166,6 +166,27 @@ def partial_ffn_for(cfg):
 # ------------------------------------------------------------------------------ policy
 
 
+def gather_channels(layer: np.ndarray, experts: np.ndarray, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Rows idx [R, C] of experts [R] (-1: expert 0's) of a host layer [E, I, H] into `out`
+    [R, C, H]. Into a reused buffer, as unsigned integers of the same width: fresh arrays cost
+    page faults on every call, and numpy copies ml_dtypes' bfloat16 element by element (both
+    several times the copy itself). The buffer is free again once `to_device` has returned."""
+    E, I, H = layer.shape
+    u = np.dtype(f"u{layer.dtype.itemsize}")
+    rows = (np.maximum(experts, 0)[:, None] * I + idx).reshape(-1)
+    np.take(layer.view(u).reshape(E * I, H), rows, axis=0, out=out.view(u).reshape(-1, H))
+    return out
+
+
+def to_device(host: tuple[np.ndarray, ...], device) -> tuple[jax.Array, ...]:
+    """Copy host arrays to `device` and wait. The CPU backend may hand back a buffer that
+    aliases the numpy array (zero-copy, whatever `may_alias` says), which the next round's
+    gather would overwrite: such a result is copied once more on the device."""
+    staged = jax.device_put(host, device)
+    staged = tuple(jnp.copy(d) if d.unsafe_buffer_pointer() == h.ctypes.data else d for d, h in zip(staged, host))
+    return jax.block_until_ready(staged)
+
+
 @dataclasses.dataclass
 class FloeStats:
     pairs: int = 0  # routed (real token, expert) pairs
@@ -214,6 +235,7 @@ class FloePolicy:
         self.convert_s = time.perf_counter() - t0
         self._biases = [device_biases(host, self.device, slice(m, m + 1)) for m in range(L)]
         self.jitted = device_functions(cfg)
+        self._staging: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # host staging by [R, C]
         self.recorder = None  # calibration: called with (layer, u [P, I], top_i, valid, hn) on the host
         self.run = FloeStats()
 
@@ -297,10 +319,13 @@ class FloePolicy:
         """Gather the channels' gate columns and down rows [R, C, H] on the host, copy them to
         the device and wait (the layer needs them next). Unused places stage expert 0's rows."""
         t0 = time.perf_counter()
-        e = np.maximum(experts, 0)[:, None]
-        host = (self.gate_t[m][e, idx], self.down[m][e, idx])  # fresh arrays: a copy may alias them
+        bufs = self._staging.get(idx.shape)
+        if bufs is None:  # one pair per capacity (decode's, prefill's): reused, never reallocated
+            bufs = self._staging[idx.shape] = tuple(np.empty(idx.shape + (self.cfg.hidden_size,), a.dtype)
+                                                    for a in (self.gate_t[m], self.down[m]))
+        host = tuple(gather_channels(w[m], experts, idx, b) for w, b in zip((self.gate_t, self.down), bufs))
         t1 = time.perf_counter()
-        staged = jax.block_until_ready(jax.device_put(host, self.device))
+        staged = to_device(host, self.device)
         t2 = time.perf_counter()
         r = self.run
         r.gather_s += t1 - t0
