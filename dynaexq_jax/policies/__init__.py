@@ -63,7 +63,7 @@ def build_policy(name: str, ckpt, plan, opts=None, *, batch: int = 1, hotness_pr
     if name == "floe":
         from dynaexq_jax.policies import floe
 
-        return floe.build(ckpt, plan, floe_opts or floe.FloeOptions(), batch=batch, progress=progress)
+        return floe.build(ckpt, plan, floe_opts or floe.FloeOptions(), batch=batch)
     if name in ("offload", "prefetch"):
         return offload.build(ckpt, plan, prefetch=name == "prefetch", batch=batch)
     if name == "dynaexq":

@@ -48,8 +48,6 @@ from dynaexq_jax.io import floe_calibration
 from dynaexq_jax.models.layers import expert_activation
 from pallas_kernels import INVALID
 
-UP_GROUP = budget_lib.FLOE_UP_GROUP
-
 
 @dataclasses.dataclass(frozen=True)
 class FloeOptions:
@@ -59,7 +57,7 @@ class FloeOptions:
     read from `calibration` (`io.floe_calibration`) when sparsity > 0."""
 
     up_bits: int | None = 2
-    group_size: int = UP_GROUP
+    group_size: int = budget_lib.FLOE_UP_GROUP
     sparsity: float = 0.9
     capacity_margin: float = 1.25
     thresholds: np.ndarray | None = dataclasses.field(default=None, compare=False)
@@ -209,7 +207,7 @@ class FloePolicy:
     partial_experts = True  # the layerwise engine calls `moe_layer` instead of `rounds`
 
     def __init__(self, cfg, host: HostExperts, opts: FloeOptions, *, round_experts: int, itemsize: int,
-                 device=None, progress: bool = False):
+                 device=None):
         self.name = "floe"
         self.cfg = cfg
         self.opts = opts
@@ -348,13 +346,11 @@ def calibrated_thresholds(ckpt, opts: FloeOptions) -> np.ndarray:
     return floe_calibration.load(path, ckpt, s).thresholds
 
 
-def build(ckpt, plan: budget_lib.MemoryPlan, opts: FloeOptions, *, batch: int, device=None,
-          progress: bool = False) -> FloePolicy:
-    """`plan` is `budget.policy_plan`'s for floe: it holds the compressed up projections and
-    staging for `batch` x `experts_per_token` experts a round."""
+def build(ckpt, plan: budget_lib.MemoryPlan, opts: FloeOptions, *, batch: int, device=None) -> FloePolicy:
+    """`plan` is `budget.policy_plan`'s for floe (`budget.floe_plan`): it holds the compressed up
+    projections and staging for `batch` x `experts_per_token` experts a round."""
     cfg = ckpt.config
     if opts.sparsity > 0 and opts.thresholds is None:
         opts = dataclasses.replace(opts, thresholds=calibrated_thresholds(ckpt, opts))
     rounds = min(batch * cfg.experts_per_token, cfg.num_experts)
-    return FloePolicy(cfg, ckpt.experts, opts, round_experts=rounds, itemsize=ckpt.dtype.itemsize, device=device,
-                      progress=progress)
+    return FloePolicy(cfg, ckpt.experts, opts, round_experts=rounds, itemsize=ckpt.dtype.itemsize, device=device)
