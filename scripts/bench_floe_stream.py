@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     import numpy as np
     from jax.sharding import SingleDeviceSharding
 
+    from dynaexq_jax import budget as budget_lib
     from dynaexq_jax.experts.swap import host_memory_kind
     from dynaexq_jax.policies.floe import capacity, gather_channels, to_device
 
@@ -89,6 +90,15 @@ def main(argv=None) -> int:
         print(f"| {name} | {s:.2e} | {nbytes / s / 1e9:.2f} |")
     g, c = rows[0][1], rows[1][1]
     print(f"| gather + copy | {g + c:.2e} | {nbytes / (g + c) / 1e9:.2f} |")
+    # Per expert: bf16 gate, up and down against FloE's resident up projection plus the rows one
+    # token moves (the capacity's, and the exact 1 - sparsity share of channels).
+    expert = 3 * I * H * 2
+    up = budget_lib.quantized_nbytes((H, I), 2, budget_lib.FLOE_UP_GROUP)
+    exact = round((1 - args.sparsity) * I) * 2 * H * 2
+    print(f"per expert: bf16 {expert / 1e6:.3f} MB; resident int2 up {up / 1e6:.3f} MB "
+          f"({expert / up:.1f}x smaller on the device); up + one token's rows at capacity {C}: "
+          f"{(up + nbytes / k) / 1e6:.3f} MB ({expert / (up + nbytes / k):.1f}x), at exactly "
+          f"{1 - args.sparsity:.0%} of channels: {(up + exact) / 1e6:.3f} MB ({expert / (up + exact):.1f}x)")
     return 0
 
 
