@@ -179,6 +179,18 @@ def test_bad_calibrations_are_one_line_errors(ckpt, moe_checkpoint, calibration,
         assert "\n" not in str(e.value) and "scripts/calibrate.py" in str(e.value)
     with pytest.raises(UserError, match="needs calibrated thresholds and the cache is off"):
         build_engine(ckpt, "floe", budget=None, batch=1, longest_prompt=9, max_new_tokens=4, floe=FloeOptions())
+    # The scripts print them as one line and exit 2.
+    import generate
+
+    model = ["--model", str(moe_checkpoint[0]), "--dtype", "float32"]
+    for main, argv, needle in (
+        (generate.main, model + ["--policy", "floe", "--floe-calibration", str(d / "cal")], "was made for"),
+        (calibrate.main, model + ["--text", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "c")],
+         "does not exist"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err
 
 
 def test_floe_plan_refuses_a_budget_below_its_minimum(ckpt):
