@@ -209,8 +209,6 @@ def options(args):
 def floe_options(args):
     from dynaexq_jax.policies.floe import FloeOptions
 
-    if not 0 <= args.floe_sparsity < 1:
-        raise FlagError(f"--floe-sparsity must be in [0, 1), got {args.floe_sparsity}")
     return FloeOptions(up_bits=args.floe_up_bits, sparsity=args.floe_sparsity, calibration=args.floe_calibration)
 
 

@@ -37,6 +37,7 @@ from dynaexq_jax.errors import UserError
 from dynaexq_jax.io import store
 from dynaexq_jax.policies import POLICIES, autotier
 from dynaexq_jax.policies.dynaexq import DynaExqOptions, DynaExqPolicy
+from dynaexq_jax.policies import floe as floe_lib
 from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.eval import big_little as bl_eval
 from dynaexq_jax.eval.big_little import Sweep
@@ -582,6 +583,10 @@ def evaluate_runs(
                      floe=floe, **plan_kw)
         except UserError as e:
             raise UserError(f"run {spec.label(spec.lo_bits)}: {e}") from None
+    if any(spec.policy == "floe" for spec in runs) and floe.sparsity > 0 and floe.thresholds is None:
+        # A missing or mismatched calibration fails now, not after the runs before floe's.
+        floe = dataclasses.replace(floe, group_size=budget_lib.floe_up_group(ckpt.config, floe.group_size))
+        floe = dataclasses.replace(floe, thresholds=floe_lib.calibrated_thresholds(ckpt, floe))
     levels = _sweep_levels(ckpt, sweep, tasks, window) if sweep else {}
     profile = None
     if any(spec.policy == "dynaexq" for spec in runs):

@@ -63,6 +63,14 @@ class FloeOptions:
     thresholds: np.ndarray | None = dataclasses.field(default=None, compare=False)
     calibration: str | None = None  # a calibration folder; None: the one saved for the checkpoint
 
+    def __post_init__(self):
+        if not 0 <= self.sparsity < 1:
+            raise UserError(f"FloE sparsity must be in [0, 1) (the share of channels dropped), got {self.sparsity}")
+        if self.up_bits not in (None, *quant.SUPPORTED_BITS):
+            raise UserError(f"FloE up projection width {self.up_bits} is not one of {quant.SUPPORTED_BITS} or none")
+        if self.capacity_margin < 1:
+            raise UserError(f"FloE capacity margin must be >= 1, got {self.capacity_margin}")
+
 
 def capacity(intermediate: int, sparsity: float, rows: int, margin: float) -> int:
     """Channels staged per expert for a call of `rows` tokens: the expected union of active
