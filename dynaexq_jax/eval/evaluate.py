@@ -614,7 +614,8 @@ def evaluate_runs(
             mid = f"/{len(run_opts.mid_experts)}xint{run_opts.mid_bits}" if run_opts.mid_experts else ""
             label = spec.label(bits, hi, mid) + ("" if bl is None else f" little {share:.0%}")
             if spec.policy == "floe":  # the up projections' width and the channels dropped
-                label = label.replace("floe", f"floe up int{bits} sparsity {floe.sparsity}", 1)
+                up = budget_lib.format_name(floe.up_bits) if floe.up_bits else "uncompressed"
+                label = label.replace("floe", f"floe up {up} sparsity {floe.sparsity}", 1)
             log(f"{label}: budget {budget_lib.format_size(budget) if budget else 'none'}, accounted "
                 f"{budget_lib.format_size(plan.total)}, {plan.slots if spec.policy != 'static' else 0} slots"
                 + ("" if bl is None else f", {bl}"))
