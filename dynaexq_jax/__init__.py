@@ -19,6 +19,9 @@ The surface for research code (README, "Python API", runs this as a test):
 - load with a policy and a budget: `load`, then `build_engine(ckpt, policy, budget=...)` with a
   policy from `POLICIES` (options: `DynaExqOptions`); `plan_for` is the same memory plan from
   the config alone; `plan.table()` shows where every device byte goes.
+- FloE: `build_engine(ckpt, "floe", ..., floe=FloeOptions(sparsity=0.9))` (int2 HQQ up
+  projections resident, active gate/down channels streamed; thresholds from
+  scripts/calibrate.py, saved beside the expert cache).
 - generate and score: `Engine.generate` -> `Generation(tokens, stats, expert_counts)`;
   `Engine.score` -> per-sequence log-probabilities and `RoutingStats`; `Engine.logits`.
 - stats: `Generation.stats` (throughput, compile_s, hi_hit_rate, the policy's counters) and
@@ -45,6 +48,7 @@ from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.policies import POLICIES
 from dynaexq_jax.policies.dynaexq import DynaExqOptions
+from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.runtime.build import build_engine, plan_for
 from dynaexq_jax.runtime.compile_cache import enable as enable_compile_cache
 from dynaexq_jax.runtime.engine import Engine, Generation, RoutingStats, Steps, compiler_options, left_pad
@@ -58,6 +62,7 @@ __all__ = [
     "Engine",
     "ExpertState",
     "ExpertTier",
+    "FloeOptions",
     "Generation",
     "KVCache",
     "MemoryPlan",

@@ -91,6 +91,7 @@ _BF16 = 2
 
 
 MXFP4 = "mxfp4"  # the fallback format beside the integer widths (`quant.Mxfp4Tensor`)
+FLOE_UP_GROUP = 64  # FloE's HQQ groups along the up projection's K (hidden_size)
 
 
 def format_name(bits: int | str) -> str:
@@ -213,6 +214,7 @@ class MemoryPlan:
     lo_bits: int | str | None = None  # bit width of the fallback experts, or MXFP4; None: no fallback
     mid_bits: int | None = None  # a wider fallback width for `mid_experts` of them (stored only at it)
     mid_experts: int = 0
+    fallback_label: str = "fallback experts"  # what `fallback` holds (floe: the up projections)
 
     @property
     def slots_total_bytes(self) -> int:
@@ -236,7 +238,7 @@ class MemoryPlan:
         mid = f" ({self.mid_experts} at int{self.mid_bits})" if self.mid_experts else ""
         rows = [
             ("non-expert weights", self.weights),
-            (f"fallback experts{mid}", self.fallback),
+            (f"{self.fallback_label}{mid}", self.fallback),
             (f"high-precision slots ({self.slots} x {format_size(self.slot_bytes)})", self.slots_total_bytes),
             ("KV cache", self.kv_cache),
             ("workspace margin", self.workspace),
@@ -332,6 +334,8 @@ def policy_plan(
     max_slots: int | None = None,
     mid_bits: int | None = None,
     mid_experts: int = 0,
+    floe_up_bits: int | None = 2,
+    floe_group: int = FLOE_UP_GROUP,
 ) -> MemoryPlan:
     """The plan `runtime.build.build_engine` makes for `policy`, from the config alone, so that a
     dry run (and a run, before it loads any weight) can show it and refuse a budget early.
@@ -340,7 +344,8 @@ def policy_plan(
     full: every expert at high precision, no fallback; static: the widest bit width whose
     fallback fits, no slots; offload / prefetch: no fallback, slots
     in the checkpoint's dtype, and staging room in the workspace for one layer's copies in
-    flight (a token's experts must fit at once).
+    flight (a token's experts must fit at once); floe: `floe_plan` (up projections at
+    `floe_up_bits` in groups of `floe_group`).
     """
 
     def plan(bits, b):
@@ -382,6 +387,60 @@ def policy_plan(
                 )
             slots = min((budget - p.minimum) // slot, p.num_experts_total)
         return dataclasses.replace(p, slots=int(slots))
+    if policy == "floe":
+        return floe_plan(cfg, budget=budget, batch=batch, prompt=prompt, context=context, dtype_itemsize=dtype_itemsize,
+                         up_bits=floe_up_bits, group_size=floe_group)
     return plan_memory(cfg, budget=budget, batch=batch, prompt=prompt, context=context, dtype_itemsize=dtype_itemsize,
                        lo_bits=lo_bits, hi_dtype=hi_dtype, group_size=group_size, max_slots=max_slots,
                        mid_bits=mid_bits, mid_experts=mid_experts)
+
+
+def floe_up_group(cfg, requested: int = FLOE_UP_GROUP) -> int:
+    """The largest power of two <= `requested` dividing hidden_size (the up projection's K)."""
+    g = requested
+    while g > 8 and cfg.hidden_size % g:
+        g //= 2
+    if cfg.hidden_size % g:
+        raise BudgetError(f"no group size divides hidden_size={cfg.hidden_size} for FloE's up projection; "
+                          f"use --floe-up-bits none")
+    return g
+
+
+def floe_up_nbytes(cfg, up_bits: int | None, group_size: int, itemsize: int) -> int:
+    """Device bytes of one MoE layer's up projections [E, H, I] (None: at `itemsize`)."""
+    shape = (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+    if up_bits is None:
+        return math.prod(shape) * itemsize
+    return quantized_nbytes(shape, up_bits, group_size)
+
+
+def floe_staging_nbytes(cfg, round_experts: int, itemsize: int) -> int:
+    """Device bytes of one round's staged gate columns and down rows at full capacity (a prefill's)."""
+    return 2 * round_experts * cfg.moe_intermediate_size * cfg.hidden_size * itemsize
+
+
+def floe_plan(cfg, *, budget: int | None, batch: int, prompt: int, context: int, dtype_itemsize: int,
+              up_bits: int | None, group_size: int = FLOE_UP_GROUP) -> MemoryPlan:
+    """floe's plan: every expert's up projection at `up_bits` (None: the checkpoint's dtype) as
+    the resident "fallback"; gate and down stay on the host. The workspace adds the staging of
+    one round (`batch` x `experts_per_token` experts' gate columns and down rows, at full
+    capacity: a prefill's) and the up activations of the prefill's routed pairs. No slots."""
+    g = floe_up_group(cfg, group_size)
+    rounds = min(batch * cfg.experts_per_token, cfg.num_experts)
+    pairs = batch * prompt * cfg.experts_per_token
+    extra = floe_staging_nbytes(cfg, rounds, dtype_itemsize) + 2 * pairs * cfg.moe_intermediate_size * 4
+    parts = dict(
+        weights=non_expert_nbytes(cfg, dtype_itemsize),
+        fallback=len(cfg.moe_layers) * floe_up_nbytes(cfg, up_bits, g, dtype_itemsize),
+        kv_cache=kv_cache_nbytes(cfg, batch, context, dtype_itemsize),
+        workspace=workspace_nbytes(cfg, batch, prompt, context, dtype_itemsize) + extra,
+    )
+    minimum = sum(parts.values())
+    if budget is not None and budget < minimum:
+        raise BudgetError(
+            f"budget {format_size(budget)} cannot hold FloE's {format_name(up_bits) if up_bits else 'uncompressed'} up "
+            f"projections, weights, KV cache and staging for batch {batch} x context {context}: the minimum is "
+            f"{format_size(minimum)} ({minimum} bytes)")
+    label = f"up projections ({format_name(up_bits) if up_bits else 'uncompressed'}; gate, down on the host)"
+    return MemoryPlan(budget=budget, slot_bytes=0, slots=0, num_experts_total=len(cfg.moe_layers) * cfg.num_experts,
+                      moe_layers=len(cfg.moe_layers), lo_bits=up_bits, fallback_label=label, **parts)

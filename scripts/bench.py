@@ -44,6 +44,7 @@ from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.policies import POLICIES
 from dynaexq_jax.policies.dynaexq import DynaExqOptions
+from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.runtime import aot, costmodel
 from dynaexq_jax.runtime.build import build_engine, plan_for
 from dynaexq_jax.runtime.engine import Engine, check_context
@@ -66,6 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--rebalance-every", type=int, default=16)
     p.add_argument("--routing-skew", type=float, default=0.0, help="presets: Zipf-like expert popularity (0 = uniform)")
     p.add_argument("--routing-shift-every", type=int, default=0, help="presets: new hot set every N decode steps (0 = never)")
+    p.add_argument("--floe-sparsity", type=float, default=0.9, help="floe: share of up-projection channels dropped "
+                                                                     "(0: all kept; else calibrated by scripts/calibrate.py)")
+    p.add_argument("--floe-up-bits", type=lambda t: None if t == "none" else int(t), choices=[2, 3, 4, 8, None],
+                   default=2, help="floe: width of the resident up projections (HQQ), or none")
+    p.add_argument("--floe-calibration", help="floe: calibration folder (default: the one saved for --model)")
     p.add_argument("--reference", choices=["full", "static8"], default="full")
     p.add_argument("--quality-seqs", type=int, default=2, help="sequences for KL / top-1 agreement")
     p.add_argument("--seed", type=int, default=0)
@@ -146,7 +152,8 @@ def variant(name: str, opts):
     return policy, dataclasses.replace(opts, hi_dtype=hi) if hi else opts
 
 
-def fitting_plans(cfg, names, budget, *, batch, longest_prompt, max_new_tokens, itemsize, opts) -> dict:
+def fitting_plans(cfg, names, budget, *, batch, longest_prompt, max_new_tokens, itemsize, opts,
+                  floe=FloeOptions()) -> dict:
     """The memory plan of every policy the budget holds, from the config alone (before any
     weight is made or read); a budget none of them fits is an error."""
     plans = {}
@@ -154,7 +161,7 @@ def fitting_plans(cfg, names, budget, *, batch, longest_prompt, max_new_tokens, 
         policy, o = variant(name, opts)
         try:
             plans[name] = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=longest_prompt,
-                                   max_new_tokens=max_new_tokens, dtype_itemsize=itemsize, opts=o)
+                                   max_new_tokens=max_new_tokens, dtype_itemsize=itemsize, opts=o, floe=floe)
         except UserError as e:
             print(f"{name}: skipped ({e})", file=sys.stderr)
     if not plans:
@@ -198,7 +205,8 @@ def run(args):
     check_context(cfg, longest, 0)
     opts = DynaExqOptions(lo_bits=args.lo_bits, rebalance_every=args.rebalance_every)
     shape = dict(batch=max(batch_sizes), longest_prompt=longest, max_new_tokens=args.gen_len)
-    plans = fitting_plans(cfg, names, budget, itemsize=dtype.itemsize, opts=opts, **shape)
+    floe = FloeOptions(up_bits=args.floe_up_bits, sparsity=args.floe_sparsity, calibration=args.floe_calibration)
+    plans = fitting_plans(cfg, names, budget, itemsize=dtype.itemsize, opts=opts, floe=floe, **shape)
 
     if args.model:
         ckpt = loader.load(args.model, dtype)
@@ -214,7 +222,7 @@ def run(args):
     print(f"device: {device}; measured copy {bw.hbm / 1e9:.1f} GB/s, host->device {bw.h2d / 1e9:.1f} GB/s", file=sys.stderr)
 
     def build(policy, budget_bytes, o=opts):
-        return build_engine(ckpt, policy, budget=budget_bytes, opts=o, **shape)
+        return build_engine(ckpt, policy, budget=budget_bytes, opts=o, floe=floe, **shape)
 
     levels = {}
     if sweep:  # thresholds for the target shares, from the plain model on the quality sequences
@@ -267,6 +275,10 @@ def run(args):
                     "min_decode_bytes": min_bytes,
                     "min_bytes_gbs": min_bytes / tpot / 1e9,
                     "h2d_bytes_per_token": (h2d or 0) / (B * args.gen_len),
+                    # Decode steps alone (layerwise policies: offload, prefetch, floe), prefill's bytes apart.
+                    "h2d_decode_bytes_per_token": None if med("h2d_prefill_bytes") is None
+                    else (h2d - med("h2d_prefill_bytes")) / (B * steps),
+                    "stream_gbps": med("stream_gbps"),
                     "transfer_wait_s": med("transfer_wait_s"),
                     "peak_device_bytes": runs[-1]["peak_device_bytes"],
                     "accounted_device_bytes": plan.total,
@@ -327,7 +339,8 @@ def little_columns(runs) -> dict:
 
 def print_table(results):
     cols = ["policy", "batch_size", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "tpot_s", "predicted_tpot_s",
-            "min_decode_bytes", "min_bytes_gbs", "h2d_bytes_per_token", "transfer_wait_s", "hi_hit_rate", "kl_vs_full",
+            "min_decode_bytes", "min_bytes_gbs", "h2d_bytes_per_token", "h2d_decode_bytes_per_token", "stream_gbps",
+            "transfer_wait_s", "hi_hit_rate", "kl_vs_full",
             "top1_agreement", "little_share", "pairs_saved_per_token", "expert_bytes_saved_per_token",
             "accounted_device_bytes", "peak_device_bytes"]
     print("| " + " | ".join(cols) + " |")

@@ -5,6 +5,7 @@
     python scripts/eval.py --policies full,static,dynaexq --lo-bits 4,3,2 --budgets none,+25% \\
         --tiers auto,fixed --hotness checkpoints/tiny-qwen3-moe/tasks/hotness_train.json --json results.json
     python scripts/eval.py --policies full,offload --big-little --little-shares 0,0.25,0.5,0.75   # big-little rows
+    python scripts/eval.py --policies full,floe --floe-sparsity 0.9      # FloE (scripts/calibrate.py first)
 
 Budgets: "none", a size (64MB, 60MiB, bytes), or "+P%": the --lo-bits minimum (weights,
 fallbacks, KV cache, workspace for this batch and length) plus P% of all experts as bf16 slots.
@@ -62,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per exact-match prompt")
     p.add_argument("--limit", type=int, help="first N items (documents for perplexity) of each task")
     p.add_argument("--json", dest="json_path", help="write {\"results\": [...]} here")
+    p.add_argument("--floe-sparsity", type=float, default=0.9,
+                   help="floe: share of up-projection channels dropped (calibrated by scripts/calibrate.py)")
+    p.add_argument("--floe-up-bits", type=lambda t: None if t == "none" else int(t), choices=[2, 3, 4, 8, None],
+                   default=2, help="floe: width of the resident up projections (HQQ), or none")
+    p.add_argument("--floe-calibration", help="floe: calibration folder (default: the one saved for --model)")
     from dynaexq_jax.eval import big_little
 
     big_little.add_arguments(p, sweep=True)
@@ -80,6 +86,7 @@ def run(args) -> list:
     from dynaexq_jax.io import loader
     from dynaexq_jax.models.config import ModelConfig
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
+    from dynaexq_jax.policies.floe import FloeOptions
     from dynaexq_jax.policies.hotness import HotnessTracker
 
     try:
@@ -120,6 +127,7 @@ def run(args) -> list:
         window=args.window,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, residency=args.residency,
         progress=True, log=log, sweep=sweep,
+        floe=FloeOptions(up_bits=args.floe_up_bits, sparsity=args.floe_sparsity, calibration=args.floe_calibration),
     )
 
 

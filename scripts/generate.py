@@ -41,11 +41,19 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--budget", help="device memory budget, e.g. 20GB, 20GiB, 5.5GB, 512MiB or plain bytes")
-    p.add_argument("--policy", choices=["dynaexq", "full", "static", "offload", "prefetch"], default="dynaexq",
+    p.add_argument("--policy", choices=["dynaexq", "full", "static", "offload", "prefetch", "floe"], default="dynaexq",
                    help="dynaexq: low-bit fallbacks + hot experts in high-precision slots; full: every expert at "
                         "high precision; static: every expert at one bit width (the widest the budget holds); "
                         "offload: experts on the host, an LRU cache of device slots loaded on demand; "
-                        "prefetch: offload + asynchronous prefetch of the next layer's predicted experts")
+                        "prefetch: offload + asynchronous prefetch of the next layer's predicted experts; "
+                        "floe: compressed up projections resident, only active gate/down channels streamed (FloE)")
+    floe = p.add_argument_group("floe")
+    floe.add_argument("--floe-sparsity", type=float, default=0.9,
+                      help="share of up-projection channels dropped (calibrated by scripts/calibrate.py); 0 keeps all")
+    floe.add_argument("--floe-up-bits", type=lambda t: None if t == "none" else int(t), choices=[2, 3, 4, 8, None],
+                      default=2, help="width of the resident up projections (HQQ), or none (the checkpoint's dtype)")
+    floe.add_argument("--floe-calibration", help="calibration folder written by scripts/calibrate.py --out "
+                                                 "(default: the one saved for the checkpoint)")
     p.add_argument("--hi-dtype", choices=["auto", "bfloat16", "int8"], default="auto",
                    help="dynaexq slot dtype; auto: the one of least expected error in the budget")
     p.add_argument("--lo-bits", type=lo_bits_flag, choices=["auto", 8, 4, 3, 2, "mxfp4"], default="auto",
@@ -203,6 +211,12 @@ def options(args):
     )
 
 
+def floe_options(args):
+    from dynaexq_jax.policies.floe import FloeOptions
+
+    return FloeOptions(up_bits=args.floe_up_bits, sparsity=args.floe_sparsity, calibration=args.floe_calibration)
+
+
 def make_plan(args, cfg, shape, budget_bytes, opts=None):
     """The memory plan `build_engine` will make for these flags (or for `opts`, tiers resolved),
     from the config alone."""
@@ -221,12 +235,15 @@ def make_plan(args, cfg, shape, budget_bytes, opts=None):
     elif "auto" in (opts.lo_bits, opts.hi_dtype):  # no weights read yet: the plan auto tiers start from
         opts = build.auto_start(cfg, opts, **kw)
         auto = " (auto tiers start here; the run picks them from each expert's measured error)"
-    plan = build.plan_for(cfg, args.policy, opts=opts, **kw)
+    plan = build.plan_for(cfg, args.policy, opts=opts, floe=floe_options(args), **kw)
     header = (
         f"memory plan: {Path(args.model).name}, policy {args.policy}, batch {batch} x context "
         f"{engine.cache_bucket(prompt + new)} tokens (prefill up to {prompt}), {args.dtype}, "
         f"{budget_lib.format_name(opts.lo_bits)} fallback, {opts.hi_dtype} slots{auto}"
     )
+    if args.policy == "floe":
+        header = header.split(f", {budget_lib.format_name(opts.lo_bits)} fallback")[0] + (
+            f", FloE sparsity {args.floe_sparsity}")
     return plan, header
 
 
@@ -413,7 +430,7 @@ def load_engine(args, budget_bytes, cfg, shape):
     eng, plan = build_engine(
         ckpt, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
         hotness_profile=args.hotness, opts=opts, progress=show_progress(args),
-        big_little=bl,
+        big_little=bl, floe=floe_options(args),
     )
     return eng, plan, ckpt, time.perf_counter() - t0
 

@@ -46,7 +46,7 @@ def check_flags(args) -> None:
         if value:
             raise generate.FlagError(f"{flag} does not apply to the server; requests bring prompts "
                                      "(use --max-batch for the sequences planned)")
-    if args.policy in ("offload", "prefetch"):
+    if args.policy in ("offload", "prefetch", "floe"):
         raise generate.FlagError(f"--policy {args.policy} runs layer by layer and cannot batch continuously; "
                                  "serve with --policy dynaexq, static or full")
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):

@@ -200,13 +200,13 @@ def test_kernel_bench_gpu_sweep_lowers_to_triton_for_cuda():
         assert "triton" in lowered.as_text()
 
 
-def test_quant_bench_table_has_every_width_and_mse_never_worse(capsys):
+def test_quant_bench_table_has_every_width_and_mse_and_hqq_never_worse(capsys):
     assert bench_quant.main(["--k", "128", "--n", "16", "--group-size", "64"]) == 0
     rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(w.strip(), b.strip()) for w, b, *_ in rows] == [
         (w, f"int{b}") for w in ("gaussian", "student-t3") for b in quant.SUPPORTED_BITS]
-    for _, _, rtn, mse, _ in rows:
-        assert 0 < float(mse) <= float(rtn)
+    for _, _, rtn, mse, _, hqq, _ in rows:
+        assert 0 < float(mse) <= float(rtn) and 0 < float(hqq) <= float(rtn)
 
 
 def test_quant_bench_refuses_a_group_size_in_one_line(capsys):

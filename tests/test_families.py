@@ -208,6 +208,21 @@ def test_offload_or_prefetch_equals_full(family_checkpoint, full_engine):
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)  # experts summed in rounds
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_floe_with_every_channel_kept_matches_transformers(family, tmp_path_factory):
+    """FloE's channel-sliced experts (gate columns, up, down rows; gpt-oss's interleaved gate|up,
+    biases and clamped SwiGLU) at sparsity 0, uncompressed: transformers' logits."""
+    from dynaexq_jax.policies.floe import FloeOptions
+
+    _, _, path, hf = checkpoint(tmp_path_factory, family, list(FAMILIES[family][3])[0])
+    eng, _ = build_engine(loader.load(path, jnp.float32), "floe", budget=None, batch=len(PROMPTS),
+                          longest_prompt=len(PROMPT), max_new_tokens=1, floe=FloeOptions(up_bits=None, sparsity=0.0))
+    for ids, lg in zip(PROMPTS, eng.logits(PROMPTS)):  # one left-padded batch
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0].numpy()
+        np.testing.assert_allclose(lg, ref, atol=1e-4, rtol=0)
+
+
 def test_dynaexq_with_every_expert_in_a_slot_equals_full(family_checkpoint, full_engine):
     _, _, path, _ = family_checkpoint
     full = full_engine[0]

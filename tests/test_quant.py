@@ -249,3 +249,53 @@ def test_mxfp4_bad_shapes_raise_one_line_errors_naming_the_fix():
     with pytest.raises(UserError, match="do not pair up") as e:
         quant.mxfp4_from_blocks(np.zeros((2, 16, 3, 16), np.uint8), np.zeros((2, 16, 2), np.uint8))
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ HQQ
+
+SHIPPED = "checkpoints/tiny-qwen3-moe"
+
+
+def _shipped_up_projections():
+    """The shipped checkpoint's trained expert up projections, [layers * E, H, I] float32."""
+    from dynaexq_jax.io import loader
+
+    ex = loader.load(SHIPPED, jnp.float32).experts
+    half = ex.gate_up[0].shape[-1] // 2
+    return np.concatenate([np.asarray(gu)[..., half:] for gu in ex.gate_up]).astype(np.float32)
+
+
+def _group_sq_err(w64, deq64, g):
+    *lead, k, n = w64.shape
+    return np.square(w64 - deq64).reshape(*lead, k // g, g, n).sum(axis=-2)
+
+
+@pytest.mark.parametrize("source", ["gaussian", "student_t3", "trained"])
+def test_hqq_int2_matches_float64_reference_and_never_errs_more_than_rtn(source):
+    rng = np.random.default_rng(1)
+    if source == "trained":
+        w = _shipped_up_projections()
+    else:  # Qwen3-30B's up projection shape [H, I] = [2048, 768], a slice of its rows
+        shape = (2, 512, 768)
+        w = rng.standard_normal(shape) if source == "gaussian" else rng.standard_t(3, shape)
+        w = (w * 0.02).astype(np.float32)
+    g = 64
+    w64 = w.astype(np.float64)
+    qt = quant.quantize(jnp.asarray(w), 2, g, method="hqq")
+    rtn = quant.quantize(jnp.asarray(w), 2, g)
+    assert (qt.bits, qt.group_size, qt.packed.shape) == (2, g, w.shape[:-2] + (w.shape[-2] // 4, w.shape[-1]))
+    deq64, s, z = _np_dequantize(qt)
+    # The stored codes are nearest rounding on the stored bf16 grid, recomputed in float64
+    # (a tie may round the other way in float32: a handful of values at most).
+    codes = np.asarray(quant.unpack(qt.packed, 2, g)).astype(np.float64)
+    ref_codes = np.clip(np.round(w64 / s + z), 0, 3)
+    assert np.mean(ref_codes != codes) < 1e-4
+    np.testing.assert_allclose(np.asarray(qt.dequantize(jnp.float32)), deq64, rtol=1e-6,
+                               atol=1e-6 * np.abs(deq64).max())
+    e_hqq = _group_sq_err(w64, deq64, g)
+    e_rtn = _group_sq_err(w64, _np_dequantize(rtn)[0], g)
+    assert np.all(e_hqq <= e_rtn * (1 + 1e-6) + 1e-12)  # per group: never worse than RTN
+    assert e_hqq.sum() < 0.97 * e_rtn.sum(), (source, e_hqq.sum() / e_rtn.sum())
+    x = rng.standard_normal((256, w.shape[-2]))
+    e_out_hqq, e_out_rtn = _rel_output_error(w64, qt, x), _rel_output_error(w64, rtn, x)
+    assert e_out_hqq < e_out_rtn, (source, e_out_hqq, e_out_rtn)

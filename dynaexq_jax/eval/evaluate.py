@@ -37,6 +37,8 @@ from dynaexq_jax.errors import UserError
 from dynaexq_jax.io import store
 from dynaexq_jax.policies import POLICIES, autotier
 from dynaexq_jax.policies.dynaexq import DynaExqOptions, DynaExqPolicy
+from dynaexq_jax.policies import floe as floe_lib
+from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.eval import big_little as bl_eval
 from dynaexq_jax.eval.big_little import Sweep
 from dynaexq_jax.models.big_little import BigLittle
@@ -559,6 +561,7 @@ def evaluate_runs(
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
     sweep: Sweep | None = None,
+    floe: FloeOptions = FloeOptions(),
 ) -> list[Result]:
     """Evaluate every run on every task; one engine per run, built and dropped in turn.
     Dynaexq runs start warm from `warm_profile` (`hotness_profile`, the checkpoint's saved
@@ -577,9 +580,13 @@ def evaluate_runs(
         try:
             budgets.append(resolve_budget(spec.budget, ckpt, anchor, **shape))
             plan_for(ckpt.config, spec.policy, budget=budgets[-1], dtype_itemsize=ckpt.dtype.itemsize, opts=check,
-                     **plan_kw)
+                     floe=floe, **plan_kw)
         except UserError as e:
             raise UserError(f"run {spec.label(spec.lo_bits)}: {e}") from None
+    if any(spec.policy == "floe" for spec in runs) and floe.sparsity > 0 and floe.thresholds is None:
+        # A missing or mismatched calibration fails now, not after the runs before floe's.
+        floe = dataclasses.replace(floe, group_size=budget_lib.floe_up_group(ckpt.config, floe.group_size))
+        floe = dataclasses.replace(floe, thresholds=floe_lib.calibrated_thresholds(ckpt, floe))
     levels = _sweep_levels(ckpt, sweep, tasks, window) if sweep else {}
     profile = None
     if any(spec.policy == "dynaexq" for spec in runs):
@@ -598,13 +605,17 @@ def evaluate_runs(
         for share, bl in [(None, None)] + list(levels.items()):
             engine, plan = build_engine(ckpt, spec.policy, budget=budget, opts=run_opts,
                                         hotness_profile=profile if spec.policy == "dynaexq" else None,
-                                        big_little=bl, **plan_kw)
+                                        big_little=bl, floe=floe, **plan_kw)
             # The width experts are computed at: static's pick, dynaexq's fallback, else all high precision.
-            bits = {"static": getattr(engine.policy, "lo_bits", None), "dynaexq": run_opts.lo_bits}.get(spec.policy, 16)
+            bits = {"static": getattr(engine.policy, "lo_bits", None), "dynaexq": run_opts.lo_bits,
+                    "floe": floe.up_bits or 16}.get(spec.policy, 16)
             if spec.policy == "dynaexq" and plan.slots:
                 hi = run_opts.hi_dtype
             mid = f"/{len(run_opts.mid_experts)}xint{run_opts.mid_bits}" if run_opts.mid_experts else ""
             label = spec.label(bits, hi, mid) + ("" if bl is None else f" little {share:.0%}")
+            if spec.policy == "floe":  # the up projections' width and the channels dropped
+                up = budget_lib.format_name(floe.up_bits) if floe.up_bits else "uncompressed"
+                label = label.replace("floe", f"floe up {up} sparsity {floe.sparsity}", 1)
             log(f"{label}: budget {budget_lib.format_size(budget) if budget else 'none'}, accounted "
                 f"{budget_lib.format_size(plan.total)}, {plan.slots if spec.policy != 'static' else 0} slots"
                 + ("" if bl is None else f", {bl}"))

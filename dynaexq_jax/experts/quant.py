@@ -48,7 +48,7 @@ from dynaexq_jax.errors import UserError
 from pallas_kernels import Mxfp4, Packed, e2m1_decode, e8m0_decode
 
 SUPPORTED_BITS = (8, 4, 3, 2)
-METHODS = ("rtn", "mse")
+METHODS = ("rtn", "mse", "hqq")
 
 
 def slices_per_group(bits: int) -> int:
@@ -203,6 +203,20 @@ def _sq_err(wg, scale, zero, qmax):
     return jnp.sum(jnp.square((q - zero) * scale - wg), axis=-2, keepdims=True)
 
 
+def _rtn_state(wg, qmax):
+    """(scale, zero, squared error) of min-max RTN: where the better methods start."""
+    s, z = _minmax_params(wg, qmax)
+    return s, z, _sq_err(wg, s, z, qmax)
+
+
+def _keep_better(wg, qmax, state, s, z):
+    """Per group, the (scale, zero) of `state` or the candidate, whichever errs less."""
+    bs, bz, be = state
+    e = _sq_err(wg, s, z, qmax)
+    better = e < be
+    return jnp.where(better, s, bs), jnp.where(better, z, bz), jnp.where(better, e, be)
+
+
 def _mse_params(wg, qmax, iters):
     """Per-group (scale, zero) lowering the squared weight error below min-max RTN's.
 
@@ -211,16 +225,8 @@ def _mse_params(wg, qmax, iters):
     `w ~ scale * q + offset` (optimal grid for fixed codes). Each group keeps the best bf16
     parameters seen, so the result is never worse than RTN's.
     """
-    best_s, best_z = _minmax_params(wg, qmax)
-    best_e = _sq_err(wg, best_s, best_z, qmax)
-
-    def keep_better(state, s, z):
-        bs, bz, be = state
-        e = _sq_err(wg, s, z, qmax)
-        better = e < be
-        return jnp.where(better, s, bs), jnp.where(better, z, bz), jnp.where(better, e, be)
-
-    state = (best_s, best_z, best_e)
+    keep_better = functools.partial(_keep_better, wg, qmax)
+    state = _rtn_state(wg, qmax)
     for shrink in (0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
         state = keep_better(state, *_minmax_params(wg, qmax, shrink))
 
@@ -241,12 +247,43 @@ def _mse_params(wg, qmax, iters):
     return s, z
 
 
+def _hqq_params(wg, qmax, iters, p=0.7, beta=10.0, kappa=1.01):
+    """Per-group zero fitted by HQQ's half-quadratic solver (Badri & Shaji, "Half-Quadratic
+    Quantization of Large Machine Learning Models", and their `hqq` package's defaults:
+    lp-norm p=0.7, beta 10 growing by kappa=1.01 per round), the scale kept at min-max RTN's.
+
+    Each round splits the error into a sparse part `we` (the lp proximal step: outliers the
+    grid need not follow) and refits the zero as the mean of `q - (w - we) / scale` (the
+    closed-form minimiser of the quadratic term). Weight-only, no calibration data. Each group
+    keeps the round's parameters with the least squared error, RTN's included, so the result
+    is never worse than RTN's (a choice of ours: the package returns the last round's).
+    """
+    s, z, e = _rtn_state(wg, qmax)
+
+    def shrink(x, beta):  # lp proximal operator (hqq's shrink_lp_op)
+        return jnp.sign(x) * jax.nn.relu(jnp.abs(x) - jnp.power(jnp.abs(x) + 1e-8, p - 1) / beta)
+
+    def step(_, carry):
+        z_f, beta, state = carry  # z_f: the unrounded float zero the solver iterates on
+        q = _codes(wg, s, z_f, qmax)
+        we = shrink(wg - (q - z_f) * s, beta)
+        target = (wg - we) / s
+        q = jnp.clip(jnp.round(target + z_f), 0, qmax)
+        z_f = jnp.mean(q - target, axis=-2, keepdims=True)
+        return z_f, beta * kappa, _keep_better(wg, qmax, state, s, _bf16(z_f))
+
+    _, _, (s, z, _) = jax.lax.fori_loop(0, iters, step, (z, jnp.float32(beta), (s, z, e)))
+    return s, z
+
+
 def quantize(w, bits: int, group_size: int = 128, method: str = "rtn", *, iters: int = 20):
     """Quantize `w` [E, K, N] or [K, N] group-wise along K -> `QuantizedTensor`.
 
     method "rtn": round-to-nearest on each group's min-max range.
     method "mse": weight-only optimisation of each group's scale and zero for lower squared
     error (clipping search + alternating least squares, `iters` rounds); see `_mse_params`.
+    method "hqq": HQQ's half-quadratic fit of each group's zero (`iters` rounds), the scale
+    RTN's; see `_hqq_params`. FloE stores its up projections so (int2, groups of 64).
     """
     _check_bits(bits)
     if method not in METHODS:
@@ -269,6 +306,8 @@ def quantize(w, bits: int, group_size: int = 128, method: str = "rtn", *, iters:
 def _group_params(wg, qmax, method, iters):
     if method == "rtn":
         return _minmax_params(wg, qmax)
+    if method == "hqq":
+        return _hqq_params(wg, qmax, iters)
     return _mse_params(wg, qmax, iters)
 
 

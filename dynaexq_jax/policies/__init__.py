@@ -7,6 +7,7 @@ which one it runs. One file per policy:
     static    every expert at one bit width (static PTQ), the widest the budget holds
     dynaexq   low-bit fallbacks + hot experts in high-precision slots, learned online
     offload   experts on the host, an LRU cache of device slots (and `prefetch`)
+    floe      compressed up projections resident, active gate/down channels streamed (FloE)
 
 `build_policy` makes one from a loaded checkpoint and its memory plan.
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 from dynaexq_jax.experts.expert_state import ExpertState
 
-POLICIES = ("dynaexq", "full", "static", "offload", "prefetch")
+POLICIES = ("dynaexq", "full", "static", "offload", "prefetch", "floe")
 
 
 class Policy(Protocol):
@@ -50,7 +51,7 @@ class Policy(Protocol):
 
 
 def build_policy(name: str, ckpt, plan, opts=None, *, batch: int = 1, hotness_profile=None, transfer=None,
-                 progress: bool = False) -> Policy:
+                 progress: bool = False, floe_opts=None) -> Policy:
     """The policy `name` for a checkpoint loaded by `io.loader.load`, sized by `plan`
     (`budget.policy_plan`'s plan for it) and `batch` sequences per step."""
     from dynaexq_jax.policies import dynaexq, full, offload, static
@@ -59,6 +60,10 @@ def build_policy(name: str, ckpt, plan, opts=None, *, batch: int = 1, hotness_pr
         return full.build(ckpt)
     if name == "static":
         return static.build(ckpt, plan, opts or dynaexq.DynaExqOptions(), progress=progress)
+    if name == "floe":
+        from dynaexq_jax.policies import floe
+
+        return floe.build(ckpt, plan, floe_opts or floe.FloeOptions(), batch=batch)
     if name in ("offload", "prefetch"):
         return offload.build(ckpt, plan, prefetch=name == "prefetch", batch=batch)
     if name == "dynaexq":

@@ -142,6 +142,10 @@ class OffloadPolicy:
         self._biases = [device_biases(host, self.device, slice(m, m + 1)) for m in range(L)]
         self.run = RunStats()
 
+    @property
+    def expert_nbytes(self) -> int:
+        return self.bank.expert_nbytes
+
     # -------------------------------------------------------------- the policy interface
     def prepare(self, routing_pass) -> None:
         pass

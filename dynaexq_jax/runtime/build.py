@@ -10,13 +10,15 @@ from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.policies import POLICIES, build_policy
 from dynaexq_jax.policies import autotier
 from dynaexq_jax.policies.dynaexq import DynaExqOptions, warm_tracker
+from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.policies.tiers import quant_errors
 from dynaexq_jax.runtime.engine import Engine, cache_bucket, prompt_bucket
 from dynaexq_jax.runtime.layerwise import LayerwiseEngine
 
 
 def plan_for(cfg, policy: str, *, budget: int | None, batch: int, longest_prompt: int, max_new_tokens: int,
-             dtype_itemsize: int, opts: DynaExqOptions = DynaExqOptions()) -> budget_lib.MemoryPlan:
+             dtype_itemsize: int, opts: DynaExqOptions = DynaExqOptions(),
+             floe: FloeOptions = FloeOptions()) -> budget_lib.MemoryPlan:
     """The memory plan `build_engine` makes, from the config alone (a dry run, or the check
     before any weight is read)."""
     if policy not in POLICIES:
@@ -29,6 +31,7 @@ def plan_for(cfg, policy: str, *, budget: int | None, batch: int, longest_prompt
         dtype_itemsize=dtype_itemsize, lo_bits=opts.lo_bits, hi_dtype=opts.hi_dtype, max_slots=opts.max_slots,
         mid_bits=opts.mid_bits, mid_experts=len(opts.mid_experts),
         group_size=budget_lib.expert_group_size(cfg, opts.group_size),
+        floe_up_bits=floe.up_bits, floe_group=floe.group_size,
     )
 
 
@@ -113,6 +116,7 @@ def build_engine(
     transfer=None,
     progress: bool = False,
     big_little: BigLittle | None = None,
+    floe: FloeOptions = FloeOptions(),
 ):
     """An engine for `policy` sized for `batch` prompts of up to `longest_prompt` tokens plus
     `max_new_tokens`, routing big-little if `big_little` is given. Returns (engine, memory plan); the plan's `total` is the accounted
@@ -124,12 +128,13 @@ def build_engine(
     else:  # the other policies' widths come from the plan (static) or are fixed
         opts = fixed_tiers(opts)
     plan = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=longest_prompt,
-                    max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=opts)
+                    max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=opts, floe=floe)
     opts = dataclasses.replace(opts, group_size=budget_lib.expert_group_size(cfg, opts.group_size))
+    floe = dataclasses.replace(floe, group_size=budget_lib.floe_up_group(cfg, floe.group_size))
     pol = build_policy(policy, ckpt, plan, opts, batch=batch, hotness_profile=hotness_profile, transfer=transfer,
-                       progress=progress)
+                       progress=progress, floe_opts=floe)
     engine = (LayerwiseEngine if pol.layerwise else Engine)(ckpt, pol, big_little)
     return engine, plan
 
 
-__all__ = ["DynaExqOptions", "auto_start", "auto_tiers", "build_engine", "fixed_tiers", "plan_for"]
+__all__ = ["DynaExqOptions", "FloeOptions", "auto_start", "auto_tiers", "build_engine", "fixed_tiers", "plan_for"]

@@ -176,7 +176,8 @@ class LayerwiseEngine:
         exe = self._executables.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            exe = self._executables[key] = self.functions.jitted[name].lower(*args).compile(compiler_options())
+            fn = self.functions.jitted.get(name) or self.policy.jitted[name]  # the policy's own (floe)
+            exe = self._executables[key] = fn.lower(*args).compile(compiler_options())
             self.compile_s += time.perf_counter() - t0
             self.workspace_bytes = max(self.workspace_bytes, exe.memory_analysis().temp_size_in_bytes)
         return exe(*args)
@@ -205,7 +206,10 @@ class LayerwiseEngine:
             c, tally = jax.device_get((c, tally))  # host sync: which experts this layer routes to
             counts[m] += c
             marked, fallbacks, dropped, skipped = (int(t) for t in tally)
-            little += (marked, fallbacks, marked if m == 0 else 0, dropped, skipped * policy.bank.expert_nbytes)
+            little += (marked, fallbacks, marked if m == 0 else 0, dropped, skipped * policy.expert_nbytes)
+            if getattr(policy, "partial_experts", False):  # floe: the policy runs the layer's experts itself
+                x = policy.moe_layer(m, c, hn, top_i, top_p, valid, x, self._call)
+                continue
             for state in policy.rounds(m, c):
                 x = self._call("experts", state, hn, top_i, top_p, valid, x)
             if policy.prefetch_enabled and m + 1 < len(cfg.moe_layers):
@@ -278,6 +282,7 @@ class LayerwiseEngine:
         nxt = self._call("next_token", self.params, x[:, -1:], key, knobs)
         ids = jax.device_get(nxt)[:B]
         prefill_s = time.perf_counter() - t0 - (self.compile_s - c0)
+        h2d_prefill = self.policy.stats()["h2d_bytes"]  # decode's own bytes are the rest
 
         rows_valid = jax.device_put(np.arange(rows)[:, None] < B)
         decoded = 0  # decode steps run
@@ -308,6 +313,7 @@ class LayerwiseEngine:
             "hi_hit_rate": run.hit_pairs / run.pairs if run.pairs else None,
             "peak_device_bytes": peak_device_bytes(),
             **self.policy.stats(),
+            "h2d_prefill_bytes": h2d_prefill,
         }
         if self.big_little is not None:
             # Real tokens: the prompts, then one per decode step of each of the B rows (all compute).

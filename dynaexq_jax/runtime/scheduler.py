@@ -274,8 +274,8 @@ class Scheduler:
     def __init__(self, engine: Engine, *, max_batch: int, context: int, max_chunk: int = 64, max_queue: int = 64,
                  eos_token_ids=None):
         if not isinstance(engine, Engine):
-            raise UserError("continuous batching runs the engine's own steps; the offload and prefetch policies "
-                            "run layer by layer: serve with --policy dynaexq, static or full")
+            raise UserError("continuous batching runs the engine's own steps; the offload, prefetch and floe "
+                            "policies run layer by layer: serve with --policy dynaexq, static or full")
         if max_batch < 1:
             raise UserError(f"max_batch must be >= 1, got {max_batch}")
         if max_chunk < 1 or max_chunk & (max_chunk - 1):

@@ -1,0 +1,99 @@
+"""FloE's offline calibration on disk: per-(MoE layer, expert) channel thresholds and the
+inter-expert predictor's weights, one orbax entry beside the checkpoint's converted experts.
+
+Where: `store.source_dir(checkpoint)/floe-<settings hash>-<source fingerprint>` by default
+(`default_path`), or any folder given. `meta.json` records the checkpoint's fingerprint, the
+settings (sparsity, up projection width and group), the calibration text's SHA-256, and a
+SHA-256 of every array (checked on each load, as the expert cache does). A calibration is never
+used for a checkpoint, setting or shape it was not made for: each mismatch is a one-line
+`UserError` naming the fix, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from dynaexq_jax.errors import UserError
+from dynaexq_jax.io import store
+
+KIND = "floe"
+
+
+@dataclasses.dataclass
+class Calibration:
+    thresholds: np.ndarray  # [moe_layers, E] float32: |up(x)| a channel must reach
+    predictor: dict  # the early layers' MLP params ({} when none was trained)
+    meta: dict
+
+
+def settings(sparsity: float, up_bits: int | None, group_size: int) -> dict:
+    return {"sparsity": float(sparsity), "up_bits": up_bits, "group_size": int(group_size)}
+
+
+def default_path(source, sparsity: float, up_bits: int | None, group_size: int) -> Path | None:
+    """The calibration's place in the cache of checkpoint folder `source` (None: no folder, or
+    the cache is off)."""
+    src = Path(source).resolve() if source is not None else None
+    if src is None or not src.is_dir() or not store.enabled():
+        return None
+    slug = store._settings_slug(KIND, settings(sparsity, up_bits, group_size))
+    return store.source_dir(src) / f"{slug}-{store.source_fingerprint(src)}"
+
+
+def _fix(ckpt, s: dict) -> str:
+    bits = "none" if s["up_bits"] is None else s["up_bits"]
+    return f"run scripts/calibrate.py --model {ckpt.path} --sparsity {s['sparsity']} --up-bits {bits}"
+
+
+def save(path: Path, ckpt, cal_settings: dict, thresholds: np.ndarray, predictor: dict, text_sha: str,
+         extra: dict | None = None) -> None:
+    """Write the calibration at `path` (replacing one there), atomically."""
+    path = Path(path).resolve()
+    tree = {"thresholds": np.asarray(thresholds, np.float32)}
+    if predictor:
+        tree["predictor"] = predictor
+    meta = {"kind": KIND, "fingerprint": store.source_fingerprint(Path(ckpt.path)), "source": str(ckpt.path),
+            "settings": cal_settings, "text_sha": text_sha, "version": store.FORMAT_VERSION,
+            "tree": store._describe(tree), "checksums": store.checksums(tree), **(extra or {})}
+    if path.exists():
+        shutil.rmtree(path)
+    if not store._save_atomic(path.parent, path.name, tree, meta):
+        raise UserError(f"cannot write the FloE calibration at {path}; name a writable folder with --out")
+
+
+def read_meta(path: Path) -> dict | None:
+    try:
+        return json.loads((Path(path) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load(path, ckpt, cal_settings: dict) -> Calibration:
+    """The calibration at `path`, checked against `ckpt` and `cal_settings`."""
+    path = Path(path).resolve()
+    meta = read_meta(path)
+    if meta is None:
+        raise UserError(f"no FloE calibration at {path}; {_fix(ckpt, cal_settings)}")
+    if meta.get("kind") != KIND:
+        raise UserError(f"{path} is not a FloE calibration (kind {meta.get('kind')!r}); {_fix(ckpt, cal_settings)}")
+    if ckpt.path is None or meta.get("fingerprint") != store.source_fingerprint(Path(ckpt.path)):
+        raise UserError(f"FloE calibration {path} was made for another checkpoint ({meta.get('source')}) or other "
+                        f"weights; {_fix(ckpt, cal_settings)}")
+    if meta.get("settings") != cal_settings:
+        raise UserError(f"FloE calibration {path} was made for {meta.get('settings')}, not {cal_settings}; "
+                        f"{_fix(ckpt, cal_settings)}")
+    L, E = len(ckpt.config.moe_layers), ckpt.config.num_experts
+    shape = tuple(meta.get("tree", {}).get("thresholds", {}).get("shape", ()))
+    if shape != (L, E):
+        raise UserError(f"FloE calibration {path} holds thresholds of shape {list(shape)}, not [{L}, {E}] (moe "
+                        f"layers, experts); {_fix(ckpt, cal_settings)}")
+    tree = store._load_verified(path)
+    if tree is None:
+        raise UserError(f"FloE calibration {path} is damaged (its arrays do not match their checksums); "
+                        f"{_fix(ckpt, cal_settings)}")
+    return Calibration(np.asarray(tree["thresholds"], np.float32), tree.get("predictor") or {}, meta)
