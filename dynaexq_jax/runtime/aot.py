@@ -313,7 +313,8 @@ def abstract_experts(cfg, policy: str, plan: budget_lib.MemoryPlan, *, dtype, hi
     elif policy == "static" or (policy == "dynaexq" and plan.slots == 0):
         tiers = (packed(L * E, plan.lo_bits),)
     elif policy == "dynaexq":
-        hi = packed(plan.slots, 8, hi=True) if hi_dtype == "int8" else dense(plan.slots)
+        bits = budget_lib.HI_BITS.get(hi_dtype)
+        hi = packed(plan.slots, bits, hi=True) if bits else dense(plan.slots)
         tiers = (packed(L * E, plan.lo_bits), hi)
     else:
         raise UserError(f"policy {policy!r} runs layer by layer from the host; aot_report compiles whole steps "
@@ -364,7 +365,7 @@ def traffic_and_min(cfg, policy: str, plan, *, step: str, batch: int, context: i
         per_expert, hi = expert_bytes(cfg, plan.lo_bits, itemsize, group), 0.0
     else:
         hi = min(1.0, plan.slots / (L * E))  # uniform residency: each expert equally likely slotted
-        hi_bytes = expert_bytes(cfg, 8 if hi_dtype == "int8" else None, itemsize, group)
+        hi_bytes = expert_bytes(cfg, budget_lib.HI_BITS.get(hi_dtype), itemsize, group)
         per_expert = hi * hi_bytes + (1 - hi) * expert_bytes(cfg, plan.lo_bits, itemsize, group)
     # Non-expert weights, minus the embedding table (a step reads only its tokens' rows).
     weights = budget_lib.non_expert_nbytes(cfg, itemsize) - (0 if cfg.tie_word_embeddings else V * H * itemsize)
