@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from dynaexq_jax import budget
+from dynaexq_jax.io import loader, preset
 from dynaexq_jax.models import deltanet
 from dynaexq_jax.models.decoder import Decoder, KVCache
-from dynaexq_jax.io import loader
+from dynaexq_jax.policies import dynaexq
 from dynaexq_jax.runtime import engine
+from dynaexq_jax.runtime.build import build_engine
 
 from conftest import VOCAB, write_tokenizer
 
@@ -131,7 +134,8 @@ def hybrid_engine(tmp_path_factory):
 
 def test_greedy_tokens_match_transformers_single(hybrid_engine):
     eng, hf = hybrid_engine
-    assert eng.generate([LONG], max_new_tokens=12, eos_token_ids=()).tokens == hf_generate(hf, [LONG], 12)
+    prompt = LONG[:14]  # the chat test's bucket: its steps compile once
+    assert eng.generate([prompt], max_new_tokens=4, eos_token_ids=()).tokens == hf_generate(hf, [prompt], 4)
 
 
 def _numpy_delta_rule(q, k, v, g, beta, S):
@@ -196,7 +200,7 @@ def test_chat_turns_continue_and_rewind_the_recurrent_state_exactly(hybrid_engin
     eng, _ = hybrid_engine
     session = eng.new_session(context=64, max_chunk=1)  # token by token: the recurrent form throughout
     n = 4
-    first = LONG[:6]
+    first = LONG[:6]  # every conversation below stays within one prompt bucket (16)
     turns = [first]
     reply = eng.chat_turn(session, first, n, eos_token_ids=()).tokens[0]
     turns.append(first + reply + [5, 6])  # continues: nothing recomputed
@@ -211,3 +215,106 @@ def test_chat_turns_continue_and_rewind_the_recurrent_state_exactly(hybrid_engin
     gen = eng.chat_turn(session, turns[-1], n, eos_token_ids=())
     assert gen.stats["reused_tokens"] == 0
     assert gen.tokens[0] == eng.generate([turns[-1]], n, eos_token_ids=()).tokens[0]
+
+
+# ----------------------------------------------------------------- policies and tiers
+
+
+def test_int4_slots_over_int2_fallbacks_serve_every_slotted_expert_as_static_int4(hybrid_engine):
+    """DynaExq's 80B tiers through the same kernels: with every expert in an int4 slot (no
+    budget), dynaexq over int2 fallbacks computes what static int4 computes."""
+    eng, _ = hybrid_engine
+    build = lambda policy, **o: build_engine(eng.checkpoint, policy, budget=None, batch=1, longest_prompt=len(LONG),
+                                             max_new_tokens=4, opts=dynaexq.DynaExqOptions(group_size=16, **o))[0]
+    tiered = build("dynaexq", lo_bits=2, hi_dtype="int4")
+    assert [t.high_precision for t in tiered.policy.experts.tiers] == [False, True]
+    static = build("static", lo_bits=4)
+    np.testing.assert_allclose(tiered.logits([LONG])[0], static.logits([LONG])[0], atol=1e-6, rtol=0)
+
+
+def test_prefetch_runs_the_linear_layers_like_the_decoder(hybrid_engine):
+    from dynaexq_jax.policies.offload import OffloadPolicy
+    from dynaexq_jax.runtime.layerwise import LayerwiseEngine
+
+    full, _ = hybrid_engine
+    ckpt = full.checkpoint
+    k = ckpt.config.experts_per_token
+    eng = LayerwiseEngine(ckpt, OffloadPolicy(ckpt.experts, k, prefetch=True, staging=k))
+    for ours, theirs in zip(eng.logits(PROMPTS), full.logits(PROMPTS)):  # left padding, two chunks
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)  # experts summed in rounds
+
+
+# ----------------------------------------------------------------- the published model's plan
+
+
+def test_80b_preset_has_transformers_qwen3_next_shapes_and_80b_parameters():
+    from transformers import Qwen3NextConfig
+
+    ref = Qwen3NextConfig()  # transformers' defaults are the 80B model's
+    d = preset.QWEN3_NEXT_80B
+    for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_num_key_heads",
+              "linear_num_value_heads", "linear_value_head_dim", "num_experts", "num_experts_per_tok",
+              "moe_intermediate_size", "shared_expert_intermediate_size", "rms_norm_eps"):
+        assert d[f] == getattr(ref, f), f
+    cfg = preset.preset_config("qwen3-next-80b-a3b")
+    assert cfg.linear_layers == tuple(i for i, t in enumerate(ref.layer_types) if t == "linear_attention")
+    assert cfg.rotary_dim == 64 and len(cfg.moe_layers) == 48
+    assert round(budget.parameter_count(cfg) / 1e9) == 80
+
+
+def test_cache_plan_counts_the_linear_states_like_the_kv_cache(hybrid_engine):
+    cfg = hybrid_engine[0].cfg
+    cache = KVCache.empty(cfg, 3, 128, jnp.float32)
+    held = sum(a.nbytes for a in jax.tree.leaves(cache)) - cache.index.nbytes
+    assert KVCache.nbytes_for(cfg, 3, 128, jnp.float32) == held
+    assert cache.recurrent.shape == (len(cfg.linear_layers), 3, 4, 8, 8) and cache.kv.shape[0] == 1
+    assert budget.kv_cache_nbytes(cfg, 3, 128, 4) == held - cache.start.nbytes + 3 * 128  # + the validity mask
+
+
+def test_dry_run_fits_the_80b_int2_fallbacks_and_int4_slots_in_48gb(tmp_path, capsys):
+    from test_families import _generate_script
+
+    generate = _generate_script()
+    (tmp_path / "config.json").write_text(json.dumps(preset.QWEN3_NEXT_80B))
+    args = ["--model", str(tmp_path), "--dry-run", "--policy", "dynaexq", "--hi-dtype", "int4", "--lo-bits", "2",
+            "--group-size", "64"]
+    assert generate.main(args + ["--budget", "48GB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    cfg = preset.preset_config("qwen3-next-80b-a3b")
+    gu, dn = budget.expert_shapes(cfg)
+    assert plan["fallback"] == 48 * (budget.quantized_nbytes((512,) + gu, 2, 64)
+                                     + budget.quantized_nbytes((512,) + dn, 2, 64))
+    assert plan["slot_bytes"] == budget.quantized_nbytes(gu, 4, 64) + budget.quantized_nbytes(dn, 4, 64)
+    assert plan["total"] <= 48e9 and 48e9 - plan["total"] < plan["slot_bytes"]
+    assert 100 * 48 < plan["slots"] < 512 * 48
+    assert generate.main(args + ["--budget", "48GB"]) == 0
+    assert "per MoE layer: 210 to 211 of 512 experts hold a high-precision slot" in capsys.readouterr().out
+    assert generate.main(args + ["--budget", "20GB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: budget 20.00 GB cannot hold the int2 fallback") and f"({plan['minimum']} bytes)" in err
+
+
+def test_int4_slots_need_a_narrower_fallback(tmp_path, capsys):
+    from test_families import _generate_script
+
+    (tmp_path / "config.json").write_text(json.dumps(preset.QWEN3_NEXT_80B))
+    assert _generate_script().main(["--model", str(tmp_path), "--dry-run", "--policy", "dynaexq", "--hi-dtype",
+                                    "int4", "--lo-bits", "4"]) == 2
+    assert "int4 slots over a int4 fallback gain nothing" in capsys.readouterr().err
+
+
+def test_bench_runs_the_qwen3_next_smoke_preset_with_int4_slots(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--preset", "qwen3-next-smoke", "--policies", "dynaexq/int4", "--lo-bits", "2",
+                       "--batch-sizes", "2", "--prompt-len", "8", "--gen-len", "4", "--repeats", "1",
+                       "--quality-seqs", "1", "--dtype", "float32", "--json", str(out)]) == 0
+    [row] = json.loads(out.read_text())["results"]
+    assert row["policy"] == "dynaexq/int4" and row["decode_tokens_per_s"] > 0
+    assert 0 <= row["top1_agreement"] <= 1
