@@ -27,9 +27,9 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_interm
               shared_expert_intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               max_position_embeddings=512, initializer_range=0.15, eos_token_id=0, linear_key_head_dim=8,
               linear_value_head_dim=8, linear_conv_kernel_dim=4)
-# Layer patterns: linear layers around a full one (two value heads per key head); the interval
-# rule without layer_types (full attention every 2nd layer), a dense layer and tied embeddings,
-# one value head per key head.
+# Layer patterns: linear layers around a full one (the last two one scanned segment), two value
+# heads per key head; the interval rule without layer_types (full attention every 2nd layer), a
+# dense layer and tied embeddings, one value head per key head.
 CONFIGS = {
     "hybrid": dict(num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, linear_num_key_heads=2,
                    linear_num_value_heads=4, tie_word_embeddings=False,
@@ -88,6 +88,12 @@ def next_engine(next_checkpoint, tmp_path_factory):
     return eng, hf
 
 
+@pytest.fixture(scope="module")
+def hybrid_engine(tmp_path_factory):
+    _, _, hf, eng = checkpoint(tmp_path_factory, "hybrid")
+    return eng, hf
+
+
 def hf_generate(hf, prompts, n):
     """transformers' greedy generate on left-padded prompts -> the new tokens of each."""
     P = max(len(p) for p in prompts)
@@ -118,18 +124,12 @@ def test_logits_match_transformers_at_every_position(next_engine):
         np.testing.assert_allclose(lg, ref, atol=1e-4, rtol=0)
 
 
-def test_greedy_tokens_match_transformers_batched(next_engine):
-    eng, hf = next_engine
+def test_greedy_tokens_match_transformers_batched(hybrid_engine):
+    eng, hf = hybrid_engine
     ours = eng.generate(PROMPTS, max_new_tokens=12, eos_token_ids=()).tokens
     # Left padding must not reach the short rows' recurrent states.
     assert ours == hf_generate(hf, PROMPTS, 12)
     assert len(set(ours[0])) > 2, "degenerate reference: the test would not tell much"
-
-
-@pytest.fixture(scope="module")
-def hybrid_engine(tmp_path_factory):
-    _, _, hf, eng = checkpoint(tmp_path_factory, "hybrid")
-    return eng, hf
 
 
 def test_greedy_tokens_match_transformers_single(hybrid_engine):
