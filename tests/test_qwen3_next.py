@@ -53,7 +53,7 @@ def make_checkpoint(path, name: str, seed: int = 0):
     model = Qwen3NextForCausalLM(Qwen3NextConfig(**kw, **({"full_attention_interval": interval} if interval else {})))
     with torch.no_grad():  # transformers inits the zero-centred norms at 0 and dt_bias at 1: make them count
         for n, p in model.named_parameters():
-            if n.endswith("norm.weight") or n.endswith("dt_bias"):
+            if n.endswith(("norm.weight", "dt_bias")):
                 p.normal_(0.0, 0.3)
     model.eval().save_pretrained(path)
     if interval:  # the interval rule, as the published config.json states it

@@ -75,7 +75,7 @@ def chunked_delta_rule(q, k, v, g, beta, state, chunk: int = CHUNK):
     """The same result in chunks of `chunk` tokens: within a chunk, the delta rule's corrections
     are one unit-lower-triangular solve; across chunks, the state carries. Same arguments and
     result as `recurrent_delta_rule`."""
-    B, T, H, DK = q.shape
+    B, T, H, _ = q.shape
     C = min(chunk, T)
     pad = -T % C  # tail padding: no decay (g = 0), no update (beta = 0, k = 0)
     if pad:
