@@ -5,7 +5,9 @@
 Layers are Flax modules; the decoder applies them segment by segment (`ModelConfig.segments`,
 runs of layers of one kind), each segment a `jax.lax.scan` over its stacked parameters, so a
 48-layer model traces and compiles one layer. The KV cache is one stacked array per K and V,
-[layers, B, S, KVH, D], carried through the scans and updated in place at (layer, index).
+[layers, B, S, KVH, D], carried through the scans and updated in place at (layer, index). In a
+hybrid model (Qwen3-Next) only the softmax-attention layers have KV rows; its gated DeltaNet
+layers (`models.deltanet`) carry their constant-size states in the same cache pytree instead.
 
 Experts are not parameters: each MoE layer calls `ffn(experts, moe_layer, x, ids, weights,
 valid)` on the expert-state pytree it is given (`experts.matmul.routed_ffn` by default), so a
