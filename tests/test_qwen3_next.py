@@ -301,7 +301,7 @@ def test_int4_slots_need_a_narrower_fallback(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(preset.QWEN3_NEXT_80B))
     assert _generate_script().main(["--model", str(tmp_path), "--dry-run", "--policy", "dynaexq", "--hi-dtype",
                                     "int4", "--lo-bits", "4"]) == 2
-    assert "int4 slots over a int4 fallback gain nothing" in capsys.readouterr().err
+    assert "int4 slots over an int4 fallback gain nothing" in capsys.readouterr().err
 
 
 def test_bench_runs_the_qwen3_next_smoke_preset_with_int4_slots(tmp_path):

@@ -26,7 +26,7 @@ def plan_for(cfg, policy: str, *, budget: int | None, batch: int, longest_prompt
     hi_bits = budget_lib.HI_BITS.get(opts.hi_dtype)
     lo_bits = 4 if opts.lo_bits == budget_lib.MXFP4 else opts.lo_bits
     if policy == "dynaexq" and hi_bits and lo_bits >= hi_bits:
-        raise UserError(f"{opts.hi_dtype} slots over a {budget_lib.format_name(opts.lo_bits)} fallback gain nothing; "
+        raise UserError(f"{opts.hi_dtype} slots over an {budget_lib.format_name(opts.lo_bits)} fallback gain nothing; "
                         f"pass a narrower --lo-bits (below {hi_bits}) or a wider --hi-dtype")
     prompt = prompt_bucket(longest_prompt)
     return budget_lib.policy_plan(
