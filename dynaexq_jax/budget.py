@@ -151,18 +151,31 @@ def expert_shapes(cfg) -> tuple[tuple[int, int], tuple[int, int]]:
     return (H, 2 * I), (I, H)
 
 
+# High-precision slot formats stored group-wise quantized (`quant.QuantizedTensor`), by their bit
+# width; any other hi_dtype is the checkpoint's compute dtype. int4 over int2 fallbacks is DynaExq's
+# Qwen3-Next-80B setting.
+HI_BITS = {"int8": 8, "int4": 4}
+
+
 def slot_nbytes(cfg, hi_dtype: str, group_size: int, itemsize: int = _BF16) -> int:
-    """Device bytes of one high-precision slot (one expert's gate_up and down); a
-    non-int8 slot holds the checkpoint's compute dtype (`itemsize` bytes)."""
+    """Device bytes of one high-precision slot (one expert's gate_up and down); a slot not
+    in `HI_BITS` holds the checkpoint's compute dtype (`itemsize` bytes)."""
     gu, dn = expert_shapes(cfg)
-    if hi_dtype == "int8":
-        return quantized_nbytes(gu, 8, group_size) + quantized_nbytes(dn, 8, group_size)
+    if hi_dtype in HI_BITS:
+        return quantized_nbytes(gu, HI_BITS[hi_dtype], group_size) + quantized_nbytes(dn, HI_BITS[hi_dtype], group_size)
     return (math.prod(gu) + math.prod(dn)) * itemsize
 
 
 def kv_cache_nbytes(cfg, batch: int, context: int, itemsize: int) -> int:
+    """K and V of the softmax-attention layers, and the linear-attention layers' constant-size
+    states (conv inputs and float32 delta-rule state per sequence, `models.deltanet`)."""
     per_layer = 2 * batch * context * cfg.num_kv_heads * cfg.head_dim * itemsize
-    return cfg.num_layers * per_layer + batch * context  # + the validity mask
+    linear = 0
+    if cfg.linear_layers:
+        from dynaexq_jax.models import deltanet
+
+        linear = deltanet.state_nbytes(cfg, batch, {1: "int8", 2: "bfloat16", 4: "float32"}[itemsize])
+    return len(cfg.full_layers) * per_layer + linear + batch * context  # + the validity mask
 
 
 def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int) -> int:
@@ -192,10 +205,21 @@ def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int) 
     # intermediate activations in float32, its weights sliced like attention's).
     dense = max(cfg.shared_expert_size if cfg.moe_layers else 0,
                 cfg.intermediate_size if len(cfg.moe_layers) < cfg.num_layers else 0)
-    layer_weights = (H * D * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + cfg.num_experts * H
-                     + 3 * H * dense) * itemsize
+    q_heads = 3 if cfg.attn_output_gate else 2  # q and o (and the output gate)
+    attention_weights = H * D * (q_heads * cfg.num_heads + 2 * cfg.num_kv_heads)
+    linear = 0
+    if cfg.linear_layers:
+        # A gated DeltaNet layer's prefill: per value head and token, its rows of the chunk's
+        # decay, correction, system and attention matrices, q/k/v/z and the solves in float32;
+        # the convolution's inputs and outputs.
+        NK, NV = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        DK, DV = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        chunk, conv = min(64, prompt), 2 * NK * DK + NV * DV
+        linear = tokens * (NV * (4 * chunk + 6 * DK + 4 * DV) + 3 * conv) * 4
+        attention_weights = max(attention_weights, H * (2 * NK * DK + 2 * NV * DV + 2 * NV) + NV * DV * H)
+    layer_weights = (attention_weights + cfg.num_experts * H + 3 * H * dense) * itemsize
     mlp = 3 * tokens * dense * 4
-    return (3 * (scores + hidden + moe + mlp + logits)) // 2 + one_expert + 2 * layer_weights + 16 * 2**20
+    return (3 * (scores + hidden + moe + mlp + logits + linear)) // 2 + one_expert + 2 * layer_weights + 16 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)

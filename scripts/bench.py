@@ -124,9 +124,9 @@ def check_args(args):
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
     for n in names or [args.policies]:
         policy, _, hi = n.partition("/")
-        if policy not in POLICIES or hi not in ("", "int8", "bfloat16") or (hi and policy != "dynaexq"):
+        if policy not in POLICIES or hi not in ("", "int8", "int4", "bfloat16") or (hi and policy != "dynaexq"):
             raise UserError(f"unknown policy {n!r} in --policies; choose from {', '.join(POLICIES)} "
-                            "(dynaexq/int8: int8 slots)")
+                            "(dynaexq/int8, dynaexq/int4: quantized slots)")
     for flag, value, least in (("--prompt-len", args.prompt_len, 1), ("--gen-len", args.gen_len, 2),
                                ("--repeats", args.repeats, 1), ("--quality-seqs", args.quality_seqs, 1)):
         if value < least:  # --gen-len 1 has no decode step to time

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--lo-bits", default="4", help="comma-separated widths from 4,3,2: static without a budget, fixed "
                                                   "tiers, and the anchor of +P%% budgets")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--hi-dtype", choices=["auto", "bfloat16", "int8"], default="auto",
+    p.add_argument("--hi-dtype", choices=["auto", "bfloat16", "int8", "int4"], default="auto",
                    help="dynaexq slot dtype; auto: the plan picks per budget (fixed tiers then use bfloat16)")
     p.add_argument("--tiers", default="auto", help="comma-separated dynaexq tier modes from auto,fixed")
     p.add_argument("--group-size", type=int, default=128)

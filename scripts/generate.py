@@ -54,8 +54,9 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
                       default=2, help="width of the resident up projections (HQQ), or none (the checkpoint's dtype)")
     floe.add_argument("--floe-calibration", help="calibration folder written by scripts/calibrate.py --out "
                                                  "(default: the one saved for the checkpoint)")
-    p.add_argument("--hi-dtype", choices=["auto", "bfloat16", "int8"], default="auto",
-                   help="dynaexq slot dtype; auto: the one of least expected error in the budget")
+    p.add_argument("--hi-dtype", choices=["auto", "bfloat16", "int8", "int4"], default="auto",
+                   help="dynaexq slot dtype (int4: over an int2/int3 fallback, DynaExq's 80B setting); auto: the one "
+                        "of least expected error in the budget among bfloat16 and int8")
     p.add_argument("--lo-bits", type=lo_bits_flag, choices=["auto", 8, 4, 3, 2, "mxfp4"], default="auto",
                    help="dynaexq (and static) fallback width; auto (with --budget): the plan picks it, a share of "
                         "experts at the next wider width, and the slots, never below the widest static width that "

@@ -233,7 +233,8 @@ def check_tensor_names(cfg: ModelConfig, files: dict[str, Path], path: Path) -> 
     present = logical_names(files)
     missing = [n for n in wanted if n not in present]
     used = set(wanted) | {n + s for n in wanted if n not in files for s in MXFP4_SUFFIXES}
-    unused = sorted(set(files) - used - {n for n in files if n.endswith(_IGNORED_SUFFIXES)})
+    ignored = getattr(registry.adapter(cfg), "IGNORED_PREFIXES", ())  # heads the family does not load (MTP)
+    unused = sorted(set(files) - used - {n for n in files if n.endswith(_IGNORED_SUFFIXES) or n.startswith(ignored)})
     hint = ("config.json does not match the weights: check num_hidden_layers, num_experts, mlp_only_layers "
             "and tie_word_embeddings against the model's release")
     if missing:

@@ -37,6 +37,17 @@ _GPT_OSS = dict(
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]),
 )
 
+QWEN3_NEXT_80B = dict(
+    architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", vocab_size=151936, hidden_size=2048,
+    intermediate_size=5120, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+    full_attention_interval=4, linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_num_key_heads=16,
+    linear_num_value_heads=32, linear_value_head_dim=128, num_experts=512, num_experts_per_tok=10,
+    moe_intermediate_size=512, shared_expert_intermediate_size=512, norm_topk_prob=True, decoder_sparse_step=1,
+    mlp_only_layers=[], partial_rotary_factor=0.25, rope_theta=10000000, rope_scaling=None, rms_norm_eps=1e-6,
+    hidden_act="silu", attention_bias=False, tie_word_embeddings=False, max_position_embeddings=262144,
+    bos_token_id=151643, eos_token_id=151645,
+)
+
 PRESETS = {
     "qwen3-30b-a3b": dict(
         model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
@@ -82,6 +93,17 @@ PRESETS = {
                         layer_types=["sliding_attention", "full_attention"] * 12),
     "gpt-oss-120b": dict(_GPT_OSS, num_hidden_layers=36, num_local_experts=128,
                          layer_types=["sliding_attention", "full_attention"] * 18),
+    # Qwen3-Next-80B-A3B as released (config.json on the Hub): three gated-DeltaNet layers to each
+    # gated softmax-attention one, 512 experts top-10 + a shared expert. The multi-token-prediction
+    # head it ships is not part of the model served.
+    "qwen3-next-80b-a3b": QWEN3_NEXT_80B,
+    # Qwen3-Next's structure (layer pattern, head ratios, shared expert) at CPU size.
+    "qwen3-next-smoke": dict(
+        QWEN3_NEXT_80B, vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=128,
+        shared_expert_intermediate_size=128, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=32, linear_value_head_dim=32, max_position_embeddings=4096,
+    ),
     # Same layer shapes, 4 layers and a small vocabulary: a CPU-sized smoke preset.
     "qwen3-moe-smoke": dict(
         model_type="qwen3_moe", vocab_size=512, hidden_size=256, num_hidden_layers=4,
@@ -144,8 +166,9 @@ def random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
 
     def init(path, leaf):
         name = jax.tree_util.keystr(path)
-        if "norm" in name:
-            return np.ones(leaf.shape, npd)
+        if "norm" in name:  # unit scale: zero-centred norms (Qwen3-Next's, but its DeltaNet output norm) store w - 1
+            centred = cfg.norm == "zero_centred_rms" and "linear_attn" not in name
+            return (np.zeros if centred else np.ones)(leaf.shape, npd)
         return (rng.standard_normal(leaf.shape, np.float32) * INIT_STD).astype(npd)
 
     return jax.tree_util.tree_map_with_path(init, shapes)

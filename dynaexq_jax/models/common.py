@@ -152,8 +152,9 @@ def attention_tensors(cfg: ModelConfig, p: str) -> list[Tensor]:
     projection ([heads * D] each), whichever `cfg.qk_norm` says."""
     H, D = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * D, cfg.num_kv_heads * D
+    qg = 2 * q if cfg.attn_output_gate else q  # gated (Qwen3-Next): q_proj emits each head's q, then its gate
     a = p + "self_attn."
-    parts = (("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv))
+    parts = (("q", 0, qg), ("k", qg, qg + kv), ("v", qg + kv, qg + 2 * kv))
     out = [Tensor(("self_attn", "qkv_proj", "kernel"), f"{a}{n}_proj.weight", (b - s, H), linear=True, cols=(s, b))
            for n, s, b in parts]
     if cfg.qkv_bias:

@@ -26,7 +26,7 @@ CONFIG_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_he
 # Numeric fields that must be > 0; every other number must be >= 0.
 _POSITIVE = frozenset({"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                        "decoder_sparse_step", "max_position_embeddings", "rms_norm_eps", "rope_theta", "clip_qkv",
-                       "sliding_window", "rope_factor", "swiglu_limit"})
+                       "sliding_window", "rope_factor", "swiglu_limit", "partial_rotary_factor"})
 _KINDS = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string",
           "tuple[int, ...]": "a list of integers", "tuple[float, ...]": "a list of finite numbers"}
 
@@ -71,6 +71,8 @@ class Segment:
     first: int  # index of its first decoder layer
     count: int
     first_moe: int  # index of its first layer among the MoE layers (moe segments)
+    attention: str = "full"  # "full" (softmax attention, KV cache) or "linear" (gated DeltaNet, recurrent state)
+    first_state: int = 0  # index of its first layer among the layers of its attention kind (its cache rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +135,17 @@ class ModelConfig:
     expert_activation: str = "swiglu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # Qwen3-Next: gated DeltaNet layers (`models.deltanet`) at `linear_layers`, softmax attention
+    # elsewhere; a sigmoid output gate on the softmax attention (q_proj emits q and the gate per
+    # head), RoPE on the first `partial_rotary_factor` of each head's dims.
+    linear_layers: tuple[int, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+    attn_output_gate: bool = False
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self):
         # Adapters pass config.json's values as they are, so this is the one place that checks
@@ -173,6 +186,18 @@ class ModelConfig:
                        f"layer indices from 0 to num_hidden_layers-1={self.num_layers - 1}")
         if self.sliding_layers and self.sliding_window is None:
             raise _bad("sliding_window", None, "a positive integer when layers use sliding attention")
+        outside = [i for i in self.linear_layers if not 0 <= i < self.num_layers]
+        if outside:
+            raise _bad("linear_layers", list(self.linear_layers),
+                       f"layer indices from 0 to num_hidden_layers-1={self.num_layers - 1}")
+        if self.linear_layers:
+            for f in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                      "linear_conv_kernel"):
+                if getattr(self, f) < 1:
+                    raise _bad(f, getattr(self, f), "greater than 0 in a model with linear attention layers")
+            if self.linear_num_value_heads % self.linear_num_key_heads:
+                raise _bad("linear_num_value_heads", self.linear_num_value_heads,
+                           f"a multiple of linear_num_key_heads={self.linear_num_key_heads}")
         if len(self.moe_layers) < self.num_layers and self.intermediate_size < 1:
             raise _bad("intermediate_size", self.intermediate_size, "greater than 0 in a model with dense layers")
 
@@ -185,8 +210,18 @@ class ModelConfig:
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
-        """Each layer's attention window in keys (0: the whole context)."""
-        return tuple(self.sliding_window if i in self.sliding_layers else 0 for i in range(self.num_layers))
+        """Each full-attention layer's window in keys (0: the whole context), by its KV cache row."""
+        return tuple(self.sliding_window if i in self.sliding_layers else 0 for i in self.full_layers)
+
+    @property
+    def full_layers(self) -> tuple[int, ...]:
+        """Indices of the softmax-attention layers (each has a row of the KV cache)."""
+        return tuple(i for i in range(self.num_layers) if i not in self.linear_layers)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head RoPE rotates (the first ones; the rest pass unrotated)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -197,14 +232,16 @@ class ModelConfig:
     def segments(self) -> tuple[Segment, ...]:
         """Maximal runs of layers of one kind, in order. Each run is one scan in the step, so
         a 48-layer model compiles its layer once."""
-        out, moe_seen = [], 0
+        out, moe_seen, seen = [], 0, {"full": 0, "linear": 0}
         for i in range(self.num_layers):
             kind = "moe" if self.is_moe_layer(i) else "dense"
-            if out and out[-1].kind == kind:
+            attention = "linear" if i in self.linear_layers else "full"
+            if out and (out[-1].kind, out[-1].attention) == (kind, attention):
                 out[-1] = dataclasses.replace(out[-1], count=out[-1].count + 1)
             else:
-                out.append(Segment(kind, i, 1, moe_seen))
+                out.append(Segment(kind, i, 1, moe_seen, attention, seen[attention]))
             moe_seen += kind == "moe"
+            seen[attention] += 1
         return tuple(out)
 
     @classmethod

@@ -5,7 +5,9 @@
 Layers are Flax modules; the decoder applies them segment by segment (`ModelConfig.segments`,
 runs of layers of one kind), each segment a `jax.lax.scan` over its stacked parameters, so a
 48-layer model traces and compiles one layer. The KV cache is one stacked array per K and V,
-[layers, B, S, KVH, D], carried through the scans and updated in place at (layer, index).
+[layers, B, S, KVH, D], carried through the scans and updated in place at (layer, index). In a
+hybrid model (Qwen3-Next) only the softmax-attention layers have KV rows; its gated DeltaNet
+layers (`models.deltanet`) carry their constant-size states in the same cache pytree instead.
 
 Experts are not parameters: each MoE layer calls `ffn(experts, moe_layer, x, ids, weights,
 valid)` on the expert-state pytree it is given (`experts.matmul.routed_ffn` by default), so a
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from dynaexq_jax.experts.matmul import routed_ffn
+from dynaexq_jax.models import deltanet
 from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.models.layers import DecoderLayer, ExpertFFN, LayerSlice, Linear, Routing, make_norm, mm, rotary_for
@@ -39,19 +42,28 @@ from dynaexq_jax.models.layers import DecoderLayer, ExpertFFN, LayerSlice, Linea
 class KVCache:
     # Keys and values in one array, written together; heads before slots, so a layer's
     # [B, KVH, S, D] is what the attention dots contract over without a transpose.
-    kv: jax.Array  # [layers, 2 (k, v), B, KVH, S, D]
+    kv: jax.Array  # [full-attention layers, 2 (k, v), B, KVH, S, D]
     # [B] int32: each row's first real slot. Rows are left-padded and then only appended to,
     # so a row's real tokens are the slots from `start` to the last written; S: none yet.
     start: jax.Array
     # [] int32: next slot to write (all rows aligned by left padding), or [B]: each row's own
     # (the scheduler's sequence slots, each row a sequence from slot 0 that joins and leaves alone).
     index: jax.Array
+    # Linear-attention layers (`models.deltanet`), None in models without them: the state after
+    # every token written so far, constant in size. Unlike `kv` it cannot be rewound by moving
+    # `index`: rewinding a sequence recomputes it (see `Engine.chat_turn`).
+    conv: jax.Array | None = None  # [linear layers, B, K-1, C] the last K-1 convolution inputs
+    recurrent: jax.Array | None = None  # [linear layers, B, HV, DK, DV] float32 delta-rule state
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
-        shape = (cfg.num_layers, 2, batch, cfg.num_kv_heads, length, cfg.head_dim)
+        shape = (len(cfg.full_layers), 2, batch, cfg.num_kv_heads, length, cfg.head_dim)
+        conv = recurrent = None
+        if cfg.linear_layers:
+            conv_shape, rec_shape = deltanet.state_shapes(cfg, batch)
+            conv, recurrent = jnp.zeros(conv_shape, dtype), jnp.zeros(rec_shape, jnp.float32)
         return cls(kv=jnp.zeros(shape, dtype), start=jnp.full((batch,), length, jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
+                   index=jnp.zeros((), jnp.int32), conv=conv, recurrent=recurrent)
 
     @property
     def length(self) -> int:
@@ -60,7 +72,8 @@ class KVCache:
     @staticmethod
     def nbytes_for(cfg: ModelConfig, batch: int, length: int, dtype) -> int:
         per_layer = 2 * batch * length * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-        return cfg.num_layers * per_layer + 4 * batch  # + each row's start
+        linear = deltanet.state_nbytes(cfg, batch, dtype) if cfg.linear_layers else 0
+        return len(cfg.full_layers) * per_layer + linear + 4 * batch  # + each row's start
 
     def written(self, token_valid) -> jax.Array:
         """`start` after writing a chunk whose real tokens are `token_valid` [B, T] from `index`."""
@@ -82,8 +95,8 @@ class Decoder:
         a load-balancing loss needs). `kernels`: use the Pallas decode kernels when lowering
         for a GPU; training turns them off (they have no derivative rules)."""
         self.cfg, self.dtype = cfg, jnp.dtype(dtype)
-        self.layers = {kind: DecoderLayer(cfg, kind, self.dtype, ffn, router_probs, kernels)
-                       for kind in ("moe", "dense")}
+        self.layers = {(kind, attn): DecoderLayer(cfg, kind, self.dtype, ffn, router_probs, kernels, attn)
+                       for kind in ("moe", "dense") for attn in ("full", "linear")}
         self.router_probs = router_probs
         self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
         self.norm = make_norm(cfg)
@@ -105,29 +118,33 @@ class Decoder:
         x = self.embed.apply({"params": params["embed_tokens"]}, tokens)
         start = cache.written(token_valid)
         rot = rotary_for(cfg, positions, self.dtype)
-        kv = cache.kv
+        # The stacked caches of each attention kind: full layers write `kv`, linear ones their states.
+        states = {"full": cache.kv, "linear": (cache.conv, cache.recurrent)}
         # Each token's kept share at the first MoE layer (big-little's "first" rule), set there.
         first = jnp.zeros((tokens.size,), jnp.float32)
         routing = []
         for seg, seg_params in zip(cfg.segments, params["layers"]):
-            layer_fn = self.layers[seg.kind]
+            layer_fn = self.layers[seg.kind, seg.attention]
 
             def body(carry, _, seg=seg, seg_params=seg_params, layer_fn=layer_fn):
-                x, kv, i, first = carry
+                x, state, i, first = carry
                 p = jax.tree.map(lambda a: LayerSlice(a, i), seg_params)  # the stack, read at layer i
-                x, kv, route, first = layer_fn.apply(
-                    {"params": p}, x, rot, token_valid, kv, seg.first + i, start, cache.index, experts,
+                x, state, route, first = layer_fn.apply(
+                    {"params": p}, x, rot, token_valid, state, seg.first_state + i, start, cache.index, experts,
                     seg.first_moe + i, fresh, big_little, first,
                 )
-                return (x, kv, i + 1, first), route
+                return (x, state, i + 1, first), route
 
-            (x, kv, _, first), route = jax.lax.scan(body, (x, kv, jnp.zeros((), jnp.int32), first), length=seg.count)
+            carry = (x, states[seg.attention], jnp.zeros((), jnp.int32), first)
+            (x, states[seg.attention], _, first), route = jax.lax.scan(body, carry, length=seg.count)
             if seg.kind == "moe":
                 routing.append(route)
         if last_only:  # prefill needs only the next token: skip the [B, T, V] projection
             x = x[:, -1:]
         logits = self.head(params, x)
-        new_cache = KVCache(kv=kv, start=start, index=cache.index + tokens.shape[1])
+        conv, recurrent = states["linear"]
+        new_cache = KVCache(kv=states["full"], start=start, index=cache.index + tokens.shape[1], conv=conv,
+                            recurrent=recurrent)
         B, T = tokens.shape
         E = cfg.num_experts
         if routing:
@@ -151,14 +168,18 @@ class Decoder:
         x = jnp.zeros((1, 1, cfg.hidden_size), self.dtype)
         ones = jnp.ones((1, 1), bool)
         rot = rotary_for(cfg, jnp.zeros((1, 1), jnp.int32), self.dtype)
-        kv = jnp.zeros((1, 2, 1, cfg.num_kv_heads, 1, cfg.head_dim), self.dtype)
+        states = {"full": jnp.zeros((1, 2, 1, cfg.num_kv_heads, 1, cfg.head_dim), self.dtype)}
+        if cfg.linear_layers:  # one layer's states of one sequence
+            conv, rec = deltanet.state_shapes(cfg, 1)
+            states["linear"] = (jnp.zeros((1,) + conv[1:], self.dtype), jnp.zeros((1,) + rec[1:], jnp.float32))
         zero = jnp.zeros((), jnp.int32)
         start = jnp.zeros((1,), jnp.int32)
         keys = jax.random.split(key, len(cfg.segments) + 2)
         layers = []
         for seg, k in zip(cfg.segments, keys[2:]):
-            mod = DecoderLayer(cfg, seg.kind, self.dtype, _no_experts)
-            one = lambda k, mod=mod: mod.init(k, x, rot, ones, kv, zero, start, zero, None, zero)["params"]
+            mod = DecoderLayer(cfg, seg.kind, self.dtype, _no_experts, attention=seg.attention)
+            one = lambda k, mod=mod, kv=states[seg.attention]: mod.init(k, x, rot, ones, kv, zero, start, zero, None,
+                                                                       zero)["params"]
             layers.append(jax.vmap(one)(jax.random.split(k, seg.count)))
         params = {
             "embed_tokens": self.embed.init(keys[0], jnp.zeros((1, 1), jnp.int32))["params"],

@@ -134,6 +134,21 @@ class RMSNorm(nn.Module):
         return w * rms_normalize(x, self.eps)
 
 
+def zero_centred_rms(x, w, eps: float):
+    """Qwen3-Next's RMSNorm: the weight stored as an offset from 1, applied as (1 + w) in float32."""
+    y = rms_normalize(x.astype(jnp.float32), eps) * (1.0 + w.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+class ZeroCentredRMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        return zero_centred_rms(x, as_array(self.param("weight", nn.initializers.zeros, (x.shape[-1],), x.dtype)),
+                                self.eps)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with weight and bias (Phi-3.5-MoE), computed in float32 like torch's kernel."""
 
@@ -150,13 +165,16 @@ class LayerNorm(nn.Module):
         return (y * w + b).astype(x.dtype)
 
 
-NORMS = ("rms", "layer")
+NORMS = ("rms", "layer", "zero_centred_rms")
 
 
 def make_norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
-    """The family's layer and final norm: RMSNorm, or LayerNorm with bias."""
+    """The family's layer and final norm: RMSNorm, LayerNorm with bias, or RMSNorm with a
+    zero-centred weight (Qwen3-Next; its q/k norms are zero-centred too)."""
     if cfg.norm == "layer":
         return LayerNorm(cfg.rms_norm_eps, name=name)
+    if cfg.norm == "zero_centred_rms":
+        return ZeroCentredRMSNorm(cfg.rms_norm_eps, name=name)
     return RMSNorm(cfg.rms_norm_eps, name=name)
 
 
@@ -215,7 +233,7 @@ def rotary_for(cfg: ModelConfig, positions, dtype):
     position + 1) is within `rope_original_max`, the long ones past it (Phi-3.5-MoE's rule).
     "yarn": `yarn_inv_freq`, cos/sin times `rope_attention_factor`."""
     if cfg.rope_scaling is None:
-        return rotary(positions, cfg.head_dim, cfg.rope_theta, dtype)
+        return rotary(positions, cfg.rotary_dim, cfg.rope_theta, dtype)
     if cfg.rope_scaling == "yarn":
         ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(yarn_inv_freq(cfg))  # [B, T, D/2]
         ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
@@ -234,7 +252,11 @@ def rotary_for(cfg: ModelConfig, positions, dtype):
 
 
 def rope(x, cos, sin):
-    """Rotary embedding, rotate-half convention. x: [B, T, heads, D]."""
+    """Rotary embedding, rotate-half convention. x: [B, T, heads, D]; cos, sin [..., R]: the
+    first R dims rotate, the rest pass (partial rotary, R < D)."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return jnp.concatenate([rope(x[..., :R], cos, sin), x[..., R:]], -1)
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], -1) * sin
 
@@ -253,15 +275,24 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         D, H, KVH = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         # q, k, v: one read of x and the weights
-        qkv = Linear((H + 2 * KVH) * D, self.dtype, self.kernels, cfg.qkv_bias, name="qkv_proj")(x)
+        Q = 2 * H * D if cfg.attn_output_gate else H * D  # gated: each q head followed by its gate head
+        qkv = Linear(Q + 2 * KVH * D, self.dtype, self.kernels, cfg.qkv_bias, name="qkv_proj")(x)
         # q and k heads are adjacent: normed (q_norm, k_norm weights side by side) and rotated
         # as one array, one kernel.
-        qk = qkv[..., : (H + KVH) * D].reshape(B, T, H + KVH, D)
-        v = qkv[..., (H + KVH) * D :].reshape(B, T, KVH, D)
+        if cfg.attn_output_gate:
+            qgate = qkv[..., :Q].reshape(B, T, H, 2 * D)
+            gate = qgate[..., D:].reshape(B, T, H * D)
+            qk = jnp.concatenate([qgate[..., :D], qkv[..., Q : Q + KVH * D].reshape(B, T, KVH, D)], axis=2)
+        else:
+            qk = qkv[..., : (H + KVH) * D].reshape(B, T, H + KVH, D)
+        v = qkv[..., Q + KVH * D :].reshape(B, T, KVH, D)
         if cfg.qk_norm == "per_head":
             w = NormWeight(2 * D, self.dtype, name="qk_norm")().reshape(2, D)
             w = jnp.where((jnp.arange(H + KVH) < H)[:, None], w[0], w[1])  # [H + KVH, D]
-            qk = w * qk_normalize(qk, H, cfg.qk_norm, cfg.rms_norm_eps)
+            if cfg.norm == "zero_centred_rms":
+                qk = zero_centred_rms(qk, w, cfg.rms_norm_eps)
+            else:
+                qk = w * qk_normalize(qk, H, cfg.qk_norm, cfg.rms_norm_eps)
         elif cfg.qk_norm == "full":  # weights over the whole projections: [H * D] then [KVH * D]
             w = NormWeight((H + KVH) * D, self.dtype, name="qk_norm")().reshape(H + KVH, D)
             qk = w * qk_normalize(qk, H, cfg.qk_norm, cfg.rms_norm_eps)
@@ -296,6 +327,8 @@ class Attention(nn.Module):
         else:
             out = attend(qg, kv[layer, 0], kv[layer, 1], start, index)
         out = out.reshape(B, T, H * D)
+        if cfg.attn_output_gate:
+            out = out * jax.nn.sigmoid(gate)
         return Linear(cfg.hidden_size, self.dtype, self.kernels, cfg.o_bias, name="o_proj")(out), kv
 
 
@@ -482,15 +515,24 @@ class DecoderLayer(nn.Module):
     ffn: ExpertFFN
     router_probs: bool = False
     kernels: bool = True  # Pallas decode kernels allowed when lowering for a GPU (off to differentiate)
+    attention: str = "full"  # "full" or "linear" (gated DeltaNet)
 
     @nn.compact
     def __call__(self, x, rot, token_valid, kv, layer, start, index, experts, moe_layer, fresh: bool = False,
                  big_little: BigLittle | None = None, first=None):
-        """-> (x, kv, Routing or None, first): `first` as `MoEBlock` passes it on."""
+        """`kv`, `layer`: the stacked cache of this layer's attention kind and the layer's row in
+        it (full: the KV cache; linear: the (conv, recurrent) states, `models.deltanet`).
+        -> (x, kv, Routing or None, first): `first` as `MoEBlock` passes it on."""
         cfg = self.cfg
-        h, kv = Attention(cfg, self.dtype, self.kernels, name="self_attn")(
-            make_norm(cfg, "input_layernorm")(x), rot, kv, layer, start, index, fresh
-        )
+        if self.attention == "linear":
+            from dynaexq_jax.models.deltanet import GatedDeltaNet  # it builds on this module's layers
+
+            h, kv = GatedDeltaNet(cfg, self.dtype, self.kernels, name="linear_attn")(
+                make_norm(cfg, "input_layernorm")(x), token_valid, kv, layer, fresh)
+        else:
+            h, kv = Attention(cfg, self.dtype, self.kernels, name="self_attn")(
+                make_norm(cfg, "input_layernorm")(x), rot, kv, layer, start, index, fresh
+            )
         x = x + h
         hn = make_norm(cfg, "post_attention_layernorm")(x)
         if self.kind == "moe":

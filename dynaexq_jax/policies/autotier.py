@@ -110,8 +110,9 @@ def choose(
         delta = expert_bytes(mid_bits) - expert_bytes(lo) if mid_bits else 0
         gain = share * (errors[lo] - errors[mid_bits]) if mid_bits else zero
         for hi in hi_choices:
-            if hi == "int8" and lo >= 8:
-                continue  # an int8 slot over an int8 fallback changes nothing
+            hi_bits = budget_lib.HI_BITS.get(hi)
+            if hi_bits and lo >= hi_bits:
+                continue  # a slot no wider than its fallback changes nothing
             try:
                 most = plan_fn(lo, hi, None)
             except budget_lib.BudgetError as e:
@@ -119,7 +120,7 @@ def choose(
                 continue
             if not candidates:  # the widest uniform width that fits, no slots: the widest static
                 candidates.append((float(np.sum(share * errors[lo])), lo, hi, 0, None, None))
-            hi_err = zero if hi != "int8" else errors[8]
+            hi_err = errors[hi_bits] if hi_bits else zero
             counts = sorted(set(range(0, most.slots, L)) | {most.slots}) if mid_bits else [most.slots]
             for slots in counts:
                 plan = plan_fn(lo, hi, slots)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from dynaexq_jax.experts import quant
 from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases, stack_layers
 from dynaexq_jax.experts.swap import HostBank
-from dynaexq_jax.budget import MXFP4
+from dynaexq_jax.budget import HI_BITS, MXFP4
 from dynaexq_jax.io import store
 
 _PIECES = ("gate_up", "down")
@@ -180,12 +180,12 @@ def mixed_fallback(host: HostExperts, lo_bits: int, mid_bits: int, mid: np.ndarr
 
 
 def slot_pool(host: HostExperts, slots: int, hi_dtype: str, group_size: int, device=None) -> ExpertTier:
-    """`slots` empty high-precision slots: the checkpoint's dtype, or int8 (group-wise)."""
+    """`slots` empty high-precision slots: the checkpoint's dtype, or int8 / int4 (group-wise)."""
     (_, K1, N1), (_, K2, N2) = host.gate_up[0].shape, host.down[0].shape
-    if hi_dtype == "int8":
+    if hi_dtype in HI_BITS:
         def empty(k, n):
             with jax.default_device(jax.devices("cpu")[0]):
-                one = quant.quantize(jnp.zeros((1, k, n)), 8, group_size)
+                one = quant.quantize(jnp.zeros((1, k, n)), HI_BITS[hi_dtype], group_size)
             leaves = [np.zeros((slots,) + a.shape[1:], a.dtype) for a in (one.packed, one.scales, one.zeros)]
             return dataclasses.replace(one, packed=leaves[0], scales=leaves[1], zeros=leaves[2], shape=(slots, k, n))
     else:
@@ -197,9 +197,10 @@ def slot_pool(host: HostExperts, slots: int, hi_dtype: str, group_size: int, dev
 
 def host_bank(host: HostExperts, hi_dtype: str, group_size: int, *, source=None, device=None,
               progress: bool = False, clock: Stopwatch | None = None) -> HostBank:
-    """Each expert's high-precision copy in (pinned) host memory: as loaded, or int8."""
-    if hi_dtype == "int8":
-        layers = quantized_layers(host, 8, group_size, "rtn", source=source, progress=progress, clock=clock)
+    """Each expert's high-precision copy in (pinned) host memory: as loaded, or int8 / int4."""
+    if hi_dtype in HI_BITS:
+        layers = quantized_layers(host, HI_BITS[hi_dtype], group_size, "rtn", source=source, progress=progress,
+                                  clock=clock)
         one = lambda qt, e: dataclasses.replace(jax.tree.map(lambda a: a[e], qt), shape=qt.shape[1:])
         E = host.num_experts
         # A generator: HostBank pins one layer at a time.

@@ -30,6 +30,7 @@ from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier
 from dynaexq_jax.experts.quant import Mxfp4Tensor, QuantizedTensor
+from dynaexq_jax.models import deltanet
 from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.runtime import engine as engine_lib
 from dynaexq_jax.runtime.costmodel import distinct_experts
@@ -313,7 +314,8 @@ def abstract_experts(cfg, policy: str, plan: budget_lib.MemoryPlan, *, dtype, hi
     elif policy == "static" or (policy == "dynaexq" and plan.slots == 0):
         tiers = (packed(L * E, plan.lo_bits),)
     elif policy == "dynaexq":
-        hi = packed(plan.slots, 8, hi=True) if hi_dtype == "int8" else dense(plan.slots)
+        bits = budget_lib.HI_BITS.get(hi_dtype)
+        hi = packed(plan.slots, bits, hi=True) if bits else dense(plan.slots)
         tiers = (packed(L * E, plan.lo_bits), hi)
     else:
         raise UserError(f"policy {policy!r} runs layer by layer from the host; aot_report compiles whole steps "
@@ -329,8 +331,7 @@ def step_args(cfg, experts, *, step: str, batch: int, context: int, prompt: int,
     decoder = Decoder(cfg, dtype)
     params = decoder.param_shapes()
     L, E = len(cfg.moe_layers), cfg.num_experts
-    kv = _sds((cfg.num_layers, 2, batch, cfg.num_kv_heads, context, cfg.head_dim), dtype)
-    cache = KVCache(kv, _sds((batch,), "int32"), _sds((), "int32"))
+    cache = jax.eval_shape(lambda: KVCache.empty(cfg, batch, context, dtype))  # linear layers' states included
     stats = jax.eval_shape(lambda: engine_lib.RoutingStats.zeros(L, E))
     key = jax.eval_shape(lambda: jax.random.key(0))
     knobs = (_sds((), "float32"), _sds((), "int32"), _sds((), "float32"), _sds((4,), "int32"))
@@ -364,15 +365,18 @@ def traffic_and_min(cfg, policy: str, plan, *, step: str, batch: int, context: i
         per_expert, hi = expert_bytes(cfg, plan.lo_bits, itemsize, group), 0.0
     else:
         hi = min(1.0, plan.slots / (L * E))  # uniform residency: each expert equally likely slotted
-        hi_bytes = expert_bytes(cfg, 8 if hi_dtype == "int8" else None, itemsize, group)
+        hi_bytes = expert_bytes(cfg, budget_lib.HI_BITS.get(hi_dtype), itemsize, group)
         per_expert = hi * hi_bytes + (1 - hi) * expert_bytes(cfg, plan.lo_bits, itemsize, group)
     # Non-expert weights, minus the embedding table (a step reads only its tokens' rows).
     weights = budget_lib.non_expert_nbytes(cfg, itemsize) - (0 if cfg.tie_word_embeddings else V * H * itemsize)
     weights += tokens * H * itemsize
-    kv = KVCache.nbytes_for(cfg, batch, context, jnp.dtype({2: "bfloat16", 4: "float32"}[itemsize]))
+    dtype = jnp.dtype({2: "bfloat16", 4: "float32"}[itemsize])
+    # The linear layers' states are read whole by every step; the KV cache up to the filled slots.
+    states = deltanet.state_nbytes(cfg, batch, dtype) if cfg.linear_layers else 0
+    kv = KVCache.nbytes_for(cfg, batch, context, dtype) - states
     filled = context if step == "decode" else prompt
     traffic = Traffic(D, hi, filled, E, tokens * cfg.experts_per_token / E)
-    return traffic, int(weights + L * D * per_expert + kv * filled // context)
+    return traffic, int(weights + L * D * per_expert + kv * filled // context + states)
 
 
 def report_step(compiled, traffic: Traffic) -> dict:

@@ -25,6 +25,11 @@ def plan_for(cfg, policy: str, *, budget: int | None, batch: int, longest_prompt
         raise budget_lib.BudgetError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if "auto" in (opts.lo_bits, opts.hi_dtype):
         raise ValueError("plan_for needs concrete tiers; resolve lo_bits/hi_dtype 'auto' with auto_tiers first")
+    hi_bits = budget_lib.HI_BITS.get(opts.hi_dtype)
+    lo_bits = 4 if opts.lo_bits == budget_lib.MXFP4 else opts.lo_bits
+    if policy == "dynaexq" and hi_bits and lo_bits >= hi_bits:
+        raise UserError(f"{opts.hi_dtype} slots over an {budget_lib.format_name(opts.lo_bits)} fallback gain nothing; "
+                        f"pass a narrower --lo-bits (below {hi_bits}) or a wider --hi-dtype")
     prompt = prompt_bucket(longest_prompt)
     return budget_lib.policy_plan(
         cfg, policy, budget=budget, batch=batch, prompt=prompt, context=cache_bucket(prompt + max_new_tokens),
@@ -89,7 +94,8 @@ def auto_tiers(ckpt, opts: DynaExqOptions, *, budget: int | None, batch: int, lo
     hi_choices = autotier.HI_DTYPES if opts.hi_dtype == "auto" else (opts.hi_dtype,)
     # A mixed fallback only when the width is the plan's to pick: an explicit --lo-bits is kept as given.
     mixed = opts.lo_bits == "auto"
-    widths = set(autotier.LO_WIDTHS if mixed else lo_choices) | ({8} if "int8" in hi_choices else set())
+    widths = set(autotier.LO_WIDTHS if mixed else lo_choices) | {budget_lib.HI_BITS[h] for h in hi_choices
+                                                                  if h in budget_lib.HI_BITS}
     errors = quant_errors(ckpt.experts, widths, group, opts.quant_method, source=ckpt.path)
     tracker, _ = warm_tracker(ckpt, opts, hotness_profile)
     gu, dn = budget_lib.expert_shapes(cfg)

@@ -186,6 +186,9 @@ class Session:
     cache: KVCache
     ids: list[int]
     max_chunk: int  # longest prefill chunk: bounds the step's workspace as the memory plan assumes
+    # Models with linear-attention layers: (tokens, (conv, recurrent)) a copy of their states after
+    # the last turn's prompt, where a rewound conversation restarts (their state cannot be cut back).
+    snapshot: tuple | None = None
 
     @property
     def length(self) -> int:
@@ -479,7 +482,7 @@ class Engine:
         except BaseException:
             # The turn donated the session's cache to its steps; an interrupted or failed turn
             # leaves the session empty, so the next turn prefills the conversation afresh.
-            session.cache, session.ids = self._empty_cache(1, session.length), []
+            session.cache, session.ids, session.snapshot = self._empty_cache(1, session.length), [], None
             raise
 
     def _chat_turn(self, session, ids, max_new_tokens, sampling, eos, on_tokens) -> Generation:
@@ -488,7 +491,17 @@ class Engine:
         # Keep at least the last token to prefill: its logits give the first reply token.
         keep = min(_common_prefix(session.ids, ids), len(ids) - 1)
         cache = session.cache
+        linear = bool(self.cfg.linear_layers)
         with _setup():
+            if linear and keep < len(session.ids):
+                # The linear layers' states hold all of session.ids: restart from the snapshot
+                # if the conversation keeps it, else from nothing (a fresh first chunk).
+                snap = session.snapshot
+                if snap is not None and snap[0] <= keep:
+                    keep = snap[0]
+                    cache = cache.replace(**_linear_copy(snap[1]))
+                else:
+                    keep = 0
             knobs, key, stats0 = sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed), self._stats0()
             rewind = jax.device_put(np.int32(keep))
             chunks, start = [], keep
@@ -513,12 +526,16 @@ class Engine:
 
             def routing_pass():
                 nonlocal cache
+                saved = _linear_copy((cache.conv, cache.recurrent)) if linear else {}
                 cache, stats, _ = prefill(cache)
+                cache = cache.replace(**saved)  # the real prefill starts from the same states
                 return np.asarray(self._read(stats.mass), np.float64), len(ids) - keep, len(ids) - keep
 
             self.policy.prepare(routing_pass)
         t0 = time.perf_counter()
         cache, stats, state = prefill(cache)
+        if linear:  # decode donates the cache: copy the prompt's states first (no host sync)
+            session.snapshot = (len(ids), tuple(_linear_copy((cache.conv, cache.recurrent)).values()))
         out, cache, stats, t_first, decode_s = self._decode_loop(decode, cache, stats, state, key, knobs, 1,
                                                                  max_new_tokens, eos, on_tokens, len(ids) - keep)
         self.policy.after_request()
@@ -601,6 +618,14 @@ def little_stats(bl: BigLittle, cfg, stats: RoutingStats) -> dict:
                           marked=int(stats.little_marked), fallbacks=int(stats.fallbacks),
                           little_tokens=int(stats.little_tokens), dropped_pairs=int(stats.pairs_saved),
                           bytes_saved=float(stats.bytes_saved))
+
+
+def _linear_copy(states) -> dict:
+    """Fresh device copies of (conv, recurrent) linear-attention states, as `KVCache` fields
+    (the originals may be donated to a step)."""
+    conv, recurrent = states
+    with jax.transfer_guard("allow"):
+        return {"conv": jnp.copy(conv), "recurrent": jnp.copy(recurrent)}
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

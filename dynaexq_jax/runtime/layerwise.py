@@ -21,6 +21,7 @@ from dynaexq_jax.experts.matmul import routed_ffn
 from dynaexq_jax.models import big_little as bl_lib
 from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.models.decoder import Decoder, KVCache
+from dynaexq_jax.models.deltanet import GatedDeltaNet
 from dynaexq_jax.models.layers import (
     Attention,
     DenseMLP,
@@ -57,6 +58,7 @@ class _LayerFunctions:
     def __init__(self, cfg, dtype, big_little: BigLittle | None = None):
         E = cfg.num_experts
         attention = Attention(cfg, dtype)
+        linear = GatedDeltaNet(cfg, dtype)
         gate = Linear(E, dtype, use_bias=cfg.router_bias)
         dense_mlp = DenseMLP(cfg.intermediate_size, dtype)
         shared = SharedExpert(cfg, dtype)
@@ -73,9 +75,14 @@ class _LayerFunctions:
             x = decoder.embed.apply({"params": params["embed_tokens"]}, tokens)
             return x, cache.written(token_valid)
 
-        def attention_block(p, x, positions, kv, i, start, index):
-            rot = rotary_for(cfg, positions, dtype)
-            h, kv = attention.apply({"params": p["self_attn"]}, rms(p["input_layernorm"], x), rot, kv, i, start, index)
+        def attention_block(p, x, positions, token_valid, kv, i, start, index):
+            """`kv`, `i`: the stacked cache of the layer's attention kind and its row (as in the decoder)."""
+            if "linear_attn" in p:  # gated DeltaNet: `kv` is its (conv, recurrent) states
+                h, kv = linear.apply({"params": p["linear_attn"]}, rms(p["input_layernorm"], x), token_valid, kv, i)
+            else:
+                rot = rotary_for(cfg, positions, dtype)
+                h, kv = attention.apply({"params": p["self_attn"]}, rms(p["input_layernorm"], x), rot, kv, i, start,
+                                        index)
             x = x + h
             return x, rms(p["post_attention_layernorm"], x), kv
 
@@ -96,14 +103,14 @@ class _LayerFunctions:
 
         def moe_attention(seg, j, token_valid, x, positions, kv, i, start, index, first, is_first):
             p = layer(seg, j)
-            x, hn, kv = attention_block(p, x, positions, kv, i, start, index)
+            x, hn, kv = attention_block(p, x, positions, token_valid, kv, i, start, index)
             if cfg.shared_expert_size:  # always resident: added before the routed experts, as in the decoder
                 x = x + shared.apply({"params": p["mlp"]}, hn)
             return (x, hn) + router(p, hn, token_valid, first, is_first) + (kv,)
 
-        def dense_layer(seg, j, x, positions, kv, i, start, index):
+        def dense_layer(seg, j, token_valid, x, positions, kv, i, start, index):
             p = layer(seg, j)
-            x, hn, kv = attention_block(p, x, positions, kv, i, start, index)
+            x, hn, kv = attention_block(p, x, positions, token_valid, kv, i, start, index)
             return x + dense_mlp.apply({"params": p["mlp"]}, hn), kv
 
         def experts(state, hn, top_i, top_p, valid, acc):
@@ -132,7 +139,7 @@ class _LayerFunctions:
         self.jitted = {
             "embed": jax.jit(embed_tokens),
             "moe_attention": jax.jit(moe_attention, donate_argnums=(5,)),
-            "dense_layer": jax.jit(dense_layer, donate_argnums=(4,)),
+            "dense_layer": jax.jit(dense_layer, donate_argnums=(5,)),
             "experts": jax.jit(experts),
             "predict": jax.jit(predict),
             "head": jax.jit(head),
@@ -189,19 +196,20 @@ class LayerwiseEngine:
         cfg, policy = self.cfg, self.policy
         index = jax.device_put(np.int32(cache.index))
         x, start = self._call("embed", self.params, tokens, cache.replace(index=index), token_valid)
-        kv = cache.kv
+        states = {"full": cache.kv, "linear": (cache.conv, cache.recurrent)}  # each attention kind's cache
         first = jax.device_put(np.zeros(tokens.size, np.float32))  # big-little's first-layer shares
         stacks = self.params["layers"]
         for i in range(cfg.num_layers):
             s, j = self._where[i]
-            seg = stacks[s]
-            li, lj = jax.device_put(np.int32(i)), jax.device_put(np.int32(j))
+            seg, kind = stacks[s], cfg.segments[s].attention
+            li, lj = jax.device_put(np.int32(cfg.segments[s].first_state + j)), jax.device_put(np.int32(j))
             if not cfg.is_moe_layer(i):
-                x, kv = self._call("dense_layer", seg, lj, x, positions, kv, li, start, index)
+                x, states[kind] = self._call("dense_layer", seg, lj, token_valid, x, positions, states[kind], li, start,
+                                             index)
                 continue
             m = cfg.moe_layers.index(i)
-            x, hn, top_p, top_i, valid, c, first, tally, kv = self._call(
-                "moe_attention", seg, lj, token_valid, x, positions, kv, li, start, index, first,
+            x, hn, top_p, top_i, valid, c, first, tally, states[kind] = self._call(
+                "moe_attention", seg, lj, token_valid, x, positions, states[kind], li, start, index, first,
                 jax.device_put(np.bool_(m == 0)))
             c, tally = jax.device_get((c, tally))  # host sync: which experts this layer routes to
             counts[m] += c
@@ -217,7 +225,8 @@ class LayerwiseEngine:
                 policy.prefetch(m + 1, jax.device_get(self._call("predict", stacks[ns], jax.device_put(np.int32(nj)), x,
                                                                  token_valid, first)))
         T = tokens.shape[1]
-        return x, KVCache(kv=kv, start=start, index=int(cache.index) + T)
+        conv, recurrent = states["linear"]
+        return x, KVCache(kv=states["full"], start=start, index=int(cache.index) + T, conv=conv, recurrent=recurrent)
 
     def _empty_cache(self, batch: int, length: int) -> KVCache:
         cache = KVCache.empty(self.cfg, batch, length, self.checkpoint.dtype)

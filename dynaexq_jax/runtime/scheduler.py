@@ -123,11 +123,17 @@ def _prefill(decoder, params, experts, cache, stats, state: SlotState, stop, tok
     valid = at >= lead
     positions = jnp.maximum(pos + at - lead, 0)
     start = jnp.where(slot == 0, cache.length, cache.start[row])  # a new sequence holds nothing yet
-    sub = KVCache(kv=jax.lax.dynamic_slice_in_dim(cache.kv, row, 1, axis=2), start=start[None], index=slot)
+    # Linear-attention states ([layers, B, ...]) are the row's own; a new sequence starts from zeros.
+    state_of = lambda a: None if a is None else jnp.where(
+        slot == 0, jnp.zeros((), a.dtype), jax.lax.dynamic_slice_in_dim(a, row, 1, axis=1))
+    put_state = lambda a, v: None if a is None else jax.lax.dynamic_update_slice_in_dim(a, v, row, axis=1)
+    sub = KVCache(kv=jax.lax.dynamic_slice_in_dim(cache.kv, row, 1, axis=2), start=start[None], index=slot,
+                  conv=state_of(cache.conv), recurrent=state_of(cache.recurrent))
     logits, sub, routing = decoder(params, experts, sub, tokens, positions, valid, last_only=True,
                                    big_little=big_little)
     cache = KVCache(kv=jax.lax.dynamic_update_slice_in_dim(cache.kv, sub.kv, row, axis=2),
-                    start=cache.start.at[row].set(sub.start[0]), index=cache.index.at[row].set(slot + T))
+                    start=cache.start.at[row].set(sub.start[0]), index=cache.index.at[row].set(slot + T),
+                    conv=put_state(cache.conv, sub.conv), recurrent=put_state(cache.recurrent, sub.recurrent))
     seed = jax.lax.bitcast_convert_type(seed, jnp.uint32)
     nxt, stopped, logp = _pick(logits[:, -1], temperature[None], top_k[None], top_p[None], seed[None],
                                jnp.zeros((1,), jnp.int32), stop, greedy)
