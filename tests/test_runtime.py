@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from dynaexq_jax import budget
-from dynaexq_jax.experts import quant
 from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, single_tier
 from dynaexq_jax.experts.swap import Transfer, stage
 from dynaexq_jax.io import loader, store

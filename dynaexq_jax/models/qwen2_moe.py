@@ -68,8 +68,13 @@ top_tensors = common.top_tensors
 
 
 def layer_tensors(cfg: ModelConfig, i: int) -> list:
-    H, p = cfg.hidden_size, f"model.layers.{i}."
-    out = common.norm_tensors(cfg, p) + common.attention_tensors(cfg, p)
+    p = f"model.layers.{i}."
+    return common.norm_tensors(cfg, p) + common.attention_tensors(cfg, p) + mlp_tensors(cfg, i, p)
+
+
+def mlp_tensors(cfg: ModelConfig, i: int, p: str) -> list:
+    """Layer i's MLP: the router, the shared expert and its sigmoid gate, or a dense MLP."""
+    H, out = cfg.hidden_size, []
     if cfg.is_moe_layer(i):
         out.append(common.Tensor(("mlp", "gate", "kernel"), p + "mlp.gate.weight", (cfg.num_experts, H), linear=True))
         out += common.mlp_tensors(("mlp", "shared_expert"), p + "mlp.shared_expert.", cfg.shared_expert_size, H)

@@ -11,7 +11,7 @@ head (`mtp.*` tensors, for speculative decoding) is not loaded.
 
 from __future__ import annotations
 
-from dynaexq_jax.models import common
+from dynaexq_jax.models import common, qwen2_moe
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 
 MODEL_TYPE = "qwen3_next"
@@ -125,22 +125,12 @@ def linear_attention_tensors(cfg: ModelConfig, p: str) -> list:
 
 
 def layer_tensors(cfg: ModelConfig, i: int) -> list:
-    H, p = cfg.hidden_size, f"model.layers.{i}."
+    p = f"model.layers.{i}."
     out = common.norm_tensors(cfg, p)
     out += linear_attention_tensors(cfg, p) if i in cfg.linear_layers else common.attention_tensors(cfg, p)
-    if cfg.is_moe_layer(i):
-        out.append(common.Tensor(("mlp", "gate", "kernel"), p + "mlp.gate.weight", (cfg.num_experts, H), linear=True))
-        out += common.mlp_tensors(("mlp", "shared_expert"), p + "mlp.shared_expert.", cfg.shared_expert_size, H)
-        out.append(common.Tensor(("mlp", "shared_expert_gate", "kernel"), p + "mlp.shared_expert_gate.weight", (1, H),
-                                 linear=True))
-    else:
-        out += common.mlp_tensors(("mlp",), p + "mlp.", cfg.intermediate_size, H)
-    return out
+    return out + qwen2_moe.mlp_tensors(cfg, i, p)
 
 
-def expert_tensors(cfg: ModelConfig, i: int, e: int):
-    return common.expert_tensors(cfg, f"model.layers.{i}.mlp.experts.{e}.")
-
-
-def fused_expert_tensors(cfg: ModelConfig, i: int):
-    return common.fused_expert_tensors(cfg, f"model.layers.{i}.mlp.experts.")
+# The MoE block and its expert tensors are Qwen2-MoE's.
+expert_tensors = qwen2_moe.expert_tensors
+fused_expert_tensors = qwen2_moe.fused_expert_tensors

@@ -50,6 +50,23 @@ class Policy(Protocol):
         """Counters since the policy was made: promotions, demotions, h2d_bytes, ..."""
 
 
+class NoBetweenStepWork:
+    """The `Policy` methods of a policy whose residency changes never (full, static) or only
+    inside a step (offload, prefetch, floe): nothing to fill, land, learn or save between steps."""
+
+    def prepare(self, routing_pass) -> None:
+        pass
+
+    def between_steps(self) -> None:
+        pass
+
+    def observe(self, mass, tokens, steps) -> None:
+        pass
+
+    def after_request(self) -> None:
+        pass
+
+
 def build_policy(name: str, ckpt, plan, opts=None, *, batch: int = 1, hotness_profile=None, transfer=None,
                  progress: bool = False, floe_opts=None) -> Policy:
     """The policy `name` for a checkpoint loaded by `io.loader.load`, sized by `plan`

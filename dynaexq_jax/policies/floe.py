@@ -46,6 +46,7 @@ from dynaexq_jax.experts import matmul, quant
 from dynaexq_jax.experts.expert_state import HostExperts, device_biases
 from dynaexq_jax.io import floe_calibration
 from dynaexq_jax.models.layers import expert_activation
+from dynaexq_jax.policies import NoBetweenStepWork
 from pallas_kernels import INVALID
 
 
@@ -206,7 +207,7 @@ class FloeStats:
     transfer_wait_s: float = 0.0
 
 
-class FloePolicy:
+class FloePolicy(NoBetweenStepWork):
     """Compressed up projections resident, gate and down on the host, streamed by channel."""
 
     layerwise = True
@@ -246,18 +247,6 @@ class FloePolicy:
         self.run = FloeStats()
 
     # -------------------------------------------------------------- the policy interface
-    def prepare(self, routing_pass) -> None:
-        pass
-
-    def between_steps(self) -> None:
-        pass
-
-    def observe(self, mass, tokens, steps) -> None:
-        pass
-
-    def after_request(self) -> None:
-        pass
-
     def start_request(self) -> None:
         self.run = FloeStats()
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import jax
 
 from dynaexq_jax.experts.expert_state import ExpertState, single_tier
+from dynaexq_jax.policies import NoBetweenStepWork
 from dynaexq_jax.policies.tiers import dense_tier
 
 
-class FixedPolicy:
+class FixedPolicy(NoBetweenStepWork):
     """Experts that never move: one tier holding every expert (full, static)."""
 
     layerwise = False
@@ -19,18 +20,6 @@ class FixedPolicy:
         self.experts = experts
         self.lo_bits = lo_bits
         self.convert_s = convert_s  # quantizing the tier at build (static); 0 for full
-
-    def prepare(self, routing_pass) -> None:
-        pass
-
-    def between_steps(self) -> None:
-        pass
-
-    def observe(self, mass, tokens, steps) -> None:
-        pass
-
-    def after_request(self) -> None:
-        pass
 
     def stats(self) -> dict:
         return {"slots": None, "lo_bits": self.lo_bits, "promotions": 0, "demotions": 0, "h2d_bytes": 0,

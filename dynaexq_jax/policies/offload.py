@@ -27,6 +27,7 @@ import numpy as np
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases
 from dynaexq_jax.experts.swap import HostBank, stage, write_slot
+from dynaexq_jax.policies import NoBetweenStepWork
 
 Key = tuple[int, int]  # (moe_layer, expert)
 
@@ -115,7 +116,7 @@ class RunStats:
     prefetch_wait_s: float = 0.0  # the part spent on prefetches still in flight
 
 
-class OffloadPolicy:
+class OffloadPolicy(NoBetweenStepWork):
     """Experts on the host, `num_slots` of them at a time in a device slot pool (the
     checkpoint's dtype). At most `staging` copies are in flight at once, the room the memory
     plan reserves."""
@@ -147,18 +148,6 @@ class OffloadPolicy:
         return self.bank.expert_nbytes
 
     # -------------------------------------------------------------- the policy interface
-    def prepare(self, routing_pass) -> None:
-        pass
-
-    def between_steps(self) -> None:
-        pass
-
-    def observe(self, mass, tokens, steps) -> None:
-        pass
-
-    def after_request(self) -> None:
-        pass
-
     def start_request(self) -> None:
         """Counters are per request; the cache's contents carry over."""
         self.cache.stats, self.run = CacheStats(), RunStats()
