@@ -85,7 +85,22 @@ def parse_args(argv=None):
     from dynaexq_jax.eval import big_little
 
     big_little.add_arguments(p, sweep=False)
+    add_mesh_arguments(p)
     return p.parse_args(argv)
+
+
+def add_mesh_arguments(p) -> None:
+    """--mesh: expert parallelism over several devices (`runtime.mesh`)."""
+    g = p.add_argument_group("mesh (expert parallel)")
+    g.add_argument("--mesh", help="spread each layer's experts over N devices, e.g. expert=4 (everything else is "
+                                  "replicated); --budget is then per device, and --dry-run plans one device")
+
+
+def mesh_size(args) -> int | None:
+    """--mesh expert=N -> N (checked), None without --mesh."""
+    from dynaexq_jax.runtime import mesh
+
+    return None if args.mesh is None else mesh.parse_mesh(args.mesh)
 
 
 class FlagError(UserError):
@@ -122,6 +137,11 @@ def check_flags(args) -> None:
     from dynaexq_jax.eval import big_little
 
     big_little.check_knobs(args)
+    if mesh_size(args) is not None and args.policy in ("offload", "prefetch"):
+        raise FlagError(f"--policy {args.policy} does not run on --mesh yet (it moves experts layer by layer on one "
+                        "device); use full, static or dynaexq with --mesh, or drop --mesh")
+    if mesh_size(args) is not None and args.interactive:
+        raise FlagError("--interactive does not run on --mesh yet; drop one of them")
     if args.save_hotness and not args.dry_run:
         files.check_writable(args.save_hotness, "--save-hotness")
 
@@ -204,13 +224,25 @@ def make_plan(args, cfg, shape, budget_bytes, opts=None):
     import jax.numpy as jnp
 
     from dynaexq_jax import budget as budget_lib
-    from dynaexq_jax.runtime import build, engine
+    from dynaexq_jax.runtime import build, engine, mesh
 
     batch, longest, new = shape
     prompt = engine.prompt_bucket(longest)
     kw = dict(budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
               dtype_itemsize=jnp.dtype(args.dtype).itemsize)
     opts, auto = opts or options(args), ""
+    devices = mesh_size(args) or 1
+    if devices > 1:  # the mesh's per-device plans take fixed tiers (`build_engine` with a mesh)
+        mesh.check_split(cfg.num_experts, devices)
+        opts = build.fixed_tiers(opts)
+        plan = build.plan_for(cfg, args.policy, opts=opts, devices=devices, **kw)
+        header = (
+            f"memory plan per device (each of {devices} on --mesh expert={devices}, {cfg.num_experts // devices} of "
+            f"{cfg.num_experts} experts per layer each): {Path(args.model).name}, policy {args.policy}, batch {batch} "
+            f"x context {engine.cache_bucket(prompt + new)} tokens (prefill up to {prompt}), {args.dtype}, "
+            f"{budget_lib.format_name(opts.lo_bits)} fallback, {opts.hi_dtype} slots"
+        )
+        return plan, header
     if args.policy != "dynaexq":
         opts = build.fixed_tiers(opts)
     elif "auto" in (opts.lo_bits, opts.hi_dtype):  # no weights read yet: the plan auto tiers start from
@@ -230,9 +262,11 @@ def plan_text(args, cfg, plan, header) -> str:
 
     lines = [header, plan.table()]
     if args.policy == "dynaexq" and args.allocation == "per_layer" and plan.moe_layers:
-        cap = hotness.per_layer_capacity(plan.slots, plan.moe_layers, cfg.num_experts)
+        experts = cfg.num_experts // (mesh_size(args) or 1)  # a device's slots serve only its own experts
+        cap = hotness.per_layer_capacity(plan.slots, plan.moe_layers, experts)
         span = f"{cap.min()}" if cap.min() == cap.max() else f"{cap.min()} to {cap.max()}"
-        lines.append(f"per MoE layer: {span} of {cfg.num_experts} experts hold a high-precision slot")
+        lines.append(f"per MoE layer: {span} of {experts} experts hold a high-precision slot"
+                     + (" on each device" if mesh_size(args) else ""))
     return "\n".join(lines)
 
 
@@ -382,18 +416,21 @@ def load_engine(args, budget_bytes, cfg, shape):
 
     from dynaexq_jax.eval import big_little
     from dynaexq_jax.io import loader
+    from dynaexq_jax.runtime import mesh as mesh_lib
     from dynaexq_jax.runtime.build import auto_tiers, build_engine
 
     bl = big_little.from_args(args, cfg.experts_per_token)  # bad knobs fail before any weight is read
     start, _ = make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
-    auto = args.policy == "dynaexq" and "auto" in (args.lo_bits, args.hi_dtype)
+    devices = mesh_size(args)
+    mesh = None if devices is None else mesh_lib.expert_mesh(devices)
+    auto = args.policy == "dynaexq" and "auto" in (args.lo_bits, args.hi_dtype) and mesh is None
     if not auto:  # explicit tiers: the run's plan is this one
         check_slots_for_hotness(args, start)
     t0 = time.perf_counter()
     ckpt = loader.load(args.model, jnp.dtype(args.dtype), progress=show_progress(args))
     batch, longest, new = shape
     opts, choice = options(args), None
-    if args.policy == "dynaexq":  # auto tiers need the experts' errors, so they are picked once the weights are in
+    if auto:  # auto tiers need the experts' errors, so they are picked once the weights are in
         opts, choice = auto_tiers(ckpt, opts, budget=budget_bytes, batch=batch, longest_prompt=longest,
                                   max_new_tokens=new, hotness_profile=args.hotness)
     plan, header = make_plan(args, cfg, shape, budget_bytes, opts)
@@ -408,7 +445,7 @@ def load_engine(args, budget_bytes, cfg, shape):
     eng, plan = build_engine(
         ckpt, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
         hotness_profile=args.hotness, opts=opts, progress=show_progress(args),
-        big_little=bl,
+        big_little=bl, mesh=mesh,
     )
     return eng, plan, ckpt, time.perf_counter() - t0
 
