@@ -1,0 +1,104 @@
+"""Expert parallelism on a mesh (`runtime.mesh`): the same greedy tokens as one device, per-device
+memory plans, and the refusals. Multi-device runs go through tests/mesh_worker.py in a process
+of its own (4 CPU devices), so every other test keeps its one device."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dynaexq_jax.runtime import mesh as mesh_lib
+
+ROOT = Path(__file__).resolve().parent.parent
+
+QWEN3_235B = dict(
+    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=4096,
+    num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128,
+    num_experts_per_tok=8, moe_intermediate_size=1536, intermediate_size=12288, norm_topk_prob=True,
+    rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False, max_position_embeddings=40960,
+    decoder_sparse_step=1, mlp_only_layers=[], torch_dtype="bfloat16",
+)
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(moe_checkpoint):
+    path, _ = moe_checkpoint
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_worker.py"), str(path)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_mesh_gives_one_devices_greedy_tokens_for_full_and_dynaexq(mesh_runs):
+    ref = mesh_runs["full/1"]
+    for name in ("full/2", "full/4", "dynaexq/4"):
+        assert mesh_runs[name]["batch"] == ref["batch"], name
+    assert mesh_runs["full/2"]["single"] == ref["single"]
+    assert mesh_runs["full/4"]["slots"] == ref["slots"] // 4  # a device's slots hold its own experts
+
+
+def test_mesh_static_and_swapping_dynaexq_give_one_devices_tokens(mesh_runs):
+    ref = mesh_runs["static/1"]  # int8: the values every swapping run computes with, whatever is resident
+    for name in ("static/4", "swapping/2", "swapping/4"):
+        assert mesh_runs[name]["batch"] == ref["batch"], name
+    assert mesh_runs["swapping/4"]["single"] == ref["single"]
+    for name in ("swapping/2", "swapping/4"):
+        run = mesh_runs[name]
+        assert run["demotions"] > 0 and run["promotions"] > run["slots"] * int(name[-1]), name  # experts moved
+        assert 0 < run["hi_hit_rate"] < 1
+        assert run["total"] <= run["budget"]  # each device's accounted bytes within its budget
+
+
+def _generate(argv, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import generate
+
+    rc = generate.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_dry_run_plans_qwen3_235b_per_device_on_8(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_235B))
+    base = ["--model", str(tmp_path), "--dry-run", "--mesh", "expert=8", "--lo-bits", "4", "--hi-dtype", "bfloat16"]
+    rc, out, _ = _generate(base + ["--budget", "40GB", "--json"], capsys)
+    plan = json.loads(out)["memory_plan"]
+    assert rc == 0 and plan["slots"] > 0 and plan["total"] <= 40e9
+    assert plan["num_experts_total"] == 94 * 16  # one device's share of the experts
+    assert 15e9 < plan["weights"] < 17e9  # the replicated non-expert weights, whole routers included
+    rc, out, err = _generate(base + ["--budget", "20GB"], capsys)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "per-device minimum is" in err and "--mesh expert=8" in err
+    minimum = int(err.split("(")[-1].split(" bytes")[0])
+    assert minimum == plan["minimum"]
+
+
+@pytest.mark.parametrize("mesh, why", [("expert=3", "do not split evenly"), ("tensor=2", "only axis is 'expert'"),
+                                       ("expert=8", "needs 8 devices")])
+def test_bad_mesh_is_one_error_line(moe_checkpoint, capsys, mesh, why):
+    path, _ = moe_checkpoint
+    rc, out, err = _generate(["--model", str(path), "--mesh", mesh, "--max-new-tokens", "2", "--quiet"], capsys)
+    assert rc == 2 and out == "" and err.startswith("error: ") and why in err and len(err.splitlines()) == 1
+
+
+def test_offload_on_a_mesh_is_refused(moe_checkpoint, capsys):
+    path, _ = moe_checkpoint
+    rc, _, err = _generate(["--model", str(path), "--mesh", "expert=2", "--policy", "offload"], capsys)
+    assert rc == 2 and "does not run on --mesh" in err
+
+
+def test_balanced_placement_evens_a_skewed_load():
+    rng = np.random.default_rng(0)
+    load = rng.zipf(1.5, size=(3, 16)).astype(float)  # [L, E]
+    blocks = mesh_lib.Placement.contiguous(3, 16, 4)
+    balanced = mesh_lib.Placement.balanced(load, 4)
+    assert sorted(balanced.experts[1].ravel().tolist()) == list(range(16))  # every expert owned once
+    assert (balanced.owner[np.arange(3)[:, None], balanced.experts[:, 2]] == 2).all()
+    assert balanced.imbalance(load) < blocks.imbalance(load)
+    assert balanced.imbalance(load) >= 1.0
+    np.testing.assert_array_equal(blocks.device_load(load).sum(axis=1), load.sum(axis=1))
