@@ -39,7 +39,9 @@ def main(path: str) -> None:
         one = eng.generate(single, NEW) if one_prompt else gen
         out[name] = dict(batch=gen.tokens, single=one.tokens if one_prompt else None, slots=plan.slots,
                          total=plan.total, budget=budget, promotions=gen.stats["promotions"],
-                         demotions=gen.stats["demotions"], hi_hit_rate=gen.stats["hi_hit_rate"])
+                         demotions=gen.stats["demotions"], hi_hit_rate=gen.stats["hi_hit_rate"],
+                         collective_bytes={k[0]: mesh_lib.collective_bytes(c.as_text()) for k, c in eng._compiled.items()
+                                           if k[0] == "decode" and mesh is not None})
 
     run("full/1", "full", plain, 1, one_prompt=True)
     run("full/2", "full", plain, 2, one_prompt=True)

@@ -401,12 +401,40 @@ class MeshEngine(Engine):
         self.params = jax.device_put(checkpoint.params, self.input_sharding)
 
 
+_ITEMSIZE = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+             "s8": 1, "u8": 1, "pred": 1}
+
+
 def collective_bytes(hlo_text: str) -> int:
-    """Bytes of every all-reduce's result in a compiled module's text (`compiled.as_text()`):
-    what one call of the step moves through its collectives, per device."""
-    itemsize = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
-    total = 0
-    for m in re.finditer(r"=\s*\(?((?:\w+\[[\d,]*\][^ ]*(?:,\s*)?)+)\)?\s+all-reduce(?:-start)?\(", hlo_text):
-        for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
-            total += itemsize.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-    return total
+    """Bytes one call of a compiled step moves through all-reduces (their results' sizes, per
+    device), from its optimized HLO (`compiled.as_text()`): an all-reduce inside a loop counts
+    once per iteration, by the loop's known trip count (the layer scan)."""
+    comp, calls, reduced = None, {}, {}  # computation -> [(callee, times)], computation -> bytes
+    entry = None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            comp = head.group(2)
+            entry = comp if head.group(1) else entry
+            continue
+        if comp is None:
+            continue
+        op = re.search(r"=\s*(.*?)\s+all-reduce(?:-start)?\(", line)
+        if op:
+            reduced[comp] = reduced.get(comp, 0) + sum(
+                _ITEMSIZE.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", op.group(1)))
+        body = re.search(r"body=%?([\w.\-]+)", line)
+        trips = re.search(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', line)
+        for callee in re.findall(r"(?:body|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)", line) + \
+                [c for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
+                 for c in re.findall(r"%?([\w.\-]+)", group)]:
+            times = int(trips.group(1)) if trips and body and callee == body.group(1) else 1
+            calls.setdefault(comp, []).append((callee, times))
+
+    def total(c, seen=()):
+        if c in seen:
+            return 0
+        return reduced.get(c, 0) + sum(n * total(k, seen + (c,)) for k, n in calls.get(c, []))
+
+    return total(entry) if entry else 0
