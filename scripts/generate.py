@@ -94,6 +94,33 @@ def add_mesh_arguments(p) -> None:
     g = p.add_argument_group("mesh (expert parallel)")
     g.add_argument("--mesh", help="spread each layer's experts over N devices, e.g. expert=4 (everything else is "
                                   "replicated); --budget is then per device, and --dry-run plans one device")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0: join --num-processes processes into one mesh "
+                                         "(jax.distributed; CPU collectives through gloo)")
+    g.add_argument("--num-processes", type=int, default=1)
+    g.add_argument("--process-id", type=int, default=0)
+    g.add_argument("--distributed-timeout", type=int, default=60, help="seconds to wait for the coordinator")
+
+
+def start_processes(args) -> None:
+    """--coordinator: join the other processes before any backend starts; only process 0 writes stdout."""
+    from dynaexq_jax.runtime import mesh
+
+    if args.coordinator is None:
+        if args.num_processes != 1 or args.process_id != 0:
+            raise FlagError("--num-processes and --process-id need --coordinator HOST:PORT")
+        return
+    if args.mesh is None:
+        raise FlagError("--coordinator joins processes into one --mesh; pass --mesh expert=N over all their devices")
+    if args.save_hotness:  # each process learns only its own devices' experts
+        raise FlagError("--save-hotness does not run across processes yet; drop it or --coordinator")
+    mesh.start_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
+    if args.process_id != 0:
+        silence_stdout()
+    else:  # gloo's C++ logs to file descriptor 1: send those to stderr, keep stdout for the output
+        sys.stdout.flush()
+        out = os.dup(sys.stdout.fileno())
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        sys.stdout = os.fdopen(out, "w")
 
 
 def mesh_size(args) -> int | None:
@@ -649,6 +676,8 @@ def main(argv=None) -> int:
             warnings.showwarning = show_warning
             check_flags(args)
             budget_bytes = budget.parse_size(args.budget) if args.budget is not None else None
+            if not args.dry_run:
+                start_processes(args)
             if args.dry_run:
                 dry_run(args, budget_bytes)
             elif args.interactive:

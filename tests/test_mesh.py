@@ -108,3 +108,49 @@ def test_balanced_placement_evens_a_skewed_load():
     assert balanced.imbalance(load) < blocks.imbalance(load)
     assert balanced.imbalance(load) >= 1.0
     np.testing.assert_array_equal(blocks.device_load(load).sum(axis=1), load.sum(axis=1))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_two_devices_print_one_process_tokens(mesh_runs, moe_checkpoint):
+    import dynaexq_jax as dx
+    from dynaexq_jax.models.config import ModelConfig
+
+    path, _ = moe_checkpoint
+    swapping = dx.DynaExqOptions(lo_bits=8, hi_dtype="int8")
+    floor = dx.plan_for(ModelConfig.from_file(path), "dynaexq", budget=None, batch=2, longest_prompt=16,
+                        max_new_tokens=12, dtype_itemsize=4, opts=swapping, devices=4)
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    argv = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(path), "--dtype", "float32",
+            "--prompt", "def f(x):", "--prompt", "the quick brown fox", "--max-new-tokens", "12", "--json",
+            "--policy", "dynaexq", "--lo-bits", "8", "--hi-dtype", "int8", "--rebalance-every", "1",
+            "--budget", str(floor.minimum + 2 * floor.slot_bytes), "--mesh", "expert=4",
+            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--distributed-timeout", "120"]
+    procs = [subprocess.Popen(argv + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert outs[1][0] == ""  # only process 0 writes stdout
+    got = json.loads(outs[0][0])
+    assert [o["token_ids"] for o in got["outputs"]] == mesh_runs["static/1"]["batch"]
+    assert got["stats"]["promotions"] > 0 and got["stats"]["mesh_devices"] == 4
+    closing = [out[1].strip().splitlines()[-1] for out in outs]  # every process reports its own figures
+    assert all(line.startswith("prompt ") and "generated 24 tok" in line for line in closing)
+
+
+def test_a_silent_coordinator_is_one_error_line_not_a_hang(moe_checkpoint):
+    path, _ = moe_checkpoint
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(path), "--mesh",
+                           "expert=2", "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+                           "--process-id", "1", "--distributed-timeout", "2"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
+    assert "no answer from the coordinator" in proc.stderr

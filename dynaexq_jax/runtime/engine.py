@@ -285,7 +285,7 @@ def compiler_options() -> dict:
 
 def peak_device_bytes() -> int | None:
     """The allocator's peak on the default device; None where the backend reports none (CPU)."""
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()  # devices()[0] may be another process's
     return stats.get("peak_bytes_in_use") if stats else None
 
 
@@ -343,7 +343,7 @@ class Engine:
 
     def _put(self, tree):
         """A request's device values where its steps run (on the mesh: replicated once, not moved every step)."""
-        return tree if self.input_sharding is None else jax.device_put(tree, self.input_sharding)
+        return jax.device_put(tree, self.input_sharding)
 
     def _read(self, x):
         """The one way the engine brings device values to the host (explicitly allowed, counted;
@@ -424,7 +424,7 @@ class Engine:
         greedy = sampling.greedy
         before = self.policy.stats()
         with _setup():
-            tokens, positions, valid = (jax.device_put(a, self.input_sharding) for a in host)
+            tokens, positions, valid = self._put(tuple(host))
             knobs, key, stats0 = self._put((sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed),
                                             self._stats0()))
             cache = self._put(self._empty_cache(rows, cache_bucket(P + max_new_tokens)))

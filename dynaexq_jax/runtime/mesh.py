@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
+import sys
+import threading
 from typing import Sequence
 
 import jax
@@ -77,6 +80,36 @@ def expert_mesh(size: int, devices: Sequence | None = None) -> Mesh:
     if jax.process_count() > 1 and size != len(devices):
         raise MeshError(f"--mesh expert={size} must span every process's devices ({len(devices)} in all)")
     return Mesh(np.array(devices[:size]), (AXIS,))
+
+
+def start_distributed(coordinator: str, num_processes: int, process_id: int, timeout_s: int = 60) -> None:
+    """Join `num_processes` processes into one JAX runtime (`jax.distributed.initialize`), before
+    anything starts a backend; on CPUs their collectives go through gloo. A coordinator that does
+    not answer within `timeout_s` is a MeshError, not a hang."""
+    if not re.fullmatch(r"[^\s:]+:\d+", coordinator or ""):
+        raise MeshError(f"bad --coordinator {coordinator!r}; write HOST:PORT, e.g. 127.0.0.1:12355")
+    if not 0 <= process_id < num_processes:
+        raise MeshError(f"--process-id {process_id} is not in 0..{num_processes - 1} (--num-processes {num_processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # XLA's client aborts the process (no exception) when the coordinator stays silent past its
+    # own timeout; a watchdog that fires first turns that into the one-line error and exit 2.
+    if process_id == 0:
+        why = (f"error: the other {num_processes - 1} process(es) did not join the coordinator at {coordinator} "
+               f"within {timeout_s} s (--distributed-timeout); start them with the same --coordinator")
+    else:
+        why = (f"error: process {process_id} of {num_processes} got no answer from the coordinator at {coordinator} "
+               f"within {timeout_s} s (--distributed-timeout); start process 0 there first, or fix --coordinator")
+    watchdog = threading.Timer(timeout_s, lambda: (print(why, file=sys.stderr, flush=True), os._exit(2)))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout_s + 60)
+    except Exception as e:  # XLA's runtime errors that do raise: a refused address, a duplicate id
+        raise MeshError(f"process {process_id} of {num_processes} could not join the coordinator at {coordinator} "
+                        f"({' '.join(str(e).split())[:200]}); fix --coordinator") from None
+    finally:
+        watchdog.cancel()
 
 
 # ----------------------------------------------------------------------------- placement
@@ -237,7 +270,7 @@ class MeshPolicy:
         self._replicated = NamedSharding(mesh, P())
         self._rows = NamedSharding(mesh, P(AXIS))
         self._cols = NamedSharding(mesh, P(None, AXIS))
-        self._position = jax.device_put(placement.position, self._replicated)  # [L, E]
+        self._position = replicate(placement.position, self._replicated)  # [L, E]
         self._gather = jax.jit(lambda h, pos: jnp.take_along_axis(h, pos, axis=1), out_shardings=self._replicated)
         self._states, self._experts = None, None
 
@@ -398,7 +431,26 @@ class MeshEngine(Engine):
         super().__init__(checkpoint, policy, big_little, ffn=expert_parallel_ffn(policy.mesh, policy.placement))
         self.mesh = policy.mesh
         self.input_sharding = NamedSharding(self.mesh, P())
-        self.params = jax.device_put(checkpoint.params, self.input_sharding)
+        self.params = self._put(checkpoint.params)
+
+    def _put(self, tree):
+        return replicate(tree, self.input_sharding)
+
+
+def replicate(tree, sharding: NamedSharding):
+    """`tree` (host or device values, the same in every process) replicated over `sharding`'s
+    devices; under jax.distributed each process places only its own devices' copies."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(a):
+        if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(a)), impl=jax.random.key_impl(a))
+        with jax.transfer_guard_device_to_host("allow"):
+            host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree)
 
 
 _ITEMSIZE = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
