@@ -11,10 +11,10 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 4)
 
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-import dynaexq_jax as dx  # noqa: E402
-from dynaexq_jax.runtime import mesh as mesh_lib  # noqa: E402
+import dynaexq_jax as dx
+from dynaexq_jax.runtime import mesh as mesh_lib
 
 NEW = 12
 

@@ -273,6 +273,8 @@ class MeshPolicy:
         self._position = replicate(placement.position, self._replicated)  # [L, E]
         self._gather = jax.jit(lambda h, pos: jnp.take_along_axis(h, pos, axis=1), out_shardings=self._replicated)
         self._states, self._experts = None, None
+        # Mesh positions of this process's devices, one per part.
+        self.device_ids = [i for i, dev in enumerate(mesh.devices.flat) if dev.process_index == jax.process_index()]
 
     @property
     def experts(self) -> ExpertState:
@@ -299,17 +301,9 @@ class MeshPolicy:
         return ExpertState(tiers=tiers, tier_of=handles([s.tier_of for s in states]),
                            row_of=handles([s.row_of for s in states]))
 
-    def _split(self, mass: np.ndarray, d: int) -> np.ndarray:
-        return np.take_along_axis(np.asarray(mass), self.placement.experts[:, self._device_index(d)], 1)
-
-    def _device_index(self, part: int) -> int:
-        return self.device_ids[part]
-
-    @property
-    def device_ids(self) -> list[int]:
-        """Mesh positions of the local parts."""
-        local = {dev.id for dev in jax.local_devices()}
-        return [i for i, dev in enumerate(self.mesh.devices.flat) if dev.id in local]
+    def _split(self, mass: np.ndarray, part: int) -> np.ndarray:
+        """Part `part`'s columns of `mass` [L, E]."""
+        return np.take_along_axis(np.asarray(mass), self.placement.experts[:, self.device_ids[part]], 1)
 
     def prepare(self, routing_pass) -> None:
         memo = []
