@@ -94,6 +94,9 @@ def add_mesh_arguments(p) -> None:
     g = p.add_argument_group("mesh (expert parallel)")
     g.add_argument("--mesh", help="spread each layer's experts over N devices, e.g. expert=4 (everything else is "
                                   "replicated); --budget is then per device, and --dry-run plans one device")
+    g.add_argument("--placement", choices=["contiguous", "balanced"], default="contiguous",
+                   help="which device owns which experts: contiguous blocks of expert ids, or balanced by the "
+                        "expected load in the --hotness profile (greedy, as DeepSeek's EPLB without replicas)")
     g.add_argument("--coordinator", help="HOST:PORT of process 0: join --num-processes processes into one mesh "
                                          "(jax.distributed; CPU collectives through gloo)")
     g.add_argument("--num-processes", type=int, default=1)
@@ -167,6 +170,9 @@ def check_flags(args) -> None:
     if mesh_size(args) is not None and args.policy in ("offload", "prefetch"):
         raise FlagError(f"--policy {args.policy} does not run on --mesh yet (it moves experts layer by layer on one "
                         "device); use full, static or dynaexq with --mesh, or drop --mesh")
+    if args.placement == "balanced" and (mesh_size(args) is None or not args.hotness):
+        raise FlagError("--placement balanced spreads the load of a --hotness profile over --mesh devices; "
+                        "pass both, or drop --placement")
     if mesh_size(args) is not None and args.interactive:
         raise FlagError("--interactive does not run on --mesh yet; drop one of them")
     if args.save_hotness and not args.dry_run:
@@ -450,6 +456,12 @@ def load_engine(args, budget_bytes, cfg, shape):
     start, _ = make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
     devices = mesh_size(args)
     mesh = None if devices is None else mesh_lib.expert_mesh(devices)
+    placement = None
+    if args.placement == "balanced":
+        from dynaexq_jax.policies.hotness import HotnessTracker
+
+        load = HotnessTracker.load(args.hotness, expect_shape=(len(cfg.moe_layers), cfg.num_experts)).scores
+        placement = mesh_lib.Placement.balanced(load, devices)
     auto = args.policy == "dynaexq" and "auto" in (args.lo_bits, args.hi_dtype) and mesh is None
     if not auto:  # explicit tiers: the run's plan is this one
         check_slots_for_hotness(args, start)
@@ -472,7 +484,7 @@ def load_engine(args, budget_bytes, cfg, shape):
     eng, plan = build_engine(
         ckpt, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
         hotness_profile=args.hotness, opts=opts, progress=show_progress(args),
-        big_little=bl, mesh=mesh,
+        big_little=bl, mesh=mesh, placement=placement,
     )
     return eng, plan, ckpt, time.perf_counter() - t0
 

@@ -12,6 +12,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 4)
 
 import jax.numpy as jnp
+import numpy as np
 
 import dynaexq_jax as dx
 from dynaexq_jax.runtime import mesh as mesh_lib
@@ -32,28 +33,34 @@ def main(path: str) -> None:
     plain = dx.DynaExqOptions(save_profile=False)
     out = {}
 
-    def run(name, policy, opts, devices, budget=None, one_prompt=False):
+    L, E = len(ckpt.config.moe_layers), ckpt.config.num_experts
+    skewed = np.random.default_rng(0).zipf(1.5, size=(L, E)).astype(float)  # a profile's expected load
+
+    def run(name, policy, opts, devices, budget=None, one_prompt=False, balanced=False):
         mesh = mesh_lib.expert_mesh(devices) if devices > 1 else None
-        eng, plan = dx.build_engine(ckpt, policy, budget=budget, opts=opts, mesh=mesh, **shape)
+        placement = mesh_lib.Placement.balanced(skewed, devices) if balanced else None
+        eng, plan = dx.build_engine(ckpt, policy, budget=budget, opts=opts, mesh=mesh, placement=placement, **shape)
         gen = eng.generate(batch, NEW)
         one = eng.generate(single, NEW) if one_prompt else gen
         out[name] = dict(batch=gen.tokens, single=one.tokens if one_prompt else None, slots=plan.slots,
                          total=plan.total, budget=budget, promotions=gen.stats["promotions"],
                          demotions=gen.stats["demotions"], hi_hit_rate=gen.stats["hi_hit_rate"],
+                         contiguous=placement is None or bool(
+                             (placement.experts == mesh_lib.Placement.contiguous(L, E, devices).experts).all()),
                          collective_bytes={k[0]: mesh_lib.collective_bytes(c.as_text()) for k, c in eng._compiled.items()
                                            if k[0] == "decode" and mesh is not None})
 
     run("full/1", "full", plain, 1, one_prompt=True)
     run("full/2", "full", plain, 2, one_prompt=True)
     run("full/4", "full", plain, 4)
-    run("dynaexq/4", "dynaexq", plain, 4)  # room for every expert: full's tokens
+    run("dynaexq/4", "dynaexq", plain, 4, balanced=True)  # room for every expert: full's tokens
     run("static/1", "static", swapping, 1, one_prompt=True)  # int8: what the swapping runs compute, whatever moves
     run("static/4", "static", swapping, 4)
     for devices in (2, 4):
         floor = dx.plan_for(ckpt.config, "dynaexq", budget=None, dtype_itemsize=4, opts=swapping, devices=devices,
                             **shape)
         run(f"swapping/{devices}", "dynaexq", swapping, devices, budget=floor.minimum + 2 * floor.slot_bytes,
-            one_prompt=devices == 4)
+            one_prompt=devices == 4, balanced=devices == 2)
     print(json.dumps(out))
 
 

@@ -39,6 +39,7 @@ def test_mesh_gives_one_devices_greedy_tokens_for_full_and_dynaexq(mesh_runs):
     for name in ("full/2", "full/4", "dynaexq/4"):
         assert mesh_runs[name]["batch"] == ref["batch"], name
     assert mesh_runs["full/2"]["single"] == ref["single"]
+    assert not mesh_runs["dynaexq/4"]["contiguous"]  # a balanced placement: experts spread out of id order
     assert mesh_runs["full/4"]["slots"] == ref["slots"] // 4  # a device's slots hold its own experts
 
 
@@ -53,6 +54,7 @@ def test_mesh_static_and_swapping_dynaexq_give_one_devices_tokens(mesh_runs):
     for name in ("static/4", "swapping/2", "swapping/4"):
         assert mesh_runs[name]["batch"] == ref["batch"], name
     assert mesh_runs["swapping/4"]["single"] == ref["single"]
+    assert not mesh_runs["swapping/2"]["contiguous"]
     for name in ("swapping/2", "swapping/4"):
         run = mesh_runs[name]
         assert run["demotions"] > 0 and run["promotions"] > run["slots"] * int(name[-1]), name  # experts moved
