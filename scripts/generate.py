@@ -486,7 +486,9 @@ def load_engine(args, budget_bytes, cfg, shape):
         hotness_profile=args.hotness, opts=opts, progress=show_progress(args),
         big_little=bl, mesh=mesh, placement=placement,
     )
-    return eng, plan, ckpt, time.perf_counter() - t0
+    # The engine's checkpoint: on a mesh, the one whose weights are the replicated copy (the loaded
+    # one's single-device copy is freed with it).
+    return eng, plan, eng.checkpoint, time.perf_counter() - t0
 
 
 def show_progress(args) -> bool:

@@ -153,8 +153,7 @@ def _build_mesh_engine(ckpt, policy, mesh, placement, *, budget, batch, longest_
     tiers weigh every expert's error against one device's budget; not yet per device)."""
     cfg = ckpt.config
     D = mesh.size
-    if policy not in mesh_lib.MESH_POLICIES:
-        mesh_lib.build_policy(policy, ckpt, None, opts, mesh, placement, batch=batch)  # raises the one-line refusal
+    mesh_lib.check_policy(policy)
     mesh_lib.check_split(cfg.num_experts, D)
     placement = placement or mesh_lib.Placement.contiguous(len(cfg.moe_layers), cfg.num_experts, D)
     opts = fixed_tiers(dataclasses.replace(opts, mid_bits=None, mid_experts=()))

@@ -358,15 +358,19 @@ class MeshPolicy:
         return out
 
 
+def check_policy(name: str) -> None:
+    if name not in MESH_POLICIES:
+        raise MeshError(f"policy {name!r} does not run on --mesh yet (it moves experts layer by layer on one "
+                        f"device); use --policy {', '.join(MESH_POLICIES)}, or drop --mesh")
+
+
 def build_policy(name: str, ckpt, plan, opts, mesh: Mesh, placement: Placement, *, batch: int,
                  hotness_profile=None, transfer=None, progress: bool = False) -> MeshPolicy:
     """`name`'s policy on every local device of `mesh`, over the experts `placement` gives it."""
     from dynaexq_jax.io import store
     from dynaexq_jax.policies import dynaexq, full, static
 
-    if name not in MESH_POLICIES:
-        raise MeshError(f"policy {name!r} does not run on --mesh yet (it moves experts layer by layer on one "
-                        f"device); use --policy {', '.join(MESH_POLICIES)}, or drop --mesh")
+    check_policy(name)
     tracker, informed = None, False
     if name == "dynaexq":
         tracker, informed = dynaexq.warm_tracker(ckpt, opts, hotness_profile)
@@ -426,6 +430,9 @@ class MeshEngine(Engine):
         self.mesh = policy.mesh
         self.input_sharding = NamedSharding(self.mesh, P())
         self.params = self._put(checkpoint.params)
+        # The engine keeps no reference to the default device's copy of the weights: once the
+        # caller drops `checkpoint` too (or takes `engine.checkpoint`), only the plan's copies remain.
+        self.checkpoint = dataclasses.replace(checkpoint, params=self.params)
 
     def _put(self, tree):
         return replicate(tree, self.input_sharding)
