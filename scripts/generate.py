@@ -361,7 +361,8 @@ def summary_line(stats: dict) -> str:
         memory,
         f"hi-precision hits {'n/a' if hit is None else f'{hit:.1%}'}",
         f"host->device {stats['h2d_bytes'] / 1e9:.3f} GB",
-    ] + ([f"little {bl['little_share']:.1%} of token-layers, {bl['pairs_saved']} pairs "
+    ] + ([f"read {format_size(stats['checkpoint_bytes_read'])} of the checkpoint"]
+         if "checkpoint_bytes_read" in stats else []) + ([f"little {bl['little_share']:.1%} of token-layers, {bl['pairs_saved']} pairs "
           f"({bl['bytes_saved'] / 1e9:.3f} GB of expert reads) saved, {bl['fallbacks']} fallbacks"]
          if (bl := stats.get("big_little")) and bl["little_share"] is not None else []))
 
@@ -462,11 +463,15 @@ def load_engine(args, budget_bytes, cfg, shape):
 
         load = HotnessTracker.load(args.hotness, expect_shape=(len(cfg.moe_layers), cfg.num_experts)).scores
         placement = mesh_lib.Placement.balanced(load, devices)
+    elif mesh is not None:
+        placement = mesh_lib.Placement.contiguous(len(cfg.moe_layers), cfg.num_experts, devices)
+    # Several processes: each reads only the experts its own devices hold.
+    owned = mesh_lib.process_experts(mesh, placement) if mesh is not None and args.coordinator else None
     auto = args.policy == "dynaexq" and "auto" in (args.lo_bits, args.hi_dtype) and mesh is None
     if not auto:  # explicit tiers: the run's plan is this one
         check_slots_for_hotness(args, start)
     t0 = time.perf_counter()
-    ckpt = loader.load(args.model, jnp.dtype(args.dtype), progress=show_progress(args))
+    ckpt = loader.load(args.model, jnp.dtype(args.dtype), progress=show_progress(args), experts=owned)
     batch, longest, new = shape
     opts, choice = options(args), None
     if auto:  # auto tiers need the experts' errors, so they are picked once the weights are in
@@ -566,6 +571,8 @@ def run(args, budget_bytes) -> dict:
         for p, t in zip(prompts, gen.tokens)
     ]
     stats = run_stats(args, gen.stats, plan, budget_bytes, load_s)
+    if args.coordinator:  # each process's own figure in its closing line
+        stats["checkpoint_bytes_read"] = ckpt.bytes_read
     if args.save_hotness:
         try:
             eng.policy.tracker.save(args.save_hotness)

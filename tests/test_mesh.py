@@ -144,6 +144,16 @@ def test_two_processes_of_two_devices_print_one_process_tokens(mesh_runs, moe_ch
     assert got["stats"]["promotions"] > 0 and got["stats"]["mesh_devices"] == 4
     closing = [out[1].strip().splitlines()[-1] for out in outs]  # every process reports its own figures
     assert all(line.startswith("prompt ") and "generated 24 tok" in line for line in closing)
+    # Each process reads only its own devices' experts from the checkpoint (and every non-expert tensor).
+    from dynaexq_jax.budget import parse_size
+    from dynaexq_jax.io import loader
+
+    stored = loader.stored_nbytes(loader.weight_files(path))
+    reads = [parse_size(line.split("| read ")[1].split(" of the checkpoint")[0]) for line in closing]
+    cfg = ModelConfig.from_file(path)
+    experts = len(cfg.moe_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+    for read in reads:
+        assert abs(read - (stored - experts // 2)) < 0.01 * stored
 
 
 def test_a_silent_coordinator_is_one_error_line_not_a_hang(moe_checkpoint):

@@ -179,6 +179,16 @@ class Placement:
         return float(np.mean(load[keep].max(axis=1) / mean[keep])) if keep.any() else 1.0
 
 
+def process_experts(mesh: Mesh, placement: Placement) -> np.ndarray:
+    """[L, E] bool: the experts this process's devices own, all it needs from the checkpoint."""
+    L, D, n = placement.experts.shape
+    mask = np.zeros((L, D * n), bool)
+    for d, dev in enumerate(mesh.devices.flat):
+        if dev.process_index == jax.process_index():
+            np.put_along_axis(mask, placement.experts[:, d], True, 1)
+    return mask
+
+
 # ----------------------------------------------------------------------------- memory plan
 
 
