@@ -33,6 +33,9 @@ The surface for research code (README, "Python API", runs this as a test):
   of the same shapes, never a retrace. `Decoder(cfg, dtype)` is the bare model. On a CPU, pass
   `compiler_options()` to `.lower(...).compile(...)` as the engine does (it keeps XLA from
   holding a float32 copy of every expert).
+- several devices: `build_engine(..., mesh=runtime.mesh.expert_mesh(N))` spreads each layer's
+  experts over N devices (expert parallel; `budget` and the plan are then per device;
+  `placement=runtime.mesh.Placement.balanced(profile, N)` balances a hotness profile's load).
 - `enable_compile_cache()`: JAX's persistent compilation cache for this process, as the
   scripts turn it on (`~/.cache/dynaexq/jax`; `DYNAEXQ_COMPILE_CACHE=0` turns it off).
 - serve: `dynaexq_jax.runtime.scheduler.Scheduler` batches requests continuously over an

@@ -46,6 +46,7 @@ from dynaexq_jax.policies import POLICIES
 from dynaexq_jax.policies.dynaexq import DynaExqOptions
 from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.runtime import aot, costmodel
+from dynaexq_jax.runtime import mesh as mesh_lib
 from dynaexq_jax.runtime.build import build_engine, plan_for
 from dynaexq_jax.runtime.engine import Engine, check_context
 
@@ -79,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--plot", help="write a PNG of decode tokens/s by batch size per policy (with --big-little: "
                                   "also decode tokens/s against KL vs the reference, one line per policy)")
     big_little.add_arguments(p, sweep=True)
+    p.add_argument("--mesh", help="expert parallelism over N devices, e.g. expert=4 (--budget per device): also "
+                                  "reports each placement's load imbalance and the step's collective bytes")
     return p.parse_args(argv)
 
 
@@ -153,7 +156,7 @@ def variant(name: str, opts):
 
 
 def fitting_plans(cfg, names, budget, *, batch, longest_prompt, max_new_tokens, itemsize, opts,
-                  floe=FloeOptions()) -> dict:
+                  floe=FloeOptions(), devices=1) -> dict:
     """The memory plan of every policy the budget holds, from the config alone (before any
     weight is made or read); a budget none of them fits is an error."""
     plans = {}
@@ -161,7 +164,8 @@ def fitting_plans(cfg, names, budget, *, batch, longest_prompt, max_new_tokens, 
         policy, o = variant(name, opts)
         try:
             plans[name] = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=longest_prompt,
-                                   max_new_tokens=max_new_tokens, dtype_itemsize=itemsize, opts=o, floe=floe)
+                                   max_new_tokens=max_new_tokens, dtype_itemsize=itemsize, opts=o, floe=floe,
+                                   devices=devices)
         except UserError as e:
             print(f"{name}: skipped ({e})", file=sys.stderr)
     if not plans:
@@ -206,7 +210,12 @@ def run(args):
     opts = DynaExqOptions(lo_bits=args.lo_bits, rebalance_every=args.rebalance_every)
     shape = dict(batch=max(batch_sizes), longest_prompt=longest, max_new_tokens=args.gen_len)
     floe = FloeOptions(up_bits=args.floe_up_bits, sparsity=args.floe_sparsity, calibration=args.floe_calibration)
-    plans = fitting_plans(cfg, names, budget, itemsize=dtype.itemsize, opts=opts, floe=floe, **shape)
+    devices = mesh_lib.parse_mesh(args.mesh) if args.mesh else 1
+    if args.mesh and any(variant(n, opts)[0] not in mesh_lib.MESH_POLICIES for n in names):
+        raise UserError(f"--mesh runs --policies from {', '.join(mesh_lib.MESH_POLICIES)} only; drop the others")
+    plans = fitting_plans(cfg, names, budget, itemsize=dtype.itemsize, opts=opts, floe=floe, devices=devices,
+                          **shape)
+    mesh = mesh_lib.expert_mesh(devices) if args.mesh else None
 
     if args.model:
         ckpt = loader.load(args.model, dtype)
@@ -221,8 +230,9 @@ def run(args):
     device = str(jax.devices()[0].device_kind)
     print(f"device: {device}; measured copy {bw.hbm / 1e9:.1f} GB/s, host->device {bw.h2d / 1e9:.1f} GB/s", file=sys.stderr)
 
-    def build(policy, budget_bytes, o=opts):
-        return build_engine(ckpt, policy, budget=budget_bytes, opts=o, floe=floe, **shape)
+    def build(policy, budget_bytes, o=opts, on_mesh=True):
+        return build_engine(ckpt, policy, budget=budget_bytes, opts=o, floe=floe, mesh=mesh if on_mesh else None,
+                            **shape)
 
     levels = {}
     if sweep:  # thresholds for the target shares, from the plain model on the quality sequences
@@ -251,7 +261,9 @@ def run(args):
                             eng.params = shift.params(eng.params, state["step"] // args.routing_shift_every)
 
                 eng.generate(prompts[:B], args.gen_len, eos_token_ids=(), on_tokens=on_tokens)  # warm-up
-                runs = [eng.generate(prompts[:B], args.gen_len, eos_token_ids=(), on_tokens=on_tokens).stats for _ in range(args.repeats)]
+                gens = [eng.generate(prompts[:B], args.gen_len, eos_token_ids=(), on_tokens=on_tokens)
+                        for _ in range(args.repeats)]
+                runs = [g.stats for g in gens]
                 med = lambda k: statistics.median(r[k] for r in runs) if runs[0].get(k) is not None else None
                 steps = args.gen_len - 1
                 h2d = med("h2d_bytes")
@@ -286,6 +298,7 @@ def run(args):
                     "predicted_tpot_s": cost.seconds,
                     "kl_vs_full": None, "top1_agreement": None,
                     **little_columns(runs),
+                    **(mesh_columns(eng, gens[-1], plan, quality) if mesh is not None else {}),
                 })
                 print(f"{name:>12} B={B:<3} decode {decode_tps or 0:9.1f} tok/s  tpot {tpot * 1e3:8.2f} ms "
                       f"(model {cost.seconds * 1e3:8.2f} ms)  reads >= {min_bytes / 1e6:9.2f} MB/step "
@@ -306,7 +319,7 @@ def run(args):
             if free is not None and need > free:  # e.g. a 7B preset on a CPU: the host bank shares its memory
                 raise UserError(f"it needs {budget_lib.format_size(need)} and the device has "
                                 f"{budget_lib.format_size(free)} free; try --reference static8")
-            eng, _ = build(policy, None, o)
+            eng, _ = build(policy, None, o, on_mesh=False)  # one device's logits: what the mesh must match
             ref = eng.logits(quality)
             del eng
         except UserError as e:
@@ -327,6 +340,31 @@ def run(args):
     return results
 
 
+def mesh_columns(eng, gen, plan, profile_seqs) -> dict:
+    """On a mesh: each device's load (max/mean routed pairs over the devices, mean over layers) under
+    the engine's contiguous placement and under one balanced from the routing of other sequences
+    (`profile_seqs`, scored on the same engine); the decode step's all-reduce bytes from its
+    compiled HLO; and the expert bytes the busiest device reads per decode step at most (its
+    routed pairs per step, each one expert read at its tier's size)."""
+    counts = np.asarray(gen.expert_counts)  # [L, E] routed pairs of this run
+    profile = np.asarray(eng.score(profile_seqs)[1].counts)
+    balanced = mesh_lib.Placement.balanced(profile, eng.mesh.size)
+    decode = [c for k, c in eng._compiled.items() if k[0] == "decode"]
+    hi = gen.stats["hi_hit_rate"] or 0.0
+    lo_bytes = plan.fallback / plan.num_experts_total if plan.fallback else plan.slot_bytes
+    per_pair = hi * plan.slot_bytes + (1 - hi) * lo_bytes
+    # Pairs per decode step the busiest device computes, summed over layers: its share of the run's pairs.
+    k = eng.cfg.experts_per_token
+    busiest = gen.stats["batch_size"] * k * eng.policy.placement.device_load(counts).max(axis=1).sum() / counts.sum()
+    return {
+        "mesh_devices": eng.mesh.size,
+        "imbalance_contiguous": eng.policy.placement.imbalance(counts),
+        "imbalance_balanced": balanced.imbalance(counts),
+        "collective_bytes_per_step": mesh_lib.collective_bytes(decode[-1].as_text()) if decode else None,
+        "expert_bytes_per_device_step": busiest * per_pair,
+    }
+
+
 def little_columns(runs) -> dict:
     """Big-little's measured share and savings (medians over the runs; None for plain rows),
     per token the run computed (prompt and generated)."""
@@ -343,6 +381,8 @@ def print_table(results):
             "transfer_wait_s", "hi_hit_rate", "kl_vs_full",
             "top1_agreement", "little_share", "pairs_saved_per_token", "expert_bytes_saved_per_token",
             "accounted_device_bytes", "peak_device_bytes"]
+    cols += [c for c in ("mesh_devices", "imbalance_contiguous", "imbalance_balanced", "collective_bytes_per_step",
+                         "expert_bytes_per_device_step") if c in results[0]]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:

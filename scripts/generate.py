@@ -99,7 +99,52 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     from dynaexq_jax.eval import big_little
 
     big_little.add_arguments(p, sweep=False)
+    add_mesh_arguments(p)
     return p
+
+
+def add_mesh_arguments(p) -> None:
+    """--mesh: expert parallelism over several devices (`runtime.mesh`)."""
+    g = p.add_argument_group("mesh (expert parallel)")
+    g.add_argument("--mesh", help="spread each layer's experts over N devices, e.g. expert=4 (everything else is "
+                                  "replicated); --budget is then per device, and --dry-run plans one device")
+    g.add_argument("--placement", choices=["contiguous", "balanced"], default="contiguous",
+                   help="which device owns which experts: contiguous blocks of expert ids, or balanced by the "
+                        "expected load in the --hotness profile (greedy, as DeepSeek's EPLB without replicas)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0: join --num-processes processes into one mesh "
+                                         "(jax.distributed; CPU collectives through gloo)")
+    g.add_argument("--num-processes", type=int, default=1)
+    g.add_argument("--process-id", type=int, default=0)
+    g.add_argument("--distributed-timeout", type=int, default=60, help="seconds to wait for the coordinator")
+
+
+def start_processes(args) -> None:
+    """--coordinator: join the other processes before any backend starts; only process 0 writes stdout."""
+    from dynaexq_jax.runtime import mesh
+
+    if args.coordinator is None:
+        if args.num_processes != 1 or args.process_id != 0:
+            raise FlagError("--num-processes and --process-id need --coordinator HOST:PORT")
+        return
+    if args.mesh is None:
+        raise FlagError("--coordinator joins processes into one --mesh; pass --mesh expert=N over all their devices")
+    if args.save_hotness:  # each process learns only its own devices' experts
+        raise FlagError("--save-hotness does not run across processes yet; drop it or --coordinator")
+    mesh.start_distributed(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
+    if args.process_id != 0:
+        silence_stdout()
+    else:  # gloo's C++ logs to file descriptor 1: send those to stderr, keep stdout for the output
+        sys.stdout.flush()
+        out = os.dup(sys.stdout.fileno())
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        sys.stdout = os.fdopen(out, "w")
+
+
+def mesh_size(args) -> int | None:
+    """--mesh expert=N -> N (checked), None without --mesh."""
+    from dynaexq_jax.runtime import mesh
+
+    return None if args.mesh is None else mesh.parse_mesh(args.mesh)
 
 
 class FlagError(UserError):
@@ -136,6 +181,15 @@ def check_flags(args) -> None:
     from dynaexq_jax.eval import big_little
 
     big_little.check_knobs(args)
+    if mesh_size(args) is not None:
+        from dynaexq_jax.runtime import mesh
+
+        mesh.check_policy(args.policy)
+    if args.placement == "balanced" and (mesh_size(args) is None or not args.hotness):
+        raise FlagError("--placement balanced spreads the load of a --hotness profile over --mesh devices; "
+                        "pass both, or drop --placement")
+    if mesh_size(args) is not None and args.interactive:
+        raise FlagError("--interactive does not run on --mesh yet; drop one of them")
     if args.save_hotness and not args.dry_run:
         files.check_writable(args.save_hotness, "--save-hotness")
 
@@ -224,13 +278,25 @@ def make_plan(args, cfg, shape, budget_bytes, opts=None):
     import jax.numpy as jnp
 
     from dynaexq_jax import budget as budget_lib
-    from dynaexq_jax.runtime import build, engine
+    from dynaexq_jax.runtime import build, engine, mesh
 
     batch, longest, new = shape
     prompt = engine.prompt_bucket(longest)
     kw = dict(budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
               dtype_itemsize=jnp.dtype(args.dtype).itemsize)
     opts, auto = opts or options(args), ""
+    devices = mesh_size(args) or 1
+    if devices > 1:  # the mesh's per-device plans take fixed tiers (`build_engine` with a mesh)
+        mesh.check_split(cfg.num_experts, devices)
+        opts = build.fixed_tiers(opts)
+        plan = build.plan_for(cfg, args.policy, opts=opts, devices=devices, **kw)
+        header = (
+            f"memory plan per device (each of {devices} on --mesh expert={devices}, {cfg.num_experts // devices} of "
+            f"{cfg.num_experts} experts per layer each): {Path(args.model).name}, policy {args.policy}, batch {batch} "
+            f"x context {engine.cache_bucket(prompt + new)} tokens (prefill up to {prompt}), {args.dtype}, "
+            f"{budget_lib.format_name(opts.lo_bits)} fallback, {opts.hi_dtype} slots"
+        )
+        return plan, header
     if args.policy != "dynaexq":
         opts = build.fixed_tiers(opts)
     elif "auto" in (opts.lo_bits, opts.hi_dtype):  # no weights read yet: the plan auto tiers start from
@@ -253,9 +319,11 @@ def plan_text(args, cfg, plan, header) -> str:
 
     lines = [header, plan.table()]
     if args.policy == "dynaexq" and args.allocation == "per_layer" and plan.moe_layers:
-        cap = hotness.per_layer_capacity(plan.slots, plan.moe_layers, cfg.num_experts)
+        experts = cfg.num_experts // (mesh_size(args) or 1)  # a device's slots serve only its own experts
+        cap = hotness.per_layer_capacity(plan.slots, plan.moe_layers, experts)
         span = f"{cap.min()}" if cap.min() == cap.max() else f"{cap.min()} to {cap.max()}"
-        lines.append(f"per MoE layer: {span} of {cfg.num_experts} experts hold a high-precision slot")
+        lines.append(f"per MoE layer: {span} of {experts} experts hold a high-precision slot"
+                     + (" on each device" if mesh_size(args) else ""))
     return "\n".join(lines)
 
 
@@ -317,7 +385,8 @@ def summary_line(stats: dict) -> str:
         memory,
         f"hi-precision hits {'n/a' if hit is None else f'{hit:.1%}'}",
         f"host->device {stats['h2d_bytes'] / 1e9:.3f} GB",
-    ] + ([f"little {bl['little_share']:.1%} of token-layers, {bl['pairs_saved']} pairs "
+    ] + ([f"read {format_size(stats['checkpoint_bytes_read'])} of the checkpoint"]
+         if "checkpoint_bytes_read" in stats else []) + ([f"little {bl['little_share']:.1%} of token-layers, {bl['pairs_saved']} pairs "
           f"({bl['bytes_saved'] / 1e9:.3f} GB of expert reads) saved, {bl['fallbacks']} fallbacks"]
          if (bl := stats.get("big_little")) and bl["little_share"] is not None else []))
 
@@ -405,18 +474,31 @@ def load_engine(args, budget_bytes, cfg, shape):
 
     from dynaexq_jax.eval import big_little
     from dynaexq_jax.io import loader
+    from dynaexq_jax.runtime import mesh as mesh_lib
     from dynaexq_jax.runtime.build import auto_tiers, build_engine
 
     bl = big_little.from_args(args, cfg.experts_per_token)  # bad knobs fail before any weight is read
     start, _ = make_plan(args, cfg, shape, budget_bytes)  # refuses a budget before any weight is read
-    auto = args.policy == "dynaexq" and "auto" in (args.lo_bits, args.hi_dtype)
+    devices = mesh_size(args)
+    mesh = None if devices is None else mesh_lib.expert_mesh(devices)
+    placement = None
+    if args.placement == "balanced":
+        from dynaexq_jax.policies.hotness import HotnessTracker
+
+        load = HotnessTracker.load(args.hotness, expect_shape=(len(cfg.moe_layers), cfg.num_experts)).scores
+        placement = mesh_lib.Placement.balanced(load, devices)
+    elif mesh is not None:
+        placement = mesh_lib.Placement.contiguous(len(cfg.moe_layers), cfg.num_experts, devices)
+    # Several processes: each reads only the experts its own devices hold.
+    owned = mesh_lib.process_experts(mesh, placement) if mesh is not None and args.coordinator else None
+    auto = args.policy == "dynaexq" and "auto" in (args.lo_bits, args.hi_dtype) and mesh is None
     if not auto:  # explicit tiers: the run's plan is this one
         check_slots_for_hotness(args, start)
     t0 = time.perf_counter()
-    ckpt = loader.load(args.model, jnp.dtype(args.dtype), progress=show_progress(args))
+    ckpt = loader.load(args.model, jnp.dtype(args.dtype), progress=show_progress(args), experts=owned)
     batch, longest, new = shape
     opts, choice = options(args), None
-    if args.policy == "dynaexq":  # auto tiers need the experts' errors, so they are picked once the weights are in
+    if auto:  # auto tiers need the experts' errors, so they are picked once the weights are in
         opts, choice = auto_tiers(ckpt, opts, budget=budget_bytes, batch=batch, longest_prompt=longest,
                                   max_new_tokens=new, hotness_profile=args.hotness)
     plan, header = make_plan(args, cfg, shape, budget_bytes, opts)
@@ -431,9 +513,11 @@ def load_engine(args, budget_bytes, cfg, shape):
     eng, plan = build_engine(
         ckpt, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
         hotness_profile=args.hotness, opts=opts, progress=show_progress(args),
-        big_little=bl, floe=floe_options(args),
+        big_little=bl, floe=floe_options(args), mesh=mesh, placement=placement,
     )
-    return eng, plan, ckpt, time.perf_counter() - t0
+    # The engine's checkpoint: on a mesh, the one whose weights are the replicated copy (the loaded
+    # one's single-device copy is freed with it).
+    return eng, plan, eng.checkpoint, time.perf_counter() - t0
 
 
 def show_progress(args) -> bool:
@@ -511,6 +595,8 @@ def run(args, budget_bytes) -> dict:
         for p, t in zip(prompts, gen.tokens)
     ]
     stats = run_stats(args, gen.stats, plan, budget_bytes, load_s)
+    if args.coordinator:  # each process's own figure in its closing line
+        stats["checkpoint_bytes_read"] = ckpt.bytes_read
     if args.save_hotness:
         try:
             eng.policy.tracker.save(args.save_hotness)
@@ -635,6 +721,8 @@ def main(argv=None) -> int:
             warnings.showwarning = show_warning
             check_flags(args)
             budget_bytes = budget.parse_size(args.budget) if args.budget is not None else None
+            if not args.dry_run:
+                start_processes(args)
             if args.dry_run:
                 dry_run(args, budget_bytes)
             elif args.interactive:

@@ -42,7 +42,8 @@ def parse_args(argv=None):
 
 def check_flags(args) -> None:
     for flag, value in (("--prompt", args.prompt), ("--json", args.json), ("--interactive", args.interactive),
-                        ("--batch", args.batch), ("--save-hotness", args.save_hotness)):
+                        ("--batch", args.batch), ("--save-hotness", args.save_hotness),
+                        ("--coordinator", args.coordinator)):
         if value:
             raise generate.FlagError(f"{flag} does not apply to the server; requests bring prompts "
                                      "(use --max-batch for the sequences planned)")

@@ -263,6 +263,7 @@ class _TensorReader:
         self.dtype = np_dtype(dtype)
         self._open = {}
         self.progress = progress
+        self.bytes_read = 0
 
     def __contains__(self, name):
         return name in self.names
@@ -275,6 +276,7 @@ class _TensorReader:
             a = self._open[path].get_tensor(name)
         except SafetensorError as e:
             raise CheckpointError(f"{path} cannot be read ({e}); download or export the checkpoint again") from None
+        self.bytes_read += a.nbytes
         if self.progress is not None:
             self.progress.update(a.nbytes)
         return a
@@ -381,6 +383,7 @@ class Checkpoint:
     eos_token_ids: tuple[int, ...]
     tokenizer: object | None  # tokenizers.Tokenizer, when the directory has tokenizer.json
     path: Path
+    bytes_read: int = 0  # bytes of tensors read from the safetensors files
 
 
 def read_eos(path: Path) -> tuple[int, ...]:
@@ -426,13 +429,16 @@ def _leaf(tree: dict, path: tuple[str, ...]) -> np.ndarray:
     return tree
 
 
-def load_params(cfg: ModelConfig, files: dict[str, Path], dtype, progress=None) -> tuple[dict, HostExperts]:
+def load_params(cfg: ModelConfig, files: dict[str, Path], dtype, progress=None, experts=None,
+                reader=None) -> tuple[dict, HostExperts]:
     """Read every tensor into our layout, on the host: (non-expert params, experts).
 
     The parameter tree is allocated from the decoder's own shapes (segments stacked), then
-    each checkpoint tensor is written where the family adapter says it goes."""
+    each checkpoint tensor is written where the family adapter says it goes. `experts`: an
+    [moe_layers, E] bool mask of the experts to read where the checkpoint stores them one by
+    one (the others stay zeros, never read); None: all."""
     fam = registry.adapter(cfg)
-    r = _TensorReader(files, dtype, progress)
+    r = reader or _TensorReader(files, dtype, progress)
     shapes = Decoder(cfg, dtype).param_shapes()
     params = jax.tree.map(lambda a: np.empty(a.shape, r.dtype), shapes)
     for t in fam.top_tensors(cfg):
@@ -446,26 +452,29 @@ def load_params(cfg: ModelConfig, files: dict[str, Path], dtype, progress=None) 
         mxfp4 = [(r.mxfp4(gu), r.mxfp4(d)) for gu, d in fused]
         experts = dict(gate_up=DecodedLayers(mxfp4, 0, r.dtype), down=DecodedLayers(mxfp4, 1, r.dtype), mxfp4=mxfp4)
     else:
-        experts = _decoded_experts(cfg, fam, r)
+        experts = _decoded_experts(cfg, fam, r, experts)
     if cfg.expert_bias:  # [L, E, 2I] and [L, E, H]: small, one array each
         pairs = [[r.get(t) for t in fam.expert_bias_tensors(cfg, i)] for i in cfg.moe_layers]
         experts.update(gate_up_bias=np.stack([p[0] for p in pairs]), down_bias=np.stack([p[1] for p in pairs]))
     return params, HostExperts(**experts)
 
 
-def _decoded_experts(cfg: ModelConfig, fam, r: _TensorReader) -> dict:
-    """HostExperts' gate_up and down, every layer read into one [E, ...] array of the compute dtype."""
+def _decoded_experts(cfg: ModelConfig, fam, r: _TensorReader, keep=None) -> dict:
+    """HostExperts' gate_up and down, every layer read into one [E, ...] array of the compute
+    dtype; with `keep` [moe_layers, E], only its experts where they are stored one by one
+    (zero pages elsewhere: calloc'd memory the host never touches)."""
     gate_up, down = [], []
     E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    for i in cfg.moe_layers:
-        wgu = np.empty((E, H, 2 * I), r.dtype)  # [E, H, 2I]: gate columns, then up
-        wd = np.empty((E, I, H), r.dtype)  # [E, I, H]
+    alloc = np.empty if keep is None else np.zeros
+    for li, i in enumerate(cfg.moe_layers):
+        wgu = alloc((E, H, 2 * I), r.dtype)  # [E, H, 2I]: gate columns, then up
+        wd = alloc((E, I, H), r.dtype)  # [E, I, H]
         fused_gu, fused_d = fam.fused_expert_tensors(cfg, i)
         if fused_gu.name in r or fam.expert_tensors is None:  # transformers' in-memory layout
             wgu[:] = r.get(fused_gu)
             wd[:] = r.get(fused_d)
         else:
-            for e in range(E):
+            for e in range(E) if keep is None else np.flatnonzero(keep[li]):
                 g, u, d = fam.expert_tensors(cfg, i, e)
                 wgu[e, :, :I], wgu[e, :, I:], wd[e] = r.get(g), r.get(u), r.get(d)
         gate_up.append(wgu)
@@ -478,10 +487,12 @@ def to_device(tree):
     return jax.tree.map(lambda a: jax.device_put(np.ascontiguousarray(a)), tree)
 
 
-def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False) -> Checkpoint:
+def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False, experts=None) -> Checkpoint:
     """Load a Hugging Face checkpoint directory: non-expert weights onto the default device,
     experts into host memory (a policy decides what of them goes to the device, and how).
-    `progress` shows a bar of bytes read, with rate and ETA, on stderr."""
+    `progress` shows a bar of bytes read, with rate and ETA, on stderr. `experts`: an
+    [moe_layers, E] bool mask of the experts this process needs (a mesh process's own; see
+    `load_params`), None: all."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist; pass --model DIR of a Hugging Face checkpoint")
@@ -492,7 +503,8 @@ def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False) -> Che
     total = stored_nbytes(files) if progress else 0
     with tqdm(total=total, desc="loading", unit="B", unit_scale=True, file=sys.stderr, disable=not progress,
               leave=False, dynamic_ncols=True) as bar:
-        params, experts = load_params(cfg, files, dtype, bar if progress else None)
+        reader = _TensorReader(files, dtype, bar if progress else None)
+        params, experts = load_params(cfg, files, dtype, experts=experts, reader=reader)
     return Checkpoint(
         config=cfg,
         params=to_device(params),
@@ -501,6 +513,7 @@ def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False) -> Che
         eos_token_ids=eos,
         tokenizer=tokenizer,
         path=path,
+        bytes_read=reader.bytes_read,
     )
 
 

@@ -45,7 +45,7 @@ def quantized_layers(host: HostExperts, bits: int | str, group_size: int, method
     if bits == MXFP4:
         return mxfp4_layers(host, source=source, progress=progress, clock=clock)
     t0 = time.perf_counter()
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]
 
     def build() -> dict:  # {layer_i: {gate_up|down: {packed, scales, zeros}}} of host numpy
         out = {}
@@ -76,7 +76,7 @@ def mxfp4_layers(host: HostExperts, *, source=None, progress: bool = False, cloc
     if host.mxfp4 is not None:
         return list(host.mxfp4)
     t0 = time.perf_counter()
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]
 
     def build() -> dict:
         out = {}
@@ -109,7 +109,7 @@ def quant_errors(host: HostExperts, widths, group_size: int, method: str, *, sou
     that weights it (`policies.autotier`).
     """
     t0 = time.perf_counter()
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]
     widths = tuple(sorted(widths))
 
     def build() -> dict:
@@ -184,7 +184,7 @@ def slot_pool(host: HostExperts, slots: int, hi_dtype: str, group_size: int, dev
     (_, K1, N1), (_, K2, N2) = host.gate_up[0].shape, host.down[0].shape
     if hi_dtype in HI_BITS:
         def empty(k, n):
-            with jax.default_device(jax.devices("cpu")[0]):
+            with jax.default_device(jax.local_devices(backend="cpu")[0]):
                 one = quant.quantize(jnp.zeros((1, k, n)), HI_BITS[hi_dtype], group_size)
             leaves = [np.zeros((slots,) + a.shape[1:], a.dtype) for a in (one.packed, one.scales, one.zeros)]
             return dataclasses.replace(one, packed=leaves[0], scales=leaves[1], zeros=leaves[2], shape=(slots, k, n))

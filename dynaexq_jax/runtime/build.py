@@ -13,14 +13,20 @@ from dynaexq_jax.policies.dynaexq import DynaExqOptions, warm_tracker
 from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.policies.tiers import quant_errors
 from dynaexq_jax.runtime.engine import Engine, cache_bucket, prompt_bucket
+from dynaexq_jax.runtime import mesh as mesh_lib
 from dynaexq_jax.runtime.layerwise import LayerwiseEngine
 
 
 def plan_for(cfg, policy: str, *, budget: int | None, batch: int, longest_prompt: int, max_new_tokens: int,
              dtype_itemsize: int, opts: DynaExqOptions = DynaExqOptions(),
-             floe: FloeOptions = FloeOptions()) -> budget_lib.MemoryPlan:
+             floe: FloeOptions = FloeOptions(), devices: int = 1) -> budget_lib.MemoryPlan:
     """The memory plan `build_engine` makes, from the config alone (a dry run, or the check
-    before any weight is read)."""
+    before any weight is read). `devices` > 1: one device's plan on a mesh of that many
+    (`runtime.mesh.device_plan`; `budget` is per device)."""
+    if devices > 1:
+        one = lambda c, b: plan_for(c, policy, budget=b, batch=batch, longest_prompt=longest_prompt,
+                                    max_new_tokens=max_new_tokens, dtype_itemsize=dtype_itemsize, opts=opts)
+        return mesh_lib.device_plan(one, cfg, devices, budget, dtype_itemsize, policy)
     if policy not in POLICIES:
         raise budget_lib.BudgetError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if "auto" in (opts.lo_bits, opts.hi_dtype):
@@ -123,11 +129,20 @@ def build_engine(
     progress: bool = False,
     big_little: BigLittle | None = None,
     floe: FloeOptions = FloeOptions(),
+    mesh=None,
+    placement=None,
 ):
     """An engine for `policy` sized for `batch` prompts of up to `longest_prompt` tokens plus
     `max_new_tokens`, routing big-little if `big_little` is given. Returns (engine, memory plan); the plan's `total` is the accounted
-    device bytes."""
+    device bytes. `mesh`: a one-axis `expert` mesh (`runtime.mesh.expert_mesh`) to spread each
+    layer's experts over (`placement`: a `runtime.mesh.Placement`, default contiguous blocks);
+    `budget` and the plan are then per device."""
     cfg = ckpt.config
+    if mesh is not None:
+        return _build_mesh_engine(ckpt, policy, mesh, placement, budget=budget, batch=batch,
+                                  longest_prompt=longest_prompt, max_new_tokens=max_new_tokens, opts=opts,
+                                  hotness_profile=hotness_profile, transfer=transfer, progress=progress,
+                                  big_little=big_little)
     if policy == "dynaexq":
         opts, _ = auto_tiers(ckpt, opts, budget=budget, batch=batch, longest_prompt=longest_prompt,
                              max_new_tokens=max_new_tokens, hotness_profile=hotness_profile)
@@ -141,6 +156,24 @@ def build_engine(
                        progress=progress, floe_opts=floe)
     engine = (LayerwiseEngine if pol.layerwise else Engine)(ckpt, pol, big_little)
     return engine, plan
+
+
+def _build_mesh_engine(ckpt, policy, mesh, placement, *, budget, batch, longest_prompt, max_new_tokens, opts,
+                       hotness_profile, transfer, progress, big_little):
+    """`build_engine` on an expert mesh. Tiers "auto" resolve to the fixed ones there (auto
+    tiers weigh every expert's error against one device's budget; not yet per device)."""
+    cfg = ckpt.config
+    D = mesh.size
+    mesh_lib.check_policy(policy)
+    mesh_lib.check_split(cfg.num_experts, D)
+    placement = placement or mesh_lib.Placement.contiguous(len(cfg.moe_layers), cfg.num_experts, D)
+    opts = fixed_tiers(dataclasses.replace(opts, mid_bits=None, mid_experts=()))
+    plan = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=longest_prompt,
+                    max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=opts, devices=D)
+    opts = dataclasses.replace(opts, group_size=budget_lib.expert_group_size(cfg, opts.group_size))
+    pol = mesh_lib.build_policy(policy, ckpt, plan, opts, mesh, placement, batch=batch,
+                                hotness_profile=hotness_profile, transfer=transfer, progress=progress)
+    return mesh_lib.MeshEngine(ckpt, pol, big_little), plan
 
 
 __all__ = ["DynaExqOptions", "FloeOptions", "auto_start", "auto_tiers", "build_engine", "fixed_tiers", "plan_for"]

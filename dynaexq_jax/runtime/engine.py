@@ -288,7 +288,7 @@ def compiler_options() -> dict:
 
 def peak_device_bytes() -> int | None:
     """The allocator's peak on the default device; None where the backend reports none (CPU)."""
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()  # devices()[0] may be another process's
     return stats.get("peak_bytes_in_use") if stats else None
 
 
@@ -299,7 +299,10 @@ RUNTIME_COUNTERS = ("promotions", "demotions", "h2d_bytes", "transfer_wait_s", "
 class Engine:
     """Runs a loaded checkpoint under a residency policy (default: `full`)."""
 
-    def __init__(self, checkpoint: Checkpoint, policy: Policy | None = None, big_little: BigLittle | None = None):
+    def __init__(self, checkpoint: Checkpoint, policy: Policy | None = None, big_little: BigLittle | None = None, *,
+                 ffn=None):
+        """`ffn`: the MoE layers' expert FFN (default `experts.matmul.routed_ffn`; the mesh's is
+        `runtime.mesh.expert_parallel_ffn`)."""
         from dynaexq_jax.policies import full
 
         self.checkpoint = checkpoint
@@ -307,7 +310,8 @@ class Engine:
         self.params = checkpoint.params
         self.policy = policy or full.build(checkpoint)
         self.big_little = big_little
-        self.decoder = Decoder(self.cfg, checkpoint.dtype)
+        self.decoder = Decoder(self.cfg, checkpoint.dtype, **({} if ffn is None else {"ffn": ffn}))
+        self.input_sharding = None  # where a step's inputs go (None: the default device); the mesh replicates them
         self._compiled: dict[tuple, Callable] = {}
         self.compile_s = 0.0
         self.workspace_bytes = 0  # XLA's temporaries of the largest compiled step
@@ -339,6 +343,10 @@ class Engine:
             # What the memory plan's workspace margin must cover; checked in tests, reported.
             self.workspace_bytes = max(self.workspace_bytes, self._compiled[key].memory_analysis().temp_size_in_bytes)
         return self._compiled[key]
+
+    def _put(self, tree):
+        """A request's device values where its steps run (on the mesh: replicated once, not moved every step)."""
+        return jax.device_put(tree, self.input_sharding)
 
     def _read(self, x):
         """The one way the engine brings device values to the host (explicitly allowed, counted;
@@ -419,9 +427,10 @@ class Engine:
         greedy = sampling.greedy
         before = self.policy.stats()
         with _setup():
-            tokens, positions, valid = (jax.device_put(a) for a in host)
-            knobs, key, stats0 = sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed), self._stats0()
-            cache = self._empty_cache(rows, cache_bucket(P + max_new_tokens))
+            tokens, positions, valid = self._put(tuple(host))
+            knobs, key, stats0 = self._put((sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed),
+                                            self._stats0()))
+            cache = self._put(self._empty_cache(rows, cache_bucket(P + max_new_tokens)))
             args = lambda cache: (self.params, self.policy.experts, cache, stats0, tokens, positions, valid, key, knobs)
             prefill = self._compile("prefill", self._prefill, *args(cache), greedy=greedy, fresh=True)
             decode = self._compile_decode(cache, key, knobs, greedy)
