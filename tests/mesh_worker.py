@@ -16,6 +16,7 @@ import numpy as np
 
 import dynaexq_jax as dx
 from dynaexq_jax.runtime import mesh as mesh_lib
+from dynaexq_jax.runtime.scheduler import Scheduler, Sequence
 
 NEW = 12
 
@@ -49,11 +50,18 @@ def main(path: str) -> None:
                              (placement.experts == mesh_lib.Placement.contiguous(L, E, devices).experts).all()),
                          collective_bytes={k[0]: mesh_lib.collective_bytes(c.as_text()) for k, c in eng._compiled.items()
                                            if k[0] == "decode" and mesh is not None})
+        return eng
 
     # Each run compiles its steps (~5 s of a CPU core per shape): the single prompt (a batch bucket
     # of its own) runs where it checks most, dynaexq with swaps on 4 devices.
     run("full/1", "full", plain, 1)
-    run("full/2", "full", plain, 2)
+    on_two = run("full/2", "full", plain, 2)
+    # The server's continuous batching on the mesh: each prompt joins a row of its own.
+    sch = Scheduler(on_two, max_batch=2, context=64, max_chunk=16, eos_token_ids=()).start()
+    seqs = [sch.submit(Sequence(ids, NEW)) for ids in batch]
+    assert all(s.done.wait(300) for s in seqs)
+    sch.close(30)
+    out["served/2"] = [s.tokens for s in seqs]
     run("dynaexq/4", "dynaexq", plain, 4, balanced=True)  # room for every expert: full's tokens
     run("static/1", "static", swapping, 1, one_prompt=True)  # int8: what the swapping runs compute, whatever moves
     run("static/4", "static", swapping, 4)

@@ -40,6 +40,7 @@ def test_mesh_gives_one_devices_greedy_tokens_for_full_and_dynaexq(mesh_runs):
         assert mesh_runs[name]["batch"] == ref["batch"], name
     assert not mesh_runs["dynaexq/4"]["contiguous"]  # a balanced placement: experts spread out of id order
     assert mesh_runs["dynaexq/4"]["slots"] == ref["slots"] // 4  # a device's slots hold only its own experts
+    assert mesh_runs["served/2"] == ref["batch"]  # the server's scheduler on the mesh
 
 
 def test_decode_step_all_reduces_one_hidden_row_per_sequence_and_moe_layer(mesh_runs):

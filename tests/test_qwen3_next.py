@@ -295,13 +295,13 @@ def test_dry_run_fits_the_80b_int2_fallbacks_and_int4_slots_in_48gb(tmp_path, ca
     assert err.startswith("error: budget 20.00 GB cannot hold the int2 fallback") and f"({plan['minimum']} bytes)" in err
 
 
-def test_int4_slots_need_a_narrower_fallback(tmp_path, capsys):
+def test_int4_slots_over_a_wider_fallback_are_refused(tmp_path, capsys):
     from test_families import _generate_script
 
     (tmp_path / "config.json").write_text(json.dumps(preset.QWEN3_NEXT_80B))
     assert _generate_script().main(["--model", str(tmp_path), "--dry-run", "--policy", "dynaexq", "--hi-dtype",
-                                    "int4", "--lo-bits", "4"]) == 2
-    assert "int4 slots over an int4 fallback gain nothing" in capsys.readouterr().err
+                                    "int4", "--lo-bits", "8"]) == 2
+    assert "int4 slots over an int8 fallback would lose precision" in capsys.readouterr().err
 
 
 def test_bench_runs_the_qwen3_next_smoke_preset_with_int4_slots(tmp_path):

@@ -33,9 +33,10 @@ def plan_for(cfg, policy: str, *, budget: int | None, batch: int, longest_prompt
         raise ValueError("plan_for needs concrete tiers; resolve lo_bits/hi_dtype 'auto' with auto_tiers first")
     hi_bits = budget_lib.HI_BITS.get(opts.hi_dtype)
     lo_bits = 4 if opts.lo_bits == budget_lib.MXFP4 else opts.lo_bits
-    if policy == "dynaexq" and hi_bits and lo_bits >= hi_bits:
-        raise UserError(f"{opts.hi_dtype} slots over an {budget_lib.format_name(opts.lo_bits)} fallback gain nothing; "
-                        f"pass a narrower --lo-bits (below {hi_bits}) or a wider --hi-dtype")
+    # Equal widths are allowed: residency then cannot change a token, which tests of the swap path use.
+    if policy == "dynaexq" and hi_bits and lo_bits > hi_bits:
+        raise UserError(f"{opts.hi_dtype} slots over an {budget_lib.format_name(opts.lo_bits)} fallback would lose "
+                        f"precision on promotion; pass a --lo-bits of at most {hi_bits} or a wider --hi-dtype")
     prompt = prompt_bucket(longest_prompt)
     return budget_lib.policy_plan(
         cfg, policy, budget=budget, batch=batch, prompt=prompt, context=cache_bucket(prompt + max_new_tokens),
