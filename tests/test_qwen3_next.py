@@ -22,6 +22,7 @@ from dynaexq_jax.runtime import engine
 from dynaexq_jax.runtime.build import build_engine
 
 from conftest import VOCAB, write_tokenizer
+from test_families import hf_generate
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
               shared_expert_intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -92,17 +93,6 @@ def next_engine(next_checkpoint, tmp_path_factory):
 def hybrid_engine(tmp_path_factory):
     _, _, hf, eng = checkpoint(tmp_path_factory, "hybrid")
     return eng, hf
-
-
-def hf_generate(hf, prompts, n):
-    """transformers' greedy generate on left-padded prompts -> the new tokens of each."""
-    P = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
-    return out[:, P:].tolist()
 
 
 def test_config_reads_the_layer_pattern(next_checkpoint):

@@ -49,14 +49,7 @@ def config_from_hf(d: dict) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> dict:
     return common.hf_config(
         cfg, "Qwen2MoeForCausalLM", MODEL_TYPE,
-        head_dim=cfg.head_dim,
-        num_experts=cfg.num_experts,
-        moe_intermediate_size=cfg.moe_intermediate_size,
-        shared_expert_intermediate_size=cfg.shared_expert_size,
-        intermediate_size=cfg.intermediate_size,
-        norm_topk_prob=cfg.norm_topk_prob,
-        decoder_sparse_step=cfg.decoder_sparse_step,
-        mlp_only_layers=list(cfg.mlp_only_layers),
+        **moe_fields(cfg),
         rope_theta=cfg.rope_theta,
         hidden_act="silu",
         qkv_bias=cfg.qkv_bias,
@@ -65,6 +58,14 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 top_tensors = common.top_tensors
+
+
+def moe_fields(cfg: ModelConfig) -> dict:
+    """config.json's fields of the MoE block (a shared expert beside the routed ones)."""
+    return dict(head_dim=cfg.head_dim, num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
+                shared_expert_intermediate_size=cfg.shared_expert_size, intermediate_size=cfg.intermediate_size,
+                norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=cfg.decoder_sparse_step,
+                mlp_only_layers=list(cfg.mlp_only_layers))
 
 
 def layer_tensors(cfg: ModelConfig, i: int) -> list:

@@ -79,14 +79,7 @@ def config_from_hf(d: dict, model_type: str = MODEL_TYPE) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> dict:
     return common.hf_config(
         cfg, ARCHITECTURE, MODEL_TYPE,
-        head_dim=cfg.head_dim,
-        num_experts=cfg.num_experts,
-        moe_intermediate_size=cfg.moe_intermediate_size,
-        shared_expert_intermediate_size=cfg.shared_expert_size,
-        intermediate_size=cfg.intermediate_size,
-        norm_topk_prob=cfg.norm_topk_prob,
-        decoder_sparse_step=cfg.decoder_sparse_step,
-        mlp_only_layers=list(cfg.mlp_only_layers),
+        **qwen2_moe.moe_fields(cfg),
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
                          "partial_rotary_factor": cfg.partial_rotary_factor},
         layer_types=["linear_attention" if i in cfg.linear_layers else "full_attention"
