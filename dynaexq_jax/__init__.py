@@ -36,11 +36,11 @@ The surface for research code (README, "Python API", runs this as a test):
 - several devices: `build_engine(..., mesh=runtime.mesh.expert_mesh(N))` spreads each layer's
   experts over N devices (expert parallel; `budget` and the plan are then per device;
   `placement=runtime.mesh.Placement.balanced(profile, N)` balances a hotness profile's load).
-- `enable_compile_cache()`: JAX's persistent compilation cache for this process, as the
-  scripts turn it on (`~/.cache/dynaexq/jax`; `DYNAEXQ_COMPILE_CACHE=0` turns it off).
 - serve: `dynaexq_jax.runtime.scheduler.Scheduler` batches requests continuously over an
   engine built with `dynaexq_jax.serve.engine_shape(...)`; `dynaexq_jax.serve.serve(engine, ...)`
   is the OpenAI-compatible server over it (the `serve` extra; scripts/serve.py).
+- `enable_compile_cache()`: JAX's persistent compilation cache for this process, as the
+  scripts turn it on (`~/.cache/dynaexq/jax`; `DYNAEXQ_COMPILE_CACHE=0` turns it off).
 """
 
 from dynaexq_jax.budget import MemoryPlan, parse_size
