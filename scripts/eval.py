@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=512, help="longest multiple-choice sequence (contexts are left-truncated)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per exact-match prompt")
     p.add_argument("--limit", type=int, help="first N items (documents for perplexity) of each task")
+    p.add_argument("--mesh", help="run every policy with its experts spread over N devices, e.g. expert=4 "
+                                   "(budgets are then per device; dynaexq on fixed tiers)")
     p.add_argument("--json", dest="json_path", help="write {\"results\": [...]} here")
     p.add_argument("--floe-sparsity", type=float, default=0.9,
                    help="floe: share of up-projection channels dropped (calibrated by scripts/calibrate.py)")
@@ -107,6 +109,12 @@ def run(args) -> list:
     cfg = ModelConfig.from_file(args.model)
     if args.hotness:  # read in full now: a bad profile must not end the evaluation after its first runs
         HotnessTracker.load(args.hotness, expect_shape=(len(cfg.moe_layers), cfg.num_experts))
+    mesh = None
+    if args.mesh:
+        from dynaexq_jax.runtime import mesh as mesh_lib
+
+        mesh = mesh_lib.expert_mesh(mesh_lib.parse_mesh(args.mesh))
+        mesh_lib.check_split(cfg.num_experts, mesh.size)
     runs = evaluate.expand_runs(_csv(args.policies), _csv(args.budgets) or ["none"], lo_bits, _csv(args.tiers))
     if not (args.ppl or args.mc or args.em):
         args.ppl, args.mc, args.em = [TASKS / "heldout.jsonl"], [TASKS / "next_line_mc.jsonl"], [TASKS / "next_line_em.jsonl"]
@@ -126,7 +134,7 @@ def run(args) -> list:
         default_profile=str(shipped) if shipped.is_file() else None, batch_size=args.batch_size,
         window=args.window,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, residency=args.residency,
-        progress=True, log=log, sweep=sweep,
+        progress=True, log=log, sweep=sweep, mesh=mesh,
         floe=FloeOptions(up_bits=args.floe_up_bits, sparsity=args.floe_sparsity, calibration=args.floe_calibration),
     )
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dynaexq_jax as dx
+from dynaexq_jax.eval import evaluate
 from dynaexq_jax.runtime import mesh as mesh_lib
 from dynaexq_jax.runtime.scheduler import Scheduler, Sequence
 
@@ -70,6 +71,15 @@ def main(path: str) -> None:
                             **shape)
         run(f"swapping/{devices}", "dynaexq", swapping, devices, budget=floor.minimum + 2 * floor.slot_bytes,
             one_prompt=devices == 4, balanced=devices == 2)
+    # scripts/eval.py's evaluation on the mesh: one device's perplexities, swaps settled between passes.
+    docs = ["def f(x):\n    return x + 1\n", "the quick brown fox jumps over the lazy dog"]
+    task = evaluate.Task("ppl", "docs", docs)
+    for devices in (1, 2):
+        runs = [evaluate.RunSpec("full", "none", 4), evaluate.RunSpec("dynaexq", "+25%", 8)]
+        results = evaluate.evaluate_runs(ckpt, runs, [task], opts=swapping, batch_size=2, window=16,
+                                         calibration=["for i in range(10):\n    print(i)\n"],
+                                         mesh=mesh_lib.expert_mesh(devices) if devices > 1 else None)
+        out[f"eval/{devices}"] = {r.policy: r.value for r in results if r.metric == "ppl"}
     print(json.dumps(out))
 
 

@@ -41,6 +41,10 @@ def test_mesh_gives_one_devices_greedy_tokens_for_full_and_dynaexq(mesh_runs):
     assert not mesh_runs["dynaexq/4"]["contiguous"]  # a balanced placement: experts spread out of id order
     assert mesh_runs["dynaexq/4"]["slots"] == ref["slots"] // 4  # a device's slots hold only its own experts
     assert mesh_runs["served/2"] == ref["batch"]  # the server's scheduler on the mesh
+    one, two = mesh_runs["eval/1"], mesh_runs["eval/2"]  # scripts/eval.py's evaluation
+    assert one.keys() == two.keys() == {"full", "dynaexq"}
+    for policy in one:
+        assert two[policy] == pytest.approx(one[policy], rel=1e-5), policy
 
 
 def test_decode_step_all_reduces_one_hidden_row_per_sequence_and_moe_layer(mesh_runs):

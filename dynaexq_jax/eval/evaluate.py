@@ -28,7 +28,6 @@ import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -36,7 +35,7 @@ from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.io import store
 from dynaexq_jax.policies import POLICIES, autotier
-from dynaexq_jax.policies.dynaexq import DynaExqOptions, DynaExqPolicy
+from dynaexq_jax.policies.dynaexq import DynaExqOptions
 from dynaexq_jax.policies import floe as floe_lib
 from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.eval import big_little as bl_eval
@@ -44,6 +43,7 @@ from dynaexq_jax.eval.big_little import Sweep
 from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.policies.hotness import HotnessTracker
 from dynaexq_jax.runtime import engine as engine_lib
+from dynaexq_jax.runtime import mesh as mesh_lib
 from dynaexq_jax.runtime.build import auto_tiers, build_engine, plan_for
 from dynaexq_jax.runtime.sampling import SamplingParams
 
@@ -158,7 +158,7 @@ class Residency:
         self.engine = engine
         self.mode = mode
         self.policy = engine.policy
-        self.managed = isinstance(self.policy, DynaExqPolicy)
+        self.managed = self.policy.name == "dynaexq"  # one device's DynaExqPolicy, or a mesh of them
         self.mass = 0.0  # [moe_layers, E] router mass since the last settle
         self.tokens = 0
         self.pairs = 0  # routed pairs this pass, and how many a high-precision slot served
@@ -232,10 +232,7 @@ class Residency:
         # does not depend on how the sequences were batched.
         self.policy.observe(self.mass, self.tokens, self.tokens)
         self.mass, self.tokens = 0.0, 0
-        sw = self.policy.swapper
-        while sw.pending or sw.inflight:
-            jax.block_until_ready([tr.tree for _, tr, _ in sw.inflight.values()])
-            sw.poll()
+        self.policy.settle()
 
 
 def _batches(order: Sequence[int], size: int):
@@ -444,9 +441,10 @@ def run_options(spec: RunSpec, opts: DynaExqOptions) -> DynaExqOptions:
     return dataclasses.replace(opts, lo_bits=spec.lo_bits, hi_dtype=hi)
 
 
-def resolve_budget(spec: str, ckpt, opts: DynaExqOptions, *, batch: int, longest: int, max_new_tokens: int) -> int | None:
+def resolve_budget(spec: str, ckpt, opts: DynaExqOptions, *, batch: int, longest: int, max_new_tokens: int,
+                   devices: int = 1) -> int | None:
     """Bytes for a budget spec; "+P%" uses the memory plan `build_engine` makes for dynaexq at
-    `opts.lo_bits` with bf16 slots (or the slot dtype given)."""
+    `opts.lo_bits` with bf16 slots (or the slot dtype given), one device's on a mesh of `devices`."""
     if spec == "none":
         return None
     if not spec.startswith("+"):
@@ -459,7 +457,7 @@ def resolve_budget(spec: str, ckpt, opts: DynaExqOptions, *, batch: int, longest
         raise UserError(f"budget {spec!r}: a relative budget is '+P%' with 0 <= P <= 100, e.g. +25%")
     anchor = dataclasses.replace(opts, hi_dtype="bfloat16" if opts.hi_dtype == "auto" else opts.hi_dtype)
     plan = plan_for(ckpt.config, "dynaexq", budget=None, batch=batch, longest_prompt=longest,
-                    max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=anchor)
+                    max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=anchor, devices=devices)
     return plan.minimum + math.ceil(pct / 100 * plan.num_experts_total) * plan.slot_bytes
 
 
@@ -562,12 +560,19 @@ def evaluate_runs(
     log: Callable[[str], None] = lambda s: None,
     sweep: Sweep | None = None,
     floe: FloeOptions = FloeOptions(),
+    mesh=None,
 ) -> list[Result]:
     """Evaluate every run on every task; one engine per run, built and dropped in turn.
     Dynaexq runs start warm from `warm_profile` (`hotness_profile`, the checkpoint's saved
     profile, `calibration` text, or `default_profile`). With a big-little `sweep`, each run is evaluated again at
     each target little share > 0 (rows labelled "<run> little <share>"), thresholds calibrated
-    once on the first perplexity task."""
+    once on the first perplexity task. `mesh` (`runtime.mesh.expert_mesh`): every run spread
+    over its devices, budgets per device, dynaexq on fixed tiers (as `build_engine` on a mesh)."""
+    devices = 1 if mesh is None else mesh.size
+    if mesh is not None:
+        for spec in runs:
+            mesh_lib.check_policy(spec.policy)
+        runs = list(dict.fromkeys(dataclasses.replace(spec, tiers="fixed") for spec in runs))
     longest = max([window, max_length] if any(t.kind != "ppl" for t in tasks) else [window])
     shape = dict(batch=batch_size, longest=longest, max_new_tokens=max_new_tokens)
     plan_kw = dict(batch=batch_size, longest_prompt=longest, max_new_tokens=max_new_tokens)
@@ -578,9 +583,9 @@ def evaluate_runs(
         check = dataclasses.replace(run_options(spec, opts), lo_bits=min(autotier.LO_WIDTHS), hi_dtype="bfloat16") \
             if spec.policy == "dynaexq" and spec.tiers == "auto" else run_options(spec, opts)
         try:
-            budgets.append(resolve_budget(spec.budget, ckpt, anchor, **shape))
+            budgets.append(resolve_budget(spec.budget, ckpt, anchor, devices=devices, **shape))
             plan_for(ckpt.config, spec.policy, budget=budgets[-1], dtype_itemsize=ckpt.dtype.itemsize, opts=check,
-                     floe=floe, **plan_kw)
+                     floe=floe, devices=devices, **plan_kw)
         except UserError as e:
             raise UserError(f"run {spec.label(spec.lo_bits)}: {e}") from None
     if any(spec.policy == "floe" for spec in runs) and floe.sparsity > 0 and floe.thresholds is None:
@@ -605,7 +610,7 @@ def evaluate_runs(
         for share, bl in [(None, None)] + list(levels.items()):
             engine, plan = build_engine(ckpt, spec.policy, budget=budget, opts=run_opts,
                                         hotness_profile=profile if spec.policy == "dynaexq" else None,
-                                        big_little=bl, floe=floe, **plan_kw)
+                                        big_little=bl, floe=floe, mesh=mesh, **plan_kw)
             # The width experts are computed at: static's pick, dynaexq's fallback, else all high precision.
             bits = {"static": getattr(engine.policy, "lo_bits", None), "dynaexq": run_opts.lo_bits,
                     "floe": floe.up_bits or 16}.get(spec.policy, 16)

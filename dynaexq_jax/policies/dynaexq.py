@@ -121,6 +121,14 @@ class DynaExqPolicy:
         except OSError as e:  # a read-only cache must not fail a finished run
             warnings.warn(f"could not save the hotness profile to {self.profile_path} ({e})")
 
+    def settle(self) -> None:
+        """Land every queued and in-flight copy now: an evaluation's settle points (the decode
+        loop never waits on a copy)."""
+        sw = self.swapper
+        while sw.pending or sw.inflight:
+            jax.block_until_ready([tr.tree for _, tr, _ in sw.inflight.values()])
+            sw.poll()
+
     def stats(self) -> dict:
         s = self.swapper.stats
         return {

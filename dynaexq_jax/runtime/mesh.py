@@ -335,6 +335,16 @@ class MeshPolicy:
         for d, part in enumerate(self.parts):
             part.observe(self._split(mass, d), tokens, steps)
 
+    def settle(self) -> None:
+        """dynaexq's `settle` on every device."""
+        for part in self.parts:
+            part.settle()
+
+    @property
+    def lo_bits(self):
+        """The fallback width every device computes at (static's pick from the per-device plan)."""
+        return getattr(self.parts[0], "lo_bits", None)
+
     @property
     def tracker(self):
         """The hotness of every expert, [L, E], from the devices' trackers (dynaexq)."""
