@@ -35,7 +35,7 @@ from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.io import store
 from dynaexq_jax.policies import POLICIES, autotier
-from dynaexq_jax.policies.dynaexq import DynaExqOptions
+from dynaexq_jax.policies.dynaexq import DynaExqOptions, DynaExqPolicy
 from dynaexq_jax.policies import floe as floe_lib
 from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.eval import big_little as bl_eval
@@ -158,7 +158,8 @@ class Residency:
         self.engine = engine
         self.mode = mode
         self.policy = engine.policy
-        self.managed = self.policy.name == "dynaexq"  # one device's DynaExqPolicy, or a mesh of them
+        # One device's DynaExqPolicy, or a mesh of them (a budget-less dynaexq is a FixedPolicy).
+        self.managed = all(isinstance(p, DynaExqPolicy) for p in getattr(self.policy, "parts", [self.policy]))
         self.mass = 0.0  # [moe_layers, E] router mass since the last settle
         self.tokens = 0
         self.pairs = 0  # routed pairs this pass, and how many a high-precision slot served
