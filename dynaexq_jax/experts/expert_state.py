@@ -17,6 +17,7 @@ keeps computing with the version it was given.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 from typing import Sequence
@@ -139,12 +140,45 @@ _write_rows = jax.jit(lambda buf, block, start: jax.lax.dynamic_update_slice_in_
                       donate_argnums=(0,))
 
 
+class LayerSource(collections.abc.Sequence):
+    """Per-MoE-layer expert arrays [E, K, N] made on access, never all at once: a preset's
+    generator (`io.preset`), a mapped checkpoint (`io.loader`). Besides a whole layer (a fresh
+    host array), a source gives what consumers need without one: an expert (a promotion's
+    copy), every `stride`-th column (sampled quantization errors), a layer made on the device
+    (conversion there). Subclasses implement `__getitem__` (layer i, a fresh [E, K, N] host
+    array; abstract in `Sequence`) and may make the others cheaper."""
+
+    shape: tuple[int, int, int]  # one layer's [E, K, N]
+    dtype: np.dtype
+    num_layers: int
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def expert(self, i: int, e: int) -> np.ndarray:
+        """Expert `e` of layer `i`, [K, N] on the host."""
+        return self[i][e]
+
+    def columns(self, i: int, stride: int) -> np.ndarray:
+        """Every `stride`-th column of layer `i`, [E, K, N // stride] on the host."""
+        return np.ascontiguousarray(self[i][..., ::stride])
+
+    def on_device(self, i: int, device=None) -> jax.Array:
+        """Layer `i`, [E, K, N], on `device`."""
+        return jax.device_put(self[i], device)
+
+
+def _layer_shape(layers) -> tuple[int, ...]:
+    return tuple(layers.shape) if isinstance(layers, LayerSource) else tuple(layers[0].shape)
+
+
 @dataclasses.dataclass
 class HostExperts:
     """Every expert as the checkpoint holds it, in host memory, one array per MoE layer.
 
-    Sequences may be lazy (random presets make each layer on access), so consumers take one
-    layer at a time.
+    Sequences may be lazy (`LayerSource`: random presets make each layer on access, a loaded
+    checkpoint maps its files), so consumers take one layer, one expert or a sample at a time
+    through the methods below.
     """
 
     gate_up: Sequence[np.ndarray]  # per MoE layer: [E, H, 2I] (gate columns, then up)
@@ -162,4 +196,30 @@ class HostExperts:
 
     @property
     def num_experts(self) -> int:
-        return self.gate_up[0].shape[0] if len(self.gate_up) else 0
+        return self.shapes[0][0] if len(self.gate_up) else 0
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One layer's (gate_up [E, H, 2I], down [E, I, H]) shapes, without making a layer."""
+        return _layer_shape(self.gate_up), _layer_shape(self.down)
+
+    @property
+    def dtype(self) -> np.dtype:
+        seq = self.gate_up
+        return np.dtype(seq.dtype if isinstance(seq, LayerSource) else seq[0].dtype)
+
+    def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """Expert `e` of MoE layer `layer` on the host: (gate_up [H, 2I], down [I, H])."""
+        return tuple(s.expert(layer, e) if isinstance(s, LayerSource) else s[layer][e]
+                     for s in (self.gate_up, self.down))
+
+    def columns(self, layer: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every `stride`-th output column of MoE layer `layer`'s experts: (gate_up [E, H, 2I // stride],
+        down [E, I, H // stride]); a column is quantized as a whole (groups run along K)."""
+        return tuple(s.columns(layer, stride) if isinstance(s, LayerSource)
+                     else np.ascontiguousarray(np.asarray(s[layer])[..., ::stride]) for s in (self.gate_up, self.down))
+
+    def on_device(self, layer: int, device=None) -> tuple[jax.Array, jax.Array]:
+        """MoE layer `layer`'s (gate_up, down) on `device`, made there where the source can."""
+        return tuple(s.on_device(layer, device) if isinstance(s, LayerSource)
+                     else jax.device_put(np.asarray(s[layer]), device) for s in (self.gate_up, self.down))

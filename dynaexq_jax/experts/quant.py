@@ -189,8 +189,11 @@ def _codes(wg, scale, zero, qmax):
 
 def _minmax_params(wg, qmax, shrink=1.0):
     """bf16 (scale, zero) putting the grid ends on the (shrunk) group min and max."""
-    lo = jnp.min(wg, axis=-2, keepdims=True) * shrink
-    hi = jnp.max(wg, axis=-2, keepdims=True) * shrink
+    return _grid(jnp.min(wg, axis=-2, keepdims=True) * shrink, jnp.max(wg, axis=-2, keepdims=True) * shrink, qmax)
+
+
+def _grid(lo, hi, qmax):
+    """bf16 (scale, zero) of the grid from `lo` to `hi` (float32)."""
     rng = hi - lo
     # A constant group has no range; any positive scale reproduces it through `zero`.
     scale = _bf16(jnp.where(rng > 0, rng / qmax, 1.0))
@@ -293,29 +296,44 @@ def quantize(w, bits: int, group_size: int = 128, method: str = "rtn", *, iters:
         raise ValueError(f"quantize expects [E, K, N] or [K, N], got shape {w.shape}.")
     *lead, k, n = w.shape
     check_group_size(k, bits, group_size)
-    wg = w.astype(jnp.float32).reshape(*lead, k // group_size, group_size, n)
-    # qmax is traced so one compilation serves every bit width of a shape.
-    scale, zero = _group_params(wg, jnp.float32(2**bits - 1), method, iters)
-    packed = _pack_codes(wg, scale, zero, bits, group_size)
-    scales = scale[..., 0, :].astype(jnp.bfloat16)  # [*lead, K//g, N]
-    zeros = zero[..., 0, :].astype(jnp.bfloat16)
-    return QuantizedTensor(packed, scales, zeros, bits, group_size, tuple(w.shape))
+    # The weights stay in their own dtype (bf16: half the bytes of a float32 copy); each jitted
+    # pass widens what it reads to float32 itself. qmax is traced so one compilation serves
+    # every bit width of a shape.
+    scale, zero = _group_params(w, jnp.float32(2**bits - 1), group_size, method, iters)  # [*lead, K//g, 1, N]
+    packed = _pack_codes(w, scale, zero, bits, group_size)
+    return QuantizedTensor(packed, _bf16_rows(scale), _bf16_rows(zero), bits, group_size, tuple(w.shape))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _group_params(wg, qmax, method, iters):
-    if method == "rtn":
-        return _minmax_params(wg, qmax)
+def _grouped(w, group_size):
+    *lead, k, n = w.shape
+    return w.reshape(*lead, k // group_size, group_size, n)
+
+
+# Two jitted passes, not one: XLA on the CPU fuses a group's min/max into every element that
+# uses it and recomputes it there (a layer of bf16 experts quantized at 0.3 GB/s); apart, the
+# parameters take one read and the codes another, at memory speed.
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _group_params(w, qmax, group_size, method, iters):
+    wg = _grouped(w, group_size)
+    if method == "rtn":  # min and max are exact in the weights' own dtype
+        lo = jnp.min(wg, axis=-2, keepdims=True).astype(jnp.float32)
+        hi = jnp.max(wg, axis=-2, keepdims=True).astype(jnp.float32)
+        return _grid(lo, hi, qmax)
+    wg = wg.astype(jnp.float32)
     if method == "hqq":
         return _hqq_params(wg, qmax, iters)
     return _mse_params(wg, qmax, iters)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
-def _pack_codes(wg, scale, zero, bits, group_size):
-    *lead, ng, g, n = wg.shape
-    q = _codes(wg, scale, zero, float(2**bits - 1)).astype(jnp.uint8)
-    return pack(q.reshape(*lead, ng * g, n), bits, group_size)
+def _pack_codes(w, scale, zero, bits, group_size):
+    q = _codes(_grouped(w, group_size).astype(jnp.float32), scale, zero, float(2**bits - 1)).astype(jnp.uint8)
+    return pack(q.reshape(w.shape), bits, group_size)
+
+
+@jax.jit
+def _bf16_rows(a):
+    return a[..., 0, :].astype(jnp.bfloat16)  # [*lead, K//g, 1, N] -> [*lead, K//g, N]
 
 
 def dequantize(qt: QuantizedTensor, dtype=jnp.bfloat16) -> jax.Array:

@@ -13,6 +13,8 @@ never holds a second bf16 copy of every expert.
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import jax
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.experts.expert_state import HostExperts
+from dynaexq_jax.experts.expert_state import HostExperts, LayerSource
 from dynaexq_jax.io.loader import Checkpoint, np_dtype, to_device
 from dynaexq_jax.models import registry
 from dynaexq_jax.models.config import ModelConfig
@@ -126,36 +128,82 @@ def preset_config(name: str) -> ModelConfig:
     raise UserError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)} or a config.json path")
 
 
-class LazyLayers:
+class LazyLayers(LayerSource):
     """Per-MoE-layer random expert arrays [E, K, N], made deterministically on access.
 
     Drawing ~29 billion normal samples for a 30B model would dominate a benchmark's start-up,
-    so a small pool of random matrices is drawn once and each expert is a pool matrix rolled
-    along K by its own offset: distinct experts, the same statistics, a copy's cost.
+    so a small pool of random matrices is drawn once and expert `e` of layer `i` is pool
+    matrix `(i * E + e) % POOL` rolled along K by its own offset: distinct experts, the same
+    statistics, a copy's cost (two slice copies on the host, a gather on the device).
     """
 
     POOL = 4
 
     def __init__(self, shape: tuple[int, int, int], num_layers: int, seed: int, dtype):
-        self.shape, self.num_layers, self.dtype = shape, num_layers, dtype
+        self.shape, self.num_layers, self.dtype = tuple(shape), num_layers, np.dtype(dtype)
         rng = np.random.default_rng(seed)
         self.pool = [(rng.standard_normal(shape[1:], np.float32) * INIT_STD).astype(dtype) for _ in range(self.POOL)]
+        self._device_pool = {}
 
-    def __len__(self):
-        return self.num_layers
-
-    def __getitem__(self, layer: int) -> np.ndarray:
+    def _check(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             raise IndexError(layer)
-        E, K = self.shape[:2]
+
+    def _pick(self, layer: int, e: int) -> tuple[int, int]:
+        """(pool matrix, roll along K) of expert `e` of `layer`."""
+        i = layer * self.shape[0] + e
+        return i % self.POOL, (i * 7919) % self.shape[1]
+
+    def _roll_into(self, out: np.ndarray, layer: int, e: int, cols=slice(None)) -> None:
+        # np.roll(pool, s, axis=0) without its temporary: out[s:] = pool[:K - s], out[:s] = pool[K - s:].
+        p, s = self._pick(layer, e)
+        src = self.pool[p][:, cols]
+        K = self.shape[1]
+        out[s:] = src[: K - s]
+        out[:s] = src[K - s :]
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        self._check(layer)
         out = np.empty(self.shape, self.dtype)
-        for e in range(E):
-            i = layer * E + e
-            out[e] = np.roll(self.pool[i % self.POOL], (i * 7919) % K, axis=0)
+        for e in range(self.shape[0]):
+            self._roll_into(out[e], layer, e)
         return out
 
-    def __iter__(self):
-        return (self[i] for i in range(self.num_layers))
+    def expert(self, layer: int, e: int) -> np.ndarray:
+        self._check(layer)
+        out = np.empty(self.shape[1:], self.dtype)
+        self._roll_into(out, layer, e)
+        return out
+
+    def columns(self, layer: int, stride: int) -> np.ndarray:
+        self._check(layer)
+        E, K, N = self.shape
+        out = np.empty((E, K, len(range(0, N, stride))), self.dtype)
+        for e in range(E):
+            self._roll_into(out[e], layer, e, slice(None, None, stride))
+        return out
+
+    def on_device(self, layer: int, device=None) -> jax.Array:
+        self._check(layer)
+        device = device or jax.devices()[0]
+        if device not in self._device_pool:  # each pool matrix twice along K: a roll is one slice
+            self._device_pool[device] = jax.device_put(np.stack([np.concatenate([m, m]) for m in self.pool]), device)
+        picks = np.array([self._pick(layer, e) for e in range(self.shape[0])], np.int32)  # [E, 2]
+        return _rolled(self._device_pool[device], jax.device_put(picks, device), self.shape[1])
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _rolled(doubled, picks, K: int):
+    """[E, K, N]: expert e is rows K - s .. 2K - s of doubled[p] for (p, s) = picks[e] (np.roll by s)."""
+    N = doubled.shape[-1]
+    one = lambda p: jax.lax.dynamic_slice(doubled, (p[0], K - p[1], 0), (1, K, N))[0]
+    return jax.vmap(one)(picks)
+
+
+# Non-expert weights are copied out of one pool of normal draws, each array from its own offset
+# (a prime-length pool: no two rows of a matrix repeat in step), at memcpy speed: drawing a 30B
+# model's 1.5 billion non-expert values one by one took most of a preset's start-up.
+_PARAM_POOL = 16_777_213
 
 
 def random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
@@ -163,13 +211,22 @@ def random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
     shapes = Decoder(cfg, dtype).param_shapes()
     rng = np.random.default_rng(seed)
     npd = np_dtype(dtype)
+    total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+    pool = (rng.standard_normal(min(total, _PARAM_POOL), np.float32) * INIT_STD).astype(npd)
 
     def init(path, leaf):
         name = jax.tree_util.keystr(path)
         if "norm" in name:  # unit scale: zero-centred norms (Qwen3-Next's, but its DeltaNet output norm) store w - 1
             centred = cfg.norm == "zero_centred_rms" and "linear_attn" not in name
             return (np.zeros if centred else np.ones)(leaf.shape, npd)
-        return (rng.standard_normal(leaf.shape, np.float32) * INIT_STD).astype(npd)
+        out = np.empty(math.prod(leaf.shape), npd)
+        start = int(rng.integers(len(pool)))
+        for i in range(0, len(out), len(pool)):  # the pool from `start` on, around, as often as it takes
+            n = min(len(pool), len(out) - i)
+            head = min(n, len(pool) - start)
+            out[i : i + head] = pool[start : start + head]
+            out[i + head : i + n] = pool[: n - head]
+        return out.reshape(leaf.shape)
 
     return jax.tree_util.tree_map_with_path(init, shapes)
 
