@@ -249,6 +249,12 @@ class MemoryPlan:
         return self.weights + self.fallback + self.kv_cache + self.workspace + self.slots_total_bytes
 
     @property
+    def unallocated(self) -> int | None:
+        """Device bytes of the plan still free while the experts are converted (the slots, KV
+        cache and workspace come after): the room a conversion call may use. None: no budget."""
+        return None if self.budget is None else self.kv_cache + self.workspace + self.slots_total_bytes
+
+    @property
     def minimum(self) -> int:
         """The smallest budget that holds everything but the slots."""
         return self.weights + self.fallback + self.kv_cache + self.workspace

@@ -489,13 +489,11 @@ def load_engine(args, budget_bytes, cfg, shape):
         placement = mesh_lib.Placement.balanced(load, devices)
     elif mesh is not None:
         placement = mesh_lib.Placement.contiguous(len(cfg.moe_layers), cfg.num_experts, devices)
-    # Several processes: each reads only the experts its own devices hold.
-    owned = mesh_lib.process_experts(mesh, placement) if mesh is not None and args.coordinator else None
     auto = args.policy == "dynaexq" and "auto" in (args.lo_bits, args.hi_dtype) and mesh is None
     if not auto:  # explicit tiers: the run's plan is this one
         check_slots_for_hotness(args, start)
     t0 = time.perf_counter()
-    ckpt = loader.load(args.model, jnp.dtype(args.dtype), progress=show_progress(args), experts=owned)
+    ckpt = loader.load(args.model, jnp.dtype(args.dtype), progress=show_progress(args))  # experts read as used
     batch, longest, new = shape
     opts, choice = options(args), None
     if auto:  # auto tiers need the experts' errors, so they are picked once the weights are in

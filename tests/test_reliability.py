@@ -25,7 +25,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from dynaexq_jax.eval import evaluate
-from dynaexq_jax.io import loader, preset
+from dynaexq_jax.io import loader, preset, store
 from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.policies.hotness import HotnessTracker
 from dynaexq_jax.runtime import engine
@@ -338,7 +338,7 @@ def test_the_cache_lives_in_the_users_cache_folder(capsys, tmp_path, ckpt, uncac
 
 
 def flip_bytes(entry: Path) -> None:
-    data = max((p for p in (entry / "arrays").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = entry / store.ARRAYS
     raw = bytearray(data.read_bytes())
     for i in range(len(raw) // 2, len(raw) // 2 + 16):
         raw[i] ^= 0xFF
@@ -346,7 +346,7 @@ def flip_bytes(entry: Path) -> None:
 
 
 def truncate(entry: Path) -> None:
-    data = max((p for p in (entry / "arrays").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = entry / store.ARRAYS
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
 
 
@@ -374,12 +374,10 @@ def test_an_unwritable_cache_is_a_warning_and_an_uncached_run(capsys, tmp_path, 
 
 
 def test_a_full_disk_is_a_warning_and_leaves_no_temporary(capsys, tmp_path, ckpt, uncached_tokens, monkeypatch):
-    import orbax.checkpoint as ocp
-
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ocp.StandardCheckpointer, "save", full)
+    monkeypatch.setattr(store.os, "posix_fallocate", full)
     tokens, err = static_run(capsys, ckpt)
     assert tokens == uncached_tokens and "No space left on device" in err and "running without it" in err
     assert not list((tmp_path / "cache").rglob(".tmp-*")) and entries(tmp_path / "cache") == []

@@ -1,4 +1,4 @@
-"""The orbax cache of converted experts: written once, reused, rebuilt on change, never partial."""
+"""The cache of converted experts: written once, reused (mapped), rebuilt on change, never partial."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 
+import jax
 import numpy as np
 import pytest
 
+from dynaexq_jax.budget import HI_BITS
 from dynaexq_jax.experts import quant
 from dynaexq_jax.experts.expert_state import HostExperts
 from dynaexq_jax.io import store
@@ -53,9 +55,11 @@ def experts_from(ckpt, seed=0):
 
 
 def build(host, source, lo_bits=4, quant_method="rtn", hi_dtype="bfloat16"):
-    """What the dynaexq policy converts: the fallbacks, and the host bank of high-precision copies."""
-    layers = tiers.quantized_layers(host, lo_bits, 32, quant_method, source=source)
-    return layers, tiers.host_bank(host, hi_dtype, 32, source=source)
+    """What the dynaexq policy converts in its one pass: the fallbacks, and the host bank of
+    high-precision copies."""
+    state, hi_layers = tiers.fallback_and_bank(host, lo_bits, 32, quant_method, bank_bits=HI_BITS.get(hi_dtype),
+                                               source=source)
+    return state, tiers.host_bank(host, hi_layers)
 
 
 def entries(cache):
@@ -65,8 +69,8 @@ def entries(cache):
     return sorted(p.name for d in cache.iterdir() for p in d.iterdir() if p.name != store.HASHES)
 
 
-def fallback_leaves(layers):
-    return [np.asarray(a) for pair in layers for q in pair for a in (q.packed, q.scales, q.zeros)]
+def fallback_leaves(state):
+    return [np.asarray(a) for a in jax.tree.leaves(state.tiers)]
 
 
 def test_second_build_reuses_cache_without_quantizing(source, quantize_calls):

@@ -517,7 +517,7 @@ def warm_profile(ckpt, opts: DynaExqOptions, hotness_profile=None, calibration: 
         return hotness_profile
     if hotness_profile:
         return HotnessTracker.load(hotness_profile, opts.half_life_steps, expect_shape=(L, E))
-    saved = store.profile_path(ckpt.path)
+    saved = store.profile_path(ckpt.source)
     if saved is not None and saved.is_file():
         try:
             tracker = HotnessTracker.load(saved, opts.half_life_steps, expect_shape=(L, E))

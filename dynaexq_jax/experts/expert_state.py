@@ -163,12 +163,12 @@ class LayerSource(collections.abc.Sequence):
         """Every `stride`-th column of layer `i`, [E, K, N // stride] on the host."""
         return np.ascontiguousarray(self[i][..., ::stride])
 
-    def on_device(self, i: int, device=None) -> jax.Array:
-        """Layer `i`, [E, K, N], on `device`."""
-        return jax.device_put(self[i], device)
+    def on_device(self, i: int, device=None, experts: slice = slice(None)) -> jax.Array:
+        """Experts `experts` of layer `i`, [E', K, N], on `device`."""
+        return jax.device_put(np.ascontiguousarray(self[i][experts]), device)
 
 
-def _layer_shape(layers) -> tuple[int, ...]:
+def layer_shape(layers) -> tuple[int, ...]:
     return tuple(layers.shape) if isinstance(layers, LayerSource) else tuple(layers[0].shape)
 
 
@@ -201,7 +201,7 @@ class HostExperts:
     @property
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """One layer's (gate_up [E, H, 2I], down [E, I, H]) shapes, without making a layer."""
-        return _layer_shape(self.gate_up), _layer_shape(self.down)
+        return layer_shape(self.gate_up), layer_shape(self.down)
 
     @property
     def dtype(self) -> np.dtype:
@@ -213,13 +213,16 @@ class HostExperts:
         return tuple(s.expert(layer, e) if isinstance(s, LayerSource) else s[layer][e]
                      for s in (self.gate_up, self.down))
 
-    def columns(self, layer: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-        """Every `stride`-th output column of MoE layer `layer`'s experts: (gate_up [E, H, 2I // stride],
-        down [E, I, H // stride]); a column is quantized as a whole (groups run along K)."""
-        return tuple(s.columns(layer, stride) if isinstance(s, LayerSource)
-                     else np.ascontiguousarray(np.asarray(s[layer])[..., ::stride]) for s in (self.gate_up, self.down))
+    def columns(self, layer: int, strides: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Every `strides[m]`-th output column of MoE layer `layer`'s matrix m: (gate_up [E, H,
+        2I / s0], down [E, I, H / s1]); a column is quantized as a whole (groups run along K)."""
+        return tuple(s.columns(layer, st) if isinstance(s, LayerSource)
+                     else np.ascontiguousarray(np.asarray(s[layer])[..., ::st])
+                     for s, st in zip((self.gate_up, self.down), strides))
 
-    def on_device(self, layer: int, device=None) -> tuple[jax.Array, jax.Array]:
-        """MoE layer `layer`'s (gate_up, down) on `device`, made there where the source can."""
-        return tuple(s.on_device(layer, device) if isinstance(s, LayerSource)
-                     else jax.device_put(np.asarray(s[layer]), device) for s in (self.gate_up, self.down))
+    def on_device(self, layer: int, device=None, experts: slice = slice(None)) -> tuple[jax.Array, jax.Array]:
+        """Experts `experts` of MoE layer `layer` on `device`: (gate_up, down), made there where
+        the source can."""
+        return tuple(s.on_device(layer, device, experts) if isinstance(s, LayerSource)
+                     else jax.device_put(np.ascontiguousarray(np.asarray(s[layer])[experts]), device)
+                     for s in (self.gate_up, self.down))

@@ -336,6 +336,19 @@ def _bf16_rows(a):
     return a[..., 0, :].astype(jnp.bfloat16)  # [*lead, K//g, 1, N] -> [*lead, K//g, N]
 
 
+def abstract(shape: tuple[int, ...], bits: int | str, group_size: int = 128):
+    """The packed tensor `quantize` (or, for bits "mxfp4", `quantize_mxfp4`) makes of a weight
+    of `shape` [*lead, K, N], with `jax.ShapeDtypeStruct` leaves: its layout without the work."""
+    *lead, k, n = shape
+    sds = jax.ShapeDtypeStruct
+    if bits == "mxfp4":
+        return Mxfp4Tensor(sds((*lead, n, k // 2), jnp.uint8), sds((*lead, n, k // MXFP4_BLOCK), jnp.uint8),
+                           tuple(shape))
+    check_group_size(k, bits, group_size)
+    grid = sds((*lead, k // group_size, n), jnp.bfloat16)
+    return QuantizedTensor(sds((*lead, k * bits // 8, n), jnp.uint8), grid, grid, bits, group_size, tuple(shape))
+
+
 def dequantize(qt: QuantizedTensor, dtype=jnp.bfloat16) -> jax.Array:
     """Materialise `qt` at its logical shape in `dtype` (computed in f32)."""
     *lead, k, n = qt.shape

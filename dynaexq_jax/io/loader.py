@@ -18,6 +18,7 @@ import collections.abc
 import dataclasses
 import json
 import math
+import mmap
 import numbers
 import struct
 import sys
@@ -27,12 +28,11 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.experts import quant
-from dynaexq_jax.experts.expert_state import HostExperts
+from dynaexq_jax.experts.expert_state import HostExperts, LayerSource
 from dynaexq_jax.models import registry
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 from dynaexq_jax.models.decoder import Decoder
@@ -211,10 +211,17 @@ def stored_nbytes(files: dict[str, Path]) -> int:
 def expected_tensors(cfg: ModelConfig, names) -> list[str]:
     """The tensor names `load_params` reads for `cfg` from a checkpoint holding `names`."""
     fam = registry.adapter(cfg)
-    names = logical_names(names)
     out = [t.name for t in fam.top_tensors(cfg)]
     for i in range(cfg.num_layers):
         out += [t.name for t in fam.layer_tensors(cfg, i)]
+    return out + expert_tensor_names(cfg, names)
+
+
+def expert_tensor_names(cfg: ModelConfig, names) -> list[str]:
+    """The names of the experts' tensors (and their biases) among those `load_params` reads."""
+    fam = registry.adapter(cfg)
+    names = logical_names(names)
+    out = []
     for i in cfg.moe_layers:
         fused = fam.fused_expert_tensors(cfg, i)
         if fused[0].name in names or fam.expert_tensors is None:  # None: the family stores only fused experts
@@ -253,46 +260,70 @@ def all_finite(a: np.ndarray) -> bool:
     return bool(np.isfinite(a).all())
 
 
+_ST_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "U8": np.uint8}
+
+
 class _TensorReader:
-    """Reads named tensors from safetensors files, keeping each file open once; `progress`
-    (a tqdm bar, or None) advances by each tensor's stored bytes."""
+    """Reads named tensors from safetensors files, each file mapped once (a tensor is a view of
+    the mapping until converted); `progress` (a tqdm bar, or None) advances by each tensor's
+    stored bytes, `bytes_read` counts them."""
 
     def __init__(self, files: dict[str, Path], dtype, progress=None):
         self.files = files
         self.names = logical_names(files)
         self.dtype = np_dtype(dtype)
-        self._open = {}
+        self._maps = {}  # path -> (mapping, header, start of the data)
         self.progress = progress
         self.bytes_read = 0
 
     def __contains__(self, name):
         return name in self.names
 
-    def _read(self, name: str) -> np.ndarray:
-        path = self.files[name]
-        try:
-            if path not in self._open:
-                self._open[path] = safe_open(path, framework="numpy")
-            a = self._open[path].get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{path} cannot be read ({e}); download or export the checkpoint again") from None
+    def _mapped(self, path: Path):
+        if path not in self._maps:
+            header = read_header(path)  # checked against the file: offsets fit
+            try:
+                with open(path, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{path} cannot be read ({e}); download or export the checkpoint again") \
+                    from None
+            self._maps[path] = (buf, header, 8 + n)
+        return self._maps[path]
+
+    def _read(self, name: str, index=None) -> np.ndarray:
+        """Tensor `name` as stored, a read-only view of the mapped file; `index` (along axis 0)
+        takes only that part, and only its bytes count as read."""
+        buf, header, start = self._mapped(self.files[name])
+        h = header[name]
+        a = np.frombuffer(buf, _ST_NUMPY[h["dtype"]], count=int(np.prod(h["shape"], dtype=np.int64)),
+                          offset=start + h["data_offsets"][0]).reshape(h["shape"])
+        return self._count(a if index is None else a[index])
+
+    def _count(self, a: np.ndarray) -> np.ndarray:
         self.bytes_read += a.nbytes
         if self.progress is not None:
             self.progress.update(a.nbytes)
         return a
 
-    def get(self, t) -> np.ndarray:
+    def get(self, t, index=None) -> np.ndarray:
         """Tensor `t` (an adapter's `Tensor`) in our layout: shape checked, [..., in, out] if
-        linear, gate columns before up if interleaved; MXFP4 decoded one expert at a time."""
+        linear, gate columns before up if interleaved; MXFP4 decoded one expert at a time.
+        `index` (an int or slice along axis 0, e.g. experts of a fused tensor): only that part
+        is read (an MXFP4 tensor is decoded whole first)."""
         if t.name not in self.names:
             raise CheckpointError(f"checkpoint lacks tensor {t.name!r}; is it a complete checkpoint of this model type?")
         if t.name in self.files:
-            a = self._read(t.name)
-            if a.shape != t.shape:
-                raise CheckpointError(f"tensor {t.name!r} has shape {a.shape}, config.json implies {t.shape}")
-            a = self._layout(t, a.astype(self.dtype, copy=False))
+            shape = tuple(self._mapped(self.files[t.name])[1][t.name]["shape"])
+            if shape != t.shape:
+                raise CheckpointError(f"tensor {t.name!r} has shape {shape}, config.json implies {t.shape}")
+            a = self._layout(t, self._read(t.name, index).astype(self.dtype, copy=False))
+            if not a.flags.writeable:  # still a view of the file: the caller owns what it gets
+                a = a.copy()
         else:
             a = decode_layer(self.mxfp4(t), self.dtype)
+            a = a if index is None else a[index]
         # Checked as each tensor is converted, one more pass over memory just read: a NaN or
         # Inf weight would otherwise come out as garbage tokens, or none.
         if not all_finite(a):
@@ -383,7 +414,19 @@ class Checkpoint:
     eos_token_ids: tuple[int, ...]
     tokenizer: object | None  # tokenizers.Tokenizer, when the directory has tokenizer.json
     path: Path
-    bytes_read: int = 0  # bytes of tensors read from the safetensors files
+    reader: object | None = None  # what reads the safetensors files (experts are read on demand)
+    generated: object | None = None  # a preset's `store.Generated` recipe (its experts are made, not read)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of tensors read from the safetensors files so far."""
+        return self.reader.bytes_read if self.reader is not None else 0
+
+    @property
+    def source(self):
+        """What the converted-expert cache keys this checkpoint's experts by: its folder, or a
+        preset's recipe."""
+        return self.generated if self.generated is not None else self.path
 
 
 def read_eos(path: Path) -> tuple[int, ...]:
@@ -429,14 +472,13 @@ def _leaf(tree: dict, path: tuple[str, ...]) -> np.ndarray:
     return tree
 
 
-def load_params(cfg: ModelConfig, files: dict[str, Path], dtype, progress=None, experts=None,
+def load_params(cfg: ModelConfig, files: dict[str, Path], dtype, progress=None,
                 reader=None) -> tuple[dict, HostExperts]:
-    """Read every tensor into our layout, on the host: (non-expert params, experts).
+    """Read every non-expert tensor into our layout, on the host: (non-expert params, experts
+    read on access from the mapped files).
 
     The parameter tree is allocated from the decoder's own shapes (segments stacked), then
-    each checkpoint tensor is written where the family adapter says it goes. `experts`: an
-    [moe_layers, E] bool mask of the experts to read where the checkpoint stores them one by
-    one (the others stay zeros, never read); None: all."""
+    each checkpoint tensor is written where the family adapter says it goes."""
     fam = registry.adapter(cfg)
     r = reader or _TensorReader(files, dtype, progress)
     shapes = Decoder(cfg, dtype).param_shapes()
@@ -451,35 +493,61 @@ def load_params(cfg: ModelConfig, files: dict[str, Path], dtype, progress=None, 
     if fused and all(r.is_mxfp4(t) for pair in fused for t in pair):  # shipped 4-bit: kept as shipped
         mxfp4 = [(r.mxfp4(gu), r.mxfp4(d)) for gu, d in fused]
         experts = dict(gate_up=DecodedLayers(mxfp4, 0, r.dtype), down=DecodedLayers(mxfp4, 1, r.dtype), mxfp4=mxfp4)
-    else:
-        experts = _decoded_experts(cfg, fam, r, experts)
+    else:  # read when a tier asks, from the mapped files
+        experts = dict(gate_up=CheckpointLayers(cfg, fam, r, 0), down=CheckpointLayers(cfg, fam, r, 1))
     if cfg.expert_bias:  # [L, E, 2I] and [L, E, H]: small, one array each
         pairs = [[r.get(t) for t in fam.expert_bias_tensors(cfg, i)] for i in cfg.moe_layers]
         experts.update(gate_up_bias=np.stack([p[0] for p in pairs]), down_bias=np.stack([p[1] for p in pairs]))
     return params, HostExperts(**experts)
 
 
-def _decoded_experts(cfg: ModelConfig, fam, r: _TensorReader, keep=None) -> dict:
-    """HostExperts' gate_up and down, every layer read into one [E, ...] array of the compute
-    dtype; with `keep` [moe_layers, E], only its experts where they are stored one by one
-    (zero pages elsewhere: calloc'd memory the host never touches)."""
-    gate_up, down = [], []
-    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    alloc = np.empty if keep is None else np.zeros
-    for li, i in enumerate(cfg.moe_layers):
-        wgu = alloc((E, H, 2 * I), r.dtype)  # [E, H, 2I]: gate columns, then up
-        wd = alloc((E, I, H), r.dtype)  # [E, I, H]
-        fused_gu, fused_d = fam.fused_expert_tensors(cfg, i)
-        if fused_gu.name in r or fam.expert_tensors is None:  # transformers' in-memory layout
-            wgu[:] = r.get(fused_gu)
-            wd[:] = r.get(fused_d)
-        else:
-            for e in range(E) if keep is None else np.flatnonzero(keep[li]):
-                g, u, d = fam.expert_tensors(cfg, i, e)
-                wgu[e, :, :I], wgu[e, :, I:], wd[e] = r.get(g), r.get(u), r.get(d)
-        gate_up.append(wgu)
-        down.append(wd)
-    return dict(gate_up=gate_up, down=down)
+class CheckpointLayers(LayerSource):
+    """Item `item` (gate_up 0, down 1) of every MoE layer's experts, read from the mapped
+    safetensors files on access, in our layout: nothing is held, a layer or an expert is read
+    (and checked finite) when a consumer asks for it. Experts stored one tensor each are read
+    one by one; a fused [E, ...] tensor is read in the slice asked for."""
+
+    memory_kind = "mapped checkpoint"
+
+    def __init__(self, cfg: ModelConfig, fam, reader: _TensorReader, item: int):
+        self.cfg, self.fam, self.r, self.item = cfg, fam, reader, item
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.shape = (E, H, 2 * I) if item == 0 else (E, I, H)
+        self.dtype = reader.dtype
+        self.num_layers = len(cfg.moe_layers)
+
+    def _fused(self, layer: int):
+        """The layer's fused tensor of this item, or None where experts are stored one by one."""
+        t = self.fam.fused_expert_tensors(self.cfg, self.cfg.moe_layers[layer])[self.item]
+        return t if t.name in self.r or self.fam.expert_tensors is None else None
+
+    def _experts(self, layer: int, ids) -> np.ndarray:
+        """Experts `ids` (a range) of `layer`, [len(ids), K, N]."""
+        fused = self._fused(layer)
+        if fused is not None:
+            return self.r.get(fused, slice(ids.start, ids.stop, ids.step))
+        out = np.empty((len(ids),) + self.shape[1:], self.dtype)
+        i, I = self.cfg.moe_layers[layer], self.cfg.moe_intermediate_size
+        for k, e in enumerate(ids):
+            g, u, d = self.fam.expert_tensors(self.cfg, i, e)
+            if self.item == 0:
+                out[k, :, :I], out[k, :, I:] = self.r.get(g), self.r.get(u)
+            else:
+                out[k] = self.r.get(d)
+        return out
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        if isinstance(layer, slice):
+            return [self[j] for j in range(*layer.indices(len(self)))]
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(layer)
+        return self._experts(layer, range(self.shape[0]))
+
+    def expert(self, layer: int, e: int) -> np.ndarray:
+        return self._experts(layer, range(e, e + 1))[0]
+
+    def on_device(self, layer: int, device=None, experts: slice = slice(None)) -> jax.Array:
+        return jax.device_put(self._experts(layer, range(self.shape[0])[experts]), device)
 
 
 def to_device(tree):
@@ -487,12 +555,11 @@ def to_device(tree):
     return jax.tree.map(lambda a: jax.device_put(np.ascontiguousarray(a)), tree)
 
 
-def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False, experts=None) -> Checkpoint:
+def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False) -> Checkpoint:
     """Load a Hugging Face checkpoint directory: non-expert weights onto the default device,
-    experts into host memory (a policy decides what of them goes to the device, and how).
-    `progress` shows a bar of bytes read, with rate and ETA, on stderr. `experts`: an
-    [moe_layers, E] bool mask of the experts this process needs (a mesh process's own; see
-    `load_params`), None: all."""
+    experts left in the mapped files, each read when a policy asks for it (so a process of a
+    mesh reads only its own, and nothing holds a second copy of them). `progress` shows a bar of
+    the non-expert bytes read, with rate and ETA, on stderr."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist; pass --model DIR of a Hugging Face checkpoint")
@@ -500,11 +567,14 @@ def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False, expert
     files = weight_files(path)
     check_tensor_names(cfg, files, path)
     eos, tokenizer = read_eos(path), load_tokenizer(path)  # before the weights: a bad file fails fast
-    total = stored_nbytes(files) if progress else 0
+    experts = set(expert_tensor_names(cfg, files))
+    total = stored_nbytes({n: f for n, f in files.items() if n not in experts}) if progress else 0
+    reader = _TensorReader(files, dtype)
     with tqdm(total=total, desc="loading", unit="B", unit_scale=True, file=sys.stderr, disable=not progress,
               leave=False, dynamic_ncols=True) as bar:
-        reader = _TensorReader(files, dtype, bar if progress else None)
-        params, experts = load_params(cfg, files, dtype, experts=experts, reader=reader)
+        reader.progress = bar if progress else None
+        params, experts = load_params(cfg, files, dtype, reader=reader)
+        reader.progress = None
     return Checkpoint(
         config=cfg,
         params=to_device(params),
@@ -513,7 +583,7 @@ def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False, expert
         eos_token_ids=eos,
         tokenizer=tokenizer,
         path=path,
-        bytes_read=reader.bytes_read,
+        reader=reader,
     )
 
 

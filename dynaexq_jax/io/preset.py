@@ -23,6 +23,7 @@ import numpy as np
 
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.experts.expert_state import HostExperts, LayerSource
+from dynaexq_jax.io import store
 from dynaexq_jax.io.loader import Checkpoint, np_dtype, to_device
 from dynaexq_jax.models import registry
 from dynaexq_jax.models.config import ModelConfig
@@ -116,6 +117,7 @@ PRESETS = {
 }
 
 INIT_STD = 0.02
+GENERATOR = 2  # bump when the experts a seed makes change (the converted-expert cache keys presets by it)
 
 
 def preset_config(name: str) -> ModelConfig:
@@ -138,6 +140,7 @@ class LazyLayers(LayerSource):
     """
 
     POOL = 4
+    memory_kind = "generated"  # a host bank over it makes each expert on demand
 
     def __init__(self, shape: tuple[int, int, int], num_layers: int, seed: int, dtype):
         self.shape, self.num_layers, self.dtype = tuple(shape), num_layers, np.dtype(dtype)
@@ -183,12 +186,13 @@ class LazyLayers(LayerSource):
             self._roll_into(out[e], layer, e, slice(None, None, stride))
         return out
 
-    def on_device(self, layer: int, device=None) -> jax.Array:
+    def on_device(self, layer: int, device=None, experts: slice = slice(None)) -> jax.Array:
         self._check(layer)
         device = device or jax.devices()[0]
         if device not in self._device_pool:  # each pool matrix twice along K: a roll is one slice
             self._device_pool[device] = jax.device_put(np.stack([np.concatenate([m, m]) for m in self.pool]), device)
-        picks = np.array([self._pick(layer, e) for e in range(self.shape[0])], np.int32)  # [E, 2]
+        ids = range(self.shape[0])[experts]
+        picks = np.array([self._pick(layer, e) for e in ids], np.int32)  # [E', 2]
         return _rolled(self._device_pool[device], jax.device_put(picks, device), self.shape[1])
 
 
@@ -278,9 +282,13 @@ def random_checkpoint(cfg: ModelConfig, dtype=jnp.bfloat16, *, seed: int = 0, ro
         down=LazyLayers((E, I, H), n, seed * 2 + 2, npd),
         **biases,
     )
+    # The experts depend on their shapes, dtype and seed only (not on the routers' skew): what
+    # the converted-expert cache keys a preset by, so a second run maps what the first converted.
+    recipe = (GENERATOR, cfg.model_type, n, E, H, I, str(npd), seed)
     return Checkpoint(
         config=cfg, params=to_device(host), experts=experts, dtype=jnp.dtype(dtype),
         eos_token_ids=(), tokenizer=None, path=Path(f"<random seed {seed}>"),
+        generated=store.Generated(f"preset-{cfg.model_type}", recipe),
     )
 
 

@@ -1,38 +1,49 @@
-"""On-disk cache of converted experts (quantized fallbacks, int8 host copies), with orbax.
+"""On-disk cache of converted experts (quantized fallbacks, int8 host copies), as mapped files.
 
 Converting a checkpoint's experts is pure: the same source weights and the same quantization
-settings always give the same arrays. So each converted piece is written once, as an orbax
-checkpoint, and read back on the next run.
+settings always give the same arrays. So each converted piece is written once and read back
+on the next run, and read back means *mapped*: an entry's arrays live in one safetensors file
+(`arrays.safetensors`, readable by any safetensors reader) whose tensors a run uses as numpy
+views of the file, with no copy in process memory. A dynaexq run with int8 slots keeps its
+host bank of int8 copies as such a mapping: memory the page cache already holds, not a second
+copy. (orbax, which the cache used before, restores through tensorstore into fresh buffers:
+right for checkpoints of a training run, a copy too many for a bank the run maps.)
+
+Entries are written as they are produced, layer by layer: the file is laid out from the
+arrays' shapes first, then each array is written into its place, so a conversion never holds
+more than the layer it is on.
 
 Where: `$DYNAEXQ_CACHE_DIR`, else `$XDG_CACHE_HOME/dynaexq` (`~/.cache/dynaexq`), as the Hugging
 Face and JAX caches do; never inside the checkpoint folder, which may be a read-only model
-store. Each checkpoint folder has its own subfolder (its name and a hash of its path), so
-checkpoints sharing a cache never touch each other's entries. The hotness profile a run saves
-for the next one's warm start lives there too (`profile_path`).
+store. Each source has its own subfolder: a checkpoint folder's name and a hash of its path,
+or a generated source's (a random preset's) name and a hash of its recipe, so sources sharing a
+cache never touch each other's entries. The hotness profile a run saves for the next one's
+warm start lives there too (`profile_path`).
 
-An entry's name holds a hash of its settings and a fingerprint of its source: config.json, the
-shard index and the full contents of every `*.safetensors` file. A file's hash is remembered
-(`hashes.json`) under its size, mtime, ctime and inode, so later runs only stat it, and any
-write to it (which moves its ctime, whatever its mtime is set back to) has it hashed again. A
-changed source or setting misses and is rebuilt; the stale sibling with the same settings is
-then removed.
+An entry's name holds a hash of its settings and a fingerprint of its source: for a checkpoint
+config.json, the shard index and the full contents of every `*.safetensors` file (a file's
+hash is remembered in `hashes.json` under its size, mtime, ctime and inode, so later runs only
+stat it, and any write to it, which moves its ctime whatever its mtime is set back to, has it
+hashed again); for a generated source its recipe. A changed source or setting misses and is
+rebuilt; the stale sibling with the same settings is then removed.
 
 Nothing in the cache is trusted: `meta.json` holds a SHA-256 of every array, checked on each
-restore. A damaged entry (flipped bytes, a truncated file, no `meta.json`) is a warning, and
-is removed and rebuilt.
+read (in parallel threads). A damaged entry (flipped bytes, a truncated file, no `meta.json`)
+is a warning, and is removed and rebuilt.
 
 Writes are atomic: an entry is built in `.tmp-<entry>-<host>-<pid>-*` next to its final place
 and renamed into it only when complete; the next run removes temporaries whose process is gone
 (a killed run). A cache that cannot be written (read-only, disk full) is a warning, and the
-run goes on without it. Experts without a source (random presets), or `DYNAEXQ_CACHE=0`, are
-converted without a cache.
+run goes on without it. `DYNAEXQ_CACHE=0` turns the cache off.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import socket
@@ -45,11 +56,14 @@ import numpy as np
 
 from dynaexq_jax.io import files
 
-FORMAT_VERSION = 2  # bump when the layout of what is cached changes
+FORMAT_VERSION = 3  # bump when the layout of what is cached changes (3: mapped safetensors files)
 HASHES = "hashes.json"
+ARRAYS = "arrays.safetensors"
 # Temporaries are named after the host (hashed: no dashes) and pid of the run writing them.
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _HASHED: dict[str, str] = {}  # this process's file hashes, by path and stat (a cache may be unwritable)
+_PENDING: dict[Path, dict] = {}  # hash memos computed but not yet written, by memo file
+_THREADS = min(16, os.cpu_count() or 1)
 
 
 class CacheWarning(UserWarning):
@@ -72,6 +86,19 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "dynaexq"
 
 
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    """A source of experts made by a program rather than read from files (a random preset):
+    cached under its `name` and a hash of its `recipe`, everything the experts depend on."""
+
+    name: str
+    recipe: tuple  # hashable, JSON-serialisable parts: shapes, dtype, seed, generator version
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps([self.name, *self.recipe]).encode()).hexdigest()
+
+
 def source_dir(source: Path) -> Path:
     """The cache folder of checkpoint folder `source` (absolute)."""
     return cache_root() / f"{source.name}-{hashlib.sha256(str(source).encode()).hexdigest()[:10]}"
@@ -90,22 +117,28 @@ def _stat_key(f: Path) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def _file_hashes(files: list[Path], memo_file: Path) -> list[str]:
-    """Content hashes of `files`, read only where the remembered (stat -> hash) is out of date."""
+def _file_hashes(paths: list[Path], memo_file: Path) -> list[str]:
+    """Content hashes of `paths`, read only where the remembered (stat -> hash) is out of date."""
     try:
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):
         memo = {}
     memo = {**(memo if isinstance(memo, dict) else {}), **_HASHED}
-    keys = [f"{f}|{_stat_key(f)}" for f in files]
-    todo = [(k, f) for k, f in zip(keys, files) if not isinstance(memo.get(k), str)]
+    keys = [f"{f}|{_stat_key(f)}" for f in paths]
+    todo = [(k, f) for k, f in zip(keys, paths) if not isinstance(memo.get(k), str)]
     if todo:
         with concurrent.futures.ThreadPoolExecutor(min(8, len(todo))) as pool:
             memo.update(zip([k for k, _ in todo], pool.map(_file_hash, [f for _, f in todo])))
         current = {k: memo[k] for k in keys}
         _HASHED.update(current)
-        _write_json_atomic(memo_file, current)
+        _PENDING[memo_file] = current  # written with the first entry: a refused run writes nothing
     return [memo[k] for k in keys]
+
+
+def _flush_memo(home: Path) -> None:
+    memo = _PENDING.pop(home / HASHES, None)
+    if memo is not None:
+        _write_json_atomic(home / HASHES, memo)
 
 
 def _write_json_atomic(path: Path, doc) -> None:
@@ -130,6 +163,19 @@ def source_fingerprint(checkpoint_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _where(source) -> tuple[Path, str] | None:
+    """(cache folder, fingerprint) of `source`: a checkpoint folder or a `Generated` source;
+    None when it has none (no folder) or the cache is off."""
+    if not enabled() or source is None:
+        return None
+    if isinstance(source, Generated):
+        return cache_root() / f"{source.name}-{source.digest[:10]}", source.digest[:16]
+    src = Path(source).resolve()  # absolute: the folder's hash must not depend on the working directory
+    if not src.is_dir():
+        return None
+    return source_dir(src), source_fingerprint(src)
+
+
 def _settings_slug(kind: str, settings: dict) -> str:
     text = json.dumps({"kind": kind, "version": FORMAT_VERSION, **settings}, sort_keys=True)
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
@@ -141,6 +187,18 @@ def _leaves(tree, prefix: str = "") -> dict[str, np.ndarray]:
     return {prefix.rstrip("/"): tree}
 
 
+def _nest(flat: dict[str, np.ndarray]) -> dict:
+    """The nested dict whose `_leaves` are `flat`."""
+    out: dict = {}
+    for path, a in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = a
+    return out
+
+
 def _array_hash(a) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
 
@@ -148,31 +206,163 @@ def _array_hash(a) -> str:
 def checksums(tree) -> dict[str, str]:
     """SHA-256 of every array of a nested dict, by path (hashed in parallel threads)."""
     leaves = _leaves(tree)
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
         return dict(zip(leaves, pool.map(_array_hash, leaves.values())))
 
 
-def _restore(path: Path, like):
-    import orbax.checkpoint as ocp
+# ----------------------------------------------------------------------------- the array file
 
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path / "arrays", like)
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "int32": "I32", "bfloat16": "BF16", "float16": "F16",
+              "uint8": "U8", "int8": "I8", "bool": "BOOL"}
 
 
-def _load_verified(entry: Path):
-    """The entry's tree if it restores and matches its checksums; else None, the entry removed."""
-    try:
-        meta = json.loads((entry / "meta.json").read_text())
-        tree = _restore(entry, _abstract(meta["tree"]))
-        ok = checksums(tree) == meta["checksums"]
-        why = "its arrays do not match their checksums"
-    except Exception as e:  # orbax and tensorstore raise many types for a damaged entry
-        ok, why = False, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-    if ok:
-        return tree
-    _warn(f"the cache entry {entry} is damaged ({why}); rebuilding it")
-    shutil.rmtree(entry, ignore_errors=True)
-    return None
+def _layout(spec: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A safetensors header for arrays `spec` {name: (shape, dtype)} and each array's byte range
+    in the file. Widest dtypes first, so every array starts aligned to its element size."""
+    order = sorted(spec, key=lambda n: (-np.dtype(spec[n][1]).itemsize, n))
+    header, offset = {}, 0
+    for name in order:
+        shape, dtype = spec[name]
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype.name], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 64)  # the data starts 64-byte aligned
+    start = 8 + len(raw)
+    ranges = {n: (start + h["data_offsets"][0], start + h["data_offsets"][1]) for n, h in header.items()}
+    return len(raw).to_bytes(8, "little") + raw, ranges
+
+
+def _views(buf, spec: dict, ranges: dict) -> dict[str, np.ndarray]:
+    from dynaexq_jax.io.loader import np_dtype
+
+    return {n: np.frombuffer(buf, np_dtype(spec[n][1]), count=int(np.prod(spec[n][0], dtype=np.int64)),
+                             offset=ranges[n][0]).reshape(spec[n][0]) for n in spec}
+
+
+def _spec_of(desc: dict) -> dict:
+    return {n: (tuple(d["shape"]), d["dtype"]) for n, d in _leaves_desc(desc).items()}
+
+
+def _leaves_desc(desc, prefix: str = "") -> dict:
+    if isinstance(desc.get("shape"), list):
+        return {prefix.rstrip("/"): desc}
+    return {k: v for name, sub in desc.items() for k, v in _leaves_desc(sub, f"{prefix}{name}/").items()}
+
+
+def _describe(tree):
+    """Shapes and dtypes of a nested dict of arrays, JSON-serialisable (reading needs them)."""
+    if isinstance(tree, dict):
+        return {k: _describe(v) for k, v in tree.items()}
+    return {"shape": list(tree.shape), "dtype": str(tree.dtype)}
+
+
+def _map(path: Path, writable: bool = False):
+    with open(path, "r+b" if writable else "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+
+
+def read_arrays(entry: Path) -> dict[str, np.ndarray]:
+    """Entry `entry`'s arrays, checked against its `meta.json`, as read-only views of its mapped
+    file (flat: {"a/b/c": array}). Raises on any damage (OSError, ValueError, KeyError)."""
+    meta = json.loads((entry / "meta.json").read_text())
+    spec = _spec_of(meta["tree"])
+    head, ranges = _layout(spec)
+    path = entry / ARRAYS
+    end = max((e for _, e in ranges.values()), default=len(head))
+    if path.stat().st_size != end:
+        raise ValueError(f"{ARRAYS} holds {path.stat().st_size} bytes, its arrays need {end}")
+    buf = _map(path)
+    if buf[: len(head)] != head:
+        raise ValueError(f"the header of {ARRAYS} does not describe its arrays")
+    arrays = _views(buf, spec, ranges)
+    with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
+        sums = dict(zip(arrays, pool.map(_array_hash, arrays.values())))
+    if sums != meta["checksums"]:
+        raise ValueError("its arrays do not match their checksums")
+    return arrays
+
+
+class ArrayWriter:
+    """Arrays `spec` written one by one into a new entry's file, then committed at once.
+
+    `put` copies an array into its place in the mapped file and hashes it in a thread;
+    `commit` writes `meta.json` and renames the temporary folder into the entry. Until then
+    nothing at the entry's name exists, so an interrupted run leaves nothing a later run trusts.
+    """
+
+    def __init__(self, tmp: Path, final: Path, spec: dict, meta: dict):
+        self.tmp, self.final, self.spec, self.meta = tmp, final, spec, meta
+        head, ranges = _layout(spec)
+        end = max((e for _, e in ranges.values()), default=len(head))
+        with open(tmp / ARRAYS, "wb") as f:
+            f.write(head)
+            f.truncate(end)
+            os.posix_fallocate(f.fileno(), 0, end)  # a full disk fails here, not inside a later write
+        self._buf = _map(tmp / ARRAYS, writable=True)
+        self.arrays = {n: v for n, v in _views(self._buf, spec, ranges).items()}
+        self._pool = concurrent.futures.ThreadPoolExecutor(_THREADS)
+        self._sums: dict[str, concurrent.futures.Future] = {}
+        self.saved = False
+
+    def put(self, name: str, array) -> None:
+        dst = self.arrays[name]
+        array = np.asarray(array)
+        if array.shape != dst.shape or array.dtype != dst.dtype:
+            raise ValueError(f"{name}: {array.shape} {array.dtype}, the entry holds {dst.shape} {dst.dtype}")
+        dst[...] = array
+        self._sums[name] = self._pool.submit(_array_hash, dst)
+
+    def commit(self) -> dict[str, np.ndarray]:
+        """Make the entry; its arrays as read-only mapped views. If the entry cannot be made
+        (warned, `saved` False), the arrays are still returned, mapped from the removed
+        temporary file: valid for this run, gone with it."""
+        try:
+            missing = sorted(set(self.spec) - set(self._sums))
+            if missing:
+                raise ValueError(f"{missing[0]} was never written")
+            meta = {**self.meta, "tree": _describe(_nest(self.arrays)),
+                    "checksums": {n: f.result() for n, f in self._sums.items()}}
+            self._buf.flush()
+            (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            try:
+                os.rename(self.tmp, self.final)
+            except OSError:  # another process finished the same entry first: theirs is as good
+                if not (self.final / "meta.json").is_file():
+                    raise
+                shutil.rmtree(self.tmp)
+        except Exception as e:  # a full disk surfaces as OSError or as a failed flush
+            views = self.arrays
+            self._pool.shutdown(wait=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            _warn(f"cannot write the expert cache at {self.final.parent} ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())[:200]}); running without it (free space there, or set "
+                  "DYNAEXQ_CACHE_DIR or DYNAEXQ_CACHE=0)")
+            return views
+        except BaseException:
+            self.abort()
+            raise
+        self.saved = True
+        views = _views(_map(self.final / ARRAYS), self.spec, _layout(self.spec)[1])
+        self._close()
+        return views
+
+    def _close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.arrays = {}
+        try:
+            self._buf.close()
+        except BufferError:  # a view of the writable mapping is still held: it closes when dropped
+            pass
+
+    def abort(self) -> None:
+        self._close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- entries
 
 
 def _alive(pid: int) -> bool:
@@ -193,86 +383,138 @@ def _remove_dead_temporaries(home: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_atomic(home: Path, name: str, tree, meta: dict) -> bool:
-    """Write the entry, or warn and return False if the cache cannot take it."""
-    import orbax.checkpoint as ocp
+def _load_verified(entry: Path):
+    """The entry's arrays (a nested dict of mapped views) if they match their checksums; else
+    None, the entry removed with a warning."""
+    try:
+        return _nest(read_arrays(entry))
+    except Exception as e:  # a damaged entry fails in many ways: missing files, bad JSON, short files
+        why = "its arrays do not match their checksums" if "checksums" in str(e) else \
+            f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    _warn(f"the cache entry {entry} is damaged ({why}); rebuilding it")
+    shutil.rmtree(entry, ignore_errors=True)
+    return None
 
+
+def _writer(home: Path, name: str, spec: dict, meta: dict) -> ArrayWriter | None:
+    """A writer for entry `home/name`, or None (with a warning) if the cache cannot take it."""
     try:
         home.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=home, prefix=f".tmp-{name}-{_HOST}-{os.getpid()}-"))
     except OSError as e:
         _warn(f"cannot write the expert cache at {home} ({e}); running without it "
               "(set DYNAEXQ_CACHE_DIR to a writable folder, or DYNAEXQ_CACHE=0)")
-        return False
+        return None
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "arrays", tree)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        try:
-            os.rename(tmp, home / name)
-        except OSError:  # another process finished the same entry first: theirs is as good
-            shutil.rmtree(tmp)
-        return True
-    except Exception as e:  # a full disk surfaces as OSError or as orbax's own error types
+        return ArrayWriter(tmp, home / name, spec, meta)
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _warn(f"cannot write the expert cache at {home} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
               "running without it (free space there, or set DYNAEXQ_CACHE_DIR or DYNAEXQ_CACHE=0)")
-        return False
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def cached(source: Path | None, kind: str, settings: dict, build: Callable[[], object], like: Callable[[object], object] | None = None):
-    """`build()` (a pytree of numpy arrays), through the cache of checkpoint directory `source`.
-
-    `settings` (JSON-serialisable) are everything besides the source that changes the result.
-    `like(tree)` is optional post-processing applied to both fresh and restored trees.
-    """
-    finish = like or (lambda t: t)
-    src = Path(source).resolve() if source is not None else None  # orbax wants absolute paths
-    if src is None or not src.is_dir() or not enabled():
-        return finish(build())
-    home = source_dir(src)
-    slug = _settings_slug(kind, settings)
-    name = f"{slug}-{source_fingerprint(src)}"
-    entry = home / name
-    if home.is_dir():
-        _remove_dead_temporaries(home)
-    if entry.is_dir():
-        tree = _load_verified(entry)
-        if tree is not None:
-            return finish(tree)
-    tree = build()
-    meta = {"kind": kind, "settings": settings, "source": str(src), "version": FORMAT_VERSION,
-            "tree": _describe(tree), "checksums": checksums(tree)}
-    if _save_atomic(home, name, tree, meta):
-        for stale in home.glob(f"{slug}-*"):  # same settings, older source (of this checkpoint only)
-            if stale.name != name:
-                shutil.rmtree(stale, ignore_errors=True)
-    return finish(tree)
-
-
-def _describe(tree):
-    """Shapes and dtypes of a nested dict of arrays, JSON-serialisable (restore needs them)."""
-    if isinstance(tree, dict):
-        return {k: _describe(v) for k, v in tree.items()}
-    return {"shape": list(tree.shape), "dtype": str(tree.dtype)}
-
-
-def _abstract(desc):
-    """Restore targets: numpy arrays, so restored trees stay in host memory like fresh ones."""
-    from dynaexq_jax.io.loader import np_dtype
-
-    if isinstance(desc.get("shape"), list):
-        return np.empty(tuple(desc["shape"]), np_dtype(desc["dtype"]))  # untouched pages: no real allocation
-    return {k: _abstract(v) for k, v in desc.items()}
-
-
-def profile_path(source: Path | None) -> Path | None:
-    """Where the hotness profile of checkpoint `source` is saved between runs (beside its
-    converted experts), or None when there is no source or the cache is off (`DYNAEXQ_CACHE=0`)."""
-    src = Path(source).resolve() if source is not None else None
-    if src is None or not src.is_dir() or not enabled():
         return None
-    return source_dir(src) / f"hotness-{source_fingerprint(src)}.json"
+
+
+def _spec(flat: dict) -> dict:
+    return {n: (a.shape, a.dtype) for n, a in flat.items()}
+
+
+def _write_all(writer: ArrayWriter, flat: dict) -> dict:
+    """Every array of `flat` through `writer`, committed: the mapped views."""
+    try:
+        for n, a in flat.items():
+            writer.put(n, a)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.commit()
+
+
+def _save_atomic(home: Path, name: str, tree, meta: dict) -> bool:
+    """Write nested dict `tree` as entry `home/name` with `meta`; False (warned) if impossible."""
+    flat = _leaves(tree)
+    writer = _writer(home, name, _spec(flat), meta)
+    if writer is None:
+        return False
+    _write_all(writer, flat)
+    if writer.saved:
+        _flush_memo(home)
+    return writer.saved
+
+
+@dataclasses.dataclass
+class Entry:
+    """One converted piece of one source: read it, or write it once."""
+
+    home: Path
+    name: str
+    slug: str
+    meta: dict
+
+    @property
+    def path(self) -> Path:
+        return self.home / self.name
+
+    def read(self) -> dict | None:
+        """The entry's arrays (nested dict of read-only mapped views), or None: absent, or
+        damaged (then removed, with a warning)."""
+        if self.home.is_dir():
+            _remove_dead_temporaries(self.home)
+        return _load_verified(self.path) if self.path.is_dir() else None
+
+    def writer(self, spec: dict) -> ArrayWriter | None:
+        """A writer of arrays `spec` {"a/b": (shape, dtype)}; its commit also removes this
+        source's stale entries of the same settings. None (warned) if the cache cannot be written."""
+        w = _writer(self.home, self.name, spec, self.meta)
+        if w is not None:
+            commit = w.commit
+
+            def commit_and_tidy():
+                views = commit()
+                if w.saved:
+                    _flush_memo(self.home)
+                    for stale in self.home.glob(f"{self.slug}-*"):  # same settings, older source
+                        if stale.name != self.name:
+                            shutil.rmtree(stale, ignore_errors=True)
+                return views
+
+            w.commit = commit_and_tidy
+        return w
+
+
+def entry(source, kind: str, settings: dict) -> Entry | None:
+    """The cache entry of `source` (a checkpoint folder or a `Generated` source) for `kind` and
+    `settings` (JSON-serialisable: everything besides the source that changes the result), or
+    None when `source` has no cache (no folder, or the cache is off)."""
+    where = _where(source)
+    if where is None:
+        return None
+    home, fingerprint = where
+    slug = _settings_slug(kind, settings)
+    meta = {"kind": kind, "settings": settings, "source": str(source), "version": FORMAT_VERSION}
+    return Entry(home, f"{slug}-{fingerprint}", slug, meta)
+
+
+def cached(source, kind: str, settings: dict, build: Callable[[], dict]):
+    """`build()` (a nested dict of numpy arrays) through the cache: read back (mapped) when an
+    entry exists, else built, written and returned."""
+    e = entry(source, kind, settings)
+    if e is None:
+        return build()
+    tree = e.read()
+    if tree is not None:
+        return tree
+    tree = build()
+    flat = _leaves(tree)
+    writer = e.writer(_spec(flat))
+    return tree if writer is None else _nest(_write_all(writer, flat))
+
+
+def profile_path(source) -> Path | None:
+    """Where the hotness profile of checkpoint folder `source` is saved between runs (beside its
+    converted experts), or None when there is no folder or the cache is off (`DYNAEXQ_CACHE=0`).
+    A generated source has none: its routing depends on more than its experts' recipe."""
+    where = None if isinstance(source, Generated) else _where(source)
+    if where is None:
+        return None
+    home, fingerprint = where
+    return home / f"hotness-{fingerprint}.json"

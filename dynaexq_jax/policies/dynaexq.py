@@ -24,8 +24,9 @@ from dynaexq_jax.experts.swap import Swapper
 from dynaexq_jax.io import store
 from dynaexq_jax.policies import hotness
 from dynaexq_jax.policies.full import FixedPolicy
-from dynaexq_jax.experts.expert_state import device_biases, single_tier
-from dynaexq_jax.policies.tiers import Stopwatch, host_bank, mixed_fallback, packed_tier, quantized_layers, slot_pool
+from dynaexq_jax.budget import HI_BITS
+from dynaexq_jax.experts.expert_state import device_biases
+from dynaexq_jax.policies.tiers import Stopwatch, fallback_and_bank, host_bank, slot_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,31 +148,29 @@ class DynaExqPolicy:
 
 def build(ckpt, plan, opts: DynaExqOptions, *, hotness_profile=None, transfer=None, progress: bool = False,
           device=None):
-    """The dynaexq policy for `plan.slots` slots (a static one when the plan has none)."""
+    """The dynaexq policy for `plan.slots` slots (a static one when the plan has none). One
+    pass converts the fallbacks (and an int8/int4 slots' host bank); a bf16 bank is the
+    checkpoint's own experts, read on promotion."""
     host = ckpt.experts
     device = device or jax.devices()[0]  # committed arrays: every published state has one placement
     L, E = host.num_layers, host.num_experts
     clock = Stopwatch()
+    mid = None
     if opts.mid_experts:
         mid = np.zeros((L, E), bool)
         mid[tuple(np.array(opts.mid_experts).T)] = True
-        fallback = mixed_fallback(host, opts.lo_bits, opts.mid_bits, mid, opts.group_size, opts.quant_method,
-                                  source=ckpt.path, device=device, progress=progress, clock=clock)
-    else:
-        layers = quantized_layers(host, opts.lo_bits, opts.group_size, opts.quant_method, source=ckpt.path,
-                                  progress=progress, clock=clock)
-        fallback = packed_tier(layers, device)
-        del layers
+    bank_bits = HI_BITS.get(opts.hi_dtype) if plan.slots else None
+    fallback, hi_layers = fallback_and_bank(host, opts.lo_bits, opts.group_size, opts.quant_method,
+                                            mid_bits=opts.mid_bits, mid=mid, bank_bits=bank_bits, source=ckpt.source,
+                                            device=device, room=plan.unallocated, progress=progress, clock=clock)
     if plan.slots == 0:
-        state = fallback if opts.mid_experts else single_tier(fallback, L, E, device, host)
-        return FixedPolicy("dynaexq", state, lo_bits=opts.lo_bits, convert_s=clock.seconds)
-    bank = host_bank(host, opts.hi_dtype, opts.group_size, source=ckpt.path, device=device, progress=progress,
-                     clock=clock)
+        return FixedPolicy("dynaexq", fallback, lo_bits=opts.lo_bits, convert_s=clock.seconds)
+    bank = host_bank(host, hi_layers, device)
     pool = slot_pool(host, plan.slots, opts.hi_dtype, opts.group_size, device)
     per_step = opts.bytes_per_step or 4 * bank.expert_nbytes
     swapper = Swapper(fallback, pool, bank, L, bytes_per_step=per_step, transfer=transfer, blocking=opts.blocking,
                       device=device, biases=device_biases(host, device))
-    saved = store.profile_path(ckpt.path) if opts.save_profile else None
+    saved = store.profile_path(ckpt.source) if opts.save_profile else None
     tracker, informed = warm_tracker(ckpt, opts, hotness_profile)
     return DynaExqPolicy(swapper, tracker, opts, informed=informed, profile_path=saved, convert_s=clock.seconds)
 
@@ -186,7 +185,7 @@ def warm_tracker(ckpt, opts: DynaExqOptions, hotness_profile=None) -> tuple[hotn
         return hotness.HotnessTracker(L, E, opts.half_life_steps, hotness_profile.scores), True
     if hotness_profile:
         return hotness.HotnessTracker.load(hotness_profile, opts.half_life_steps, expect_shape=(L, E)), True
-    saved = store.profile_path(ckpt.path) if opts.save_profile else None
+    saved = store.profile_path(ckpt.source) if opts.save_profile else None
     if saved is not None and saved.is_file():
         try:
             return hotness.HotnessTracker.load(saved, opts.half_life_steps, expect_shape=(L, E)), True

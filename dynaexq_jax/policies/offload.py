@@ -26,8 +26,9 @@ import numpy as np
 
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases
-from dynaexq_jax.experts.swap import HostBank, stage, write_slot
+from dynaexq_jax.experts.swap import stage, write_slot
 from dynaexq_jax.policies import NoBetweenStepWork
+from dynaexq_jax.policies.tiers import host_bank
 
 Key = tuple[int, int]  # (moe_layer, expert)
 
@@ -132,12 +133,10 @@ class OffloadPolicy(NoBetweenStepWork):
         self.num_experts = E
         self.num_slots = min(num_slots, L * E)
         self.staging = min(staging, self.num_slots)
-        self.bank = HostBank(([(gu[e], dn[e]) for e in range(E)] for gu, dn in zip(host.gate_up, host.down)),
-                             self.device)
+        self.bank = host_bank(host, device=self.device)  # the checkpoint's own experts, read on each load
         self.cache = LRUSlots(self.num_slots, self.bank.expert_nbytes)
-        gu, dn = self.bank[0, 0]
-        self._pool = jax.device_put((jnp.zeros((self.num_slots,) + gu.shape, gu.dtype),
-                                     jnp.zeros((self.num_slots,) + dn.shape, dn.dtype)), self.device)
+        self._pool = tuple(jnp.zeros((self.num_slots,) + tuple(shape[1:]), host.dtype, device=self.device)
+                           for shape in host.shapes)
         self._inflight: dict[Key, tuple[int, object]] = {}  # prefetches: key -> (slot, staged copy)
         # Each MoE layer's expert biases ([1, E, ...], small), resident: a layer's states carry its own.
         self._biases = [device_biases(host, self.device, slice(m, m + 1)) for m in range(L)]

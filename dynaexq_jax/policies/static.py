@@ -7,7 +7,7 @@ import jax
 
 from dynaexq_jax.experts.expert_state import single_tier
 from dynaexq_jax.policies.full import FixedPolicy
-from dynaexq_jax.policies.tiers import Stopwatch, packed_tier, quantized_layers
+from dynaexq_jax.policies.tiers import Stopwatch, packed_tier
 
 
 def build(ckpt, plan, opts, *, progress: bool = False, device=None) -> FixedPolicy:
@@ -15,8 +15,7 @@ def build(ckpt, plan, opts, *, progress: bool = False, device=None) -> FixedPoli
     host = ckpt.experts
     device = device or jax.devices()[0]  # committed arrays: every published state has one placement
     clock = Stopwatch()
-    layers = quantized_layers(host, plan.lo_bits, opts.group_size, opts.quant_method, source=ckpt.path,
-                              progress=progress, clock=clock)
-    tier = packed_tier(layers, device)
+    tier = packed_tier(host, plan.lo_bits, opts.group_size, opts.quant_method, source=ckpt.source, device=device,
+                       room=plan.unallocated, progress=progress, clock=clock)
     return FixedPolicy("static", single_tier(tier, host.num_layers, host.num_experts, device, host), lo_bits=plan.lo_bits,
                        convert_s=clock.seconds)

@@ -2,14 +2,24 @@
 
 Fallback formats: group-wise integer widths (`quant.QuantizedTensor`) and MXFP4
 (`quant.Mxfp4Tensor`; a checkpoint that ships MXFP4 experts is served from its own bytes).
-Quantization runs on the CPU backend one layer at a time, so loading never holds a layer's
-bf16 experts on the accelerator, and its results go through `io.store.cached`: converted once
-per checkpoint and settings, reused by later runs.
+
+Conversion is one pass over the MoE layers (`convert`): each layer's experts are read from
+their source once (a mapped checkpoint, a preset made on the device), put on the device, and
+quantized there by one jitted call per width and chunk of experts; a width bound for the device
+is written straight into its stacked tier, and every width also goes to the converted-expert
+cache (`io.store`), streamed a layer at a time, so the host never holds more than the layer in
+flight. A later run maps the cached arrays back instead: nothing is quantized twice.
+
+Auto tiers rank experts by their quantization errors at every width (`quant_errors`): measured
+on a stated sample, every `error_stride`-th output column of each matrix (a column's groups run
+along K, so each sampled column is quantized exactly as in the full pass), in one cheap pass
+before the tiers are chosen, and cached with the converted experts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 import time
 
@@ -18,14 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dynaexq_jax.experts import quant
-from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases, stack_layers
-from dynaexq_jax.experts.swap import HostBank
 from dynaexq_jax.budget import HI_BITS, MXFP4
+from dynaexq_jax.experts import quant
+from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases, weights_nbytes
+from dynaexq_jax.experts.swap import HostBank
 from dynaexq_jax.io import store
 
 _PIECES = ("gate_up", "down")
-_LEAVES = ("packed", "scales", "zeros")
+_LEAVES = {MXFP4: ("blocks", "scales")}
+_INT_LEAVES = ("packed", "scales", "zeros")
+# Columns of each matrix the sampled quantization errors measure, at least.
+ERROR_COLUMNS = 128
 
 
 @dataclasses.dataclass
@@ -37,70 +50,215 @@ class Stopwatch:
     seconds: float = 0.0
 
 
-def quantized_layers(host: HostExperts, bits: int | str, group_size: int, method: str, *, source=None,
-                     progress: bool = False, clock: Stopwatch | None = None,
-                     ) -> list[tuple[quant.QuantizedTensor, quant.QuantizedTensor]]:
-    """Every MoE layer's (gate_up, down) quantized, as host `QuantizedTensor`s [E, K, N]; for
-    bits MXFP4, `Mxfp4Tensor`s (`mxfp4_layers`)."""
-    if bits == MXFP4:
-        return mxfp4_layers(host, source=source, progress=progress, clock=clock)
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One output of the conversion pass: every expert of `experts` ([L, E] bool; None: all) at
+    width `bits` (an integer width or MXFP4), stacked on the device (`on_device`) or kept on
+    the host per layer (a high-precision bank's copies)."""
+
+    bits: int | str
+    experts: np.ndarray | None = None
+    on_device: bool = True
+
+    def picks(self, layer: int, num_experts: int) -> np.ndarray:
+        return np.arange(num_experts) if self.experts is None else np.flatnonzero(self.experts[layer])
+
+    def rows(self, num_layers: int, num_experts: int) -> int:
+        return num_layers * num_experts if self.experts is None else int(np.sum(self.experts))
+
+
+def _leaf_names(bits) -> tuple[str, ...]:
+    return _LEAVES.get(bits, _INT_LEAVES)
+
+
+def _kind(bits) -> str:
+    return MXFP4 if bits == MXFP4 else f"int{bits}"
+
+
+def _settings(host: HostExperts, t: Target, group_size: int, method: str) -> dict:
+    s = {"dtype": str(host.dtype)}
+    if t.bits != MXFP4:
+        s.update(bits=t.bits, group_size=group_size, method=method)
+    if t.experts is not None:  # a subset (a mixed fallback's wider experts): its own entry
+        s["experts"] = hashlib.sha256(np.packbits(np.asarray(t.experts, bool)).tobytes()).hexdigest()[:16]
+    return s
+
+
+def _quantize(w, bits, group_size: int, method: str):
+    return quant.quantize_mxfp4(w) if bits == MXFP4 else quant.quantize(w, bits, group_size, method)
+
+
+def _abstract(host: HostExperts, bits, group_size: int, rows: int):
+    """(gate_up, down) of `rows` experts at `bits`, as abstract packed tensors (shapes only)."""
+    return tuple(quant.abstract((rows,) + tuple(s[1:]), bits, group_size) for s in host.shapes)
+
+
+def _spec(host: HostExperts, t: Target, group_size: int) -> dict:
+    """The cache entry's arrays: per layer and matrix the packed leaves of its picked experts."""
+    E = host.num_experts
+    spec = {}
+    for i in range(host.num_layers):
+        for name, w in zip(_PIECES, _abstract(host, t.bits, group_size, len(t.picks(i, E)))):
+            for leaf in _leaf_names(t.bits):
+                a = getattr(w, leaf)
+                spec[f"layer_{i}/{name}/{leaf}"] = (a.shape, a.dtype)
+    return spec
+
+
+def _packed(tree_layer: dict, bits, group_size: int, shapes):
+    """A layer's (gate_up, down) packed tensors from the cache's leaves."""
+    def one(name, shape):
+        leaves = tree_layer[name]
+        if bits == MXFP4:
+            return quant.Mxfp4Tensor(leaves["blocks"], leaves["scales"], shape)
+        return quant.QuantizedTensor(leaves["packed"], leaves["scales"], leaves["zeros"], bits, group_size, shape)
+    return tuple(one(n, s) for n, s in zip(_PIECES, shapes))
+
+
+class _Stack:
+    """A device tier of `rows` experts, filled layer by layer (donated in-place updates)."""
+
+    def __init__(self, abstract, device):
+        self.device, self.next = device, 0
+        self.leaves, self.treedef = jax.tree.flatten(abstract)
+        self.buffers = [jnp.zeros(a.shape, a.dtype, device=device) for a in self.leaves]
+        self.abstract = abstract
+
+    def write(self, block) -> None:
+        start = jax.device_put(np.int32(self.next), self.device)
+        leaves = jax.tree.leaves(block)
+        self.buffers = [_write_rows(b, jax.device_put(x, self.device), start) for b, x in zip(self.buffers, leaves)]
+        self.next += leaves[0].shape[0]
+
+    def tensor(self):
+        return jax.tree.unflatten(self.treedef, self.buffers)
+
+
+_write_rows = jax.jit(lambda buf, block, start: jax.lax.dynamic_update_slice_in_dim(buf, block, start, 0),
+                      donate_argnums=(0,))
+
+
+def convert(host: HostExperts, targets: list[Target], group_size: int, method: str, *, source=None, device=None,
+            room: int | None = None, progress: bool = False, clock: Stopwatch | None = None) -> list:
+    """Every target in one pass over the layers. Returns, per target, (gate_up, down) stacked on
+    `device` [rows, ...] layer-major (`on_device`), or per layer the host (gate_up, down) packed
+    tensors [picked experts, ...] (mapped from the cache where there is one).
+
+    Targets found in the cache are mapped, not converted; the others share one read of each
+    layer. `room`: device bytes free for a conversion call's input (None: no limit); a layer that
+    does not fit is converted in chunks of experts."""
     t0 = time.perf_counter()
-    cpu = jax.local_devices(backend="cpu")[0]
-
-    def build() -> dict:  # {layer_i: {gate_up|down: {packed, scales, zeros}}} of host numpy
-        out = {}
-        layers = zip(host.gate_up, host.down)
-        for i, ws in enumerate(tqdm(layers, total=host.num_layers, desc=f"quantizing int{bits}", unit="layer",
-                                    file=sys.stderr, disable=not progress, leave=False)):
-            with jax.default_device(cpu):
-                qs = [quant.quantize(jnp.asarray(w, jnp.float32), bits, group_size, method) for w in ws]
-            out[f"layer_{i}"] = {n: dict(zip(_LEAVES, jax.device_get(jax.tree.leaves(q)))) for n, q in zip(_PIECES, qs)}
-        return out
-
-    settings = {"bits": bits, "group_size": group_size, "method": method, "dtype": str(host.gate_up[0].dtype)}
-    tree = store.cached(source, f"int{bits}", settings, build)
-    shapes = (host.gate_up[0].shape, host.down[0].shape)
-    layers = [tuple(quant.QuantizedTensor(**tree[f"layer_{i}"][n], bits=bits, group_size=group_size, shape=sh)
-                    for n, sh in zip(_PIECES, shapes))
-              for i in range(host.num_layers)]
+    device = device or jax.devices()[0]
+    L, E = host.num_layers, host.num_experts
+    shapes = [s[1:] for s in host.shapes]
+    layer_of = lambda tree, i, t: _packed(tree[f"layer_{i}"], t.bits, group_size,
+                                          [(len(t.picks(i, E)),) + s for s in shapes])
+    host_layers, todo = {}, []  # host_layers: per target, its layers on the host
+    for j, t in enumerate(targets):
+        if t.bits == MXFP4 and host.mxfp4 is not None:  # the checkpoint's own bytes: nothing to convert
+            host_layers[j] = [tuple(w if t.experts is None else w[t.picks(i, E)] for w in host.mxfp4[i])
+                              for i in range(L)]
+            continue
+        entry = store.entry(source, _kind(t.bits), _settings(host, t, group_size, method))
+        tree = entry.read() if entry is not None else None
+        if tree is not None:
+            host_layers[j] = [layer_of(tree, i, t) for i in range(L)]
+        else:
+            todo.append((j, t, entry.writer(_spec(host, t, group_size)) if entry is not None else None))
+    stacks = {j: tuple(_Stack(a, device) for a in _abstract(host, t.bits, group_size, t.rows(L, E)))
+              for j, t in enumerate(targets) if t.on_device}
+    kept = {j: [] for j, t, w in todo if not t.on_device and w is None}  # host targets with no cache to go to
+    layers = range(L)
+    if todo:
+        layers = tqdm(layers, desc="converting " + ", ".join(_kind(t.bits) for _, t, _ in todo), unit="layer",
+                      file=sys.stderr, disable=not progress, leave=False)
+    try:
+        for i in layers:
+            for j, layer in host_layers.items():  # mapped or shipped targets bound for the device: copied there
+                if j in stacks:
+                    for stack, w in zip(stacks[j], layer[i]):
+                        stack.write(w)
+            if todo:
+                _convert_layer(host, i, todo, stacks, kept, group_size, method, device, room)
+        for j, t, writer in todo:
+            if writer is not None:
+                tree = store._nest(writer.commit())
+                if not t.on_device:
+                    host_layers[j] = [layer_of(tree, i, t) for i in range(L)]
+            elif not t.on_device:
+                host_layers[j] = kept[j]
+    except BaseException:
+        for _, _, writer in todo:
+            if writer is not None:
+                writer.abort()
+        raise
     if clock is not None:
         clock.seconds += time.perf_counter() - t0
-    return layers
+    return [tuple(_finish(s) for s in stacks[j]) if t.on_device else host_layers[j] for j, t in enumerate(targets)]
 
 
-def mxfp4_layers(host: HostExperts, *, source=None, progress: bool = False, clock: Stopwatch | None = None,
-                 ) -> list[tuple[quant.Mxfp4Tensor, quant.Mxfp4Tensor]]:
-    """Every MoE layer's (gate_up, down) as host `Mxfp4Tensor`s [E, K, N]: the checkpoint's own
-    blocks and scales when it ships MXFP4 (no conversion, no decoded copy), else quantized from
-    the loaded weights (cached like the integer widths)."""
-    if host.mxfp4 is not None:
-        return list(host.mxfp4)
-    t0 = time.perf_counter()
-    cpu = jax.local_devices(backend="cpu")[0]
+def _finish(stack: _Stack):
+    w = stack.tensor()
+    a = stack.abstract
+    return dataclasses.replace(w, shape=a.shape) if isinstance(w, (quant.QuantizedTensor, quant.Mxfp4Tensor)) else w
 
-    def build() -> dict:
-        out = {}
-        for i, ws in enumerate(tqdm(zip(host.gate_up, host.down), total=host.num_layers, desc="quantizing mxfp4",
-                                    unit="layer", file=sys.stderr, disable=not progress, leave=False)):
-            with jax.default_device(cpu):
-                qs = [quant.quantize_mxfp4(jnp.asarray(w, jnp.float32)) for w in ws]
-            out[f"layer_{i}"] = {n: {"blocks": np.asarray(q.blocks), "scales": np.asarray(q.scales)}
-                                 for n, q in zip(_PIECES, qs)}
-        return out
 
-    tree = store.cached(source, MXFP4, {"dtype": str(host.gate_up[0].dtype)}, build)
-    shapes = (host.gate_up[0].shape, host.down[0].shape)
-    layers = [tuple(quant.Mxfp4Tensor(**tree[f"layer_{i}"][n], shape=sh) for n, sh in zip(_PIECES, shapes))
-              for i in range(host.num_layers)]
-    if clock is not None:
-        clock.seconds += time.perf_counter() - t0
-    return layers
+def _chunk(host: HostExperts, room: int | None) -> int:
+    """Experts per conversion call: all of a layer, or as many as `room` device bytes hold (its
+    input in the checkpoint's dtype and the packed output, about a quarter of it)."""
+    E = host.num_experts
+    if room is None:
+        return E
+    per_expert = sum(int(np.prod(s[1:])) for s in host.shapes) * host.dtype.itemsize * 5 // 4
+    return int(max(1, min(E, room // max(per_expert, 1))))
+
+
+def _convert_layer(host, i, todo, stacks, kept, group_size, method, device, room) -> None:
+    """Layer `i` read once (in chunks of experts if `room` asks), each target's experts
+    quantized on the device, written into its device stack, its cache entry, or kept."""
+    E = host.num_experts
+    n = _chunk(host, room)
+    pieces = ((np.arange(a, min(a + n, E)), host.on_device(i, device, experts=slice(a, min(a + n, E))))
+              for a in range(0, E, n))
+    out = {j: ([], []) for j, _, _ in todo}  # per target: the chunks' (gate_up, down) packed tensors
+    for ids, ws in pieces:
+        for j, t, _ in todo:
+            local = np.flatnonzero(np.isin(ids, t.picks(i, E)))
+            if not len(local):
+                continue
+            idx = None if len(local) == len(ids) else jax.device_put(local.astype(np.int32), device)
+            for m, w in enumerate(ws):
+                q = _quantize(w if idx is None else jnp.take(w, idx, axis=0), t.bits, group_size, method)
+                if t.on_device:
+                    stacks[j][m].write(q)
+                out[j][m].append(q)
+    for j, t, writer in todo:
+        if writer is None and j not in kept:
+            continue
+        layer = []
+        for name, qs in zip(_PIECES, out[j]):
+            qs = [jax.tree.map(np.asarray, q) for q in qs]
+            leaves = {leaf: np.concatenate([getattr(q, leaf) for q in qs]) for leaf in _leaf_names(t.bits)}
+            if writer is not None:
+                for leaf, a in leaves.items():
+                    writer.put(f"layer_{i}/{name}/{leaf}", a)
+            rows = sum(q.shape[0] for q in qs)
+            layer.append(dataclasses.replace(qs[0], **leaves, shape=(rows,) + tuple(qs[0].shape[1:])))
+        if j in kept:
+            kept[j].append(tuple(layer))
+
+
+def error_stride(n: int) -> int:
+    """Every how many output columns the sampled errors measure, for a matrix of `n` columns."""
+    return max(1, n // ERROR_COLUMNS)
 
 
 def quant_errors(host: HostExperts, widths, group_size: int, method: str, *, source=None,
-                 clock: Stopwatch | None = None) -> dict[int, np.ndarray]:
+                 clock: Stopwatch | None = None, device=None) -> dict[int, np.ndarray]:
     """Each expert's relative weight error at each width in `widths`: {bits: [L, E] float64},
-    ||W - Q(W)||^2 / ||W||^2 over its gate_up and down together.
+    ||W - Q(W)||^2 / ||W||^2 over its gate_up and down together, estimated from every
+    `error_stride(N)`-th output column of each matrix (all of them below 2 x ERROR_COLUMNS
+    columns; each matrix's sums scaled by its stride).
 
     Why this measure: it is what the output error of an expert is, relative to its output,
     for inputs with no preferred direction, so it needs no activations and is a property of
@@ -109,101 +267,116 @@ def quant_errors(host: HostExperts, widths, group_size: int, method: str, *, sou
     that weights it (`policies.autotier`).
     """
     t0 = time.perf_counter()
-    cpu = jax.local_devices(backend="cpu")[0]
+    device = device or jax.devices()[0]
     widths = tuple(sorted(widths))
+    strides = tuple(error_stride(s[-1]) for s in host.shapes)
 
     def build() -> dict:
         out = {f"int{b}": np.zeros((host.num_layers, host.num_experts)) for b in widths}
-        for i, ws in enumerate(zip(host.gate_up, host.down)):
-            with jax.default_device(cpu):
-                ws = [jnp.asarray(w, jnp.float32) for w in ws]
-                norm = sum(jnp.sum(w * w, axis=(1, 2)) for w in ws)  # [E]
-                for b in widths:
-                    err = sum(jnp.sum((quant.dequantize(quant.quantize(w, b, group_size, method), jnp.float32) - w) ** 2,
-                                      axis=(1, 2)) for w in ws)
-                    out[f"int{b}"][i] = np.asarray(err / jnp.maximum(norm, 1e-30), np.float64)
+        for i in range(host.num_layers):
+            sample = [jax.device_put(c, device) for c in host.columns(i, strides)]
+            norm = sum(s * _sq_norm(w) for s, w in zip(strides, sample))  # [E]
+            for b in widths:
+                err = sum(s * _sq_err(w, quant.quantize(w, b, group_size, method)) for s, w in zip(strides, sample))
+                out[f"int{b}"][i] = np.asarray(err / jnp.maximum(norm, 1e-30), np.float64)
         return out
 
-    settings = {"widths": list(widths), "group_size": group_size, "method": method, "dtype": str(host.gate_up[0].dtype)}
+    settings = {"widths": list(widths), "group_size": group_size, "method": method, "dtype": str(host.dtype),
+                "columns": ERROR_COLUMNS}
     tree = store.cached(source, "qerr", settings, build)
     if clock is not None:
         clock.seconds += time.perf_counter() - t0
     return {b: np.asarray(tree[f"int{b}"], np.float64) for b in widths}
 
 
-class _Layers:
-    """A lazy sequence: item i of each layer pair in `layers`."""
+@jax.jit
+def _sq_norm(w):
+    return jnp.sum(jnp.square(w.astype(jnp.float32)), axis=(1, 2))
 
-    def __init__(self, layers, item: int):
-        self.layers, self.item = layers, item
 
-    def __len__(self):
-        return len(self.layers)
+@jax.jit
+def _sq_err(w, q):
+    return jnp.sum(jnp.square(quant.dequantize(q, jnp.float32) - w.astype(jnp.float32)), axis=(1, 2))
 
-    def __getitem__(self, i):
-        return self.layers[i][self.item]
+
+def quantized_layers(host: HostExperts, bits: int | str, group_size: int, method: str, *, source=None,
+                     progress: bool = False, clock: Stopwatch | None = None) -> list[tuple]:
+    """Every MoE layer's (gate_up, down) at `bits`, as host packed tensors [E, K, N] (mapped
+    from the cache where there is one)."""
+    (layers,) = convert(host, [Target(bits, on_device=False)], group_size, method, source=source, progress=progress,
+                        clock=clock)
+    return layers
 
 
 def dense_tier(host: HostExperts, device=None) -> ExpertTier:
-    """Every expert at the checkpoint's precision, rows [L*E] layer-major, on the device."""
-    return ExpertTier(stack_layers(host.gate_up, device), stack_layers(host.down, device), high_precision=True)
+    """Every expert at the checkpoint's precision, rows [L*E] layer-major, on the device, each
+    layer made there by its source (read once, never held twice on the host)."""
+    device = device or jax.devices()[0]
+    L, E = host.num_layers, host.num_experts
+    stacks = [_Stack(jax.ShapeDtypeStruct((L * E,) + tuple(s[1:]), host.dtype), device) for s in host.shapes]
+    for i in range(L):
+        for s, w in zip(stacks, host.on_device(i, device)):
+            s.write(w)
+    return ExpertTier(stacks[0].tensor(), stacks[1].tensor(), high_precision=True)
 
 
-def packed_tier(layers, device=None, *, high_precision: bool = False) -> ExpertTier:
-    """`quantized_layers` stacked on the device, rows [L*E] layer-major."""
-    return ExpertTier(stack_layers(_Layers(layers, 0), device), stack_layers(_Layers(layers, 1), device),
-                      high_precision=high_precision)
+def packed_tier(host: HostExperts, bits: int | str, group_size: int, method: str, *, source=None, device=None,
+                room: int | None = None, progress: bool = False, clock: Stopwatch | None = None,
+                high_precision: bool = False) -> ExpertTier:
+    """Every expert at `bits`, stacked on the device, rows [L*E] layer-major."""
+    ((gu, d),) = convert(host, [Target(bits)], group_size, method, source=source, device=device, room=room,
+                         progress=progress, clock=clock)
+    return ExpertTier(gu, d, high_precision=high_precision)
 
 
-def mixed_fallback(host: HostExperts, lo_bits: int, mid_bits: int, mid: np.ndarray, group_size: int, method: str, *,
-                   source=None, device=None, progress: bool = False, clock: Stopwatch | None = None) -> ExpertState:
-    """Every expert's fallback, at `mid_bits` where `mid` [L, E] is set and at `lo_bits`
-    elsewhere, each stored once: two packed tiers (lo: tier 0, mid: tier 1), rows layer-major
-    within each, the handles that find them, and `host`'s expert biases if it has any."""
-    mid = np.asarray(mid, bool)
+def fallback_and_bank(host: HostExperts, lo_bits, group_size: int, method: str, *, mid_bits: int | None = None,
+                      mid: np.ndarray | None = None, bank_bits: int | None = None, source=None, device=None,
+                      room: int | None = None, progress: bool = False,
+                      clock: Stopwatch | None = None) -> tuple[ExpertState, list | None]:
+    """dynaexq's conversions in one pass: every expert's fallback, at `mid_bits` where `mid`
+    [L, E] is set and at `lo_bits` elsewhere (each stored once: tier 0 lo, tier 1 mid, rows
+    layer-major within each), with the handles that find them and `host`'s expert biases; and,
+    for int8/int4 slots (`bank_bits`), every expert's host copy at that width, per layer (RTN,
+    whatever the fallback's method: a bank in another method is a second pass)."""
+    device = device or jax.devices()[0]
+    L, E = host.num_layers, host.num_experts
+    mid = np.zeros((L, E), bool) if mid is None else np.asarray(mid, bool)
+    fallback = [Target(lo_bits, ~mid)] + [Target(mid_bits, mid)] if mid.any() else [Target(lo_bits)]
+    bank = [Target(bank_bits, on_device=False)] if bank_bits is not None else []
+    run = lambda targets, m: convert(host, targets, group_size, m, source=source, device=device, room=room,
+                                     progress=progress, clock=clock)
+    out = run(fallback + bank, method) if method == "rtn" or not bank else run(fallback, method) + run(bank, "rtn")
+    tiers = tuple(ExpertTier(gu, d, high_precision=False) for gu, d in out[: len(fallback)])
     tier_of = mid.astype(np.int32)
-    row_of = np.zeros(mid.shape, np.int32)
+    row_of = np.zeros((L, E), np.int32)
     row_of[~mid] = np.arange(int((~mid).sum()))  # boolean indexing runs layer-major
     row_of[mid] = np.arange(int(mid.sum()))
-    tiers = []
-    for bits, pick in ((lo_bits, ~mid), (mid_bits, mid)):
-        layers = quantized_layers(host, bits, group_size, method, source=source, progress=progress, clock=clock)
-        pieces = []
-        for j in range(2):  # gate_up, down: the picked experts of every layer, concatenated
-            qts = [layers[i][j] for i in range(host.num_layers)]
-            leaves = [np.concatenate([np.asarray(getattr(q, n))[pick[i]] for i, q in enumerate(qts)]) for n in _LEAVES]
-            pieces.append(dataclasses.replace(qts[0], **dict(zip(_LEAVES, leaves)),
-                                              shape=(len(leaves[0]),) + qts[0].shape[1:]))
-        tiers.append(packed_tier([tuple(pieces)], device))
     put = lambda a: jax.device_put(a, device)
-    return ExpertState(tiers=tuple(tiers), tier_of=put(tier_of), row_of=put(row_of), **device_biases(host, device))
+    state = ExpertState(tiers=tiers, tier_of=put(tier_of), row_of=put(row_of), **device_biases(host, device))
+    return state, (out[-1] if bank else None)
 
 
 def slot_pool(host: HostExperts, slots: int, hi_dtype: str, group_size: int, device=None) -> ExpertTier:
     """`slots` empty high-precision slots: the checkpoint's dtype, or int8 / int4 (group-wise)."""
-    (_, K1, N1), (_, K2, N2) = host.gate_up[0].shape, host.down[0].shape
     if hi_dtype in HI_BITS:
-        def empty(k, n):
-            with jax.default_device(jax.local_devices(backend="cpu")[0]):
-                one = quant.quantize(jnp.zeros((1, k, n)), HI_BITS[hi_dtype], group_size)
-            leaves = [np.zeros((slots,) + a.shape[1:], a.dtype) for a in (one.packed, one.scales, one.zeros)]
-            return dataclasses.replace(one, packed=leaves[0], scales=leaves[1], zeros=leaves[2], shape=(slots, k, n))
+        gu, d = _abstract(host, HI_BITS[hi_dtype], group_size, slots)
     else:
-        dtype = host.gate_up[0].dtype
-        empty = lambda k, n: np.zeros((slots, k, n), dtype)
-    put = lambda t: jax.device_put(t, device)
-    return ExpertTier(put(empty(K1, N1)), put(empty(K2, N2)), high_precision=True)
+        gu, d = (jax.ShapeDtypeStruct((slots,) + tuple(s[1:]), host.dtype) for s in host.shapes)
+    empty = lambda w: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=device), w)
+    return ExpertTier(empty(gu), empty(d), high_precision=True)
 
 
-def host_bank(host: HostExperts, hi_dtype: str, group_size: int, *, source=None, device=None,
-              progress: bool = False, clock: Stopwatch | None = None) -> HostBank:
-    """Each expert's high-precision copy in (pinned) host memory: as loaded, or int8 / int4."""
-    if hi_dtype in HI_BITS:
-        layers = quantized_layers(host, HI_BITS[hi_dtype], group_size, "rtn", source=source, progress=progress,
-                                  clock=clock)
+def host_bank(host: HostExperts, hi_layers: list | None = None, device=None) -> HostBank:
+    """Each expert's high-precision copy on the host, read on demand from memory that already
+    exists: `hi_layers` (per layer, host packed tensors of every expert: the converted cache's
+    mapping) or, without them, the checkpoint's own experts (its mapped files, or a preset's
+    generator)."""
+    if hi_layers is not None:
         one = lambda qt, e: dataclasses.replace(jax.tree.map(lambda a: a[e], qt), shape=qt.shape[1:])
-        E = host.num_experts
-        # A generator: HostBank pins one layer at a time.
-        return HostBank(([(one(gu, e), one(d, e)) for e in range(E)] for gu, d in layers), device)
-    return HostBank(([(wgu[e], wd[e]) for e in range(wgu.shape[0])] for wgu, wd in zip(host.gate_up, host.down)),
-                    device)
+        first = hi_layers[0]
+        nbytes = sum(weights_nbytes(one(w, 0)) for w in first)
+        kind = "mapped cache" if isinstance(jax.tree.leaves(first)[0], np.memmap) or \
+            not jax.tree.leaves(first)[0].flags.owndata else "process memory"
+        return HostBank(lambda l, e: tuple(one(w, e) for w in hi_layers[l]), nbytes, kind, device)
+    nbytes = sum(int(np.prod(s[1:])) for s in host.shapes) * host.dtype.itemsize
+    return HostBank(host.expert, nbytes, getattr(host.gate_up, "memory_kind", "process memory"), device)

@@ -103,7 +103,7 @@ def auto_tiers(ckpt, opts: DynaExqOptions, *, budget: int | None, batch: int, lo
     mixed = opts.lo_bits == "auto"
     widths = set(autotier.LO_WIDTHS if mixed else lo_choices) | {budget_lib.HI_BITS[h] for h in hi_choices
                                                                   if h in budget_lib.HI_BITS}
-    errors = quant_errors(ckpt.experts, widths, group, opts.quant_method, source=ckpt.path)
+    errors = quant_errors(ckpt.experts, widths, group, opts.quant_method, source=ckpt.source)
     tracker, _ = warm_tracker(ckpt, opts, hotness_profile)
     gu, dn = budget_lib.expert_shapes(cfg)
     expert_bytes = lambda bits: budget_lib.quantized_nbytes(gu, bits, group) + budget_lib.quantized_nbytes(dn, bits, group)

@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.experts.expert_state import PACKED, ExpertState, ExpertTier, HostExperts
+from dynaexq_jax.experts.expert_state import PACKED, ExpertState, ExpertTier, HostExperts, LayerSource, layer_shape
 from dynaexq_jax.experts.matmul import routed_ffn, swiglu
 from dynaexq_jax.runtime.engine import Engine
 
@@ -179,16 +179,6 @@ class Placement:
         return float(np.mean(load[keep].max(axis=1) / mean[keep])) if keep.any() else 1.0
 
 
-def process_experts(mesh: Mesh, placement: Placement) -> np.ndarray:
-    """[L, E] bool: the experts this process's devices own, all it needs from the checkpoint."""
-    L, D, n = placement.experts.shape
-    mask = np.zeros((L, D * n), bool)
-    for d, dev in enumerate(mesh.devices.flat):
-        if dev.process_index == jax.process_index():
-            np.put_along_axis(mask, placement.experts[:, d], True, 1)
-    return mask
-
-
 # ----------------------------------------------------------------------------- memory plan
 
 
@@ -224,19 +214,25 @@ def device_plan(plan_fn, cfg, devices: int, budget: int | None, dtype_itemsize: 
 # ----------------------------------------------------------------------------- per-device checkpoints
 
 
-class _Experts(Sequence):
-    """One device's experts of every layer, taken from the host arrays on access (one layer at a time)."""
+class _Experts(LayerSource):
+    """One device's experts of every layer, `ids` [L, E/D] of the checkpoint's, read from its
+    source one expert at a time on access (a process reads only its own devices' experts)."""
 
     def __init__(self, layers, ids: np.ndarray):
-        self.layers, self.ids = layers, ids  # ids [L, E/D]
+        self.layers, self.ids = layers, ids
+        shape = layer_shape(layers)
+        self.shape, self.num_layers = (ids.shape[1],) + tuple(shape[1:]), len(layers)
+        self.dtype = np.dtype(layers.dtype if isinstance(layers, LayerSource) else layers[0].dtype)
+        self.memory_kind = getattr(layers, "memory_kind", "process memory")
 
-    def __len__(self) -> int:
-        return len(self.layers)
+    def expert(self, i: int, e: int) -> np.ndarray:
+        e = int(self.ids[i][e])
+        return self.layers.expert(i, e) if isinstance(self.layers, LayerSource) else np.asarray(self.layers[i][e])
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return np.ascontiguousarray(np.asarray(self.layers[i])[self.ids[i]])
+        return np.stack([self.expert(i, e) for e in range(self.shape[0])])
 
 
 def device_checkpoint(ckpt, ids: np.ndarray):
