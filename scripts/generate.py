@@ -466,8 +466,9 @@ def check_slots_for_hotness(args, plan) -> None:
                         "raise --budget or drop --save-hotness")
 
 
-def load_engine(args, budget_bytes, cfg, shape):
-    """Load, convert and place the model for `shape`; -> (engine, plan, checkpoint, load seconds)."""
+def load_engine(args, budget_bytes, cfg, shape, request=None):
+    """Load, convert and place the model for `shape`; -> (engine, plan, checkpoint, load seconds).
+    `request` (a `runtime.engine.Request`): compile its steps while the experts convert."""
     import time
 
     import jax.numpy as jnp
@@ -511,7 +512,7 @@ def load_engine(args, budget_bytes, cfg, shape):
     eng, plan = build_engine(
         ckpt, args.policy, budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
         hotness_profile=args.hotness, opts=opts, progress=show_progress(args),
-        big_little=bl, floe=floe_options(args), mesh=mesh, placement=placement,
+        big_little=bl, floe=floe_options(args), mesh=mesh, placement=placement, request=request,
     )
     # The engine's checkpoint: on a mesh, the one whose weights are the replicated copy (the loaded
     # one's single-device copy is freed with it).
@@ -565,6 +566,7 @@ def timings_line(stats: dict) -> str:
 
 
 def run(args, budget_bytes) -> dict:
+    from dynaexq_jax.io import loader
     from dynaexq_jax.runtime import engine, sampling
 
     knobs = sampling.SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
@@ -577,7 +579,10 @@ def run(args, budget_bytes) -> dict:
         raise FlagError("every prompt needs at least one token; pass a non-empty --prompt")
     check_vocab(ids, cfg, model)
     engine.check_request(cfg, ids, args.max_new_tokens)  # a prompt over the context, before any budget message
-    eng, plan, ckpt, load_s = load_engine(args, budget_bytes, cfg, plan_shape(args, cfg, [len(i) for i in ids]))
+    shape = plan_shape(args, cfg, [len(i) for i in ids])
+    # The request's steps compile from shapes while the experts convert.
+    request = engine.Request(*shape, knobs, prompter.stop_ids(loader.read_eos(model)))
+    eng, plan, ckpt, load_s = load_engine(args, budget_bytes, cfg, shape, request)
 
     streaming = not args.json and len(prompts) == 1
     # A chat reply is printed alone; raw completions continue the echoed prompt.

@@ -113,31 +113,19 @@ def device_biases(host: HostExperts | None, device=None, layers: slice = slice(N
                 down_bias=jax.device_put(np.ascontiguousarray(host.down_bias[layers]), device))
 
 
-def stack_layers(layers, device=None) -> Weights:
-    """Per-layer host arrays (or `QuantizedTensor`s, `Mxfp4Tensor`s) [E, K, N] -> one device array [L*E, K, N].
-
-    `layers` is a sequence (a lazy one is fine: presets make each layer on access). Layers are
-    moved one at a time into a preallocated device buffer (donated update), so the device never
-    holds two copies and the host never holds more than the layer being moved.
-    """
-    n = len(layers)
-    first = layers[0]
-    leaves, treedef = jax.tree.flatten(first)
-    out = [jnp.zeros((n * a.shape[0],) + a.shape[1:], a.dtype, device=device) for a in leaves]
-    for i in range(n):
-        layer = first if i == 0 else layers[i]
-        for j, a in enumerate(jax.tree.leaves(layer)):
-            out[j] = _write_rows(out[j], jax.device_put(np.asarray(a), device),
-                                 jax.device_put(np.int32(i * a.shape[0]), device))
-        del layer
-    stacked = jax.tree.unflatten(treedef, out)
-    if isinstance(first, PACKED):
-        return dataclasses.replace(stacked, shape=(n * first.shape[0],) + first.shape[1:])
-    return stacked
+def update_rows(buf: jax.Array, block: jax.Array, start) -> jax.Array:
+    """`buf` with rows `start`.. replaced by `block` (cast to `buf`'s dtype), in place when `buf`
+    is donated. bfloat16 goes through its bits: XLA on the CPU widens a bf16 dynamic update to
+    float32 over the whole buffer (a 1.5 GB slot pool rewritten for every 12 MB expert)."""
+    block = block.astype(buf.dtype)
+    if buf.dtype == jnp.bfloat16:
+        bits = lambda a, t: jax.lax.bitcast_convert_type(a, t)
+        return bits(jax.lax.dynamic_update_slice_in_dim(bits(buf, jnp.uint16), bits(block, jnp.uint16), start, 0),
+                    jnp.bfloat16)
+    return jax.lax.dynamic_update_slice_in_dim(buf, block, start, 0)
 
 
-_write_rows = jax.jit(lambda buf, block, start: jax.lax.dynamic_update_slice_in_dim(buf, block, start, 0),
-                      donate_argnums=(0,))
+write_rows = jax.jit(update_rows, donate_argnums=(0,))
 
 
 class LayerSource(collections.abc.Sequence):

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, layer_major_handles
+from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, layer_major_handles, update_rows
 
 
 def host_memory_kind(device) -> str | None:
@@ -89,8 +89,7 @@ def _write_slot_impl(pool, staged, slot):
     # Leaf by leaf: a pool QuantizedTensor [S, K, N] and one staged expert [K, N] differ in
     # their static shape, so they are not the same pytree structure.
     leaves, treedef = jax.tree.flatten(pool)
-    new = [jax.lax.dynamic_update_index_in_dim(p, s.astype(p.dtype), slot, 0)
-           for p, s in zip(leaves, jax.tree.leaves(staged))]
+    new = [update_rows(p, s[None], slot) for p, s in zip(leaves, jax.tree.leaves(staged))]
     return jax.tree.unflatten(treedef, new)
 
 

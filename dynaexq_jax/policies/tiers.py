@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from dynaexq_jax.budget import HI_BITS, MXFP4
 from dynaexq_jax.experts import quant
-from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases, weights_nbytes
+from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases, weights_nbytes, write_rows
 from dynaexq_jax.experts.swap import HostBank
 from dynaexq_jax.io import store
 
@@ -127,15 +127,11 @@ class _Stack:
     def write(self, block) -> None:
         start = jax.device_put(np.int32(self.next), self.device)
         leaves = jax.tree.leaves(block)
-        self.buffers = [_write_rows(b, jax.device_put(x, self.device), start) for b, x in zip(self.buffers, leaves)]
+        self.buffers = [write_rows(b, jax.device_put(x, self.device), start) for b, x in zip(self.buffers, leaves)]
         self.next += leaves[0].shape[0]
 
     def tensor(self):
         return jax.tree.unflatten(self.treedef, self.buffers)
-
-
-_write_rows = jax.jit(lambda buf, block, start: jax.lax.dynamic_update_slice_in_dim(buf, block, start, 0),
-                      donate_argnums=(0,))
 
 
 def convert(host: HostExperts, targets: list[Target], group_size: int, method: str, *, source=None, device=None,
@@ -380,3 +376,29 @@ def host_bank(host: HostExperts, hi_layers: list | None = None, device=None) -> 
         return HostBank(lambda l, e: tuple(one(w, e) for w in hi_layers[l]), nbytes, kind, device)
     nbytes = sum(int(np.prod(s[1:])) for s in host.shapes) * host.dtype.itemsize
     return HostBank(host.expert, nbytes, getattr(host.gate_up, "memory_kind", "process memory"), device)
+
+
+def abstract_state(host: HostExperts, policy: str, plan, opts) -> ExpertState | None:
+    """The expert state `policy` will publish for its first step, as shapes (before anything is
+    converted): what the steps can be compiled against while the experts load. None for the
+    policies whose steps run layer by layer (offload, prefetch, floe)."""
+    L, E = host.num_layers, host.num_experts
+    dense = lambda rows: tuple(jax.ShapeDtypeStruct((rows,) + tuple(s[1:]), host.dtype) for s in host.shapes)
+    if policy == "full":
+        tiers = [ExpertTier(*dense(L * E), high_precision=True)]
+    elif policy == "static":
+        tiers = [ExpertTier(*_abstract(host, plan.lo_bits, opts.group_size, L * E), high_precision=False)]
+    elif policy == "dynaexq":
+        mid = len(opts.mid_experts)
+        tiers = [ExpertTier(*_abstract(host, b, opts.group_size, n), high_precision=False)
+                 for b, n in ((opts.lo_bits, L * E - mid), (opts.mid_bits, mid)) if n]
+        if plan.slots:
+            hi = HI_BITS.get(opts.hi_dtype)
+            pool = _abstract(host, hi, opts.group_size, plan.slots) if hi else dense(plan.slots)
+            tiers.append(ExpertTier(*pool, high_precision=True))
+    else:
+        return None
+    handles = jax.ShapeDtypeStruct((L, E), jnp.int32)
+    biases = {} if host.gate_up_bias is None else {
+        k: jax.ShapeDtypeStruct(getattr(host, k).shape, getattr(host, k).dtype) for k in ("gate_up_bias", "down_bias")}
+    return ExpertState(tiers=tuple(tiers), tier_of=handles, row_of=handles, **biases)

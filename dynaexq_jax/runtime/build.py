@@ -11,8 +11,8 @@ from dynaexq_jax.policies import POLICIES, build_policy
 from dynaexq_jax.policies import autotier
 from dynaexq_jax.policies.dynaexq import DynaExqOptions, warm_tracker
 from dynaexq_jax.policies.floe import FloeOptions
-from dynaexq_jax.policies.tiers import quant_errors
-from dynaexq_jax.runtime.engine import Engine, cache_bucket, prompt_bucket
+from dynaexq_jax.policies.tiers import abstract_state, quant_errors
+from dynaexq_jax.runtime.engine import Ahead, Engine, Request, cache_bucket, prompt_bucket
 from dynaexq_jax.runtime import mesh as mesh_lib
 from dynaexq_jax.runtime.layerwise import LayerwiseEngine
 
@@ -132,12 +132,15 @@ def build_engine(
     floe: FloeOptions = FloeOptions(),
     mesh=None,
     placement=None,
+    request: Request | None = None,
 ):
     """An engine for `policy` sized for `batch` prompts of up to `longest_prompt` tokens plus
     `max_new_tokens`, routing big-little if `big_little` is given. Returns (engine, memory plan); the plan's `total` is the accounted
     device bytes. `mesh`: a one-axis `expert` mesh (`runtime.mesh.expert_mesh`) to spread each
     layer's experts over (`placement`: a `runtime.mesh.Placement`, default contiguous blocks);
-    `budget` and the plan are then per device."""
+    `budget` and the plan are then per device. `request`: the generation the run will ask for
+    first (`runtime.engine.Request`); its steps compile in the background while the experts
+    convert."""
     cfg = ckpt.config
     if mesh is not None:
         return _build_mesh_engine(ckpt, policy, mesh, placement, budget=budget, batch=batch,
@@ -153,9 +156,11 @@ def build_engine(
                     max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=opts, floe=floe)
     opts = dataclasses.replace(opts, group_size=budget_lib.expert_group_size(cfg, opts.group_size))
     floe = dataclasses.replace(floe, group_size=budget_lib.floe_up_group(cfg, floe.group_size))
+    shape = abstract_state(ckpt.experts, policy, plan, opts) if request is not None else None
+    ahead = Ahead(ckpt, shape, request, big_little) if shape is not None else None
     pol = build_policy(policy, ckpt, plan, opts, batch=batch, hotness_profile=hotness_profile, transfer=transfer,
                        progress=progress, floe_opts=floe)
-    engine = (LayerwiseEngine if pol.layerwise else Engine)(ckpt, pol, big_little)
+    engine = LayerwiseEngine(ckpt, pol, big_little) if pol.layerwise else Engine(ckpt, pol, big_little, ahead=ahead)
     return engine, plan
 
 

@@ -292,6 +292,92 @@ def peak_device_bytes() -> int | None:
     return stats.get("peak_bytes_in_use") if stats else None
 
 
+def _step_key(name: str, static: dict, args) -> tuple:
+    """What tells a compiled step apart: its name, static arguments, and the shapes of its
+    request arguments (after the parameters and the expert state)."""
+    return (name, tuple(sorted(static.items()))) + tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[2:]))
+
+
+def _request_state(cfg, sampling: SamplingParams, eos) -> tuple:
+    """(knobs, PRNG key, empty routing statistics) of a request, on the host."""
+    return (sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed),
+            RoutingStats.zeros(len(cfg.moe_layers), cfg.num_experts))
+
+
+def _decode_state(rows: int) -> DecodeState:
+    return DecodeState(*(jax.ShapeDtypeStruct(s, d) for s, d in (((rows,), jnp.int32), ((rows,), jnp.int32),
+                                                                 ((rows,), jnp.bool_), ((), jnp.int32))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """The shape of the generation a run will ask for, known before its weights are: what
+    `Ahead` compiles for."""
+
+    batch: int
+    longest_prompt: int
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    eos_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's
+
+
+class Ahead:
+    """A request's prefill and decode steps, compiled in a background thread from shapes alone
+    (the expert state's as the policy will build it) while the experts are still being
+    converted: compiling overlaps loading. The engine takes a step from here when its key and
+    the real expert state's shapes match, and compiles itself otherwise."""
+
+    def __init__(self, checkpoint: Checkpoint, experts_shape, request: Request, big_little: BigLittle | None = None):
+        import concurrent.futures
+
+        self.experts_shape = experts_shape
+        cfg = checkpoint.config
+        decoder = Decoder(cfg, checkpoint.dtype)
+        prefill = jax.jit(functools.partial(_prefill, decoder), static_argnames=("greedy", "fresh", "big_little"),
+                          donate_argnums=(2,))
+        decode = jax.jit(functools.partial(_decode, decoder), static_argnames=("greedy", "big_little"),
+                         donate_argnums=(2,))
+        rows, P = batch_bucket(request.batch), prompt_bucket(request.longest_prompt)
+        eos = set(checkpoint.eos_token_ids if request.eos_token_ids is None else request.eos_token_ids)
+        sds = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+        knobs, key, stats0 = sds(_request_state(cfg, request.sampling, eos))
+        cache = jax.eval_shape(lambda: KVCache.empty(cfg, rows, cache_bucket(P + request.max_new_tokens),
+                                                     checkpoint.dtype))
+        tokens = sds(left_pad([[0]], P, rows))
+        params = sds(checkpoint.params)
+        greedy = request.sampling.greedy
+        bl = big_little and big_little.checked(cfg.experts_per_token)
+        steps = {
+            _step_key("prefill", dict(greedy=greedy, fresh=True, big_little=bl),
+                      (params, experts_shape, cache, stats0, *tokens, key, knobs)):
+                (prefill, (params, experts_shape, cache, stats0, *tokens, key, knobs),
+                 dict(greedy=greedy, fresh=True, big_little=bl)),
+            _step_key("decode", dict(greedy=greedy, big_little=bl),
+                      (params, experts_shape, cache, stats0, _decode_state(rows), key, knobs)):
+                (decode, (params, experts_shape, cache, stats0, _decode_state(rows), key, knobs),
+                 dict(greedy=greedy, big_little=bl)),
+        }
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
+        self._steps = {k: pool.submit(lambda f=f, a=a, st=st: f.lower(*a, **st).compile(compiler_options()))
+                       for k, (f, a, st) in steps.items()}
+        pool.shutdown(wait=False)
+
+    def take(self, key: tuple, experts):
+        """The step compiled for `key` if the expert state matches the shapes it was compiled
+        for; None otherwise (the caller compiles)."""
+        future = self._steps.pop(key, None)
+        if future is None:
+            return None
+        same = jax.tree.structure(experts) == jax.tree.structure(self.experts_shape) and all(
+            a.shape == b.shape and a.dtype == b.dtype
+            for a, b in zip(jax.tree.leaves(experts), jax.tree.leaves(self.experts_shape)))
+        try:
+            compiled = future.result()
+        except Exception:  # anything a background compile hits, the foreground one reports
+            return None
+        return compiled if same else None
+
+
 # Counters that accumulate over a policy's life; a request reports its own share.
 RUNTIME_COUNTERS = ("promotions", "demotions", "h2d_bytes", "transfer_wait_s", "failed_promotions")
 
@@ -300,9 +386,10 @@ class Engine:
     """Runs a loaded checkpoint under a residency policy (default: `full`)."""
 
     def __init__(self, checkpoint: Checkpoint, policy: Policy | None = None, big_little: BigLittle | None = None, *,
-                 ffn=None):
+                 ffn=None, ahead: "Ahead | None" = None):
         """`ffn`: the MoE layers' expert FFN (default `experts.matmul.routed_ffn`; the mesh's is
-        `runtime.mesh.expert_parallel_ffn`)."""
+        `runtime.mesh.expert_parallel_ffn`). `ahead`: steps compiled from shapes while the
+        policy was being built (`Ahead`), taken where they match."""
         from dynaexq_jax.policies import full
 
         self.checkpoint = checkpoint
@@ -313,6 +400,7 @@ class Engine:
         self.decoder = Decoder(self.cfg, checkpoint.dtype, **({} if ffn is None else {"ffn": ffn}))
         self.input_sharding = None  # where a step's inputs go (None: the default device); the mesh replicates them
         self._compiled: dict[tuple, Callable] = {}
+        self._ahead = ahead
         self.compile_s = 0.0
         self.workspace_bytes = 0  # XLA's temporaries of the largest compiled step
         self.host_reads = 0  # explicit device->host reads (tokens, statistics) over the engine's life
@@ -335,10 +423,11 @@ class Engine:
     # ------------------------------------------------------------------ plumbing
     def _compile(self, name: str, fn, *args, **static):
         static["big_little"] = self.big_little
-        key = (name, tuple(sorted(static.items()))) + tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args[2:]))
+        key = _step_key(name, static, args)
         if key not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[key] = fn.lower(*args, **static).compile(compiler_options())
+            ready = self._ahead.take(key, args[1]) if self._ahead is not None else None
+            self._compiled[key] = ready or fn.lower(*args, **static).compile(compiler_options())
             self.compile_s += time.perf_counter() - t0
             # What the memory plan's workspace margin must cover; checked in tests, reported.
             self.workspace_bytes = max(self.workspace_bytes, self._compiled[key].memory_analysis().temp_size_in_bytes)
@@ -428,8 +517,7 @@ class Engine:
         before = self.policy.stats()
         with _setup():
             tokens, positions, valid = self._put(tuple(host))
-            knobs, key, stats0 = self._put((sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed),
-                                            self._stats0()))
+            knobs, key, stats0 = self._put(_request_state(self.cfg, sampling, eos))
             cache = self._put(self._empty_cache(rows, cache_bucket(P + max_new_tokens)))
             args = lambda cache: (self.params, self.policy.experts, cache, stats0, tokens, positions, valid, key, knobs)
             prefill = self._compile("prefill", self._prefill, *args(cache), greedy=greedy, fresh=True)
@@ -555,10 +643,7 @@ class Engine:
         return gen
 
     def _compile_decode(self, cache, key, knobs, greedy):
-        rows = cache.start.shape[0]
-        state = DecodeState(*(jax.ShapeDtypeStruct(s, d) for s, d in (((rows,), jnp.int32), ((rows,), jnp.int32),
-                                                                         ((rows,), jnp.bool_), ((), jnp.int32))))
-        args = (self.params, self.policy.experts, cache, self._stats0(), state, key, knobs)
+        args = (self.params, self.policy.experts, cache, self._stats0(), _decode_state(cache.start.shape[0]), key, knobs)
         return self._compile("decode", self._decode, *args, greedy=greedy)
 
     def _decode_loop(self, decode, cache, stats, state, key, knobs, B, max_new_tokens, eos, on_tokens, prefilled):
