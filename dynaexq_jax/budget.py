@@ -239,6 +239,13 @@ class MemoryPlan:
     mid_bits: int | None = None  # a wider fallback width for `mid_experts` of them (stored only at it)
     mid_experts: int = 0
     fallback_label: str = "fallback experts"  # what `fallback` holds (floe: the up projections)
+    # Host memory, outside the budget (`with_host`): what the run reads through file mappings
+    # (page cache the kernel may evict and read again), what it holds in process memory for its
+    # whole life, and the most it holds for a while at start (one layer of experts converting).
+    host_mapped: int = 0
+    host_mapped_from: str = ""
+    host_held: int = 0
+    host_transient: int = 0
 
     @property
     def slots_total_bytes(self) -> int:
@@ -283,6 +290,11 @@ class MemoryPlan:
             f"{self.slots} of {self.num_experts_total} experts can hold a slot "
             f"({per_layer:.1f} per MoE layer on average)"
         )
+        mapped = (f"{format_size(self.host_mapped)} mapped from {self.host_mapped_from} (page cache, read as "
+                  f"used), " if self.host_mapped else "")
+        start = (f", {format_size(self.host_transient)} more at start (one layer of experts converting)"
+                 if self.host_transient else "")
+        lines.append(f"host memory, outside the budget: {mapped}{format_size(self.host_held)} held{start}")
         return "\n".join(lines)
 
 
@@ -349,7 +361,27 @@ def parameter_count(cfg) -> int:
     return non_expert_nbytes(cfg, 1) + len(cfg.moe_layers) * cfg.num_experts * (math.prod(gu) + math.prod(dn))
 
 
-def policy_plan(
+def with_host(plan: MemoryPlan, cfg, policy: str, hi_dtype: str, dtype_itemsize: int) -> MemoryPlan:
+    """`plan` with the host memory `policy` takes: a bank of high-precision copies (dynaexq's
+    slots, offload's experts) mapped from the checkpoint's files or, for int8/int4 slots, from
+    the converted-expert cache (held in process memory where the cache is off); FloE's gate and
+    down projections held; and one layer of experts at the checkpoint's dtype while converting."""
+    gu, dn = expert_shapes(cfg)
+    dense = plan.num_experts_total * (math.prod(gu) + math.prod(dn)) * dtype_itemsize
+    layer = dense // max(plan.moe_layers, 1)
+    mapped, source, held = 0, "", 0
+    if policy in ("offload", "prefetch") or (policy == "dynaexq" and plan.slots and hi_dtype not in HI_BITS):
+        mapped, source = dense, "the checkpoint's files"
+    elif policy == "dynaexq" and plan.slots:
+        mapped, source = plan.num_experts_total * plan.slot_bytes, "the converted-expert cache"
+    elif policy == "floe":  # gate and down of every expert, gathered from on the host
+        held = plan.num_experts_total * 2 * cfg.hidden_size * cfg.moe_intermediate_size * dtype_itemsize
+    transient = 0 if policy in ("offload", "prefetch") else layer
+    return dataclasses.replace(plan, host_mapped=mapped, host_mapped_from=source, host_held=held,
+                               host_transient=transient)
+
+
+def _device_plan(
     cfg,
     policy: str,
     *,
@@ -367,16 +399,7 @@ def policy_plan(
     floe_up_bits: int | None = 2,
     floe_group: int = FLOE_UP_GROUP,
 ) -> MemoryPlan:
-    """The plan `runtime.build.build_engine` makes for `policy`, from the config alone, so that a
-    dry run (and a run, before it loads any weight) can show it and refuse a budget early.
-
-    dynaexq: fallbacks (`mid_experts` of them at `mid_bits`) + slots (at most `max_slots`);
-    full: every expert at high precision, no fallback; static: the widest bit width whose
-    fallback fits, no slots; offload / prefetch: no fallback, slots
-    in the checkpoint's dtype, and staging room in the workspace for one layer's copies in
-    flight (a token's experts must fit at once); floe: `floe_plan` (up projections at
-    `floe_up_bits` in groups of `floe_group`).
-    """
+    """`policy_plan` without the host memory."""
 
     def plan(bits, b):
         return plan_memory(
@@ -423,6 +446,24 @@ def policy_plan(
     return plan_memory(cfg, budget=budget, batch=batch, prompt=prompt, context=context, dtype_itemsize=dtype_itemsize,
                        lo_bits=lo_bits, hi_dtype=hi_dtype, group_size=group_size, max_slots=max_slots,
                        mid_bits=mid_bits, mid_experts=mid_experts)
+
+
+
+def policy_plan(cfg, policy: str, *, hi_dtype: str, dtype_itemsize: int, **kw) -> MemoryPlan:
+    """The plan `runtime.build.build_engine` makes for `policy`, from the config alone, so that a
+    dry run (and a run, before it loads any weight) can show it and refuse a budget early.
+    Keywords: `budget`, `batch`, `prompt`, `context`, `lo_bits`, `group_size`, and optionally
+    `max_slots`, `mid_bits`, `mid_experts`, `floe_up_bits`, `floe_group`.
+
+    dynaexq: fallbacks (`mid_experts` of them at `mid_bits`) + slots (at most `max_slots`);
+    full: every expert at high precision, no fallback; static: the widest bit width whose
+    fallback fits, no slots; offload / prefetch: no fallback, slots
+    in the checkpoint's dtype, and staging room in the workspace for one layer's copies in
+    flight (a token's experts must fit at once); floe: `floe_plan` (up projections at
+    `floe_up_bits` in groups of `floe_group`). With the host memory each takes (`with_host`).
+    """
+    plan = _device_plan(cfg, policy, hi_dtype=hi_dtype, dtype_itemsize=dtype_itemsize, **kw)
+    return with_host(plan, cfg, policy, hi_dtype, dtype_itemsize)
 
 
 def floe_up_group(cfg, requested: int = FLOE_UP_GROUP) -> int:

@@ -12,7 +12,8 @@ scores
 with `quant_error` each expert's relative weight error at that width (`tiers.quant_errors`,
 measured once and cached with the converted experts; 0 for a slot in the checkpoint's own
 dtype) and `traffic_share` its share of its layer's routed mass in the profile, layers
-weighted equally. The lowest expected error wins; ties (and errors under `NEGLIGIBLE_ERROR`)
+weighted equally. Every expert slotted at the checkpoint's precision (the model itself) wins
+when it fits; else the lowest expected error wins; ties (and errors under `NEGLIGIBLE_ERROR`)
 go to the widest static, then to the wider fallback, then to bf16 slots.
 
 Never below static: the candidates include the widest uniform width that fits with no slots
@@ -136,8 +137,11 @@ def choose(
                 candidates.append((err, lo, hi, slots, mid_bits if mid.any() else None, mid if mid.any() else None))
     if not candidates:
         raise last_error
+    # Every expert in a slot at the checkpoint's own precision is the model itself: it wins
+    # outright, its widest fallback first (int8's error is not zero, only too small to weigh).
+    exact = [c for c in candidates if c[2] not in budget_lib.HI_BITS and c[3] >= L * E]
     # Below the floor errors are not told apart (so the start, listed first, wins their ties):
     # slots then would cost transfers and host memory for no difference a model shows.
-    err, lo, hi, slots, mid_bits, mid = min(candidates, key=lambda c: max(c[0], NEGLIGIBLE_ERROR))
+    err, lo, hi, slots, mid_bits, mid = exact[0] if exact else min(candidates, key=lambda c: max(c[0], NEGLIGIBLE_ERROR))
     pairs = () if mid is None else tuple((int(l), int(e)) for l, e in zip(*np.nonzero(mid)))
     return TierChoice(lo, hi, int(slots), err, candidates[0][1], candidates[0][0], mid_bits, pairs)

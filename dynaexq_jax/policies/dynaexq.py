@@ -57,7 +57,8 @@ class DynaExqPolicy:
         self.swapper = swapper
         self.tracker = tracker
         self.opts = opts
-        self.observe_every = opts.rebalance_every
+        # With a slot for every expert nothing can move: no routing statistics to read.
+        self.observe_every = None if swapper.num_slots >= tracker.scores.size else opts.rebalance_every
         self.informed = informed  # the tracker holds a profile (given or saved), not zeros
         self.warm = False
         self.profile_path = profile_path

@@ -96,8 +96,8 @@ def auto_tiers(ckpt, opts: DynaExqOptions, *, budget: int | None, batch: int, lo
         except UserError:  # below its minimum: the narrower integer widths may still fit
             pass
     cfg = ckpt.config
-    group = budget_lib.expert_group_size(cfg, opts.group_size)
     lo_choices = autotier.LO_WIDTHS if opts.lo_bits == "auto" else (opts.lo_bits,)
+    group = budget_lib.expert_group_size(cfg, opts.group_size)
     hi_choices = autotier.HI_DTYPES if opts.hi_dtype == "auto" else (opts.hi_dtype,)
     # A mixed fallback only when the width is the plan's to pick: an explicit --lo-bits is kept as given.
     mixed = opts.lo_bits == "auto"
