@@ -59,7 +59,7 @@ def save(path: Path, ckpt, cal_settings: dict, thresholds: np.ndarray, predictor
         tree["predictor"] = predictor
     meta = {"kind": KIND, "fingerprint": store.source_fingerprint(Path(ckpt.path)), "source": str(ckpt.path),
             "settings": cal_settings, "text_sha": text_sha, "version": store.FORMAT_VERSION,
-            "tree": store._describe(tree), "checksums": store.checksums(tree), **(extra or {})}
+            **(extra or {})}  # the arrays' shapes and checksums are the store's to add
     if path.exists():
         shutil.rmtree(path)
     if not store._save_atomic(path.parent, path.name, tree, meta):

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.experts import quant
-from dynaexq_jax.experts.expert_state import HostExperts, LayerSource
+from dynaexq_jax.experts.expert_state import HostExperts, LayerSource, write_rows
 from dynaexq_jax.models import registry
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 from dynaexq_jax.models.decoder import Decoder
@@ -547,7 +547,12 @@ class CheckpointLayers(LayerSource):
         return self._experts(layer, range(e, e + 1))[0]
 
     def on_device(self, layer: int, device=None, experts: slice = slice(None)) -> jax.Array:
-        return jax.device_put(self._experts(layer, range(self.shape[0])[experts]), device)
+        """Expert by expert into one device buffer: the host holds one expert at a time."""
+        ids = range(self.shape[0])[experts]
+        buf = jnp.zeros((len(ids),) + self.shape[1:], self.dtype, device=device)
+        for k, e in enumerate(ids):
+            buf = write_rows(buf, jax.device_put(self._experts(layer, range(e, e + 1)), device), k)
+        return buf
 
 
 def to_device(tree):

@@ -105,10 +105,15 @@ def source_dir(source: Path) -> Path:
 
 
 def _file_hash(f: Path) -> str:
+    """SHA-256 of a file's contents, read through a mapping (no buffer the size of a chunk per
+    thread); hashlib releases the GIL, so shards hash in parallel threads."""
     h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)  # releases the GIL: shards hash in parallel threads
+    if f.stat().st_size:
+        with _map(f) as buf:
+            view = memoryview(buf)
+            for start in range(0, len(buf), 1 << 26):
+                h.update(view[start : start + (1 << 26)])
+            view.release()
     return h.hexdigest()
 
 
@@ -176,6 +181,12 @@ def _where(source) -> tuple[Path, str] | None:
     return source_dir(src), source_fingerprint(src)
 
 
+def has_cache(source) -> bool:
+    """Whether `source`'s converted experts go through the cache (a folder or a generated
+    source, and the cache on)."""
+    return _where(source) is not None
+
+
 def _settings_slug(kind: str, settings: dict) -> str:
     text = json.dumps({"kind": kind, "version": FORMAT_VERSION, **settings}, sort_keys=True)
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
@@ -201,13 +212,6 @@ def _nest(flat: dict[str, np.ndarray]) -> dict:
 
 def _array_hash(a) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
-
-
-def checksums(tree) -> dict[str, str]:
-    """SHA-256 of every array of a nested dict, by path (hashed in parallel threads)."""
-    leaves = _leaves(tree)
-    with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-        return dict(zip(leaves, pool.map(_array_hash, leaves.values())))
 
 
 # ----------------------------------------------------------------------------- the array file
@@ -264,10 +268,22 @@ def _map(path: Path, writable: bool = False):
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
 
 
+VERIFIED = "verified.json"
+
+
+def _chunk_hash(a: np.ndarray, start: int, end: int) -> str:
+    return _array_hash(a if a.ndim == 0 else a[start:end])
+
+
 def read_arrays(entry: Path) -> dict[str, np.ndarray]:
-    """Entry `entry`'s arrays, checked against its `meta.json`, as read-only views of its mapped
-    file (flat: {"a/b/c": array}). Raises on any damage (OSError, ValueError, KeyError)."""
-    meta = json.loads((entry / "meta.json").read_text())
+    """Entry `entry`'s arrays as read-only views of its mapped file (flat: {"a/b/c": array}),
+    checked against the SHA-256s in its `meta.json` (row blocks of each array, in parallel
+    threads) the first time they are mapped after any change to the file: a check that passed is
+    remembered (`verified.json`) under the file's size, mtime, ctime and inode, as the source
+    checkpoint's hashes are, so a later run maps the entry without reading it. Raises on any
+    damage (OSError, ValueError, KeyError)."""
+    meta_text = (entry / "meta.json").read_text()
+    meta = json.loads(meta_text)
     spec = _spec_of(meta["tree"])
     head, ranges = _layout(spec)
     path = entry / ARRAYS
@@ -278,19 +294,32 @@ def read_arrays(entry: Path) -> dict[str, np.ndarray]:
     if buf[: len(head)] != head:
         raise ValueError(f"the header of {ARRAYS} does not describe its arrays")
     arrays = _views(buf, spec, ranges)
-    with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-        sums = dict(zip(arrays, pool.map(_array_hash, arrays.values())))
-    if sums != meta["checksums"]:
+    sums = meta["checksums"]
+    if set(sums) != set(arrays):
         raise ValueError("its arrays do not match their checksums")
+    stamp = {"file": _stat_key(path), "meta": hashlib.sha256(meta_text.encode()).hexdigest()}
+    try:
+        seen = json.loads((entry / VERIFIED).read_text())
+    except (OSError, ValueError):
+        seen = None
+    if seen != stamp:
+        chunks = [(n, c) for n, cs in sums.items() for c in cs]
+        with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
+            got = list(pool.map(lambda nc: _chunk_hash(arrays[nc[0]], nc[1][0], nc[1][1]), chunks))
+        if any(g != c[2] for g, (_, c) in zip(got, chunks)):
+            raise ValueError("its arrays do not match their checksums")
+        _write_json_atomic(entry / VERIFIED, stamp)
     return arrays
 
 
 class ArrayWriter:
-    """Arrays `spec` written one by one into a new entry's file, then committed at once.
+    """Arrays `spec` written into a new entry's file, whole or in blocks of rows, then committed
+    at once.
 
-    `put` copies an array into its place in the mapped file and hashes it in a thread;
-    `commit` writes `meta.json` and renames the temporary folder into the entry. Until then
-    nothing at the entry's name exists, so an interrupted run leaves nothing a later run trusts.
+    `put` copies an array (or rows `start`.. of one) into its place in the mapped file and
+    hashes that block in a thread; `commit` checks every array was written whole, writes
+    `meta.json` and renames the temporary folder into the entry. Until then nothing at the
+    entry's name exists, so an interrupted run leaves nothing a later run trusts.
     """
 
     def __init__(self, tmp: Path, final: Path, spec: dict, meta: dict):
@@ -302,29 +331,40 @@ class ArrayWriter:
             f.truncate(end)
             os.posix_fallocate(f.fileno(), 0, end)  # a full disk fails here, not inside a later write
         self._buf = _map(tmp / ARRAYS, writable=True)
-        self.arrays = {n: v for n, v in _views(self._buf, spec, ranges).items()}
+        self.arrays = _views(self._buf, spec, ranges)
         self._pool = concurrent.futures.ThreadPoolExecutor(_THREADS)
-        self._sums: dict[str, concurrent.futures.Future] = {}
+        self._sums: dict[str, list] = {n: [] for n in spec}  # per array: (start, end, future hash)
         self.saved = False
 
-    def put(self, name: str, array) -> None:
-        dst = self.arrays[name]
+    def put(self, name: str, array, start: int = 0) -> None:
+        """Write `array` as array `name`'s rows `start`.. (all of it: a whole array, start 0)."""
+        full = self.arrays[name]
         array = np.asarray(array)
+        whole = full.ndim == 0 or array.shape == full.shape
+        dst = full if whole else full[start : start + len(array)]
         if array.shape != dst.shape or array.dtype != dst.dtype:
-            raise ValueError(f"{name}: {array.shape} {array.dtype}, the entry holds {dst.shape} {dst.dtype}")
+            raise ValueError(f"{name}[{start}:]: {array.shape} {array.dtype}, the entry holds {full.shape} {full.dtype}")
         dst[...] = array
-        self._sums[name] = self._pool.submit(_array_hash, dst)
+        stop = 1 if full.ndim == 0 else start + (len(full) if whole else len(array))
+        self._sums[name].append((start, stop, self._pool.submit(_chunk_hash, full, start, stop)))
+
+    def _checksums(self) -> dict:
+        out = {}
+        for name, chunks in self._sums.items():
+            rows = 1 if self.arrays[name].ndim == 0 else len(self.arrays[name])
+            chunks = sorted(chunks, key=lambda c: c[0])
+            edges = [0] + [c[1] for c in chunks]
+            if [c[0] for c in chunks] != edges[:-1] or edges[-1] != rows:
+                raise ValueError(f"{name} was not written whole")
+            out[name] = [[a, b, f.result()] for a, b, f in chunks]
+        return out
 
     def commit(self) -> dict[str, np.ndarray]:
         """Make the entry; its arrays as read-only mapped views. If the entry cannot be made
         (warned, `saved` False), the arrays are still returned, mapped from the removed
         temporary file: valid for this run, gone with it."""
         try:
-            missing = sorted(set(self.spec) - set(self._sums))
-            if missing:
-                raise ValueError(f"{missing[0]} was never written")
-            meta = {**self.meta, "tree": _describe(_nest(self.arrays)),
-                    "checksums": {n: f.result() for n, f in self._sums.items()}}
+            meta = {**self.meta, "tree": _describe(_nest(self.arrays)), "checksums": self._checksums()}
             self._buf.flush()
             (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
             try:

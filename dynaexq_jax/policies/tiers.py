@@ -94,109 +94,121 @@ def _abstract(host: HostExperts, bits, group_size: int, rows: int):
 
 
 def _spec(host: HostExperts, t: Target, group_size: int) -> dict:
-    """The cache entry's arrays: per layer and matrix the packed leaves of its picked experts."""
-    E = host.num_experts
+    """The cache entry's arrays: one per matrix and packed leaf, every picked expert's rows,
+    layer-major (so a CPU tier can be the mapped file itself)."""
+    L, E = host.num_layers, host.num_experts
     spec = {}
-    for i in range(host.num_layers):
-        for name, w in zip(_PIECES, _abstract(host, t.bits, group_size, len(t.picks(i, E)))):
-            for leaf in _leaf_names(t.bits):
-                a = getattr(w, leaf)
-                spec[f"layer_{i}/{name}/{leaf}"] = (a.shape, a.dtype)
+    for name, w in zip(_PIECES, _abstract(host, t.bits, group_size, t.rows(L, E))):
+        for leaf in _leaf_names(t.bits):
+            a = getattr(w, leaf)
+            spec[f"{name}/{leaf}"] = (a.shape, a.dtype)
     return spec
 
 
-def _packed(tree_layer: dict, bits, group_size: int, shapes):
-    """A layer's (gate_up, down) packed tensors from the cache's leaves."""
-    def one(name, shape):
-        leaves = tree_layer[name]
-        if bits == MXFP4:
-            return quant.Mxfp4Tensor(leaves["blocks"], leaves["scales"], shape)
-        return quant.QuantizedTensor(leaves["packed"], leaves["scales"], leaves["zeros"], bits, group_size, shape)
-    return tuple(one(n, s) for n, s in zip(_PIECES, shapes))
+def _filled(abstract, arrays: dict):
+    """The packed tensor `abstract` with its leaves from `arrays` {leaf: array}."""
+    return dataclasses.replace(abstract, **arrays)
+
+
+def _per_layer(tier, t: Target, L: int, E: int) -> list[tuple]:
+    """A whole tier's (gate_up, down) [rows, ...] on the host as per-layer views [picks, ...]."""
+    ends = np.cumsum([len(t.picks(i, E)) for i in range(L)])
+    starts = np.concatenate([[0], ends[:-1]])
+    cut = lambda w, a, b: dataclasses.replace(jax.tree.map(lambda x: x[a:b], w), shape=(int(b - a),) + w.shape[1:])
+    return [tuple(cut(w, a, b) for w in tier) for a, b in zip(starts, ends)]
 
 
 class _Stack:
-    """A device tier of `rows` experts, filled layer by layer (donated in-place updates)."""
+    """A device tier of `rows` experts (dense, or packed), filled layer by layer (donated
+    in-place updates)."""
 
     def __init__(self, abstract, device):
-        self.device, self.next = device, 0
-        self.leaves, self.treedef = jax.tree.flatten(abstract)
-        self.buffers = [jnp.zeros(a.shape, a.dtype, device=device) for a in self.leaves]
-        self.abstract = abstract
+        self.device, self.next, self.abstract = device, 0, abstract
+        packed = isinstance(abstract, (quant.QuantizedTensor, quant.Mxfp4Tensor))
+        self.names = _leaf_names(MXFP4 if isinstance(abstract, quant.Mxfp4Tensor) else 4) if packed else None
+        self.buffers = [jnp.zeros(a.shape, a.dtype, device=device) for a in self._leaves(abstract)]
+
+    def _leaves(self, w) -> list:
+        return [w] if self.names is None else [getattr(w, n) for n in self.names]
 
     def write(self, block) -> None:
         start = jax.device_put(np.int32(self.next), self.device)
-        leaves = jax.tree.leaves(block)
-        self.buffers = [write_rows(b, jax.device_put(x, self.device), start) for b, x in zip(self.buffers, leaves)]
-        self.next += leaves[0].shape[0]
+        self.buffers = [write_rows(b, jax.device_put(x, self.device), start)
+                        for b, x in zip(self.buffers, self._leaves(block))]
+        self.next += block.shape[0]
 
     def tensor(self):
-        return jax.tree.unflatten(self.treedef, self.buffers)
+        return self.buffers[0] if self.names is None else _filled(self.abstract, dict(zip(self.names, self.buffers)))
 
 
 def convert(host: HostExperts, targets: list[Target], group_size: int, method: str, *, source=None, device=None,
             room: int | None = None, progress: bool = False, clock: Stopwatch | None = None) -> list:
     """Every target in one pass over the layers. Returns, per target, (gate_up, down) stacked on
     `device` [rows, ...] layer-major (`on_device`), or per layer the host (gate_up, down) packed
-    tensors [picked experts, ...] (mapped from the cache where there is one).
+    tensors [picked experts, ...] (views of the cache's mapped file where there is one).
 
     Targets found in the cache are mapped, not converted; the others share one read of each
-    layer. `room`: device bytes free for a conversion call's input (None: no limit); a layer that
-    does not fit is converted in chunks of experts."""
+    layer, quantized on `device`. A device target bound for the CPU is the mapped file itself
+    (JAX's CPU client takes a read-only mapping without a copy); for an accelerator it is
+    stacked there as the layers come (and copied to the cache). `room`: device bytes free for a
+    conversion call's input (None: no limit); a layer that does not fit is converted in chunks
+    of experts."""
     t0 = time.perf_counter()
     device = device or jax.devices()[0]
+    on_cpu = device.platform == "cpu"
     L, E = host.num_layers, host.num_experts
-    shapes = [s[1:] for s in host.shapes]
-    layer_of = lambda tree, i, t: _packed(tree[f"layer_{i}"], t.bits, group_size,
-                                          [(len(t.picks(i, E)),) + s for s in shapes])
-    host_layers, todo = {}, []  # host_layers: per target, its layers on the host
+    abstract = {j: _abstract(host, t.bits, group_size, t.rows(L, E)) for j, t in enumerate(targets)}
+    whole, per_layer, todo = {}, {}, []  # whole: a target's tier on the host; per_layer: its layers
     for j, t in enumerate(targets):
         if t.bits == MXFP4 and host.mxfp4 is not None:  # the checkpoint's own bytes: nothing to convert
-            host_layers[j] = [tuple(w if t.experts is None else w[t.picks(i, E)] for w in host.mxfp4[i])
-                              for i in range(L)]
+            per_layer[j] = [tuple(w if t.experts is None else w[t.picks(i, E)] for w in host.mxfp4[i])
+                            for i in range(L)]
             continue
         entry = store.entry(source, _kind(t.bits), _settings(host, t, group_size, method))
         tree = entry.read() if entry is not None else None
         if tree is not None:
-            host_layers[j] = [layer_of(tree, i, t) for i in range(L)]
+            whole[j] = tuple(_filled(a, tree[name]) for name, a in zip(_PIECES, abstract[j]))
         else:
             todo.append((j, t, entry.writer(_spec(host, t, group_size)) if entry is not None else None))
-    stacks = {j: tuple(_Stack(a, device) for a in _abstract(host, t.bits, group_size, t.rows(L, E)))
-              for j, t in enumerate(targets) if t.on_device}
+    # Device tiers made layer by layer: converted ones (unless the CPU maps the cache's file), a
+    # shipped MXFP4 tier's layers.
+    stacks = {j: tuple(_Stack(a, device) for a in abstract[j]) for j, t, w in todo
+              if t.on_device and not (on_cpu and w is not None)}
+    stacks.update({j: tuple(_Stack(a, device) for a in abstract[j]) for j in per_layer if targets[j].on_device})
     kept = {j: [] for j, t, w in todo if not t.on_device and w is None}  # host targets with no cache to go to
     layers = range(L)
     if todo:
         layers = tqdm(layers, desc="converting " + ", ".join(_kind(t.bits) for _, t, _ in todo), unit="layer",
                       file=sys.stderr, disable=not progress, leave=False)
     try:
+        row = {j: 0 for j, _, _ in todo}
         for i in layers:
-            for j, layer in host_layers.items():  # mapped or shipped targets bound for the device: copied there
+            for j in per_layer:
                 if j in stacks:
-                    for stack, w in zip(stacks[j], layer[i]):
+                    for stack, w in zip(stacks[j], per_layer[j][i]):
                         stack.write(w)
             if todo:
-                _convert_layer(host, i, todo, stacks, kept, group_size, method, device, room)
+                _convert_layer(host, i, todo, stacks, kept, row, group_size, method, device, room)
         for j, t, writer in todo:
             if writer is not None:
                 tree = store._nest(writer.commit())
-                if not t.on_device:
-                    host_layers[j] = [layer_of(tree, i, t) for i in range(L)]
+                whole[j] = tuple(_filled(a, tree[name]) for name, a in zip(_PIECES, abstract[j]))
             elif not t.on_device:
-                host_layers[j] = kept[j]
+                per_layer[j] = kept[j]
     except BaseException:
         for _, _, writer in todo:
             if writer is not None:
                 writer.abort()
         raise
+    out = []
+    for j, t in enumerate(targets):
+        if t.on_device:
+            out.append(tuple(s.tensor() for s in stacks[j]) if j in stacks else jax.device_put(whole[j], device))
+        else:
+            out.append(per_layer[j] if j in per_layer else _per_layer(whole[j], t, L, E))
     if clock is not None:
         clock.seconds += time.perf_counter() - t0
-    return [tuple(_finish(s) for s in stacks[j]) if t.on_device else host_layers[j] for j, t in enumerate(targets)]
-
-
-def _finish(stack: _Stack):
-    w = stack.tensor()
-    a = stack.abstract
-    return dataclasses.replace(w, shape=a.shape) if isinstance(w, (quant.QuantizedTensor, quant.Mxfp4Tensor)) else w
+    return out
 
 
 def _chunk(host: HostExperts, room: int | None) -> int:
@@ -209,9 +221,10 @@ def _chunk(host: HostExperts, room: int | None) -> int:
     return int(max(1, min(E, room // max(per_expert, 1))))
 
 
-def _convert_layer(host, i, todo, stacks, kept, group_size, method, device, room) -> None:
+def _convert_layer(host, i, todo, stacks, kept, row, group_size, method, device, room) -> None:
     """Layer `i` read once (in chunks of experts if `room` asks), each target's experts
-    quantized on the device, written into its device stack, its cache entry, or kept."""
+    quantized on the device, written into its device stack, its cache entry, or kept; `row`:
+    each target's next row in its entry."""
     E = host.num_experts
     n = _chunk(host, room)
     pieces = ((np.arange(a, min(a + n, E)), host.on_device(i, device, experts=slice(a, min(a + n, E))))
@@ -225,7 +238,7 @@ def _convert_layer(host, i, todo, stacks, kept, group_size, method, device, room
             idx = None if len(local) == len(ids) else jax.device_put(local.astype(np.int32), device)
             for m, w in enumerate(ws):
                 q = _quantize(w if idx is None else jnp.take(w, idx, axis=0), t.bits, group_size, method)
-                if t.on_device:
+                if j in stacks:
                     stacks[j][m].write(q)
                 out[j][m].append(q)
     for j, t, writer in todo:
@@ -233,13 +246,15 @@ def _convert_layer(host, i, todo, stacks, kept, group_size, method, device, room
             continue
         layer = []
         for name, qs in zip(_PIECES, out[j]):
-            qs = [jax.tree.map(np.asarray, q) for q in qs]
-            leaves = {leaf: np.concatenate([getattr(q, leaf) for q in qs]) for leaf in _leaf_names(t.bits)}
+            qs = [jax.tree.map(np.asarray, q) for q in qs]  # on the CPU, views of the device's buffers
+            leaves = {leaf: np.concatenate(parts) if len(parts) > 1 else parts[0]
+                      for leaf in _leaf_names(t.bits) for parts in [[getattr(q, leaf) for q in qs]]}
             if writer is not None:
                 for leaf, a in leaves.items():
-                    writer.put(f"layer_{i}/{name}/{leaf}", a)
+                    writer.put(f"{name}/{leaf}", a, row[j])
             rows = sum(q.shape[0] for q in qs)
             layer.append(dataclasses.replace(qs[0], **leaves, shape=(rows,) + tuple(qs[0].shape[1:])))
+        row[j] += layer[0].shape[0]
         if j in kept:
             kept[j].append(tuple(layer))
 

@@ -6,6 +6,7 @@ import dataclasses
 
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
+from dynaexq_jax.io import store
 from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.policies import POLICIES, build_policy
 from dynaexq_jax.policies import autotier
@@ -116,6 +117,37 @@ def auto_tiers(ckpt, opts: DynaExqOptions, *, budget: int | None, batch: int, lo
                                mid_bits=choice.mid_bits, mid_experts=choice.mid_experts), choice
 
 
+def available_host_memory() -> int | None:
+    """Bytes the kernel says a process can still allocate without swapping (MemAvailable), or
+    None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(plan: budget_lib.MemoryPlan, cached: bool = True) -> None:
+    """Refuse, before any expert is converted, a run whose host memory (what it holds, and one
+    layer of experts while converting) exceeds what this machine has available. What it maps
+    is page cache, which the kernel evicts and reads again as needed: not counted, but for a
+    bank the converted-expert cache would map when there is no cache (`cached` False)."""
+    unmapped = not cached and plan.host_mapped_from.endswith("cache")
+    held = plan.host_held + (plan.host_mapped if unmapped else 0)
+    need = held + plan.host_transient
+    have = available_host_memory()
+    if have is not None and need > have:
+        fix = ("turn the converted-expert cache on (DYNAEXQ_CACHE=1) so the int8 bank is mapped, not held, or "
+               "free host memory") if unmapped else "free host memory, or run on a machine with more"
+        raise budget_lib.BudgetError(
+            f"this run needs {budget_lib.format_size(need)} of host memory ({budget_lib.format_size(held)} "
+            f"held, {budget_lib.format_size(plan.host_transient)} for one layer of experts while converting) and "
+            f"{budget_lib.format_size(have)} is available; {fix}")
+
+
 def build_engine(
     ckpt,
     policy: str,
@@ -154,6 +186,7 @@ def build_engine(
         opts = fixed_tiers(opts)
     plan = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=longest_prompt,
                     max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=opts, floe=floe)
+    check_host_memory(plan, cached=store.has_cache(ckpt.source))
     opts = dataclasses.replace(opts, group_size=budget_lib.expert_group_size(cfg, opts.group_size))
     floe = dataclasses.replace(floe, group_size=budget_lib.floe_up_group(cfg, floe.group_size))
     shape = abstract_state(ckpt.experts, policy, plan, opts) if request is not None else None

@@ -357,9 +357,17 @@ class Ahead:
                 (decode, (params, experts_shape, cache, stats0, _decode_state(rows), key, knobs),
                  dict(greedy=greedy, big_little=bl)),
         }
+        self.seconds = 0.0  # spent compiling in the background
+
+        def compile_one(f, a, st):
+            t0 = time.perf_counter()
+            try:
+                return f.lower(*a, **st).compile(compiler_options())
+            finally:
+                self.seconds += time.perf_counter() - t0
+
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
-        self._steps = {k: pool.submit(lambda f=f, a=a, st=st: f.lower(*a, **st).compile(compiler_options()))
-                       for k, (f, a, st) in steps.items()}
+        self._steps = {k: pool.submit(compile_one, *step) for k, step in steps.items()}
         pool.shutdown(wait=False)
 
     def take(self, key: tuple, experts):

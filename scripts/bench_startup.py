@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Time to the first token, phase by phase, cold and warm, each start in a fresh process.
+
+    python scripts/bench_startup.py --preset olmoe-1b-7b --budget 6GB --policies dynaexq,static,offload \\
+        --export olmoe-1b-7b:2 --json startup.json
+
+Per source (a preset, `--model DIR`, and with `--export PRESET:LAYERS` a real safetensors
+checkpoint the benchmark writes first from that preset cut to LAYERS layers) and policy: a
+*cold* start (an empty converted-expert cache and an empty compilation cache) and then a *warm*
+one (both as the cold start left them). Phases are `dynaexq_jax.runtime.startup`'s; `total`
+runs from the process's start (interpreter and imports included) to the first token.
+Prints a Markdown table; `--json` writes every figure.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()  # before any import: a start includes its imports
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+PHASES = ("read", "tiers", "convert", "build", "fill", "compile", "first")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", action="append", default=[], help="a preset to start (repeatable)")
+    p.add_argument("--model", action="append", default=[], help="a checkpoint folder to start (repeatable)")
+    p.add_argument("--export", action="append", default=[], metavar="PRESET:LAYERS",
+                   help="write this preset with LAYERS layers as a safetensors checkpoint, then start it")
+    p.add_argument("--policies", default="dynaexq,static,offload")
+    p.add_argument("--budget", default="6GB", help="device memory budget of every start (accelerate's sizes)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--work-dir", help="where caches and exported checkpoints go (default: a new temporary folder)")
+    p.add_argument("--json", help="write every figure here")
+    p.add_argument("--timeout", type=float, default=900, help="seconds one start may take")
+    p.add_argument("--worker", nargs=3, metavar=("SOURCE", "POLICY", "BUDGET"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def worker(args) -> None:
+    """One start, in this fresh process: its figures as one JSON line on stdout."""
+    from dynaexq_jax import budget as budget_lib
+    from dynaexq_jax.runtime import compile_cache, startup
+
+    compile_cache.enable()
+    source, policy, budget = args.worker
+    out = startup.measure(source, policy, None if budget == "none" else budget_lib.parse_size(budget),
+                          dtype=args.dtype, prompt_len=args.prompt_len, started=_T0)
+    print(json.dumps(out))
+
+
+def export(spec: str, work: Path, dtype: str) -> Path:
+    """Preset `spec` = NAME:LAYERS written as a checkpoint folder under `work` (once)."""
+    import jax.numpy as jnp
+
+    from dynaexq_jax.io import hf_export, preset
+    from dynaexq_jax.models import registry
+
+    name, layers = spec.split(":")
+    path = work / f"{name}-{layers}-layers"
+    if (path / "model.safetensors").is_file():
+        return path
+    hf = dict(preset.PRESETS[name], num_hidden_layers=int(layers))
+    cfg = registry.adapter_for(hf).config_from_hf(hf)
+    ckpt = preset.random_checkpoint(cfg, jnp.dtype(dtype))
+    hf_export.save_checkpoint(path, cfg, ckpt.params, ckpt.experts, dtype=dtype, eos_token_id=0)
+    return path
+
+
+def run_one(source: str, policy: str, args, caches: Path) -> dict:
+    env = dict(os.environ, DYNAEXQ_CACHE_DIR=str(caches / "experts"), DYNAEXQ_COMPILE_CACHE=str(caches / "jax"),
+               DYNAEXQ_CACHE="1")
+    argv = [sys.executable, __file__, "--worker", source, policy, args.budget, "--dtype", args.dtype,
+            "--prompt-len", str(args.prompt_len)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=args.timeout)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        return {"source": source, "policy": policy, "error": tail[0], "wall": time.perf_counter() - t0}
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), wall=time.perf_counter() - t0)
+
+
+def table(rows: list[dict]) -> str:
+    head = ["source", "policy", "start", *PHASES, "to first token", "of which compile ahead", "converted GB/s",
+            "checkpoint read"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        name = Path(r["source"]).name
+        if "error" in r:
+            lines.append(f"| {name} | {r['policy']} | {r['start']} | failed: {r['error']} |")
+            continue
+        gbs = f"{r['converted_gbs']:.2f}" if r.get("converted_gbs") else "-"
+        read = f"{r['checkpoint_bytes_read'] / 1e9:.2f} GB" if r["checkpoint_bytes_read"] else "- (drawn)"
+        cells = [name, r["policy"], r["start"], *(f"{r[p]:.2f}" for p in PHASES), f"**{r['total']:.1f} s**",
+                 f"{r['compile_ahead']:.1f} s", gbs, read]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-startup-"))
+    work.mkdir(parents=True, exist_ok=True)
+    sources = args.preset + args.model + [str(export(s, work, args.dtype)) for s in args.export]
+    if not sources:
+        sources = ["olmoe-1b-7b"]
+    rows = []
+    for i, source in enumerate(sources):
+        for policy in args.policies.split(","):
+            caches = work / f"caches-{i}-{policy}"
+            for start in ("cold", "warm"):
+                row = dict(run_one(source, policy, args, caches), start=start)
+                rows.append(row)
+                print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Start-up at scale: one conversion pass, mapped caches, steps compiled ahead, exact when it fits."""
+
+from __future__ import annotations
+
+import dataclasses
+import tracemalloc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynaexq_jax import budget as budget_lib
+from dynaexq_jax.experts import quant
+from dynaexq_jax.io import hf_export, loader, preset, store
+from dynaexq_jax.models import registry
+from dynaexq_jax.policies import tiers
+from dynaexq_jax.policies.dynaexq import DynaExqOptions
+from dynaexq_jax.runtime import build as build_lib
+from dynaexq_jax.runtime.build import build_engine
+from dynaexq_jax.runtime.engine import Engine, Request
+
+SHAPE = dict(batch=1, longest_prompt=16, max_new_tokens=8)
+SMOKE = preset.PRESETS["qwen3-moe-smoke"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNAEXQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DYNAEXQ_CACHE", "1")
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Layers read from each source ({(matrix, layer): reads}) and quantize calls ({bits: n})."""
+    reads, quantized = {}, {}
+    real_on_device, real_quantize = preset.LazyLayers.on_device, quant.quantize
+
+    def on_device(self, i, device=None, experts=slice(None)):
+        key = (self.shape[1:], i)
+        reads[key] = reads.get(key, 0) + 1
+        return real_on_device(self, i, device, experts)
+
+    def quantize(w, bits, *a, **k):
+        quantized[bits] = quantized.get(bits, 0) + 1
+        return real_quantize(w, bits, *a, **k)
+
+    monkeypatch.setattr(preset.LazyLayers, "on_device", on_device)
+    monkeypatch.setattr(quant, "quantize", quantize)
+    return reads, quantized
+
+
+def smoke(seed=0, dtype=jnp.float32):
+    return preset.random_checkpoint(preset.preset_config("qwen3-moe-smoke"), dtype, seed=seed, routing_skew=1.0)
+
+
+def test_one_pass_reads_each_layer_once_and_quantizes_each_width_once_per_layer(cache, calls):
+    reads, quantized = calls
+    ckpt = smoke()
+    L, E = len(ckpt.config.moe_layers), ckpt.config.num_experts
+    mid = np.zeros((L, E), bool)
+    mid[:, :3] = True  # a mixed fallback: int4, three experts a layer at int8, and an int8 bank
+    state, bank = tiers.fallback_and_bank(ckpt.experts, 4, 64, "rtn", mid_bits=8, mid=mid, bank_bits=8,
+                                          source=ckpt.source)
+    assert set(reads.values()) == {1} and len(reads) == 2 * L  # gate_up and down of each layer, once
+    assert quantized == {4: 2 * L, 8: 4 * L}  # per layer and matrix: the fallback, the mid experts, the bank
+    assert [t.rows for t in state.tiers] == [L * E - 3 * L, 3 * L] and len(bank) == L
+    reads.clear(), quantized.clear()
+    again, bank2 = tiers.fallback_and_bank(smoke().experts, 4, 64, "rtn", mid_bits=8, mid=mid, bank_bits=8,
+                                           source=ckpt.source)
+    assert reads == {} and quantized == {}  # the second start maps what the first converted
+    for a, b in zip(jax.tree.leaves((state.tiers, bank)), jax.tree.leaves((again.tiers, bank2))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def mapping_of(address: int) -> str | None:
+    """The file mapped at `address` in this process (/proc/self/maps), or None."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *rest = line.split()
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= address < hi:
+                return rest[4] if len(rest) > 4 else None
+    return None
+
+
+def test_a_warm_cpu_tier_is_the_mapped_cache_file(cache):
+    ckpt = smoke()
+    packed = tiers.packed_tier(ckpt.experts, 4, 64, "rtn", source=ckpt.source)
+    warm = tiers.packed_tier(smoke().experts, 4, 64, "rtn", source=ckpt.source)
+    (entry,) = cache.glob("*/int4-*")
+    assert mapping_of(warm.gate_up.packed.unsafe_buffer_pointer()) == str(entry / store.ARRAYS)  # no copy
+    np.testing.assert_array_equal(np.asarray(warm.gate_up.packed), np.asarray(packed.gate_up.packed))
+
+
+def test_a_preset_is_cached_by_the_recipe_of_its_experts(cache, calls):
+    _, quantized = calls
+    tiers.packed_tier(smoke().experts, 4, 64, "rtn", source=smoke().source)
+    quantized.clear()
+    other_skew = preset.random_checkpoint(preset.preset_config("qwen3-moe-smoke"), jnp.float32, routing_skew=0.0)
+    tiers.packed_tier(other_skew.experts, 4, 64, "rtn", source=other_skew.source)
+    assert quantized == {}  # the routers' skew does not change the experts
+    tiers.packed_tier(smoke(seed=1).experts, 4, 64, "rtn", source=smoke(seed=1).source)
+    assert quantized == {4: 2 * 4}  # another seed, other experts
+
+
+def test_sampled_errors_follow_the_exact_ones(monkeypatch):
+    """The auto tiers' errors come from every `error_stride`-th column: on wide matrices they
+    match the errors over every column closely, and rank the widths the same."""
+    monkeypatch.setattr(tiers, "ERROR_COLUMNS", 16)
+    ckpt = smoke()
+    sampled = tiers.quant_errors(ckpt.experts, (2, 4, 8), 64, "rtn")
+    monkeypatch.setattr(tiers, "ERROR_COLUMNS", 10**9)  # stride 1: every column
+    exact = tiers.quant_errors(ckpt.experts, (2, 4, 8), 64, "rtn")
+    for b in (2, 4, 8):
+        np.testing.assert_allclose(sampled[b], exact[b], rtol=0.15)
+    assert np.all(sampled[2] > sampled[4]) and np.all(sampled[4] > sampled[8])
+
+
+def exported(tmp_path, layers: int, experts: int, hidden: int) -> tuple:
+    hf = dict(SMOKE, num_hidden_layers=layers, num_experts=experts, hidden_size=hidden, moe_intermediate_size=hidden)
+    cfg = registry.adapter_for(hf).config_from_hf(hf)
+    ckpt = preset.random_checkpoint(cfg, jnp.bfloat16)
+    path = hf_export.save_checkpoint(tmp_path / "ckpt", cfg, ckpt.params, ckpt.experts, eos_token_id=0)
+    layer_bytes = experts * 3 * hidden * hidden * 2
+    return path, layer_bytes
+
+
+def test_conversion_streams_and_holds_less_than_a_layer_of_host_memory(tmp_path, cache):
+    path, layer = exported(tmp_path, layers=6, experts=8, hidden=512)  # 12 MB of experts a layer, 72 MB in all
+    ckpt = loader.load(path, jnp.bfloat16)
+    tracemalloc.start()
+    try:
+        tiers.fallback_and_bank(ckpt.experts, 4, 64, "rtn", bank_bits=8, source=ckpt.source)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The host holds an expert and a layer's quantized copies for the cache at a time (the layer
+    # itself is assembled on the device); loading every layer, as before, held 6.
+    assert peak < layer, (peak, layer)
+
+
+def test_every_step_compiled_ahead_matches_the_state_its_policy_builds():
+    ckpt = smoke()
+    L, E = len(ckpt.config.moe_layers), ckpt.config.num_experts
+    mid = tuple((l, e) for l in range(L) for e in (0, 5))
+    cases = [("full", None, DynaExqOptions()), ("static", "30MB", DynaExqOptions()),
+             ("dynaexq", "40MB", DynaExqOptions()), ("dynaexq", "40MB", DynaExqOptions(hi_dtype="int8")),
+             ("dynaexq", "40MB", DynaExqOptions(mid_bits=8, mid_experts=mid)), ("dynaexq", None, DynaExqOptions())]
+    for policy, budget, opts in cases:
+        b = budget_lib.parse_size(budget) if budget else None
+        eng, plan = build_engine(ckpt, policy, budget=b, opts=opts, **SHAPE)
+        group = budget_lib.expert_group_size(ckpt.config, opts.group_size)
+        shape = tiers.abstract_state(ckpt.experts, policy, plan, dataclasses.replace(opts, group_size=group))
+        real = eng.policy.experts
+        assert jax.tree.structure(shape) == jax.tree.structure(real), (policy, budget, opts)
+        assert [(a.shape, a.dtype) for a in jax.tree.leaves(shape)] == \
+            [(a.shape, a.dtype) for a in jax.tree.leaves(real)], (policy, budget, opts)
+
+
+def test_a_run_takes_its_steps_from_the_background_compile(monkeypatch):
+    compiled = []
+    real = Engine._compile
+
+    def spy(self, name, fn, *args, **static):
+        before = dict(self._ahead._steps) if self._ahead else {}
+        out = real(self, name, fn, *args, **static)
+        compiled.append((name, len(before) > len(self._ahead._steps)))
+        return out
+
+    monkeypatch.setattr(Engine, "_compile", spy)
+    eng, _ = build_engine(smoke(), "dynaexq", budget=budget_lib.parse_size("40MB"), request=Request(1, 16, 8), **SHAPE)
+    eng.generate([[1, 2, 3, 4]], 8)
+    assert ("prefill", True) in compiled and ("decode", True) in compiled
+
+
+def test_every_expert_at_full_precision_wins_auto_tiers_when_it_fits(moe_checkpoint):
+    path, model = moe_checkpoint
+    ckpt = loader.load(path, jnp.float32)
+    auto = DynaExqOptions(lo_bits="auto", hi_dtype="auto")
+    opts, choice = build_lib.auto_tiers(ckpt, auto, budget=budget_lib.parse_size("4GB"), **SHAPE)
+    L, E = len(ckpt.config.moe_layers), ckpt.config.num_experts
+    assert opts.hi_dtype == "bfloat16" and choice.slots == L * E  # not int8 static, however small its error
+    eng, plan = build_engine(ckpt, "dynaexq", budget=budget_lib.parse_size("4GB"), opts=opts, **SHAPE)
+    prompt = [3, 14, 15, 92, 65]
+    gen = eng.generate([prompt], 8, eos_token_ids=())
+    import torch
+
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    assert gen.tokens[0] == want and gen.stats["hi_hit_rate"] == 1.0
+    assert eng.policy.observe_every is None  # nothing can move: no routing statistics are read
+
+
+def test_a_run_whose_host_memory_cannot_fit_is_refused_before_converting(monkeypatch):
+    monkeypatch.setattr(build_lib, "available_host_memory", lambda: 1000)
+    with pytest.raises(budget_lib.BudgetError, match=r"needs .* of host memory .* and 1.00 KB is available; free host memory"):
+        build_engine(smoke(), "dynaexq", budget=budget_lib.parse_size("40MB"), **SHAPE)
