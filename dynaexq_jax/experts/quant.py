@@ -331,6 +331,25 @@ def _pack_codes(w, scale, zero, bits, group_size):
     return pack(q.reshape(w.shape), bits, group_size)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def rtn_errors(w, qmaxes, group_size: int):
+    """Each expert's squared RTN error at every width at once, and its squared norm: w [E, K, N]
+    and qmaxes [W] (2**bits - 1, traced: one compilation serves every set of widths) ->
+    (errors [W, E], norms [E]), float32. The grid of each width as `quantize` makes it (bf16
+    scale and zero from the group's min and max), so the errors are those of the stored tensors."""
+    wg = _grouped(w, group_size)
+    lo = jnp.min(wg, axis=-2, keepdims=True).astype(jnp.float32)
+    hi = jnp.max(wg, axis=-2, keepdims=True).astype(jnp.float32)
+    lo, hi = jax.lax.optimization_barrier((lo, hi))  # computed once, not inside every use (see below)
+    wf = wg.astype(jnp.float32)
+
+    def err(qmax):
+        scale, zero = _grid(lo, hi, qmax)
+        return jnp.sum(jnp.square((_codes(wf, scale, zero, qmax) - zero) * scale - wf), axis=(1, 2, 3))
+
+    return jax.lax.map(err, qmaxes), jnp.sum(jnp.square(wf), axis=(1, 2, 3))
+
+
 @jax.jit
 def _bf16_rows(a):
     return a[..., 0, :].astype(jnp.bfloat16)  # [*lead, K//g, 1, N] -> [*lead, K//g, N]

@@ -114,31 +114,44 @@ def _per_layer(tier, t: Target, L: int, E: int) -> list[tuple]:
     """A whole tier's (gate_up, down) [rows, ...] on the host as per-layer views [picks, ...]."""
     ends = np.cumsum([len(t.picks(i, E)) for i in range(L)])
     starts = np.concatenate([[0], ends[:-1]])
-    cut = lambda w, a, b: dataclasses.replace(jax.tree.map(lambda x: x[a:b], w), shape=(int(b - a),) + w.shape[1:])
-    return [tuple(cut(w, a, b) for w in tier) for a, b in zip(starts, ends)]
+    return [tuple(_cut(w, a, b) for w in tier) for a, b in zip(starts, ends)]
+
+
+def _cut(w, a: int, b: int):
+    """Experts `a`..`b` of a host packed tensor (views)."""
+    if (a, b) == (0, w.shape[0]):
+        return w
+    return dataclasses.replace(jax.tree.map(lambda x: x[a:b], w), shape=(int(b - a),) + tuple(w.shape[1:]))
 
 
 class _Stack:
     """A device tier of `rows` experts (dense, or packed), filled layer by layer (donated
     in-place updates)."""
 
-    def __init__(self, abstract, device):
-        self.device, self.next, self.abstract = device, 0, abstract
+    def __init__(self, abstract, device, spare: int = 0):
+        """`spare`: rows past the tier's end for a block padded beyond its real rows (cut off
+        when the tier is done)."""
+        self.device, self.next, self.abstract, self.spare = device, 0, abstract, spare
         packed = isinstance(abstract, (quant.QuantizedTensor, quant.Mxfp4Tensor))
         self.names = _leaf_names(MXFP4 if isinstance(abstract, quant.Mxfp4Tensor) else 4) if packed else None
-        self.buffers = [jnp.zeros(a.shape, a.dtype, device=device) for a in self._leaves(abstract)]
+        self.buffers = [jnp.zeros((a.shape[0] + spare,) + a.shape[1:], a.dtype, device=device)
+                        for a in self._leaves(abstract)]
 
     def _leaves(self, w) -> list:
         return [w] if self.names is None else [getattr(w, n) for n in self.names]
 
-    def write(self, block) -> None:
+    def write(self, block, rows: int | None = None) -> None:
+        """Append `block`'s first `rows` rows (all: None); rows past them land in the rows the
+        next block overwrites, or in the spare ones."""
         start = jax.device_put(np.int32(self.next), self.device)
         self.buffers = [write_rows(b, jax.device_put(x, self.device), start)
                         for b, x in zip(self.buffers, self._leaves(block))]
-        self.next += block.shape[0]
+        self.next += block.shape[0] if rows is None else rows
 
     def tensor(self):
-        return self.buffers[0] if self.names is None else _filled(self.abstract, dict(zip(self.names, self.buffers)))
+        rows = self.abstract.shape[0]
+        buffers = [b[:rows] for b in self.buffers] if self.spare else self.buffers
+        return buffers[0] if self.names is None else _filled(self.abstract, dict(zip(self.names, buffers)))
 
 
 def convert(host: HostExperts, targets: list[Target], group_size: int, method: str, *, source=None, device=None,
@@ -172,8 +185,8 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
             todo.append((j, t, entry.writer(_spec(host, t, group_size)) if entry is not None else None))
     # Device tiers made layer by layer: converted ones (unless the CPU maps the cache's file), a
     # shipped MXFP4 tier's layers.
-    stacks = {j: tuple(_Stack(a, device) for a in abstract[j]) for j, t, w in todo
-              if t.on_device and not (on_cpu and w is not None)}
+    stacks = {j: tuple(_Stack(a, device, _padded(t, L, E, _chunk(host, room))) for a in abstract[j])
+              for j, t, w in todo if t.on_device and not (on_cpu and w is not None)}
     stacks.update({j: tuple(_Stack(a, device) for a in abstract[j]) for j in per_layer if targets[j].on_device})
     kept = {j: [] for j, t, w in todo if not t.on_device and w is None}  # host targets with no cache to go to
     layers = range(L)
@@ -221,32 +234,43 @@ def _chunk(host: HostExperts, room: int | None) -> int:
     return int(max(1, min(E, room // max(per_expert, 1))))
 
 
+def _padded(t: Target, L: int, E: int, n: int) -> int:
+    """Rows a subset target's conversion call takes from a chunk of `n` experts: the most any
+    layer picks, so every call has one shape (one compilation, not one per layer)."""
+    if t.experts is None:
+        return 0
+    return min(n, max(len(t.picks(i, E)) for i in range(L)))
+
+
 def _convert_layer(host, i, todo, stacks, kept, row, group_size, method, device, room) -> None:
     """Layer `i` read once (in chunks of experts if `room` asks), each target's experts
     quantized on the device, written into its device stack, its cache entry, or kept; `row`:
-    each target's next row in its entry."""
-    E = host.num_experts
+    each target's next row in its entry. A subset's picks are padded (repeating the last) to
+    one count for every layer, and the padding dropped after."""
+    L, E = host.num_layers, host.num_experts
     n = _chunk(host, room)
     pieces = ((np.arange(a, min(a + n, E)), host.on_device(i, device, experts=slice(a, min(a + n, E))))
               for a in range(0, E, n))
-    out = {j: ([], []) for j, _, _ in todo}  # per target: the chunks' (gate_up, down) packed tensors
+    out = {j: ([], []) for j, _, _ in todo}  # per target: the chunks' (gate_up, down) packed tensors, real rows
     for ids, ws in pieces:
         for j, t, _ in todo:
             local = np.flatnonzero(np.isin(ids, t.picks(i, E)))
             if not len(local):
                 continue
-            idx = None if len(local) == len(ids) else jax.device_put(local.astype(np.int32), device)
+            pad = min(_padded(t, L, E, n), len(ids)) if t.experts is not None else len(local)
+            idx = None if pad == len(ids) and len(local) == len(ids) else jax.device_put(
+                np.concatenate([local, np.full(pad - len(local), local[-1])]).astype(np.int32), device)
             for m, w in enumerate(ws):
                 q = _quantize(w if idx is None else jnp.take(w, idx, axis=0), t.bits, group_size, method)
                 if j in stacks:
-                    stacks[j][m].write(q)
-                out[j][m].append(q)
+                    stacks[j][m].write(q, len(local))
+                out[j][m].append((q, len(local)))
     for j, t, writer in todo:
         if writer is None and j not in kept:
             continue
         layer = []
         for name, qs in zip(_PIECES, out[j]):
-            qs = [jax.tree.map(np.asarray, q) for q in qs]  # on the CPU, views of the device's buffers
+            qs = [_cut(jax.tree.map(np.asarray, q), 0, k) for q, k in qs]  # on the CPU, views of the device's buffers
             leaves = {leaf: np.concatenate(parts) if len(parts) > 1 else parts[0]
                       for leaf in _leaf_names(t.bits) for parts in [[getattr(q, leaf) for q in qs]]}
             if writer is not None:
@@ -282,14 +306,22 @@ def quant_errors(host: HostExperts, widths, group_size: int, method: str, *, sou
     widths = tuple(sorted(widths))
     strides = tuple(error_stride(s[-1]) for s in host.shapes)
 
+    qmaxes = jnp.asarray([2.0**b - 1 for b in widths], jnp.float32)
+
+    def layer_errors(w) -> tuple:  # ([W, E], [E]) squared errors and norms of one sampled matrix
+        if method == "rtn":  # every width in one call
+            return quant.rtn_errors(w, qmaxes, group_size)
+        return jnp.stack([_sq_err(w, quant.quantize(w, b, group_size, method)) for b in widths]), _sq_norm(w)
+
     def build() -> dict:
         out = {f"int{b}": np.zeros((host.num_layers, host.num_experts)) for b in widths}
         for i in range(host.num_layers):
-            sample = [jax.device_put(c, device) for c in host.columns(i, strides)]
-            norm = sum(s * _sq_norm(w) for s, w in zip(strides, sample))  # [E]
-            for b in widths:
-                err = sum(s * _sq_err(w, quant.quantize(w, b, group_size, method)) for s, w in zip(strides, sample))
-                out[f"int{b}"][i] = np.asarray(err / jnp.maximum(norm, 1e-30), np.float64)
+            parts = [layer_errors(jax.device_put(c, device)) for c in host.columns(i, strides)]
+            err = sum(s * e for s, (e, _) in zip(strides, parts))  # [W, E]
+            norm = sum(s * n for s, (_, n) in zip(strides, parts))  # [E]
+            rel = np.asarray(err / jnp.maximum(norm, 1e-30), np.float64)
+            for k, b in enumerate(widths):
+                out[f"int{b}"][i] = rel[k]
         return out
 
     settings = {"widths": list(widths), "group_size": group_size, "method": method, "dtype": str(host.dtype),
