@@ -198,3 +198,13 @@ def test_a_run_whose_host_memory_cannot_fit_is_refused_before_converting(monkeyp
     monkeypatch.setattr(build_lib, "available_host_memory", lambda: 1000)
     with pytest.raises(budget_lib.BudgetError, match=r"needs .* of host memory .* and 1.00 KB is available; free host memory"):
         build_engine(smoke(), "dynaexq", budget=budget_lib.parse_size("40MB"), **SHAPE)
+
+
+def test_a_checkpoints_column_sample_reads_rows_of_its_files_and_equals_the_layers_columns(tmp_path):
+    path, _ = exported(tmp_path, layers=1, experts=4, hidden=256)
+    ckpt = loader.load(path, jnp.bfloat16)
+    for source in (ckpt.experts.gate_up, ckpt.experts.down):
+        before = ckpt.bytes_read
+        sample = source.columns(0, 4)
+        assert ckpt.bytes_read - before == sample.nbytes  # a quarter of the layer's bytes, no more
+        np.testing.assert_array_equal(sample, source[0][..., ::4])

@@ -546,6 +546,25 @@ class CheckpointLayers(LayerSource):
     def expert(self, layer: int, e: int) -> np.ndarray:
         return self._experts(layer, range(e, e + 1))[0]
 
+    def columns(self, layer: int, stride: int) -> np.ndarray:
+        """Every `stride`-th column of each stored matrix: its every stride-th row in the file
+        ([out, in]), read contiguously (gate's, then up's, for gate_up)."""
+        i = self.cfg.moe_layers[layer]
+        if self._fused(layer) is not None or any(not t.linear or t.interleaved or t.cols is not None
+                                                 for t in self.fam.expert_tensors(self.cfg, i, 0)):
+            return super().columns(layer, stride)  # a layout this reading does not cover: the whole layer
+        out = []
+        for e in range(self.shape[0]):
+            g, u, d = self.fam.expert_tensors(self.cfg, i, e)
+            parts = (g, u) if self.item == 0 else (d,)
+            rows = [self.r._read(t.name, slice(None, None, stride)).astype(self.dtype) for t in parts]
+            out.append(np.concatenate(rows).T)  # [K, N / stride]
+        sample = np.stack(out)
+        if not all_finite(sample):  # what is read is checked, as a whole layer is
+            raise CheckpointError(f"MoE layer {i}'s experts hold NaN or Inf values (or values too large for "
+                                  f"{self.dtype}); the checkpoint is damaged: download or export it again")
+        return sample
+
     def on_device(self, layer: int, device=None, experts: slice = slice(None)) -> jax.Array:
         """Expert by expert into one device buffer: the host holds one expert at a time."""
         ids = range(self.shape[0])[experts]

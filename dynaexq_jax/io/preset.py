@@ -147,6 +147,7 @@ class LazyLayers(LayerSource):
         rng = np.random.default_rng(seed)
         self.pool = [(rng.standard_normal(shape[1:], np.float32) * INIT_STD).astype(dtype) for _ in range(self.POOL)]
         self._device_pool = {}
+        self._columns = {}  # stride -> the pool's every stride-th column
 
     def _check(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
@@ -157,10 +158,10 @@ class LazyLayers(LayerSource):
         i = layer * self.shape[0] + e
         return i % self.POOL, (i * 7919) % self.shape[1]
 
-    def _roll_into(self, out: np.ndarray, layer: int, e: int, cols=slice(None)) -> None:
+    def _roll_into(self, out: np.ndarray, layer: int, e: int, pool=None) -> None:
         # np.roll(pool, s, axis=0) without its temporary: out[s:] = pool[:K - s], out[:s] = pool[K - s:].
         p, s = self._pick(layer, e)
-        src = self.pool[p][:, cols]
+        src = (pool or self.pool)[p]
         K = self.shape[1]
         out[s:] = src[: K - s]
         out[:s] = src[K - s :]
@@ -180,10 +181,12 @@ class LazyLayers(LayerSource):
 
     def columns(self, layer: int, stride: int) -> np.ndarray:
         self._check(layer)
+        if stride not in self._columns:  # each pool matrix's columns, gathered once
+            self._columns[stride] = [np.ascontiguousarray(m[:, ::stride]) for m in self.pool]
         E, K, N = self.shape
         out = np.empty((E, K, len(range(0, N, stride))), self.dtype)
         for e in range(E):
-            self._roll_into(out[e], layer, e, slice(None, None, stride))
+            self._roll_into(out[e], layer, e, pool=self._columns[stride])
         return out
 
     def on_device(self, layer: int, device=None, experts: slice = slice(None)) -> jax.Array:
