@@ -73,12 +73,12 @@ def rows(args):
     from dynaexq_jax import budget as budget_lib
     from dynaexq_jax.errors import UserError
     from dynaexq_jax.io.preset import preset_config
-    from dynaexq_jax.models.config import ModelConfig
+    from dynaexq_jax.models.registry import read_config
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
     from dynaexq_jax.runtime import aot
     from dynaexq_jax.runtime.build import plan_for
 
-    cfg = ModelConfig.from_file(args.model) if args.model else preset_config(args.preset)
+    cfg = read_config(args.model) if args.model else preset_config(args.preset)
     gpus = _list(args.gpu, aot.GPUS, "gpu")
     policies = _list(args.policy, ("dynaexq", "static", "full"), "policy")
     batches = _list(args.batch, None, "batch", int)

@@ -496,7 +496,7 @@ def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False, expert
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist; pass --model DIR of a Hugging Face checkpoint")
-    cfg = ModelConfig.from_file(path)
+    cfg = registry.read_config(path)
     files = weight_files(path)
     check_tensor_names(cfg, files, path)
     eos, tokenizer = read_eos(path), load_tokenizer(path)  # before the weights: a bad file fails fast

@@ -122,7 +122,7 @@ def preset_config(name: str) -> ModelConfig:
         return registry.adapter_for(PRESETS[name]).config_from_hf(PRESETS[name])
     path = Path(name)
     if path.exists():
-        return ModelConfig.from_file(path)
+        return registry.read_config(path)
     raise UserError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)} or a config.json path")
 
 
