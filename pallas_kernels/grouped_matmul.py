@@ -341,3 +341,50 @@ def split_key(tiles: Tiles, rows_per_tier: int):
     used = tiles.key != INVALID
     return (jnp.where(used, tiles.key // rows_per_tier, -1).astype(jnp.int32),
             jnp.where(used, tiles.key % rows_per_tier, 0).astype(jnp.int32))
+
+
+# --------------------------------------------------------------------------- references
+# What the kernels compute, the plain way and in pure jnp (weights decoded whole, float32
+# dots at HIGHEST precision): the yardstick of tests, bench_kernels.py and gpu_check.py.
+
+
+def tier_weights(tier: Tier) -> jax.Array:
+    """A tier's weights decoded to float32 [R, K, N]: dense as they are, packed codes as
+    (q - zero) * scale per group, MXFP4 as e2m1 values times their block's power of two."""
+    ws, lay = tier
+    f32 = jnp.float32
+    if lay is None:
+        return ws[0].astype(f32)
+    if isinstance(lay, Mxfp4):
+        blocks, scales = ws  # [R, N, K/2], [R, N, K/32]
+        codes = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)  # [R, N, K]
+        values = e2m1_decode(codes) * jnp.repeat(e8m0_decode(scales), lay.block, axis=-1)
+        return jnp.swapaxes(values, -1, -2)
+    packed, scales, zeros = ws  # [R, K*bits/8, N], [R, K/g, N] twice
+    bits, g, r = lay.bits, lay.group_size, lay.slice_rows
+    rows, kp, n = packed.shape
+    k = kp * 8 // bits
+    shifts = jnp.arange(lay.slices).reshape(lay.slices, 1, 1)  # slice p of a group: shift p (3 bits: bit planes)
+    p = packed.astype(jnp.int32)
+    if bits == 3:
+        p = p.reshape(rows, k // g, 3, 1, r, n)
+        q = sum(((p[:, :, b] >> shifts) & 1) << b for b in range(3))
+    else:
+        q = (p.reshape(rows, k // g, 1, r, n) >> (shifts * bits)) & ((1 << bits) - 1)  # [R, K/g, slices, r, N]
+    q = q.reshape(rows, k, n).astype(f32)
+    return (q - jnp.repeat(zeros.astype(f32), g, axis=1)) * jnp.repeat(scales.astype(f32), g, axis=1)
+
+
+def tiled_matmul_reference(x, tiers: Sequence[Tier], keys, *, rows_per_tier: int):
+    """`tiled_matmul`'s result for the rows its tiles hold: row p of `x` [P, K] times the weight
+    its key `keys[p]` names (`tier * rows_per_tier + row`), decoded by `tier_weights` ->
+    float32 [P, N]. `keys` sorted, INVALID last (as the kernel takes them): those rows are 0."""
+    w = jnp.concatenate([jnp.pad(tier_weights(t), ((0, rows_per_tier - t[0][0].shape[0]), (0, 0), (0, 0)))
+                         for t in tiers])  # [tiers * rows_per_tier, K, N]
+    sizes = jnp.zeros(w.shape[0], jnp.int32).at[keys].add(1, mode="drop")  # INVALID keys fall off the end
+    return jax.lax.ragged_dot(x.astype(jnp.float32), w, sizes, precision=jax.lax.Precision.HIGHEST)
+
+
+def layer_matmul_reference(x, w, layer):
+    """`layer_matmul`'s result: `x` [M, K] times `w[layer]` [K, N] -> float32 [M, N]."""
+    return jnp.dot(x.astype(jnp.float32), w[layer].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
