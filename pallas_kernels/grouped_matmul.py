@@ -5,9 +5,10 @@
 planning kernel less per call). A tier is dense ([R, K, N], e.g. bf16 slots) or
 packed low-bit codes with per-group scales and zeros ([R, K*bits/8, N] uint8 + [R, K/g, N]),
 in the layout `dynaexq_jax.experts.quant` describes, or MXFP4 as checkpoints ship it (e2m1
-codes [R, N, K/2] uint8 + e8m0 scales [R, N, K/32], decoded by arithmetic in `_mxfp4_step`). One call covers every tier, so a MoE layer
-whose experts sit in a bf16 slot pool and in int4 fallbacks is one kernel launch per matrix,
-and it reads exactly the weights of the experts that have rows, once per N block.
+codes [R, N, K/2] uint8 + e8m0 scales [R, N, K/32], decoded by arithmetic in `_mxfp4_step`).
+One call covers every tier, so a MoE layer whose experts sit in a bf16 slot pool and in int4
+fallbacks is one kernel launch per matrix, and it reads exactly the weights of the experts
+that have rows, once per N block.
 
 Grid (tile, N block). A program loads its tier and row from the tile tables, loops over K,
 and for packed tiers unpacks codes in registers (shift, mask) for a tensor-core dot with f32
@@ -77,7 +78,8 @@ def default_block_n(n: int, num_rows: int) -> int:
     return next((b for b in prefer if n % b == 0), n)
 
 
-def gpu_unsupported_reason(k: int, n: int, layouts: Sequence["Packed | None"], *, block_m: int, block_n: int) -> str | None:
+def gpu_unsupported_reason(k: int, n: int, layouts: Sequence["Packed | None"], *, block_m: int,
+                           block_n: int) -> str | None:
     """Why the compiled (Triton) kernel cannot run these shapes, or None if it can."""
     if not (_is_pow2(block_n) and block_n >= 16 and n % block_n == 0):
         return f"N={n} needs a power-of-two block_n >= 16 dividing it"
@@ -205,7 +207,8 @@ def _kernel(key_ref, *refs, steps, arity, tm, bn, row_tiles: bool, rows_per_tier
     xload = _row_loader(x_ref, rs, re, tm)
     first = 0
     for i, ((step, num_steps), n_refs) in enumerate(zip(steps, arity)):
-        _tier_branch(tier == i, step, num_steps, tuple(w_refs[first:first + n_refs]), xload, row, rs, re, n0, o_ref, tm, bn)
+        _tier_branch(tier == i, step, num_steps, tuple(w_refs[first:first + n_refs]), xload, row, rs, re, n0, o_ref,
+                     tm, bn)
         first += n_refs
 
 

@@ -133,8 +133,9 @@ def measure(args, row) -> dict:
         "temp_bytes": r["temp_bytes"], "workspace_bytes": plan.workspace, "compile_s": round(compile_s, 2),
         "predicted_s": seconds, "predicted_tokens_per_s": tokens / seconds, "hlo": hlo,
         "top": [(k.label, k.name, k.trips * (k.read + k.write if k.pallas is None else aot.pallas_bytes(k, traffic)))
-                for k in sorted(r["by_kernel"], key=lambda k: -k.trips * (k.read + k.write if k.pallas is None
-                                                                            else aot.pallas_bytes(k, traffic)))[:args.top]],
+                for k in sorted(r["by_kernel"],
+                                key=lambda k: -k.trips * (k.read + k.write if k.pallas is None
+                                                          else aot.pallas_bytes(k, traffic)))[:args.top]],
     }
 
 

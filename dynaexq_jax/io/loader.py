@@ -285,7 +285,8 @@ class _TensorReader:
         """Tensor `t` (an adapter's `Tensor`) in our layout: shape checked, [..., in, out] if
         linear, gate columns before up if interleaved; MXFP4 decoded one expert at a time."""
         if t.name not in self.names:
-            raise CheckpointError(f"checkpoint lacks tensor {t.name!r}; is it a complete checkpoint of this model type?")
+            raise CheckpointError(f"checkpoint lacks tensor {t.name!r}; is it a complete checkpoint of this model "
+                                  "type?")
         if t.name in self.files:
             a = self._read(t.name)
             if a.shape != t.shape:

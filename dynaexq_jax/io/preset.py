@@ -176,7 +176,8 @@ def random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
 
 def _routers(params: dict, cfg: ModelConfig):
     """(segment index, its stacked router kernel [n, H, E]) of every MoE segment."""
-    return [(s, params["layers"][s]["mlp"]["gate"]["kernel"]) for s, seg in enumerate(cfg.segments) if seg.kind == "moe"]
+    return [(s, params["layers"][s]["mlp"]["gate"]["kernel"])
+            for s, seg in enumerate(cfg.segments) if seg.kind == "moe"]
 
 
 def _with_routers(params: dict, kernels: dict) -> dict:

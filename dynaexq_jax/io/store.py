@@ -223,7 +223,8 @@ def _save_atomic(home: Path, name: str, tree, meta: dict) -> bool:
         raise
 
 
-def cached(source: Path | None, kind: str, settings: dict, build: Callable[[], object], like: Callable[[object], object] | None = None):
+def cached(source: Path | None, kind: str, settings: dict, build: Callable[[], object],
+           like: Callable[[object], object] | None = None):
     """`build()` (a pytree of numpy arrays), through the cache of checkpoint directory `source`.
 
     `settings` (JSON-serialisable) are everything besides the source that changes the result.

@@ -27,7 +27,8 @@ def register(*adapters: ModuleType) -> dict[str, FamilyAdapter]:
         missing = [m for m in MEMBERS if not hasattr(adapter, m)]
         if missing:
             raise TypeError(f"family adapter {adapter.__name__} lacks {', '.join(missing)} (see models.FamilyAdapter)")
-        not_callable = [m for m in MEMBERS if m not in FamilyAdapter.__annotations__ and not callable(getattr(adapter, m))]
+        not_callable = [m for m in MEMBERS
+                        if m not in FamilyAdapter.__annotations__ and not callable(getattr(adapter, m))]
         if not_callable or not isinstance(adapter.MODEL_TYPE, str):
             raise TypeError(f"family adapter {adapter.__name__}: {', '.join(not_callable) or 'MODEL_TYPE'} is not "
                             "what models.FamilyAdapter says")

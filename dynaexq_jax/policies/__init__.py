@@ -75,6 +75,6 @@ def build_policy(name: str, ckpt, plan, opts=None, *, batch: int = 1, hotness_pr
 
     if name not in registry.BUILDERS:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    setup = registry.Setup(batch=batch, hotness_profile=hotness_profile, transfer=transfer, progress=progress,
-                           **({} if opts is None else {"opts": opts}), **({} if floe_opts is None else {"floe_opts": floe_opts}))
+    given = {k: v for k, v in (("opts", opts), ("floe_opts", floe_opts)) if v is not None}
+    setup = registry.Setup(batch=batch, hotness_profile=hotness_profile, transfer=transfer, progress=progress, **given)
     return registry.BUILDERS[name](ckpt, plan, setup)

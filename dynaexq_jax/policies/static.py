@@ -18,5 +18,5 @@ def build(ckpt, plan, opts, *, progress: bool = False, device=None) -> FixedPoli
     layers = quantized_layers(host, plan.lo_bits, opts.group_size, opts.quant_method, source=ckpt.path,
                               progress=progress, clock=clock)
     tier = packed_tier(layers, device)
-    return FixedPolicy("static", single_tier(tier, host.num_layers, host.num_experts, device, host), lo_bits=plan.lo_bits,
-                       convert_s=clock.seconds)
+    return FixedPolicy("static", single_tier(tier, host.num_layers, host.num_experts, device, host),
+                       lo_bits=plan.lo_bits, convert_s=clock.seconds)

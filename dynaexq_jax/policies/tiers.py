@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from dynaexq_jax.budget import HI_BITS, MXFP4
 from dynaexq_jax.experts import quant
 from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases, stack_layers
 from dynaexq_jax.experts.swap import HostBank
-from dynaexq_jax.budget import HI_BITS, MXFP4
 from dynaexq_jax.io import store
 
 _PIECES = ("gate_up", "down")
@@ -119,8 +119,8 @@ def quant_errors(host: HostExperts, widths, group_size: int, method: str, *, sou
                 ws = [jnp.asarray(w, jnp.float32) for w in ws]
                 norm = sum(jnp.sum(w * w, axis=(1, 2)) for w in ws)  # [E]
                 for b in widths:
-                    err = sum(jnp.sum((quant.dequantize(quant.quantize(w, b, group_size, method), jnp.float32) - w) ** 2,
-                                      axis=(1, 2)) for w in ws)
+                    err = sum(jnp.sum((quant.dequantize(quant.quantize(w, b, group_size, method), jnp.float32) - w)
+                                      ** 2, axis=(1, 2)) for w in ws)
                     out[f"int{b}"][i] = np.asarray(err / jnp.maximum(norm, 1e-30), np.float64)
         return out
 

@@ -532,7 +532,8 @@ class Engine:
                     cache = cache.replace(**_linear_copy(snap[1]))
                 else:
                     keep = 0
-            knobs, key, stats0 = sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed), self._stats0()
+            knobs, key = sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed)
+            stats0 = self._stats0()
             rewind = jax.device_put(np.int32(keep))
             chunks, start = [], keep
             for n in _chunks(len(ids) - keep, session.max_chunk):

@@ -64,7 +64,8 @@ def _number(body: dict, name: str, default, kind=float, low=None, high=None):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (kind is int and not float(value).is_integer())):
         raise ApiError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}", param=name)
     value = kind(value)
     if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
