@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import script
 
 from dynaexq_jax import budget, policies
 from dynaexq_jax.cli import bench
@@ -18,6 +17,8 @@ from dynaexq_jax.experts import quant
 from dynaexq_jax.io import preset
 from dynaexq_jax.runtime import costmodel
 from dynaexq_jax.runtime.build import build_engine, plan_for
+
+from conftest import script
 
 ROOT = Path(__file__).resolve().parent.parent
 bench_kernels, bench_quant, bench_runtime = script("bench_kernels"), script("bench_quant"), script("bench_runtime")

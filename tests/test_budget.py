@@ -106,11 +106,12 @@ def test_mxfp4_plan_and_aot_byte_model_count_4_25_bits_per_expert_value():
     """gpt-oss-20b's MXFP4 fallback: half a byte per value and a byte per 32, exactly what
     `quant.Mxfp4Tensor` holds, in the plan and in the AOT byte model's abstract experts."""
     import jax.numpy as jnp
-    from test_families import PUBLISHED
 
     from dynaexq_jax.experts.expert_state import weights_nbytes
     from dynaexq_jax.experts.quant import Mxfp4Tensor, quantize_mxfp4
     from dynaexq_jax.runtime import aot
+
+    from test_families import PUBLISHED
 
     t = quantize_mxfp4(jnp.zeros((3, 64, 16)))
     assert budget.quantized_nbytes((3, 64, 16), budget.MXFP4, 128) == t.nbytes == 3 * 64 * 16 * 4.25 / 8

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, write_tokenizer
 
 from dynaexq_jax import budget
 from dynaexq_jax.experts import quant
@@ -27,6 +26,8 @@ from dynaexq_jax.models.decoder import Decoder
 from dynaexq_jax.policies import dynaexq
 from dynaexq_jax.runtime import engine
 from dynaexq_jax.runtime.build import build_engine
+
+from conftest import VOCAB, write_tokenizer
 
 PROMPTS = [[5, 17, 42, 9, 100, 7, 250, 33, 12], [64, 3], [8, 8, 19, 200, 45]]
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,

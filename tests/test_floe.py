@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import script
 
 from dynaexq_jax import budget
 from dynaexq_jax.errors import UserError
@@ -21,6 +20,8 @@ from dynaexq_jax.policies import floe
 from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.runtime import engine
 from dynaexq_jax.runtime.build import build_engine
+
+from conftest import script
 
 calibrate = script("calibrate")
 

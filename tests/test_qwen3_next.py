@@ -12,8 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, write_tokenizer
-from test_families import hf_generate
 
 from dynaexq_jax import budget
 from dynaexq_jax.io import loader, preset
@@ -22,6 +20,9 @@ from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.policies import dynaexq
 from dynaexq_jax.runtime import engine
 from dynaexq_jax.runtime.build import build_engine
+
+from conftest import VOCAB, write_tokenizer
+from test_families import hf_generate
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
               shared_expert_intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

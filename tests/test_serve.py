@@ -18,8 +18,6 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from conftest import free_port  # noqa: E402
-
 from dynaexq_jax import serve  # noqa: E402
 from dynaexq_jax.cli import generate  # noqa: E402
 from dynaexq_jax.cli import serve as serve_cli  # noqa: E402
@@ -27,6 +25,8 @@ from dynaexq_jax.io import loader  # noqa: E402
 from dynaexq_jax.runtime.build import build_engine  # noqa: E402
 from dynaexq_jax.runtime.sampling import SamplingParams  # noqa: E402
 from dynaexq_jax.runtime.scheduler import QueueFull, Scheduler, Sequence, plan_chunks  # noqa: E402
+
+from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -75,8 +75,6 @@ class PlanOptions(Options):
 
 @dataclasses.dataclass(frozen=True)
 class PolicyOptions(Options):
-    GROUP = None
-
     policy: str = flag(
         "dynaexq", "dynaexq: low-bit fallbacks + hot experts in high-precision slots; full: every expert at high "
                    "precision; static: every expert at one bit width (the widest the budget holds); offload: experts "
