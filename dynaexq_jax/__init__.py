@@ -19,6 +19,13 @@ The surface for research code (README, "Python API", runs this as a test):
 - load with a policy and a budget: `load`, then `build_engine(ckpt, policy, budget=...)` with a
   policy from `POLICIES` (options: `DynaExqOptions`); `plan_for` is the same memory plan from
   the config alone; `plan.table()` shows where every device byte goes.
+- the command line's path, as a library: `launch` (`dynaexq_jax.launch`). Its options
+  dataclasses (`launch.EngineOptions` of `ModelOptions`, `PlanOptions`, `PolicyOptions`,
+  `SamplingOptions`, `MeshOptions`, ...) hold what the flags hold, with the flags' checks
+  (`check()`); `launch.memory_plan` is `plan_for` for them plus the plan's text (--dry-run);
+  `launch.read_model` gives the config and tokenizer; `launch.load_engine` is `load`, the auto
+  tiers, the mesh placement and `build_engine`, as scripts/generate.py and scripts/serve.py run
+  them (README, "Python API", has the example).
 - FloE: `build_engine(ckpt, "floe", ..., floe=FloeOptions(sparsity=0.9))` (int2 HQQ up
   projections resident, active gate/down channels streamed; thresholds from
   scripts/calibrate.py, saved beside the expert cache).
@@ -43,6 +50,7 @@ The surface for research code (README, "Python API", runs this as a test):
   scripts turn it on (`~/.cache/dynaexq/jax`; `DYNAEXQ_COMPILE_CACHE=0` turns it off).
 """
 
+from dynaexq_jax import launch
 from dynaexq_jax.budget import MemoryPlan, parse_size
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier
@@ -77,6 +85,7 @@ __all__ = [
     "build_engine",
     "compiler_options",
     "enable_compile_cache",
+    "launch",
     "left_pad",
     "load",
     "parse_size",

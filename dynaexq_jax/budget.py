@@ -342,8 +342,8 @@ def plan_memory(
         slots = n_moe * E
     elif budget < minimum:
         raise BudgetError(
-            f"budget {format_size(budget)} cannot hold the {format_name(lo_bits)} fallback experts, weights and KV cache "
-            f"for batch {batch} x context {context}: the minimum is {format_size(minimum)} ({minimum} bytes)"
+            f"budget {format_size(budget)} cannot hold the {format_name(lo_bits)} fallback experts, weights and KV "
+            f"cache for batch {batch} x context {context}: the minimum is {format_size(minimum)} ({minimum} bytes)"
         )
     else:
         slots = min((budget - minimum) // slot, n_moe * E)

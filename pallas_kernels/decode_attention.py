@@ -105,3 +105,27 @@ def decode_attention(q, kv, layer, start, index, *, scale: float, interpret: boo
         denom = denom + jnp.exp(sink - m_all)
     out = jnp.sum(o * w[..., None], axis=0) / jnp.maximum(denom, 1e-30)[..., None]
     return out[:, :, :G].astype(q.dtype)
+
+
+def decode_attention_reference(q, kv, layer, start, index, *, scale: float, sinks=None):
+    """`decode_attention`'s result the plain way (pure jnp, float32): each row's softmax(q k^T *
+    scale) v over its slots start[b]..index, `sinks` [KVH, G] adding one logit per query head to
+    the denominator only; zeros for a row with no slot. Shapes as `decode_attention`'s."""
+    f32, hi = jnp.float32, jax.lax.Precision.HIGHEST
+    S = kv.shape[4]
+    slot = jnp.arange(S)
+    index = jnp.broadcast_to(index, start.shape)
+    seen = (slot[None, :] >= start[:, None]) & (slot[None, :] <= index[:, None])  # [B, S]
+    k, v = kv[layer, 0].astype(f32), kv[layer, 1].astype(f32)  # [B, KVH, S, D]
+    s = jnp.einsum("bhgd,bhsd->bhgs", q.astype(f32), k, precision=hi) * scale
+    s = jnp.where(seen[:, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    if sinks is not None:
+        m = jnp.maximum(m, sinks.astype(f32)[None, :, :, None])
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # a row with no slot: every weight 0
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sinks.astype(f32)[None, :, :, None] - m)
+    out = jnp.einsum("bhgs,bhsd->bhgd", p / jnp.maximum(denom, 1e-30), v, precision=hi)
+    return out.astype(q.dtype)

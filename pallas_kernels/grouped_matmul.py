@@ -5,9 +5,10 @@
 planning kernel less per call). A tier is dense ([R, K, N], e.g. bf16 slots) or
 packed low-bit codes with per-group scales and zeros ([R, K*bits/8, N] uint8 + [R, K/g, N]),
 in the layout `dynaexq_jax.experts.quant` describes, or MXFP4 as checkpoints ship it (e2m1
-codes [R, N, K/2] uint8 + e8m0 scales [R, N, K/32], decoded by arithmetic in `_mxfp4_step`). One call covers every tier, so a MoE layer
-whose experts sit in a bf16 slot pool and in int4 fallbacks is one kernel launch per matrix,
-and it reads exactly the weights of the experts that have rows, once per N block.
+codes [R, N, K/2] uint8 + e8m0 scales [R, N, K/32], decoded by arithmetic in `_mxfp4_step`).
+One call covers every tier, so a MoE layer whose experts sit in a bf16 slot pool and in int4
+fallbacks is one kernel launch per matrix, and it reads exactly the weights of the experts
+that have rows, once per N block.
 
 Grid (tile, N block). A program loads its tier and row from the tile tables, loops over K,
 and for packed tiers unpacks codes in registers (shift, mask) for a tensor-core dot with f32
@@ -77,7 +78,8 @@ def default_block_n(n: int, num_rows: int) -> int:
     return next((b for b in prefer if n % b == 0), n)
 
 
-def gpu_unsupported_reason(k: int, n: int, layouts: Sequence["Packed | None"], *, block_m: int, block_n: int) -> str | None:
+def gpu_unsupported_reason(k: int, n: int, layouts: Sequence["Packed | None"], *, block_m: int,
+                           block_n: int) -> str | None:
     """Why the compiled (Triton) kernel cannot run these shapes, or None if it can."""
     if not (_is_pow2(block_n) and block_n >= 16 and n % block_n == 0):
         return f"N={n} needs a power-of-two block_n >= 16 dividing it"
@@ -205,7 +207,8 @@ def _kernel(key_ref, *refs, steps, arity, tm, bn, row_tiles: bool, rows_per_tier
     xload = _row_loader(x_ref, rs, re, tm)
     first = 0
     for i, ((step, num_steps), n_refs) in enumerate(zip(steps, arity)):
-        _tier_branch(tier == i, step, num_steps, tuple(w_refs[first:first + n_refs]), xload, row, rs, re, n0, o_ref, tm, bn)
+        _tier_branch(tier == i, step, num_steps, tuple(w_refs[first:first + n_refs]), xload, row, rs, re, n0, o_ref,
+                     tm, bn)
         first += n_refs
 
 
@@ -341,3 +344,50 @@ def split_key(tiles: Tiles, rows_per_tier: int):
     used = tiles.key != INVALID
     return (jnp.where(used, tiles.key // rows_per_tier, -1).astype(jnp.int32),
             jnp.where(used, tiles.key % rows_per_tier, 0).astype(jnp.int32))
+
+
+# --------------------------------------------------------------------------- references
+# What the kernels compute, the plain way and in pure jnp (weights decoded whole, float32
+# dots at HIGHEST precision): the yardstick of tests, bench_kernels.py and gpu_check.py.
+
+
+def tier_weights(tier: Tier) -> jax.Array:
+    """A tier's weights decoded to float32 [R, K, N]: dense as they are, packed codes as
+    (q - zero) * scale per group, MXFP4 as e2m1 values times their block's power of two."""
+    ws, lay = tier
+    f32 = jnp.float32
+    if lay is None:
+        return ws[0].astype(f32)
+    if isinstance(lay, Mxfp4):
+        blocks, scales = ws  # [R, N, K/2], [R, N, K/32]
+        codes = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)  # [R, N, K]
+        values = e2m1_decode(codes) * jnp.repeat(e8m0_decode(scales), lay.block, axis=-1)
+        return jnp.swapaxes(values, -1, -2)
+    packed, scales, zeros = ws  # [R, K*bits/8, N], [R, K/g, N] twice
+    bits, g, r = lay.bits, lay.group_size, lay.slice_rows
+    rows, kp, n = packed.shape
+    k = kp * 8 // bits
+    shifts = jnp.arange(lay.slices).reshape(lay.slices, 1, 1)  # slice p of a group: shift p (3 bits: bit planes)
+    p = packed.astype(jnp.int32)
+    if bits == 3:
+        p = p.reshape(rows, k // g, 3, 1, r, n)
+        q = sum(((p[:, :, b] >> shifts) & 1) << b for b in range(3))
+    else:
+        q = (p.reshape(rows, k // g, 1, r, n) >> (shifts * bits)) & ((1 << bits) - 1)  # [R, K/g, slices, r, N]
+    q = q.reshape(rows, k, n).astype(f32)
+    return (q - jnp.repeat(zeros.astype(f32), g, axis=1)) * jnp.repeat(scales.astype(f32), g, axis=1)
+
+
+def tiled_matmul_reference(x, tiers: Sequence[Tier], keys, *, rows_per_tier: int):
+    """`tiled_matmul`'s result for the rows its tiles hold: row p of `x` [P, K] times the weight
+    its key `keys[p]` names (`tier * rows_per_tier + row`), decoded by `tier_weights` ->
+    float32 [P, N]. `keys` sorted, INVALID last (as the kernel takes them): those rows are 0."""
+    w = jnp.concatenate([jnp.pad(tier_weights(t), ((0, rows_per_tier - t[0][0].shape[0]), (0, 0), (0, 0)))
+                         for t in tiers])  # [tiers * rows_per_tier, K, N]
+    sizes = jnp.zeros(w.shape[0], jnp.int32).at[keys].add(1, mode="drop")  # INVALID keys fall off the end
+    return jax.lax.ragged_dot(x.astype(jnp.float32), w, sizes, precision=jax.lax.Precision.HIGHEST)
+
+
+def layer_matmul_reference(x, w, layer):
+    """`layer_matmul`'s result: `x` [M, K] times `w[layer]` [K, N] -> float32 [M, N]."""
+    return jnp.dot(x.astype(jnp.float32), w[layer].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)

@@ -2,8 +2,9 @@
 """Accuracy against memory: budgets from the int2 minimum to full precision.
 
 At each budget: the best static width that fits, dynaexq with auto tiers (the plan picks the
-fallback width, a share of experts at the next wider width, and the slots), dynaexq with today's fixed tiers (int4 fallback, or the
-widest that fits below it, and bf16 slots), and full as the reference. Runs that would compute
+fallback width, a share of experts at the next wider width, and the slots), dynaexq with
+today's fixed tiers (int4 fallback, or the widest that fits below it, and bf16 slots), and
+full as the reference. Runs that would compute
 the same thing at several budgets (static at one width; dynaexq with the same tiers and slot
 count) are evaluated once. Writes a Markdown table, and a PNG of perplexity against budget when
 matplotlib is importable (the optional `bench` extra).
@@ -120,7 +121,8 @@ def sweep(args) -> tuple[list[dict], dict]:
         conc = lambda lo, hi: dataclasses.replace(opts, lo_bits=lo, hi_dtype=hi)
         static_bits = plan_for(cfg, "static", budget=b, dtype_itemsize=itemsize, opts=conc(FIXED_LO, "bfloat16"),
                                **plan_kw).lo_bits
-        row["static"] = (f"int{static_bits}", run(evaluate.RunSpec("static", str(b), static_bits), ("static", static_bits)))
+        static = run(evaluate.RunSpec("static", str(b), static_bits), ("static", static_bits))
+        row["static"] = (f"int{static_bits}", static)
         _, choice = auto_tiers(ckpt, opts, budget=b, hotness_profile=profile, **plan_kw)
         mid = f"/{len(choice.mid_experts)}xint{choice.mid_bits}" if choice.mid_experts else ""
         tiers = f"int{choice.lo_bits}{mid}" + (f"+{choice.slots}x{hi_name(choice.hi_dtype)}" if choice.slots else "")

@@ -73,12 +73,12 @@ def rows(args):
     from dynaexq_jax import budget as budget_lib
     from dynaexq_jax.errors import UserError
     from dynaexq_jax.io.preset import preset_config
-    from dynaexq_jax.models.config import ModelConfig
+    from dynaexq_jax.models.registry import read_config
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
     from dynaexq_jax.runtime import aot
     from dynaexq_jax.runtime.build import plan_for
 
-    cfg = ModelConfig.from_file(args.model) if args.model else preset_config(args.preset)
+    cfg = read_config(args.model) if args.model else preset_config(args.preset)
     gpus = _list(args.gpu, aot.GPUS, "gpu")
     policies = _list(args.policy, ("dynaexq", "static", "full"), "policy")
     batches = _list(args.batch, None, "batch", int)
@@ -133,8 +133,9 @@ def measure(args, row) -> dict:
         "temp_bytes": r["temp_bytes"], "workspace_bytes": plan.workspace, "compile_s": round(compile_s, 2),
         "predicted_s": seconds, "predicted_tokens_per_s": tokens / seconds, "hlo": hlo,
         "top": [(k.label, k.name, k.trips * (k.read + k.write if k.pallas is None else aot.pallas_bytes(k, traffic)))
-                for k in sorted(r["by_kernel"], key=lambda k: -k.trips * (k.read + k.write if k.pallas is None
-                                                                            else aot.pallas_bytes(k, traffic)))[:args.top]],
+                for k in sorted(r["by_kernel"],
+                                key=lambda k: -k.trips * (k.read + k.write if k.pallas is None
+                                                          else aot.pallas_bytes(k, traffic)))[:args.top]],
     }
 
 

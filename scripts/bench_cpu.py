@@ -175,7 +175,8 @@ def table(doc, markdown: bool) -> str:
     names = list(doc["results"])
     rows = []
     for b in doc["batch_sizes"]:
-        rows += [(f"decode tok/s, batch {b}", f"decode_tok_s_b{b}", True), (f"prefill ms, batch {b}", f"prefill_ms_b{b}", False)]
+        rows += [(f"decode tok/s, batch {b}", f"decode_tok_s_b{b}", True),
+                 (f"prefill ms, batch {b}", f"prefill_ms_b{b}", False)]
     rows.append((f"perplexity eval tok/s ({doc['eval_tokens']} tokens)", "eval_tok_s", True))
     hf = [n for n in names if n.startswith("transformers")]
     head = ["figure"] + names + ["ours full / best transformers", "dynaexq / full"]
@@ -187,7 +188,8 @@ def table(doc, markdown: bool) -> str:
         ratio = ours / best_hf if higher else best_hf / ours  # > 1: ours is better
         dyn = doc["results"][names[1]][key] / ours if higher else ours / doc["results"][names[1]][key]
         lines.append([label] + [f"{v:.1f}" for v in vals] + [f"{ratio:.2f}x", f"{dyn:.2f}x"])
-    same = "; ".join(f"{b}: " + ", ".join(n for n, ok in d.items() if ok) for b, d in doc["same_tokens_as_transformers"].items())
+    same = "; ".join(f"{b}: " + ", ".join(n for n, ok in d.items() if ok)
+                     for b, d in doc["same_tokens_as_transformers"].items())
     if markdown:
         out = ["| " + " | ".join(l) + " |" for l in lines]
         out.insert(1, "|" + "---|" * len(head))

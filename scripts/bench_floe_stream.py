@@ -30,7 +30,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--experts", type=int, default=32, help="experts in the host layer (128 in Qwen3-30B; fewer saves RAM)")
+    p.add_argument("--experts", type=int, default=32,
+                   help="experts in the host layer (128 in Qwen3-30B; fewer saves RAM)")
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--margin", type=float, default=1.25)

@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     rows = [["policy", "loop steps/s", "bare steps/s", "loop / bare", "host overhead per step"]]
     for n, (loop, bare) in best.items():
         if bare:
-            rows.append([n, f"{loop:.0f}", f"{bare:.0f}", f"{loop / bare:.2f}", f"{(1 / loop - 1 / bare) * 1e6:.0f} us"])
+            overhead_us = (1 / loop - 1 / bare) * 1e6
+            rows.append([n, f"{loop:.0f}", f"{bare:.0f}", f"{loop / bare:.2f}", f"{overhead_us:.0f} us"])
         else:
             rows.append([n, f"{loop:.0f}", "-", "-", "runs layer by layer from the host"])
     if args.markdown:

@@ -12,7 +12,8 @@ and num_warps (4, 8): rows `pallas[bn=..,warps=..]`.
 Reported per call: the median time, the bytes it must move (the routed experts' stored
 weights, activations in and out), the achieved GB/s and its share of the device copy
 bandwidth measured in the same run, the speed relative to ragged_dot, and the largest error
-against ragged_dot on the dequantized weights (relative to the output's largest value).
+against the kernel's reference, `pallas_kernels.tiled_matmul_reference` (relative to the
+output's largest value).
 
   python scripts/bench_kernels.py                 # GPU, full table with the sweep
   python scripts/bench_kernels.py --markdown      # also append it to docs/PERFORMANCE.md
@@ -128,9 +129,10 @@ def format_name(bits: int) -> str:
 
 
 def reference(x, w, gs) -> np.ndarray:
-    """float32 ragged_dot of the (dequantized) weights, as float64."""
-    dense = quant.dequantize(w, jnp.float32) if isinstance(w, quant.QuantizedTensor) else w.astype(jnp.float32)
-    out = jax.lax.ragged_dot(x.astype(jnp.float32), dense, gs, precision=jax.lax.Precision.HIGHEST)
+    """The kernel's own reference (`pallas_kernels.tiled_matmul_reference`: the decoded weights
+    in float32) on the rows `gs` groups, as float64."""
+    keys = pallas_kernels.group_keys(gs, x.shape[0])
+    out = pallas_kernels.tiled_matmul_reference(x, [kernel_tier(w)], keys, rows_per_tier=w.shape[0])
     return np.asarray(out, np.float64)
 
 

@@ -67,8 +67,8 @@ def main(argv=None) -> int:
                     for m in quant.METHODS}
             rows.append((name, bits, errs["rtn"], errs["mse"], errs["hqq"]))
     head = "| weights | bits | rtn | mse | mse reduction | hqq | hqq reduction |\n|---|---|---|---|---|---|---|"
-    body = "\n".join(f"| {n} | int{b} | {r:.4f} | {m:.4f} | {100 * (1 - m / r):.1f}% | {h:.4f} | {100 * (1 - h / r):.1f}% |"
-                     for n, b, r, m, h in rows)
+    body = "\n".join(f"| {n} | int{b} | {r:.4f} | {m:.4f} | {100 * (1 - m / r):.1f}% | {h:.4f} | "
+                     f"{100 * (1 - h / r):.1f}% |" for n, b, r, m, h in rows)
     print(head + "\n" + body)
     if args.markdown:
         cmd = "python scripts/bench_quant.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Build the shipped evaluation tasks from the tiny model's held-out corpus, deterministically.
 
-The held-out files are those `scripts/train_tiny.py` never trained on (crc32 of the path
-% 20 == 0, same stdlib). Writes to `checkpoints/tiny-qwen3-moe/tasks/`:
+The held-out files are those `scripts/train_tiny.py` never trained on (`dynaexq_jax.io.corpus`:
+crc32 of the path % 20 == 0, same stdlib). Writes to `checkpoints/tiny-qwen3-moe/tasks/`:
 
   heldout.jsonl        perplexity: `{"path", "text"}` per held-out file, in path order, up to
                        --ppl-bytes of text
@@ -25,10 +25,9 @@ import random
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from dynaexq_jax.io import corpus  # the tiny model's training / held-out split
 
-import train_tiny  # noqa: E402  (the corpus split lives there)
+ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_MODEL = ROOT / "checkpoints" / "tiny-qwen3-moe"
 CONTEXT_LINES = 8
@@ -68,10 +67,10 @@ def build(args) -> None:
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
     from dynaexq_jax.runtime.engine import Engine
 
-    root, rels = train_tiny.stdlib_files()
-    held = [r for r in rels if train_tiny.is_held_out(r)]
-    train = [r for r in rels if not train_tiny.is_held_out(r)]
-    texts = {r: train_tiny.read(root, r) for r in held}
+    root, rels = corpus.stdlib_files()
+    held = [r for r in rels if corpus.is_held_out(r)]
+    train = [r for r in rels if not corpus.is_held_out(r)]
+    texts = {r: corpus.read(root, r) for r in held}
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -90,7 +89,8 @@ def build(args) -> None:
     for r, (context, line, pool) in picked[: args.mc]:
         choices = [indent(line) + d for d in rng.sample(pool, 3)] + [line]
         rng.shuffle(choices)
-        mc.append({"path": r, "context": context, "choices": ["\n" + c for c in choices], "answer": choices.index(line)})
+        mc.append({"path": r, "context": context, "choices": ["\n" + c for c in choices],
+                   "answer": choices.index(line)})
     for r, (context, line, _) in picked[args.mc :]:
         em.append({"path": r, "prompt": context, "answer": line.strip()})
     write_jsonl(out / "next_line_mc.jsonl", mc)
@@ -100,7 +100,7 @@ def build(args) -> None:
     ckpt = loader.load(args.model, jnp.bfloat16)
     eos = ckpt.eos_token_ids[0]
     stream = []
-    for enc in ckpt.tokenizer.encode_batch([train_tiny.read(root, r) for r in train], add_special_tokens=False):
+    for enc in ckpt.tokenizer.encode_batch([corpus.read(root, r) for r in train], add_special_tokens=False):
         stream += enc.ids + [eos]
     W = args.window
     starts = np.linspace(0, len(stream) - W, args.profile_windows).astype(int)
@@ -114,7 +114,8 @@ def build(args) -> None:
     hotness.HotnessTracker(L, E, DynaExqOptions().half_life_steps, mass / tokens).save(out / "hotness_train.json")
     total = sum(f.stat().st_size for f in out.iterdir())
     print(f"{len(docs)} perplexity documents ({size:,} bytes), {len(mc)} multiple-choice and {len(em)} exact-match "
-          f"items from {len(held)} held-out files; profile from {tokens:,} training tokens; {out} holds {total:,} bytes",
+          f"items from {len(held)} held-out files; profile from {tokens:,} training tokens; {out} holds "
+          f"{total:,} bytes",
           file=sys.stderr)
 
 
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--mc", type=int, default=100, help="multiple-choice items")
     p.add_argument("--em", type=int, default=48, help="exact-match items")
     p.add_argument("--window", type=int, default=256, help="tokens per profiling window")
-    p.add_argument("--profile-windows", type=int, default=64, help="training windows the warm-start profile is read from")
+    p.add_argument("--profile-windows", type=int, default=64,
+                   help="training windows the warm-start profile is read from")
     build(p.parse_args(argv))
     return 0
 

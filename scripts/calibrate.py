@@ -53,11 +53,10 @@ def calibration_docs(args, model: Path) -> list[str]:
     if args.text:
         docs = [d for t in args.text for d in load_task("ppl", t).items]
     elif model.resolve() == DEFAULT_MODEL.resolve():
-        sys.path.insert(0, str(ROOT / "scripts"))
-        import train_tiny
+        from dynaexq_jax.io import corpus
 
-        root, rels = train_tiny.stdlib_files()
-        docs = [train_tiny.read(root, r) for r in rels if not train_tiny.is_held_out(r)]
+        root, rels = corpus.stdlib_files()
+        docs = [corpus.read(root, r) for r in rels if not corpus.is_held_out(r)]
     else:
         raise UserError(f"no calibration text for {model}: pass --text FILE (training-like text, never eval data)")
     out, size = [], 0

@@ -124,8 +124,10 @@ def stage_model(cfg) -> dict:
         bw = aot.GPUS.get("h200" if "H200" in str(jax.devices()[0].device_kind) else "h100")[1]
         measured = 1 / (g.stats["decode_tokens_per_s"] / batch)
         rows.append({"batch": batch, "budget_bytes": budget, "slots": plan.slots, "launches": r["launches"],
-                     "bytes": r["bytes"], "min_bytes": minimum, "predicted_step_s": r["bytes"] / bw + r["launches"] * aot.LAUNCH_S,
-                     "measured_step_s": measured, "accounted_bytes": plan.total, "peak_device_bytes": peak_device_bytes(),
+                     "bytes": r["bytes"], "min_bytes": minimum,
+                     "predicted_step_s": r["bytes"] / bw + r["launches"] * aot.LAUNCH_S,
+                     "measured_step_s": measured, "accounted_bytes": plan.total,
+                     "peak_device_bytes": peak_device_bytes(),
                      "hi_hit_rate": g.stats["hi_hit_rate"]})
         del eng
     return {"rows": rows}
@@ -208,8 +210,10 @@ def summary(name: str, r: dict) -> str:
                 f"{d['h2d_pageable_gbs']:.1f} GB/s; copy {d['device_copy_gbs']:.0f} GB/s; "
                 f"launch {d['launch_s_measured'] * 1e6:.2f} us")
     if name == "model":
-        return "; ".join(f"b{m['batch']}: {m['launches']} launches, {m['bytes'] / 1e9:.2f}/{m['min_bytes'] / 1e9:.2f} GB, "
-                         f"predicted {m['predicted_step_s'] * 1e3:.2f} ms vs measured {m['measured_step_s'] * 1e3:.2f} ms, "
+        return "; ".join(f"b{m['batch']}: {m['launches']} launches, "
+                         f"{m['bytes'] / 1e9:.2f}/{m['min_bytes'] / 1e9:.2f} GB, "
+                         f"predicted {m['predicted_step_s'] * 1e3:.2f} ms vs measured "
+                         f"{m['measured_step_s'] * 1e3:.2f} ms, "
                          f"peak {m['peak_device_bytes']} of {m['accounted_bytes']} accounted"
                          for m in r["model"]["rows"])
     if name == "runtime":

@@ -20,11 +20,8 @@ import argparse
 import ast
 import json
 import math
-import os
 import sys
-import sysconfig
 import time
-import zlib
 from pathlib import Path
 
 import jax
@@ -33,33 +30,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from dynaexq_jax import train
-from dynaexq_jax.models.config import ModelConfig
+from dynaexq_jax.io.corpus import HELD_OUT_EVERY, is_held_out, read, stdlib_files
 from dynaexq_jax.io.hf_export import save_checkpoint
+from dynaexq_jax.models.config import ModelConfig
 
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-HELD_OUT_EVERY = 20
-
-
-def stdlib_files() -> tuple[Path, list[str]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
-        for f in filenames:
-            if f.endswith(".py"):
-                rels.append(Path(dirpath, f).relative_to(root).as_posix())
-    return root, sorted(rels)
-
-
-def is_held_out(rel: str) -> bool:
-    return zlib.crc32(rel.encode()) % HELD_OUT_EVERY == 0
-
-
-def read(root: Path, rel: str) -> str:
-    return (root / rel).read_text(encoding="utf-8", errors="replace")
-
-
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -148,7 +123,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lb-coef", type=float, default=0.01)
     ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--eval-windows", type=int, default=None, help="cap on held-out windows (of --seq-len) to score; default all")
+    ap.add_argument("--eval-windows", type=int, default=None,
+                    help="cap on held-out windows (of --seq-len) to score; default all")
     ap.add_argument("--out", type=Path, default=Path("checkpoints/tiny-qwen3-moe"))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -235,8 +211,9 @@ def main(argv=None):
         proses.append("\n\n".join(docs))
     code_stream = encode_stream(tok, [c for c in codes if c], eos_id)
     prose_stream = encode_stream(tok, [p for p in proses if p], eos_id)
-    code_nll, _, code_counts = train.evaluate(eval_step, params, experts, windows(code_stream, T, args.eval_windows), B)
-    prose_nll, _, prose_counts = train.evaluate(eval_step, params, experts, windows(prose_stream, T, args.eval_windows), B)
+    code_windows, prose_windows = (windows(s, T, args.eval_windows) for s in (code_stream, prose_stream))
+    code_nll, _, code_counts = train.evaluate(eval_step, params, experts, code_windows, B)
+    prose_nll, _, prose_counts = train.evaluate(eval_step, params, experts, prose_windows, B)
     routing = routing_figures(code_counts, prose_counts)
     routing["code_ppl"] = math.exp(code_nll)
     routing["prose_ppl"] = math.exp(prose_nll)

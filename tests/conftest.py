@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,24 @@ os.environ["DYNAEXQ_CACHE"] = "0"
 os.environ["DYNAEXQ_COMPILE_CACHE"] = "0"
 
 VOCAB = 300
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def script(name: str):
+    """scripts/NAME.py as a module: a tool of the project (a benchmark, calibrate.py), not one of
+    the package's commands (those are `dynaexq_jax.cli`), loaded from its file under the name
+    `NAME_script`, so scripts/ never goes on sys.path (where lm_eval.py would shadow lm-eval)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 # Two shapes the model must get right: a plain MoE stack, and one with a dense layer,
 # unnormalised top-k weights, tied embeddings and a sparse step.

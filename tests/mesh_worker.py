@@ -49,8 +49,8 @@ def main(path: str) -> None:
                          demotions=gen.stats["demotions"], hi_hit_rate=gen.stats["hi_hit_rate"],
                          contiguous=placement is None or bool(
                              (placement.experts == mesh_lib.Placement.contiguous(L, E, devices).experts).all()),
-                         collective_bytes={k[0]: mesh_lib.collective_bytes(c.as_text()) for k, c in eng._compiled.items()
-                                           if k[0] == "decode" and mesh is not None})
+                         collective_bytes={k[0]: mesh_lib.collective_bytes(c.as_text())
+                                           for k, c in eng._compiled.items() if k[0] == "decode" and mesh is not None})
         return eng
 
     # Each run compiles its steps (~5 s of a CPU core per shape): the single prompt (a batch bucket

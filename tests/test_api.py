@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "checkpoints" / "tiny-qwen3-moe"
 
 
-def readme_example() -> str:
-    section = (ROOT / "README.md").read_text().split("\n## Python API\n", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+def readme_example(n: int = 0) -> str:
+    """The `n`th python block of the README's "Python API" section."""
+    section = (ROOT / "README.md").read_text().split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)[n]
 
 
 def test_readme_example_runs_and_its_own_jit_matches_the_engine(monkeypatch):
@@ -34,6 +35,14 @@ def test_readme_example_runs_and_its_own_jit_matches_the_engine(monkeypatch):
     assert ns["gen"].tokens[0] and "promotions" in ns["eng"].policy.stats()
     assert float(ns["nll"](ns["eng"].params, ns["eng"].policy.experts)) == pytest.approx(
         -float(np.sum(ns["logps"][0], dtype=np.float64)), rel=1e-5)
+
+
+def test_readme_launch_example_runs_the_scripts_path_within_its_budget(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    ns: dict = {}
+    exec(compile(readme_example(1), "README.md", "exec"), ns)
+    assert ns["gen"].tokens[0] and ns["plan"].total <= dx.parse_size("30MB")
+    assert ns["text"].startswith("memory plan: tiny-qwen3-moe, policy dynaexq") and "fallback" in ns["text"]
 
 
 @pytest.fixture(scope="module")

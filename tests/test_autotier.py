@@ -137,9 +137,8 @@ def test_mixed_fallback_computes_each_expert_at_its_own_tier_and_every_byte_is_p
     from dynaexq_jax.experts.expert_state import ExpertTier, single_tier
     from dynaexq_jax.experts.quant import dequantize
     from dynaexq_jax.policies.full import FixedPolicy
-    from dynaexq_jax.runtime.engine import Engine
-
     from dynaexq_jax.policies.hotness import HotnessTracker
+    from dynaexq_jax.runtime.engine import Engine
 
     b = minimum(ckpt, 3)  # room for the mid experts and a few slots
     hot = np.argsort(-HotnessTracker.load(PROFILE).scores, axis=1, kind="stable")[:, :8]

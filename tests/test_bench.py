@@ -4,7 +4,6 @@ model's arithmetic."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -13,17 +12,16 @@ import numpy as np
 import pytest
 
 from dynaexq_jax import budget, policies
+from dynaexq_jax.cli import bench
 from dynaexq_jax.experts import quant
 from dynaexq_jax.io import preset
 from dynaexq_jax.runtime import costmodel
 from dynaexq_jax.runtime.build import build_engine, plan_for
 
+from conftest import script
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import bench  # noqa: E402
-import bench_kernels  # noqa: E402
-import bench_quant  # noqa: E402
-import bench_runtime  # noqa: E402
+bench_kernels, bench_quant, bench_runtime = script("bench_kernels"), script("bench_quant"), script("bench_runtime")
 
 TINY = dict(
     model_type="qwen3_moe", vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

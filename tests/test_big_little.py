@@ -87,7 +87,8 @@ def test_every_token_little_equals_the_model_routed_top_little_k(hf_checkpoint):
 
 def test_dropped_pairs_are_not_transferred_by_offload(moe_checkpoint):
     plain = build(moe_checkpoint, "offload").generate(PROMPTS, NEW, eos_token_ids=()).stats
-    little = build(moe_checkpoint, "offload", BigLittle(1, "router", 0.0)).generate(PROMPTS, NEW, eos_token_ids=()).stats
+    little_engine = build(moe_checkpoint, "offload", BigLittle(1, "router", 0.0))
+    little = little_engine.generate(PROMPTS, NEW, eos_token_ids=()).stats
     assert little["h2d_bytes"] < plain["h2d_bytes"] and little["misses"] < plain["misses"]
 
 

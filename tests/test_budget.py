@@ -110,6 +110,7 @@ def test_mxfp4_plan_and_aot_byte_model_count_4_25_bits_per_expert_value():
     from dynaexq_jax.experts.expert_state import weights_nbytes
     from dynaexq_jax.experts.quant import Mxfp4Tensor, quantize_mxfp4
     from dynaexq_jax.runtime import aot
+
     from test_families import PUBLISHED
 
     t = quantize_mxfp4(jnp.zeros((3, 64, 16)))

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
 
-from dynaexq_jax.io import chat
+from dynaexq_jax import launch
+from dynaexq_jax.cli import generate
+from dynaexq_jax.io import chat, loader
 from dynaexq_jax.runtime import engine
-from dynaexq_jax.io import loader
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import generate  # noqa: E402
 
 # Qwen3's chat template as published with its checkpoints (Qwen/Qwen3-30B-A3B tokenizer_config.json).
 QWEN3_TEMPLATE = r"""{%- if tools %}
@@ -104,7 +102,7 @@ QWEN3_TEMPLATE = r"""{%- if tools %}
     {%- if enable_thinking is defined and enable_thinking is false %}
         {{- '<think>\n\n</think>\n\n' }}
     {%- endif %}
-{%- endif %}"""
+{%- endif %}"""  # noqa: E501 (verbatim)
 
 CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -117,10 +115,12 @@ def write_chat_tokenizer(path: Path, vocab: int = 300) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab - len(CHAT_TOKENS[3:]), special_tokens=CHAT_TOKENS[:3], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab - len(CHAT_TOKENS[3:]), special_tokens=CHAT_TOKENS[:3],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(["def f(x):\n    return x + 1\n", "the quick brown fox", "user assistant system"] * 20, trainer)
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n", "the quick brown fox", "user assistant system"] * 20,
+                            trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in CHAT_TOKENS[3:]])  # not special in Qwen3
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
@@ -188,7 +188,8 @@ def test_special_tokens_helpers_and_jinja_file(tmp_path):
     ours = chat.ChatTemplate(source, {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"})
     messages = [{"role": "user", "content": "<a> & \"b\" é"}]
     assert ours.render(messages) == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert chat.load_chat_template(tmp_path).render(messages) == '{"role": "user", "content": "<a> & \\"b\\" é"}<|im_end|>\n'
+    assert (chat.load_chat_template(tmp_path).render(messages)
+            == '{"role": "user", "content": "<a> & \\"b\\" é"}<|im_end|>\n')
     with pytest.raises(chat.ChatTemplateError, match="roles must be user or assistant"):
         ours.render([{"role": "tool", "content": "x"}])
 
@@ -251,7 +252,7 @@ def test_chat_is_the_default_with_a_template_and_renders_system_and_thinking(cap
     ids = ref.apply_chat_template(messages, add_generation_prompt=True, return_dict=False, enable_thinking=False)
     stop = (0, ref.convert_tokens_to_ids("<|im_end|>"))  # generation_config's EOS and the template's
     assert json.loads(out)["outputs"][0]["token_ids"] == eng.generate([list(ids)], 4, eos_token_ids=stop).tokens[0]
-    no_chat = generate.Prompter(generate.parse_args(["--no-chat"]), chat_checkpoint, loader.load_tokenizer(chat_checkpoint))
+    no_chat = launch.Prompter(launch.PromptOptions(chat=False), chat_checkpoint, loader.load_tokenizer(chat_checkpoint))
     assert no_chat.encode("def f") == ref("def f")["input_ids"]
 
 
@@ -269,7 +270,7 @@ def test_interactive_keeps_the_conversation_and_its_cache(capsys, chat_checkpoin
     eng, tok = chat_engine
     args = generate.parse_args(["--model", str(chat_checkpoint), "--interactive", "--max-new-tokens", "5",
                                 "--dtype", "float32", "--policy", "full", "--context", "256", "--system", "Hi."])
-    turns = generate.interactive(args, None, stdin=io.StringIO("def f\n\nthe fox\n"))
+    turns = generate.interactive(launch.EngineOptions.from_args(args), None, stdin=io.StringIO("def f\n\nthe fox\n"))
     out, err = capsys.readouterr()
     assert len(turns) == 2 and err.count("\n") == 2 and "reused" in err
     assert turns[1]["reused_tokens"] > turns[0]["prompt_tokens"] // 2

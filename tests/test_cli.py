@@ -11,13 +11,12 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from dynaexq_jax import budget
-from dynaexq_jax.runtime import engine
+from dynaexq_jax import budget, launch
+from dynaexq_jax.cli import generate
 from dynaexq_jax.io import loader
+from dynaexq_jax.runtime import engine
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import generate  # noqa: E402
 
 
 def run_cli(capsys, *argv):
@@ -81,9 +80,11 @@ def missing_shard(path, edit):
         (None, ["--prompt", "x " * 600], "context is 512"),
         (None, ["--top-p", "0"], "top_p"),
     ],
-    ids=["missing-dir", "missing-shard", "wrong-model-type", "unsupported-rope", "bad-budget", "prompt-too-long", "bad-top-p"],
+    ids=["missing-dir", "missing-shard", "wrong-model-type", "unsupported-rope", "bad-budget", "prompt-too-long",
+         "bad-top-p"],
 )
-def test_bad_input_gives_one_line_error_and_nonzero_exit(capsys, tmp_path, moe_checkpoint, edit_config, breakage, extra, needle):
+def test_bad_input_gives_one_line_error_and_nonzero_exit(capsys, tmp_path, moe_checkpoint, edit_config, breakage, extra,
+                                                         needle):
     path = copy_checkpoint(moe_checkpoint[0], tmp_path / "ckpt")
     if breakage is not None:
         breakage(path, edit_config)
@@ -118,7 +119,8 @@ QWEN3_30B_A3B = {
 def qwen3_30b(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
     # 30.53 B parameters in bf16, as the published index states (61,064,245,248 bytes).
-    index = {"metadata": {"total_size": 61064245248}, "weight_map": {"lm_head.weight": "model-00016-of-00016.safetensors"}}
+    index = {"metadata": {"total_size": 61064245248},
+             "weight_map": {"lm_head.weight": "model-00016-of-00016.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     return tmp_path
 
@@ -144,7 +146,8 @@ def test_dry_run_of_qwen3_30b_fits_20gb_without_weights(capsys, qwen3_30b):
 def test_dry_run_says_when_the_fallback_does_not_fit(capsys, qwen3_30b):
     code, out, err = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "10GB", "--dry-run", "--lo-bits", "4")
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert err.startswith("error: budget 10.00 GB cannot hold the int4 fallback experts") and "the minimum is 19.30 GB" in err
+    assert err.startswith("error: budget 10.00 GB cannot hold the int4 fallback experts")
+    assert "the minimum is 19.30 GB" in err
     # Auto tiers refuse only below the narrowest fallback, and say so.
     code, out, err = run_cli(capsys, "--model", str(qwen3_30b), "--budget", "10GB", "--dry-run")
     assert code == 2 and out == "" and err.count("\n") == 1
@@ -152,16 +155,16 @@ def test_dry_run_says_when_the_fallback_does_not_fit(capsys, qwen3_30b):
 
 
 def test_explicit_tiers_plan_as_before_and_auto_starts_from_the_widest_fitting_fallback(capsys, qwen3_30b):
-    from dynaexq_jax.models.config import ModelConfig
+    from dynaexq_jax.models.registry import read_config
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
     from dynaexq_jax.runtime.build import plan_for
 
-    shape = generate.plan_shape(generate.parse_args(["--model", str(qwen3_30b)]), ModelConfig.from_file(qwen3_30b))
+    shape = launch.plan_shape(launch.EngineOptions(model=launch.ModelOptions(str(qwen3_30b))), read_config(qwen3_30b))
     for budget_flag, want_bits in (("20GB", 4), ("40GB", 8)):
         code, out, _ = run_cli(capsys, "--model", str(qwen3_30b), "--budget", budget_flag, "--dry-run", "--json",
                                "--lo-bits", "4", "--hi-dtype", "bfloat16")
         explicit = json.loads(out)["memory_plan"]
-        want = plan_for(ModelConfig.from_file(qwen3_30b), "dynaexq", budget=budget.parse_size(budget_flag),
+        want = plan_for(read_config(qwen3_30b), "dynaexq", budget=budget.parse_size(budget_flag),
                         batch=shape[0], longest_prompt=shape[1], max_new_tokens=shape[2], dtype_itemsize=2,
                         opts=DynaExqOptions(lo_bits=4, hi_dtype="bfloat16"))
         assert explicit == want.as_dict()
@@ -214,7 +217,7 @@ def test_progress_bar_shows_bytes_on_a_terminal_only(moe_checkpoint, capsys):
     loader.load(moe_checkpoint[0], jnp.float32, progress=True)
     err = capsys.readouterr().err
     assert "loading" in err and "B/s" in err
-    assert not generate.show_progress(generate.parse_args([]))  # pytest's stderr is not a terminal
+    assert not launch.OutputOptions().progress()  # pytest's stderr is not a terminal
 
 
 @pytest.mark.parametrize("size", ["20GX", "20 G", "-5GB", "1e3GB"])

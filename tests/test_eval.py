@@ -74,7 +74,8 @@ def test_exact_match_compares_the_first_nonempty_line_stripped(ckpt, tmp_path):
     prompt = "def add(a, b):\n    return"
     ids = ckpt.tokenizer.encode(prompt).ids
     greedy = ckpt.tokenizer.decode(eng.generate([ids], 8).tokens[0], skip_special_tokens=True)
-    items = [{"prompt": prompt, "answer": "  " + evaluate.first_line(greedy) + " "}, {"prompt": prompt, "answer": "nope"}]
+    items = [{"prompt": prompt, "answer": "  " + evaluate.first_line(greedy) + " "},
+             {"prompt": prompt, "answer": "nope"}]
     task = evaluate.load_task("em", write_jsonl(tmp_path / "em.jsonl", items))
     assert evaluate.Evaluator(eng, max_new_tokens=8).run([task]) == [("em", "exact_match", 0.5, 2)]
 
@@ -84,7 +85,8 @@ def test_results_identical_for_batch_sizes_1_and_16(ckpt, tmp_path, policy, budg
     tasks = [
         evaluate.Task("ppl", "docs", DOCS),
         evaluate.load_task("mc", write_jsonl(tmp_path / "mc.jsonl", MC)),
-        evaluate.load_task("em", write_jsonl(tmp_path / "em.jsonl", [{"prompt": m["context"], "answer": "x"} for m in MC])),
+        evaluate.load_task("em", write_jsonl(tmp_path / "em.jsonl",
+                                             [{"prompt": m["context"], "answer": "x"} for m in MC])),
     ]
     runs = [evaluate.RunSpec(policy, budget, 2)]
     kw = dict(hotness_profile=str(PROFILE), window=32, max_length=64, max_new_tokens=4)
@@ -140,11 +142,8 @@ def test_malformed_task_files_are_one_line_user_errors(tmp_path, kind, line, nee
 
 
 def test_cli_reports_bad_input_as_error_line_and_exit_2(capsys):
-    import importlib.util
+    from dynaexq_jax.cli import eval as cli
 
-    spec = importlib.util.spec_from_file_location("eval_cli", MODEL.parent.parent / "scripts" / "eval.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     assert cli.main(["--policies", "nope"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown policy 'nope'")
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +21,7 @@ from dynaexq_jax import budget
 from dynaexq_jax.experts import quant
 from dynaexq_jax.io import hf_export, loader
 from dynaexq_jax.models import registry
-from dynaexq_jax.models.config import ConfigError, ModelConfig
+from dynaexq_jax.models.config import ConfigError
 from dynaexq_jax.models.decoder import Decoder
 from dynaexq_jax.policies import dynaexq
 from dynaexq_jax.runtime import engine
@@ -146,14 +144,15 @@ def hf_generate(hf, prompts, n):
 
 def test_config_maps_to_the_family_and_back(family_checkpoint):
     family, _, path, hf = family_checkpoint
-    cfg = ModelConfig.from_file(path)
+    cfg = registry.read_config(path)
     assert cfg.model_type == family
     fam = registry.adapter(cfg)
     assert fam.config_from_hf(fam.config_to_hf(cfg)) == cfg
     # The plan's parameter count is the checkpoint's, and the non-expert bytes are the decoder's params.
     assert budget.parameter_count(cfg) == sum(p.numel() for p in hf.parameters())
     shapes = jax.tree.leaves(Decoder(cfg, jnp.float32).param_shapes())
-    assert budget.non_expert_nbytes(cfg, 4) == (sum(math.prod(s.shape) for s in shapes) + budget.expert_bias_count(cfg)) * 4
+    want = sum(math.prod(s.shape) for s in shapes) + budget.expert_bias_count(cfg)
+    assert budget.non_expert_nbytes(cfg, 4) == want * 4
 
 
 def test_logits_match_transformers(full_engine):
@@ -276,8 +275,7 @@ def test_generate_script_runs_the_family(family, tmp_path_factory, capsys):
 
 
 def _generate_script():
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import generate
+    from dynaexq_jax.cli import generate
 
     return generate
 
@@ -313,7 +311,7 @@ def test_fused_experts_load_like_per_expert_ones(moe_checkpoint, tmp_path):
 
     path, _ = moe_checkpoint
     tensors = load_file(path / "model.safetensors")
-    cfg = ModelConfig.from_file(path)
+    cfg = registry.read_config(path)
     for i in cfg.moe_layers:
         p = f"model.layers.{i}.mlp.experts."
         per = lambda n: np.stack([tensors.pop(f"{p}{e}.{n}.weight") for e in range(cfg.num_experts)])
@@ -373,6 +371,23 @@ def test_unsupported_fields_are_one_line_errors_naming_the_field(family, change,
     with pytest.raises(ConfigError) as e:
         registry.adapter_for(d).config_from_hf(d)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_registry_refuses_an_incomplete_adapter_and_a_second_one_for_a_model_type():
+    import types
+
+    from dynaexq_jax.models import mixtral
+
+    incomplete = types.ModuleType("half_family")
+    incomplete.MODEL_TYPE, incomplete.config_from_hf = "half", mixtral.config_from_hf
+    missing = "expert_tensors, config_to_hf, top_tensors, layer_tensors, fused_expert_tensors"
+    with pytest.raises(TypeError, match=f"half_family lacks {missing}"):
+        registry.register(incomplete)
+    twin = types.ModuleType("twin")
+    twin.__dict__.update({m: getattr(mixtral, m) for m in registry.MEMBERS})
+    with pytest.raises(TypeError, match="two family adapters for model_type 'mixtral'"):
+        registry.register(mixtral, twin)
+    assert registry.register(twin) == {"mixtral": twin}
 
 
 # ----------------------------------------------------------------- the published models

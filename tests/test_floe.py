@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +21,9 @@ from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.runtime import engine
 from dynaexq_jax.runtime.build import build_engine
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import calibrate
+from conftest import script
+
+calibrate = script("calibrate")
 
 PROMPTS = [[5, 17, 42, 9, 100, 7, 250, 33, 12], [3, 4, 5]]  # two lengths: left padding in the batch
 CAL_TEXT = "def f(x):\n    return x + 1\n\nclass A:\n    def g(self, y):\n        return [y] * 3\n" * 12
@@ -180,7 +179,7 @@ def test_bad_calibrations_are_one_line_errors(ckpt, moe_checkpoint, calibration,
     with pytest.raises(UserError, match="needs calibrated thresholds and the cache is off"):
         build_engine(ckpt, "floe", budget=None, batch=1, longest_prompt=9, max_new_tokens=4, floe=FloeOptions())
     # The scripts print them as one line and exit 2.
-    import generate
+    from dynaexq_jax.cli import generate
 
     model = ["--model", str(moe_checkpoint[0]), "--dtype", "float32"]
     for main, argv, needle in (

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from dynaexq_jax import train
-from dynaexq_jax.io import hf_export
-from dynaexq_jax.io import loader
+from dynaexq_jax.io import hf_export, loader
 from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.runtime.engine import Engine
 

@@ -422,3 +422,43 @@ def test_default_backend_is_the_triton_kernel_only_when_lowering_for_cuda(weight
     traced = jax.jit(grouped_matmul).trace(sds((8, k), jnp.bfloat16), w, sds((e,), jnp.int32))
     assert "triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" not in traced.lower(lowering_platforms=("cpu",)).as_text()
+
+
+# ------------------------------------------------------------------ the kernels' public references
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_tiled_matmul_reference_matches_float64_over_packed_mxfp4_and_dense_tiers(bits):
+    """The yardstick bench_kernels.py and gpu_check.py hold the kernel to, held to float64."""
+    rng = np.random.default_rng(20 + bits)
+    (packed, dense), weights = _tiers(bits, rng)
+    mx = quant.quantize_mxfp4(jnp.asarray(rng.standard_normal((ROWS, K, N)) * 3, jnp.float32))
+    tiers = [packed, ((mx.blocks, mx.scales), mx.layout), dense]
+    weights = np.stack([weights[0], _mxfp4_64(mx), weights[1]])
+    keys = _keys([4, 0, 9, 1, 6, 3, 0, 2, 5], extra=3)
+    x = rng.standard_normal((len(keys), K)).astype(np.float32)
+    ref = pallas_kernels.tiled_matmul_reference(jnp.asarray(x), tiers, jnp.asarray(keys), rows_per_tier=ROWS)
+    assert ref.dtype == jnp.float32 and not np.any(np.asarray(ref)[keys == INVALID])
+    _assert_close(np.asarray(ref)[keys != INVALID], _reference(x, weights, keys), 1e-6)
+
+
+def test_layer_matmul_reference_matches_float64():
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((5, K)).astype(np.float32), rng.standard_normal((2, K, N)).astype(np.float32)
+    ref = pallas_kernels.layer_matmul_reference(jnp.asarray(x), jnp.asarray(w), 1)
+    _assert_close(ref, x.astype(np.float64) @ w[1].astype(np.float64), 1e-6)
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+def test_decode_attention_reference_matches_float64_with_left_padding_and_an_empty_row(sinks):
+    B, KVH, G, D, S, L = 3, 2, 3, 16, 32, 2
+    rng = np.random.default_rng(5 + sinks)
+    start, index = np.array([0, 9, S], np.int32), 20
+    kv = rng.standard_normal((L, 2, B, KVH, S, D)).astype(np.float32)
+    q = rng.standard_normal((B, KVH, G, D)).astype(np.float32)
+    sink = rng.standard_normal((KVH, G)).astype(np.float32) if sinks else None
+    ref = pallas_kernels.decode_attention_reference(jnp.asarray(q), jnp.asarray(kv), 1, jnp.asarray(start),
+                                                    jnp.int32(index), scale=D**-0.5,
+                                                    sinks=None if sink is None else jnp.asarray(sink))
+    assert ref.shape == q.shape and not np.any(np.asarray(ref)[2])
+    _assert_close(ref, _attention64(q, kv, 1, start, index, D**-0.5, sink), 1e-6)

@@ -3,7 +3,6 @@ scripts/eval.py, on the shipped checkpoint in float32 (no network)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,17 +21,7 @@ OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 os.environ.update(OFFLINE)
 
 
-def _import_harness():
-    # tests/test_cli.py puts scripts/ on sys.path, where scripts/lm_eval.py bears the harness's name.
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != SCRIPTS]
-    try:
-        return pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install -e ".[eval]")')
-    finally:
-        sys.path[:] = saved
-
-
-harness = _import_harness()
+harness = pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install -e ".[eval]")')
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from dynaexq_jax.errors import UserError  # noqa: E402
@@ -119,9 +108,8 @@ def test_each_request_scores_as_lm_evals_hf_model(ours, theirs):
 
 
 def test_metrics_equal_scripts_eval_on_the_same_items(ours, task_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location("eval_cli", SCRIPTS / "eval.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from dynaexq_jax.cli import eval as cli
+
     out = tmp_path / "eval.json"
     assert cli.main(["--policies", "full", "--dtype", "float32", "--batch-size", "4", "--json", str(out),
                      "--max-length", str(MAX_CONTEXT),

@@ -67,8 +67,7 @@ def test_mesh_static_and_swapping_dynaexq_give_one_devices_tokens(mesh_runs):
 
 
 def _generate(argv, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import generate
+    from dynaexq_jax.cli import generate
 
     rc = generate.main(argv)
     out = capsys.readouterr()
@@ -126,11 +125,11 @@ def _free_port() -> int:
 
 def test_two_processes_of_two_devices_print_one_process_tokens(mesh_runs, moe_checkpoint):
     import dynaexq_jax as dx
-    from dynaexq_jax.models.config import ModelConfig
+    from dynaexq_jax.models.registry import read_config
 
     path, _ = moe_checkpoint
     swapping = dx.DynaExqOptions(lo_bits=8, hi_dtype="int8")
-    floor = dx.plan_for(ModelConfig.from_file(path), "dynaexq", budget=None, batch=2, longest_prompt=16,
+    floor = dx.plan_for(read_config(path), "dynaexq", budget=None, batch=2, longest_prompt=16,
                         max_new_tokens=12, dtype_itemsize=4, opts=swapping, devices=4)
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -155,7 +154,7 @@ def test_two_processes_of_two_devices_print_one_process_tokens(mesh_runs, moe_ch
 
     stored = loader.stored_nbytes(loader.weight_files(path))
     reads = [parse_size(line.split("| read ")[1].split(" of the checkpoint")[0]) for line in closing]
-    cfg = ModelConfig.from_file(path)
+    cfg = read_config(path)
     experts = len(cfg.moe_layers) * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
     for read in reads:
         assert abs(read - (stored - experts // 2)) < 0.01 * stored

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dynaexq_jax.runtime import engine
 from dynaexq_jax.io import loader
+from dynaexq_jax.runtime import engine
 from dynaexq_jax.runtime.sampling import SamplingParams
 
 PROMPTS = [[5, 17, 42, 9, 100, 7, 250, 33, 12], [64, 3], [8, 8, 19, 200, 45]]

@@ -10,7 +10,6 @@ the session, and never print a traceback.
 from __future__ import annotations
 
 import errno
-import importlib
 import io
 import json
 import os
@@ -24,19 +23,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from dynaexq_jax.cli import bench, generate
+from dynaexq_jax.cli import eval as eval_cli
 from dynaexq_jax.eval import evaluate
 from dynaexq_jax.io import loader, preset, store
-from dynaexq_jax.models.config import ModelConfig
+from dynaexq_jax.models.registry import read_config
 from dynaexq_jax.policies.hotness import HotnessTracker
 from dynaexq_jax.runtime import engine
 from dynaexq_jax.runtime.build import plan_for
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import bench  # noqa: E402
-import generate  # noqa: E402
-
-eval_cli = importlib.import_module("eval")  # scripts/eval.py (the name shadows the builtin)
 
 WEIGHTS = "model.safetensors"
 
@@ -212,7 +208,7 @@ def profile(text: str | None = None, shape=None):
 def budget_without_slots(root: Path) -> list:
     """A budget that holds the fallbacks and no slot: dynaexq then runs static and learns nothing.
     (Explicit tiers: auto ones are known only once the experts are read.)"""
-    cfg = ModelConfig.from_file(root / "ckpt")
+    cfg = read_config(root / "ckpt")
     plan = plan_for(cfg, "dynaexq", budget=None, batch=1, longest_prompt=1, max_new_tokens=2, dtype_itemsize=2)
     return ["--budget", plan.minimum, "--save-hotness", root / "p.json", "--lo-bits", 4, "--hi-dtype", "bfloat16"]
 

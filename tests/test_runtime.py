@@ -121,7 +121,8 @@ def reference_state(state: ExpertState, gate_up, down) -> ExpertState:
     for l, e in zip(*np.nonzero(tier_of > 0)):
         wgu[l * E + e], wd[l * E + e] = gate_up[l][e], down[l][e]
     ref = single_tier(ExpertTier(jnp.asarray(wgu), jnp.asarray(wd)), L, E)
-    return dataclasses.replace(ref, gate_up_bias=state.gate_up_bias, down_bias=state.down_bias)  # biases: never quantized
+    # biases: never quantized
+    return dataclasses.replace(ref, gate_up_bias=state.gate_up_bias, down_bias=state.down_bias)
 
 
 def forward_fn(cfg):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,16 +19,16 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from dynaexq_jax import serve  # noqa: E402
+from dynaexq_jax.cli import generate  # noqa: E402
+from dynaexq_jax.cli import serve as serve_cli  # noqa: E402
 from dynaexq_jax.io import loader  # noqa: E402
 from dynaexq_jax.runtime.build import build_engine  # noqa: E402
 from dynaexq_jax.runtime.sampling import SamplingParams  # noqa: E402
 from dynaexq_jax.runtime.scheduler import QueueFull, Scheduler, Sequence, plan_chunks  # noqa: E402
 
+from conftest import free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import generate  # noqa: E402
-import serve as serve_cli  # noqa: E402  (scripts/serve.py)
-from bench_serve import free_port  # noqa: E402
 
 SHIPPED = ROOT / "checkpoints" / "tiny-qwen3-moe"
 # A ChatML template (Qwen's turn markers, as text: the shipped tokenizer has no such tokens).
@@ -93,7 +92,8 @@ def test_completion_and_chat_equal_generate_py_streamed_and_not(capsys, live, cl
     ref = run_generate(capsys, model_dir, "def fibonacci(n):", 24, chat=False)
     out = client.completions.create(model=name, prompt="def fibonacci(n):", max_tokens=24, temperature=0)
     assert out.choices[0].text == ref["text"]
-    assert out.usage.completion_tokens == len(ref["token_ids"]) and out.usage.prompt_tokens == len(s.tokenizer.encode("def fibonacci(n):").ids)
+    assert out.usage.completion_tokens == len(ref["token_ids"])
+    assert out.usage.prompt_tokens == len(s.tokenizer.encode("def fibonacci(n):").ids)
     assert out.choices[0].finish_reason == ("stop" if ref["token_ids"][-1] == 0 else "length")
     chunks = list(client.completions.create(model=name, prompt="def fibonacci(n):", max_tokens=24, temperature=0,
                                             stream=True))
@@ -158,7 +158,8 @@ def test_16_concurrent_requests_equal_their_solo_outputs_and_share_decode_steps(
     assert shared >= steps / 2 and rows / steps > 4  # far fewer steps than the 16 requests' tokens
     assert steps < sum(len(r) for r in solo) / 3
     assert after['dynaexq_requests_finished_total{reason="length"}'] >= 1
-    assert after["dynaexq_time_to_first_token_seconds_count"] - before["dynaexq_time_to_first_token_seconds_count"] == 16
+    ttft = "dynaexq_time_to_first_token_seconds_count"
+    assert after[ttft] - before[ttft] == 16
 
 
 def test_a_long_prompt_is_prefilled_between_the_others_decode_steps(live):

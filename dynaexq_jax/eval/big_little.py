@@ -6,13 +6,15 @@ sequences, reads every (MoE layer, token)'s kept share from the routing it recor
 returns per target share the threshold that marks that share of them little: under "first"
 the quantile of the first MoE layer's shares (tokens), under "router" of all layers'
 (token-layers). The share a run then reaches on other text is measured, not assumed: see
-the engine's `big_little` stats.
+the engine's `big_little` stats (`little_columns` sums them up over runs). The flags live in
+`launch.options` (`BigLittleOptions`, `BigLittleSweep`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from typing import Sequence
 
 import jax
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.models.big_little import RULES, BigLittle
+from dynaexq_jax.models.big_little import RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,69 +66,11 @@ def thresholds(engine, seqs: Sequence[Sequence[int]], little_k: int, rule: str,
     return {s: math.inf if s == 0 else float(np.quantile(scores, 1.0 - s, method="higher")) for s in shares}
 
 
-# ----------------------------------------------------------------------------- command lines
-
-
-def add_arguments(parser, *, sweep: bool) -> None:
-    """The scripts' big-little flags: one setting (generate.py) or a sweep of shares (bench, eval)."""
-    g = parser.add_argument_group("big-little routing (MoBiLE: unimportant tokens keep fewer experts)")
-    g.add_argument("--big-little", action="store_true",
-                   help="route tokens the importance rule marks unimportant to their top --little-k experts only"
-                        + (" (adds a row per --little-shares level beside each plain row)" if sweep else ""))
-    g.add_argument("--little-k", type=int, help="experts a little token keeps (default: half the model's top-k)")
-    g.add_argument("--importance", choices=RULES,
-                   help="router (default): per layer, little where the top --little-k hold at least the threshold "
-                        "share of the top-k router probability; first: that share at the first MoE layer, reused "
-                        "by every layer (prefetch plans with it)")
-    if sweep:
-        g.add_argument("--little-shares", default="0,0.25,0.5,0.75",
-                       help="target shares of little tokens; thresholds calibrated on sample text (0 = plain)")
-    else:
-        g.add_argument("--little-threshold", type=float,
-                       help="kept share from which a token is little (default 0.7; above 1: none)")
-    g.add_argument("--little-floor", type=float,
-                   help="fallback: a little token whose kept share at a layer is below this is computed big there "
-                        "(default 0: never)")
-
-
-def check_knobs(args) -> None:
-    """Before any weight is read: a big-little knob without --big-little is a mistake, not a
-    silent no-op, and each knob's value is checked (little_k against the model later)."""
-    flags = ("--little-k", "--importance", "--little-threshold", "--little-floor")
-    knobs = {f: getattr(args, f.lstrip("-").replace("-", "_"), None) for f in flags}
-    if not args.big_little:
-        for flag, value in knobs.items():
-            if value is not None:
-                raise UserError(f"{flag} applies to --big-little; add --big-little or drop {flag}")
-        return
-    d = BigLittle(1)
-    BigLittle(1 if knobs["--little-k"] is None else knobs["--little-k"], knobs["--importance"] or d.rule,
-              d.threshold if knobs["--little-threshold"] is None else knobs["--little-threshold"],
-              d.floor if knobs["--little-floor"] is None else knobs["--little-floor"])
-
-
-def from_args(args, experts_per_token: int) -> BigLittle | None:
-    """generate.py's setting, checked against the model's top-k."""
-    check_knobs(args)
-    if not args.big_little:
-        return None
-    d = BigLittle(1)
-    bl = BigLittle(args.little_k if args.little_k is not None else max(1, experts_per_token // 2),
-                   args.importance or d.rule, d.threshold if args.little_threshold is None else args.little_threshold,
-                   d.floor if args.little_floor is None else args.little_floor)
-    return bl.checked(experts_per_token)
-
-
-def sweep_from_args(args) -> Sweep | None:
-    """bench.py's and eval.py's sweep (little_k checked against the model when it is built)."""
-    check_knobs(args)
-    if not args.big_little:
-        return None
-    try:
-        shares = tuple(float(s) for s in args.little_shares.split(","))
-    except ValueError:
-        shares = ()
-    if not shares or not all(0.0 <= s < 1.0 for s in shares):
-        raise UserError(f"--little-shares {args.little_shares!r}: give shares in [0, 1) separated by commas, "
-                        "e.g. 0,0.25,0.5,0.75")
-    return Sweep(args.little_k, args.importance or BigLittle(1).rule, args.little_floor or 0.0, shares)
+def little_columns(runs: Sequence[dict]) -> dict:
+    """Big-little's measured share and savings over generations' stats (medians over the runs;
+    None for plain runs), per token the run computed (prompt and generated)."""
+    if "big_little" not in runs[0]:
+        return {"little_share": None, "pairs_saved_per_token": None, "expert_bytes_saved_per_token": None}
+    med = lambda k: statistics.median(r["big_little"][k] / r["big_little"]["tokens"] for r in runs)
+    return {"little_share": statistics.median(r["big_little"]["little_share"] for r in runs),
+            "pairs_saved_per_token": med("pairs_saved"), "expert_bytes_saved_per_token": med("bytes_saved")}

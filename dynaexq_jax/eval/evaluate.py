@@ -33,14 +33,14 @@ from tqdm import tqdm
 
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.io import store
-from dynaexq_jax.policies import POLICIES, autotier
-from dynaexq_jax.policies.dynaexq import DynaExqOptions, DynaExqPolicy
-from dynaexq_jax.policies import floe as floe_lib
-from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.eval import big_little as bl_eval
 from dynaexq_jax.eval.big_little import Sweep
+from dynaexq_jax.io import store
 from dynaexq_jax.models.big_little import BigLittle
+from dynaexq_jax.policies import POLICIES, autotier
+from dynaexq_jax.policies import floe as floe_lib
+from dynaexq_jax.policies.dynaexq import DynaExqOptions, DynaExqPolicy
+from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.policies.hotness import HotnessTracker
 from dynaexq_jax.runtime import engine as engine_lib
 from dynaexq_jax.runtime import mesh as mesh_lib

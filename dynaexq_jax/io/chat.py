@@ -97,7 +97,8 @@ def load_chat_template(path: str | Path) -> ChatTemplate | None:
     if isinstance(source, list):
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
         if "default" not in named:
-            raise ChatTemplateError(f"{config_file} has chat templates {sorted(map(str, named))} but none named 'default'")
+            raise ChatTemplateError(f"{config_file} has chat templates {sorted(map(str, named))} but none named "
+                                    "'default'")
         source = named["default"]
     if not source:
         return None

@@ -313,7 +313,8 @@ class _TensorReader:
         `index` (an int or slice along axis 0, e.g. experts of a fused tensor): only that part
         is read (an MXFP4 tensor is decoded whole first)."""
         if t.name not in self.names:
-            raise CheckpointError(f"checkpoint lacks tensor {t.name!r}; is it a complete checkpoint of this model type?")
+            raise CheckpointError(f"checkpoint lacks tensor {t.name!r}; is it a complete checkpoint of this model "
+                                  "type?")
         if t.name in self.files:
             shape = tuple(self._mapped(self.files[t.name])[1][t.name]["shape"])
             if shape != t.shape:
@@ -587,7 +588,7 @@ def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False) -> Che
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist; pass --model DIR of a Hugging Face checkpoint")
-    cfg = ModelConfig.from_file(path)
+    cfg = registry.read_config(path)
     files = weight_files(path)
     check_tensor_names(cfg, files, path)
     eos, tokenizer = read_eos(path), load_tokenizer(path)  # before the weights: a bad file fails fast

@@ -126,7 +126,7 @@ def preset_config(name: str) -> ModelConfig:
         return registry.adapter_for(PRESETS[name]).config_from_hf(PRESETS[name])
     path = Path(name)
     if path.exists():
-        return ModelConfig.from_file(path)
+        return registry.read_config(path)
     raise UserError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)} or a config.json path")
 
 
@@ -240,7 +240,8 @@ def random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
 
 def _routers(params: dict, cfg: ModelConfig):
     """(segment index, its stacked router kernel [n, H, E]) of every MoE segment."""
-    return [(s, params["layers"][s]["mlp"]["gate"]["kernel"]) for s, seg in enumerate(cfg.segments) if seg.kind == "moe"]
+    return [(s, params["layers"][s]["mlp"]["gate"]["kernel"])
+            for s, seg in enumerate(cfg.segments) if seg.kind == "moe"]
 
 
 def _with_routers(params: dict, kernels: dict) -> dict:

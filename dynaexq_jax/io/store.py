@@ -343,7 +343,8 @@ class ArrayWriter:
         whole = full.ndim == 0 or array.shape == full.shape
         dst = full if whole else full[start : start + len(array)]
         if array.shape != dst.shape or array.dtype != dst.dtype:
-            raise ValueError(f"{name}[{start}:]: {array.shape} {array.dtype}, the entry holds {full.shape} {full.dtype}")
+            raise ValueError(f"{name}[{start}:]: {array.shape} {array.dtype}, "
+                             f"the entry holds {full.shape} {full.dtype}")
         dst[...] = array
         stop = 1 if full.ndim == 0 else start + (len(full) if whole else len(array))
         self._sums[name].append((start, stop, self._pool.submit(_chunk_hash, full, start, stop)))

@@ -1,16 +1,34 @@
-"""What the family adapters share: reading config fields into `ModelConfig`, the checks every
-family gets, and the tensor names of the Llama-style decoder most families keep (embeddings,
-norms, q/k/v/o, dense MLPs). A family's adapter keeps only its own mapping and quirks.
+"""What the family adapters share: the `Tensor` of their tables, reading config fields into
+`ModelConfig`, the checks every family gets, and the tensor names of the Llama-style decoder
+most families keep (embeddings, norms, q/k/v/o, dense MLPs). A family's adapter keeps only its
+own mapping and quirks (`models.FamilyAdapter`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from dynaexq_jax.models.config import ConfigError, ModelConfig
-from dynaexq_jax.models.qwen3_moe import Tensor
 
 QK_NORMS = ("per_head", "full", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One checkpoint tensor: where it goes in our params, its name and shape in the file.
+
+    `linear`: stored [..., out, in] by HF, kept [..., in, out] (a Flax kernel) by us. `cols`:
+    the range of the parameter's last axis this tensor fills, where we fuse several into one
+    (q, k and v into one projection, read once per step). `interleaved`: the last axis
+    alternates gate and up columns (gpt-oss), kept as all gate columns, then all up."""
+
+    path: tuple[str, ...]
+    name: str
+    shape: tuple[int, ...]
+    linear: bool = False
+    cols: tuple[int, int] | None = None
+    interleaved: bool = False
 
 
 def check_model_type(d: dict, model_type: str) -> None:

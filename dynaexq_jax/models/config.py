@@ -1,16 +1,15 @@
-"""The decoder's configuration, read from a Hugging Face `config.json` through a family adapter.
+"""The decoder's configuration: what the one decoder needs to know, checked field by field.
 
-`ModelConfig` is what the one decoder needs to know; each family's adapter (see `registry`)
-maps its `config.json` fields onto it and rejects what the decoder cannot run.
+Each family's adapter maps its `config.json` fields onto a `ModelConfig` and rejects what the
+decoder cannot run; `registry.read_config` reads a checkpoint's config.json through it. This
+module knows no family.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
-from pathlib import Path
 
 from dynaexq_jax.errors import UserError
 
@@ -243,23 +242,3 @@ class ModelConfig:
             moe_seen += kind == "moe"
             seen[attention] += 1
         return tuple(out)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
-        """Read `config.json` (or a checkpoint directory holding one) through its family's adapter."""
-        from dynaexq_jax.models import registry
-
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"no config.json at {path}; point --model at a Hugging Face checkpoint directory")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not UTF-8 text; restore it from the model's original release") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not an object of config fields")
-        return registry.adapter_for(d).config_from_hf(d)

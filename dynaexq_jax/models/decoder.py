@@ -23,7 +23,6 @@ checkpoints onto this tree.
 
 from __future__ import annotations
 
-
 import chex
 import flax.linen as nn
 import flax.struct

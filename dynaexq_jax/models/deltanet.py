@@ -47,7 +47,8 @@ def state_shapes(cfg: ModelConfig, batch: int) -> tuple[tuple[int, ...], tuple[i
 
 def conv_channels(cfg: ModelConfig) -> int:
     """Channels of the convolution: q and k (key heads) and v (value heads), side by side."""
-    return 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    keys = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    return 2 * keys + cfg.linear_num_value_heads * cfg.linear_value_head_dim
 
 
 def state_nbytes(cfg: ModelConfig, batch: int, dtype) -> int:

@@ -9,7 +9,7 @@ which one it runs. One file per policy:
     offload   experts on the host, an LRU cache of device slots (and `prefetch`)
     floe      compressed up projections resident, active gate/down channels streamed (FloE)
 
-`build_policy` makes one from a loaded checkpoint and its memory plan.
+`build_policy` makes one from a loaded checkpoint and its memory plan (`registry`).
 """
 
 from __future__ import annotations
@@ -70,20 +70,11 @@ class NoBetweenStepWork:
 def build_policy(name: str, ckpt, plan, opts=None, *, batch: int = 1, hotness_profile=None, transfer=None,
                  progress: bool = False, floe_opts=None) -> Policy:
     """The policy `name` for a checkpoint loaded by `io.loader.load`, sized by `plan`
-    (`budget.policy_plan`'s plan for it) and `batch` sequences per step."""
-    from dynaexq_jax.policies import dynaexq, full, offload, static
+    (`budget.policy_plan`'s plan for it) and `batch` sequences per step (`registry.BUILDERS`)."""
+    from dynaexq_jax.policies import registry  # it imports every policy, and they import this module
 
-    if name == "full":
-        return full.build(ckpt)
-    if name == "static":
-        return static.build(ckpt, plan, opts or dynaexq.DynaExqOptions(), progress=progress)
-    if name == "floe":
-        from dynaexq_jax.policies import floe
-
-        return floe.build(ckpt, plan, floe_opts or floe.FloeOptions(), batch=batch)
-    if name in ("offload", "prefetch"):
-        return offload.build(ckpt, plan, prefetch=name == "prefetch", batch=batch)
-    if name == "dynaexq":
-        return dynaexq.build(ckpt, plan, opts or dynaexq.DynaExqOptions(), hotness_profile=hotness_profile,
-                             transfer=transfer, progress=progress)
-    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if name not in registry.BUILDERS:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    given = {k: v for k, v in (("opts", opts), ("floe_opts", floe_opts)) if v is not None}
+    setup = registry.Setup(batch=batch, hotness_profile=hotness_profile, transfer=transfer, progress=progress, **given)
+    return registry.BUILDERS[name](ckpt, plan, setup)

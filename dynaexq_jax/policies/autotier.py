@@ -142,6 +142,7 @@ def choose(
     exact = [c for c in candidates if c[2] not in budget_lib.HI_BITS and c[3] >= L * E]
     # Below the floor errors are not told apart (so the start, listed first, wins their ties):
     # slots then would cost transfers and host memory for no difference a model shows.
-    err, lo, hi, slots, mid_bits, mid = exact[0] if exact else min(candidates, key=lambda c: max(c[0], NEGLIGIBLE_ERROR))
+    best = exact[0] if exact else min(candidates, key=lambda c: max(c[0], NEGLIGIBLE_ERROR))
+    err, lo, hi, slots, mid_bits, mid = best
     pairs = () if mid is None else tuple((int(l), int(e)) for l, e in zip(*np.nonzero(mid)))
     return TierChoice(lo, hi, int(slots), err, candidates[0][1], candidates[0][0], mid_bits, pairs)

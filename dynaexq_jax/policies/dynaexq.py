@@ -14,18 +14,18 @@ all are resident and the output equals `full`'s.
 
 from __future__ import annotations
 
-import jax
 import dataclasses
 import warnings
 
+import jax
 import numpy as np
 
+from dynaexq_jax.budget import HI_BITS
+from dynaexq_jax.experts.expert_state import device_biases
 from dynaexq_jax.experts.swap import Swapper
 from dynaexq_jax.io import store
 from dynaexq_jax.policies import hotness
 from dynaexq_jax.policies.full import FixedPolicy
-from dynaexq_jax.budget import HI_BITS
-from dynaexq_jax.experts.expert_state import device_biases
 from dynaexq_jax.policies.tiers import Stopwatch, fallback_and_bank, host_bank, slot_pool
 
 

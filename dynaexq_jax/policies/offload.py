@@ -243,6 +243,7 @@ def build(ckpt, plan: budget_lib.MemoryPlan, *, prefetch: bool, batch: int, devi
     cfg = ckpt.config
     k = cfg.experts_per_token
     if plan.slots < k:
-        raise budget_lib.BudgetError(f"offloading needs at least {k} expert slots (one token's experts), got {plan.slots}")
+        raise budget_lib.BudgetError(f"offloading needs at least {k} expert slots (one token's experts), got "
+                                     f"{plan.slots}")
     staging = min(batch * k, cfg.num_experts)
     return OffloadPolicy(ckpt.experts, plan.slots, prefetch=prefetch, staging=staging, device=device)

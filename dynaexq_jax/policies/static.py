@@ -17,5 +17,5 @@ def build(ckpt, plan, opts, *, progress: bool = False, device=None) -> FixedPoli
     clock = Stopwatch()
     tier = packed_tier(host, plan.lo_bits, opts.group_size, opts.quant_method, source=ckpt.source, device=device,
                        room=plan.unallocated, progress=progress, clock=clock)
-    return FixedPolicy("static", single_tier(tier, host.num_layers, host.num_experts, device, host), lo_bits=plan.lo_bits,
-                       convert_s=clock.seconds)
+    return FixedPolicy("static", single_tier(tier, host.num_layers, host.num_experts, device, host),
+                       lo_bits=plan.lo_bits, convert_s=clock.seconds)

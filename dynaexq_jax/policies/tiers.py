@@ -30,7 +30,14 @@ from tqdm import tqdm
 
 from dynaexq_jax.budget import HI_BITS, MXFP4
 from dynaexq_jax.experts import quant
-from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier, HostExperts, device_biases, weights_nbytes, write_rows
+from dynaexq_jax.experts.expert_state import (
+    ExpertState,
+    ExpertTier,
+    HostExperts,
+    device_biases,
+    weights_nbytes,
+    write_rows,
+)
 from dynaexq_jax.experts.swap import HostBank
 from dynaexq_jax.io import store
 

@@ -379,6 +379,20 @@ def traffic_and_min(cfg, policy: str, plan, *, step: str, batch: int, context: i
     return traffic, int(weights + L * D * per_expert + kv * filled // context + states)
 
 
+def decode_min_bytes(cfg, policy: str, plan, *, batch: int, prompt_len: int, gen_len: int, itemsize: int,
+                     hi_dtype: str, group_size: int) -> int:
+    """The bytes a decode step of a `prompt_len` + `gen_len` generation must read at least
+    (`traffic_and_min`), at the mean real context over its decode steps."""
+    _, nbytes = traffic_and_min(
+        # offload and prefetch compute with every routed expert in its bf16 slot, as `full` does.
+        cfg, "full" if policy in ("offload", "prefetch") else policy, plan, step="decode", batch=batch,
+        # The mean real context over the decode steps: the KV slots a step reads on average.
+        context=prompt_len + gen_len // 2, prompt=prompt_len, itemsize=itemsize, hi_dtype=hi_dtype,
+        group=budget_lib.expert_group_size(cfg, group_size),
+    )
+    return nbytes
+
+
 def report_step(compiled, traffic: Traffic) -> dict:
     ks = kernels(compiled.as_text())
     xla = sum(k.trips * (k.read + k.write) for k in ks if k.pallas is None)

@@ -8,13 +8,12 @@ from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.io import store
 from dynaexq_jax.models.big_little import BigLittle
-from dynaexq_jax.policies import POLICIES, build_policy
-from dynaexq_jax.policies import autotier
+from dynaexq_jax.policies import POLICIES, autotier, build_policy
 from dynaexq_jax.policies.dynaexq import DynaExqOptions, warm_tracker
 from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.policies.tiers import abstract_state, quant_errors
-from dynaexq_jax.runtime.engine import Ahead, Engine, Request, cache_bucket, prompt_bucket
 from dynaexq_jax.runtime import mesh as mesh_lib
+from dynaexq_jax.runtime.engine import Ahead, Engine, Request, cache_bucket, prompt_bucket
 from dynaexq_jax.runtime.layerwise import LayerwiseEngine
 
 
@@ -107,10 +106,12 @@ def auto_tiers(ckpt, opts: DynaExqOptions, *, budget: int | None, batch: int, lo
     errors = quant_errors(ckpt.experts, widths, group, opts.quant_method, source=ckpt.source)
     tracker, _ = warm_tracker(ckpt, opts, hotness_profile)
     gu, dn = budget_lib.expert_shapes(cfg)
-    expert_bytes = lambda bits: budget_lib.quantized_nbytes(gu, bits, group) + budget_lib.quantized_nbytes(dn, bits, group)
+    expert_bytes = lambda bits: (budget_lib.quantized_nbytes(gu, bits, group)
+                                 + budget_lib.quantized_nbytes(dn, bits, group))
     plan_fn = lambda lo, hi, max_slots: plan_for(
         cfg, "dynaexq", budget=budget, batch=batch, longest_prompt=longest_prompt, max_new_tokens=max_new_tokens,
-        dtype_itemsize=ckpt.dtype.itemsize, opts=dataclasses.replace(opts, lo_bits=lo, hi_dtype=hi, max_slots=max_slots))
+        dtype_itemsize=ckpt.dtype.itemsize,
+        opts=dataclasses.replace(opts, lo_bits=lo, hi_dtype=hi, max_slots=max_slots))
     choice = autotier.choose(plan_fn, errors, tracker.scores, lo_choices=lo_choices, hi_choices=hi_choices,
                              allocation=opts.allocation, expert_bytes=expert_bytes if mixed else None)
     return dataclasses.replace(opts, lo_bits=choice.lo_bits, hi_dtype=choice.hi_dtype, max_slots=choice.slots,
@@ -167,12 +168,12 @@ def build_engine(
     request: Request | None = None,
 ):
     """An engine for `policy` sized for `batch` prompts of up to `longest_prompt` tokens plus
-    `max_new_tokens`, routing big-little if `big_little` is given. Returns (engine, memory plan); the plan's `total` is the accounted
-    device bytes. `mesh`: a one-axis `expert` mesh (`runtime.mesh.expert_mesh`) to spread each
-    layer's experts over (`placement`: a `runtime.mesh.Placement`, default contiguous blocks);
-    `budget` and the plan are then per device. `request`: the generation the run will ask for
-    first (`runtime.engine.Request`); its steps compile in the background while the experts
-    convert."""
+    `max_new_tokens`, routing big-little if `big_little` is given. Returns (engine, memory
+    plan); the plan's `total` is the accounted device bytes. `mesh`: a one-axis `expert` mesh
+    (`runtime.mesh.expert_mesh`) to spread each layer's experts over (`placement`: a
+    `runtime.mesh.Placement`, default contiguous blocks); `budget` and the plan are then per
+    device. `request`: the generation the run will ask for first (`runtime.engine.Request`); its
+    steps compile in the background while the experts convert."""
     cfg = ckpt.config
     if mesh is not None:
         return _build_mesh_engine(ckpt, policy, mesh, placement, budget=budget, batch=batch,

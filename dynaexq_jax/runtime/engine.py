@@ -292,6 +292,19 @@ def peak_device_bytes() -> int | None:
     return stats.get("peak_bytes_in_use") if stats else None
 
 
+def free_device_bytes() -> int | None:
+    """Bytes the device can still allocate: the allocator's limit less its use, or on the CPU
+    (whose device memory is host memory) the kernel's MemAvailable; None where neither is known."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def _step_key(name: str, static: dict, args) -> tuple:
     """What tells a compiled step apart: its name, static arguments, and the shapes of its
     request arguments (after the parameters and the expert state)."""
@@ -390,6 +403,21 @@ class Ahead:
 RUNTIME_COUNTERS = ("promotions", "demotions", "h2d_bytes", "transfer_wait_s", "failed_promotions")
 
 
+class BigLittleSetting:
+    """An engine's `big_little` attribute: the big-little routing its steps compile with
+    (`models.big_little.BigLittle`, static: each setting compiles its own steps, once; None:
+    plain top-k), checked against the model's top-k when set."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, engine, owner=None) -> BigLittle | None:
+        return self if engine is None else getattr(engine, self.slot)
+
+    def __set__(self, engine, value: BigLittle | None) -> None:
+        setattr(engine, self.slot, value and value.checked(engine.cfg.experts_per_token))
+
+
 class Engine:
     """Runs a loaded checkpoint under a residency policy (default: `full`)."""
 
@@ -419,14 +447,7 @@ class Engine:
         self._score = jax.jit(functools.partial(_score, self.decoder), static_argnames="big_little")
         self._logits = jax.jit(functools.partial(_logits, self.decoder), static_argnames="big_little")
 
-    @property
-    def big_little(self) -> BigLittle | None:
-        """Big-little routing of the steps (static: each setting compiles its own steps, once)."""
-        return self._big_little
-
-    @big_little.setter
-    def big_little(self, value: BigLittle | None) -> None:
-        self._big_little = value and value.checked(self.cfg.experts_per_token)
+    big_little = BigLittleSetting()
 
     # ------------------------------------------------------------------ plumbing
     def _compile(self, name: str, fn, *args, **static):
@@ -607,7 +628,8 @@ class Engine:
                     cache = cache.replace(**_linear_copy(snap[1]))
                 else:
                     keep = 0
-            knobs, key, stats0 = sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed), self._stats0()
+            knobs, key = sampling.as_arrays() + (stop_array(eos),), jax.random.key(sampling.seed)
+            stats0 = self._stats0()
             rewind = jax.device_put(np.int32(keep))
             chunks, start = [], keep
             for n in _chunks(len(ids) - keep, session.max_chunk):
@@ -651,7 +673,8 @@ class Engine:
         return gen
 
     def _compile_decode(self, cache, key, knobs, greedy):
-        args = (self.params, self.policy.experts, cache, self._stats0(), _decode_state(cache.start.shape[0]), key, knobs)
+        state = _decode_state(cache.start.shape[0])
+        args = (self.params, self.policy.experts, cache, self._stats0(), state, key, knobs)
         return self._compile("decode", self._decode, *args, greedy=greedy)
 
     def _decode_loop(self, decode, cache, stats, state, key, knobs, B, max_new_tokens, eos, on_tokens, prefilled):

@@ -33,6 +33,7 @@ from dynaexq_jax.models.layers import (
     route,
 )
 from dynaexq_jax.runtime.engine import (
+    BigLittleSetting,
     Generation,
     NonFiniteError,
     batch_bucket,
@@ -46,7 +47,6 @@ from dynaexq_jax.runtime.engine import (
     timing_stats,
 )
 from dynaexq_jax.runtime.sampling import NON_FINITE, SamplingParams, flag_non_finite, sample
-
 
 # Big-little counters `LayerwiseEngine._forward` adds up on the host (it reads each layer anyway).
 _LITTLE = ("marked", "fallbacks", "little_tokens", "pairs_saved", "bytes_saved")
@@ -164,17 +164,14 @@ class LayerwiseEngine:
         # `self.params` at every call, so new parameter values (a router shift) take effect.
         self._where = [(s, j) for s, seg in enumerate(self.cfg.segments) for j in range(seg.count)]
 
-    @property
-    def big_little(self) -> BigLittle | None:
-        """Big-little routing (static: each setting compiles its own functions, once)."""
-        return self._big_little
+    big_little = BigLittleSetting()
 
-    @big_little.setter
-    def big_little(self, value: BigLittle | None) -> None:
-        self._big_little = value and value.checked(self.cfg.experts_per_token)
-        if self._big_little not in self._functions:
-            self._functions[self._big_little] = _LayerFunctions(self.cfg, self.checkpoint.dtype, self._big_little)
-        self.functions = self._functions[self._big_little]
+    @property
+    def functions(self) -> _LayerFunctions:
+        """The jitted pieces of the current big-little setting (each setting's made once)."""
+        if self.big_little not in self._functions:
+            self._functions[self.big_little] = _LayerFunctions(self.cfg, self.checkpoint.dtype, self.big_little)
+        return self._functions[self.big_little]
 
     def _call(self, name: str, *args):
         """Run function `name`, compiled ahead of time once per argument shapes (the compile

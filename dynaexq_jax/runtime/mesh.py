@@ -33,7 +33,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
@@ -507,3 +508,28 @@ def collective_bytes(hlo_text: str) -> int:
         return reduced.get(c, 0) + sum(n * total(k, seen + (c,)) for k, n in calls.get(c, []))
 
     return total(entry) if entry else 0
+
+
+def load_report(eng: MeshEngine, gen, plan, profile_seqs) -> dict:
+    """A mesh run's balance: each device's load (max/mean routed pairs over the devices, mean
+    over layers) under the engine's placement and under one balanced from the routing of other
+    sequences (`profile_seqs`, scored on the same engine); the decode step's all-reduce bytes
+    from its compiled HLO; and the expert bytes the busiest device reads per decode step at most
+    (its routed pairs per step, each one expert read at its tier's size)."""
+    counts = np.asarray(gen.expert_counts)  # [L, E] routed pairs of this run
+    profile = np.asarray(eng.score(profile_seqs)[1].counts)
+    balanced = Placement.balanced(profile, eng.mesh.size)
+    decode = [c for k, c in eng._compiled.items() if k[0] == "decode"]
+    hi = gen.stats["hi_hit_rate"] or 0.0
+    lo_bytes = plan.fallback / plan.num_experts_total if plan.fallback else plan.slot_bytes
+    per_pair = hi * plan.slot_bytes + (1 - hi) * lo_bytes
+    # Pairs per decode step the busiest device computes, summed over layers: its share of the run's pairs.
+    k = eng.cfg.experts_per_token
+    busiest = gen.stats["batch_size"] * k * eng.policy.placement.device_load(counts).max(axis=1).sum() / counts.sum()
+    return {
+        "mesh_devices": eng.mesh.size,
+        "imbalance_contiguous": eng.policy.placement.imbalance(counts),
+        "imbalance_balanced": balanced.imbalance(counts),
+        "collective_bytes_per_step": collective_bytes(decode[-1].as_text()) if decode else None,
+        "expert_bytes_per_device_step": busiest * per_pair,
+    }

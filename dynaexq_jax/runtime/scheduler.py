@@ -38,9 +38,18 @@ import numpy as np
 
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.models.decoder import KVCache
-from dynaexq_jax.runtime.engine import (ContextError, Engine, NonFiniteError, RoutingStats, MIN_PROMPT_BUCKET,
-                                        _setup, cache_bucket, left_pad, prompt_bucket,
-                                        stop_array)
+from dynaexq_jax.runtime.engine import (
+    MIN_PROMPT_BUCKET,
+    ContextError,
+    Engine,
+    NonFiniteError,
+    RoutingStats,
+    _setup,
+    cache_bucket,
+    left_pad,
+    prompt_bucket,
+    stop_array,
+)
 from dynaexq_jax.runtime.sampling import NON_FINITE, SamplingParams, flag_non_finite, sample
 
 
@@ -274,8 +283,9 @@ def slots_for(context: int, max_chunk: int) -> int:
 
 class Scheduler:
     """Continuous batching over `engine` (built with `engine_shape(...)` of the same sizes, so
-    the budget holds the rows' cache) with `max_batch` rows of `context` tokens. `start()` runs the loop on a thread; `submit` queues a
-    `Sequence` (raises `QueueFull` past `max_queue` waiting); `close()` drains and stops."""
+    the budget holds the rows' cache) with `max_batch` rows of `context` tokens. `start()` runs
+    the loop on a thread; `submit` queues a `Sequence` (raises `QueueFull` past `max_queue`
+    waiting); `close()` drains and stops."""
 
     def __init__(self, engine: Engine, *, max_batch: int, context: int, max_chunk: int = 64, max_queue: int = 64,
                  eos_token_ids=None):
@@ -395,7 +405,8 @@ class Scheduler:
     def _run(self) -> None:
         eng = self.engine
         try:
-            pending = None  # (state, stats, [(row, seq)]) of the last dispatched step, read after the next is dispatched
+            # (state, stats, [(row, seq)]) of the last dispatched step, read after the next is dispatched
+            pending = None
             while True:
                 with self._cv:
                     while not (pending or self._queue or self.running) and not self._closing:

@@ -47,10 +47,7 @@ class Defaults:
     """The server's values for fields a request leaves out (from its flags)."""
 
     max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
+    sampling: SamplingParams = SamplingParams()  # temperature, top_k, top_p, seed
 
 
 def parse_json(raw: bytes) -> dict:
@@ -67,7 +64,8 @@ def _number(body: dict, name: str, default, kind=float, low=None, high=None):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (kind is int and not float(value).is_integer())):
         raise ApiError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}", param=name)
     value = kind(value)
     if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
@@ -92,12 +90,12 @@ def parse_params(body: dict, ids: list[int], defaults: Defaults, chat: bool, lim
     # OpenAI's max_tokens; chat's newer name is max_completion_tokens.
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, name, max(1, min(defaults.max_tokens, limit - len(ids))), int, low=1)
-    temperature = _number(body, "temperature", defaults.temperature, float, low=0.0, high=2.0)
-    top_p = _number(body, "top_p", defaults.top_p, float, low=0.0, high=1.0)
+    temperature = _number(body, "temperature", defaults.sampling.temperature, float, low=0.0, high=2.0)
+    top_p = _number(body, "top_p", defaults.sampling.top_p, float, low=0.0, high=1.0)
     if top_p == 0.0:
         raise ApiError("top_p must be in (0, 1], got 0", param="top_p")
-    top_k = _number(body, "top_k", defaults.top_k, int, low=-1)
-    seed = _number(body, "seed", defaults.seed, int, low=-(2**63), high=2**63 - 1)
+    top_k = _number(body, "top_k", defaults.sampling.top_k, int, low=-1)
+    seed = _number(body, "seed", defaults.sampling.seed, int, low=-(2**63), high=2**63 - 1)
     try:
         sampling = SamplingParams(temperature, max(top_k, 0), top_p, seed)  # -1 = off, as vLLM takes it
     except UserError as e:

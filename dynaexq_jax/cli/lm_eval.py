@@ -1,0 +1,34 @@
+"""lm-evaluation-harness's own command line, with this project's model registered as `dynaexq`.
+
+    python scripts/lm_eval.py --model dynaexq \\
+        --model_args pretrained=checkpoints/tiny-qwen3-moe,policy=dynaexq,budget=20GB,dtype=bfloat16 \\
+        --tasks TASKS [--include_path DIR] [--batch_size N] [--output_path DIR] ...
+
+Every argument is lm-eval's (`pip install -e ".[eval]"`); the model arguments are listed in
+dynaexq_jax/eval/lm_eval.py. JAX's compilation cache is on as for generate.py
+(DYNAEXQ_COMPILE_CACHE=0 turns it off).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dynaexq_jax.errors import UserError
+
+
+def main() -> int:
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        print('error: lm-eval is not installed; pip install -e ".[eval]"', file=sys.stderr)
+        return 2
+    from dynaexq_jax.eval import lm_eval as _registers_dynaexq  # noqa: F401
+    from dynaexq_jax.runtime import compile_cache
+
+    compile_cache.enable()
+    try:
+        cli_evaluate()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
