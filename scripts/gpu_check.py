@@ -124,7 +124,7 @@ def stage_model(cfg) -> dict:
         bw = aot.GPUS.get("h200" if "H200" in str(jax.devices()[0].device_kind) else "h100")[1]
         measured = 1 / (g.stats["decode_tokens_per_s"] / batch)
         rows.append({"batch": batch, "budget_bytes": budget, "slots": plan.slots, "launches": r["launches"],
-                     "bytes": r["bytes"], "min_bytes": minimum, "predicted_step_s": r["bytes"] / bw + r["launches"] * aot.LAUNCH_S,
+                     "bytes": r["bytes"], "min_bytes": minimum, "predicted_step_s": aot.predicted_s(r["bytes"], r["runs"], bw),
                      "measured_step_s": measured, "accounted_bytes": plan.total, "peak_device_bytes": peak_device_bytes(),
                      "hi_hit_rate": g.stats["hi_hit_rate"]})
         del eng

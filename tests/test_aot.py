@@ -1,5 +1,7 @@
 """The decode step compiled for an H200 without a GPU: it reads the experts it routes to, not
-the slot pool (needs the compile-only GPU stack; see README "Compiling for a GPU")."""
+the slot pool, and what it launches (the compiles need the compile-only GPU stack; see README
+"Compiling for a GPU"). How launches are counted from XLA's thunk dump is pinned on a dump's
+own text, with no stack needed."""
 
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from dynaexq_jax.runtime import aot
+
 ROOT = Path(__file__).resolve().parent.parent
 AOT_PYTHON = Path(os.environ.get("DYNAEXQ_AOT_PYTHON", ROOT / ".aot-venv" / "bin" / "python"))
 MODEL = ROOT / "checkpoints" / "tiny-qwen3-moe"
 
-pytestmark = pytest.mark.skipif(
+needs_aot = pytest.mark.skipif(
     not AOT_PYTHON.exists(),
     reason=f"the compile-only GPU stack is not installed at {AOT_PYTHON} (set DYNAEXQ_AOT_PYTHON; .ci/run installs it)",
 )
@@ -28,6 +32,7 @@ def report(*args) -> list[dict]:
     return json.loads(out.stdout)["steps"]
 
 
+@needs_aot
 def test_decode_reads_the_routed_experts_not_the_whole_slot_pool():
     # 25 MB: every expert's int4 fallback and a few slots; 40 MB: a slot for every expert.
     few, every = (report("--budget", budget, "--batch", "1", "--context", "256", "--policy", "dynaexq",
@@ -41,11 +46,65 @@ def test_decode_reads_the_routed_experts_not_the_whole_slot_pool():
     assert every[0]["bytes"] - few[0]["bytes"] <= 1.25 * (every[0]["min_bytes"] - few[0]["min_bytes"]) + 20_000
 
 
+@needs_aot
 def test_static_decode_is_within_a_quarter_of_the_minimum():
     (step,) = report("--policy", "static", "--batch", "1", "--context", "256", "--steps", "decode")
     assert step["bytes"] <= 1.25 * step["min_bytes"], step
 
 
+@needs_aot
 def test_a_budget_that_cannot_hold_the_policy_is_reported_not_compiled():
     steps = report("--budget", "20MB", "--policy", "full", "--steps", "decode")
     assert len(steps) == 1 and "needs" in steps[0]["refused"]
+
+
+# A thunk dump as XLA's GPU backend writes it (module.thunk_sequence_after_thunk_passes.txt),
+# cut down: a graph before the loop, a 48-layer loop whose body is a kernel launched on its
+# own, an async slice (a copy with no instruction of its own) and a graph, then a graph after.
+THUNKS = """\
+000: kCommandBuffer [source       | next=012 (1)]
+    001: kCopy         [source       | sink        ] kCopy
+    002: kCustomKernel [source       | sink        ] loop_add_fusion_4 grid: [1, 1, 1] threads: [1, 1, 1]
+012: kWhile         [prev=000 (1) | next=000 (1)]
+condition:
+    013: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1] threads: [1, 1, 1]
+  body:
+    014: kAsyncStart    [source       | next=000 (5)] stream=computation_stream[0], async_id=14
+        016: kDynamicSliceFusion [source | sink] params=1, results=1
+            015: kCopy [source | sink] kCopy
+    019: kCustomKernel  [prev=018 (1) | next=000 (2)] layer_matmul_tm16_m1 grid: [1, 80, 1] threads: [128, 1, 1]
+    020: kAsyncDone     [source       | sink        ] async_id=14
+    000: kCommandBuffer [prev=019 (2) | sink        ]
+        024: kCustomKernel [prev=023 (1)  | next=025 (1)] decode_attention grid: [1, 4, 16] threads: [128, 1, 1]
+        046: kCustomKernel [prev=045 (1)  | sink        ] loop_add_fusion grid: [1, 1, 1] threads: [1, 1, 1]
+000: kCommandBuffer [prev=012 (1) | sink        ]
+    053: kCustomKernel [prev=052 (1) | next=054 (1)] gemm_fusion_dot_1 grid: [9496, 1, 1] threads: [64, 1, 1]
+"""
+METADATA = "".join(f'thunk_metadata {{\n  thunk_info {{\n    profile_annotation: "{name}"\n    thunk_id: {i}\n  }}\n}}\n'
+                   for i, name in [(1, "copy.28"), (2, "loop_add_fusion.4"), (12, "while.5"), (13, "loop_compare_fusion"),
+                                   (14, "fusion-start"), (16, "loop_dynamic_slice_fusion.1"), (19, "pallas_call.36"),
+                                   (24, "pallas_call.37"), (46, "loop_add_fusion"), (53, "gemm_fusion_dot.1")])
+
+
+def test_launches_apply_trip_counts_skip_known_conditions_and_say_what_runs_in_graphs():
+    runs = aot.launches(THUNKS, METADATA, {"while.5": 48})
+    got = [(w.name, w.kind, w.trips, w.in_graph) for w in runs.work]
+    assert got == [("copy.28", "kCopy", 1, True), ("loop_add_fusion.4", "kCustomKernel", 1, True),
+                   # the condition of a loop with a known trip count never runs
+                   ("loop_dynamic_slice_fusion.1", "kCopy", 48, False),  # named for the fusion it runs for
+                   ("pallas_call.36", "kCustomKernel", 48, False),
+                   ("pallas_call.37", "kCustomKernel", 48, True), ("loop_add_fusion", "kCustomKernel", 48, True),
+                   ("gemm_fusion_dot.1", "kCustomKernel", 1, True)]
+    assert runs.graphs == 1 + 48 + 1 and runs.unknown_loops == 0
+    assert (runs.kernels, runs.in_graphs, runs.outside) == (195, 99, 2 * 48 + 50)
+    # Without a known trip count the condition runs, and the loop is reported as unknown.
+    unknown = aot.launches(THUNKS, METADATA, {})
+    assert unknown.unknown_loops == 1 and ("loop_compare_fusion", "kCustomKernel", 1, False) in [
+        (w.name, w.kind, w.trips, w.in_graph) for w in unknown.work]
+
+
+def test_trip_counts_are_read_off_the_optimized_hlo():
+    hlo = ('  %while.5 = (s32[], bf16[1,1,2048]{2,1,0}) while(%tuple.61), condition=%region_18, body=%region_3, '
+           'backend_config={"known_trip_count":{"n":"48"},"known_init_step":{"init":"0","step":"1"}}\n'
+           '  %while.7 = (s32[]) while(%tuple.9), condition=%c, body=%b\n')
+    assert aot.trip_counts(hlo) == {"while.5": 48}
