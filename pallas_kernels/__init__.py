@@ -4,7 +4,14 @@ Nothing here imports `dynaexq_jax`: kernels take plain arrays and a static layou
 description, so they can be tested and benchmarked on their own.
 """
 
-from pallas_kernels.decode_attention import decode_attention, decode_attention_supported
+from pallas_kernels.decode_attention import (
+    decode_attention,
+    decode_attention_partials,
+    decode_attention_reference,
+    decode_attention_supported,
+    merge_partials,
+)
+from pallas_kernels.decode_layer import attn_in, attn_in_reference, attn_in_supported, attn_out, attn_out_reference
 from pallas_kernels.grouped_matmul import (
     Mxfp4,
     Packed,
@@ -18,15 +25,43 @@ from pallas_kernels.grouped_matmul import (
     split_key,
     tiled_matmul,
 )
+from pallas_kernels.moe_decode import (
+    Route,
+    clamped_glu,
+    expert_down,
+    expert_gate_up,
+    experts_reference,
+    experts_supported,
+    route,
+    route_reference,
+    silu_glu,
+)
 from pallas_kernels.tiling import INVALID, Tiles, group_keys, max_tiles, plan_tiles, row_tiles
 
 __all__ = [
     "INVALID",
     "Mxfp4",
     "Packed",
+    "Route",
     "Tiles",
+    "attn_in",
+    "attn_in_reference",
+    "attn_in_supported",
+    "attn_out",
+    "attn_out_reference",
+    "clamped_glu",
     "decode_attention",
+    "decode_attention_partials",
+    "decode_attention_reference",
     "decode_attention_supported",
+    "expert_down",
+    "expert_gate_up",
+    "experts_reference",
+    "experts_supported",
+    "merge_partials",
+    "route",
+    "route_reference",
+    "silu_glu",
     "default_block_m",
     "default_block_n",
     "e2m1_decode",

@@ -324,10 +324,10 @@ def test_decode_attention_kernel_agrees_with_the_xla_path_under_sinks_and_a_wind
     kv = jnp.asarray(rng.standard_normal((L, 2, B, KVH, S, D)), jnp.float32)
     qg = jnp.asarray(rng.standard_normal((B, 1, KVH, G, D)), jnp.float32)
     sinks = jnp.asarray(rng.standard_normal((KVH, G)), jnp.float32)
-    w = jnp.int32(window)
-    ours = _pallas_decode_attention(qg, kv, jnp.int32(1), start, index, dtype=jnp.float32, sinks=sinks, window=w,
-                                    interpret=True)
-    xla = _attention(qg, kv[1, 0], kv[1, 1], start, index, dtype=jnp.float32, sinks=sinks, window=w)
+    windows = jnp.asarray([7, window], jnp.int32)  # [L]: the kernel reads its layer's
+    ours = _pallas_decode_attention(qg, kv, jnp.int32(1), start, index, dtype=jnp.float32, sinks=sinks,
+                                    windows=windows, interpret=True)
+    xla = _attention(qg, kv[1, 0], kv[1, 1], start, index, dtype=jnp.float32, sinks=sinks, window=windows[1])
     np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5, rtol=0)
 
 

@@ -39,6 +39,7 @@ from dynaexq_jax.models import deltanet
 from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.runtime import engine as engine_lib
 from dynaexq_jax.runtime.costmodel import distinct_experts
+from pallas_kernels.decode_attention import block_rows, num_splits
 
 # name, HBM bytes/s (spec sheet), HBM bytes
 GPUS = {
@@ -391,12 +392,67 @@ def pallas_bytes(k: Kernel, traffic: Traffic) -> int:
         # Row loads are masked to each tile's own rows, and the N blocks of a tile run together,
         # so L2 (50 MB on Hopper) serves their repeated reads: x counts once, real rows only.
         return int(used * per_tile + real * (K + N) * _BYTES[xdt])  # weights, x rows in, rows out
-    if k.pallas == "decode_attention":
-        (_, (B, KVH, H, D)) = ops[2]
-        kdt, _ = ops[3]  # the stacked cache
+    if k.pallas == "decode_attention":  # (layer, index, q [B, Hq, D], kv [L, 2, B, KVH, S, D], start, windows?)
+        (qdt, (B, Hq, D)), (kdt, kshape) = ops[2], ops[3]
+        KVH = kshape[3]
         kv = 2 * B * KVH * traffic.filled_slots * D * _BYTES[kdt]
-        return int(kv + B * traffic.filled_slots + B * KVH * H * D * 4 * 3)
+        partials = num_splits(B, KVH, kshape[4]) * B * KVH * block_rows(Hq // KVH) * (D + 2) * 4
+        return int(kv + B * Hq * D * _BYTES[qdt] + partials)
+    if k.pallas in _DECODE_LAYER:
+        return _DECODE_LAYER[k.pallas](ops, traffic, k.tm)
     return 0
+
+
+def _per_layer(ops) -> int:
+    """Bytes of one layer's slice of stacked parameters [L, ...]."""
+    return sum(math.prod(shape[1:]) * _BYTES[dt] for dt, shape in ops)
+
+
+def _attn_in_bytes(ops, traffic, tm) -> int:
+    """(layer, index, x1 [B, H], y [P, H], pos, norm [L, H], w [L, H, N], bias?, qk norm?, cos, sin, kv):
+    the layer's weights, x1 and each row's pending expert rows read, x and every head written."""
+    (xdt, (B, H)), (_, (P, _)) = ops[2], ops[3]
+    N = ops[6][1][-1]
+    return int(_per_layer(ops[5:-3]) + (B + P) * H * _BYTES[xdt] + B * H * _BYTES[xdt] + B * N * _BYTES[xdt]
+               + 2 * B * ops[-3][1][-1] * _BYTES[ops[-3][0]])
+
+
+def _attn_out_bytes(ops, traffic, tm) -> int:
+    """(layer, o, m, l, x [B, H], w [L, Hq D, H], bias?, sinks?): the layer's weights, the partials
+    once (each program re-reads them from L2), x read and the new residual written."""
+    (xdt, (B, H)) = ops[4]
+    partials = sum(math.prod(shape) * _BYTES[dt] for dt, shape in ops[1:4])
+    return int(_per_layer(ops[5:]) + partials + 2 * B * H * _BYTES[xdt])
+
+
+def _route_bytes(ops, traffic, tm) -> int:
+    """(layer, moe, valid, x1 [B, H], norm, gate [L, H, E], bias?, tier_of, row_of, record [Lm, B, E]):
+    the router's weights, x1, the normed rows written, the layer's handles and record row."""
+    (xdt, (B, H)), (_, (_, _, E)) = ops[3], ops[5]
+    return int(_per_layer(ops[4:-3]) + 2 * B * H * _BYTES[xdt] + 2 * E * 4 + B * E * 4)
+
+
+def _expert_bytes(ops, traffic, tm) -> int:
+    """(key, end, token | weight [Pa], x, the tiers' arrays, (moe, expert, bias)?): the weights of
+    each used tile (a tile per tm rows of each routed expert, tiers in their expected shares), the
+    pairs' rows in and out, their bias rows."""
+    (xdt, (_, K)) = ops[3]
+    tiers = ops[4:]
+    bias = 0
+    if len(tiers) >= 3 and tiers[-3] == ("s32", (1,)):  # the experts' biases, a row per pair
+        bias = math.prod(tiers[-1][1][2:]) * _BYTES[tiers[-1][0]]
+        tiers = tiers[:-3]
+    per_tier = _tier_bytes(tiers, K)
+    N = tiers[0][1][-1] if len(tiers[0][1]) == 3 else 0
+    fractions = [1.0] if len(per_tier) == 1 else [1 - traffic.hi_fraction, traffic.hi_fraction]
+    pairs = traffic.pairs_per_expert * traffic.num_experts
+    used = traffic.tiles(tm)
+    out = N // 2 if ops[2][0] == "s32" else N  # gate_up writes I of its 2I columns
+    return int(used * sum(f * b for f, b in zip(fractions, per_tier)) + pairs * ((K + out) * _BYTES[xdt] + bias))
+
+
+_DECODE_LAYER = {"attn_in": _attn_in_bytes, "attn_out": _attn_out_bytes, "moe_route": _route_bytes,
+                 "moe_gate_up": _expert_bytes, "moe_down": _expert_bytes}
 
 
 def _tier_bytes(ops, K) -> list[int]:
