@@ -145,6 +145,7 @@ def measure(args, row) -> dict:
         "gpu": row["gpu"], "policy": row["policy"], "step": step, "batch": batch, "context": context,
         "layers": cfg.num_layers, "slots": plan.slots, "kernels": r["kernels"], "launches": r["launches"],
         "in_graphs": r["in_graphs"], "graphs": r["graphs"], "outside_graphs": r["outside_graphs"],
+        "in_loops": r["in_loops"],
         "unknown_loops": r["unknown_loops"],
         "xla_bytes": r["xla_bytes"], "pallas_bytes": r["pallas_bytes"], "bytes": r["bytes"], "min_bytes": minimum,
         "temp_bytes": r["temp_bytes"], "workspace_bytes": plan.workspace, "compile_s": round(compiled.seconds, 2),
@@ -179,7 +180,8 @@ def kernel_list(r: dict) -> str:
     from dynaexq_jax.budget import format_size as gb
 
     lines = [f"{r['gpu']} {r['policy']} {r['step']} batch {r['batch']}: {r['launches']} kernels per step "
-             f"({r['launches'] / r['layers']:.1f} per layer), {r['in_graphs']} in CUDA graphs, "
+             f"({r['launches'] / r['layers']:.1f} per layer; {r['in_loops']} in the layer loop), "
+             f"{r['in_graphs']} in CUDA graphs, "
              f"{r['outside_graphs']} host launches ({r['graphs']} of them graphs)",
              "| per step | graph | kernel | HLO | bytes each |", "|---|---|---|---|---|"]
     for k in r["launch_list"]:

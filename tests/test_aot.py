@@ -5,6 +5,7 @@ own text, with no stack needed."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -24,10 +25,10 @@ needs_aot = pytest.mark.skipif(
 )
 
 
-def report(*args) -> list[dict]:
-    out = subprocess.run([str(AOT_PYTHON), str(ROOT / "scripts" / "aot_report.py"), "--model", str(MODEL), "--json",
-                          *args], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+@functools.lru_cache(maxsize=None)  # tests share compiles
+def report(*args, source=("--model", str(MODEL))) -> list[dict]:
+    out = subprocess.run([str(AOT_PYTHON), str(ROOT / "scripts" / "aot_report.py"), *source, "--json", *args],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)["steps"]
 
@@ -39,11 +40,36 @@ def test_decode_reads_the_routed_experts_not_the_whole_slot_pool():
                          "--steps", "decode", "--gpu", "h100,h200") for budget in ("25MB", "40MB"))
     for s in few + every:
         assert s["pallas_bytes"] > 0  # the experts ran as Pallas kernels, as on a GPU
-        assert s["bytes"] <= 1.25 * s["min_bytes"], s
+        assert s["bytes"] <= 1.1 * s["min_bytes"], s
         assert s["compile_s"] < 60
     assert few[0]["slots"] < 32 and every[0]["slots"] == 128
     # Slots ten times over cost only what reading the hot experts at high precision costs.
     assert every[0]["bytes"] - few[0]["bytes"] <= 1.25 * (every[0]["min_bytes"] - few[0]["min_bytes"]) + 20_000
+
+
+@needs_aot
+def test_decode_runs_seven_kernels_a_layer_all_captured_in_cuda_graphs():
+    """The fused decode layer (`models.fused_decode`) at batch 1 and 32: six kernels and the
+    loop's counter a layer, every kernel inside XLA's command buffers, so the host launches one
+    graph a layer and one before and after the loop."""
+    steps = report("--budget", "25MB", "--batch", "1", "--context", "256", "--policy", "dynaexq", "--steps", "decode",
+                   "--gpu", "h100,h200") + report("--budget", "160MB", "--batch", "32", "--context", "256",
+                                                   "--policy", "dynaexq", "--steps", "decode", "--gpu", "h200")
+    assert len(steps) == 3
+    for s in steps:
+        assert s["in_loops"] <= 7 * s["layers"], s
+        assert s["in_graphs"] == s["launches"] and s["outside_graphs"] <= s["layers"] + 2, s
+
+
+@needs_aot
+def test_the_30b_decode_step_launches_at_most_eight_kernels_a_layer():
+    """Qwen3-30B-A3B's shapes (nothing allocated), batch 1 in a 20 GB plan: every kernel the
+    step runs, the embedding, final norm, LM head and sampling included, over its 48 layers."""
+    (s,) = report("--budget", "20GB", "--batch", "1", "--context", "1024", "--policy", "dynaexq", "--steps", "decode",
+                  source=("--preset", "qwen3-30b-a3b"))
+    assert s["launches"] <= 8 * s["layers"] and s["in_loops"] <= 7 * s["layers"], s
+    assert s["bytes"] <= 1.1 * s["min_bytes"], s
+    assert s["compile_s"] < 60, s
 
 
 @needs_aot
@@ -96,7 +122,7 @@ def test_launches_apply_trip_counts_skip_known_conditions_and_say_what_runs_in_g
                    ("pallas_call.37", "kCustomKernel", 48, True), ("loop_add_fusion", "kCustomKernel", 48, True),
                    ("gemm_fusion_dot.1", "kCustomKernel", 1, True)]
     assert runs.graphs == 1 + 48 + 1 and runs.unknown_loops == 0
-    assert (runs.kernels, runs.in_graphs, runs.outside) == (195, 99, 2 * 48 + 50)
+    assert (runs.kernels, runs.in_graphs, runs.outside, runs.in_loops) == (195, 99, 2 * 48 + 50, 4 * 48)
     # Without a known trip count the condition runs, and the loop is reported as unknown.
     unknown = aot.launches(THUNKS, METADATA, {})
     assert unknown.unknown_loops == 1 and ("loop_compare_fusion", "kCustomKernel", 1, False) in [

@@ -264,6 +264,7 @@ class Launch:
     name: str  # the HLO instruction it runs (its profile annotation)
     trips: int  # executions per step
     in_graph: bool  # inside a command buffer: a node of a CUDA graph, launched with the graph
+    in_loop: bool = False  # in a while loop's body (the layer loop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +286,11 @@ class Launches:
     def outside(self) -> int:
         """Launches the host makes: kernels outside any graph, and each graph launch."""
         return self.kernels - self.in_graphs + self.graphs
+
+    @property
+    def in_loops(self) -> int:
+        """Kernels executed inside while loops (the layers' own, in a scanned decoder)."""
+        return sum(w.trips for w in self.work if w.in_loop)
 
 
 def trip_counts(hlo: str) -> dict[str, int]:
@@ -314,10 +320,11 @@ def launches(sequence: str, metadata: str, trips_of: dict[str, int]) -> Launches
         indent, tid, kind = len(m.group(1)), int(m.group(2)), m.group(3)
         while stack and stack[-1]["indent"] >= indent:
             stack.pop()
-        trips, in_graph = 1, False
+        trips, in_graph, in_loop = 1, False, False
         if stack:
             parent = stack[-1]
             in_graph = parent["in_graph"] or parent["kind"] == "kCommandBuffer"
+            in_loop = parent["in_loop"] or parent["kind"] == "kWhile"
             trips = parent["trips"]
             if parent["kind"] == "kWhile":
                 n = parent["n"]
@@ -333,8 +340,8 @@ def launches(sequence: str, metadata: str, trips_of: dict[str, int]) -> Launches
         if kind == "kCommandBuffer":
             graphs += trips
         elif kind not in _CONTAINERS and trips:
-            work.append(Launch(kind, name, trips, in_graph))
-        stack.append(dict(indent=indent, kind=kind, trips=trips, in_graph=in_graph, n=n, name=name))
+            work.append(Launch(kind, name, trips, in_graph, in_loop))
+        stack.append(dict(indent=indent, kind=kind, trips=trips, in_graph=in_graph, in_loop=in_loop, n=n, name=name))
     return Launches(tuple(work), graphs, unknown)
 
 
@@ -580,7 +587,7 @@ def report_step(compiled, traffic: Traffic) -> dict:
         runs = launches(compiled.thunks, compiled.thunk_metadata, trip_counts(hlo))
         executable = compiled.executable
     else:
-        runs = Launches(tuple(Launch("hlo", k.name, k.trips, False) for k in ks), 0, 0)
+        runs = Launches(tuple(Launch("hlo", k.name, k.trips, False, k.trips > 1) for k in ks), 0, 0)
         executable = compiled
     xla = sum(k.trips * (k.read + k.write) for k in ks if k.pallas is None)
     pallas = sum(k.trips * pallas_bytes(k, traffic) for k in ks if k.pallas is not None)
@@ -590,6 +597,7 @@ def report_step(compiled, traffic: Traffic) -> dict:
         "in_graphs": runs.in_graphs,
         "graphs": runs.graphs,
         "outside_graphs": runs.outside,
+        "in_loops": runs.in_loops,
         "unknown_loops": runs.unknown_loops,
         "xla_bytes": int(xla),
         "pallas_bytes": int(pallas),
