@@ -134,3 +134,26 @@ def test_trip_counts_are_read_off_the_optimized_hlo():
            'backend_config={"known_trip_count":{"n":"48"},"known_init_step":{"init":"0","step":"1"}}\n'
            '  %while.7 = (s32[]) while(%tuple.9), condition=%c, body=%b\n')
     assert aot.trip_counts(hlo) == {"while.5": 48}
+
+
+def test_a_loop_captured_in_a_graph_computes_its_predicate_on_the_device_every_iteration():
+    # XLA's command buffers with WHILE: the whole step one graph, the loop a conditional node.
+    thunks = """\
+000: kCommandBuffer [source | sink]
+    001: kCustomKernel [source        | next=014 (13)] loop_broadcast_fusion grid: [48, 1, 1] threads: [128, 1, 1]
+    014: kWhile        [prev=013 (1)  | next=023 (1) ]
+condition:
+        015: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1] threads: [1, 1, 1]
+      body:
+        016: kCustomKernel [source       | next=017 (1)] attn_in_m1 grid: [40, 1, 1] threads: [128, 1, 1]
+        017: kCustomKernel [prev=016 (1) | next=018 (1)] loop_add_fusion grid: [1, 1, 1] threads: [1, 1, 1]
+    023: kCustomKernel [prev=014 (1) | sink] gemm_fusion_dot.1 grid: [9496, 1, 1] threads: [64, 1, 1]
+"""
+    meta = "".join(f'thunk_info {{ profile_annotation: "{n}"\n thunk_id: {i} }}\n'
+                   for i, n in [(1, "loop_broadcast_fusion"), (14, "while.5"), (15, "loop_compare_fusion"),
+                                (16, "pallas_call.74"), (17, "loop_add_fusion"), (23, "gemm_fusion_dot.1")])
+    runs = aot.launches(thunks, meta, {"while.5": 48})
+    assert [(w.name, w.trips, w.in_graph) for w in runs.work] == [
+        ("loop_broadcast_fusion", 1, True), ("loop_compare_fusion", 49, True), ("pallas_call.74", 48, True),
+        ("loop_add_fusion", 48, True), ("gemm_fusion_dot.1", 1, True)]
+    assert runs.graphs == 1 and runs.outside == 1 and runs.kernels == 147

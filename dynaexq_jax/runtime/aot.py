@@ -303,8 +303,9 @@ def launches(sequence: str, metadata: str, trips_of: dict[str, int]) -> Launches
     """The GPU work of a step from XLA's thunk sequence dump (indented tree: a while's
     `condition:` then `body:`, a command buffer's captured thunks beneath it) and its metadata
     (thunk id -> HLO instruction). A while with a known trip count runs its body that many times
-    and never its condition (`WhileThunk::ExecuteOnStream`); a command buffer is one launch per
-    execution, its thunks nodes of the graph."""
+    and never its condition (`WhileThunk::ExecuteOnStream`), unless it is inside a command buffer:
+    there the condition runs on the device before every iteration and once more to stop. A
+    command buffer is one launch per execution, its thunks nodes of the graph."""
     names = {int(i): n for n, i in re.findall(r'profile_annotation: "([^"]*)"\s*thunk_id: (\d+)', metadata)}
     work, graphs, unknown = [], 0, 0
     stack: list[dict] = []  # open thunks: indent, kind, trips of their children, in_graph of children
@@ -328,8 +329,8 @@ def launches(sequence: str, metadata: str, trips_of: dict[str, int]) -> Launches
             trips = parent["trips"]
             if parent["kind"] == "kWhile":
                 n = parent["n"]
-                if parent.get("part") == "condition":
-                    trips = 0 if n is not None else trips
+                if parent.get("part") == "condition":  # in a graph the predicate is computed on the device
+                    trips = trips * (n + 1) if parent["in_graph"] and n is not None else 0 if n is not None else trips
                 else:
                     trips *= n if n is not None else 1
         # A thunk nested in another without an instruction of its own (a fusion's copy) runs for it.
