@@ -1,4 +1,5 @@
-"""Pallas kernels (GPU via Triton, `interpret=True` elsewhere) for grouped expert matmuls.
+"""Pallas kernels (GPU via Triton, `interpret=True` elsewhere): grouped expert matmuls, decode
+attention, and the fused decode layer (`decode_layer`, `moe_decode`).
 
 Nothing here imports `dynaexq_jax`: kernels take plain arrays and a static layout
 description, so they can be tested and benchmarked on their own.
