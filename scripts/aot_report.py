@@ -17,7 +17,8 @@ Per step: the kernels (and copies) it executes, from the thunk sequence XLA emit
 (XLA's command buffers) and how many launches the host makes (kernels outside graphs, and each
 graph); bytes read and written per step, XLA's kernels from the HLO and the Pallas kernels from
 their tiling (see `dynaexq_jax.runtime.aot`); the minimum bytes; their ratio; XLA's temporaries
-against the plan's workspace; compile seconds; and a predicted step time, bytes / HBM bandwidth
+against the plan's workspace; compile seconds (wall, and the process's CPU time, which a busy
+machine does not inflate); and a predicted step time, bytes / HBM bandwidth
 + host launches x `aot.LAUNCH_S` + kernels in graphs x `aot.GRAPH_KERNEL_S`, with the tokens/s
 it implies. `--kernels` lists every kernel of each step: executions per step, in a graph or
 not, what it is, and its bytes per execution.
@@ -149,6 +150,7 @@ def measure(args, row) -> dict:
         "unknown_loops": r["unknown_loops"],
         "xla_bytes": r["xla_bytes"], "pallas_bytes": r["pallas_bytes"], "bytes": r["bytes"], "min_bytes": minimum,
         "temp_bytes": r["temp_bytes"], "workspace_bytes": plan.workspace, "compile_s": round(compiled.seconds, 2),
+        "compile_cpu_s": round(compiled.cpu_seconds, 2),
         "predicted_s": seconds, "predicted_tokens_per_s": tokens / seconds, "hlo": hlo, "launch_list": listing,
         "top": [(k.label, k.name, k.trips * aot.kernel_bytes(k, traffic))
                 for k in sorted(r["by_kernel"], key=lambda k: -k.trips * aot.kernel_bytes(k, traffic))[:args.top]],
@@ -169,7 +171,8 @@ def table(results: list[dict]) -> str:
             f"{r['launches']} ({r['launches'] / r['layers']:.1f}) | {r['in_graphs']} / {r['outside_graphs']} | "
             f"{gb(r['bytes'])} | {gb(r['min_bytes'])} | "
             f"{r['bytes'] / r['min_bytes']:.2f} | {gb(r['temp_bytes'])} / {gb(r['workspace_bytes'])} | "
-            f"{r['compile_s']:.1f} s | {r['predicted_s'] * 1e3:.2f} ms, {r['predicted_tokens_per_s']:.0f} tok/s |")
+            f"{r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} s CPU) | {r['predicted_s'] * 1e3:.2f} ms, "
+            f"{r['predicted_tokens_per_s']:.0f} tok/s |")
         for label, name, b in r["top"]:
             lines.append(f"|   | {name} | {label} | | | | | | {gb(b)} | | | | | |")
     return "\n".join(lines)

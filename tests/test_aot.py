@@ -69,7 +69,7 @@ def test_the_30b_decode_step_launches_at_most_eight_kernels_a_layer():
                   source=("--preset", "qwen3-30b-a3b"))
     assert s["launches"] <= 8 * s["layers"] and s["in_loops"] <= 7 * s["layers"], s
     assert s["bytes"] <= 1.1 * s["min_bytes"], s
-    assert s["compile_s"] < 60, s
+    assert s["compile_cpu_s"] <= 30, s  # CPU time: the shared machine's load does not inflate it
 
 
 @needs_aot

@@ -93,7 +93,8 @@ def target_device(gpu: str):
 @dataclasses.dataclass
 class Compiled:
     executable: object  # jax's Compiled
-    seconds: float  # lowering and compiling
+    seconds: float  # lowering and compiling, wall clock
+    cpu_seconds: float  # the same in this process's CPU time (what a shared machine's load does not inflate)
     thunks: str  # the thunk sequence XLA's GPU backend runs (after its passes: command buffers formed)
     thunk_metadata: str  # each thunk's id, kind and HLO instruction
 
@@ -112,15 +113,15 @@ def compile_for(fn, args, gpu: str, command_buffer: str | None = None) -> Compil
         options = {"xla_dump_to": dump}
         if command_buffer is not None:
             options["xla_gpu_enable_command_buffer"] = command_buffer
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with jax.default_device(dev):  # Pallas on Triton reads the compute capability off the default device
             compiled = fn.lower(*args).compile(compiler_options=options)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         files = {p.name.split(".")[-2]: p for p in Path(dump).glob("*.txt")}
         sequence = files.get("thunk_sequence_after_thunk_passes") or files.get("thunk_sequence")
         if sequence is None or "thunk_metadata" not in files:
             raise RuntimeError(f"XLA wrote no thunk sequence for {gpu} (files: {sorted(files)})")
-        return Compiled(compiled, seconds, sequence.read_text(), files["thunk_metadata"].read_text())
+        return Compiled(compiled, seconds, cpu_seconds, sequence.read_text(), files["thunk_metadata"].read_text())
 
 
 # --------------------------------------------------------------------------- HLO accounting
