@@ -233,20 +233,10 @@ def _tier_branch(active, step, num_steps, refs, xload, row, rs, re, n0, o_ref, t
         plgpu.store(o_ref.at[pl.ds(rs, tm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=rows < re)
 
 
-def tiled_matmul(x, tiers: Sequence[Tier], tiles: Tiles, *, rows_per_tier: int, n: int, tm: int,
-                 out_dtype, interpret: bool, block_n: int | None = None, num_warps: int = 4,
-                 num_stages: int = 3, name: str = "tiled_matmul"):
-    """Rows of `x` [P + tm, K] (sorted by group, `tm` spare rows at the end) times their tile's
-    weights -> [P + tm, N]. Rows no tile stores (INVALID keys, the spare rows) are undefined:
-    callers mask them. A tile's key is `tier * rows_per_tier + row` (INVALID: unused).
-    """
-    p_rows, k = x.shape
-    bn = block_n or default_block_n(n, p_rows - tm)
-    if n % bn:
-        raise ValueError(f"block_n={bn} must divide N={n}.")
-    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+def tier_steps(tiers: Sequence[Tier], k: int, n: int, bn: int, precision, xn=None):
+    """Per tier, its K step and the number of steps over K, how many arrays it passes the
+    kernel, and those arrays in order (an MXFP4 tier's followed by `xn`, x in nibble order)."""
     steps, arity, arrays = [], [], []
-    xn = nibble_order(x) if any(isinstance(lay, Mxfp4) for _, lay in tiers) else None
     for ws, lay in tiers:
         if isinstance(lay, Mxfp4):
             if ws[0].shape[1:] != (n, k // 2) or k % lay.block:
@@ -271,6 +261,23 @@ def tiled_matmul(x, tiers: Sequence[Tier], tiles: Tiles, *, rows_per_tier: int, 
             steps.append((step, k // bk))
         arity.append(len(ws))
         arrays.extend(ws)
+    return tuple(steps), tuple(arity), arrays
+
+
+def tiled_matmul(x, tiers: Sequence[Tier], tiles: Tiles, *, rows_per_tier: int, n: int, tm: int,
+                 out_dtype, interpret: bool, block_n: int | None = None, num_warps: int = 4,
+                 num_stages: int = 3, name: str = "tiled_matmul"):
+    """Rows of `x` [P + tm, K] (sorted by group, `tm` spare rows at the end) times their tile's
+    weights -> [P + tm, N]. Rows no tile stores (INVALID keys, the spare rows) are undefined:
+    callers mask them. A tile's key is `tier * rows_per_tier + row` (INVALID: unused).
+    """
+    p_rows, k = x.shape
+    bn = block_n or default_block_n(n, p_rows - tm)
+    if n % bn:
+        raise ValueError(f"block_n={bn} must divide N={n}.")
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    xn = nibble_order(x) if any(isinstance(lay, Mxfp4) for _, lay in tiers) else None
+    steps, arity, arrays = tier_steps(tiers, k, n, bn, precision, xn)
     if not interpret:
         reason = gpu_unsupported_reason(k, n, [lay for _, lay in tiers], block_m=tm, block_n=bn)
         if reason:
@@ -280,7 +287,7 @@ def tiled_matmul(x, tiers: Sequence[Tier], tiles: Tiles, *, rows_per_tier: int, 
     num_warps = max(num_warps, tm * bn // 2048)  # big accumulators need the registers of 8 warps
     starts = () if row_tiles else (tiles.start,)
     return pl.pallas_call(
-        functools.partial(_kernel, steps=tuple(steps), arity=tuple(arity), tm=tm, bn=bn, row_tiles=row_tiles,
+        functools.partial(_kernel, steps=steps, arity=arity, tm=tm, bn=bn, row_tiles=row_tiles,
                           rows_per_tier=rows_per_tier),
         out_shape=jax.ShapeDtypeStruct((p_rows, n), out_dtype),
         grid=(num_tiles, n // bn),

@@ -5,17 +5,23 @@ and say what each step launches and reads, against the bytes it must read.
     python scripts/aot_report.py --preset qwen3-30b-a3b --budget 20GB --batch 1 --gpu h100,h200
     python scripts/aot_report.py --preset qwen3-30b-a3b --budget 32GB --batch 32 --context 2048 --json
     python scripts/aot_report.py --model DIR --policy static --dump-hlo hlo/
+    python scripts/aot_report.py --preset qwen3-30b-a3b --budget 20GB --steps decode --kernels
 
 Needs the compile-only GPU stack (jax + jax-cuda13-plugin + jax-cuda13-pjrt, no GPU and no
 CUDA wheels): `pip install -e ".[aot]"` into an environment of its own (README, "Compiling for
 a GPU"). The script sets JAX_PLATFORMS=cpu itself. Nothing is allocated: a 30B model's steps
 compile from abstract shapes.
 
-Per step: kernels in the optimized HLO; launches per step (loop trip counts applied) and per
-layer; bytes read and written per step, XLA's kernels from the HLO and the Pallas kernels from
+Per step: the kernels (and copies) it executes, from the thunk sequence XLA emits for the GPU
+(loop trip counts applied), per step and per layer, and of those how many run inside CUDA graphs
+(XLA's command buffers) and how many launches the host makes (kernels outside graphs, and each
+graph); bytes read and written per step, XLA's kernels from the HLO and the Pallas kernels from
 their tiling (see `dynaexq_jax.runtime.aot`); the minimum bytes; their ratio; XLA's temporaries
-against the plan's workspace; compile seconds; and a predicted step time,
-bytes / HBM bandwidth + launches x `aot.LAUNCH_S`, with the tokens/s it implies.
+against the plan's workspace; compile seconds (wall, and the process's CPU time, which a busy
+machine does not inflate); and a predicted step time, bytes / HBM bandwidth
++ host launches x `aot.LAUNCH_S` + kernels in graphs x `aot.GRAPH_KERNEL_S`, with the tokens/s
+it implies. `--kernels` lists every kernel of each step: executions per step, in a graph or
+not, what it is, and its bytes per execution.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--dump-hlo", help="write each step's optimized HLO into this directory")
     p.add_argument("--top", type=int, default=0, help="also list the N kernels that move the most bytes")
+    p.add_argument("--kernels", action="store_true", help="list every kernel each step executes")
+    p.add_argument("--command-buffer", metavar="KINDS",
+                   help="XLA's xla_gpu_enable_command_buffer for the compile, e.g. FUSION,CUSTOM_CALL,WHILE "
+                        "('' for none; default: XLA's, which leaves while loops out)")
     return p.parse_args(argv)
 
 
@@ -113,7 +123,7 @@ def measure(args, row) -> dict:
                                    group=row["group"])
     fn, fargs = aot.step_args(cfg, experts, step=step, batch=batch, context=context, prompt=args.prompt,
                               dtype=row["dtype"])
-    compiled, compile_s = aot.compile_for(fn, fargs, row["gpu"])
+    compiled = aot.compile_for(fn, fargs, row["gpu"], args.command_buffer)
     traffic, minimum = aot.traffic_and_min(cfg, row["policy"], plan, step=step, batch=batch, context=context,
                                            prompt=args.prompt, itemsize=row["dtype"].itemsize,
                                            hi_dtype=args.hi_dtype, group=row["group"])
@@ -123,38 +133,63 @@ def measure(args, row) -> dict:
         Path(args.dump_hlo).mkdir(parents=True, exist_ok=True)
         hlo = str(Path(args.dump_hlo) / f"{row['policy']}-{step}-b{batch}-c{context}-{row['gpu']}.hlo")
         Path(hlo).write_text(compiled.as_text())
-    bandwidth = aot.GPUS[row["gpu"]][1]
-    seconds = r["bytes"] / bandwidth + r["launches"] * aot.LAUNCH_S
+        Path(hlo).with_suffix(".thunks").write_text(compiled.thunks)
+    seconds = aot.predicted_s(r["bytes"], r["runs"], aot.GPUS[row["gpu"]][1])
     tokens = batch * (1 if step == "decode" else args.prompt)
+    by_name = {k.name: k for k in r["by_kernel"]}
+    listing = []
+    for w in r["runs"].work:
+        k = by_name.get(w.name)
+        listing.append({"name": w.name, "kind": w.kind, "label": k.label if k else w.kind, "trips": w.trips,
+                        "in_graph": w.in_graph, "bytes": aot.kernel_bytes(k, traffic) if k else 0})
     return {
         "gpu": row["gpu"], "policy": row["policy"], "step": step, "batch": batch, "context": context,
         "layers": cfg.num_layers, "slots": plan.slots, "kernels": r["kernels"], "launches": r["launches"],
+        "in_graphs": r["in_graphs"], "graphs": r["graphs"], "outside_graphs": r["outside_graphs"],
+        "in_loops": r["in_loops"],
+        "unknown_loops": r["unknown_loops"],
         "xla_bytes": r["xla_bytes"], "pallas_bytes": r["pallas_bytes"], "bytes": r["bytes"], "min_bytes": minimum,
-        "temp_bytes": r["temp_bytes"], "workspace_bytes": plan.workspace, "compile_s": round(compile_s, 2),
-        "predicted_s": seconds, "predicted_tokens_per_s": tokens / seconds, "hlo": hlo,
-        "top": [(k.label, k.name, k.trips * (k.read + k.write if k.pallas is None else aot.pallas_bytes(k, traffic)))
-                for k in sorted(r["by_kernel"],
-                                key=lambda k: -k.trips * (k.read + k.write if k.pallas is None
-                                                          else aot.pallas_bytes(k, traffic)))[:args.top]],
+        "temp_bytes": r["temp_bytes"], "workspace_bytes": plan.workspace, "compile_s": round(compiled.seconds, 2),
+        "compile_cpu_s": round(compiled.cpu_seconds, 2),
+        "predicted_s": seconds, "predicted_tokens_per_s": tokens / seconds, "hlo": hlo, "launch_list": listing,
+        "top": [(k.label, k.name, k.trips * aot.kernel_bytes(k, traffic))
+                for k in sorted(r["by_kernel"], key=lambda k: -k.trips * aot.kernel_bytes(k, traffic))[:args.top]],
     }
 
 
 def table(results: list[dict]) -> str:
-    head = ("| gpu | policy | step | batch | context | slots | launches (/layer) | bytes | min | ratio | "
-            "temp / workspace | compile | predicted |")
+    head = ("| gpu | policy | step | batch | context | slots | launches (/layer) | in graphs / host launches | bytes "
+            "| min | ratio | temp / workspace | compile | predicted |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     from dynaexq_jax.budget import format_size as gb
     for r in results:
         if "refused" in r:
-            lines.append(f"| | {r['policy']} | | {r['batch']} | | | refused: {r['refused']} | | | | | | |")
+            lines.append(f"| | {r['policy']} | | {r['batch']} | | | refused: {r['refused']} | | | | | | | |")
             continue
         lines.append(
             f"| {r['gpu']} | {r['policy']} | {r['step']} | {r['batch']} | {r['context']} | {r['slots']} | "
-            f"{r['launches']} ({r['launches'] / r['layers']:.1f}) | {gb(r['bytes'])} | {gb(r['min_bytes'])} | "
+            f"{r['launches']} ({r['launches'] / r['layers']:.1f}) | {r['in_graphs']} / {r['outside_graphs']} | "
+            f"{gb(r['bytes'])} | {gb(r['min_bytes'])} | "
             f"{r['bytes'] / r['min_bytes']:.2f} | {gb(r['temp_bytes'])} / {gb(r['workspace_bytes'])} | "
-            f"{r['compile_s']:.1f} s | {r['predicted_s'] * 1e3:.2f} ms, {r['predicted_tokens_per_s']:.0f} tok/s |")
+            f"{r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} s CPU) | {r['predicted_s'] * 1e3:.2f} ms, "
+            f"{r['predicted_tokens_per_s']:.0f} tok/s |")
         for label, name, b in r["top"]:
-            lines.append(f"|   | {name} | {label} | | | | | {gb(b)} | | | | | |")
+            lines.append(f"|   | {name} | {label} | | | | | | {gb(b)} | | | | | |")
+    return "\n".join(lines)
+
+
+def kernel_list(r: dict) -> str:
+    """Every kernel a step executes, in the order the GPU runs them."""
+    from dynaexq_jax.budget import format_size as gb
+
+    lines = [f"{r['gpu']} {r['policy']} {r['step']} batch {r['batch']}: {r['launches']} kernels per step "
+             f"({r['launches'] / r['layers']:.1f} per layer; {r['in_loops']} in the layer loop), "
+             f"{r['in_graphs']} in CUDA graphs, "
+             f"{r['outside_graphs']} host launches ({r['graphs']} of them graphs)",
+             "| per step | graph | kernel | HLO | bytes each |", "|---|---|---|---|---|"]
+    for k in r["launch_list"]:
+        lines.append(f"| {k['trips']} | {'yes' if k['in_graph'] else 'no'} | {k['label']} | {k['name']} | "
+                     f"{gb(k['bytes'])} |")
     return "\n".join(lines)
 
 
@@ -169,9 +204,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"steps": [{k: v for k, v in r.items() if k != "top"} for r in results]}))
+        keep = lambda r: {k: v for k, v in r.items() if k != "top" and (args.kernels or k != "launch_list")}
+        print(json.dumps({"steps": [keep(r) for r in results]}))
     else:
         print(table(results))
+        for r in results:
+            if args.kernels and "refused" not in r:
+                print("\n" + kernel_list(r))
     return 0
 
 

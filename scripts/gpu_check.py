@@ -1,58 +1,121 @@
 #!/usr/bin/env python
-"""The first thing to run on a lent GPU: one command, one Markdown table and one JSON file.
+"""The first thing to run on a lent GPU: one command, the answer first, two output files.
 
-    python scripts/gpu_check.py --out gpu_check            # GPU: Qwen3-30B-A3B shapes, < 9 minutes
+    python scripts/gpu_check.py --out gpu_check            # GPU: Qwen3-30B-A3B shapes, <= 8 minutes
     python scripts/gpu_check.py --smoke --out /tmp/check   # CPU: a small preset, the same stages
 
-Stages, each in its own process with its own time limit (a stage that runs out is reported as
-such; the others still run), in order of what they teach:
+Stages, in order of what they answer; each case runs in a process of its own under its own time
+limit (one that runs out is reported with what it had measured by then; the rest still run),
+and OUT/gpu_check.json is rewritten after every case:
 
-1. device: what it is; host->device GB/s (pinned and pageable), device copy GB/s, and the cost
-   of one kernel launch in a chain of small dependent kernels (what the AOT model assumes,
-   `dynaexq_jax.runtime.aot.LAUNCH_S`);
-2. model: the dynaexq decode step compiled on this GPU at batch 1 and 32, its launches and
-   bytes counted from its own HLO (`runtime.aot`), the predicted step time against a measured
-   one, and the allocator's peak against the plan;
-3. kernels: `bench_kernels.py`, the Pallas tiled kernel against the XLA tile loop and
-   `ragged_dot` (the tiling sweep is `bench_kernels.py` without `--no-sweep`);
-4. runtime: `bench_runtime.py` at batch 1 and 32: allocator peak against `--budget`, steps with
-   promotions in flight against steps without, asynchronous against blocking migration;
-5. decode: `bench.py`, every policy at batch 1 and 32 side by side.
+1. device: what it is; host->device GB/s (pinned, pageable); the HBM bandwidth the device really
+   reaches (a 2 GiB read-and-write and a 2 GiB reduction read, best of five); the cost of one
+   kernel in a chain of dependent kernels, inside a CUDA graph (XLA's command buffers) and
+   launched one by one. The decode cases' predictions use these figures.
+2. decode: tok/s at prompt 128 + 64 new tokens (greedy, random weights of the preset's shapes,
+   skewed routing) for dynaexq (20 GB at batch 1, 40 GB at batch 32), static int4 and full bf16
+   (no budget) at both, offload (20 GB, batch 1) and transformers' own model at both; each with
+   its build and compile seconds, the peak device bytes, and the step time predicted from its
+   own compiled decode step (`runtime.aot`: bytes at the measured bandwidth, each launch at the
+   measured cost) beside the measured one.
+3. profile: static int4 at batch 1 under `jax.profiler`: per kernel its calls, device time and
+   achieved GB/s (its bytes from the AOT accounting), and the kernels' sum against the steps'
+   wall time; once as the profiler runs by default (XLA replays command buffers op by op while
+   it traces) and once with the graphs kept (`xla_enable_command_buffers_during_profiling`).
+4. kernels: `bench_kernels.py` (the Pallas tiled kernel against the XLA tile loop and `ragged_dot`).
+5. runtime: `bench_runtime.py` at batch 1: allocator peak against the budget, steps with
+   promotions in flight against steps without.
 
-Writes OUT/gpu_check.md and OUT/gpu_check.json; paste the table into docs/PERFORMANCE.md
-with the device named.
+Writes OUT/gpu_check.json (everything) and OUT/gpu_check.md (the tables to paste into
+docs/PERFORMANCE.md with the device named).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+STAGES = ("device", "decode", "profile", "kernels", "runtime")
 
-GPU = dict(preset="qwen3-30b-a3b", budget_b1="20GB", budget_b32="40GB", context=1024, prompt=128, gen=64,
-           kernel_args=["--no-sweep"], limits=dict(device=60, model=150, kernels=120, runtime=150, decode=200))
-SMOKE = dict(preset="qwen3-moe-smoke", budget_b1="48MB", budget_b32="160MB", context=256, prompt=32, gen=8,
-             kernel_args=["--smoke", "--bits", "4", "16", "--tokens", "1", "8", "--reps", "1", "--inner", "1"],
-             limits=dict(device=120, model=300, kernels=300, runtime=600, decode=900))
+# Decode cases, in the order they run: (name, policy, budget (None: no budget), batches). Static
+# has no budget: with one it widens to the widest bits that fit (int8 in 40 GB).
+CASES = (("dynaexq b1", "dynaexq", "b1", (1,)), ("dynaexq b32", "dynaexq", "b32", (32,)),
+         ("static int4", "static", None, (1, 32)), ("full bf16", "full", None, (1, 32)),
+         ("offload", "offload", "b1", (1,)), ("transformers", "transformers", None, (1, 32)))
+
+GPU = dict(preset="qwen3-30b-a3b", budgets=dict(b1="20GB", b32="40GB"), prompt=128, gen=64, probe_bytes=2 << 30,
+           chain=64, profile_steps=16, kernel_args=["--no-sweep"], runtime_gen=64,
+           limits={"device": 40, "dynaexq b1": 70, "dynaexq b32": 55, "static int4": 50, "full bf16": 45,
+                   "offload": 30, "transformers": 40, "profile": 60, "kernels": 40, "runtime": 50})
+SMOKE = dict(preset="qwen3-moe-smoke", budgets=dict(b1="48MB", b32="160MB"), prompt=16, gen=8, probe_bytes=32 << 20,
+             chain=8, profile_steps=2,
+             kernel_args=["--smoke", "--bits", "4", "--tokens", "1", "--reps", "1", "--inner", "1"], runtime_gen=16,
+             limits={"device": 120, "dynaexq b1": 150, "dynaexq b32": 200, "static int4": 200, "full bf16": 200,
+                     "offload": 150, "transformers": 150, "profile": 200, "kernels": 200, "runtime": 300})
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="gpu_check", help="directory for gpu_check.md and gpu_check.json")
+    p.add_argument("--out", default="gpu_check", help="directory for gpu_check.json and gpu_check.md")
     p.add_argument("--smoke", action="store_true", help="small preset and budgets: the CPU smoke test")
-    p.add_argument("--stages", default="device,model,kernels,runtime,decode")
+    p.add_argument("--stages", default=",".join(STAGES))
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- in-process stages
+def emit(**record):
+    """One result line of a case process (read by the parent even if the case runs out)."""
+    print(json.dumps(record, default=str), flush=True)
 
 
-def stage_device(cfg) -> dict:
+# ----------------------------------------------------------------------------- the device
+
+
+def _best(fn, n=5) -> float:
+    import jax
+
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _chain_s(n: int, command_buffers: bool) -> float:
+    """Seconds per kernel of `n` dependent one-block Pallas kernels (they never fuse), compiled
+    with XLA's command buffers (one CUDA graph) or without (each launched by the host)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    interpret = jax.devices()[0].platform != "gpu"
+
+    def bump(x_ref, o_ref):
+        o_ref[...] = x_ref[...] + 1.0
+
+    one = pl.pallas_call(bump, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32), interpret=interpret)
+
+    def chain(x):
+        for _ in range(n):
+            x = one(x)
+        return x
+
+    x = jnp.zeros((8, 128), jnp.float32)
+    options = {} if command_buffers else {"xla_gpu_enable_command_buffer": ""}
+    compiled = jax.jit(chain).lower(x).compile(options)
+    return _best(lambda: compiled(x)) / n
+
+
+def stage_device(cfg, costs):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -60,80 +123,235 @@ def stage_device(cfg) -> dict:
     from dynaexq_jax.experts.swap import host_memory_kind
 
     dev = jax.devices()[0]
-    nbytes = 256 * 2**20 if dev.platform == "gpu" else 32 * 2**20
-    host = np.ones(nbytes // 4, np.float32)
-
-    def rate(fn, n=5):
-        fn()
-        t = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
-        return nbytes / float(np.median(t))
-
-    out = {"platform": dev.platform, "device": str(getattr(dev, "device_kind", dev)), "jax": jax.__version__,
-           "h2d_pageable_gbs": rate(lambda: jax.block_until_ready(jax.device_put(host, dev))) / 1e9}
+    stats = dev.memory_stats() or {}
+    emit(platform=dev.platform, device=str(getattr(dev, "device_kind", dev)), memory_bytes=stats.get("bytes_limit"),
+         runtime=str(getattr(dev.client, "platform_version", "")), jax=jax.__version__)
+    host = np.ones(cfg["probe_bytes"] // 8, np.float32)  # a quarter of the probe: host copies are slow
+    h2d = {"h2d_pageable_gbs": host.nbytes / _best(lambda: jax.device_put(host, dev), 3) / 1e9}
     kind = host_memory_kind(dev)
     if kind:
         pinned = jax.device_put(host, jax.sharding.SingleDeviceSharding(dev, memory_kind=kind))
         to_dev = jax.sharding.SingleDeviceSharding(dev)
-        out["h2d_pinned_gbs"] = rate(lambda: jax.block_until_ready(jax.device_put(pinned, to_dev))) / 1e9
-    x = jax.device_put(host, dev)
-    copy = jax.jit(lambda a: a + 1)
-    out["device_copy_gbs"] = 2 * rate(lambda: jax.block_until_ready(copy(x))) / 1e9
-    # A chain of small dependent kernels: the per-kernel cost a decode step pays at batch 1.
-    n = 400
-    chain = jax.jit(lambda v: jax.lax.fori_loop(0, n, lambda i, v: jnp.sin(v) * 1.0001 + jnp.cumsum(v)[-1:], v))
-    v = jnp.ones((256,), jnp.float32)
-    jax.block_until_ready(chain(v))
+        h2d["h2d_pinned_gbs"] = host.nbytes / _best(lambda: jax.device_put(pinned, to_dev), 3) / 1e9
+    emit(**h2d)
+    n = cfg["probe_bytes"] // 2
+    x = jnp.ones((n // 4096, 4096), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * 2)  # reads and writes every byte once
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))  # reads every byte once
+    copy_gbs = 2 * x.nbytes / _best(lambda: copy(x)) / 1e9
+    read_gbs = x.nbytes / _best(lambda: total(x)) / 1e9
+    emit(copy_gbs=copy_gbs, read_gbs=read_gbs, bandwidth_gbs=max(copy_gbs, read_gbs))
+    emit(graph_kernel_s=_chain_s(cfg["chain"], True), launch_s=_chain_s(cfg["chain"], False))
+
+
+# ----------------------------------------------------------------------------- decode cases
+
+
+def _thunk_dump(dump: Path):
+    """(thunk sequence, metadata) XLA wrote for the last decode step it compiled, or None (CPU)."""
+    seq = sorted(dump.glob("*jit__decode*thunk_sequence_after_thunk_passes.txt")) or sorted(
+        dump.glob("*jit__decode*thunk_sequence.txt"))
+    meta = sorted(dump.glob("*jit__decode*thunk_metadata.txt"))
+    return (seq[-1].read_text(), meta[-1].read_text()) if seq and meta else None
+
+
+def _prediction(eng, plan, policy, batch, cfg, costs, dump: Path) -> dict:
+    """The engine's compiled decode step accounted (`runtime.aot`) and its step time predicted
+    with the device's measured costs."""
+    from dynaexq_jax import budget as budget_lib
+    from dynaexq_jax.runtime import aot
+
+    mcfg = eng.cfg
+    decode = [v for k, v in eng._compiled.items() if k[0] == "decode"][-1]
+    thunks = _thunk_dump(dump)
+    # (the engine timed its own compiles; only their thunks are read here)
+    compiled = aot.Compiled(decode, eng.compile_s, float("nan"), *thunks) if thunks else decode
+    context = cfg["prompt"] + cfg["gen"] // 2  # the slots an average measured step reads
+    traffic, minimum = aot.traffic_and_min(mcfg, policy, plan, step="decode", batch=batch, context=context,
+                                           prompt=cfg["prompt"], itemsize=2, hi_dtype="bfloat16",
+                                           group=budget_lib.expert_group_size(mcfg))
+    r = aot.report_step(compiled, traffic)
+    if None in costs.values():  # the device stage did not run: the model's own figures
+        costs = {"bandwidth_gbs": aot.GPUS["h200"][1] / 1e9, "launch_s": aot.LAUNCH_S,
+                 "graph_kernel_s": aot.GRAPH_KERNEL_S}
+    seconds = aot.predicted_s(r["bytes"], r["runs"], costs["bandwidth_gbs"] * 1e9, costs["launch_s"],
+                              costs["graph_kernel_s"])
+    return {"launches": r["launches"], "in_graphs": r["in_graphs"], "host_launches": r["outside_graphs"],
+            "bytes": r["bytes"], "min_bytes": minimum, "predicted_step_s": seconds}
+
+
+def case_engine(cfg, name, costs):
+    """One policy's engine: built (timed), then each batch warmed (compile) and measured."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dynaexq_jax import budget as budget_lib
+    from dynaexq_jax.io import preset
+    from dynaexq_jax.policies.dynaexq import DynaExqOptions
+    from dynaexq_jax.runtime.build import build_engine
+    from dynaexq_jax.runtime.engine import peak_device_bytes
+
+    _, policy, budget_key, batches = next(c for c in CASES if c[0] == name)
+    mcfg = preset.preset_config(cfg["preset"])
+    budget = budget_lib.parse_size(cfg["budgets"][budget_key]) if budget_key else None
     t0 = time.perf_counter()
-    jax.block_until_ready(chain(v))
-    out["launch_s_measured"] = (time.perf_counter() - t0) / (2 * n)  # two kernels per iteration
-    return out
+    ckpt = preset.random_checkpoint(mcfg, jnp.bfloat16, routing_skew=1.0)
+    eng, plan = build_engine(ckpt, policy, budget=budget, batch=max(batches), longest_prompt=cfg["prompt"],
+                             max_new_tokens=cfg["gen"], opts=DynaExqOptions(lo_bits=4))
+    emit(build_s=time.perf_counter() - t0, slots=plan.slots, accounted_bytes=plan.total)
+    dump = Path(os.environ["DYNAEXQ_GPU_CHECK_DUMP"])
+    for batch in batches:
+        for f in dump.iterdir():  # only this batch's step in the dump
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        prompts = np.random.default_rng(batch).integers(1, mcfg.vocab_size, (batch, cfg["prompt"])).tolist()
+        t0 = time.perf_counter()
+        eng.generate(prompts, cfg["gen"])  # compile, fill the slots
+        warm_s = time.perf_counter() - t0
+        g = eng.generate(prompts, cfg["gen"], eos_token_ids=())
+        row = {"batch": batch, "warmup_s": warm_s, "compile_s": eng.compile_s,
+               "decode_tokens_per_s": g.stats["decode_tokens_per_s"],
+               "step_s": batch / g.stats["decode_tokens_per_s"], "peak_device_bytes": peak_device_bytes()}
+        if policy != "offload":  # offload runs layer by layer from the host: no one compiled step
+            row.update(_prediction(eng, plan, policy, batch, cfg, costs, dump))
+        emit(**row)
 
 
-def stage_model(cfg) -> dict:
-    """The dynaexq decode step compiled on this device, predicted against measured."""
+def case_transformers(cfg, costs):
+    """transformers' Qwen3-MoE on the same device and shapes: bf16, every expert resident."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from dynaexq_jax.io.preset import PRESETS
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fields = dict(PRESETS[cfg["preset"]])
+    config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    emit(build_s=time.perf_counter() - t0, transformers=transformers.__version__, torch=torch.__version__)
+    class Clock(transformers.generation.streamers.BaseStreamer):
+        """The time each token reaches the host (generate hands it over once it is computed)."""
+
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    for batch in (1, 32):
+        ids = torch.as_tensor(np.random.default_rng(batch).integers(1, config.vocab_size, (batch, cfg["prompt"])),
+                              device=dev)
+
+        def gen(n):
+            clock = Clock()
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, streamer=clock)
+            return clock.times  # the prompt, then each new token
+
+        t0 = time.perf_counter()
+        gen(2)
+        warm_s = time.perf_counter() - t0
+        times = gen(cfg["gen"])
+        tok_s = batch * (len(times) - 2) / (times[-1] - times[1])  # the tokens after the first
+        emit(batch=batch, warmup_s=warm_s, decode_tokens_per_s=tok_s, step_s=batch / tok_s,
+             peak_device_bytes=torch.cuda.max_memory_allocated() if dev == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def _profiled_ops(logdir: str) -> dict[str, list[float]]:
+    """{op: [seconds of each execution]} from a `jax.profiler` trace: the device's XLA ops (or its
+    kernels), or on a CPU the XLA ops its client threads ran."""
+    import jax
+
+    pb = sorted(Path(logdir).rglob("*.xplane.pb"))
+    if not pb:
+        return {}
+    data = jax.profiler.ProfileData.from_file(str(pb[-1]))
+    planes = list(data.planes)
+    devices = [p for p in planes if p.name.startswith("/device:")]
+    ops: dict[str, list[float]] = {}
+    for plane in devices or [p for p in planes if p.name == "/host:CPU"]:
+        lines = list(plane.lines)
+        xla_ops = [ln for ln in lines if ln.name == "XLA Ops"]
+        for line in xla_ops or [ln for ln in lines if "XLA" in ln.name or ln.name.startswith("Stream")]:
+            for e in line.events:
+                if e.name.startswith(("end:", "ThreadpoolListener", "ThunkExecutor", "$")) or e.duration_ns <= 0:
+                    continue
+                ops.setdefault(e.name, []).append(e.duration_ns * 1e-9)
+    return ops
+
+
+def stage_profile(cfg, costs):
+    """Static int4 at batch 1: the decode step run bare (back to back on its own outputs) under
+    the profiler, with XLA's default (op by op while tracing) and with its graphs kept."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from dynaexq_jax import budget as budget_lib
     from dynaexq_jax.io import preset
+    from dynaexq_jax.policies.dynaexq import DynaExqOptions
     from dynaexq_jax.runtime import aot
-    from dynaexq_jax.runtime.build import build_engine, plan_for
-    from dynaexq_jax.runtime.engine import peak_device_bytes
+    from dynaexq_jax.runtime.build import build_engine
+    from dynaexq_jax.runtime.engine import DecodeState, cache_bucket, compiler_options, prompt_bucket, stop_array
 
     mcfg = preset.preset_config(cfg["preset"])
+    budget = budget_lib.parse_size(cfg["budgets"]["b1"])
+    t0 = time.perf_counter()
     ckpt = preset.random_checkpoint(mcfg, jnp.bfloat16, routing_skew=1.0)
-    rows = []
-    for batch, budget in ((1, cfg["budget_b1"]), (32, cfg["budget_b32"])):
-        budget = budget_lib.parse_size(budget)
-        shape = dict(batch=batch, longest_prompt=cfg["prompt"], max_new_tokens=cfg["context"] - cfg["prompt"])
-        plan = plan_for(mcfg, "dynaexq", budget=budget, dtype_itemsize=2, **shape)
-        eng, plan = build_engine(ckpt, "dynaexq", budget=budget, **shape)
-        prompts = np.random.default_rng(batch).integers(1, mcfg.vocab_size, (batch, cfg["prompt"])).tolist()
-        eng.generate(prompts, cfg["gen"])  # compile, fill the slots
-        g = eng.generate(prompts, cfg["gen"], eos_token_ids=())
-        decode = next(v for k, v in eng._compiled.items() if k[0] == "decode")
-        traffic, minimum = aot.traffic_and_min(mcfg, "dynaexq", plan, step="decode", batch=batch,
-                                               context=cfg["context"], prompt=cfg["prompt"], itemsize=2,
-                                               hi_dtype="bfloat16", group=budget_lib.expert_group_size(mcfg))
-        r = aot.report_step(decode, traffic)
-        bw = aot.GPUS.get("h200" if "H200" in str(jax.devices()[0].device_kind) else "h100")[1]
-        measured = 1 / (g.stats["decode_tokens_per_s"] / batch)
-        rows.append({"batch": batch, "budget_bytes": budget, "slots": plan.slots, "launches": r["launches"],
-                     "bytes": r["bytes"], "min_bytes": minimum,
-                     "predicted_step_s": r["bytes"] / bw + r["launches"] * aot.LAUNCH_S,
-                     "measured_step_s": measured, "accounted_bytes": plan.total,
-                     "peak_device_bytes": peak_device_bytes(),
-                     "hi_hit_rate": g.stats["hi_hit_rate"]})
-        del eng
-    return {"rows": rows}
+    eng, plan = build_engine(ckpt, "static", budget=budget, batch=1, longest_prompt=cfg["prompt"],
+                             max_new_tokens=cfg["gen"], opts=DynaExqOptions(lo_bits=4))
+    prompts = [np.random.default_rng(1).integers(1, mcfg.vocab_size, cfg["prompt"]).tolist()]
+    eng.generate(prompts, cfg["gen"])
+    emit(build_s=time.perf_counter() - t0)
+    decode = [v for k, v in eng._compiled.items() if k[0] == "decode"][-1]
+    traffic, _ = aot.traffic_and_min(mcfg, "static", plan, step="decode", batch=1,
+                                     context=cfg["prompt"] + cfg["gen"], prompt=cfg["prompt"], itemsize=2,
+                                     hi_dtype="bfloat16", group=budget_lib.expert_group_size(mcfg))
+    bytes_of = {k.name: aot.kernel_bytes(k, traffic) for k in aot.kernels(decode.as_text())}
+    # The step's own arguments as `generate` made them: one row, the cache length of its bucket, greedy.
+    length = cache_bucket(prompt_bucket(cfg["prompt"]) + cfg["gen"])
+    knobs = tuple(jax.device_put(v) for v in (np.float32(0), np.int32(0), np.float32(1))) + (stop_array(set()),)
+    args = dict(cache=eng._empty_cache(1, length), stats=eng._stats0(),
+                state=DecodeState(jnp.zeros(1, jnp.int32), jnp.full(1, cfg["prompt"], jnp.int32), jnp.ones(1, bool),
+                                  jnp.zeros((), jnp.int32)))
+    graphs = eng._decode.lower(eng.params, eng.policy.experts, args["cache"], args["stats"], args["state"],
+                               jax.random.key(0), knobs, greedy=True, big_little=None).compile(
+        {**compiler_options(), "xla_enable_command_buffers_during_profiling": True})
+    for mode, step in (("op by op (the profiler's default)", decode), ("command buffers kept", graphs)):
+        cache, stats, state = eng._empty_cache(1, length), eng._stats0(), args["state"]
+        cache, stats, state = step(eng.params, eng.policy.experts, cache, stats, state, jax.random.key(0), knobs)
+        jax.block_until_ready(state)
+        with tempfile.TemporaryDirectory() as logdir:
+            with jax.profiler.trace(logdir):
+                t0 = time.perf_counter()
+                for _ in range(cfg["profile_steps"]):
+                    cache, stats, state = step(eng.params, eng.policy.experts, cache, stats, state,
+                                               jax.random.key(0), knobs)
+                jax.block_until_ready(state)
+                wall = (time.perf_counter() - t0) / cfg["profile_steps"]
+            ops = _profiled_ops(logdir)
+        per_step = {name: sum(t) / cfg["profile_steps"] for name, t in ops.items()}
+        top = sorted(per_step.items(), key=lambda kv: -kv[1])[:12]
+        emit(mode=mode, step_wall_s=wall, kernel_sum_s=sum(per_step.values()), ops=len(ops),
+             top=[{"op": name, "calls_per_step": len(ops[name]) / cfg["profile_steps"], "s_per_step": s,
+                   "gbs": (bytes_of[name] * len(ops[name]) / cfg["profile_steps"] / s / 1e9)
+                   if bytes_of.get(name) and s > 0 else None} for name, s in top])
 
 
-def stage_kernels(cfg) -> dict:
+# ----------------------------------------------------------------------------- existing benches
+
+
+def stage_kernels(cfg, costs):
     sys.path.insert(0, str(HERE))
     import bench_kernels
     import jax
@@ -144,116 +362,162 @@ def stage_kernels(cfg) -> dict:
         if getattr(args, knob) is None:
             setattr(args, knob, shapes[knob])
     rows, bw = bench_kernels.run(shapes, args, jax.devices()[0].platform == "gpu")
-    return {"copy_gbs": bw / 1e9, "rows": rows}
+    emit(copy_gbs=bw / 1e9, rows=rows)
 
 
-IN_PROCESS = {"device": stage_device, "model": stage_model, "kernels": stage_kernels}
+def stage_runtime(cfg, costs):
+    sys.path.insert(0, str(HERE))
+    import bench_runtime
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "runtime.json"
+        bench_runtime.main(["--preset", cfg["preset"], "--budget", cfg["budgets"]["b1"], "--batch-size", "1",
+                            "--prompt-len", str(cfg["prompt"]), "--gen-len", str(cfg["runtime_gen"]),
+                            "--json", str(out)])
+        emit(**json.loads(out.read_text()))
 
 
-# ----------------------------------------------------------------------------- subprocess stages
+IN_PROCESS = {"device": stage_device, "profile": stage_profile, "kernels": stage_kernels, "runtime": stage_runtime}
 
 
-def stage_script(name, cfg, out: Path) -> list[list[str]]:
-    """The command lines of a stage that runs existing benchmarks."""
-    py = sys.executable
-    if name == "runtime":
-        return [[py, str(HERE / "bench_runtime.py"), "--preset", cfg["preset"], "--budget", budget, "--batch-size",
-                 str(b), "--prompt-len", str(cfg["prompt"]), "--gen-len", str(cfg["gen"] * 2),
-                 "--json", str(out / f"runtime_b{b}.json")]
-                for b, budget in ((1, cfg["budget_b1"]), (32, cfg["budget_b32"]))]
-    if name == "decode":
-        return [[py, str(HERE / "bench.py"), "--preset", cfg["preset"], "--budget", cfg["budget_b32"],
-                 "--batch-sizes", "1,32", "--prompt-len", str(cfg["prompt"]), "--gen-len", str(cfg["gen"]),
-                 "--repeats", "1", "--routing-skew", "1", "--policies", "static,offload,prefetch,dynaexq,full",
-                 "--json", str(out / "decode.json")]]
-    raise ValueError(name)
+# ----------------------------------------------------------------------------- the runner
 
 
-def run_stage(name, cfg, out: Path) -> dict:
-    limit = cfg["limits"][name]
+def run_part(part: str, cfg, costs: dict, dump: Path) -> dict:
+    """One stage or decode case in a process of its own, under its time limit: its result lines,
+    as far as it got."""
+    limit = cfg["limits"][part]
+    cmd = [sys.executable, __file__, "--_part", part, "--_costs", json.dumps(costs)]
+    cmd += ["--smoke"] if cfg is SMOKE else []
+    env = {**os.environ, "DYNAEXQ_GPU_CHECK_DUMP": str(dump),
+           # the decode step's thunks, for its launches and graphs (read back by the case itself)
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
+                         + f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*_decode.*")}
     t0 = time.perf_counter()
-    if name in IN_PROCESS:
-        cmd = [sys.executable, __file__, "--_stage", name, "--out", str(out)] + (["--smoke"] if cfg is SMOKE else [])
-        cmds = [cmd]
-    else:
-        cmds = stage_script(name, cfg, out)
-    logs = []
-    for cmd in cmds:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
+        out, err, status = p.stdout, p.stderr, "ok" if p.returncode == 0 else f"failed (exit {p.returncode})"
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        status = f"ran out of its {limit} s"
+    records = []
+    for line in out.splitlines():
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1, limit - (time.perf_counter() - t0)))
-        except subprocess.TimeoutExpired:
-            return {"status": f"ran out of its {limit} s", "seconds": time.perf_counter() - t0}
-        logs.append(p.stdout[-4000:] + p.stderr[-2000:])
-        if p.returncode != 0:
-            return {"status": f"failed (exit {p.returncode})", "log": logs[-1], "seconds": time.perf_counter() - t0}
-    result = {"status": "ok", "seconds": time.perf_counter() - t0, "log": "\n".join(logs)[-6000:]}
-    for f in sorted(out.glob(f"{name}*.json")):
-        result[f.stem] = json.loads(f.read_text())
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    result = {"status": status, "seconds": time.perf_counter() - t0, "records": records}
+    if status != "ok":
+        result["log"] = err[-3000:]
     return result
 
 
+def merged(records: list[dict]) -> dict:
+    out = {}
+    for r in records:
+        out.update(r)
+    return out
+
+
 def markdown(doc: dict) -> str:
-    lines = [f"## gpu_check ({doc['date']}, {doc.get('device', {}).get('device', {}).get('device', '?')})", ""]
-    lines += ["| stage | status | seconds | figures |", "|---|---|---|---|"]
+    dev = merged(doc["stages"].get("device", {}).get("records", []))
+    lines = [f"## gpu_check ({doc['date']}, {dev.get('device', '?')}, jax {dev.get('jax', '?')})", ""]
+    if dev:
+        lines += [f"Device: {dev.get('device')} ({(dev.get('memory_bytes') or 0) / 2**30:.0f} GiB, "
+                  f"{dev.get('runtime')}); "
+                  f"h2d pinned {dev.get('h2d_pinned_gbs', float('nan')):.1f} GB/s, pageable "
+                  f"{dev.get('h2d_pageable_gbs', float('nan')):.1f} GB/s; HBM copy {dev.get('copy_gbs', 0):.0f} GB/s, "
+                  f"read {dev.get('read_gbs', 0):.0f} GB/s; a kernel in a chain: "
+                  f"{dev.get('graph_kernel_s', 0) * 1e6:.2f} us in a CUDA graph, {dev.get('launch_s', 0) * 1e6:.2f} us "
+                  "launched alone.", ""]
+    decode = doc["stages"].get("decode", {})
+    if decode:
+        lines += ["| case | batch | status | build s | warm-up s | decode tok/s | step ms | predicted ms | kernels "
+                  "(in graphs / host launches) | bytes / min | peak GB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in decode.items():
+            head = merged([x for x in r["records"] if "batch" not in x])
+            rows = [x for x in r["records"] if "batch" in x] or [{}]
+            for x in rows:
+                pred = x.get("predicted_step_s")
+                lines.append(
+                    f"| {name} | {x.get('batch', '')} | {r['status']} | {head.get('build_s', float('nan')):.0f} | "
+                    f"{x.get('warmup_s', float('nan')):.0f} | {x.get('decode_tokens_per_s', float('nan')):.1f} | "
+                    f"{x.get('step_s', float('nan')) * 1e3:.2f} | {'-' if pred is None else f'{pred * 1e3:.2f}'} | "
+                    + (f"{x['launches']} ({x['in_graphs']} / {x['host_launches']}) | "
+                       f"{x['bytes'] / 1e9:.2f} / {x['min_bytes'] / 1e9:.2f} GB | " if "launches" in x else "- | - | ")
+                    + f"{(x.get('peak_device_bytes') or 0) / 1e9:.1f} |")
+        lines.append("")
+    for x in doc["stages"].get("profile", {}).get("records", []):
+        if "mode" not in x:
+            continue
+        lines += [f"Profile ({x['mode']}): kernels {x['kernel_sum_s'] * 1e3:.2f} ms of a "
+                  f"{x['step_wall_s'] * 1e3:.2f} ms step ({x['ops']} ops)", "",
+                  "| op | calls/step | ms/step | GB/s |", "|---|---|---|---|"]
+        for t in x["top"]:
+            gbs = "-" if t["gbs"] is None else f"{t['gbs']:.0f}"
+            lines.append(f"| {t['op']} | {t['calls_per_step']:.0f} | {t['s_per_step'] * 1e3:.3f} | {gbs} |")
+        lines.append("")
+    lines += ["| stage | status | seconds |", "|---|---|---|"]
     for name, r in doc["stages"].items():
-        lines.append(f"| {name} | {r['status']} | {r['seconds']:.0f} | {summary(name, r)} |")
+        if name == "decode":
+            for case, c in r.items():
+                lines.append(f"| decode: {case} | {c['status']} | {c['seconds']:.0f} |")
+        else:
+            lines.append(f"| {name} | {r['status']} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def summary(name: str, r: dict) -> str:
-    """One cell of figures per stage; the JSON has everything."""
-    if r["status"] != "ok":
-        return ""
-    if name == "device":
-        d = r["device"]
-        return (f"{d['device']}; h2d pinned {d.get('h2d_pinned_gbs', float('nan')):.1f} GB/s, pageable "
-                f"{d['h2d_pageable_gbs']:.1f} GB/s; copy {d['device_copy_gbs']:.0f} GB/s; "
-                f"launch {d['launch_s_measured'] * 1e6:.2f} us")
-    if name == "model":
-        return "; ".join(f"b{m['batch']}: {m['launches']} launches, "
-                         f"{m['bytes'] / 1e9:.2f}/{m['min_bytes'] / 1e9:.2f} GB, "
-                         f"predicted {m['predicted_step_s'] * 1e3:.2f} ms vs measured "
-                         f"{m['measured_step_s'] * 1e3:.2f} ms, "
-                         f"peak {m['peak_device_bytes']} of {m['accounted_bytes']} accounted"
-                         for m in r["model"]["rows"])
-    if name == "runtime":
-        return "; ".join(f"{k}: async {v['async']['decode_tokens_per_s']:.0f} vs blocking "
-                         f"{v['blocking']['decode_tokens_per_s']:.0f} tok/s, in-flight step ratio "
-                         f"{v['async']['ratio'] if v['async']['ratio'] is not None else float('nan'):.2f}"
-                         for k, v in r.items() if k.startswith("runtime_"))
-    if name == "decode":
-        return "; ".join(f"{x['policy']} b{x['batch_size']}: {x['decode_tokens_per_s']:.0f} tok/s"
-                         for x in r.get("decode", {}).get("results", []) if x.get("decode_tokens_per_s"))
-    if name == "kernels":
-        return f"{len(r['kernels']['rows'])} kernel rows, copy {r['kernels']['copy_gbs']:.0f} GB/s"
-    return ""
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--_stage" in argv:  # a stage in a process of its own
-        i = argv.index("--_stage")
-        name = argv.pop(i + 1)
-        argv.pop(i)
-        args = parse_args(argv)
-        cfg = SMOKE if args.smoke else GPU
-        result = IN_PROCESS[name](cfg)
-        (Path(args.out) / f"{name}.json").write_text(json.dumps(result, default=str))
+    if "--_part" in argv:  # a stage or case in a process of its own
+        i = argv.index("--_part")
+        part, costs = argv[i + 1], json.loads(argv[i + 3])
+        cfg = SMOKE if "--smoke" in argv else GPU
+        if part in IN_PROCESS:
+            IN_PROCESS[part](cfg, costs)
+        elif part == "transformers":
+            case_transformers(cfg, costs)
+        else:
+            case_engine(cfg, part, costs)
         return 0
     args = parse_args(argv)
     cfg = SMOKE if args.smoke else GPU
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    doc = {"date": time.strftime("%Y-%m-%d"), "config": {k: v for k, v in cfg.items() if k != "limits"}, "stages": {}}
-    for name in stages:
-        doc["stages"][name] = run_stage(name, cfg, out)
-        print(f"{name}: {doc['stages'][name]['status']} ({doc['stages'][name]['seconds']:.0f} s)", file=sys.stderr)
-    doc["device"] = doc["stages"].get("device", {})
-    (out / "gpu_check.json").write_text(json.dumps(doc, indent=1, default=str))
-    (out / "gpu_check.md").write_text(markdown(doc))
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        print(f"error: unknown stage {', '.join(bad)}; choose from {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    doc = {"date": time.strftime("%Y-%m-%d"), "config": {k: v for k, v in cfg.items() if k != "limits"},
+           "stages": {}}
+
+    def save():
+        (out / "gpu_check.json").write_text(json.dumps(doc, indent=1, default=str))
+        (out / "gpu_check.md").write_text(markdown(doc))
+
+    costs = {"bandwidth_gbs": None, "launch_s": None, "graph_kernel_s": None}
+    with tempfile.TemporaryDirectory() as dump:
+        for name in stages:
+            if name == "decode":
+                doc["stages"]["decode"] = {}
+                for case, *_ in CASES:
+                    doc["stages"]["decode"][case] = run_part(case, cfg, costs, Path(dump))
+                    print(f"decode {case}: {doc['stages']['decode'][case]['status']}", file=sys.stderr)
+                    save()
+                continue
+            doc["stages"][name] = run_part(name, cfg, costs, Path(dump))
+            print(f"{name}: {doc['stages'][name]['status']}", file=sys.stderr)
+            if name == "device":  # the measured costs every prediction after this uses
+                measured = merged(doc["stages"]["device"]["records"])
+                costs = {k: measured.get(k) for k in costs}
+            save()
     print(markdown(doc))
-    return 0 if all(r["status"] == "ok" for r in doc["stages"].values()) else 1
+    ok = [r["status"] == "ok" for name, r in doc["stages"].items() if name != "decode"]
+    ok += [c["status"] == "ok" for c in doc["stages"].get("decode", {}).values()]
+    return 0 if all(ok) else 1
 
 
 if __name__ == "__main__":

@@ -324,10 +324,10 @@ def test_decode_attention_kernel_agrees_with_the_xla_path_under_sinks_and_a_wind
     kv = jnp.asarray(rng.standard_normal((L, 2, B, KVH, S, D)), jnp.float32)
     qg = jnp.asarray(rng.standard_normal((B, 1, KVH, G, D)), jnp.float32)
     sinks = jnp.asarray(rng.standard_normal((KVH, G)), jnp.float32)
-    w = jnp.int32(window)
-    ours = _pallas_decode_attention(qg, kv, jnp.int32(1), start, index, dtype=jnp.float32, sinks=sinks, window=w,
-                                    interpret=True)
-    xla = _attention(qg, kv[1, 0], kv[1, 1], start, index, dtype=jnp.float32, sinks=sinks, window=w)
+    windows = jnp.asarray([7, window], jnp.int32)  # [L]: the kernel reads its layer's
+    ours = _pallas_decode_attention(qg, kv, jnp.int32(1), start, index, dtype=jnp.float32, sinks=sinks,
+                                    windows=windows, interpret=True)
+    xla = _attention(qg, kv[1, 0], kv[1, 1], start, index, dtype=jnp.float32, sinks=sinks, window=windows[1])
     np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5, rtol=0)
 
 
@@ -462,3 +462,210 @@ def test_decode_attention_reference_matches_float64_with_left_padding_and_an_emp
                                                     sinks=None if sink is None else jnp.asarray(sink))
     assert ref.shape == q.shape and not np.any(np.asarray(ref)[2])
     _assert_close(ref, _attention64(q, kv, 1, start, index, D**-0.5, sink), 1e-6)
+
+
+# ------------------------------------------------------------- the fused decode layer's kernels
+# One new token per row (`models.fused_decode`): B rows in tiles of 16, rows past B masked.
+
+
+def _rms64(x, eps=1e-6):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _pending64(x1, y, pos):
+    """float64 residual stream: x1 plus each row's pending expert rows (pos -1: none)."""
+    x = np.asarray(x1, np.float64).copy()
+    for b in range(x.shape[0]):
+        for p in np.asarray(pos)[b]:
+            if p >= 0:
+                x[b] += np.asarray(y, np.float64)[p]
+    return x
+
+
+@pytest.mark.parametrize("index", [7, (3, 9, 0)])  # rows aligned, or each row its own slot
+def test_attn_in_matches_float64_and_writes_only_the_new_slot_of_its_layer(index):
+    B, H, Hq, KVH, D, L, S, P = 3, 64, 4, 2, 32, 2, 16, 6
+    rng = np.random.default_rng(len(str(index)))
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    x1, y, nw, bias, qk, cos, sin = f(B, H), f(P, H), f(L, H), f(L, (Hq + 2 * KVH) * D), f(L, 2 * D), f(B, D), f(B, D)
+    w = f(L, H, (Hq + 2 * KVH) * D) * 0.2
+    kv = f(L, 2, B, KVH, S, D)
+    pos = np.full((16, 2), -1, np.int32)
+    pos[:B] = [[0, 3], [-1, 5], [2, -1]]
+    args = [jnp.asarray(a) for a in (x1, y, pos, nw, w, cos, sin, kv)] + [jnp.int32(1), jnp.asarray(index, jnp.int32)]
+    x, q, kv_new = pallas_kernels.attn_in(*args, heads=Hq, kv_heads=KVH, eps=1e-6, interpret=True,
+                                          bias=jnp.asarray(bias), qk_norm=jnp.asarray(qk))
+    # float64: the residual stream, its RMSNorm, q/k/v, per-head q/k RMSNorm, rotate-half RoPE.
+    xs = _pending64(x1, y, pos)
+    proj = (_rms64(xs) * nw[1]) @ w[1].astype(np.float64) + bias[1]
+    heads = proj.reshape(B, Hq + 2 * KVH, D)
+    qk_heads = _rms64(heads[:, : Hq + KVH]) * np.where(np.arange(Hq + KVH)[:, None] < Hq, qk[1, :D], qk[1, D:])
+    half = D // 2
+    rot = np.concatenate([-qk_heads[..., half:], qk_heads[..., :half]], -1)
+    qk_heads = qk_heads * cos[:, None] + rot * sin[:, None]
+    _assert_close(x, xs, 1e-5)
+    _assert_close(q, qk_heads[:, :Hq], 1e-4)
+    slots = np.broadcast_to(index, (B,))
+    expect = kv.astype(np.float64).copy()
+    for b in range(B):
+        expect[1, 0, b, :, slots[b]] = qk_heads[b, Hq:]
+        expect[1, 1, b, :, slots[b]] = heads[b, Hq + KVH:]
+    _assert_close(kv_new, expect, 1e-4)
+    written = np.zeros(kv.shape, bool)
+    written[1, :, np.arange(B), :, slots] = True
+    np.testing.assert_array_equal(np.asarray(kv_new)[~written], kv[~written])  # nothing else moved
+    ref = pallas_kernels.attn_in_reference(*args, heads=Hq, kv_heads=KVH, eps=1e-6, bias=jnp.asarray(bias),
+                                           qk_norm=jnp.asarray(qk))
+    for ours, theirs in zip((x, q, kv_new), ref):
+        _assert_close(ours, np.asarray(theirs, np.float64), 1e-5)
+
+
+def test_attn_out_merges_the_splits_with_sinks_projects_and_adds_the_residual():
+    B, H, Hq, KVH, D, L, S = 2, 64, 4, 2, 16, 2, 64
+    rng = np.random.default_rng(5)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    q, kv, x, w, bias, sinks = f(B, Hq, D), f(L, 2, B, KVH, S, D), f(B, H), f(L, Hq * D, H) * 0.2, f(L, H), f(L, Hq)
+    start, index = np.array([0, 20], np.int32), 50
+    # block_k 16 over 64 slots: four splits, the first of row 1 holding no real slot
+    o, m, l = pallas_kernels.decode_attention_partials(jnp.asarray(q), jnp.asarray(kv), jnp.int32(0),
+                                                       jnp.asarray(start), jnp.int32(index), kv_heads=KVH,
+                                                       scale=D**-0.5, interpret=True, block_k=16)
+    assert o.shape[0] == 4
+    out = pallas_kernels.attn_out(o, m, l, jnp.asarray(x), jnp.asarray(w), jnp.int32(1), heads=Hq, interpret=True,
+                                  bias=jnp.asarray(bias), sinks=jnp.asarray(sinks))
+    att = _attention64(q.reshape(B, KVH, Hq // KVH, D), kv, 0, start, index, D**-0.5, sinks[1].reshape(KVH, -1))
+    _assert_close(out, x + att.reshape(B, Hq * D) @ w[1].astype(np.float64) + bias[1], 1e-5)
+    ref = pallas_kernels.attn_out_reference(o, m, l, jnp.asarray(x), jnp.asarray(w), jnp.int32(1), heads=Hq,
+                                            bias=jnp.asarray(bias), sinks=jnp.asarray(sinks))
+    _assert_close(out, np.asarray(ref, np.float64), 1e-5)
+
+
+def test_decode_attention_reference_and_kernel_read_each_layers_window_from_the_table():
+    B, KVH, G, D, S, L = 2, 2, 2, 16, 64, 2
+    rng = np.random.default_rng(9)
+    q, kv = rng.standard_normal((B, KVH, G, D)).astype(np.float32), rng.standard_normal((L, 2, B, KVH, S, D))
+    kv = kv.astype(np.float32)
+    start, index, windows = np.array([0, 30], np.int32), 50, jnp.asarray([0, 12], jnp.int32)
+    args = (jnp.asarray(q), jnp.asarray(kv), jnp.int32(1), jnp.asarray(start), jnp.int32(index))
+    ref64 = _attention64(q, kv, 1, np.maximum(start, index - 12 + 1), index, D**-0.5)
+    kernel = pallas_kernels.decode_attention(*args, scale=D**-0.5, interpret=True, windows=windows, block_k=16)
+    _assert_close(kernel, ref64, 1e-5)
+    _assert_close(pallas_kernels.decode_attention_reference(*args, scale=D**-0.5, windows=windows), ref64, 1e-5)
+
+
+def _route_problem(rng, B=3, H=64, E=8, Lm=2):
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    tier_of = np.zeros((Lm, E), np.int32)
+    row_of = np.arange(Lm * E, dtype=np.int32).reshape(Lm, E)
+    tier_of[1, [2, 5]], row_of[1, [2, 5]] = 1, [3, 0]  # two experts served by slots
+    row_of[1, 6] = -1  # an expert with no stored row: its pairs are not computed
+    return f(B, H), f(2, H), f(2, H, E), tier_of, row_of
+
+
+@pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax"])
+def test_route_matches_float64_top_k_and_sorts_the_pairs_by_the_expert_row_serving_them(mode):
+    B, K, E, Lm, R = 3, 3, 8, 2, 16
+    rng = np.random.default_rng(len(mode))
+    x1, nw, gw, tier_of, row_of = _route_problem(rng)
+    gb = rng.standard_normal((2, E)).astype(np.float32)
+    valid = np.array([1, 0, 1], np.int32)  # row 1 has stopped: no pairs, no record
+    chosen = np.full((Lm, B, E), 7.0, np.float32)
+    r = pallas_kernels.route(*map(jnp.asarray, (x1, nw, gw, tier_of, row_of, valid, chosen)), jnp.int32(1),
+                             jnp.int32(1), k=K, eps=1e-6, mode=mode, norm_topk=True, rows_per_tier=R, tile_rows=16,
+                             interpret=True, gate_bias=jnp.asarray(gb))
+    hn = _rms64(x1.astype(np.float64)) * nw[1]
+    logits = hn @ gw[1] + gb[1]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :K]
+    tv = np.take_along_axis(probs, top, 1)
+    wts = tv / tv.sum(1, keepdims=True) if mode == "softmax_topk" else np.exp(
+        np.take_along_axis(logits, top, 1) - logits.max(1, keepdims=True)) / np.exp(
+        np.take_along_axis(logits, top, 1) - logits.max(1, keepdims=True)).sum(1, keepdims=True)
+    _assert_close(r.hn, hn, 1e-5)
+    record = np.asarray(r.chosen)
+    np.testing.assert_array_equal(record[0], chosen[0])  # other layers' records untouched
+    picked = np.zeros((B, E), bool)
+    for b in np.flatnonzero(valid):
+        picked[b, top[b]] = True
+    _assert_close(record[1][picked], probs[picked], 1e-5)
+    assert np.all(record[1][~picked] == -1)
+    # The computed pairs, sorted by (tier, row) key, then by (row, k): their positions and tables.
+    pairs = [(int(tier_of[1, e]) * R + int(row_of[1, e]), b, j, e) for b in range(B) for j, e in enumerate(top[b])
+             if valid[b] and row_of[1, e] >= 0]
+    order = sorted(pairs)
+    pos, key, end, token = (np.asarray(a) for a in (r.pos, r.key, r.end, r.token))
+    for place, (k, b, j, e) in enumerate(order):
+        assert pos[b, j] == place and token[place] == b and np.asarray(r.expert)[place] == e
+        assert abs(float(r.weight[place]) - wts[b, j]) < 1e-5
+        group = [p for p, o in enumerate(order) if o[0] == k]
+        assert end[place] == group[-1] + 1
+        assert key[place] == (k if place == group[0] else INVALID)  # one expert's pairs fit one 16-row tile
+    assert {(b, j) for b in range(B) for j in range(K) if pos[b, j] >= 0} == {(b, j) for _, b, j, _ in pairs}
+    assert np.all(key[len(order):] == INVALID)
+    ref = pallas_kernels.route_reference(*map(jnp.asarray, (x1, nw, gw, tier_of, row_of, valid, chosen)),
+                                         jnp.int32(1), jnp.int32(1), k=K, eps=1e-6, mode=mode, norm_topk=True,
+                                         rows_per_tier=R, tile_rows=16, gate_bias=jnp.asarray(gb))
+    np.testing.assert_array_equal(np.asarray(ref.pos), pos)
+    np.testing.assert_array_equal(np.asarray(ref.key), key)
+    np.testing.assert_array_equal(np.asarray(ref.end)[:len(order)], end[:len(order)])
+
+
+@pytest.mark.parametrize("lo", [4, 3, "mxfp4"])
+def test_expert_kernels_match_float64_over_a_low_bit_tier_and_dense_slots(lo):
+    """route -> gate_up -> down over every expert at `lo` bits and two experts in dense slots,
+    the experts' biases and gpt-oss's clamped GLU on the MXFP4 run; each token's rows summed as
+    the next layer sums them, against float64."""
+    B, H, E, K, I, Lm = 3, 64, 8, 3, 32, 2
+    R = Lm * E
+    rng = np.random.default_rng(3)
+    x1, nw, gw, tier_of, row_of = _route_problem(rng)
+    valid = np.ones(B, np.int32)
+    gu, dn = rng.standard_normal((R, H, 2 * I)) * 0.3, rng.standard_normal((R, I, H)) * 0.3
+    if lo == "mxfp4":
+        qgu, qdn = (quant.quantize_mxfp4(jnp.asarray(w, jnp.float32)) for w in (gu, dn))
+        lo_tiers = [((t.blocks, t.scales), t.layout) for t in (qgu, qdn)]
+        lo64 = [_mxfp4_64(t) for t in (qgu, qdn)]
+        glu = functools.partial(pallas_kernels.clamped_glu, alpha=1.702, limit=7.0)
+        gub, dnb = rng.standard_normal((Lm, E, 2 * I)).astype(np.float32), rng.standard_normal((Lm, E, H))
+        dnb = dnb.astype(np.float32)
+    else:
+        qgu, qdn = (quant.quantize(jnp.asarray(w, jnp.float32), lo, 32) for w in (gu, dn))
+        lo_tiers = [((t.packed, t.scales, t.zeros), t.layout) for t in (qgu, qdn)]
+        lo64 = [_dequantize64(t) for t in (qgu, qdn)]
+        glu, gub, dnb = pallas_kernels.silu_glu, None, None
+    slot_gu, slot_dn = rng.standard_normal((4, H, 2 * I)).astype(np.float32), rng.standard_normal((4, I, H))
+    slot_dn = slot_dn.astype(np.float32)
+    r = pallas_kernels.route(*map(jnp.asarray, (x1, nw, gw, tier_of, row_of, valid)), jnp.zeros((Lm, B, E)),
+                             jnp.int32(1), jnp.int32(1), k=K, eps=1e-6, mode="softmax_topk", norm_topk=True,
+                             rows_per_tier=R, tile_rows=16, interpret=True, nibbles=lo == "mxfp4")
+    bias = lambda b: None if b is None else jnp.asarray(b)
+    out = pallas_kernels.expert_gate_up(r.hn, [lo_tiers[0], ((jnp.asarray(slot_gu),), None)], r, pairs=B * K,
+                                        inter=I, rows_per_tier=R, tm=16, glu=glu, interpret=True, bias=bias(gub),
+                                        moe_layer=jnp.int32(1), nibbles_out=lo == "mxfp4")
+    h, h_nib = out if lo == "mxfp4" else (out, None)
+    y = pallas_kernels.expert_down(h, [lo_tiers[1], ((jnp.asarray(slot_dn),), None)], r, pairs=B * K, hidden=H,
+                                   rows_per_tier=R, tm=16, interpret=True, bias=bias(dnb), moe_layer=jnp.int32(1),
+                                   h_nibbles=h_nib)
+    moe = pallas_kernels.decode_layer.pending_sum(jnp.zeros((B, H)), y, r.pos, K)
+    # float64: each token's computed experts, weighted.
+    hn = np.asarray(r.hn, np.float64)
+    expect = np.zeros((B, H))
+    for b in range(B):
+        for j in range(K):
+            if int(r.pos[b, j]) < 0:
+                continue
+            place = int(r.pos[b, j])
+            e, wt = int(r.expert[place]), float(r.weight[place])
+            tier, row = int(tier_of[1, e]), int(row_of[1, e])
+            wgu, wdn = (lo64[0][row], lo64[1][row]) if tier == 0 else (slot_gu[row], slot_dn[row])
+            g = hn[b] @ wgu + (0 if gub is None else gub[1, e])
+            act = np.asarray(glu(jnp.asarray(g[:I], jnp.float32), jnp.asarray(g[I:], jnp.float32)), np.float64)
+            expect[b] += wt * (act @ wdn + (0 if dnb is None else dnb[1, e]))
+    assert np.sum(np.asarray(r.pos[:B]) >= 0) == B * K - 1  # all but the expert with no row
+    _assert_close(moe, expect, 1e-4)
+    dense = [(jnp.asarray(lo64[0], jnp.float32), jnp.asarray(lo64[1], jnp.float32)),
+             (jnp.zeros((R, H, 2 * I)).at[:4].set(slot_gu), jnp.zeros((R, I, H)).at[:4].set(slot_dn))]
+    ref = pallas_kernels.experts_reference(r.hn, dense, r, pairs=B * K, rows_per_tier=R, glu=glu,
+                                           gate_up_bias=bias(gub), down_bias=bias(dnb), moe_layer=1)
+    _assert_close(pallas_kernels.decode_layer.pending_sum(jnp.zeros((B, H)), ref, r.pos, K), expect, 1e-4)

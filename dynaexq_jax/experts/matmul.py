@@ -37,17 +37,13 @@ ROW_TILES_MAX = 2048  # up to this many routed pairs the Pallas grid has a slot 
 
 
 def swiglu(h):
-    g, u = jnp.split(h, 2, axis=-1)
-    return jax.nn.silu(g) * u
+    """h [rows, 2I] gate|up -> silu(gate) * up [rows, I]."""
+    return pallas_kernels.silu_glu(*jnp.split(h, 2, axis=-1))
 
 
 def clamped_swiglu(h, *, alpha: float, limit: float):
-    """gpt-oss's SwiGLU: the gate clamped above at `limit`, up clamped to [-limit, limit], then
-    (up + 1) * gate * sigmoid(alpha * gate). h [rows, 2I] gate|up -> [rows, I]."""
-    g, u = jnp.split(h, 2, axis=-1)
-    g = jnp.minimum(g, limit)
-    u = jnp.clip(u, -limit, limit)
-    return (u + 1) * (g * jax.nn.sigmoid(g * alpha))
+    """gpt-oss's SwiGLU (`pallas_kernels.clamped_glu`) of h [rows, 2I] gate|up -> [rows, I]."""
+    return pallas_kernels.clamped_glu(*jnp.split(h, 2, axis=-1), alpha=alpha, limit=limit)
 
 
 def xla_tile_rows(num_rows: int, num_groups: int) -> int:
@@ -71,7 +67,8 @@ def _fetch(w: Weights, row, dtype):
     return jax.lax.dynamic_index_in_dim(w, row, 0, keepdims=False).astype(dtype)
 
 
-def _kernel_tier(w: Weights) -> pallas_kernels.grouped_matmul.Tier:
+def kernel_tier(w: Weights) -> pallas_kernels.grouped_matmul.Tier:
+    """`w` as the Pallas expert kernels take a tier: its arrays and their layout."""
     if isinstance(w, QuantizedTensor):
         return (w.packed, w.scales, w.zeros), w.layout
     if isinstance(w, Mxfp4Tensor):
@@ -120,14 +117,14 @@ def _pallas_plan(xs, keys, num_groups: int, rows_per_tier: int):
 
 def _pallas_supported(k: int, weights: Sequence[Weights], num_rows: int, num_groups: int) -> bool:
     n = weights[0].shape[-1]
-    layouts = [_kernel_tier(w)[1] for w in weights]
+    layouts = [kernel_tier(w)[1] for w in weights]
     tm = pallas_kernels.default_block_m(num_rows, num_groups)
     bn = pallas_kernels.default_block_n(n, num_rows)
     return pallas_kernels.gpu_unsupported_reason(k, n, layouts, block_m=tm, block_n=bn) is None
 
 
 def _tiled(xp, weights, tiles, rows_per_tier, tm, out_dtype, interpret: bool):
-    return pallas_kernels.tiled_matmul(xp, [_kernel_tier(w) for w in weights], tiles, rows_per_tier=rows_per_tier,
+    return pallas_kernels.tiled_matmul(xp, [kernel_tier(w) for w in weights], tiles, rows_per_tier=rows_per_tier,
                                        n=weights[0].shape[-1], tm=tm, out_dtype=out_dtype, interpret=interpret)
 
 

@@ -23,6 +23,8 @@ checkpoints onto this tree.
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import flax.linen as nn
 import flax.struct
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from dynaexq_jax.experts.matmul import routed_ffn
-from dynaexq_jax.models import deltanet
+from dynaexq_jax.models import deltanet, fused_decode
 from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.models.layers import DecoderLayer, ExpertFFN, LayerSlice, Linear, Routing, make_norm, mm, rotary_for
@@ -88,11 +90,14 @@ class Decoder:
     """The whole model. `ffn` computes an MoE layer's experts from the expert-state pytree."""
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.bfloat16, ffn: ExpertFFN = routed_ffn, router_probs: bool = False,
-                 kernels: bool = True):
+                 kernels: bool = True, interpret: bool = False):
         """`router_probs`: also return every expert's router probability summed per layer (what
         a load-balancing loss needs). `kernels`: use the Pallas decode kernels when lowering
-        for a GPU; training turns them off (they have no derivative rules)."""
+        for a GPU; training turns them off (they have no derivative rules). `interpret`: run
+        the GPU's decode path (`models.fused_decode`) on every platform, its kernels in
+        interpret mode (tests of that path on a CPU)."""
         self.cfg, self.dtype = cfg, jnp.dtype(dtype)
+        self.ffn, self.kernels, self.interpret = ffn, kernels, interpret
         self.layers = {(kind, attn): DecoderLayer(cfg, kind, self.dtype, ffn, router_probs, kernels, attn)
                        for kind in ("moe", "dense") for attn in ("full", "linear")}
         self.router_probs = router_probs
@@ -118,8 +123,29 @@ class Decoder:
         rot = rotary_for(cfg, positions, self.dtype)
         # The stacked caches of each attention kind: full layers write `kv`, linear ones their states.
         states = {"full": cache.kv, "linear": (cache.conv, cache.recurrent)}
+        B, T = tokens.shape
+        if (T == 1 and not fresh and big_little is None and self.kernels and not self.router_probs
+                and self.ffn is routed_ffn and fused_decode.supported(cfg, experts, B, cache.length)):
+            x, states["full"], routing = self._fused_decode(params, experts, states["full"], x, rot, token_valid,
+                                                            start, cache.index)
+        else:
+            x, states, routing = self._layers(params, experts, states, x, rot, token_valid, start, cache.index,
+                                              fresh, big_little)
+        if last_only:  # prefill needs only the next token: skip the [B, T, V] projection
+            x = x[:, -1:]
+        logits = self.head(params, x)
+        conv, recurrent = states["linear"]
+        new_cache = KVCache(kv=states["full"], start=start, index=cache.index + tokens.shape[1], conv=conv,
+                            recurrent=recurrent)
+        return logits, new_cache, routing
+
+    def _layers(self, params, experts, states, x, rot, token_valid, start, index, fresh, big_little):
+        """Every layer, segment by segment, each segment a scan of its layer's modules.
+        -> (x, states, Routing stacked over the MoE layers)."""
+        cfg = self.cfg
+        B, T = token_valid.shape
         # Each token's kept share at the first MoE layer (big-little's "first" rule), set there.
-        first = jnp.zeros((tokens.size,), jnp.float32)
+        first = jnp.zeros((B * T,), jnp.float32)
         routing = []
         for seg, seg_params in zip(cfg.segments, params["layers"]):
             layer_fn = self.layers[seg.kind, seg.attention]
@@ -128,7 +154,7 @@ class Decoder:
                 x, state, i, first = carry
                 p = jax.tree.map(lambda a: LayerSlice(a, i), seg_params)  # the stack, read at layer i
                 x, state, route, first = layer_fn.apply(
-                    {"params": p}, x, rot, token_valid, state, seg.first_state + i, start, cache.index, experts,
+                    {"params": p}, x, rot, token_valid, state, seg.first_state + i, start, index, experts,
                     seg.first_moe + i, fresh, big_little, first,
                 )
                 return (x, state, i + 1, first), route
@@ -137,19 +163,28 @@ class Decoder:
             (x, states[seg.attention], _, first), route = jax.lax.scan(body, carry, length=seg.count)
             if seg.kind == "moe":
                 routing.append(route)
-        if last_only:  # prefill needs only the next token: skip the [B, T, V] projection
-            x = x[:, -1:]
-        logits = self.head(params, x)
-        conv, recurrent = states["linear"]
-        new_cache = KVCache(kv=states["full"], start=start, index=cache.index + tokens.shape[1], conv=conv,
-                            recurrent=recurrent)
-        B, T = tokens.shape
-        E = cfg.num_experts
         if routing:
             routing = jax.tree.map(lambda *parts: jnp.concatenate(parts), *routing)
         else:
-            routing = Routing(jnp.zeros((0, B * T, E)), jnp.zeros((0, E)) if self.router_probs else None)
-        return logits, new_cache, routing
+            routing = Routing(jnp.zeros((0, B * T, cfg.num_experts)), jnp.zeros((0, cfg.num_experts))
+                              if self.router_probs else None)
+        return x, dict(states), routing
+
+    def _fused_decode(self, params, experts, kv, x, rot, token_valid, start, index):
+        """One new token per row through `fused_decode.layers` when lowering for a GPU (or
+        interpreted, see `interpret`), this decoder's own layers elsewhere. -> (x, kv, Routing)."""
+        fused = functools.partial(fused_decode.layers, self.cfg, params["layers"][0], experts, interpret=self.interpret)
+        if self.interpret:
+            x, kv, chosen = fused(kv, x, rot, token_valid, start, index)
+            return x, kv, Routing(chosen, None)
+
+        def own(kv, x, rot, token_valid, start, index):
+            x, states, routing = self._layers(params, experts, {"full": kv}, x, rot, token_valid, start, index,
+                                              False, None)
+            return x, states["full"], routing.chosen
+
+        x, kv, chosen = jax.lax.platform_dependent(kv, x, rot, token_valid, start, index, cuda=fused, default=own)
+        return x, kv, Routing(chosen, None)
 
     def head(self, params, x):
         """Final norm and LM head: x [B, T, H] -> logits [B, T, V] float32."""

@@ -313,7 +313,8 @@ class Attention(nn.Module):
         sinks = None
         if cfg.attention_sinks:
             sinks = as_array(self.param("sinks", nn.initializers.zeros, (H,), self.dtype)).reshape(KVH, H // KVH)
-        window = jnp.asarray(cfg.layer_windows, jnp.int32)[layer] if cfg.sliding_layers else None
+        windows = jnp.asarray(cfg.layer_windows, jnp.int32) if cfg.sliding_layers else None
+        window = None if windows is None else windows[layer]
         attend = lambda qg, k, v, start, index: _attention(qg, k, v, start, index, dtype=self.dtype, sinks=sinks,
                                                           window=window)
         if fresh:
@@ -321,7 +322,7 @@ class Attention(nn.Module):
             out = attend(qg, chunk(k), chunk(v), start, 0)
         elif T == 1 and self.kernels and pallas_kernels.decode_attention_supported(D, kv.shape[4]):
             args = (qg, kv, layer, start, index)
-            cuda = lambda *a: _pallas_decode_attention(*a, dtype=self.dtype, sinks=sinks, window=window)
+            cuda = lambda *a: _pallas_decode_attention(*a, dtype=self.dtype, sinks=sinks, windows=windows)
             xla = lambda qg, kv, layer, start, index: attend(qg, kv[layer, 0], kv[layer, 1], start, index)
             out = jax.lax.platform_dependent(*args, cuda=cuda, default=xla)
         else:
@@ -354,13 +355,12 @@ def _attention(qg, k_cache, v_cache, start, index, *, dtype, sinks=None, window=
     return mm(probs, v_cache, "bkgts,bksd->btkgd")
 
 
-def _pallas_decode_attention(qg, kv, layer, start, index, *, dtype, sinks=None, window=None,
+def _pallas_decode_attention(qg, kv, layer, start, index, *, dtype, sinks=None, windows=None,
                              interpret: bool = False):
-    B, _, KVH, G, D = qg.shape
-    if window is not None:  # one query at slot `index`: its window is a later first slot
-        start = jnp.where(window > 0, jnp.maximum(start, index - window + 1), start)
+    """`windows` [L] int32: each layer's sliding window (0: none), read by the kernel at `layer`."""
+    D = qg.shape[-1]
     out = pallas_kernels.decode_attention(qg[:, 0], kv, layer, start, index, scale=D**-0.5, sinks=sinks,
-                                          interpret=interpret)
+                                          windows=windows, interpret=interpret)
     return out[:, None].astype(dtype)
 
 

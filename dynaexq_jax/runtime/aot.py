@@ -7,8 +7,11 @@ cubins (Pallas-Triton kernels included) an H100/H200 would run. Nothing is alloc
 arguments are abstract shapes, so a 30B model compiles on a laptop. The GPU code paths are
 chosen per lowering platform (`jax.lax.platform_dependent`), so this is the program a GPU runs.
 
-From the optimized HLO this module counts kernels, launches per step (loop trip counts
-applied) and the bytes each launch reads and writes: slices of an operand count as the slice,
+What a step launches comes from the thunk sequence XLA's GPU backend emits for it (dumped at
+compile time, `launches`): every kernel and copy with its executions per step (loop trip counts
+applied; a loop with a known trip count never runs its condition), and whether it runs inside
+a command buffer (a CUDA graph, launched whole) or is launched on its own. From the optimized
+HLO it counts the bytes each kernel reads and writes: slices of an operand count as the slice,
 in-place updates as the update. XLA counts custom calls (the Pallas kernels) as unknown, so
 their bytes come from their tiling (`pallas_bytes`), under uniform routing. The minimum a step
 must read (`min_bytes`): the non-expert weights it touches, the distinct experts its tokens
@@ -21,7 +24,9 @@ import dataclasses
 import functools
 import math
 import re
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,17 +39,21 @@ from dynaexq_jax.models import deltanet
 from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.runtime import engine as engine_lib
 from dynaexq_jax.runtime.costmodel import distinct_experts
+from pallas_kernels.decode_attention import block_rows, num_splits
 
 # name, HBM bytes/s (spec sheet), HBM bytes
 GPUS = {
     "h100": ("NVIDIA H100 80GB HBM3", 3.35e12, 84929347584),
     "h200": ("NVIDIA H200", 4.8e12, 150754820096),
 }
-# Cost of one kernel launch in a step, beyond its bytes: dependent small kernels back to back
-# take ~1 us each inside a CUDA graph (XLA's command buffers) and ~3-4 us as plain stream
-# launches on Hopper (NVIDIA's and others' published microbenchmarks). 2 us is the midpoint the
-# model uses until a lent GPU measures it (scripts/gpu_check.py prints the measured figure).
-LAUNCH_S = 2e-6
+# Cost of one kernel in a step beyond its bytes, until a lent GPU measures it (gpu_check's device
+# stage does, in a CUDA graph and out of one, and passes its figures to `predicted_s`). Fitted to
+# the one measured step (H200, 2026-12-04, static int4 at batch 1: 5.66 ms for 1,517 kernels,
+# 1,325 of them in graphs, and 3.6 GB, 0.74 ms at 4.8 TB/s): ~3.2 us a kernel, in a graph or not.
+# Published microbenchmarks put a dependent kernel in a graph nearer 1-2 us; the fit says the
+# decode step's small kernels paid more.
+LAUNCH_S = 3.2e-6  # a kernel launched on its own, or a whole graph
+GRAPH_KERNEL_S = 3.2e-6  # a kernel inside a graph
 
 _INFO = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per_block=49152,
              shared_memory_per_core=233472, threads_per_core_limit=2048, core_count=132, fpus_per_core=128,
@@ -81,15 +90,38 @@ def target_device(gpu: str):
         ) from None
 
 
-def compile_for(fn, args, gpu: str):
-    """(compiled, seconds): `fn` (jitted) lowered for `gpu` from abstract `args`."""
+@dataclasses.dataclass
+class Compiled:
+    executable: object  # jax's Compiled
+    seconds: float  # lowering and compiling, wall clock
+    cpu_seconds: float  # the same in this process's CPU time (what a shared machine's load does not inflate)
+    thunks: str  # the thunk sequence XLA's GPU backend runs (after its passes: command buffers formed)
+    thunk_metadata: str  # each thunk's id, kind and HLO instruction
+
+    def as_text(self) -> str:
+        return self.executable.as_text()
+
+
+def compile_for(fn, args, gpu: str, command_buffer: str | None = None) -> Compiled:
+    """`fn` (jitted) lowered for `gpu` from abstract `args` and compiled. `command_buffer`: XLA's
+    `xla_gpu_enable_command_buffer`, the op kinds captured in CUDA graphs as a comma-separated
+    list ("" for none; None: XLA's default, which leaves while loops out)."""
     dev = target_device(gpu)
     sharding = jax.sharding.SingleDeviceSharding(dev)
     args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
-    t0 = time.perf_counter()
-    with jax.default_device(dev):  # Pallas on Triton reads the compute capability off the default device
-        compiled = fn.lower(*args).compile()
-    return compiled, time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as dump:
+        options = {"xla_dump_to": dump}
+        if command_buffer is not None:
+            options["xla_gpu_enable_command_buffer"] = command_buffer
+        t0, c0 = time.perf_counter(), time.process_time()
+        with jax.default_device(dev):  # Pallas on Triton reads the compute capability off the default device
+            compiled = fn.lower(*args).compile(compiler_options=options)
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        files = {p.name.split(".")[-2]: p for p in Path(dump).glob("*.txt")}
+        sequence = files.get("thunk_sequence_after_thunk_passes") or files.get("thunk_sequence")
+        if sequence is None or "thunk_metadata" not in files:
+            raise RuntimeError(f"XLA wrote no thunk sequence for {gpu} (files: {sorted(files)})")
+        return Compiled(compiled, seconds, cpu_seconds, sequence.read_text(), files["thunk_metadata"].read_text())
 
 
 # --------------------------------------------------------------------------- HLO accounting
@@ -181,7 +213,10 @@ def kernels(text: str) -> list[Kernel]:
             op = x["op"]
             if op in ("while", "call", "conditional", "async-start"):
                 n = re.search(r'"known_trip_count":\{"n":"(\d+)"', x["rest"]) if op == "while" else None
-                called = [c for c in re.findall(r"%([\w.\-]+)", x["rest"].split("metadata=")[0]) if c in comps]
+                head = x["rest"].split("metadata=")[0]
+                if n:  # a known trip count: XLA runs the body n times and never the condition
+                    head = re.sub(r"condition=%[\w.\-]+", "", head)
+                called = [c for c in re.findall(r"%([\w.\-]+)", head) if c in comps]
                 for c in called:
                     walk(c, trips * (int(n.group(1)) if n else 1))
                 continue
@@ -212,6 +247,111 @@ def kernels(text: str) -> list[Kernel]:
 
     walk(entry, 1)
     return out
+
+
+# ------------------------------------------------------------------ what the GPU is asked to run
+
+# Thunks that only hold, order or wait for other thunks: no GPU work of their own.
+_CONTAINERS = frozenset({"kWhile", "kConditional", "kSequential", "kCommandBuffer", "kAsyncStart", "kAsyncDone",
+                         "kDynamicSliceFusion", "kWaitForStreams"})
+_THUNK = re.compile(r"^(\s*)(\d+): (k\w+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """A thunk that runs work on the GPU: a kernel, a copy, a library call."""
+
+    kind: str  # XLA's thunk kind: kCustomKernel, kKernel, kCopy, kGemm, ...
+    name: str  # the HLO instruction it runs (its profile annotation)
+    trips: int  # executions per step
+    in_graph: bool  # inside a command buffer: a node of a CUDA graph, launched with the graph
+    in_loop: bool = False  # in a while loop's body (the layer loop)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launches:
+    work: tuple[Launch, ...]
+    graphs: int  # command buffers launched per step
+    unknown_loops: int  # while loops without a known trip count (their bodies counted once)
+
+    @property
+    def kernels(self) -> int:
+        """Kernels and copies the step executes, inside graphs or not."""
+        return sum(w.trips for w in self.work)
+
+    @property
+    def in_graphs(self) -> int:
+        return sum(w.trips for w in self.work if w.in_graph)
+
+    @property
+    def outside(self) -> int:
+        """Launches the host makes: kernels outside any graph, and each graph launch."""
+        return self.kernels - self.in_graphs + self.graphs
+
+    @property
+    def in_loops(self) -> int:
+        """Kernels executed inside while loops (the layers' own, in a scanned decoder)."""
+        return sum(w.trips for w in self.work if w.in_loop)
+
+
+def trip_counts(hlo: str) -> dict[str, int]:
+    """{while instruction: known trip count} of an optimized HLO module."""
+    return {name: int(n) for name, n in
+            re.findall(r"%([\w.\-]+) = .*? while\(.*?\"known_trip_count\":\{\"n\":\"(\d+)\"", hlo)}
+
+
+def launches(sequence: str, metadata: str, trips_of: dict[str, int]) -> Launches:
+    """The GPU work of a step from XLA's thunk sequence dump (indented tree: a while's
+    `condition:` then `body:`, a command buffer's captured thunks beneath it) and its metadata
+    (thunk id -> HLO instruction). A while with a known trip count runs its body that many times
+    and never its condition (`WhileThunk::ExecuteOnStream`), unless it is inside a command buffer:
+    there the condition runs on the device before every iteration and once more to stop. A
+    command buffer is one launch per execution, its thunks nodes of the graph."""
+    names = {int(i): n for n, i in re.findall(r'profile_annotation: "([^"]*)"\s*thunk_id: (\d+)', metadata)}
+    work, graphs, unknown = [], 0, 0
+    stack: list[dict] = []  # open thunks: indent, kind, trips of their children, in_graph of children
+    for line in sequence.splitlines():
+        label = line.strip()
+        if label in ("condition:", "body:"):
+            loop = next(t for t in reversed(stack) if t["kind"] == "kWhile")
+            loop["part"] = label[:-1]
+            continue
+        m = _THUNK.match(line)
+        if not m:
+            continue
+        indent, tid, kind = len(m.group(1)), int(m.group(2)), m.group(3)
+        while stack and stack[-1]["indent"] >= indent:
+            stack.pop()
+        trips, in_graph, in_loop = 1, False, False
+        if stack:
+            parent = stack[-1]
+            in_graph = parent["in_graph"] or parent["kind"] == "kCommandBuffer"
+            in_loop = parent["in_loop"] or parent["kind"] == "kWhile"
+            trips = parent["trips"]
+            if parent["kind"] == "kWhile":
+                n = parent["n"]
+                if parent.get("part") == "condition":  # in a graph the predicate is computed on the device
+                    trips = trips * (n + 1) if parent["in_graph"] and n is not None else 0 if n is not None else trips
+                else:
+                    trips *= n if n is not None else 1
+        # A thunk nested in another without an instruction of its own (a fusion's copy) runs for it.
+        name = names.get(tid) or (stack[-1]["name"] if stack else kind)
+        n = trips_of.get(name) if kind == "kWhile" else None
+        if kind == "kWhile" and n is None:
+            unknown += 1
+        if kind == "kCommandBuffer":
+            graphs += trips
+        elif kind not in _CONTAINERS and trips:
+            work.append(Launch(kind, name, trips, in_graph, in_loop))
+        stack.append(dict(indent=indent, kind=kind, trips=trips, in_graph=in_graph, in_loop=in_loop, n=n, name=name))
+    return Launches(tuple(work), graphs, unknown)
+
+
+def predicted_s(bytes_: int, runs: Launches, bandwidth: float, launch_s: float = LAUNCH_S,
+                graph_kernel_s: float = GRAPH_KERNEL_S) -> float:
+    """Step time the model predicts: bytes at `bandwidth`, each launch the host makes at
+    `launch_s`, each kernel inside a graph at `graph_kernel_s`."""
+    return bytes_ / bandwidth + runs.outside * launch_s + runs.in_graphs * graph_kernel_s
 
 
 # ------------------------------------------------------------------- the Pallas kernels' bytes
@@ -261,12 +401,67 @@ def pallas_bytes(k: Kernel, traffic: Traffic) -> int:
         # Row loads are masked to each tile's own rows, and the N blocks of a tile run together,
         # so L2 (50 MB on Hopper) serves their repeated reads: x counts once, real rows only.
         return int(used * per_tile + real * (K + N) * _BYTES[xdt])  # weights, x rows in, rows out
-    if k.pallas == "decode_attention":
-        (_, (B, KVH, H, D)) = ops[2]
-        kdt, _ = ops[3]  # the stacked cache
+    if k.pallas == "decode_attention":  # (layer, index, q [B, Hq, D], kv [L, 2, B, KVH, S, D], start, windows?)
+        (qdt, (B, Hq, D)), (kdt, kshape) = ops[2], ops[3]
+        KVH = kshape[3]
         kv = 2 * B * KVH * traffic.filled_slots * D * _BYTES[kdt]
-        return int(kv + B * traffic.filled_slots + B * KVH * H * D * 4 * 3)
+        partials = num_splits(B, KVH, kshape[4]) * B * KVH * block_rows(Hq // KVH) * (D + 2) * 4
+        return int(kv + B * Hq * D * _BYTES[qdt] + partials)
+    if k.pallas in _DECODE_LAYER:
+        return _DECODE_LAYER[k.pallas](ops, traffic, k.tm)
     return 0
+
+
+def _per_layer(ops) -> int:
+    """Bytes of one layer's slice of stacked parameters [L, ...]."""
+    return sum(math.prod(shape[1:]) * _BYTES[dt] for dt, shape in ops)
+
+
+def _attn_in_bytes(ops, traffic, tm) -> int:
+    """(layer, index, x1 [B, H], y [P, H], pos, norm [L, H], w [L, H, N], bias?, qk norm?, cos, sin, kv):
+    the layer's weights, x1 and each row's pending expert rows read, x and every head written."""
+    (xdt, (B, H)), (_, (P, _)) = ops[2], ops[3]
+    N = ops[6][1][-1]
+    return int(_per_layer(ops[5:-3]) + (B + P) * H * _BYTES[xdt] + B * H * _BYTES[xdt] + B * N * _BYTES[xdt]
+               + 2 * B * ops[-3][1][-1] * _BYTES[ops[-3][0]])
+
+
+def _attn_out_bytes(ops, traffic, tm) -> int:
+    """(layer, o, m, l, x [B, H], w [L, Hq D, H], bias?, sinks?): the layer's weights, the partials
+    once (each program re-reads them from L2), x read and the new residual written."""
+    (xdt, (B, H)) = ops[4]
+    partials = sum(math.prod(shape) * _BYTES[dt] for dt, shape in ops[1:4])
+    return int(_per_layer(ops[5:]) + partials + 2 * B * H * _BYTES[xdt])
+
+
+def _route_bytes(ops, traffic, tm) -> int:
+    """(layer, moe, valid, x1 [B, H], norm, gate [L, H, E], bias?, tier_of, row_of, record [Lm, B, E]):
+    the router's weights, x1, the normed rows written, the layer's handles and record row."""
+    (xdt, (B, H)), (_, (_, _, E)) = ops[3], ops[5]
+    return int(_per_layer(ops[4:-3]) + 2 * B * H * _BYTES[xdt] + 2 * E * 4 + B * E * 4)
+
+
+def _expert_bytes(ops, traffic, tm) -> int:
+    """(key, end, token | weight [Pa], x, the tiers' arrays, (moe, expert, bias)?): the weights of
+    each used tile (a tile per tm rows of each routed expert, tiers in their expected shares), the
+    pairs' rows in and out, their bias rows."""
+    (xdt, (_, K)) = ops[3]
+    tiers = ops[4:]
+    bias = 0
+    if len(tiers) >= 3 and tiers[-3] == ("s32", (1,)):  # the experts' biases, a row per pair
+        bias = math.prod(tiers[-1][1][2:]) * _BYTES[tiers[-1][0]]
+        tiers = tiers[:-3]
+    per_tier = _tier_bytes(tiers, K)
+    N = tiers[0][1][-1] if len(tiers[0][1]) == 3 else 0
+    fractions = [1.0] if len(per_tier) == 1 else [1 - traffic.hi_fraction, traffic.hi_fraction]
+    pairs = traffic.pairs_per_expert * traffic.num_experts
+    used = traffic.tiles(tm)
+    out = N // 2 if ops[2][0] == "s32" else N  # gate_up writes I of its 2I columns
+    return int(used * sum(f * b for f, b in zip(fractions, per_tier)) + pairs * ((K + out) * _BYTES[xdt] + bias))
+
+
+_DECODE_LAYER = {"attn_in": _attn_in_bytes, "attn_out": _attn_out_bytes, "moe_route": _route_bytes,
+                 "moe_gate_up": _expert_bytes, "moe_down": _expert_bytes}
 
 
 def _tier_bytes(ops, K) -> list[int]:
@@ -393,16 +588,37 @@ def decode_min_bytes(cfg, policy: str, plan, *, batch: int, prompt_len: int, gen
     return nbytes
 
 
+def kernel_bytes(k: Kernel, traffic: Traffic) -> int:
+    """Bytes one launch of `k` reads and writes."""
+    return k.read + k.write if k.pallas is None else pallas_bytes(k, traffic)
+
+
 def report_step(compiled, traffic: Traffic) -> dict:
-    ks = kernels(compiled.as_text())
+    """Launches, bytes (from the HLO) and temporaries of a compiled step: a `Compiled` (its
+    launches from its thunks), or jax's own compiled step of a backend without thunk dumps
+    (the CPU: launches from the HLO's kernels, none in graphs)."""
+    hlo = compiled.as_text()
+    ks = kernels(hlo)
+    if isinstance(compiled, Compiled):
+        runs = launches(compiled.thunks, compiled.thunk_metadata, trip_counts(hlo))
+        executable = compiled.executable
+    else:
+        runs = Launches(tuple(Launch("hlo", k.name, k.trips, False, k.trips > 1) for k in ks), 0, 0)
+        executable = compiled
     xla = sum(k.trips * (k.read + k.write) for k in ks if k.pallas is None)
     pallas = sum(k.trips * pallas_bytes(k, traffic) for k in ks if k.pallas is not None)
     return {
         "kernels": len(ks),
-        "launches": sum(k.trips for k in ks),
+        "launches": runs.kernels,
+        "in_graphs": runs.in_graphs,
+        "graphs": runs.graphs,
+        "outside_graphs": runs.outside,
+        "in_loops": runs.in_loops,
+        "unknown_loops": runs.unknown_loops,
         "xla_bytes": int(xla),
         "pallas_bytes": int(pallas),
         "bytes": int(xla + pallas),
-        "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+        "temp_bytes": executable.memory_analysis().temp_size_in_bytes,
         "by_kernel": ks,
+        "runs": runs,
     }
