@@ -21,7 +21,7 @@ import torch
 
 from dynaexq_jax import budget
 from dynaexq_jax.experts import quant
-from dynaexq_jax.io import hf_export, loader
+from dynaexq_jax.io import hf_export, loader, preset
 from dynaexq_jax.models import registry
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 from dynaexq_jax.models.decoder import Decoder
@@ -86,6 +86,20 @@ FAMILIES = {
                            attention_bias=False, tie_word_embeddings=True,
                            rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
     }),
+    # The families added since: one configuration each, covering the family's features at once.
+    # latent attention through a q LoRA (tests/test_deepseek_v3.py runs one without), YaRN with
+    # mscale on the softmax scale and a ramp inside the rotary dims, group-limited sigmoid
+    # routing (4 groups, 2 kept) with its correction bias and routed scaling, two shared
+    # experts, a dense first layer.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32, kv_lora_rank=16,
+                         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12), {
+        "mla-yarn-groups": dict(num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+                                topk_group=2, first_k_dense_replace=1, q_lora_rank=24, n_shared_experts=2,
+                                routed_scaling_factor=2.5, tie_word_embeddings=False, rope_parameters=dict(
+                                    rope_type="yarn", rope_theta=10000.0, factor=8.0, beta_fast=8.0, beta_slow=1.0,
+                                    mscale=1.0, mscale_all_dim=0.8, original_max_position_embeddings=16)),
+    }),
 }
 CASES = [(fam, name) for fam, spec in FAMILIES.items() for name in spec[3]]
 
@@ -102,6 +116,9 @@ def make_family_checkpoint(path, family: str, name: str, seed: int = 0):
             for layer in model.model.layers:
                 for b in (layer.mlp.experts.gate_up_proj_bias, layer.mlp.experts.down_proj_bias):
                     b.normal_(0.0, 0.3)
+    for n, b in model.named_buffers():  # and the sigmoid routers' correction biases
+        if n.endswith("e_score_correction_bias"):
+            b.normal_(0.0, 0.3)
     model.save_pretrained(path)
     write_tokenizer(path)
     return model
@@ -150,10 +167,15 @@ def test_config_maps_to_the_family_and_back(family_checkpoint):
     assert cfg.model_type == family
     fam = registry.adapter(cfg)
     assert fam.config_from_hf(fam.config_to_hf(cfg)) == cfg
-    # The plan's parameter count is the checkpoint's, and the non-expert bytes are the decoder's params.
-    assert budget.parameter_count(cfg) == sum(p.numel() for p in hf.parameters())
-    shapes = jax.tree.leaves(Decoder(cfg, jnp.float32).param_shapes())
-    assert budget.non_expert_nbytes(cfg, 4) == (sum(math.prod(s.shape) for s in shapes) + budget.expert_bias_count(cfg)) * 4
+    # The plan's parameter count is the checkpoint's (buffers it saves included: the routers'
+    # correction biases), and the non-expert bytes are the decoder's params, each at its dtype.
+    saved = {t.data_ptr(): t for t in hf.state_dict().values()}  # tied embeddings once
+    assert budget.parameter_count(cfg) == sum(t.numel() for t in saved.values())
+    for dtype in (jnp.float32, jnp.bfloat16):
+        shapes = jax.tree.leaves(Decoder(cfg, dtype).param_shapes())
+        itemsize = jnp.dtype(dtype).itemsize
+        assert budget.non_expert_nbytes(cfg, itemsize) == (sum(math.prod(s.shape) * s.dtype.itemsize for s in shapes)
+                                                           + budget.expert_bias_count(cfg) * itemsize)
 
 
 def test_logits_match_transformers(full_engine):
@@ -187,12 +209,13 @@ def build(path, policy, opts=OPTS):
 
 
 def test_offload_or_prefetch_equals_full(family_checkpoint, full_engine):
-    """offload on a family's first configuration, prefetch on its second (both share the layer loop)."""
+    """offload on a family's first configuration, prefetch on its second or only one (both share
+    the layer loop; prefetch also runs the next layer's router early)."""
     from dynaexq_jax.policies.offload import OffloadPolicy
     from dynaexq_jax.runtime.layerwise import LayerwiseEngine
 
     family, name, path, _ = family_checkpoint
-    prefetch = name != list(FAMILIES[family][3])[0]
+    prefetch = name != list(FAMILIES[family][3])[0] or len(FAMILIES[family][3]) == 1
     full = full_engine[0]
     batch = [PROMPT, PROMPT[:4]]
     ref = full.generate(batch, 12, eos_token_ids=())
@@ -365,10 +388,22 @@ def test_longrope_frequencies_are_phi3s_short_then_long():
     ("gpt_oss", dict(rope_scaling={"rope_type": "longrope", "factor": 4.0}), "rope scaling 'longrope'"),
     ("gpt_oss", dict(layer_types=["sliding_attention"] * 3), "layer_types="),
     ("gpt_oss", dict(sliding_window=0), "sliding_window=0"),
+    ("deepseek_v3", dict(rope_scaling={"type": "longrope", "factor": 4.0}), "rope scaling 'longrope'"),
+    ("deepseek_v3", dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
+     "quant_method='bitsandbytes'"),
+    ("deepseek_v3", dict(quantization_config={"quant_method": "fp8", "weight_block_size": None}),
+     "weight_block_size=None"),
+    ("deepseek_v3", dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128],
+                                              "activation_scheme": "static"}), "activation_scheme='static'"),
+    ("deepseek_v3", dict(scoring_func="softmax"), "scoring_func='softmax'"),
+    ("deepseek_v3", dict(attention_bias=True), "attention_bias=True"),
+    ("deepseek_v3", dict(n_group=7), "n_group=7"),
+    ("deepseek_v3", dict(kv_lora_rank=None), "'kv_lora_rank'"),
 ])
 def test_unsupported_fields_are_one_line_errors_naming_the_field(family, change, needle):
     d = {**PUBLISHED[{"mixtral": "mixtral-8x7b", "olmoe": "olmoe-1b-7b", "qwen2_moe": "qwen1.5-moe-a2.7b",
-                      "phimoe": "phi-3.5-moe", "gpt_oss": "gpt-oss-20b"}[family]], **change}
+                      "phimoe": "phi-3.5-moe", "gpt_oss": "gpt-oss-20b", "deepseek_v3": "deepseek-v3"}[family]],
+         **change}
     d = {k: v for k, v in d.items() if v is not None}
     with pytest.raises(ConfigError) as e:
         registry.adapter_for(d).config_from_hf(d)
@@ -433,8 +468,12 @@ PUBLISHED["gpt-oss-20b"] = {
 }
 PUBLISHED["gpt-oss-120b"] = {**PUBLISHED["gpt-oss-20b"], "num_hidden_layers": 36, "num_local_experts": 128,
                              "layer_types": ["sliding_attention", "full_attention"] * 18}
+# The families added since, from `io.preset` (each with where its figures come from).
+PUBLISHED["deepseek-v3"] = preset.DEEPSEEK_V3
 PUBLISHED_PARAMS = {"mixtral-8x7b": 46.7e9, "olmoe-1b-7b": 6.9e9, "qwen1.5-moe-a2.7b": 14.3e9, "phi-3.5-moe": 41.9e9,
-                    "gpt-oss-20b": 20.9e9, "gpt-oss-120b": 116.8e9}
+                    "gpt-oss-20b": 20.9e9, "gpt-oss-120b": 116.8e9,
+                    # the model card's 671B (its 685B checkpoint adds the 14B multi-token-prediction module)
+                    "deepseek-v3": 671.0e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -48,6 +48,25 @@ QWEN3_NEXT_80B = dict(
     bos_token_id=151643, eos_token_id=151645,
 )
 
+# deepseek-ai/DeepSeek-V3's config.json as published on the Hub (DeepSeek-R1 shares every field
+# but the version tags): 61 layers, the first 3 dense, 256 routed experts top-8 in 8 groups
+# (best 4 kept) + 1 shared, MLA with a 512 + 64 latent, YaRN x40, block-wise FP8 weights.
+DEEPSEEK_V3 = dict(
+    architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280, hidden_size=7168,
+    intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+    num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256, ep_size=1, routed_scaling_factor=2.5,
+    kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+    topk_method="noaux_tc", n_group=8, topk_group=4, num_experts_per_tok=8, moe_layer_freq=1,
+    first_k_dense_replace=3, norm_topk_prob=True, scoring_func="sigmoid", aux_loss_alpha=0.001, seq_aux=True,
+    hidden_act="silu", max_position_embeddings=163840, initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True,
+    bos_token_id=0, eos_token_id=1, pretraining_tp=1, tie_word_embeddings=False, rope_theta=10000,
+    rope_scaling=dict(beta_fast=32, beta_slow=1, factor=40, mscale=1.0, mscale_all_dim=1.0,
+                      original_max_position_embeddings=4096, type="yarn"),
+    attention_bias=False, attention_dropout=0.0, num_nextn_predict_layers=1, torch_dtype="bfloat16",
+    quantization_config=dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8",
+                             weight_block_size=[128, 128]),
+)
+
 PRESETS = {
     "qwen3-30b-a3b": dict(
         model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
@@ -97,6 +116,14 @@ PRESETS = {
     # gated softmax-attention one, 512 experts top-10 + a shared expert. The multi-token-prediction
     # head it ships is not part of the model served.
     "qwen3-next-80b-a3b": QWEN3_NEXT_80B,
+    "deepseek-v3": DEEPSEEK_V3,
+    # DeepSeek-V3's latent attention as released (the 512 + 64 latent, 128 + 64 query and 128 value
+    # dims per head, but 16 heads) and its routing structure (groups, a dense first layer), at CPU size.
+    "deepseek-v3-smoke": dict(
+        DEEPSEEK_V3, vocab_size=512, hidden_size=512, intermediate_size=1024, moe_intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=32, n_group=4,
+        topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1, q_lora_rank=256,
+        max_position_embeddings=16384, quantization_config=None),
     # Qwen3-Next's structure (layer pattern, head ratios, shared expert) at CPU size.
     "qwen3-next-smoke": dict(
         QWEN3_NEXT_80B, vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -166,10 +193,11 @@ def random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
 
     def init(path, leaf):
         name = jax.tree_util.keystr(path)
+        dt = np.float32 if leaf.dtype == jnp.float32 else npd  # where the decoder keeps float32 (sigmoid routers)
         if "norm" in name:  # unit scale: zero-centred norms (Qwen3-Next's, but its DeltaNet output norm) store w - 1
             centred = cfg.norm == "zero_centred_rms" and "linear_attn" not in name
-            return (np.zeros if centred else np.ones)(leaf.shape, npd)
-        return (rng.standard_normal(leaf.shape, np.float32) * INIT_STD).astype(npd)
+            return (np.zeros if centred else np.ones)(leaf.shape, dt)
+        return (rng.standard_normal(leaf.shape, np.float32) * INIT_STD).astype(dt)
 
     return jax.tree_util.tree_map_with_path(init, shapes)
 

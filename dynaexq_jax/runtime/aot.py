@@ -266,6 +266,13 @@ def pallas_bytes(k: Kernel, traffic: Traffic) -> int:
         kdt, _ = ops[3]  # the stacked cache
         kv = 2 * B * KVH * traffic.filled_slots * D * _BYTES[kdt]
         return int(kv + B * traffic.filled_slots + B * KVH * H * D * 4 * 3)
+    if k.pallas == "latent_attention":  # MLA: one latent entry per slot serves every head
+        (qdt, (B, heads, D)), (cdt, cache) = ops[2], ops[3]
+        splits = k.grid[2] if len(k.grid) == 3 else 1
+        # Each block of heads reads the row's slots; the blocks of one row and split run together,
+        # so L2 serves the repeats (as the tiled kernels' N blocks): the cache counts once.
+        latent = B * traffic.filled_slots * cache[-1] * _BYTES[cdt]
+        return int(latent + B * heads * D * _BYTES[qdt] + splits * B * heads * (D + 2) * 4)
     return 0
 
 
