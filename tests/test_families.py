@@ -100,6 +100,15 @@ FAMILIES = {
                                     rope_type="yarn", rope_theta=10000.0, factor=8.0, beta_fast=8.0, beta_slow=1.0,
                                     mscale=1.0, mscale_all_dim=0.8, original_max_position_embeddings=16)),
     }),
+    # q/k norms per head, q/k/v biases, RoPE on half of each head, DeepSeek-V3's routing (2 groups,
+    # 1 kept) and shared expert, a dense first layer.
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(intermediate_size=96, moe_intermediate_size=32, head_dim=16), {
+        "qknorm-bias-groups": dict(num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                                   topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.5, use_qk_norm=True,
+                                   attention_bias=True, tie_word_embeddings=False, rope_parameters=dict(
+                                       rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
+    }),
 }
 CASES = [(fam, name) for fam, spec in FAMILIES.items() for name in spec[3]]
 
@@ -399,10 +408,15 @@ def test_longrope_frequencies_are_phi3s_short_then_long():
     ("deepseek_v3", dict(attention_bias=True), "attention_bias=True"),
     ("deepseek_v3", dict(n_group=7), "n_group=7"),
     ("deepseek_v3", dict(kv_lora_rank=None), "'kv_lora_rank'"),
+    ("glm4_moe", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling 'yarn'"),
+    ("glm4_moe", dict(quantization_config={"quant_method": "compressed-tensors"}), "quant_method='compressed-tensors'"),
+    ("glm4_moe", dict(n_shared_experts=0), "n_shared_experts=0"),
+    ("glm4_moe", dict(partial_rotary_factor=51 / 128), "partial_rotary_factor=0.3984375"),  # 51 dims
 ])
 def test_unsupported_fields_are_one_line_errors_naming_the_field(family, change, needle):
     d = {**PUBLISHED[{"mixtral": "mixtral-8x7b", "olmoe": "olmoe-1b-7b", "qwen2_moe": "qwen1.5-moe-a2.7b",
-                      "phimoe": "phi-3.5-moe", "gpt_oss": "gpt-oss-20b", "deepseek_v3": "deepseek-v3"}[family]],
+                      "phimoe": "phi-3.5-moe", "gpt_oss": "gpt-oss-20b", "deepseek_v3": "deepseek-v3",
+                      "glm4_moe": "glm-4.5-air"}[family]],
          **change}
     d = {k: v for k, v in d.items() if v is not None}
     with pytest.raises(ConfigError) as e:
@@ -468,19 +482,39 @@ PUBLISHED["gpt-oss-20b"] = {
 }
 PUBLISHED["gpt-oss-120b"] = {**PUBLISHED["gpt-oss-20b"], "num_hidden_layers": 36, "num_local_experts": 128,
                              "layer_types": ["sliding_attention", "full_attention"] * 18}
-# The families added since, from `io.preset` (each with where its figures come from).
-PUBLISHED["deepseek-v3"] = preset.DEEPSEEK_V3
+# The families added since, from `io.preset` (where each config.json is written out).
+PUBLISHED.update({"deepseek-v3": preset.DEEPSEEK_V3, "glm-4.5-air": preset.GLM_4_5_AIR})
 PUBLISHED_PARAMS = {"mixtral-8x7b": 46.7e9, "olmoe-1b-7b": 6.9e9, "qwen1.5-moe-a2.7b": 14.3e9, "phi-3.5-moe": 41.9e9,
                     "gpt-oss-20b": 20.9e9, "gpt-oss-120b": 116.8e9,
-                    # the model card's 671B (its 685B checkpoint adds the 14B multi-token-prediction module)
+                    # DeepSeek-V3's model card: 671B (its 685B checkpoint adds the 14B multi-token-prediction module)
                     "deepseek-v3": 671.0e9}
+# Published only to the billion: zai-org's "106B total" for GLM-4.5-Air (106.85B without its
+# multi-token-prediction layer): within 1%.
+PUBLISHED_ROUNDED = {"glm-4.5-air": 106e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_configs_count_their_published_parameters(name):
     d = PUBLISHED[name]
     cfg = registry.adapter_for(d).config_from_hf(d)
-    assert round(budget.parameter_count(cfg) / 1e9, 1) == PUBLISHED_PARAMS[name] / 1e9
+    if name in PUBLISHED_ROUNDED:
+        assert abs(budget.parameter_count(cfg) / PUBLISHED_ROUNDED[name] - 1) < 0.01
+    else:
+        assert round(budget.parameter_count(cfg) / 1e9, 1) == PUBLISHED_PARAMS[name] / 1e9
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "glm-4.5-air"])
+def test_published_configs_count_what_transformers_builds_from_them(name):
+    """The count against transformers' own model of the published config, built on the meta
+    device (no memory), every saved tensor counted (the routers' correction biases too)."""
+    import transformers
+
+    d = {k: v for k, v in PUBLISHED[name].items() if k != "quantization_config"}
+    cfg = registry.adapter_for(d).config_from_hf(d)
+    hf_cfg = transformers.AutoConfig.for_model(**d)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert budget.parameter_count(cfg) == sum(t.numel() for t in hf.state_dict().values())
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

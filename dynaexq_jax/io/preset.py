@@ -67,6 +67,19 @@ DEEPSEEK_V3 = dict(
                              weight_block_size=[128, 128]),
 )
 
+# zai-org/GLM-4.5-Air's config.json as published on the Hub: 46 layers, the first dense, 128
+# routed experts top-8 + 1 shared, no q/k norms (GLM-4.5 has them), RoPE on half of each head.
+GLM_4_5_AIR = dict(
+    architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", attention_bias=True, attention_dropout=0.0,
+    pad_token_id=151329, eos_token_id=[151329, 151336, 151338], head_dim=128, hidden_act="silu", hidden_size=4096,
+    partial_rotary_factor=0.5, initializer_range=0.02, intermediate_size=10944, max_position_embeddings=131072,
+    moe_intermediate_size=1408, norm_topk_prob=True, num_attention_heads=96, n_group=1, topk_group=1,
+    n_routed_experts=128, n_shared_experts=1, routed_scaling_factor=1.0, num_experts_per_tok=8,
+    first_k_dense_replace=1, num_hidden_layers=46, num_key_value_heads=8, rms_norm_eps=1e-5, rope_scaling=None,
+    rope_theta=1000000, num_nextn_predict_layers=1, tie_word_embeddings=False, torch_dtype="bfloat16",
+    use_cache=True, use_qk_norm=False, vocab_size=151552,
+)
+
 PRESETS = {
     "qwen3-30b-a3b": dict(
         model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
@@ -117,6 +130,7 @@ PRESETS = {
     # head it ships is not part of the model served.
     "qwen3-next-80b-a3b": QWEN3_NEXT_80B,
     "deepseek-v3": DEEPSEEK_V3,
+    "glm-4.5-air": GLM_4_5_AIR,
     # DeepSeek-V3's latent attention as released (the 512 + 64 latent, 128 + 64 query and 128 value
     # dims per head, but 16 heads) and its routing structure (groups, a dense first layer), at CPU size.
     "deepseek-v3-smoke": dict(
