@@ -109,6 +109,12 @@ FAMILIES = {
                                    attention_bias=True, tie_word_embeddings=False, rope_parameters=dict(
                                        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
     }),
+    # q/k norms over the whole projections, RoPE on a quarter of each head (rotary_dim as released),
+    # sigmoid routing with the correction bias, tied embeddings.
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(intermediate_size=32, head_dim=16, bos_token_id=1), {
+        "rotary-tied": dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=3, rotary_dim=4,
+                            tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+    }),
 }
 CASES = [(fam, name) for fam, spec in FAMILIES.items() for name in spec[3]]
 
@@ -412,11 +418,16 @@ def test_longrope_frequencies_are_phi3s_short_then_long():
     ("glm4_moe", dict(quantization_config={"quant_method": "compressed-tensors"}), "quant_method='compressed-tensors'"),
     ("glm4_moe", dict(n_shared_experts=0), "n_shared_experts=0"),
     ("glm4_moe", dict(partial_rotary_factor=51 / 128), "partial_rotary_factor=0.3984375"),  # 51 dims
+    ("minimax_m2", dict(attn_type_list=[0, 1] * 31), "attn_type_list="),
+    ("minimax_m2", dict(qk_norm_type="per_head"), "qk_norm_type='per_head'"),
+    ("minimax_m2", dict(scoring_func="softmax"), "scoring_func='softmax'"),
+    ("minimax_m2", dict(quantization_config={"quant_method": "awq", "bits": 4}), "quant_method='awq'"),
+    ("minimax_m2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling 'yarn'"),
 ])
 def test_unsupported_fields_are_one_line_errors_naming_the_field(family, change, needle):
     d = {**PUBLISHED[{"mixtral": "mixtral-8x7b", "olmoe": "olmoe-1b-7b", "qwen2_moe": "qwen1.5-moe-a2.7b",
                       "phimoe": "phi-3.5-moe", "gpt_oss": "gpt-oss-20b", "deepseek_v3": "deepseek-v3",
-                      "glm4_moe": "glm-4.5-air"}[family]],
+                      "glm4_moe": "glm-4.5-air", "minimax_m2": "minimax-m2"}[family]],
          **change}
     d = {k: v for k, v in d.items() if v is not None}
     with pytest.raises(ConfigError) as e:
@@ -483,14 +494,15 @@ PUBLISHED["gpt-oss-20b"] = {
 PUBLISHED["gpt-oss-120b"] = {**PUBLISHED["gpt-oss-20b"], "num_hidden_layers": 36, "num_local_experts": 128,
                              "layer_types": ["sliding_attention", "full_attention"] * 18}
 # The families added since, from `io.preset` (where each config.json is written out).
-PUBLISHED.update({"deepseek-v3": preset.DEEPSEEK_V3, "glm-4.5-air": preset.GLM_4_5_AIR})
+PUBLISHED.update({"deepseek-v3": preset.DEEPSEEK_V3, "glm-4.5-air": preset.GLM_4_5_AIR,
+                  "minimax-m2": preset.MINIMAX_M2})
 PUBLISHED_PARAMS = {"mixtral-8x7b": 46.7e9, "olmoe-1b-7b": 6.9e9, "qwen1.5-moe-a2.7b": 14.3e9, "phi-3.5-moe": 41.9e9,
                     "gpt-oss-20b": 20.9e9, "gpt-oss-120b": 116.8e9,
                     # DeepSeek-V3's model card: 671B (its 685B checkpoint adds the 14B multi-token-prediction module)
                     "deepseek-v3": 671.0e9}
 # Published only to the billion: zai-org's "106B total" for GLM-4.5-Air (106.85B without its
-# multi-token-prediction layer): within 1%.
-PUBLISHED_ROUNDED = {"glm-4.5-air": 106e9}
+# multi-token-prediction layer) and MiniMax's "230B total" for MiniMax-M2 (228.69B): within 1%.
+PUBLISHED_ROUNDED = {"glm-4.5-air": 106e9, "minimax-m2": 230e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -503,7 +515,7 @@ def test_published_configs_count_their_published_parameters(name):
         assert round(budget.parameter_count(cfg) / 1e9, 1) == PUBLISHED_PARAMS[name] / 1e9
 
 
-@pytest.mark.parametrize("name", ["deepseek-v3", "glm-4.5-air"])
+@pytest.mark.parametrize("name", ["deepseek-v3", "glm-4.5-air", "minimax-m2"])
 def test_published_configs_count_what_transformers_builds_from_them(name):
     """The count against transformers' own model of the published config, built on the meta
     device (no memory), every saved tensor counted (the routers' correction biases too)."""

@@ -80,6 +80,22 @@ GLM_4_5_AIR = dict(
     use_cache=True, use_qk_norm=False, vocab_size=151552,
 )
 
+# MiniMaxAI/MiniMax-M2's config.json as published on the Hub (the fields that select the model;
+# its auto_map and the multi-token-prediction settings aside): 62 layers, 256 experts top-8 with
+# sigmoid scores and a routing bias, q/k norms over the whole projections, RoPE on 64 of 128 dims,
+# block-wise FP8 weights.
+MINIMAX_M2 = dict(
+    architectures=["MiniMaxM2ForCausalLM"], model_type="minimax_m2", attn_type_list=[1] * 62, head_dim=128,
+    hidden_act="silu", hidden_size=3072, intermediate_size=1536, max_position_embeddings=196608,
+    num_attention_heads=48, num_experts_per_tok=8, num_hidden_layers=62, num_key_value_heads=8,
+    num_local_experts=256, qk_norm_type="per_layer", rms_norm_eps=1e-6, rope_theta=5000000, rotary_dim=64,
+    scoring_func="sigmoid", shared_intermediate_size=0, tie_word_embeddings=False, torch_dtype="bfloat16",
+    use_cache=True, use_qk_norm=True, use_routing_bias=True, vocab_size=200064,
+    quantization_config=dict(activation_scheme="dynamic", fmt="float8_e4m3fn", quant_method="fp8",
+                             weight_block_size=[128, 128],
+                             modules_to_not_convert=["gate", "e_score_correction_bias", "lm_head"]),
+)
+
 PRESETS = {
     "qwen3-30b-a3b": dict(
         model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
@@ -131,6 +147,7 @@ PRESETS = {
     "qwen3-next-80b-a3b": QWEN3_NEXT_80B,
     "deepseek-v3": DEEPSEEK_V3,
     "glm-4.5-air": GLM_4_5_AIR,
+    "minimax-m2": MINIMAX_M2,
     # DeepSeek-V3's latent attention as released (the 512 + 64 latent, 128 + 64 query and 128 value
     # dims per head, but 16 heads) and its routing structure (groups, a dense first layer), at CPU size.
     "deepseek-v3-smoke": dict(
