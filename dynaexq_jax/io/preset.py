@@ -96,6 +96,29 @@ MINIMAX_M2 = dict(
                              modules_to_not_convert=["gate", "e_score_correction_bias", "lm_head"]),
 )
 
+# Qwen/Qwen3.5-35B-A3B's config.json as published on the Hub (the vision tower's settings, which
+# a text prompt never reads, as there too): 40 layers, three gated-DeltaNet layers to each gated
+# attention one, 256 experts top-8 + a shared expert; the text model's fields are transformers'
+# Qwen3_5MoeTextConfig defaults, which transformers documents as this model's.
+QWEN3_5_35B_A3B = dict(
+    architectures=["Qwen3_5MoeForConditionalGeneration"], model_type="qwen3_5_moe", image_token_id=248056,
+    video_token_id=248057, vision_start_token_id=248053, vision_end_token_id=248054, tie_word_embeddings=False,
+    text_config=dict(
+        model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=2048, num_hidden_layers=40,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=256, hidden_act="silu", max_position_embeddings=262144,
+        rms_norm_eps=1e-6, attention_bias=False, attn_output_gate=True, full_attention_interval=4,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 10,
+        linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+        linear_num_value_heads=32, moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=256,
+        num_experts_per_tok=8, router_aux_loss_coef=0.001, mtp_num_hidden_layers=1, eos_token_id=248044,
+        tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=10000000,
+                                                        partial_rotary_factor=0.25, mrope_section=[11, 11, 10],
+                                                        mrope_interleaved=True)),
+    vision_config=dict(model_type="qwen3_5_moe_vision", depth=27, hidden_size=1152, intermediate_size=4304,
+                       num_heads=16, in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                       out_hidden_size=2048, num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh"),
+)
+
 PRESETS = {
     "qwen3-30b-a3b": dict(
         model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
@@ -148,6 +171,7 @@ PRESETS = {
     "deepseek-v3": DEEPSEEK_V3,
     "glm-4.5-air": GLM_4_5_AIR,
     "minimax-m2": MINIMAX_M2,
+    "qwen3.5-35b-a3b": QWEN3_5_35B_A3B,
     # DeepSeek-V3's latent attention as released (the 512 + 64 latent, 128 + 64 query and 128 value
     # dims per head, but 16 heads) and its routing structure (groups, a dense first layer), at CPU size.
     "deepseek-v3-smoke": dict(

@@ -231,6 +231,8 @@ class ModelConfig:
             if self.linear_num_value_heads % self.linear_num_key_heads:
                 raise _bad("linear_num_value_heads", self.linear_num_value_heads,
                            f"a multiple of linear_num_key_heads={self.linear_num_key_heads}")
+        if self.linear_projection not in ("grouped", "split"):
+            raise _bad("linear_projection", self.linear_projection, "'grouped' or 'split'")
         if self.router == "sigmoid_topk" and self.moe_layers:
             if self.num_experts % self.n_group or (self.n_group > 1 and self.num_experts // self.n_group < 2):
                 raise _bad("n_group", self.n_group, f"a divisor of n_routed_experts={self.num_experts} leaving at "
@@ -242,7 +244,7 @@ class ModelConfig:
                            f"at most the {self.topk_group * (self.num_experts // self.n_group)} experts of the "
                            f"topk_group={self.topk_group} groups a token may use")
         if self.mla:
-            for f in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            for f in ("qk_nope_head_dim", "v_head_dim"):
                 if getattr(self, f) < 1:
                     raise _bad(f, getattr(self, f), "greater than 0 in a model with latent attention")
             if self.head_dim % 2:

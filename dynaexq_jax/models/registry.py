@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from dynaexq_jax.models import (deepseek_v3, glm4_moe, gpt_oss, minimax_m2, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe,
-                                qwen3_next)
+from dynaexq_jax.models import (deepseek_v3, glm4_moe, gpt_oss, minimax_m2, mixtral, olmoe, phimoe, qwen2_moe, qwen3_5_moe,
+                                qwen3_moe, qwen3_next)
 from dynaexq_jax.models.config import ConfigError
 
-ADAPTERS: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (qwen3_moe, mixtral, olmoe, qwen2_moe, phimoe, gpt_oss,
-                                                               qwen3_next, deepseek_v3, glm4_moe, minimax_m2)}
+# An adapter serves its MODEL_TYPE, or each of its MODEL_TYPES (checkpoint layouts of one family).
+ADAPTERS: dict[str, ModuleType] = {t: m for m in (qwen3_moe, mixtral, olmoe, qwen2_moe, phimoe, gpt_oss, qwen3_next,
+                                                  deepseek_v3, glm4_moe, minimax_m2, qwen3_5_moe)
+                                   for t in getattr(m, "MODEL_TYPES", (m.MODEL_TYPE,))}
 
 
 def adapter_for(hf_config: dict) -> ModuleType:
