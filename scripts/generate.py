@@ -272,6 +272,13 @@ def floe_options(args):
     return FloeOptions(up_bits=args.floe_up_bits, sparsity=args.floe_sparsity, calibration=args.floe_calibration)
 
 
+def model_name(args, cfg) -> str:
+    """The model as plan headers name it: its directory and its parameter count."""
+    from dynaexq_jax import budget as budget_lib
+
+    return f"{Path(args.model).name} ({budget_lib.parameter_count(cfg) / 1e9:.2f}B parameters)"
+
+
 def make_plan(args, cfg, shape, budget_bytes, opts=None):
     """The memory plan `build_engine` will make for these flags (or for `opts`, tiers resolved),
     from the config alone."""
@@ -292,7 +299,7 @@ def make_plan(args, cfg, shape, budget_bytes, opts=None):
         plan = build.plan_for(cfg, args.policy, opts=opts, devices=devices, **kw)
         header = (
             f"memory plan per device (each of {devices} on --mesh expert={devices}, {cfg.num_experts // devices} of "
-            f"{cfg.num_experts} experts per layer each): {Path(args.model).name}, policy {args.policy}, batch {batch} "
+            f"{cfg.num_experts} experts per layer each): {model_name(args, cfg)}, policy {args.policy}, batch {batch} "
             f"x context {engine.cache_bucket(prompt + new)} tokens (prefill up to {prompt}), {args.dtype}, "
             f"{budget_lib.format_name(opts.lo_bits)} fallback, {opts.hi_dtype} slots"
         )
@@ -304,7 +311,7 @@ def make_plan(args, cfg, shape, budget_bytes, opts=None):
         auto = " (auto tiers start here; the run picks them from each expert's measured error)"
     plan = build.plan_for(cfg, args.policy, opts=opts, floe=floe_options(args), **kw)
     header = (
-        f"memory plan: {Path(args.model).name}, policy {args.policy}, batch {batch} x context "
+        f"memory plan: {model_name(args, cfg)}, policy {args.policy}, batch {batch} x context "
         f"{engine.cache_bucket(prompt + new)} tokens (prefill up to {prompt}), {args.dtype}, "
         f"{budget_lib.format_name(opts.lo_bits)} fallback, {opts.hi_dtype} slots{auto}"
     )
