@@ -117,6 +117,10 @@ FAMILIES = {
     }),
 }
 CASES = [(fam, name) for fam, spec in FAMILIES.items() for name in spec[3]]
+# Family-independent features (FloE, big-little, the command line) run on the families before
+# these and on DeepSeek-V3, for the sigmoid router and latent attention: GLM-4.5's and
+# MiniMax-M2's layers are all among theirs, so their parity tests cover them (and CI time).
+FEATURE_FAMILIES = sorted(set(FAMILIES) - {"glm4_moe", "minimax_m2"})
 
 
 def make_family_checkpoint(path, family: str, name: str, seed: int = 0):
@@ -246,7 +250,7 @@ def test_offload_or_prefetch_equals_full(family_checkpoint, full_engine):
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)  # experts summed in rounds
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FEATURE_FAMILIES)
 def test_floe_with_every_channel_kept_matches_transformers(family, tmp_path_factory):
     """FloE's channel-sliced experts (gate columns, up, down rows; gpt-oss's interleaved gate|up,
     biases and clamped SwiGLU) at sparsity 0, uncompressed: transformers' logits."""
@@ -271,9 +275,11 @@ def test_dynaexq_with_every_expert_in_a_slot_equals_full(family_checkpoint, full
     np.testing.assert_allclose(eng.logits([PROMPT])[0], full.logits([PROMPT])[0], atol=1e-6, rtol=0)
 
 
-def test_big_little_with_little_k_equal_k_is_plain_and_little_tokens_drop_their_pairs(full_engine):
+def test_big_little_with_little_k_equal_k_is_plain_and_little_tokens_drop_their_pairs(family_checkpoint, full_engine):
     from dynaexq_jax.models.big_little import BigLittle
 
+    if family_checkpoint[0] not in FEATURE_FAMILIES:
+        pytest.skip(f"big-little is checked on {', '.join(FEATURE_FAMILIES)} (see FEATURE_FAMILIES)")
     full = full_engine[0]
     cfg = full.cfg
     k, L = cfg.experts_per_token, len(cfg.moe_layers)
@@ -300,7 +306,7 @@ def test_static_equals_its_dequantized_reference(family_checkpoint):
     np.testing.assert_allclose(fwd(ckpt.params, experts, tokens), fwd(ckpt.params, ref, tokens), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FEATURE_FAMILIES)
 def test_generate_script_runs_the_family(family, tmp_path_factory, capsys):
     generate = _generate_script()
     _, _, path, _ = checkpoint(tmp_path_factory, family, list(FAMILIES[family][3])[0])

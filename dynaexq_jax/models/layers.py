@@ -26,8 +26,8 @@ import numpy as np
 import pallas_kernels
 from dynaexq_jax.experts.matmul import clamped_swiglu, swiglu
 from dynaexq_jax.models import big_little as bl_lib
-from dynaexq_jax.models.big_little import BigLittle, LittleRouting
 from dynaexq_jax.models import routing
+from dynaexq_jax.models.big_little import BigLittle, LittleRouting
 from dynaexq_jax.models.config import ModelConfig
 
 _MASKED = -1e30  # finite, so rows with every key masked (left padding) give no NaN
