@@ -13,9 +13,8 @@ is absorbed into the query (q_lat[h] = q_nope[h] W_uk[h]^T, so q_lat[h] . c = q_
 minus the rotary part) and W_uv into the output (o[h] = (softmax . c) W_uv[h]), so a decode step
 reads the latent cache and never expands keys or values; on a GPU its attention is one Pallas
 kernel that reads the layer's filled slots of the stacked cache in place
-(`pallas_kernels.latent_attention`). A fresh prefill (nothing cached before
-it) expands its own chunk's keys and values per head instead, the cheaper order for many
-queries over few keys.
+(`pallas_kernels.latent_attention`). A fresh prefill (nothing cached before it) expands its own
+chunk's keys and values per head instead, the cheaper order for many queries over few keys.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from dynaexq_jax.models.config import ModelConfig, yarn_mscale
-from pallas_kernels.latent_attention import latent_attention, latent_attention_supported
 from dynaexq_jax.models.layers import Linear, RMSNorm, _attention, as_array, mm, rope
+from pallas_kernels.latent_attention import latent_attention, latent_attention_supported
 
 
 def cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, ...]:
