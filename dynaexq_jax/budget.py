@@ -131,18 +131,32 @@ def expert_bias_count(cfg) -> int:
     return len(cfg.moe_layers) * cfg.num_experts * (2 * cfg.moe_intermediate_size + cfg.hidden_size)
 
 
-def non_expert_nbytes(cfg, itemsize: int) -> int:
+def float32_count(cfg) -> int:
+    """Parameters kept in float32 whatever the compute dtype: sigmoid routers and their
+    score-correction biases (`layers.router_logits`)."""
+    if cfg.router != "sigmoid_topk":
+        return 0
+    return len(cfg.moe_layers) * cfg.num_experts * (cfg.hidden_size + 1)
+
+
+def non_expert_count(cfg) -> int:
     """Embeddings, attention (biases and sinks included), norms, routers, dense MLPs, shared
     experts and the LM head: every tensor the family adapter's tables name outside the routed
-    experts, which are exactly the decoder's params; plus the experts' biases, which stay
-    resident at the compute dtype whatever tier serves their expert."""
+    experts, which are exactly the decoder's params; plus the experts' biases."""
     from dynaexq_jax.models import registry
 
     fam = registry.adapter(cfg)
     total = sum(math.prod(t.shape) for t in fam.top_tensors(cfg))
     for i in range(cfg.num_layers):
         total += sum(math.prod(t.shape) for t in fam.layer_tensors(cfg, i))
-    return (total + expert_bias_count(cfg)) * itemsize
+    return total + expert_bias_count(cfg)
+
+
+def non_expert_nbytes(cfg, itemsize: int) -> int:
+    """Bytes of `non_expert_count`'s parameters on the device: the compute dtype's `itemsize`
+    each (the experts' biases too: they stay resident at it whatever tier serves their
+    expert), float32 for `float32_count` of them."""
+    return non_expert_count(cfg) * itemsize + float32_count(cfg) * max(4 - itemsize, 0)
 
 
 def expert_shapes(cfg) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -169,7 +183,9 @@ def slot_nbytes(cfg, hi_dtype: str, group_size: int, itemsize: int = _BF16) -> i
 def kv_cache_nbytes(cfg, batch: int, context: int, itemsize: int) -> int:
     """K and V of the softmax-attention layers, and the linear-attention layers' constant-size
     states (conv inputs and float32 delta-rule state per sequence, `models.deltanet`)."""
-    per_layer = 2 * batch * context * cfg.num_kv_heads * cfg.head_dim * itemsize
+    # Latent attention caches kv_lora_rank + qk_rope_head_dim values per token (`models.mla`).
+    per_token = cfg.kv_lora_rank + cfg.head_dim if cfg.mla else 2 * cfg.num_kv_heads * cfg.head_dim
+    per_layer = batch * context * per_token * itemsize
     linear = 0
     if cfg.linear_layers:
         from dynaexq_jax.models import deltanet
@@ -207,6 +223,12 @@ def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int) 
                 cfg.intermediate_size if len(cfg.moe_layers) < cfg.num_layers else 0)
     q_heads = 3 if cfg.attn_output_gate else 2  # q and o (and the output gate)
     attention_weights = H * D * (q_heads * cfg.num_heads + 2 * cfg.num_kv_heads)
+    if cfg.mla:  # its projections; a fresh prefill's keys and values expanded per head, in float32
+        NH, C, DN, DV = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+        q_in = cfg.q_lora_rank or H
+        attention_weights = (H * cfg.q_lora_rank + q_in * NH * (DN + D) + H * (C + D) + C * NH * (DN + DV)
+                             + NH * DV * H)
+        hidden += 3 * tokens * NH * (DN + D + DV) * 4
     linear = 0
     if cfg.linear_layers:
         # A gated DeltaNet layer's prefill: per value head and token, its rows of the chunk's
@@ -342,8 +364,9 @@ def plan_memory(
         slots = n_moe * E
     elif budget < minimum:
         raise BudgetError(
-            f"budget {format_size(budget)} cannot hold the {format_name(lo_bits)} fallback experts, weights and KV "
-            f"cache for batch {batch} x context {context}: the minimum is {format_size(minimum)} ({minimum} bytes)"
+            f"budget {format_size(budget)} cannot hold the {format_name(lo_bits)} fallback experts "
+            f"({format_size(parts['fallback'])}), weights and KV cache for batch {batch} x context {context}: the "
+            f"minimum is {format_size(minimum)} ({minimum} bytes)"
         )
     else:
         slots = min((budget - minimum) // slot, n_moe * E)
@@ -358,7 +381,7 @@ def plan_memory(
 def parameter_count(cfg) -> int:
     """Parameters of the checkpoint as config.json describes it (for checking an index's size)."""
     gu, dn = expert_shapes(cfg)
-    return non_expert_nbytes(cfg, 1) + len(cfg.moe_layers) * cfg.num_experts * (math.prod(gu) + math.prod(dn))
+    return non_expert_count(cfg) + len(cfg.moe_layers) * cfg.num_experts * (math.prod(gu) + math.prod(dn))
 
 
 def with_host(plan: MemoryPlan, cfg, policy: str, hi_dtype: str, dtype_itemsize: int) -> MemoryPlan:

@@ -13,6 +13,7 @@ only when complete, so a failure midway never leaves a half-written checkpoint a
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -44,6 +45,8 @@ def hf_tensors(cfg: ModelConfig, params: dict, experts: HostExperts, dtype) -> I
             g, u = np.split(a, 2, axis=-1)
             a = np.stack([g, u], axis=-1).reshape(a.shape)
         a = (np.swapaxes(a, -1, -2) if t.linear else a).astype(npd)
+        if t.cols is None and not t.linear and a.size == math.prod(t.shape):  # kept per head (MLA's kv_b_proj)
+            a = a.reshape(t.shape)
         if a.shape != t.shape:
             raise ValueError(f"{t.name}: expected shape {t.shape}, got {a.shape}")
         return t.name, np.ascontiguousarray(a)

@@ -53,6 +53,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # values), as transformers' integrations/mxfp4.py defines them; it stands for X [..., K, N].
 MXFP4_SUFFIXES = ("_blocks", "_scales")
 FP4_VALUES = quant.E2M1_VALUES  # e2m1 code -> value
+# A block-quantized FP8 weight X (DeepSeek-V3's and MiniMax-M2's releases) is X stored as
+# F8_E4M3 and X_scale_inv (float32 [ceil(out / bo), ceil(in / bi)]): each (bo, bi) block of X
+# times its scale, the block size from config.json's quantization_config.weight_block_size.
+FP8_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn}
+FP8_SCALE = "_scale_inv"
 
 
 def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -140,11 +145,13 @@ def _check_entry(path: Path, name: str, t, data: int, damaged) -> None:
     shape, and offsets that match them and fit the data (a wrong dtype would reinterpret the
     bytes: integers read as weights)."""
     dtype = t.get("dtype") if isinstance(t, dict) else None
-    itemsize = _WEIGHT_ITEMSIZE.get(dtype) or (1 if dtype == "U8" and name.endswith(MXFP4_SUFFIXES) else None)
+    itemsize = (_WEIGHT_ITEMSIZE.get(dtype) or (1 if dtype in FP8_DTYPES else None)
+                or (1 if dtype == "U8" and name.endswith(MXFP4_SUFFIXES) else None))
     if itemsize is None:
         raise CheckpointError(f"{path}: tensor {name!r} is stored as {dtype!r}, not as one of "
-                              f"{', '.join(_WEIGHT_ITEMSIZE)} (or U8 MXFP4 blocks and scales); the file is damaged, "
-                              "or quantized in a way that is not supported: download the model's bf16 release")
+                              f"{', '.join(_WEIGHT_ITEMSIZE)} (or F8_E4M3 with block scales, U8 MXFP4 blocks and "
+                              "scales); the file is damaged, or quantized in a way that is not supported: download "
+                              "the model's bf16 release")
     shape, offsets = t.get("shape"), t.get("data_offsets")
     if not (isinstance(shape, list) and all(_integral(d) and d >= 0 for d in shape)
             and isinstance(offsets, list) and len(offsets) == 2 and all(map(_integral, offsets))):
@@ -233,6 +240,32 @@ def expert_tensor_names(cfg: ModelConfig, names) -> list[str]:
     return out
 
 
+def ignored_prefixes(cfg: ModelConfig) -> tuple[str, ...]:
+    """Names of tensors the family does not load (multi-token-prediction heads, a vision tower):
+    its adapter's `ignored_prefixes(cfg)`, or its constant `IGNORED_PREFIXES`."""
+    fam = registry.adapter(cfg)
+    fn = getattr(fam, "ignored_prefixes", None)
+    return tuple(fn(cfg)) if fn else getattr(fam, "IGNORED_PREFIXES", ())
+
+
+def fp8_block(path: Path) -> tuple[int, int] | None:
+    """config.json's quantization_config.weight_block_size (the adapter has accepted it), or None."""
+    doc = read_json(path / "config.json", "it from the model's release")
+    q = doc.get("quantization_config") if isinstance(doc, dict) else None
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+        return None
+    return tuple(q["weight_block_size"])
+
+
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """float8 w [out, in] and its block scales [ceil(out / bo), ceil(in / bi)] -> float32 w, each
+    block times its scale (the last blocks of a row or column may be partial)."""
+    bo, bi = block
+    out, inp = w.shape[-2:]
+    s = np.repeat(np.repeat(scale_inv.astype(np.float32), bo, axis=-2), bi, axis=-1)[..., :out, :inp]
+    return w.astype(np.float32) * s
+
+
 def check_tensor_names(cfg: ModelConfig, files: dict[str, Path], path: Path) -> None:
     """The checkpoint holds exactly the tensors config.json implies: a config that disagrees with
     the weights (fewer layers, tied embeddings beside an lm_head) would otherwise run, wrongly."""
@@ -240,7 +273,8 @@ def check_tensor_names(cfg: ModelConfig, files: dict[str, Path], path: Path) -> 
     present = logical_names(files)
     missing = [n for n in wanted if n not in present]
     used = set(wanted) | {n + s for n in wanted if n not in files for s in MXFP4_SUFFIXES}
-    ignored = getattr(registry.adapter(cfg), "IGNORED_PREFIXES", ())  # heads the family does not load (MTP)
+    used |= {n + FP8_SCALE for n in wanted if n + FP8_SCALE in files}
+    ignored = ignored_prefixes(cfg)
     unused = sorted(set(files) - used - {n for n in files if n.endswith(_IGNORED_SUFFIXES) or n.startswith(ignored)})
     hint = ("config.json does not match the weights: check num_hidden_layers, num_experts, mlp_only_layers "
             "and tie_word_embeddings against the model's release")
@@ -268,13 +302,14 @@ class _TensorReader:
     the mapping until converted); `progress` (a tqdm bar, or None) advances by each tensor's
     stored bytes, `bytes_read` counts them."""
 
-    def __init__(self, files: dict[str, Path], dtype, progress=None):
+    def __init__(self, files: dict[str, Path], dtype, progress=None, fp8_block: tuple[int, int] | None = None):
         self.files = files
         self.names = logical_names(files)
         self.dtype = np_dtype(dtype)
         self._maps = {}  # path -> (mapping, header, start of the data)
         self.progress = progress
         self.bytes_read = 0
+        self.fp8_block = fp8_block
 
     def __contains__(self, name):
         return name in self.names
@@ -292,14 +327,39 @@ class _TensorReader:
             self._maps[path] = (buf, header, 8 + n)
         return self._maps[path]
 
+    def _header(self, name: str) -> dict:
+        return self._mapped(self.files[name])[1][name]
+
     def _read(self, name: str, index=None) -> np.ndarray:
-        """Tensor `name` as stored, a read-only view of the mapped file; `index` (along axis 0)
-        takes only that part, and only its bytes count as read."""
+        """Tensor `name` as stored, a read-only view of the mapped file (an FP8 one dequantized
+        with its block scales); `index` (along axis 0) takes only that part, and only its bytes
+        count as read."""
         buf, header, start = self._mapped(self.files[name])
         h = header[name]
-        a = np.frombuffer(buf, _ST_NUMPY[h["dtype"]], count=int(np.prod(h["shape"], dtype=np.int64)),
+        fp8 = h["dtype"] in FP8_DTYPES
+        a = np.frombuffer(buf, FP8_DTYPES[h["dtype"]] if fp8 else _ST_NUMPY[h["dtype"]],
+                          count=int(np.prod(h["shape"], dtype=np.int64)),
                           offset=start + h["data_offsets"][0]).reshape(h["shape"])
+        if fp8:  # dequantized whole: its blocks span the rows an index would cut
+            a = self._dequantize_fp8(name, self._count(a))
+            return a if index is None else a[index]
         return self._count(a if index is None else a[index])
+
+    def _dequantize_fp8(self, name: str, w: np.ndarray) -> np.ndarray:
+        """An F8_E4M3 tensor to float32 with its block scales."""
+        path = self.files[name]
+        if name + FP8_SCALE not in self.files or self.fp8_block is None:
+            raise CheckpointError(f"{path}: tensor {name!r} is stored as float8 without its {name + FP8_SCALE!r} and "
+                                  "a quantization_config.weight_block_size in config.json; restore both from the "
+                                  "model's release")
+        scale = self._read(name + FP8_SCALE)
+        rows, cols = w.shape[-2:] if w.ndim >= 2 else (0, 0)
+        bo, bi = self.fp8_block
+        if w.ndim < 2 or scale.shape != (*w.shape[:-2], -(-rows // bo), -(-cols // bi)):
+            raise CheckpointError(f"{path}: FP8 tensor {name!r} {tuple(w.shape)} has scales {tuple(scale.shape)}, not "
+                                  f"one per {bo}x{bi} block (quantization_config.weight_block_size); restore it from "
+                                  "the model's release")
+        return dequantize_fp8(w, scale, self.fp8_block)
 
     def _count(self, a: np.ndarray) -> np.ndarray:
         self.bytes_read += a.nbytes
@@ -307,29 +367,30 @@ class _TensorReader:
             self.progress.update(a.nbytes)
         return a
 
-    def get(self, t, index=None) -> np.ndarray:
+    def get(self, t, index=None, dtype=None) -> np.ndarray:
         """Tensor `t` (an adapter's `Tensor`) in our layout: shape checked, [..., in, out] if
         linear, gate columns before up if interleaved; MXFP4 decoded one expert at a time.
         `index` (an int or slice along axis 0, e.g. experts of a fused tensor): only that part
-        is read (an MXFP4 tensor is decoded whole first)."""
+        is read (an MXFP4 tensor is decoded whole first). In `dtype` (default the compute dtype)."""
+        dtype = self.dtype if dtype is None else np.dtype(dtype)
         if t.name not in self.names:
             raise CheckpointError(f"checkpoint lacks tensor {t.name!r}; is it a complete checkpoint of this model "
                                   "type?")
         if t.name in self.files:
-            shape = tuple(self._mapped(self.files[t.name])[1][t.name]["shape"])
+            shape = tuple(self._header(t.name)["shape"])
             if shape != t.shape:
                 raise CheckpointError(f"tensor {t.name!r} has shape {shape}, config.json implies {t.shape}")
-            a = self._layout(t, self._read(t.name, index).astype(self.dtype, copy=False))
+            a = self._layout(t, self._read(t.name, index).astype(dtype, copy=False))
             if not a.flags.writeable:  # still a view of the file: the caller owns what it gets
                 a = a.copy()
         else:
-            a = decode_layer(self.mxfp4(t), self.dtype)
+            a = decode_layer(self.mxfp4(t), dtype)
             a = a if index is None else a[index]
         # Checked as each tensor is converted, one more pass over memory just read: a NaN or
         # Inf weight would otherwise come out as garbage tokens, or none.
         if not all_finite(a):
             raise CheckpointError(f"tensor {t.name!r} in {self.files.get(t.name, self.files.get(t.name + '_blocks'))} "
-                                  f"holds NaN or Inf values (or values too large for {self.dtype}); the checkpoint "
+                                  f"holds NaN or Inf values (or values too large for {dtype}); the checkpoint "
                                   "is damaged: download or export it again")
         return a
 
@@ -461,8 +522,8 @@ def load_tokenizer(path: Path):
 
 def _fill(leaf: np.ndarray, t, value: np.ndarray) -> None:
     """Write `value` where tensor `t` goes in `leaf` (all of it, or its column range)."""
-    if t.cols is None:
-        leaf[...] = value
+    if t.cols is None:  # whole (in the parameter's shape: MLA's kv_b_proj is kept per head)
+        leaf[...] = value.reshape(leaf.shape)
     else:
         leaf[..., t.cols[0]:t.cols[1]] = value
 
@@ -483,13 +544,16 @@ def load_params(cfg: ModelConfig, files: dict[str, Path], dtype, progress=None,
     fam = registry.adapter(cfg)
     r = reader or _TensorReader(files, dtype, progress)
     shapes = Decoder(cfg, dtype).param_shapes()
-    params = jax.tree.map(lambda a: np.empty(a.shape, r.dtype), shapes)
+    # The compute dtype, but where the decoder keeps a parameter in float32 (sigmoid routers).
+    params = jax.tree.map(lambda a: np.empty(a.shape, np.float32 if a.dtype == jnp.float32 else r.dtype), shapes)
     for t in fam.top_tensors(cfg):
-        _fill(_leaf(params, t.path), t, r.get(t))
+        leaf = _leaf(params, t.path)
+        _fill(leaf, t, r.get(t, dtype=leaf.dtype))
     for seg, stacked in zip(cfg.segments, params["layers"]):
         for j in range(seg.count):
             for t in fam.layer_tensors(cfg, seg.first + j):
-                _fill(_leaf(stacked, t.path)[j], t, r.get(t))
+                leaf = _leaf(stacked, t.path)
+                _fill(leaf[j], t, r.get(t, dtype=leaf.dtype))
     fused = [fam.fused_expert_tensors(cfg, i) for i in cfg.moe_layers]
     if fused and all(r.is_mxfp4(t) for pair in fused for t in pair):  # shipped 4-bit: kept as shipped
         mxfp4 = [(r.mxfp4(gu), r.mxfp4(d)) for gu, d in fused]
@@ -594,7 +658,7 @@ def load(path: str | Path, dtype=jnp.bfloat16, *, progress: bool = False) -> Che
     eos, tokenizer = read_eos(path), load_tokenizer(path)  # before the weights: a bad file fails fast
     experts = set(expert_tensor_names(cfg, files))
     total = stored_nbytes({n: f for n, f in files.items() if n not in experts}) if progress else 0
-    reader = _TensorReader(files, dtype)
+    reader = _TensorReader(files, dtype, fp8_block=fp8_block(path))
     with tqdm(total=total, desc="loading", unit="B", unit_scale=True, file=sys.stderr, disable=not progress,
               leave=False, dynamic_ncols=True) as bar:
         reader.progress = bar if progress else None

@@ -51,6 +51,77 @@ QWEN3_NEXT_80B = dict(
     bos_token_id=151643, eos_token_id=151645,
 )
 
+# deepseek-ai/DeepSeek-V3's config.json as published on the Hub (DeepSeek-R1 shares every field
+# but the version tags): 61 layers, the first 3 dense, 256 routed experts top-8 in 8 groups
+# (best 4 kept) + 1 shared, MLA with a 512 + 64 latent, YaRN x40, block-wise FP8 weights.
+DEEPSEEK_V3 = dict(
+    architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280, hidden_size=7168,
+    intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+    num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256, ep_size=1, routed_scaling_factor=2.5,
+    kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+    topk_method="noaux_tc", n_group=8, topk_group=4, num_experts_per_tok=8, moe_layer_freq=1,
+    first_k_dense_replace=3, norm_topk_prob=True, scoring_func="sigmoid", aux_loss_alpha=0.001, seq_aux=True,
+    hidden_act="silu", max_position_embeddings=163840, initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True,
+    bos_token_id=0, eos_token_id=1, pretraining_tp=1, tie_word_embeddings=False, rope_theta=10000,
+    rope_scaling=dict(beta_fast=32, beta_slow=1, factor=40, mscale=1.0, mscale_all_dim=1.0,
+                      original_max_position_embeddings=4096, type="yarn"),
+    attention_bias=False, attention_dropout=0.0, num_nextn_predict_layers=1, torch_dtype="bfloat16",
+    quantization_config=dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8",
+                             weight_block_size=[128, 128]),
+)
+
+# zai-org/GLM-4.5-Air's config.json as published on the Hub: 46 layers, the first dense, 128
+# routed experts top-8 + 1 shared, no q/k norms (GLM-4.5 has them), RoPE on half of each head.
+GLM_4_5_AIR = dict(
+    architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", attention_bias=True, attention_dropout=0.0,
+    pad_token_id=151329, eos_token_id=[151329, 151336, 151338], head_dim=128, hidden_act="silu", hidden_size=4096,
+    partial_rotary_factor=0.5, initializer_range=0.02, intermediate_size=10944, max_position_embeddings=131072,
+    moe_intermediate_size=1408, norm_topk_prob=True, num_attention_heads=96, n_group=1, topk_group=1,
+    n_routed_experts=128, n_shared_experts=1, routed_scaling_factor=1.0, num_experts_per_tok=8,
+    first_k_dense_replace=1, num_hidden_layers=46, num_key_value_heads=8, rms_norm_eps=1e-5, rope_scaling=None,
+    rope_theta=1000000, num_nextn_predict_layers=1, tie_word_embeddings=False, torch_dtype="bfloat16",
+    use_cache=True, use_qk_norm=False, vocab_size=151552,
+)
+
+# MiniMaxAI/MiniMax-M2's config.json as published on the Hub (the fields that select the model;
+# its auto_map and the multi-token-prediction settings aside): 62 layers, 256 experts top-8 with
+# sigmoid scores and a routing bias, q/k norms over the whole projections, RoPE on 64 of 128 dims,
+# block-wise FP8 weights.
+MINIMAX_M2 = dict(
+    architectures=["MiniMaxM2ForCausalLM"], model_type="minimax_m2", attn_type_list=[1] * 62, head_dim=128,
+    hidden_act="silu", hidden_size=3072, intermediate_size=1536, max_position_embeddings=196608,
+    num_attention_heads=48, num_experts_per_tok=8, num_hidden_layers=62, num_key_value_heads=8,
+    num_local_experts=256, qk_norm_type="per_layer", rms_norm_eps=1e-6, rope_theta=5000000, rotary_dim=64,
+    scoring_func="sigmoid", shared_intermediate_size=0, tie_word_embeddings=False, torch_dtype="bfloat16",
+    use_cache=True, use_qk_norm=True, use_routing_bias=True, vocab_size=200064,
+    quantization_config=dict(activation_scheme="dynamic", fmt="float8_e4m3fn", quant_method="fp8",
+                             weight_block_size=[128, 128],
+                             modules_to_not_convert=["gate", "e_score_correction_bias", "lm_head"]),
+)
+
+# Qwen/Qwen3.5-35B-A3B's config.json as published on the Hub (the vision tower's settings, which
+# a text prompt never reads, as there too): 40 layers, three gated-DeltaNet layers to each gated
+# attention one, 256 experts top-8 + a shared expert; the text model's fields are transformers'
+# Qwen3_5MoeTextConfig defaults, which transformers documents as this model's.
+QWEN3_5_35B_A3B = dict(
+    architectures=["Qwen3_5MoeForConditionalGeneration"], model_type="qwen3_5_moe", image_token_id=248056,
+    video_token_id=248057, vision_start_token_id=248053, vision_end_token_id=248054, tie_word_embeddings=False,
+    text_config=dict(
+        model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=2048, num_hidden_layers=40,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=256, hidden_act="silu", max_position_embeddings=262144,
+        rms_norm_eps=1e-6, attention_bias=False, attn_output_gate=True, full_attention_interval=4,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 10,
+        linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+        linear_num_value_heads=32, moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=256,
+        num_experts_per_tok=8, router_aux_loss_coef=0.001, mtp_num_hidden_layers=1, eos_token_id=248044,
+        tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=10000000,
+                                                        partial_rotary_factor=0.25, mrope_section=[11, 11, 10],
+                                                        mrope_interleaved=True)),
+    vision_config=dict(model_type="qwen3_5_moe_vision", depth=27, hidden_size=1152, intermediate_size=4304,
+                       num_heads=16, in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                       out_hidden_size=2048, num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh"),
+)
+
 PRESETS = {
     "qwen3-30b-a3b": dict(
         model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
@@ -100,6 +171,17 @@ PRESETS = {
     # gated softmax-attention one, 512 experts top-10 + a shared expert. The multi-token-prediction
     # head it ships is not part of the model served.
     "qwen3-next-80b-a3b": QWEN3_NEXT_80B,
+    "deepseek-v3": DEEPSEEK_V3,
+    "glm-4.5-air": GLM_4_5_AIR,
+    "minimax-m2": MINIMAX_M2,
+    "qwen3.5-35b-a3b": QWEN3_5_35B_A3B,
+    # DeepSeek-V3's latent attention as released (the 512 + 64 latent, 128 + 64 query and 128 value
+    # dims per head, but 16 heads) and its routing structure (groups, a dense first layer), at CPU size.
+    "deepseek-v3-smoke": dict(
+        DEEPSEEK_V3, vocab_size=512, hidden_size=512, intermediate_size=1024, moe_intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=32, n_group=4,
+        topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1, q_lora_rank=256,
+        max_position_embeddings=16384, quantization_config=None),
     # Qwen3-Next's structure (layer pattern, head ratios, shared expert) at CPU size.
     "qwen3-next-smoke": dict(
         QWEN3_NEXT_80B, vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -223,10 +305,11 @@ def random_params(cfg: ModelConfig, dtype, seed: int) -> dict:
 
     def init(path, leaf):
         name = jax.tree_util.keystr(path)
+        dt = np.float32 if leaf.dtype == jnp.float32 else npd  # where the decoder keeps float32 (sigmoid routers)
         if "norm" in name:  # unit scale: zero-centred norms (Qwen3-Next's, but its DeltaNet output norm) store w - 1
             centred = cfg.norm == "zero_centred_rms" and "linear_attn" not in name
-            return (np.zeros if centred else np.ones)(leaf.shape, npd)
-        out = np.empty(math.prod(leaf.shape), npd)
+            return (np.zeros if centred else np.ones)(leaf.shape, dt)
+        out = np.empty(math.prod(leaf.shape), dt)
         start = int(rng.integers(len(pool)))
         for i in range(0, len(out), len(pool)):  # the pool from `start` on, around, as often as it takes
             n = min(len(pool), len(out) - i)

@@ -58,7 +58,7 @@ def memory_plan(opts: EngineOptions, cfg, shape, budget_bytes: int | None, tiers
     kw = dict(budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
               dtype_itemsize=jnp.dtype(opts.model.dtype).itemsize)
     policy, tiers, auto = opts.policy.policy, tiers or opts.policy.dynaexq(), ""
-    name = Path(opts.model.model).name
+    name = f"{Path(opts.model.model).name} ({budget_lib.parameter_count(cfg) / 1e9:.2f}B parameters)"
     devices = opts.mesh.size() or 1
     context = f"batch {batch} x context {engine.cache_bucket(prompt + new)} tokens (prefill up to {prompt})"
     if devices > 1:  # the mesh's per-device plans take fixed tiers (`build_engine` with a mesh)

@@ -96,6 +96,8 @@ def little_weights(cfg, top_p, little_k: int):
     kept = jnp.where(jnp.arange(top_p.shape[-1]) < little_k, top_p, 0)
     if cfg.router == "softmax_topk" and cfg.norm_topk_prob:
         return kept / jnp.sum(kept, axis=-1, keepdims=True)
+    if cfg.router == "sigmoid_topk" and cfg.norm_topk_prob:  # to the routed scaling, as the router's own weights
+        return kept / jnp.sum(kept, axis=-1, keepdims=True) * cfg.routed_scaling_factor
     return kept
 
 

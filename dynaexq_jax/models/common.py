@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-from dynaexq_jax.models.config import ConfigError, ModelConfig
+from dynaexq_jax.models.config import ConfigError, ModelConfig, yarn_mscale
 
 QK_NORMS = ("per_head", "full", None)
 
@@ -55,6 +55,71 @@ def rope_theta(d: dict, default: float) -> float:
             f"remove {field!r} to run at the model's native context"
         )
     return opt(rope, "rope_theta", opt(d, "rope_theta", default))
+
+
+def rope_dict(d: dict) -> tuple[str, dict]:
+    """(the field config.json names its RoPE settings in, those settings): `rope_parameters`
+    (transformers 5.x) or `rope_scaling` (the releases), {} when neither is set."""
+    field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    rope = d.get(field) or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config.json has {field}={rope!r}, but it must be an object or null")
+    return field, rope
+
+
+def yarn_rope(d: dict, default_theta: float, family: str, max_positions: int) -> dict:
+    """ModelConfig's RoPE fields from `rope_parameters` / `rope_scaling`: default or "yarn" (as
+    transformers computes it; `max_positions` is the family's default context, for a yarn
+    without `factor`). Any other scaling type is a one-line error naming the field."""
+    field, rope = rope_dict(d)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    out = dict(rope_theta=opt(rope, "rope_theta", opt(d, "rope_theta", default_theta)))
+    if rope_type == "default":
+        return out
+    if rope_type != "yarn":
+        raise ConfigError(f"config.json asks for rope scaling {rope_type!r} in {field!r}, which is not supported "
+                          f"for {family} (only 'yarn'); remove {field!r} to run at the model's native context")
+    original = rope.get("original_max_position_embeddings")
+    if original is None:
+        raise ConfigError(f"config.json's {field} (yarn) lacks 'original_max_position_embeddings'")
+    factor = rope.get("factor")
+    if factor is None:  # transformers' fallback: the context's growth over the original one
+        factor = opt(d, "max_position_embeddings", max_positions) / original
+    # transformers' rule: `attention_factor` if given, else the temperature of `factor`, as a
+    # ratio mscale / mscale_all_dim when both are given.
+    attention = rope.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+                     else yarn_mscale(factor))
+    return dict(out, rope_scaling="yarn", rope_original_max=original, rope_factor=factor,
+                rope_beta_fast=rope.get("beta_fast") or 32.0, rope_beta_slow=rope.get("beta_slow") or 1.0,
+                rope_truncate=opt(rope, "truncate", True), rope_attention_factor=attention,
+                rope_mscale_all_dim=opt(rope, "mscale_all_dim", 0.0))
+
+
+def fp8_or_none(d: dict, family: str) -> None:
+    """No quantization_config, or block-wise FP8 as DeepSeek-V3 and MiniMax-M2 ship (F8_E4M3
+    weights with float32 `weight_scale_inv` per block; `io.loader` dequantizes them on load).
+    Anything else is a one-line error naming the field."""
+    q = d.get("quantization_config")
+    if q is None:
+        return
+    method = q.get("quant_method") if isinstance(q, dict) else q
+    if method != "fp8":
+        raise ConfigError(f"config.json has quantization_config with quant_method={method!r}, which is not supported "
+                          f"for {family}: use its block-wise FP8 release (quant_method 'fp8', dequantized on load) or "
+                          "a bf16 checkpoint (no quantization_config)")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ConfigError(f"config.json's quantization_config has weight_block_size={block!r}; FP8 weights are read "
+                          "with one scale per block, e.g. [128, 128] as released (per-tensor FP8 is not supported)")
+    if q.get("fmt", "e4m3") not in ("e4m3", "float8_e4m3fn"):
+        raise ConfigError(f"config.json's quantization_config has fmt={q.get('fmt')!r}; only e4m3 FP8 weights "
+                          "(F8_E4M3, as released) are supported")
+    if q.get("activation_scheme", "dynamic") != "dynamic":
+        raise ConfigError(f"config.json's quantization_config has activation_scheme={q.get('activation_scheme')!r}; "
+                          "only 'dynamic' (weights-only scales, as released) is supported")
 
 
 def silu_only(d: dict, field: str = "hidden_act") -> None:

@@ -25,9 +25,15 @@ CONFIG_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_he
 # Numeric fields that must be > 0; every other number must be >= 0.
 _POSITIVE = frozenset({"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                        "decoder_sparse_step", "max_position_embeddings", "rms_norm_eps", "rope_theta", "clip_qkv",
-                       "sliding_window", "rope_factor", "swiglu_limit", "partial_rotary_factor"})
+                       "sliding_window", "rope_factor", "swiglu_limit", "partial_rotary_factor", "n_group",
+                       "topk_group", "routed_scaling_factor"})
 _KINDS = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string",
           "tuple[int, ...]": "a list of integers", "tuple[float, ...]": "a list of finite numbers"}
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature, 0.1 mscale ln(scale) + 1 (1 when not extending)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _bad(field: str, value, what: str) -> ConfigError:
@@ -145,6 +151,33 @@ class ModelConfig:
     linear_conv_kernel: int = 0
     attn_output_gate: bool = False
     partial_rotary_factor: float = 1.0
+    # Qwen3.5-MoE stores the DeltaNet input projections apart (in_proj_qkv, _z, _b, _a), read here
+    # side by side in that order ("split"); Qwen3-Next's in_proj_qkvz / in_proj_ba group them per
+    # key head ("grouped").
+    linear_projection: str = "grouped"
+    # Multi-head latent attention (DeepSeek-V3, `models.mla`), on when kv_lora_rank > 0: keys and
+    # values are up-projected from a kv_lora_rank latent, cached as that latent plus one shared
+    # rotary key of head_dim (= qk_rope_head_dim) values; queries through a q_lora_rank
+    # bottleneck (0: one projection). Softmax scale (qk_nope_head_dim + head_dim)^-1/2, times
+    # yarn_mscale(rope_factor, rope_mscale_all_dim)^2 under YaRN with rope_mscale_all_dim > 0;
+    # rotary dims stored in interleaved pairs (rope_interleave) are de-interleaved before
+    # rotating (the same dot products).
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    rope_mscale_all_dim: float = 0.0
+    # Multi-token-prediction layers the checkpoint stores after the decoder's (DeepSeek-V3's and
+    # GLM-4.5's `num_nextn_predict_layers`): for speculative decoding, not loaded.
+    mtp_layers: int = 0
+    # "sigmoid_topk" routers (DeepSeek-V3, GLM-4.5, MiniMax-M2; `models.routing`): experts chosen
+    # by sigmoid score + a per-expert correction bias (`e_score_correction_bias`, float32) within
+    # the topk_group best of n_group groups; weighted by their sigmoid scores (renormalised if
+    # norm_topk_prob) times routed_scaling_factor. The router runs in float32, as released.
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self):
         # Adapters pass config.json's values as they are, so this is the one place that checks
@@ -197,6 +230,24 @@ class ModelConfig:
             if self.linear_num_value_heads % self.linear_num_key_heads:
                 raise _bad("linear_num_value_heads", self.linear_num_value_heads,
                            f"a multiple of linear_num_key_heads={self.linear_num_key_heads}")
+        if self.linear_projection not in ("grouped", "split"):
+            raise _bad("linear_projection", self.linear_projection, "'grouped' or 'split'")
+        if self.router == "sigmoid_topk" and self.moe_layers:
+            if self.num_experts % self.n_group or (self.n_group > 1 and self.num_experts // self.n_group < 2):
+                raise _bad("n_group", self.n_group, f"a divisor of n_routed_experts={self.num_experts} leaving at "
+                           "least 2 experts per group")
+            if self.topk_group > self.n_group:
+                raise _bad("topk_group", self.topk_group, f"at most n_group={self.n_group}")
+            if self.experts_per_token > self.topk_group * (self.num_experts // self.n_group):
+                raise _bad("experts_per_token", self.experts_per_token,
+                           f"at most the {self.topk_group * (self.num_experts // self.n_group)} experts of the "
+                           f"topk_group={self.topk_group} groups a token may use")
+        if self.mla:
+            for f in ("qk_nope_head_dim", "v_head_dim"):
+                if getattr(self, f) < 1:
+                    raise _bad(f, getattr(self, f), "greater than 0 in a model with latent attention")
+            if self.head_dim % 2:
+                raise _bad("qk_rope_head_dim", self.head_dim, "an even number of rotary dims")
         if len(self.moe_layers) < self.num_layers and self.intermediate_size < 1:
             raise _bad("intermediate_size", self.intermediate_size, "greater than 0 in a model with dense layers")
 
@@ -216,6 +267,11 @@ class ModelConfig:
     def full_layers(self) -> tuple[int, ...]:
         """Indices of the softmax-attention layers (each has a row of the KV cache)."""
         return tuple(i for i in range(self.num_layers) if i not in self.linear_layers)
+
+    @property
+    def mla(self) -> bool:
+        """Whether attention is multi-head latent attention (`models.mla`)."""
+        return self.kv_lora_rank > 0
 
     @property
     def rotary_dim(self) -> int:

@@ -24,6 +24,7 @@ checkpoints onto this tree.
 from __future__ import annotations
 
 import functools
+import math
 
 import chex
 import flax.linen as nn
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from dynaexq_jax.experts.matmul import routed_ffn
-from dynaexq_jax.models import deltanet, fused_decode
+from dynaexq_jax.models import deltanet, fused_decode, mla
 from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.models.layers import DecoderLayer, ExpertFFN, LayerSlice, Linear, Routing, make_norm, mm, rotary_for
@@ -42,6 +43,7 @@ from dynaexq_jax.models.layers import DecoderLayer, ExpertFFN, LayerSlice, Linea
 class KVCache:
     # Keys and values in one array, written together; heads before slots, so a layer's
     # [B, KVH, S, D] is what the attention dots contract over without a transpose.
+    # Latent attention (`models.mla`) caches one latent per token: [layers, 1, B, 1, S, latent].
     kv: jax.Array  # [full-attention layers, 2 (k, v), B, KVH, S, D]
     # [B] int32: each row's first real slot. Rows are left-padded and then only appended to,
     # so a row's real tokens are the slots from `start` to the last written; S: none yet.
@@ -57,7 +59,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
-        shape = (len(cfg.full_layers), 2, batch, cfg.num_kv_heads, length, cfg.head_dim)
+        shape = kv_shape(cfg, batch, length)
         conv = recurrent = None
         if cfg.linear_layers:
             conv_shape, rec_shape = deltanet.state_shapes(cfg, batch)
@@ -71,14 +73,21 @@ class KVCache:
 
     @staticmethod
     def nbytes_for(cfg: ModelConfig, batch: int, length: int, dtype) -> int:
-        per_layer = 2 * batch * length * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+        kv = math.prod(kv_shape(cfg, batch, length)) * jnp.dtype(dtype).itemsize
         linear = deltanet.state_nbytes(cfg, batch, dtype) if cfg.linear_layers else 0
-        return len(cfg.full_layers) * per_layer + linear + 4 * batch  # + each row's start
+        return kv + linear + 4 * batch  # + each row's start
 
     def written(self, token_valid) -> jax.Array:
         """`start` after writing a chunk whose real tokens are `token_valid` [B, T] from `index`."""
         first = self.index + jnp.argmax(token_valid, axis=1).astype(jnp.int32)
         return jnp.where(jnp.any(token_valid, axis=1), jnp.minimum(self.start, first), self.start)
+
+
+def kv_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, ...]:
+    """The stacked KV cache of the softmax-attention layers: K and V per KV head, or MLA's latent."""
+    if cfg.mla:
+        return mla.cache_shape(cfg, batch, length)
+    return (len(cfg.full_layers), 2, batch, cfg.num_kv_heads, length, cfg.head_dim)
 
 
 def _no_experts(experts, moe_layer, x, expert_ids, weights, token_valid, residual, activation=None):
@@ -201,7 +210,7 @@ class Decoder:
         x = jnp.zeros((1, 1, cfg.hidden_size), self.dtype)
         ones = jnp.ones((1, 1), bool)
         rot = rotary_for(cfg, jnp.zeros((1, 1), jnp.int32), self.dtype)
-        states = {"full": jnp.zeros((1, 2, 1, cfg.num_kv_heads, 1, cfg.head_dim), self.dtype)}
+        states = {"full": jnp.zeros((1,) + kv_shape(cfg, 1, 1)[1:], self.dtype)}
         if cfg.linear_layers:  # one layer's states of one sequence
             conv, rec = deltanet.state_shapes(cfg, 1)
             states["linear"] = (jnp.zeros((1,) + conv[1:], self.dtype), jnp.zeros((1,) + rec[1:], jnp.float32))

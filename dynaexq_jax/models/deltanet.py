@@ -1,4 +1,4 @@
-"""Gated DeltaNet linear attention (Qwen3-Next's `linear_attention` layers).
+"""Gated DeltaNet linear attention (Qwen3-Next's and Qwen3.5's `linear_attention` layers).
 
 Per value head, a state S [DK, DV] replaces the KV cache; each token t decays it, corrects it
 toward its value and is read out by its query:
@@ -119,7 +119,8 @@ def l2_normalize(x, eps: float = 1e-6):
 
 class GatedDeltaNet(nn.Module):
     """A `linear_attention` layer. Params (Hugging Face names): `in_proj` [H, qkvz | ba] (the
-    checkpoint's in_proj_qkvz and in_proj_ba side by side, read once), `conv_weight` [C, 1, K],
+    checkpoint's in_proj_qkvz and in_proj_ba side by side, read once; Qwen3.5's in_proj_qkv,
+    _z, _b and _a side by side when `linear_projection` is "split"), `conv_weight` [C, 1, K],
     `A_log`, `dt_bias` [HV], `norm/weight` [DV], `out_proj` [HV * DV, H]."""
 
     cfg: ModelConfig
@@ -140,13 +141,17 @@ class GatedDeltaNet(nn.Module):
         x = jnp.where(token_valid[..., None], x, 0).astype(x.dtype)
         qkvz_width = NK * (2 * DK + 2 * r * DV)
         proj = Linear(qkvz_width + 2 * NV, self.dtype, self.kernels, name="in_proj")(x)
-        # transformers' layout: per key head, its q, k, then its r value heads' v and z; then b, a
-        qkvz = proj[..., :qkvz_width].reshape(B, T, NK, 2 * DK + 2 * r * DV)
-        ba = proj[..., qkvz_width:].reshape(B, T, NK, 2 * r)
-        q, k = qkvz[..., :DK], qkvz[..., DK : 2 * DK]
-        v, z = qkvz[..., 2 * DK : 2 * DK + r * DV], qkvz[..., 2 * DK + r * DV :]
-        b, a = ba[..., :r].reshape(B, T, NV), ba[..., r:].reshape(B, T, NV)
-        mixed = jnp.concatenate([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], -1)  # [B, T, C]
+        if cfg.linear_projection == "split":  # Qwen3.5: q, k (all key heads), v, then z, b, a (value heads)
+            C = 2 * NK * DK + NV * DV
+            mixed, z = proj[..., :C], proj[..., C : C + NV * DV]  # [B, T, C]: the convolution's channels
+            b, a = proj[..., C + NV * DV : C + NV * DV + NV], proj[..., C + NV * DV + NV :]
+        else:  # Qwen3-Next: per key head, its q, k, then its r value heads' v and z; then b, a
+            qkvz = proj[..., :qkvz_width].reshape(B, T, NK, 2 * DK + 2 * r * DV)
+            ba = proj[..., qkvz_width:].reshape(B, T, NK, 2 * r)
+            q, k = qkvz[..., :DK], qkvz[..., DK : 2 * DK]
+            v, z = qkvz[..., 2 * DK : 2 * DK + r * DV], qkvz[..., 2 * DK + r * DV :]
+            b, a = ba[..., :r].reshape(B, T, NV), ba[..., r:].reshape(B, T, NV)
+            mixed = jnp.concatenate([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], -1)  # [B, T, C]
 
         C = mixed.shape[-1]
         w = as_array(self.param("conv_weight", nn.initializers.lecun_normal(), (C, 1, K), self.dtype))

@@ -18,53 +18,12 @@ fallback (`--lo-bits mxfp4`) serves those bytes, other tiers get them decoded.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from dynaexq_jax.models import common
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 
 MODEL_TYPE = "gpt_oss"
 LAYER_TYPES = ("sliding_attention", "full_attention")
-
-
-def _yarn_attention_factor(rope: dict, factor: float) -> float:
-    """transformers' rule: `attention_factor` if given, else 0.1 ln(factor) + 1 (scaled by
-    mscale / mscale_all_dim when both are given)."""
-    if rope.get("attention_factor") is not None:
-        return rope["attention_factor"]
-
-    def get_mscale(scale, mscale=1.0):
-        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
-    if mscale and mscale_all_dim:
-        return get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
-    return get_mscale(factor)
-
-
-def _rope(d: dict) -> dict:
-    """ModelConfig's RoPE fields from `rope_parameters` / `rope_scaling`: default or yarn."""
-    field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
-    rope = d.get(field) or {}
-    if not isinstance(rope, dict):
-        raise ConfigError(f"config.json has {field}={rope!r}, but it must be an object or null")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    out = dict(rope_theta=common.opt(rope, "rope_theta", common.opt(d, "rope_theta", 150000.0)))
-    if rope_type == "default":
-        return out
-    if rope_type != "yarn":
-        raise ConfigError(f"config.json asks for rope scaling {rope_type!r} in {field!r}, which is not supported "
-                          f"for gpt-oss (only 'yarn'); remove {field!r} to run at the model's native context")
-    original = rope.get("original_max_position_embeddings")
-    if original is None:
-        raise ConfigError(f"config.json's {field} (yarn) lacks 'original_max_position_embeddings'")
-    factor = rope.get("factor")
-    if factor is None:  # transformers' fallback: the context's growth over the original one
-        factor = common.opt(d, "max_position_embeddings", 131072) / original
-    return dict(out, rope_scaling="yarn", rope_original_max=original, rope_factor=factor,
-                rope_beta_fast=rope.get("beta_fast") or 32.0, rope_beta_slow=rope.get("beta_slow") or 1.0,
-                rope_truncate=common.opt(rope, "truncate", True),
-                rope_attention_factor=_yarn_attention_factor(rope, factor))
 
 
 def _check_quantization(d: dict) -> None:
@@ -118,7 +77,7 @@ def config_from_hf(d: dict) -> ModelConfig:
             sliding_window=common.opt(d, "sliding_window", 128) if sliding else None,
             sliding_layers=sliding,
         )
-    return common.checked(dataclasses.replace(cfg, **_rope(d)))
+    return common.checked(dataclasses.replace(cfg, **common.yarn_rope(d, 150000.0, "gpt-oss", 131072)))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

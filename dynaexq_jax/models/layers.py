@@ -26,6 +26,7 @@ import numpy as np
 import pallas_kernels
 from dynaexq_jax.experts.matmul import clamped_swiglu, swiglu
 from dynaexq_jax.models import big_little as bl_lib
+from dynaexq_jax.models import routing
 from dynaexq_jax.models.big_little import BigLittle, LittleRouting
 from dynaexq_jax.models.config import ModelConfig
 
@@ -333,11 +334,12 @@ class Attention(nn.Module):
         return Linear(cfg.hidden_size, self.dtype, self.kernels, cfg.o_bias, name="o_proj")(out), kv
 
 
-def _attention(qg, k_cache, v_cache, start, index, *, dtype, sinks=None, window=None):
-    """qg [B, T, KVH, G, D], the queries of slots `index`.. ([] or per row [B]) over keys and
-    values [B, KVH, S, D] of slots 0.., each row's real slots from `start` [B] -> [B, T, KVH, G, D]. `sinks`
-    [KVH, G]: one more logit per query head in the softmax, attending to nothing; `window`
-    ([] int32, 0: none): each query sees only the `window` slots up to its own."""
+def _attention(qg, k_cache, v_cache, start, index, *, dtype, sinks=None, window=None, scale=None):
+    """qg [B, T, KVH, G, D], the queries of slots `index`.. ([] or per row [B]) over keys [B, KVH,
+    S, D] and values [B, KVH, S, DV] of slots 0.., each row's real slots from `start` [B] -> [B, T,
+    KVH, G, DV]. `sinks` [KVH, G]: one more logit per query head in the softmax, attending to
+    nothing; `window` ([] int32, 0: none): each query sees only the `window` slots up to its own;
+    `scale`: of the scores (default D^-1/2)."""
     B, T, KVH, G, D = qg.shape
     S = k_cache.shape[2]
     q_slot = jnp.reshape(index, (-1, 1)) + jnp.arange(T)  # [1 or B, T]
@@ -346,7 +348,7 @@ def _attention(qg, k_cache, v_cache, start, index, *, dtype, sinks=None, window=
     if window is not None:
         mask &= (window == 0) | (slot > q_slot[:, :, None] - window)
     scores = mm(qg, k_cache, "btkgd,bksd->bkgts", out_dtype=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores * (D**-0.5), _MASKED)
+    scores = jnp.where(mask[:, None, None], scores * (D**-0.5 if scale is None else scale), _MASKED)
     if sinks is None:
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     else:  # the sink's column joins the softmax, then is dropped
@@ -398,7 +400,7 @@ class SharedExpert(nn.Module):
         return shared_expert(self.cfg, self.dtype, self.kernels, x)
 
 
-ROUTERS = ("softmax_topk", "sparsemixer", "topk_softmax")
+ROUTERS = ("softmax_topk", "sparsemixer", "topk_softmax", "sigmoid_topk")
 
 
 def _sparsemixer(logits, eps: float):
@@ -419,16 +421,20 @@ def _sparsemixer(logits, eps: float):
     return jnp.stack([w1, w2], -1), jnp.stack([i1, i2], -1).astype(jnp.int32)
 
 
-def route(cfg: ModelConfig, logits):
+def route(cfg: ModelConfig, logits, correction=None):
     """Router logits [BT, E] -> probs [BT, E] (float32: the softmax, what routing statistics
     record), top_p, top_i [BT, k] (the chosen experts and their combine weights).
 
     "softmax_topk": softmax over all experts, the k largest, renormalised to sum to 1 if
     `norm_topk_prob` (Qwen3-MoE, Qwen2-MoE, OLMoE; Mixtral always renormalises).
     "sparsemixer": Phi-3.5-MoE's top-2 rule (`_sparsemixer`).
-    "topk_softmax": the k largest logits, their softmax the weights (gpt-oss)."""
+    "topk_softmax": the k largest logits, their softmax the weights (gpt-oss).
+    "sigmoid_topk": `routing.sigmoid_topk` with the score-correction bias `correction` [E]
+    (DeepSeek-V3, GLM-4.5, MiniMax-M2); probs are the sigmoid scores."""
     if cfg.router not in ROUTERS:
         raise ValueError(f"router {cfg.router!r} is not one of {ROUTERS}")
+    if cfg.router == "sigmoid_topk":
+        return routing.sigmoid_topk(cfg, logits, correction)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     if cfg.router == "sparsemixer":
         top_p, top_i = _sparsemixer(logits.astype(jnp.float32), cfg.router_jitter)
@@ -454,6 +460,31 @@ def expert_activation(cfg: ModelConfig):
     if cfg.expert_activation == "clamped_swiglu":
         return functools.partial(clamped_swiglu, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
     return swiglu
+
+
+def router_logits(module: nn.Module, cfg: ModelConfig, dtype, kernels: bool, xt):
+    """A MoE block's router logits for xt [BT, H] -> (logits [BT, E], the score-correction bias
+    [E] or None). Call it inside `module`'s compact method: the router ("gate") and the bias
+    (`e_score_correction_bias`, float32) are its params. Sigmoid routers run in float32, as
+    their releases keep them (their choice adds a small bias to close scores)."""
+    sigmoid = cfg.router == "sigmoid_topk"
+    gate = Linear(cfg.num_experts, jnp.float32 if sigmoid else dtype, kernels, cfg.router_bias, name="gate")
+    if not sigmoid:
+        return gate(xt), None
+    correction = module.param("e_score_correction_bias", nn.initializers.zeros, (cfg.num_experts,), jnp.float32)
+    return gate(xt), as_array(correction)
+
+
+class Router(nn.Module):
+    """The router alone, applied to a MoE block's params (the layer-by-layer runtime)."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    kernels: bool = True
+
+    @nn.compact
+    def __call__(self, xt):
+        return router_logits(self, self.cfg, self.dtype, self.kernels, xt)
 
 
 @flax.struct.dataclass
@@ -488,8 +519,8 @@ class MoEBlock(nn.Module):
         B, T, Hd = x.shape
         xt = x.reshape(B * T, Hd)
         tv = token_valid.reshape(B * T)
-        logits = Linear(cfg.num_experts, self.dtype, self.kernels, cfg.router_bias, name="gate")(xt)  # [BT, E]
-        probs, top_p, top_i = route(cfg, logits)
+        logits, correction = router_logits(self, cfg, self.dtype, self.kernels, xt)
+        probs, top_p, top_i = route(cfg, logits, correction)
         residual = residual.reshape(B * T, Hd)
         if cfg.shared_expert_size:
             residual = residual + shared_expert(cfg, self.dtype, self.kernels, xt)
@@ -506,6 +537,15 @@ class MoEBlock(nn.Module):
         chosen = jnp.where(picked & tv[:, None], probs, -1.0)
         summed = jnp.sum(probs * tv[:, None], axis=0) if self.router_probs else None
         return y.reshape(B, T, Hd), Routing(chosen, summed, little), first
+
+
+def attention_module(cfg: ModelConfig, dtype, kernels: bool = True, name: str | None = None) -> nn.Module:
+    """The family's softmax attention: `Attention`, or latent attention (`models.mla`)."""
+    if cfg.mla:
+        from dynaexq_jax.models.mla import LatentAttention  # it builds on this module's layers
+
+        return LatentAttention(cfg, dtype, kernels, name=name)
+    return Attention(cfg, dtype, kernels, name=name)
 
 
 class DecoderLayer(nn.Module):
@@ -530,7 +570,7 @@ class DecoderLayer(nn.Module):
             h, kv = GatedDeltaNet(cfg, self.dtype, self.kernels, name="linear_attn")(
                 make_norm(cfg, "input_layernorm")(x), token_valid, kv, layer, fresh)
         else:
-            h, kv = Attention(cfg, self.dtype, self.kernels, name="self_attn")(
+            h, kv = attention_module(cfg, self.dtype, self.kernels, name="self_attn")(
                 make_norm(cfg, "input_layernorm")(x), rot, kv, layer, start, index, fresh
             )
         x = x + h

@@ -11,7 +11,20 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from dynaexq_jax.models import FamilyAdapter, gpt_oss, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe, qwen3_next
+from dynaexq_jax.models import (
+    FamilyAdapter,
+    deepseek_v3,
+    glm4_moe,
+    gpt_oss,
+    minimax_m2,
+    mixtral,
+    olmoe,
+    phimoe,
+    qwen2_moe,
+    qwen3_5_moe,
+    qwen3_moe,
+    qwen3_next,
+)
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 
 # The members every adapter must define: `FamilyAdapter`'s attributes and methods.
@@ -32,14 +45,16 @@ def register(*adapters: ModuleType) -> dict[str, FamilyAdapter]:
         if not_callable or not isinstance(adapter.MODEL_TYPE, str):
             raise TypeError(f"family adapter {adapter.__name__}: {', '.join(not_callable) or 'MODEL_TYPE'} is not "
                             "what models.FamilyAdapter says")
-        if adapter.MODEL_TYPE in out:
-            raise TypeError(f"two family adapters for model_type {adapter.MODEL_TYPE!r}: "
-                            f"{out[adapter.MODEL_TYPE].__name__} and {adapter.__name__}")
-        out[adapter.MODEL_TYPE] = adapter
+        for model_type in getattr(adapter, "MODEL_TYPES", (adapter.MODEL_TYPE,)):  # one family, several layouts
+            if model_type in out:
+                raise TypeError(f"two family adapters for model_type {model_type!r}: "
+                                f"{out[model_type].__name__} and {adapter.__name__}")
+            out[model_type] = adapter
     return out
 
 
-ADAPTERS = register(qwen3_moe, mixtral, olmoe, qwen2_moe, phimoe, gpt_oss, qwen3_next)
+ADAPTERS = register(qwen3_moe, mixtral, olmoe, qwen2_moe, phimoe, gpt_oss, qwen3_next, deepseek_v3, glm4_moe,
+                    minimax_m2, qwen3_5_moe)
 
 
 def adapter_for(hf_config: dict) -> FamilyAdapter:

@@ -409,6 +409,13 @@ def pallas_bytes(k: Kernel, traffic: Traffic) -> int:
         return int(kv + B * Hq * D * _BYTES[qdt] + partials)
     if k.pallas in _DECODE_LAYER:
         return _DECODE_LAYER[k.pallas](ops, traffic, k.tm)
+    if k.pallas == "latent_attention":  # MLA: one latent entry per slot serves every head
+        (qdt, (B, heads, D)), (cdt, cache) = ops[2], ops[3]
+        splits = k.grid[2] if len(k.grid) == 3 else 1
+        # Each block of heads reads the row's slots; the blocks of one row and split run together,
+        # so L2 serves the repeats (as the tiled kernels' N blocks): the cache counts once.
+        latent = B * traffic.filled_slots * cache[-1] * _BYTES[cdt]
+        return int(latent + B * heads * D * _BYTES[qdt] + splits * B * heads * (D + 2) * 4)
     return 0
 
 

@@ -16,13 +16,42 @@ from dynaexq_jax.runtime import mesh as mesh_lib
 from dynaexq_jax.runtime.engine import Ahead, Engine, Request, cache_bucket, prompt_bucket
 from dynaexq_jax.runtime.layerwise import LayerwiseEngine
 
+MESH_HINTS = (2, 4, 8)  # mesh sizes a refusal on one device names, where they would fit
+
+
+def mesh_hint(cfg, policy: str, opts: DynaExqOptions, **shape) -> str:
+    """"; on --mesh expert=N each device needs ..." for the mesh sizes whose per-device plan
+    (the mesh's own tiers: "auto" is int4 fallbacks, bf16 slots) fits `shape`'s budget, or ""."""
+    if policy not in mesh_lib.MESH_POLICIES or shape["budget"] is None:
+        return ""
+    fixed = fixed_tiers(opts)
+    fits = []
+    for n in (n for n in MESH_HINTS if cfg.num_experts % n == 0):
+        try:
+            plan = plan_for(cfg, policy, opts=fixed, devices=n, **shape)
+        except UserError:
+            continue
+        fits.append(f"{budget_lib.format_size(plan.total if policy == 'full' else plan.minimum)} on --mesh expert={n}")
+    if not fits:
+        return ""
+    return (f"; spread over devices it fits, each needing {', '.join(fits)} "
+            f"({budget_lib.format_name(fixed.lo_bits)} fallbacks)")
+
 
 def plan_for(cfg, policy: str, *, budget: int | None, batch: int, longest_prompt: int, max_new_tokens: int,
              dtype_itemsize: int, opts: DynaExqOptions = DynaExqOptions(),
-             floe: FloeOptions = FloeOptions(), devices: int = 1) -> budget_lib.MemoryPlan:
+             floe: FloeOptions = FloeOptions(), devices: int = 1, hint: bool = True) -> budget_lib.MemoryPlan:
     """The memory plan `build_engine` makes, from the config alone (a dry run, or the check
     before any weight is read). `devices` > 1: one device's plan on a mesh of that many
-    (`runtime.mesh.device_plan`; `budget` is per device)."""
+    (`runtime.mesh.device_plan`; `budget` is per device). A budget one device cannot meet is a
+    BudgetError naming the minimum and (`hint`) the mesh sizes that would fit (`mesh_hint`)."""
+    shape = dict(budget=budget, batch=batch, longest_prompt=longest_prompt, max_new_tokens=max_new_tokens,
+                 dtype_itemsize=dtype_itemsize)
+    if devices == 1 and hint:
+        try:
+            return plan_for(cfg, policy, opts=opts, floe=floe, hint=False, **shape)
+        except budget_lib.BudgetError as e:
+            raise budget_lib.BudgetError(str(e) + mesh_hint(cfg, policy, opts, **shape)) from None
     if devices > 1:
         one = lambda c, b: plan_for(c, policy, budget=b, batch=batch, longest_prompt=longest_prompt,
                                     max_new_tokens=max_new_tokens, dtype_itemsize=dtype_itemsize, opts=opts)
@@ -63,13 +92,14 @@ def auto_start(cfg, opts: DynaExqOptions, *, budget: int | None, batch: int, lon
     fixed = fixed_tiers(opts)
     for i, lo in enumerate(lo_choices):
         cand = dataclasses.replace(fixed, lo_bits=lo)
+        shape = dict(budget=budget, batch=batch, longest_prompt=longest_prompt, max_new_tokens=max_new_tokens,
+                     dtype_itemsize=dtype_itemsize)
         try:
-            plan_for(cfg, "dynaexq", budget=budget, batch=batch, longest_prompt=longest_prompt,
-                     max_new_tokens=max_new_tokens, dtype_itemsize=dtype_itemsize, opts=cand)
-        except budget_lib.BudgetError:
+            plan_for(cfg, "dynaexq", opts=cand, hint=False, **shape)
+        except budget_lib.BudgetError as e:
             if i + 1 < len(lo_choices):
                 continue
-            raise
+            raise budget_lib.BudgetError(str(e) + mesh_hint(cfg, "dynaexq", opts, **shape)) from None
         return cand
 
 

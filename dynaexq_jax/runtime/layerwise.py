@@ -23,10 +23,10 @@ from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.models.deltanet import GatedDeltaNet
 from dynaexq_jax.models.layers import (
-    Attention,
     DenseMLP,
-    Linear,
+    Router,
     SharedExpert,
+    attention_module,
     expert_activation,
     make_norm,
     rotary_for,
@@ -57,9 +57,9 @@ class _LayerFunctions:
 
     def __init__(self, cfg, dtype, big_little: BigLittle | None = None):
         E = cfg.num_experts
-        attention = Attention(cfg, dtype)
+        attention = attention_module(cfg, dtype)
         linear = GatedDeltaNet(cfg, dtype)
-        gate = Linear(E, dtype, use_bias=cfg.router_bias)
+        gate = Router(cfg, dtype)
         dense_mlp = DenseMLP(cfg.intermediate_size, dtype)
         shared = SharedExpert(cfg, dtype)
         decoder = Decoder(cfg, dtype)
@@ -92,7 +92,7 @@ class _LayerFunctions:
             fallbacks, dropped pairs, experts not read; zeros when off)."""
             B, T, H = hn.shape
             tv = token_valid.reshape(B * T)
-            probs, top_p, top_i = route(cfg, gate.apply({"params": p["mlp"]["gate"]}, hn.reshape(B * T, H)))
+            probs, top_p, top_i = route(cfg, *gate.apply({"params": p["mlp"]}, hn.reshape(B * T, H)))
             valid, tally = jnp.broadcast_to(tv[:, None], top_i.shape), jnp.zeros((4,), jnp.int32)
             if big_little is not None:
                 valid, top_p, first, little = bl_lib.choose(cfg, big_little, probs, top_p, top_i, tv, first, is_first)
