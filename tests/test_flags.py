@@ -54,7 +54,7 @@ def test_every_command_takes_the_librarys_flag_as_declared():
 
 
 BAD = [  # a value the library refuses, and its one line
-    ("--group-size", "0", "--group-size must be >= 1, got 0"),
+    ("--group-size", "4", "--group-size must be >= 8 (the smallest group every width packs), got 4"),
     ("--rebalance-every", "0", "--rebalance-every must be >= 1, got 0"),
     ("--half-life", "nan", "--half-life must be a number of decode steps > 0, got nan"),
     ("--mesh", "experts=2", "--mesh"),

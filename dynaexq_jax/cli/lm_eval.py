@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from dynaexq_jax.errors import UserError
+from dynaexq_jax.launch.flags import one_line_errors
 
 
 def main() -> int:
@@ -27,7 +28,8 @@ def main() -> int:
 
     compile_cache.enable()
     try:
-        cli_evaluate()
+        with one_line_errors():  # lm-eval's own parser refuses a bad argument in one line too
+            cli_evaluate()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
