@@ -33,7 +33,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax starts: the CUDA plu
 import json  # noqa: E402
 import sys  # noqa: E402
 
-from dynaexq_jax.launch.flags import command_parser  # noqa: E402
+from dynaexq_jax.launch.flags import comma_list, command_parser  # noqa: E402
 
 STEPS = ("decode", "prefill")
 
@@ -64,20 +64,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _list(text: str, allowed, what: str, convert=str) -> list:
-    from dynaexq_jax.errors import UserError
-
-    try:
-        items = [convert(v.strip()) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"bad --{what} {text!r}; expected a comma-separated list") from None
-    bad = [v for v in items if allowed is not None and v not in allowed]
-    if not items or bad:
-        raise UserError(f"bad --{what} {text!r}; " + (f"choose from {', '.join(map(str, allowed))}" if allowed
-                                                        else "expected a comma-separated list"))
-    return items
-
-
 def rows(args):
     """Every (gpu, policy, batch, step) row, checked and planned before anything compiles."""
     import jax.numpy as jnp
@@ -92,12 +78,12 @@ def rows(args):
     from dynaexq_jax.runtime.build import plan_for
 
     cfg = read_config(args.model) if args.model else preset_config(args.preset)
-    gpus = _list(args.gpu, aot.GPUS, "gpu")
-    policies = _list(args.policy, ("dynaexq", "static", "full"), "policy")
-    batches = _list(args.batch, None, "batch", int)
-    steps = _list(args.steps, STEPS, "steps")
-    if min(batches) < 1 or args.context <= args.prompt or args.prompt < 1 or args.top < 0:
-        raise UserError("--batch must be >= 1, --context longer than --prompt (>= 1), and --top >= 0")
+    gpus = comma_list("--gpu", args.gpu, choices=tuple(aot.GPUS))
+    policies = comma_list("--policy", args.policy, choices=("dynaexq", "static", "full"))
+    batches = comma_list("--batch", args.batch, convert=int, low=1)
+    steps = comma_list("--steps", args.steps, choices=STEPS)
+    if args.context <= args.prompt or args.prompt < 1 or args.top < 0:
+        raise UserError("--context must be longer than --prompt (>= 1), and --top >= 0")
     dump = files.OutputDir(args.dump_hlo, "--dump-hlo") if args.dump_hlo else None  # before anything compiles
     budget = budget_lib.parse_size(args.budget) if args.budget else None
     dtype = jnp.dtype(args.dtype)

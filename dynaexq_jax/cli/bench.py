@@ -119,14 +119,14 @@ def check_args(args):
     # --gen-len 1 has no decode step to time; numpy's generator takes no negative seed
     at_least_each(args, prompt_len=1, gen_len=2, repeats=1, quality_seqs=1, seed=0, routing_skew=0,
                   routing_shift_every=0)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            files.check_output_file(path, flag)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib; pip install matplotlib") from None
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:
-            files.check_output_file(path, flag)
     PolicyOptions.from_args(args).check()
     MeshOptions.from_args(args).check()
     sweep = BigLittleSweep.from_args(args).sweep()

@@ -30,7 +30,7 @@ def main() -> int:
     try:
         with one_line_errors():  # lm-eval's own parser refuses a bad argument in one line too
             cli_evaluate()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, ValueError) as e:  # lm-eval refuses what it is asked (no tasks, a bad task) by ValueError
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
