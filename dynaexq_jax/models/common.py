@@ -212,7 +212,7 @@ def lookup(d: dict, key: str):
     return d
 
 
-def adapter(family: str, keys: dict[str, Key] | Callable[[dict], dict[str, str]] = {}):  # noqa: B006 (read only)
+def adapter(family: str, keys: dict[str, Key] | Callable[[dict], dict[str, str]] | None = None):
     """Decorate a family adapter's `config_from_hf(d)`: a required field config.json lacks, or a
     field of the wrong type or out of range (`config.FieldError`), is one ConfigError naming the
     config.json key as this family's checkpoints spell it. `keys`: {ModelConfig field: key} where
@@ -226,7 +226,7 @@ def adapter(family: str, keys: dict[str, Key] | Callable[[dict], dict[str, str]]
             except KeyError as e:
                 raise ConfigError(f"config.json lacks the field {e.args[0]!r} that {family} needs") from None
             except FieldError as e:
-                names = keys(d) if callable(keys) else config_keys(d, keys)
+                names = keys(d) if callable(keys) else config_keys(d, keys or {})
                 key = lambda field: names.get(field, field)  # noqa: E731
                 raise ConfigError(e.render(key, lookup(d, key(e.field)))) from None
         return config_from_hf
