@@ -174,6 +174,9 @@ def one_line(capsys, main, argv, needle: str) -> None:
     (["--hi-dtype", "int4", "--lo-bits", "4"], "no wider than the 4-bit fallback"),
     (["--hi-dtype", "int8", "--lo-bits", "8"], "no wider than the 8-bit fallback"),
     (["--hi-dtype", "int4", "--lo-bits", "mxfp4"], "no wider than the mxfp4-bit fallback"),
+    (["--floe-sparsity", "0.5"], "--floe-sparsity apply to FloE; pass --policy floe"),
+    (["--policy", "static", "--floe-up-bits", "none", "--floe-calibration", "x"],
+     "--floe-up-bits, --floe-calibration apply to FloE"),
 ])
 def test_a_flag_out_of_range_is_refused_by_a_dry_run(capsys, argv, needle):
     one_line(capsys, generate.main, ["--dry-run", *argv], needle)
@@ -210,6 +213,7 @@ def test_a_group_size_rounds_down_to_the_largest_power_of_two_dividing_the_exper
     (["--window", "1"], "--window must be >= 2"),
     (["--little-shares", "0,0.5"], "--little-shares applies to --big-little"),
     (["--tiers", "fixed", "--hi-dtype", "int4", "--lo-bits", "4,3"], "no wider than the 4-bit fallback"),
+    (["--policies", "full,static", "--floe-sparsity", "0.5"], "apply to FloE; add floe to --policies"),
 ])
 def test_eval_refuses_an_empty_or_pointless_sweep_before_reading_the_model(capsys, monkeypatch, argv, needle):
     from dynaexq_jax.models import registry
@@ -226,6 +230,7 @@ def test_eval_refuses_an_empty_or_pointless_sweep_before_reading_the_model(capsy
     (["--batch-sizes", "1,0"], "0 is not one"),
     (["--little-shares", "0.5"], "--little-shares applies to --big-little"),
     (["--mesh", "expert=3", "--policies", "static"], "none of --policies static can run this model"),
+    (["--policies", "static,dynaexq", "--floe-up-bits", "none"], "--floe-up-bits apply to FloE"),
 ])
 def test_bench_refuses_a_bad_sweep_before_making_weights(capsys, monkeypatch, argv, needle):
     from dynaexq_jax.io import preset

@@ -46,6 +46,7 @@ from dynaexq_jax.launch.options import (
     ModelOptions,
     PlanOptions,
     PolicyOptions,
+    check_floe_flags,
     check_tiers,
 )
 from dynaexq_jax.models import registry
@@ -127,7 +128,9 @@ def check_args(args):
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib; pip install matplotlib") from None
-    PolicyOptions.from_args(args).check()
+    policy = PolicyOptions.from_args(args)
+    policy.check()
+    check_floe_flags(policy, any(n.partition("/")[0] == "floe" for n in names), "add floe to --policies")
     MeshOptions.from_args(args).check()
     sweep = BigLittleSweep.from_args(args).sweep()
     return batch_sizes, names, PlanOptions.from_args(args).budget_bytes(), sweep

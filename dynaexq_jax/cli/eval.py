@@ -35,6 +35,7 @@ from dynaexq_jax.launch.options import (
     MeshOptions,
     ModelOptions,
     PolicyOptions,
+    check_floe_flags,
     check_tiers,
 )
 from dynaexq_jax.policies import POLICIES
@@ -99,6 +100,7 @@ def run(args) -> list:
     tiers = comma_list("--tiers", args.tiers, choices=evaluate.TIER_MODES)
     at_least_each(args, batch_size=1, window=2, max_length=2, max_new_tokens=1, limit=1)
     policy.check()
+    check_floe_flags(policy, "floe" in policies, "add floe to --policies")
     if "dynaexq" in policies and "fixed" in tiers:
         for bits in lo_bits:
             check_tiers(policy.hi_dtype, bits, "--hi-dtype {hi} with --tiers fixed over --lo-bits {lo}")

@@ -134,6 +134,17 @@ class PolicyOptions(Options):
         return FloeOptions(up_bits=self.floe_up_bits, sparsity=self.floe_sparsity, calibration=self.floe_calibration)
 
 
+FLOE_FLAGS = ("floe_sparsity", "floe_up_bits", "floe_calibration")
+
+
+def check_floe_flags(policy: PolicyOptions, runs_floe: bool, fix: str) -> None:
+    """FloE's knobs change nothing without FloE: given (not their defaults) with no floe run,
+    they are an error, not a silent no-op (`fix` says how to run floe)."""
+    given = [name(f) for f in FLOE_FLAGS if getattr(policy, f) != getattr(PolicyOptions, f)]
+    if given and not runs_floe:
+        raise FlagError(f"{', '.join(given)} apply to FloE; {fix}, or drop them")
+
+
 SLOT_BITS = {"bfloat16": 16, "int8": 8, "int4": 4}
 FALLBACK_BITS = {8: 8, 4: 4, 3: 3, 2: 2, "mxfp4": 4.25}
 
@@ -339,6 +350,7 @@ class EngineOptions:
         self.plan.check()
         self.prompts.check()
         self.policy.check()
+        check_floe_flags(self.policy, self.policy.policy == "floe", "pass --policy floe")
         self.big_little.check()
         self.mesh.check()
         devices = self.mesh.size()
