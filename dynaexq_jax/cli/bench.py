@@ -41,12 +41,14 @@ from dynaexq_jax.eval.agreement import compare
 from dynaexq_jax.io import files, loader, preset
 from dynaexq_jax.launch.flags import at_least_each, comma_list, command_parser
 from dynaexq_jax.launch.options import (
+    DYNAEXQ_FLAGS,
+    FLOE_FLAGS,
     BigLittleSweep,
     MeshOptions,
     ModelOptions,
     PlanOptions,
     PolicyOptions,
-    check_floe_flags,
+    check_applies,
     check_tiers,
 )
 from dynaexq_jax.models import registry
@@ -130,7 +132,9 @@ def check_args(args):
             raise UserError("--plot needs matplotlib; pip install matplotlib") from None
     policy = PolicyOptions.from_args(args)
     policy.check()
-    check_floe_flags(policy, any(n.partition("/")[0] == "floe" for n in names), "add floe to --policies")
+    runs = {n.partition("/")[0] for n in names}
+    check_applies(policy, FLOE_FLAGS, "floe" in runs, "FloE", "add floe to --policies")
+    check_applies(policy, DYNAEXQ_FLAGS, "dynaexq" in runs, "dynaexq", "add dynaexq to --policies")
     MeshOptions.from_args(args).check()
     sweep = BigLittleSweep.from_args(args).sweep()
     return batch_sizes, names, PlanOptions.from_args(args).budget_bytes(), sweep

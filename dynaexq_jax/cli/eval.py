@@ -31,11 +31,12 @@ from dynaexq_jax.launch.engine import check_hotness
 from dynaexq_jax.launch.flags import at_least_each, comma_list, command_parser
 from dynaexq_jax.launch.options import (
     DEFAULT_MODEL,
+    FLOE_FLAGS,
     BigLittleSweep,
     MeshOptions,
     ModelOptions,
     PolicyOptions,
-    check_floe_flags,
+    check_applies,
     check_tiers,
 )
 from dynaexq_jax.policies import POLICIES
@@ -100,7 +101,7 @@ def run(args) -> list:
     tiers = comma_list("--tiers", args.tiers, choices=evaluate.TIER_MODES)
     at_least_each(args, batch_size=1, window=2, max_length=2, max_new_tokens=1, limit=1)
     policy.check()
-    check_floe_flags(policy, "floe" in policies, "add floe to --policies")
+    check_applies(policy, FLOE_FLAGS, "floe" in policies, "FloE", "add floe to --policies")
     if "dynaexq" in policies and "fixed" in tiers:
         for bits in lo_bits:
             check_tiers(policy.hi_dtype, bits, "--hi-dtype {hi} with --tiers fixed over --lo-bits {lo}")

@@ -135,14 +135,15 @@ class PolicyOptions(Options):
 
 
 FLOE_FLAGS = ("floe_sparsity", "floe_up_bits", "floe_calibration")
+DYNAEXQ_FLAGS = ("rebalance_every", "half_life", "allocation")  # its residency decisions, which no other policy makes
 
 
-def check_floe_flags(policy: PolicyOptions, runs_floe: bool, fix: str) -> None:
-    """FloE's knobs change nothing without FloE: given (not their defaults) with no floe run,
-    they are an error, not a silent no-op (`fix` says how to run floe)."""
-    given = [name(f) for f in FLOE_FLAGS if getattr(policy, f) != getattr(PolicyOptions, f)]
-    if given and not runs_floe:
-        raise FlagError(f"{', '.join(given)} apply to FloE; {fix}, or drop them")
+def check_applies(policy: PolicyOptions, fields, runs: bool, owner: str, fix: str) -> None:
+    """A policy's own knobs change nothing without it: given (other than their defaults) when no
+    run uses `owner`, they are an error, not a silent no-op (`fix` says how to run it)."""
+    given = [name(f) for f in fields if getattr(policy, f) != getattr(PolicyOptions, f)]
+    if given and not runs:
+        raise FlagError(f"{', '.join(given)} apply to {owner}; {fix}, or drop them")
 
 
 SLOT_BITS = {"bfloat16": 16, "int8": 8, "int4": 4}
@@ -350,7 +351,9 @@ class EngineOptions:
         self.plan.check()
         self.prompts.check()
         self.policy.check()
-        check_floe_flags(self.policy, self.policy.policy == "floe", "pass --policy floe")
+        check_applies(self.policy, FLOE_FLAGS, self.policy.policy == "floe", "FloE", "pass --policy floe")
+        check_applies(self.policy, DYNAEXQ_FLAGS, self.policy.policy == "dynaexq", "dynaexq",
+                      "pass --policy dynaexq")
         self.big_little.check()
         self.mesh.check()
         devices = self.mesh.size()
