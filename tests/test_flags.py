@@ -171,9 +171,9 @@ def one_line(capsys, main, argv, needle: str) -> None:
     (["--process-id", "-1"], "--process-id must be >= 0"),
     (["--distributed-timeout", "0"], "--distributed-timeout must be >= 1"),
     (["--group-size", "7"], "--group-size must be >= 8"),
-    (["--hi-dtype", "int4", "--lo-bits", "4"], "no wider than the 4-bit fallback"),
-    (["--hi-dtype", "int8", "--lo-bits", "8"], "no wider than the 8-bit fallback"),
-    (["--hi-dtype", "int4", "--lo-bits", "mxfp4"], "no wider than the mxfp4-bit fallback"),
+    (["--hi-dtype", "int4", "--lo-bits", "4"], "no wider than the int4 fallback"),
+    (["--hi-dtype", "int8", "--lo-bits", "8"], "no wider than the int8 fallback"),
+    (["--hi-dtype", "int4", "--lo-bits", "mxfp4"], "int4 slots over an mxfp4 fallback would lose precision"),
     (["--floe-sparsity", "0.5"], "--floe-sparsity apply to FloE; pass --policy floe"),
     (["--policy", "static", "--floe-up-bits", "none", "--floe-calibration", "x"],
      "--floe-up-bits, --floe-calibration apply to FloE"),
@@ -212,7 +212,7 @@ def test_a_group_size_rounds_down_to_the_largest_power_of_two_dividing_the_exper
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--window", "1"], "--window must be >= 2"),
     (["--little-shares", "0,0.5"], "--little-shares applies to --big-little"),
-    (["--tiers", "fixed", "--hi-dtype", "int4", "--lo-bits", "4,3"], "no wider than the 4-bit fallback"),
+    (["--tiers", "fixed", "--hi-dtype", "int4", "--lo-bits", "4,3"], "no wider than the int4 fallback"),
     (["--policies", "full,static", "--floe-sparsity", "0.5"], "apply to FloE; add floe to --policies"),
 ])
 def test_eval_refuses_an_empty_or_pointless_sweep_before_reading_the_model(capsys, monkeypatch, argv, needle):
@@ -223,7 +223,7 @@ def test_eval_refuses_an_empty_or_pointless_sweep_before_reading_the_model(capsy
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--policies", "dynaexq/int4", "--lo-bits", "4"], "no wider than the 4-bit fallback"),
+    (["--policies", "dynaexq/int4", "--lo-bits", "4"], "no wider than the int4 fallback"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--routing-skew", "-0.5"], "--routing-skew must be >= 0"),
     (["--batch-sizes", ","], "--batch-sizes ','"),

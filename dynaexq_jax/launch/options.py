@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from dynaexq_jax.budget import format_name
 from dynaexq_jax.launch.flags import (
     FlagError,
     Options,
@@ -151,15 +152,21 @@ FALLBACK_BITS = {8: 8, 4: 4, 3: 3, 2: 2, "mxfp4": 4.25}
 
 
 def check_tiers(hi_dtype: str, lo_bits, flags: str = "--hi-dtype {hi} over --lo-bits {lo}") -> None:
-    """Slots must be wider than the fallback they stand in for: slots of the fallback's bits or
-    fewer would spend memory on copies no better than what every expert already has (and count
-    them as high-precision hits). `auto` on either side is the plan's to choose."""
+    """Slots must be wider than the fallback they stand in for: narrower slots would lose precision
+    on promotion, and slots of the fallback's bits would spend memory on copies no better than
+    what every expert already has (and count them as high-precision hits). `auto` on either side
+    is the plan's to choose."""
     if "auto" in (hi_dtype, lo_bits):
         return
-    if SLOT_BITS[hi_dtype] <= FALLBACK_BITS[lo_bits]:
-        raise FlagError(f"{flags.format(hi=hi_dtype, lo=lo_bits)}: {hi_dtype} slots are no wider than the "
-                        f"{lo_bits}-bit fallback, so they would add memory and no precision; pick a wider --hi-dtype "
-                        "(int8, bfloat16) or a narrower --lo-bits")
+    hi, lo = SLOT_BITS[hi_dtype], FALLBACK_BITS[lo_bits]
+    where = flags.format(hi=hi_dtype, lo=lo_bits)
+    if hi < lo:
+        raise FlagError(f"{where}: {hi_dtype} slots over an {format_name(lo_bits)} fallback would lose precision "
+                        f"on promotion; pass a --lo-bits of at most {hi} or a wider --hi-dtype")
+    if hi == lo:
+        raise FlagError(f"{where}: {hi_dtype} slots are no wider than the {format_name(lo_bits)} fallback, so they "
+                        "would add memory and no precision; pick a wider --hi-dtype (int8, bfloat16) or a narrower "
+                        "--lo-bits")
 
 
 @dataclasses.dataclass(frozen=True)
