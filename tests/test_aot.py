@@ -79,10 +79,14 @@ def test_static_decode_is_within_a_quarter_of_the_minimum():
     assert step["bytes"] <= 1.25 * step["min_bytes"], step
 
 
-@needs_aot
-def test_a_budget_that_cannot_hold_the_policy_is_reported_not_compiled():
-    steps = report("--budget", "20MB", "--policy", "full", "--steps", "decode")
-    assert len(steps) == 1 and "needs" in steps[0]["refused"]
+def test_a_report_whose_every_row_is_refused_is_an_error_before_any_compile(capsys):
+    from conftest import script
+
+    code = script("aot_report").main(["--model", str(MODEL), "--budget", "20MB", "--policy", "full", "--steps",
+                                      "decode"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: no step to compile: policy full at batch 1 is refused (policy 'full' "
+                                        "needs") and err.count("\n") == 1, err
 
 
 # A thunk dump as XLA's GPU backend writes it (module.thunk_sequence_after_thunk_passes.txt),
