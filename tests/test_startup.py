@@ -94,6 +94,23 @@ def test_a_warm_cpu_tier_is_the_mapped_cache_file(cache):
     np.testing.assert_array_equal(np.asarray(warm.gate_up.packed), np.asarray(packed.gate_up.packed))
 
 
+def test_an_accelerators_tier_is_written_behind_in_row_blocks_and_read_back_whole(cache, calls, monkeypatch):
+    """Off the CPU a converted tier goes to the cache from a background thread once it is on the
+    device (the engine does not wait for the disk): here the CPU takes that path, in blocks of
+    a few rows (the last one clamped), and a second start maps what it wrote."""
+    _, quantized = calls
+    monkeypatch.setattr(tiers, "MAP_CPU_TIERS", False)
+    monkeypatch.setattr(tiers, "BEHIND_BYTES", 5 * 1024)
+    ckpt = smoke()
+    packed = tiers.packed_tier(ckpt.experts, 4, 64, "rtn", source=ckpt.source)
+    tiers.wait_for_cache()
+    quantized.clear()
+    warm = tiers.packed_tier(smoke().experts, 4, 64, "rtn", source=ckpt.source)
+    assert quantized == {} and len(list(cache.glob("*/int4-*"))) == 1
+    for a, b in zip(jax.tree.leaves((warm.gate_up, warm.down)), jax.tree.leaves((packed.gate_up, packed.down))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_a_preset_is_cached_by_the_recipe_of_its_experts(cache, calls):
     _, quantized = calls
     tiers.packed_tier(smoke().experts, 4, 64, "rtn", source=smoke().source)

@@ -25,6 +25,7 @@ over 64 rows) runs `Decoder`'s per-layer modules.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,10 @@ import pallas_kernels
 from dynaexq_jax.experts.expert_state import ExpertState
 from dynaexq_jax.experts.matmul import kernel_tier
 from dynaexq_jax.models.config import ModelConfig
+
+# The fused layer is the GPU's decode step unless DYNAEXQ_FUSED_DECODE=0 (read once, at import):
+# XLA's own kernels then run it, as on every other platform. gpu_check times both.
+ENABLED = os.environ.get("DYNAEXQ_FUSED_DECODE", "1") != "0"
 
 MAX_ROWS = 64  # rows per step it takes (the router's sort of the pairs is one program's work)
 
@@ -45,7 +50,7 @@ def _tiers(experts: ExpertState):
 
 def supported(cfg: ModelConfig, experts, batch: int, slots: int) -> bool:
     """Whether `layers` runs this model's decode step at `batch` rows over a cache of `slots`."""
-    if not isinstance(experts, ExpertState) or batch > MAX_ROWS:
+    if not ENABLED or not isinstance(experts, ExpertState) or batch > MAX_ROWS:
         return False
     if len(cfg.segments) != 1 or cfg.segments[0].kind != "moe" or cfg.segments[0].attention != "full":
         return False

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sys
+import threading
 import time
 
 import jax
@@ -46,6 +47,15 @@ _LEAVES = {MXFP4: ("blocks", "scales")}
 _INT_LEAVES = ("packed", "scales", "zeros")
 # Columns of each matrix the sampled quantization errors measure, at least (of 768 to 6144 in
 # the published models: a 1/12 to 1/96 sample, each column every row of K).
+# A device tier bound for the cache on an accelerator is written from the finished tier in a
+# background thread, in row blocks of at most this many device bytes (each sliced on the device,
+# then copied to the host): the engine starts while the disk catches up.
+BEHIND_BYTES = 256 << 20
+# On the CPU a converted tier is the cache's mapped file itself (written as converted); False
+# makes the CPU take the accelerators' write-behind path (tests of that path).
+MAP_CPU_TIERS = True
+_behind: list[threading.Thread] = []  # cache writes still running
+
 ERROR_COLUMNS = 64
 
 
@@ -176,7 +186,7 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
     of experts."""
     t0 = time.perf_counter()
     device = device or jax.devices()[0]
-    on_cpu = device.platform == "cpu"
+    on_cpu = device.platform == "cpu" and MAP_CPU_TIERS
     L, E = host.num_layers, host.num_experts
     abstract = {j: _abstract(host, t.bits, group_size, t.rows(L, E)) for j, t in enumerate(targets)}
     whole, per_layer, todo = {}, {}, []  # whole: a target's tier on the host; per_layer: its layers
@@ -211,6 +221,8 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
             if todo:
                 _convert_layer(host, i, todo, stacks, kept, row, group_size, method, device, room)
         for j, t, writer in todo:
+            if writer is not None and j in stacks:
+                continue  # written behind, from the finished tier
             if writer is not None:
                 tree = store._nest(writer.commit())
                 whole[j] = tuple(_filled(a, tree[name]) for name, a in zip(_PIECES, abstract[j]))
@@ -227,9 +239,55 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
             out.append(tuple(s.tensor() for s in stacks[j]) if j in stacks else jax.device_put(whole[j], device))
         else:
             out.append(per_layer[j] if j in per_layer else _per_layer(whole[j], t, L, E))
+    for j, t, writer in todo:
+        if writer is not None and j in stacks:
+            _write_behind(writer, out[j], t.bits, room)
     if clock is not None:
         clock.seconds += time.perf_counter() - t0
     return out
+
+
+def _write_behind(writer: store.ArrayWriter, tier: tuple, bits, room: int | None) -> None:
+    """Write device tier `tier` (gate_up, down) into its cache entry from a background thread:
+    row blocks of at most `BEHIND_BYTES` (and `room`) device bytes, the next block's copy to the
+    host under way while one is written. The process exits once it is done (`wait_for_cache`);
+    a failure leaves no entry (the writer's own rule)."""
+    def run():
+        try:
+            for name, w in zip(_PIECES, tier):
+                for leaf in _leaf_names(bits):
+                    a = getattr(w, leaf)
+                    n = a.shape[0]
+                    limit = min(BEHIND_BYTES, room or BEHIND_BYTES) // 2  # two blocks in flight
+                    rows = int(max(1, min(n, limit // max(a.nbytes // n, 1))))
+                    take = jax.jit(lambda x, s, rows=rows: jax.lax.dynamic_slice_in_dim(x, s, rows))
+
+                    def block(start, a=a, take=take, rows=rows):  # clamped to a full block; rows before start dropped
+                        s = min(start, n - rows)
+                        b = take(a, jnp.int32(s))
+                        b.copy_to_host_async()
+                        return start, s, b
+
+                    pending = block(0)
+                    for nxt in range(rows, n + rows, rows):
+                        start, s, b = pending
+                        pending = block(nxt) if nxt < n else None
+                        writer.put(f"{name}/{leaf}", np.asarray(b)[start - s:], start)
+            writer.commit()
+        except Exception as e:  # the run goes on without the entry, as when a cache cannot be made
+            writer.abort()
+            store._warn(f"cannot write the expert cache ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                        "the next run converts again")
+
+    thread = threading.Thread(target=run, name="cache-write-behind")
+    _behind.append(thread)
+    thread.start()
+
+
+def wait_for_cache() -> None:
+    """Block until every converted tier being written behind is in the cache."""
+    while _behind:
+        _behind.pop().join()
 
 
 def _chunk(host: HostExperts, room: int | None) -> int:
@@ -274,8 +332,8 @@ def _convert_layer(host, i, todo, stacks, kept, row, group_size, method, device,
                     stacks[j][m].write(q, len(local))
                 out[j][m].append((q, len(local)))
     for j, t, writer in todo:
-        if writer is None and j not in kept:
-            continue
+        if j in stacks or (writer is None and j not in kept):
+            continue  # a device tier's cache entry is written behind, from the finished tier
         layer = []
         for name, qs in zip(_PIECES, out[j]):
             qs = [_cut(jax.tree.map(np.asarray, q), 0, k) for q, k in qs]  # on the CPU, views of the device's buffers
