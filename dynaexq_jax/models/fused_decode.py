@@ -35,9 +35,11 @@ from dynaexq_jax.experts.expert_state import ExpertState
 from dynaexq_jax.experts.matmul import kernel_tier
 from dynaexq_jax.models.config import ModelConfig
 
-# The fused layer is the GPU's decode step unless DYNAEXQ_FUSED_DECODE=0 (read once, at import):
-# XLA's own kernels then run it, as on every other platform. gpu_check times both.
-ENABLED = os.environ.get("DYNAEXQ_FUSED_DECODE", "1") != "0"
+# Opt-in (DYNAEXQ_FUSED_DECODE=1, read once at import): on an H200 (2026-12-04, gpu_check, Qwen3-30B-A3B
+# int4) XLA's own step decodes 178 tok/s at batch 1 and 2,446 at batch 32 where this one, at 7.7 kernels
+# a layer instead of 30, gives 80 and 1,522: its attention-side kernels run 40 programs or fewer,
+# far below the bandwidth. It becomes the default when gpu_check's "(fused layer)" cases beat XLA's.
+ENABLED = os.environ.get("DYNAEXQ_FUSED_DECODE", "0") == "1"
 
 MAX_ROWS = 64  # rows per step it takes (the router's sort of the pairs is one program's work)
 
@@ -50,7 +52,7 @@ def _tiers(experts: ExpertState):
 
 def supported(cfg: ModelConfig, experts, batch: int, slots: int) -> bool:
     """Whether `layers` runs this model's decode step at `batch` rows over a cache of `slots`."""
-    if not ENABLED or not isinstance(experts, ExpertState) or batch > MAX_ROWS:
+    if not isinstance(experts, ExpertState) or batch > MAX_ROWS:
         return False
     if len(cfg.segments) != 1 or cfg.segments[0].kind != "moe" or cfg.segments[0].attention != "full":
         return False
