@@ -203,7 +203,8 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
             todo.append((j, t, entry.writer(_spec(host, t, group_size)) if entry is not None else None))
     # Device tiers made layer by layer: converted ones (unless the CPU maps the cache's file), a
     # shipped MXFP4 tier's layers.
-    stacks = {j: tuple(_Stack(a, device, _padded(t, L, E, _chunk(host, room))) for a in abstract[j])
+    n = _chunk(host, room, subsets=any(t.experts is not None for _, t, _ in todo))
+    stacks = {j: tuple(_Stack(a, device, _padded(t, L, E, n)) for a in abstract[j])
               for j, t, w in todo if t.on_device and not (on_cpu and w is not None)}
     stacks.update({j: tuple(_Stack(a, device) for a in abstract[j]) for j in per_layer if targets[j].on_device})
     kept = {j: [] for j, t, w in todo if not t.on_device and w is None}  # host targets with no cache to go to
@@ -290,13 +291,15 @@ def wait_for_cache() -> None:
         _behind.pop().join()
 
 
-def _chunk(host: HostExperts, room: int | None) -> int:
-    """Experts per conversion call: all of a layer, or as many as `room` device bytes hold (its
-    input in the checkpoint's dtype and the packed output, about a quarter of it)."""
+def _chunk(host: HostExperts, room: int | None, subsets: bool) -> int:
+    """Experts per conversion call: all of a layer, or as many as `room` device bytes hold: the
+    call's input in the checkpoint's dtype, a subset's picks gathered from it (a second copy,
+    `subsets`), and the packed output (a quarter of it at most; XLA's own temporaries are a few
+    MB: `jax.jit(quant._pack_codes).lower(...).compile().memory_analysis()`)."""
     E = host.num_experts
     if room is None:
         return E
-    per_expert = sum(int(np.prod(s[1:])) for s in host.shapes) * host.dtype.itemsize * 5 // 4
+    per_expert = sum(int(np.prod(s[1:])) for s in host.shapes) * host.dtype.itemsize * (9 if subsets else 5) // 4
     return int(max(1, min(E, room // max(per_expert, 1))))
 
 
@@ -314,7 +317,7 @@ def _convert_layer(host, i, todo, stacks, kept, row, group_size, method, device,
     each target's next row in its entry. A subset's picks are padded (repeating the last) to
     one count for every layer, and the padding dropped after."""
     L, E = host.num_layers, host.num_experts
-    n = _chunk(host, room)
+    n = _chunk(host, room, subsets=any(t.experts is not None for _, t, _ in todo))
     pieces = ((np.arange(a, min(a + n, E)), host.on_device(i, device, experts=slice(a, min(a + n, E))))
               for a in range(0, E, n))
     out = {j: ([], []) for j, _, _ in todo}  # per target: the chunks' (gate_up, down) packed tensors, real rows
