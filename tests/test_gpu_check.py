@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import script
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import gpu_check  # noqa: E402
+gpu_check = script("gpu_check")
 
 ENGINES = ("dynaexq b1", "dynaexq b32", "static int4", "full bf16")
 
