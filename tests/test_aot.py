@@ -42,7 +42,7 @@ def test_decode_reads_the_routed_experts_not_the_whole_slot_pool():
                          "--steps", "decode", "--gpu", "h100,h200") for budget in ("25MB", "40MB"))
     for s in few + every:
         assert s["pallas_bytes"] > 0  # the experts ran as Pallas kernels, as on a GPU
-        assert s["bytes"] <= 1.1 * s["min_bytes"], s
+        assert s["bytes"] <= 1.25 * s["min_bytes"], s  # XLA's own step (the fused layer's: below)
         assert s["compile_s"] < 60
     assert few[0]["slots"] < 32 and every[0]["slots"] == 128
     # Slots ten times over cost only what reading the hot experts at high precision costs.
@@ -60,6 +60,7 @@ def test_decode_runs_seven_kernels_a_layer_all_captured_in_cuda_graphs():
                                                               "--gpu", "h200", fused=True)
     assert len(steps) == 3
     for s in steps:
+        assert s["bytes"] <= 1.1 * s["min_bytes"], s
         assert s["in_loops"] <= 7 * s["layers"], s
         assert s["in_graphs"] == s["launches"] and s["outside_graphs"] <= s["layers"] + 2, s
 
