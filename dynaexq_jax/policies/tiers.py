@@ -18,6 +18,7 @@ before the tiers are chosen, and cached with the converted experts.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import sys
@@ -280,7 +281,7 @@ def _write_behind(writer: store.ArrayWriter, tier: tuple, bits, room: int | None
             store._warn(f"cannot write the expert cache ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                         "the next run converts again")
 
-    thread = threading.Thread(target=run, name="cache-write-behind")
+    thread = threading.Thread(target=run, name="cache-write-behind", daemon=True)  # joined at exit, below
     _behind.append(thread)
     thread.start()
 
@@ -289,6 +290,18 @@ def wait_for_cache() -> None:
     """Block until every converted tier being written behind is in the cache."""
     while _behind:
         _behind.pop().join()
+
+
+@atexit.register  # after this module's import, so it runs before jax's own exit handlers
+def _finish_cache_at_exit() -> None:
+    if not any(t.is_alive() for t in _behind):
+        return
+    print("finishing the converted-expert cache before exiting (Ctrl-C skips it: the next run converts again)",
+          file=sys.stderr, flush=True)
+    try:
+        wait_for_cache()
+    except KeyboardInterrupt:  # the entry stays unfinished: a later run removes its temporary folder
+        pass
 
 
 def _chunk(host: HostExperts, room: int | None, subsets: bool) -> int:
