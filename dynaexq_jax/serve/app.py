@@ -20,6 +20,7 @@ import json
 import time
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -273,6 +274,12 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (no such path, a method the path does not take) as error objects too."""
+    e = ApiError(f"{exc.detail}: {request.method} {request.url.path}", exc.status_code)
+    return JSONResponse(e.body(), status_code=exc.status_code, headers=exc.headers)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     """A bug's 500, still an OpenAI error object (the traceback goes to the server's log)."""
     return JSONResponse(ApiError(f"internal error: {exc!r}", 500, kind="server_error").body(), status_code=500)
@@ -312,6 +319,6 @@ def make_app(served: Served) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ], lifespan=lifespan, middleware=[Middleware(_ApiKey, served=served)] if served.api_key else [],
-        exception_handlers={Exception: _unexpected})
+        exception_handlers={HTTPException: _http_error, Exception: _unexpected})
     app.state.served = served
     return app
