@@ -111,9 +111,14 @@ def quantized_nbytes(shape: tuple[int, ...], bits: int | str, group_size: int) -
     return experts * (k * bits // 8 * n + 2 * (k // group_size) * n * _BF16)
 
 
+def power_of_two_at_most(n: int) -> int:
+    """The largest power of two <= n (n >= 1)."""
+    return 1 << (int(n).bit_length() - 1)
+
+
 def expert_group_size(cfg, requested: int = 128) -> int:
     """The largest power-of-two group size <= `requested` dividing both expert input dims."""
-    g = requested
+    g = power_of_two_at_most(requested)
     while g > 8 and (cfg.hidden_size % g or cfg.moe_intermediate_size % g):
         g //= 2
     if cfg.hidden_size % g or cfg.moe_intermediate_size % g:
@@ -491,7 +496,7 @@ def policy_plan(cfg, policy: str, *, hi_dtype: str, dtype_itemsize: int, **kw) -
 
 def floe_up_group(cfg, requested: int = FLOE_UP_GROUP) -> int:
     """The largest power of two <= `requested` dividing hidden_size (the up projection's K)."""
-    g = requested
+    g = power_of_two_at_most(requested)
     while g > 8 and cfg.hidden_size % g:
         g //= 2
     if cfg.hidden_size % g:

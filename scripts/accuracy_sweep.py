@@ -15,11 +15,12 @@ matplotlib is importable (the optional `bench` extra).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
+
+from dynaexq_jax.io import files
+from dynaexq_jax.launch.flags import at_least_each, command_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "checkpoints" / "tiny-qwen3-moe"
@@ -28,7 +29,7 @@ FIXED_LO = 4  # today's fallback width
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(__doc__)
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--ppl", default=str(TASKS / "heldout.jsonl"), help="perplexity task")
     p.add_argument("--mc", default=str(TASKS / "next_line_mc.jsonl"), help="multiple-choice task ('' to skip)")
@@ -44,10 +45,19 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--md", help="write the Markdown table here")
-    p.add_argument("--plot", help="write a PNG of perplexity against budget here (needs matplotlib)")
-    p.add_argument("--json", dest="json_path", help="write every result here")
+    p.add_argument("--md", help="write the Markdown table here (a new file, or one this script wrote)")
+    p.add_argument("--plot", help="write a PNG of perplexity against budget here (needs matplotlib; a new file, or "
+                                  "one this script wrote)")
+    p.add_argument("--json", dest="json_path", help="write every result here (a new file, or one this script wrote)")
     return p.parse_args(argv)
+
+
+def check(args) -> None:
+    """Every flag and output path, before the model is read."""
+    at_least_each(args, limit=1, group_size=8, batch_size=1, window=2, max_length=2)
+    for flag, path in (("--md", args.md), ("--plot", args.plot), ("--json", args.json_path)):
+        if path:
+            files.check_output_file(path, flag)
 
 
 def budgets(cfg, args, plan_kw, itemsize) -> list[int]:
@@ -84,9 +94,11 @@ def sweep(args) -> tuple[list[dict], dict]:
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
     from dynaexq_jax.runtime.build import auto_tiers, plan_for
 
+    check(args)
+    tasks = [evaluate.load_task("ppl", args.ppl, what="--ppl")] + (
+        [evaluate.load_task("mc", args.mc, what="--mc")] if args.mc else [])
     ckpt = loader.load(args.model, jnp.dtype(args.dtype))
     cfg, itemsize = ckpt.config, ckpt.dtype.itemsize
-    tasks = [evaluate.load_task("ppl", args.ppl)] + ([evaluate.load_task("mc", args.mc)] if args.mc else [])
     if args.limit:
         tasks = [dataclasses.replace(t, items=t.items[: args.limit]) for t in tasks]
     longest = max([args.window] + ([args.max_length] if args.mc else []))
@@ -94,7 +106,7 @@ def sweep(args) -> tuple[list[dict], dict]:
     opts = DynaExqOptions(lo_bits="auto", hi_dtype="auto", group_size=args.group_size, save_profile=False)
     hotness = args.hotness or (str(Path(args.model) / "tasks" / "hotness_train.json")
                                if (Path(args.model) / "tasks" / "hotness_train.json").is_file() else None)
-    calibration = evaluate.load_task("ppl", args.calibration).items if args.calibration else None
+    calibration = evaluate.load_task("ppl", args.calibration, what="--calibration").items if args.calibration else None
     log = lambda s: print(s, file=sys.stderr, flush=True)
     profile = evaluate.warm_profile(ckpt, opts, hotness, calibration, window=args.window,
                                     batch_size=args.batch_size, log=log)
@@ -189,7 +201,7 @@ def plot(rows, meta, path: Path) -> bool:
     axes[1].set_xlabel("memory budget (MB)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata=files.png_metadata())
     plt.close(fig)
     return True
 
@@ -208,13 +220,13 @@ def main(argv=None) -> int:
     text = table(rows, meta)
     print(text)
     if args.md:
-        Path(args.md).write_text(text + "\n")
+        files.write_markdown(Path(args.md), text + "\n")
     if args.json_path:
         flat = [{"budget": r["budget"], "static": r["static"][0], "auto": r["auto"][0], "fixed": r["fixed"][0],
                  "auto_expected_error": r["auto_expected"][0], "static_expected_error": r["auto_expected"][1],
                  **{f"{k} {t} {m}": v for k in ("static", "auto", "fixed") for (t, m), v in r[k][1].items()},
                  **{f"full {t} {m}": v for (t, m), v in r["full"].items()}} for r in rows]
-        Path(args.json_path).write_text(json.dumps(flat, indent=1) + "\n")
+        files.write_json(Path(args.json_path), {"rows": flat})
     if args.plot and not plot(rows, meta, Path(args.plot)):
         print("no plot: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
     return 0

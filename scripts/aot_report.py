@@ -30,16 +30,16 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax starts: the CUDA plugin cannot start without a GPU
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+
+from dynaexq_jax.launch.flags import comma_list, command_parser  # noqa: E402
 
 STEPS = ("decode", "prefill")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(__doc__)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="Hugging Face checkpoint directory (config.json is all that is read)")
     src.add_argument("--preset", default="qwen3-30b-a3b", help="preset name or config.json path")
@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--lo-bits", type=lambda v: int(v) if v.isdigit() else v, choices=[4, 3, 2, "mxfp4"], default=4)
     p.add_argument("--hi-dtype", choices=["bfloat16", "int8"], default="bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--dump-hlo", help="write each step's optimized HLO into this directory")
+    p.add_argument("--dump-hlo", help="write each step's optimized HLO into this folder (new, empty, or one this "
+                                      "script wrote)")
     p.add_argument("--top", type=int, default=0, help="also list the N kernels that move the most bytes")
     p.add_argument("--kernels", action="store_true", help="list every kernel each step executes")
     p.add_argument("--command-buffer", metavar="KINDS",
@@ -63,25 +64,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _list(text: str, allowed, what: str, convert=str) -> list:
-    from dynaexq_jax.errors import UserError
-
-    try:
-        items = [convert(v.strip()) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"bad --{what} {text!r}; expected a comma-separated list") from None
-    bad = [v for v in items if allowed is not None and v not in allowed]
-    if not items or bad:
-        raise UserError(f"bad --{what} {text!r}; choose from {', '.join(map(str, allowed))}")
-    return items
-
-
 def rows(args):
     """Every (gpu, policy, batch, step) row, checked and planned before anything compiles."""
     import jax.numpy as jnp
 
     from dynaexq_jax import budget as budget_lib
     from dynaexq_jax.errors import UserError
+    from dynaexq_jax.io import files
     from dynaexq_jax.io.preset import preset_config
     from dynaexq_jax.models.registry import read_config
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
@@ -89,12 +78,13 @@ def rows(args):
     from dynaexq_jax.runtime.build import plan_for
 
     cfg = read_config(args.model) if args.model else preset_config(args.preset)
-    gpus = _list(args.gpu, aot.GPUS, "gpu")
-    policies = _list(args.policy, ("dynaexq", "static", "full"), "policy")
-    batches = _list(args.batch, None, "batch", int)
-    steps = _list(args.steps, STEPS, "steps")
-    if min(batches) < 1 or args.context <= args.prompt or args.prompt < 1:
-        raise UserError("--batch must be >= 1 and --context longer than --prompt (>= 1)")
+    gpus = comma_list("--gpu", args.gpu, choices=tuple(aot.GPUS))
+    policies = comma_list("--policy", args.policy, choices=("dynaexq", "static", "full"))
+    batches = comma_list("--batch", args.batch, convert=int, low=1)
+    steps = comma_list("--steps", args.steps, choices=STEPS)
+    if args.context <= args.prompt or args.prompt < 1 or args.top < 0:
+        raise UserError("--context must be longer than --prompt (>= 1), and --top >= 0")
+    dump = files.OutputDir(args.dump_hlo, "--dump-hlo") if args.dump_hlo else None  # before anything compiles
     budget = budget_lib.parse_size(args.budget) if args.budget else None
     dtype = jnp.dtype(args.dtype)
     opts = DynaExqOptions(lo_bits=args.lo_bits, hi_dtype=args.hi_dtype)
@@ -110,7 +100,11 @@ def rows(args):
             for step in steps:
                 for gpu in gpus:
                     out.append(dict(cfg=cfg, policy=policy, batch=batch, step=step, gpu=gpu, plan=plan, dtype=dtype,
-                                    group=budget_lib.expert_group_size(cfg, opts.group_size)))
+                                    group=budget_lib.expert_group_size(cfg, opts.group_size), dump=dump))
+    if all("refused" in r for r in out):  # a report of no row would be a silent success
+        first = out[0]
+        raise UserError(f"no step to compile: policy {first['policy']} at batch {first['batch']} is refused "
+                        f"({first['refused']})" + (f", and {len(out) - 1} more" if len(out) > 1 else ""))
     return cfg, out
 
 
@@ -129,11 +123,10 @@ def measure(args, row) -> dict:
                                            hi_dtype=args.hi_dtype, group=row["group"])
     r = aot.report_step(compiled, traffic)
     hlo = None
-    if args.dump_hlo:
-        Path(args.dump_hlo).mkdir(parents=True, exist_ok=True)
-        hlo = str(Path(args.dump_hlo) / f"{row['policy']}-{step}-b{batch}-c{context}-{row['gpu']}.hlo")
-        Path(hlo).write_text(compiled.as_text())
-        Path(hlo).with_suffix(".thunks").write_text(compiled.thunks)
+    if row["dump"] is not None:
+        name = f"{row['policy']}-{step}-b{batch}-c{context}-{row['gpu']}"
+        hlo = str(row["dump"].write(name + ".hlo", compiled.as_text()))
+        row["dump"].write(name + ".thunks", compiled.thunks)
     seconds = aot.predicted_s(r["bytes"], r["runs"], aot.GPUS[row["gpu"]][1])
     tokens = batch * (1 if step == "decode" else args.prompt)
     by_name = {k.name: k for k in r["by_kernel"]}

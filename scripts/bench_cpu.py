@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import sys
 
+from dynaexq_jax.cli import refusals_as_errors  # imports jax, but starts no backend: _pin still works
+
 
 def _pin(core: int) -> None:
     """One core for everything, before jax or torch start their thread pools."""
@@ -33,9 +35,9 @@ def _pin(core: int) -> None:
 
 
 def parse_args(argv=None):
-    import argparse
+    from dynaexq_jax.launch.flags import command_parser
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(__doc__)
     p.add_argument("--model", help="checkpoint directory (default: the shipped tiny model)")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--prompt-len", type=int, default=64)
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--core", type=int, default=0)
-    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--json", help="write the figures here (a new file, or one this script wrote)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table (else plain text)")
     return p.parse_args(argv)
 
@@ -141,7 +143,7 @@ def run(args) -> dict:
     from pathlib import Path
 
     path = Path(args.model) if args.model else Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-qwen3-moe"
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = args.batch_sizes
     ckpt, sys_list = systems(path)
     tasks = path / "tasks" / "heldout.jsonl"
     prompts = held_out_ids(ckpt.tokenizer, tasks, max(batch_sizes), args.prompt_len)
@@ -197,16 +199,29 @@ def table(doc, markdown: bool) -> str:
     return "\n".join("  ".join(f"{c:>14}" for c in l) for l in lines) + f"\nsame greedy tokens as transformers: {same}"
 
 
+def check(args) -> None:
+    """Every flag's value, before any work: a one-line error."""
+    from dynaexq_jax.io import files
+    from dynaexq_jax.launch.flags import at_least_each, comma_list, in_range
+
+    args.batch_sizes = comma_list("--batch-sizes", args.batch_sizes, convert=int, low=1)
+    at_least_each(args, prompt_len=1, new_tokens=2, eval_windows=1, eval_len=2, eval_batch=1, repeats=1)
+    in_range(0, os.cpu_count() - 1, "this machine's cores")("--core", args.core)
+    if args.json:
+        files.check_output_file(args.json, "--json")
+
+
+@refusals_as_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check(args)
     _pin(args.core)
     doc = run(args)
     print(table(doc, args.markdown))
     if args.json:
-        import json
+        from dynaexq_jax.io import files
 
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+        files.write_json(args.json, doc)
     return 0
 
 

@@ -21,13 +21,14 @@ same command on the GPU machine for the figures that matter there.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dynaexq_jax.launch.flags import command_parser
+
+    p = command_parser(__doc__)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--experts", type=int, default=32,
@@ -49,7 +50,20 @@ def best_of(fn, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
+    from dynaexq_jax.cli import refusals_as_errors
+
+    return refusals_as_errors(run)(argv)
+
+
+def run(argv=None) -> int:
     args = parse_args(argv)
+    from dynaexq_jax.errors import UserError
+    from dynaexq_jax.launch.flags import at_least_each
+
+    at_least_each(args, hidden=8, intermediate=1, experts=1, top_k=1, repeats=1, margin=1)
+    if args.top_k > args.experts or not 0 <= args.sparsity < 1:
+        raise UserError(f"--top-k must be at most --experts ({args.experts}) and --sparsity in [0, 1), got "
+                        f"{args.top_k} and {args.sparsity}")
     import jax
     import ml_dtypes
     import numpy as np

@@ -16,14 +16,15 @@ figure that carries over (on a GPU the bare step is shorter, so the same host wo
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dynaexq_jax.launch.flags import command_parser
+
+    p = command_parser(__doc__)
     p.add_argument("--model", help="checkpoint directory (default: the shipped tiny model)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=16)
@@ -61,13 +62,23 @@ def bare_steps_per_s(eng, batch: int, prompt_len: int, steps: int) -> float:
 
 
 def main(argv=None) -> int:
+    from dynaexq_jax.cli import refusals_as_errors
+
+    return refusals_as_errors(run)(argv)
+
+
+def run(argv=None) -> int:
     args = parse_args(argv)
     import jax.numpy as jnp
     import numpy as np
 
     from dynaexq_jax import budget as budget_lib
     from dynaexq_jax.io import loader
+    from dynaexq_jax.launch.flags import at_least_each
     from dynaexq_jax.runtime.build import build_engine
+
+    at_least_each(args, batch=1, prompt_len=1, steps=1, repeats=1)
+    budget_lib.parse_size(args.budget)
 
     path = Path(args.model) if args.model else Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-qwen3-moe"
     ckpt = loader.load(path, jnp.dtype(args.dtype))

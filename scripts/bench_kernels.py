@@ -25,7 +25,6 @@ the interpreter, so no rate or speed-up is shown for them.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import statistics
@@ -41,9 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pallas_kernels  # noqa: E402
 from dynaexq_jax import budget  # noqa: E402
+from dynaexq_jax.errors import UserError  # noqa: E402
 from dynaexq_jax.experts import quant  # noqa: E402
 from dynaexq_jax.experts.matmul import ROW_TILES_MAX, grouped_matmul  # noqa: E402
+from dynaexq_jax.io import files  # noqa: E402
 from dynaexq_jax.io.preset import preset_config  # noqa: E402
+from dynaexq_jax.launch.flags import command_parser  # noqa: E402
 
 FULL = dict(preset="qwen3-30b-a3b", tokens=(1, 8, 32, 256), copy_bytes=1 << 30, reps=25, inner=20)
 SMOKE = dict(preset="qwen3-moe-smoke", tokens=(1, 4), copy_bytes=1 << 20, reps=3, inner=2)
@@ -201,7 +203,7 @@ def table(rows, markdown: bool) -> str:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = command_parser(__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU-sized shapes (qwen3-moe-smoke experts)")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 2, 8, 16], choices=[8, 4, 3, 2, 16],
                     help="weight formats: 8/4/3/2 quantized, 16 = bf16 (default: 4 2 8 16)")
@@ -224,6 +226,12 @@ def main(argv=None) -> int:
     if min(args.reps, args.inner, *args.tokens) < 1:
         print("error: --reps, --inner and --tokens must be at least 1", file=sys.stderr)
         return 2
+    if args.markdown:
+        try:
+            files.check_append_file(args.markdown, "--markdown")
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     dev = jax.devices()[0]
     gpu = dev.platform == "gpu"
     rows, bw = run(cfg, args, gpu)
@@ -239,7 +247,6 @@ def main(argv=None) -> int:
         stamp = datetime.date.today().isoformat()
         block = f"\n### `{cmd.strip()}` ({stamp})\n\n{header}.\n\n{table(rows, markdown=True)}\n"
         path = Path(args.markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(block)
         print(f"appended to {path}")

@@ -11,7 +11,6 @@ projections. X is [512, K] Gaussian. Seeds are fixed. Methods: RTN, `mse`, `hqq`
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynaexq_jax.experts import quant  # noqa: E402
+from dynaexq_jax.io import files  # noqa: E402
+from dynaexq_jax.launch.flags import at_least_each, command_parser  # noqa: E402
 
 
 def rel_error(w, x, qt) -> float:
@@ -30,7 +31,7 @@ def rel_error(w, x, qt) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = command_parser(__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--n", type=int, default=768)
     ap.add_argument("--group-size", type=int, default=128)
@@ -39,9 +40,12 @@ def main(argv=None) -> int:
                     metavar="PATH")
     args = ap.parse_args(argv)
     try:
+        at_least_each(args, k=1, n=1)
         for bits in quant.SUPPORTED_BITS:
             quant.check_group_size(args.k, bits, args.group_size)
-    except ValueError as e:  # already one line, naming the fix
+        if args.markdown:
+            files.check_append_file(args.markdown, "--markdown")
+    except ValueError as e:  # already one line, naming the fix (a UserError is one too)
         print(f"error: {e}", file=sys.stderr)
         return 2
     rng = np.random.default_rng(0)

@@ -14,9 +14,7 @@ step) for comparison.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 import time
 
@@ -24,15 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynaexq_jax import budget as budget_lib
+from dynaexq_jax.cli import refusals_as_errors
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.io import preset
+from dynaexq_jax.io import files, preset
+from dynaexq_jax.launch.flags import at_least_each, command_parser
 from dynaexq_jax.policies.dynaexq import DynaExqOptions
 from dynaexq_jax.runtime.build import build_engine, plan_for
 from dynaexq_jax.runtime.engine import peak_device_bytes
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(__doc__)
     p.add_argument("--preset", default="qwen3-moe-smoke")
     p.add_argument("--budget", required=True)
     p.add_argument("--batch-size", type=int, default=1)
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--routing-shift-every", type=int, default=32)
     p.add_argument("--rebalance-every", type=int, default=8)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--json", help="write the figures here (a new file, or one this script wrote)")
     return p.parse_args(argv)
 
 
@@ -64,9 +64,10 @@ def timed_run(eng, prompts, gen_len, shift, shift_every):
 def check_args(args, opts):
     """-> (config, budget) from the preset and the budget alone, before any weight is made: a
     budget too small, or one that leaves no slot to promote into, is refused here."""
-    if args.batch_size < 1 or args.prompt_len < 1 or args.gen_len < 2:
-        raise UserError("--batch-size and --prompt-len must be at least 1 and --gen-len at least 2 "
-                        f"(got {args.batch_size}, {args.prompt_len}, {args.gen_len})")
+    at_least_each(args, batch_size=1, prompt_len=1, gen_len=2, routing_shift_every=0, rebalance_every=1,
+                  routing_skew=0)
+    if args.json:
+        files.check_output_file(args.json, "--json")
     budget = budget_lib.parse_size(args.budget)
     cfg = preset.preset_config(args.preset)
     plan = plan_for(cfg, "dynaexq", budget=budget, batch=args.batch_size, longest_prompt=args.prompt_len,
@@ -78,14 +79,11 @@ def check_args(args, opts):
     return cfg, budget
 
 
+@refusals_as_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     base = DynaExqOptions(rebalance_every=args.rebalance_every)
-    try:
-        cfg, budget = check_args(args, base)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, budget = check_args(args, base)
     ckpt = preset.random_checkpoint(cfg, jnp.dtype(args.dtype), routing_skew=args.routing_skew)
     shift = preset.RouterShift(ckpt, args.routing_skew)
     rng = np.random.default_rng(0)
@@ -127,8 +125,7 @@ def main(argv=None) -> int:
         )
         del eng
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        files.write_json(args.json, report, indent=2)
     return 0
 
 

@@ -23,7 +23,6 @@ is sent as the bearer token (and passed to the server it starts).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import math
@@ -35,12 +34,15 @@ import sys
 import time
 from pathlib import Path
 
+from dynaexq_jax.cli import refusals_as_errors
+from dynaexq_jax.launch.flags import at_least_each, comma_list, command_parser
+
 ROOT = Path(__file__).resolve().parent.parent
 HELDOUT = ROOT / "checkpoints" / "tiny-qwen3-moe" / "tasks" / "heldout.jsonl"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(__doc__)
     p.add_argument("--url", help="a running server (default: start scripts/serve.py with the flags after --)")
     p.add_argument("--clients", default="1,4,16,32", help="numbers of concurrent clients, comma-separated")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens each request asks for")
@@ -49,7 +51,8 @@ def parse_args(argv=None):
                    help="instead: rounds of --clients streams, a third hanging up, for SECONDS (see above)")
     p.add_argument("serve_args", nargs="*", help="scripts/serve.py's flags (after --)")
     args = p.parse_args(argv)
-    args.clients = [int(c) for c in args.clients.split(",")]
+    args.clients = comma_list("--clients", args.clients, convert=int, low=1)
+    at_least_each(args, max_tokens=1)
     return args
 
 
@@ -211,6 +214,7 @@ def start_server(serve_args: list[str]) -> tuple[subprocess.Popen, str]:
         time.sleep(0.5)
 
 
+@refusals_as_errors
 def main(argv=None) -> int:
     import httpx
 

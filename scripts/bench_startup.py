@@ -18,7 +18,6 @@ import time
 
 _T0 = time.perf_counter()  # before any import: a start includes its imports
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -26,13 +25,16 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from argparse import SUPPRESS  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 PHASES = ("read", "tiers", "convert", "build", "fill", "compile", "first")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dynaexq_jax.launch.flags import command_parser  # the worker imports the package anyway
+
+    p = command_parser(__doc__)
     p.add_argument("--preset", action="append", default=[], help="a preset to start (repeatable)")
     p.add_argument("--model", action="append", default=[], help="a checkpoint folder to start (repeatable)")
     p.add_argument("--export", action="append", default=[], metavar="PRESET:LAYERS",
@@ -41,11 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--budget", default="6GB", help="device memory budget of every start (accelerate's sizes)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--work-dir", help="where exported checkpoints are kept between runs (each start's caches are "
-                   "made and removed in it; default: a temporary folder, removed at the end)")
-    p.add_argument("--json", help="write every figure here")
+    p.add_argument("--work-dir", help="where exported checkpoints are kept between runs: new, empty, or one this "
+                                      "script wrote (each start's caches are made and removed in it; default: a "
+                                      "temporary folder, removed at the end)")
+    p.add_argument("--json", help="write every figure here (a new file, or one this script wrote)")
     p.add_argument("--timeout", type=float, default=900, help="seconds one start may take")
-    p.add_argument("--worker", nargs=3, metavar=("SOURCE", "POLICY", "BUDGET"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, metavar=("SOURCE", "POLICY", "BUDGET"), help=SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -61,14 +64,26 @@ def worker(args) -> None:
     print(json.dumps(out))
 
 
-def export(spec: str, work: Path, dtype: str) -> Path:
-    """Preset `spec` = NAME:LAYERS written as a checkpoint folder under `work` (once)."""
+def export_spec(spec: str) -> tuple[str, int]:
+    """--export NAME:LAYERS -> (preset name, layers), checked."""
+    from dynaexq_jax.errors import UserError
+    from dynaexq_jax.io import preset
+
+    name, _, layers = spec.partition(":")
+    if name not in preset.PRESETS or not layers.isdigit() or int(layers) < 1:
+        raise UserError(f"--export {spec!r}: expected PRESET:LAYERS with a preset of {', '.join(preset.PRESETS)} "
+                        "and at least one layer")
+    return name, int(layers)
+
+
+def export(spec: str, work, dtype: str) -> Path:
+    """Preset `spec` = NAME:LAYERS written as a checkpoint folder in `work` (an `OutputDir`; once)."""
     import jax.numpy as jnp
 
     from dynaexq_jax.io import hf_export, preset
     from dynaexq_jax.models import registry
 
-    name, layers = spec.split(":")
+    name, layers = export_spec(spec)
     path = work / f"{name}-{layers}-layers"
     if (path / "model.safetensors").is_file():
         return path
@@ -121,20 +136,48 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check(args) -> list[str]:
+    """Every flag, before any start: -> the policies."""
+    from dynaexq_jax import budget as budget_lib
+    from dynaexq_jax.io import files
+    from dynaexq_jax.launch.flags import above_zero, at_least_each, comma_list
+    from dynaexq_jax.policies import POLICIES
+
+    policies = comma_list("--policies", args.policies, choices=POLICIES)
+    at_least_each(args, prompt_len=1)
+    above_zero("a number of seconds")("--timeout", args.timeout)
+    if args.budget != "none":
+        budget_lib.parse_size(args.budget)
+    for spec in args.export:
+        export_spec(spec)
+    if args.json:
+        files.check_output_file(args.json, "--json")
+    return policies
+
+
 def main(argv=None) -> int:
+    from dynaexq_jax.cli import refusals_as_errors
+
+    return refusals_as_errors(run)(argv)
+
+
+def run(argv=None) -> int:
+    from dynaexq_jax.io import files
+
     args = parse_args(argv)
     if args.worker:
         worker(args)
         return 0
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-startup-"))
-    work.mkdir(parents=True, exist_ok=True)
+    policies = check(args)
+    work = files.OutputDir(args.work_dir or tempfile.mkdtemp(prefix="bench-startup-"), "--work-dir")
     try:
         sources = args.preset + args.model + [str(export(s, work, args.dtype)) for s in args.export]
         rows = []
         for source in sources or ["olmoe-1b-7b"]:
-            for policy in args.policies.split(","):
+            for policy in policies:
                 # Caches of their own (a cold start finds them empty), gone after the warm start.
-                caches = Path(tempfile.mkdtemp(prefix=f"caches-{policy}-", dir=work))
+                work.path.mkdir(parents=True, exist_ok=True)
+                caches = Path(tempfile.mkdtemp(prefix=f"caches-{policy}-", dir=work.path))
                 try:
                     for start in ("cold", "warm"):
                         row = dict(run_one(source, policy, args, caches), start=start)
@@ -144,10 +187,10 @@ def main(argv=None) -> int:
                     shutil.rmtree(caches, ignore_errors=True)
     finally:
         if args.work_dir is None:  # a folder of our own: the exported checkpoints go with it
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work.path, ignore_errors=True)
     print(table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        files.write_json(args.json, {"rows": rows})
     return 0
 
 

@@ -19,13 +19,14 @@ crc32 of the path % 20 == 0, same stdlib). Writes to `checkpoints/tiny-qwen3-moe
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 from pathlib import Path
 
-from dynaexq_jax.io import corpus  # the tiny model's training / held-out split
+from dynaexq_jax.errors import UserError
+from dynaexq_jax.io import corpus, files  # corpus: the tiny model's training / held-out split
+from dynaexq_jax.launch.flags import at_least, command_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,12 +68,11 @@ def build(args) -> None:
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
     from dynaexq_jax.runtime.engine import Engine
 
+    out = files.OutputDir(args.out, "--out")  # new, empty or written here before: checked before the work
     root, rels = corpus.stdlib_files()
     held = [r for r in rels if corpus.is_held_out(r)]
     train = [r for r in rels if not corpus.is_held_out(r)]
     texts = {r: corpus.read(root, r) for r in held}
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
 
     docs, size = [], 0
     for r in held:
@@ -80,7 +80,7 @@ def build(args) -> None:
             break
         docs.append({"path": r, "text": texts[r]})
         size += len(texts[r].encode())
-    write_jsonl(out / "heldout.jsonl", docs)
+    write_jsonl(out, "heldout.jsonl", docs)
 
     rng = random.Random(args.seed)
     positions = [(r, it) for r in held for it in items_of(texts[r])]
@@ -93,8 +93,8 @@ def build(args) -> None:
                    "answer": choices.index(line)})
     for r, (context, line, _) in picked[args.mc :]:
         em.append({"path": r, "prompt": context, "answer": line.strip()})
-    write_jsonl(out / "next_line_mc.jsonl", mc)
-    write_jsonl(out / "next_line_em.jsonl", em)
+    write_jsonl(out, "next_line_mc.jsonl", mc)
+    write_jsonl(out, "next_line_em.jsonl", em)
 
     # Warm-start profile: the full model's routing over windows spread evenly over the training split.
     ckpt = loader.load(args.model, jnp.bfloat16)
@@ -112,19 +112,19 @@ def build(args) -> None:
         tokens += int(stats.tokens)
     L, E = mass.shape
     hotness.HotnessTracker(L, E, DynaExqOptions().half_life_steps, mass / tokens).save(out / "hotness_train.json")
-    total = sum(f.stat().st_size for f in out.iterdir())
+    total = sum(f.stat().st_size for f in out.path.iterdir())
     print(f"{len(docs)} perplexity documents ({size:,} bytes), {len(mc)} multiple-choice and {len(em)} exact-match "
-          f"items from {len(held)} held-out files; profile from {tokens:,} training tokens; {out} holds "
+          f"items from {len(held)} held-out files; profile from {tokens:,} training tokens; {out.path} holds "
           f"{total:,} bytes",
           file=sys.stderr)
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+def write_jsonl(out: files.OutputDir, name: str, rows: list[dict]) -> None:
+    out.write(name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(__doc__)
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--out", type=Path, default=DEFAULT_MODEL / "tasks")
     p.add_argument("--seed", type=int, default=0)
@@ -134,7 +134,15 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=256, help="tokens per profiling window")
     p.add_argument("--profile-windows", type=int, default=64,
                    help="training windows the warm-start profile is read from")
-    build(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        for flag, value, low in (("--ppl-bytes", args.ppl_bytes, 1), ("--mc", args.mc, 0), ("--em", args.em, 0),
+                                 ("--window", args.window, 2), ("--profile-windows", args.profile_windows, 1)):
+            at_least(low)(flag, value)
+        build(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

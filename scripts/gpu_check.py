@@ -34,7 +34,6 @@ docs/PERFORMANCE.md with the device named).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -73,8 +72,11 @@ SMOKE = dict(preset="qwen3-moe-smoke", budgets=dict(b1="48MB", b32="160MB"), pro
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="gpu_check", help="directory for gpu_check.json and gpu_check.md")
+    from dynaexq_jax.launch.flags import command_parser  # the parent's alone: a case process reads no flags
+
+    p = command_parser(__doc__)
+    p.add_argument("--out", default="gpu_check", help="folder for gpu_check.json and gpu_check.md (new, empty, or "
+                                                      "one this script wrote)")
     p.add_argument("--smoke", action="store_true", help="small preset and budgets: the CPU smoke test")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--cases", default=",".join(c[0] for c in CASES),
@@ -496,14 +498,19 @@ def main(argv=None) -> int:
         else:
             case_engine(cfg, part, costs)
         return 0
+    from dynaexq_jax.errors import UserError
+    from dynaexq_jax.io import files
+
     args = parse_args(argv)
     cfg = SMOKE if args.smoke else GPU
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
-    if bad:
-        print(f"error: unknown stage {', '.join(bad)}; choose from {', '.join(STAGES)}", file=sys.stderr)
+    try:
+        if bad or not stages:
+            raise UserError(f"--stages {args.stages!r}: choose from {', '.join(STAGES)}, separated by commas")
+        out = files.OutputDir(args.out, "--out")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = [c for c in cases if c not in {name for name, *_ in CASES}]
@@ -514,8 +521,8 @@ def main(argv=None) -> int:
            "stages": {}}
 
     def save():
-        (out / "gpu_check.json").write_text(json.dumps(doc, indent=1, default=str))
-        (out / "gpu_check.md").write_text(markdown(doc))
+        out.write("gpu_check.json", json.dumps(doc, indent=1, default=str))
+        out.write("gpu_check.md", markdown(doc))
 
     costs = {"bandwidth_gbs": None, "launch_s": None, "graph_kernel_s": None}
     deadline = time.perf_counter() + cfg["total_s"]

@@ -16,7 +16,6 @@ smoothing) over the same tokens, and the routing unevenness of held-out code vs 
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import math
@@ -30,8 +29,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from dynaexq_jax import train
+from dynaexq_jax.errors import UserError
+from dynaexq_jax.io import files
 from dynaexq_jax.io.corpus import HELD_OUT_EVERY, is_held_out, read, stdlib_files
 from dynaexq_jax.io.hf_export import save_checkpoint
+from dynaexq_jax.launch.flags import above_zero, at_least_each, command_parser
 from dynaexq_jax.models.config import ModelConfig
 
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -115,7 +117,7 @@ def routing_figures(counts_code: np.ndarray, counts_prose: np.ndarray) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = command_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -125,8 +127,16 @@ def main(argv=None):
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--eval-windows", type=int, default=None,
                     help="cap on held-out windows (of --seq-len) to score; default all")
-    ap.add_argument("--out", type=Path, default=Path("checkpoints/tiny-qwen3-moe"))
+    ap.add_argument("--out", type=Path, default=Path("checkpoints/tiny-qwen3-moe"),
+                    help="checkpoint folder: new, empty, or one this script wrote (its other files stay)")
     args = ap.parse_args(argv)
+    try:  # before 20 minutes of training
+        at_least_each(args, steps=1, batch_size=1, seq_len=2, vocab_size=256, eval_windows=1, lb_coef=0)
+        above_zero("a learning rate")("--lr", args.lr)
+        files.check_output_dir(args.out, "--out")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t_start = time.perf_counter()
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
 
@@ -266,7 +276,8 @@ def main(argv=None):
     )
     size = sum(f.stat().st_size for f in out.iterdir())
     log(f"wrote {out} ({size / 1e6:.2f} MB) in {metrics['wall_s']:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -87,8 +87,8 @@ def _no_weights(*_args, **_kwargs):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--budget", "20gb"], "bad memory size '20gb'"),
-    (["--batch-sizes", "1,x"], "bad --batch-sizes '1,x'"),
-    (["--batch-sizes", "0"], "bad --batch-sizes '0'"),
+    (["--batch-sizes", "1,x"], "--batch-sizes '1,x'"),
+    (["--batch-sizes", "0"], "--batch-sizes '0'"),
     (["--policies", "static,nope"], "unknown policy 'nope'"),
     (["--budget", "1MB"], "fits none of --policies"),
 ])

@@ -145,7 +145,7 @@ def test_cli_reports_bad_input_as_error_line_and_exit_2(capsys):
     from dynaexq_jax.cli import eval as cli
 
     assert cli.main(["--policies", "nope"]) == 2
-    assert capsys.readouterr().err.startswith("error: unknown policy 'nope'")
+    assert capsys.readouterr().err.startswith("error: --policies 'nope': choose from")
 
 
 def test_big_little_sweep_adds_a_row_per_share_with_its_measured_share(ckpt):

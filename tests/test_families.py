@@ -438,6 +438,121 @@ def test_unsupported_fields_are_one_line_errors_naming_the_field(family, change,
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+# Each family's published config.json (`io.preset` writes them out) and every key of it the
+# decoder reads, as the checkpoint spells it (dotted: inside an object), with its kind.
+RELEASES = {"qwen3_moe": "qwen3-30b-a3b", "mixtral": "mixtral-8x7b", "olmoe": "olmoe-1b-7b",
+            "qwen2_moe": "qwen1.5-moe-a2.7b", "phimoe": "phi-3.5-moe", "gpt_oss": "gpt-oss-20b",
+            "qwen3_next": "qwen3-next-80b-a3b", "deepseek_v3": "deepseek-v3", "glm4_moe": "glm-4.5-air",
+            "minimax_m2": "minimax-m2", "qwen3_5_moe": "qwen3.5-35b-a3b"}
+SHARED_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "max_position_embeddings", "num_experts_per_tok")
+SHARED_FLOATS = ("rms_norm_eps",)
+READ = {  # family -> (integer keys, number keys) beyond the shared ones
+    "qwen3_moe": (("head_dim", "num_experts", "moe_intermediate_size", "intermediate_size", "decoder_sparse_step"),
+                  ("rope_theta",)),
+    "mixtral": (("num_local_experts", "intermediate_size"), ("rope_theta",)),
+    "olmoe": (("num_experts", "intermediate_size"), ("rope_theta", "clip_qkv")),
+    "qwen2_moe": (("num_experts", "moe_intermediate_size", "intermediate_size", "shared_expert_intermediate_size",
+                   "decoder_sparse_step"), ("rope_theta",)),
+    "phimoe": (("num_local_experts", "intermediate_size", "rope_scaling.original_max_position_embeddings"),
+               ("rope_theta", "router_jitter_noise", "rope_scaling.short_mscale", "rope_scaling.long_mscale")),
+    "gpt_oss": (("head_dim", "num_local_experts", "intermediate_size", "sliding_window",
+                 "rope_scaling.original_max_position_embeddings"),
+                ("rope_theta", "swiglu_limit", "rope_scaling.factor", "rope_scaling.beta_fast")),
+    "qwen3_next": (("head_dim", "num_experts", "moe_intermediate_size", "intermediate_size",
+                    "shared_expert_intermediate_size", "linear_conv_kernel_dim", "linear_key_head_dim",
+                    "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+                    "full_attention_interval", "decoder_sparse_step"), ("rope_theta", "partial_rotary_factor")),
+    "deepseek_v3": (("n_routed_experts", "moe_intermediate_size", "intermediate_size", "kv_lora_rank", "q_lora_rank",
+                     "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "n_group", "topk_group",
+                     "first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers",
+                     "rope_scaling.original_max_position_embeddings"),
+                    ("rope_theta", "routed_scaling_factor", "rope_scaling.factor", "rope_scaling.mscale_all_dim",
+                     "rope_scaling.mscale")),
+    "glm4_moe": (("head_dim", "n_routed_experts", "moe_intermediate_size", "intermediate_size", "n_group",
+                  "topk_group", "first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"),
+                 ("rope_theta", "partial_rotary_factor", "routed_scaling_factor")),
+    "minimax_m2": (("head_dim", "num_local_experts", "intermediate_size", "rotary_dim"), ("rope_theta",)),
+    "qwen3_5_moe": (tuple(f"text_config.{k}" for k in (
+        *SHARED_INTS, "head_dim", "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
+        "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+        "linear_num_value_heads")), tuple(f"text_config.{k}" for k in (
+            *SHARED_FLOATS, "rope_parameters.rope_theta", "rope_parameters.partial_rotary_factor"))),
+}
+# Past either end of any range, or not a number of the key's kind.
+HOSTILE = {"int": (-1, 10**12, 1.5, "7", True), "number": (-1, 1e39, float("inf"), "7", False)}
+
+
+def with_value(d: dict, key: str, value) -> dict:
+    d = json.loads(json.dumps(d))  # a deep copy
+    *parents, leaf = key.split(".")
+    node = d
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    return d
+
+
+def refusal(d: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        registry.adapter_for(d).config_from_hf(d)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("family", sorted(RELEASES))
+def test_every_value_the_decoder_reads_is_refused_past_either_bound_naming_its_key(family):
+    import re
+
+    d = preset.PRESETS[RELEASES[family]]
+    registry.adapter_for(d).config_from_hf(d)  # as released: within every bound
+    ints, numbers = READ[family]
+    if family != "qwen3_5_moe":  # DeepSeek-V3's latent attention gives every head its keys: no key heads read
+        shared = tuple(k for k in SHARED_INTS if not (family == "deepseek_v3" and k == "num_key_value_heads"))
+        ints, numbers = shared + ints, SHARED_FLOATS + numbers
+    for kind, keys in (("int", ints), ("number", numbers)):
+        for key in keys:
+            for value in HOSTILE[kind]:
+                message = refusal(with_value(d, key, value))
+                leaf = key.split(".")[-1]
+                assert re.search(rf"(^|[ .']){leaf}=", message) and "\n" not in message, (key, value, message)
+
+
+@pytest.mark.parametrize("family, change, needle", [
+    ("qwen3_next", {"partial_rotary_factor": 1.5}, "partial_rotary_factor=1.5"),
+    ("glm4_moe", {"partial_rotary_factor": 0.001}, "partial_rotary_factor=0.001"),
+    ("qwen3_5_moe", {"text_config.rope_parameters.partial_rotary_factor": 2.0},
+     "text_config.rope_parameters.partial_rotary_factor=2.0"),
+    ("gpt_oss", {"sliding_window": 10**7}, "sliding_window=10000000"),  # past max_position_embeddings
+    ("qwen3_moe", {"rms_norm_eps": 2.0}, "rms_norm_eps=2.0"),
+    ("phimoe", {"router_jitter_noise": 3.0}, "router_jitter_noise=3.0"),
+    ("gpt_oss", {"rope_scaling.beta_slow": 64.0}, "rope_scaling.beta_slow=64.0"),  # above beta_fast
+    ("gpt_oss", {"rope_scaling.original_max_position_embeddings": 10**6},
+     "rope_scaling.original_max_position_embeddings=1000000"),  # past max_position_embeddings
+    ("mixtral", {"num_key_value_heads": 64}, "num_key_value_heads=64"),  # above the query heads
+    ("mixtral", {"num_attention_heads": 4095}, "num_attention_heads=4095"),  # no even head dim
+    ("qwen3_next", {"linear_num_value_heads": 24}, "linear_num_value_heads=24"),  # not a multiple of the key heads
+    ("qwen3_next", {"full_attention_interval": 49, "layer_types": None}, "full_attention_interval=49"),
+    ("qwen3_moe", {"decoder_sparse_step": 49}, "decoder_sparse_step=49"),  # past num_hidden_layers
+    ("deepseek_v3", {"first_k_dense_replace": 62}, "first_k_dense_replace=62"),
+    ("deepseek_v3", {"n_shared_experts": 1000}, "n_shared_experts=1000"),
+    ("deepseek_v3", {"topk_group": 9}, "topk_group=9"),
+    ("deepseek_v3", {"qk_rope_head_dim": 63}, "qk_rope_head_dim=63"),
+    ("minimax_m2", {"rotary_dim": 63}, "rotary_dim=63"),
+    ("minimax_m2", {"rotary_dim": 256}, "rotary_dim=256"),  # past head_dim
+    ("phimoe", {"rope_scaling.short_factor": [0.0] * 64}, "rope_scaling.short_factor=[0.0"),
+    ("phimoe", {"rope_scaling.long_factor": [1.0] * 7}, "rope_scaling.long_factor=[1.0"),
+    ("olmoe", {"num_experts_per_tok": 65}, "num_experts_per_tok=65"),
+    ("qwen3_5_moe", {"text_config.num_experts_per_tok": 257}, "text_config.num_experts_per_tok=257"),
+])
+def test_a_value_out_of_the_range_other_fields_give_it_names_its_key(family, change, needle):
+    d = preset.PRESETS[RELEASES[family]]
+    for key, value in change.items():
+        d = with_value(d, key, value)
+    d = {k: v for k, v in d.items() if v is not None}
+    message = refusal(d)
+    assert needle in message and "\n" not in message, message
+
+
 def test_the_registry_refuses_an_incomplete_adapter_and_a_second_one_for_a_model_type():
     import types
 

@@ -116,7 +116,7 @@ def test_save_load_round_trip(tmp_path):
     path = tmp_path / "hot.json"
     t.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["hot.json"]  # no temp file left behind
-    assert set(json.loads(path.read_text())) == {"layers", "experts", "half_life_steps", "scores"}
+    assert set(json.loads(path.read_text())) == {"written_by", "layers", "experts", "half_life_steps", "scores"}
 
     back = HotnessTracker.load(path, expect_shape=(3, 5))
     assert (back.num_layers, back.num_experts, back.half_life_steps) == (3, 5, 1234.5)
@@ -137,7 +137,7 @@ def test_load_profile_of_other_model_names_both_shapes(tmp_path):
 def test_load_garbage_is_a_value_error(tmp_path):
     path = tmp_path / "hot.json"
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="not a hotness profile"):
+    with pytest.raises(ValueError, match="hotness profile .* is not valid JSON"):
         HotnessTracker.load(path)
 
 

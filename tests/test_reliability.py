@@ -32,6 +32,8 @@ from dynaexq_jax.policies.hotness import HotnessTracker
 from dynaexq_jax.runtime import engine
 from dynaexq_jax.runtime.build import plan_for
 
+from conftest import script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 WEIGHTS = "model.safetensors"
@@ -217,7 +219,7 @@ FLAGS = {
     "half-life-zero": (["--half-life", 0], "--half-life must be"),
     "half-life-nan": (["--half-life", "nan"], "--half-life must be"),
     "rebalance-every-zero": (["--rebalance-every", 0], "--rebalance-every must be >= 1"),
-    "group-size-zero": (["--group-size", 0], "--group-size must be >= 1"),
+    "group-size-below-8": (["--group-size", 4], "--group-size must be >= 8"),
     "seed-past-64-bits": (["--seed", 2**64], "seed must fit in 64 bits"),
     "temperature-nan": (["--temperature", "nan"], "temperature must be"),
     "context-zero": (["--interactive", "--context", 0], "--context must be >= 2"),
@@ -225,14 +227,14 @@ FLAGS = {
                                            "leaves no room for a message"),
     "prompt-not-utf8": (["--prompt", "caf\udce9"], "--prompt holds bytes that are not UTF-8"),
     "system-not-utf8": (["--system", "\udcff"], "--system holds bytes that are not UTF-8"),
-    "hotness-corrupt": (profile("{not json"), "is not a hotness profile"),
-    "hotness-empty": (profile(""), "is not a hotness profile"),
+    "hotness-corrupt": (profile("{not json"), "is not valid JSON"),
+    "hotness-empty": (profile(""), "is not valid JSON"),
     "hotness-foreign": (profile('{"model_type": "qwen3_moe"}'), "no field 'layers'"),
     "hotness-of-another-model": (profile(shape=(48, 128)), "record a profile with this model"),
     "hotness-with-another-policy": (["--policy", "full", "--hotness", "x.json"], "apply to --policy dynaexq"),
     "save-hotness-into-a-missing-folder": (lambda root: ["--save-hotness", root / "nope" / "p.json", "--json"],
                                            "does not exist; create it first"),
-    "save-hotness-onto-a-folder": (lambda root: ["--save-hotness", root], "is a directory"),
+    "save-hotness-onto-a-folder": (lambda root: ["--save-hotness", root], "is a folder"),
     "save-hotness-without-slots": (budget_without_slots, "no high-precision slot"),
     "prompt-over-the-context-with-a-budget": (["--prompt", "x " * 600, "--budget", "1MB"],
                                               "the prompt is longer than the context"),
@@ -255,6 +257,54 @@ def test_non_utf8_on_interactive_stdin_is_one_error_line(capsys, tmp_path, ckpt,
                    "line 1 of stdin")
 
 
+BINARY = b"ok\n\xff\xfe\x00 not text"  # its first bad byte, 0xff, at offset 3
+
+
+def binary(folder: Path, name: str = "input.bin") -> Path:
+    f = folder / name
+    f.write_bytes(BINARY)
+    return f
+
+
+def calibrate(argv):
+    return script("calibrate").main(argv)
+
+
+# Every text a user hands the tool, as a file that is not UTF-8: (command, its argv from the test's
+# folder and the checkpoint copy, what the error names the file by).
+TEXT_INPUTS = {
+    "eval --ppl": (eval_cli.main, lambda root, ck: ["--model", ck, "--ppl", binary(root)], "--ppl"),
+    "eval --mc": (eval_cli.main, lambda root, ck: ["--model", ck, "--mc", binary(root, "mc.jsonl")], "--mc"),
+    "eval --em": (eval_cli.main, lambda root, ck: ["--model", ck, "--em", binary(root, "em.jsonl")], "--em"),
+    "eval --calibration": (eval_cli.main, lambda root, ck: ["--model", ck, "--calibration", binary(root)],
+                           "--calibration"),
+    "calibrate --text": (calibrate, lambda root, ck: ["--model", ck, "--text", binary(root), "--out", root / "cal"],
+                         "--text"),
+    "generate --hotness": (generate.main, lambda root, ck: ["--model", ck, "--hotness", binary(root)],
+                           "hotness profile"),
+    "config.json": (generate.main, lambda root, ck: ["--model", binary(ck, "config.json").parent, "--dry-run"],
+                    "config.json"),
+    "shard index": (generate.main, lambda root, ck: ["--model", binary(ck, loader.INDEX).parent, "--dry-run"],
+                    loader.INDEX),
+    "tokenizer.json": (generate.main, lambda root, ck: ["--model", binary(ck, "tokenizer.json").parent],
+                       "tokenizer.json"),
+    "tokenizer_config.json": (generate.main, lambda root, ck: ["--model", binary(ck, "tokenizer_config.json").parent],
+                              "tokenizer_config.json"),
+    "chat_template.jinja": (generate.main, lambda root, ck: ["--model", binary(ck, "chat_template.jinja").parent],
+                            "chat_template.jinja"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_INPUTS))
+def test_a_text_input_that_is_not_utf8_is_one_line_naming_the_file_and_the_byte(capsys, tmp_path, ckpt, monkeypatch,
+                                                                                case):
+    main, argv, name = TEXT_INPUTS[case]
+    argv = argv(tmp_path, ckpt)
+    monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("text is read before any weight"))
+    err = assert_refused(capsys, tmp_path, main, argv, "is not UTF-8 text (byte 0xff at offset 3)")
+    assert name in err
+
+
 def test_a_tokenizer_past_the_vocabulary_is_refused(capsys, tmp_path, ckpt):
     edit_config(ckpt, vocab_size=200)  # the tokenizer has 300 tokens; the weights are cut to match
     tensors = {k: (v[:200] if k in ("model.embed_tokens.weight", "lm_head.weight") else v)
@@ -273,7 +323,7 @@ def ppl_task(tmp_path):
 
 @pytest.mark.parametrize("argv, needle", [
     (lambda root: ["--json", root / "missing" / "results.json"], "does not exist; create it first"),
-    (lambda root: ["--group-size", 0], "--group-size must be >= 1"),
+    (lambda root: ["--group-size", 0], "--group-size must be >= 8"),
     (lambda root: ["--hotness", root / "ckpt" / "config.json"], "is not a hotness profile"),
 ], ids=["json-into-a-missing-folder", "group-size-zero", "hotness-foreign"])
 def test_eval_refuses_bad_flags_before_loading(capsys, tmp_path, ckpt, ppl_task, monkeypatch, argv, needle):
@@ -289,7 +339,7 @@ def test_eval_checks_every_runs_budget_before_the_first_run(capsys, tmp_path, ck
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--batch-sizes", "1,8,x"], "bad --batch-sizes"),
+    (["--batch-sizes", "1,8,x"], "--batch-sizes '1,8,x'"),
     (["--budget", "20GB", "--batch-sizes", "1,8,100000"], "fits none of --policies"),
     (["--budget", "1GB"], "fits none of --policies"),
 ])

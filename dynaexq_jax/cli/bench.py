@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import statistics
 import sys
 
@@ -39,9 +38,19 @@ from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.eval import big_little
 from dynaexq_jax.eval.agreement import compare
-from dynaexq_jax.io import loader, preset
-from dynaexq_jax.launch.flags import command_parser
-from dynaexq_jax.launch.options import BigLittleSweep, MeshOptions, ModelOptions, PlanOptions, PolicyOptions
+from dynaexq_jax.io import files, loader, preset
+from dynaexq_jax.launch.flags import at_least_each, comma_list, command_parser
+from dynaexq_jax.launch.options import (
+    DYNAEXQ_FLAGS,
+    FLOE_FLAGS,
+    BigLittleSweep,
+    MeshOptions,
+    ModelOptions,
+    PlanOptions,
+    PolicyOptions,
+    check_applies,
+    check_tiers,
+)
 from dynaexq_jax.models import registry
 from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.policies import POLICIES
@@ -75,7 +84,7 @@ def parser():
     p.add_argument("--reference", choices=["full", "static8"], default="full")
     p.add_argument("--quality-seqs", type=int, default=2, help="sequences for KL / top-1 agreement")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts, the quality sequences and preset weights")
-    p.add_argument("--json", help="write results here")
+    p.add_argument("--json", help="write results here (a new file, or one this command wrote)")
     p.add_argument("--plot", help="write a PNG of decode tokens/s by batch size per policy (with --big-little: "
                                   "also decode tokens/s against KL vs the reference, one line per policy)")
     BigLittleSweep.add_flags(p)
@@ -97,35 +106,35 @@ def main(argv=None) -> int:
     return 0
 
 
-def positive_ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise UserError(f"bad {flag} {text!r}: expected positive integers separated by commas, e.g. 1,8,32")
-    return values
-
-
 def check_args(args):
     """Everything a user can get wrong that needs no weights: -> (batch sizes, policies, budget)."""
-    batch_sizes = positive_ints(args.batch_sizes, "--batch-sizes")
+    batch_sizes = comma_list("--batch-sizes", args.batch_sizes, convert=int, low=1)
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
     for n in names or [args.policies]:
         policy, _, hi = n.partition("/")
         if policy not in POLICIES or hi not in ("", "int8", "int4", "bfloat16") or (hi and policy != "dynaexq"):
             raise UserError(f"unknown policy {n!r} in --policies; choose from {', '.join(POLICIES)} "
                             "(dynaexq/int8, dynaexq/int4: quantized slots)")
-    for flag, value, least in (("--prompt-len", args.prompt_len, 1), ("--gen-len", args.gen_len, 2),
-                               ("--repeats", args.repeats, 1), ("--quality-seqs", args.quality_seqs, 1)):
-        if value < least:  # --gen-len 1 has no decode step to time
-            raise UserError(f"{flag} must be at least {least}, got {value}")
+    for n in names:
+        hi = n.partition("/")[2]
+        if hi:
+            check_tiers(hi, args.lo_bits, f"--policies {n} over --lo-bits {{lo}}")
+    # --gen-len 1 has no decode step to time; numpy's generator takes no negative seed
+    at_least_each(args, prompt_len=1, gen_len=2, repeats=1, quality_seqs=1, seed=0, routing_skew=0,
+                  routing_shift_every=0)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            files.check_output_file(path, flag)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib; pip install matplotlib") from None
-    PolicyOptions.from_args(args).check()
+    policy = PolicyOptions.from_args(args)
+    policy.check()
+    runs = {n.partition("/")[0] for n in names}
+    check_applies(policy, FLOE_FLAGS, "floe" in runs, "FloE", "add floe to --policies")
+    check_applies(policy, DYNAEXQ_FLAGS, "dynaexq" in runs, "dynaexq", "add dynaexq to --policies")
     MeshOptions.from_args(args).check()
     sweep = BigLittleSweep.from_args(args).sweep()
     return batch_sizes, names, PlanOptions.from_args(args).budget_bytes(), sweep
@@ -156,6 +165,8 @@ def fitting_plans(cfg, names, budget, *, batch, longest_prompt, max_new_tokens, 
                                    devices=devices)
         except UserError as e:
             print(f"{name}: skipped ({e})", file=sys.stderr)
+    if not plans and budget is None:
+        raise UserError(f"none of --policies {','.join(names)} can run this model (each one's reason is above)")
     if not plans:
         raise UserError(f"budget {budget_lib.format_size(budget)} fits none of --policies {','.join(names)} "
                         "(each one's minimum is above); pass a larger --budget")
@@ -297,9 +308,9 @@ def run(args):
 
     print_table(results)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "reference": ref_name, "bandwidth": {"hbm": bw.hbm, "h2d": bw.h2d},
-                       "args": vars(args), "results": results}, f, indent=2)
+        files.write_json(args.json, {"device": device, "reference": ref_name,
+                                     "bandwidth": {"hbm": bw.hbm, "h2d": bw.h2d}, "args": vars(args),
+                                     "results": results}, indent=2)
     if args.plot:
         plot(results, args.plot, device)
     project(results, costs)
@@ -351,7 +362,7 @@ def plot(results, path, device):
     ax.set_title(f"decode throughput by policy ({device})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata=files.png_metadata())
 
 
 def plot_big_little(results, path, device, plt):
@@ -368,7 +379,7 @@ def plot_big_little(results, path, device, plt):
     ax.set_title(f"big-little: speed against quality ({device})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata=files.png_metadata())
 
 
 if __name__ == "__main__":

@@ -22,15 +22,24 @@ scripts/accuracy_sweep.py for accuracy against memory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.io import files
 from dynaexq_jax.launch.engine import check_hotness
-from dynaexq_jax.launch.flags import command_parser
-from dynaexq_jax.launch.options import DEFAULT_MODEL, BigLittleSweep, MeshOptions, ModelOptions, PolicyOptions
+from dynaexq_jax.launch.flags import at_least_each, comma_list, command_parser
+from dynaexq_jax.launch.options import (
+    DEFAULT_MODEL,
+    FLOE_FLAGS,
+    BigLittleSweep,
+    MeshOptions,
+    ModelOptions,
+    PolicyOptions,
+    check_applies,
+    check_tiers,
+)
+from dynaexq_jax.policies import POLICIES
 
 TASKS = DEFAULT_MODEL / "tasks"
 POLICY_FLAGS = ("hi_dtype", "group_size", "quant_method", "hotness", "floe_sparsity", "floe_up_bits",
@@ -46,8 +55,9 @@ def parser():
     p.add_argument("--em", action="append", help="exact-match JSONL of {\"prompt\", \"answer\"} (repeatable)")
     p.add_argument("--policies", default="full,static,dynaexq", help="comma-separated policies")
     p.add_argument("--budgets", default="none", help="comma-separated budgets: none, a size, or +P%% (see above)")
-    p.add_argument("--lo-bits", default="4", help="comma-separated widths from 4,3,2: static without a budget, fixed "
-                                                  "tiers, and the anchor of +P%% budgets")
+    p.add_argument("--lo-bits", dest="lo_widths", default="4",
+                   help="comma-separated widths from 4,3,2: static without a budget, fixed tiers, and the anchor of "
+                        "+P%% budgets")
     p.add_argument("--tiers", default="auto", help="comma-separated dynaexq tier modes from auto,fixed (fixed: the "
                                                    "--lo-bits fallback and --hi-dtype slots, bfloat16 for auto)")
     PolicyOptions.add_flags(p, only=POLICY_FLAGS)
@@ -63,17 +73,14 @@ def parser():
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per exact-match prompt")
     p.add_argument("--limit", type=int, help="first N items (documents for perplexity) of each task")
     MeshOptions.add_flags(p, only=("mesh",))
-    p.add_argument("--json", dest="json_path", help="write {\"results\": [...]} here")
+    p.add_argument("--json", dest="json_path", help="write {\"results\": [...]} here (a new file, or one this "
+                                                    "command wrote)")
     BigLittleSweep.add_flags(p)
     return p
 
 
 def parse_args(argv=None):
     return parser().parse_args(argv)
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def run(args) -> list:
@@ -86,19 +93,22 @@ def run(args) -> list:
 
     model, policy, mesh_opts = (ModelOptions.from_args(args), PolicyOptions.from_args(args),
                                 MeshOptions.from_args(args))
-    try:
-        lo_bits = [int(b) for b in _csv(args.lo_bits)]
-    except ValueError:
-        raise UserError(f"--lo-bits {args.lo_bits!r}: give comma-separated widths from 4,3,2") from None
-    if not lo_bits or any(b not in (4, 3, 2) for b in lo_bits):
-        raise UserError(f"--lo-bits {args.lo_bits!r}: give comma-separated widths from 4,3,2")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    policies = comma_list("--policies", args.policies, choices=POLICIES)
+    budgets = comma_list("--budgets", args.budgets)
+    for spec in budgets:
+        evaluate.budget_spec(spec)
+    lo_bits = comma_list("--lo-bits", args.lo_widths, choices=(4, 3, 2), convert=int)
+    tiers = comma_list("--tiers", args.tiers, choices=evaluate.TIER_MODES)
+    at_least_each(args, batch_size=1, window=2, max_length=2, max_new_tokens=1, limit=1)
     policy.check()
+    check_applies(policy, FLOE_FLAGS, "floe" in policies, "FloE", "add floe to --policies")
+    if "dynaexq" in policies and "fixed" in tiers:
+        for bits in lo_bits:
+            check_tiers(policy.hi_dtype, bits, "--hi-dtype {hi} with --tiers fixed over --lo-bits {lo}")
     mesh_opts.check()
     sweep = BigLittleSweep.from_args(args).sweep()
     if args.json_path:
-        files.check_writable(args.json_path, "--json")
+        files.check_output_file(args.json_path, "--json")
     cfg = registry.read_config(model.model)
     check_hotness(policy, cfg)  # read in full now: a bad profile must not end the evaluation after its first runs
     mesh = None
@@ -107,17 +117,19 @@ def run(args) -> list:
 
         mesh = mesh_lib.expert_mesh(mesh_opts.size())
         mesh_lib.check_split(cfg.num_experts, mesh.size)
-    runs = evaluate.expand_runs(_csv(args.policies), _csv(args.budgets) or ["none"], lo_bits, _csv(args.tiers))
-    if not (args.ppl or args.mc or args.em):
+    runs = evaluate.expand_runs(policies, budgets, lo_bits, tiers)
+    given = args.ppl or args.mc or args.em
+    if not given:
         args.ppl, args.mc, args.em = ([TASKS / "heldout.jsonl"], [TASKS / "next_line_mc.jsonl"],
                                       [TASKS / "next_line_em.jsonl"])
+    fix = "check the path" if given else "build the shipped tasks with scripts/build_tasks.py"
     tasks = []
     for kind, paths in (("ppl", args.ppl), ("mc", args.mc), ("em", args.em)):
         for path in paths or []:
-            task = evaluate.load_task(kind, path)
+            task = evaluate.load_task(kind, path, what=f"--{kind}" if given else "task file", fix=fix)
             tasks.append(dataclasses.replace(task, items=task.items[: args.limit]) if args.limit else task)
 
-    calibration = evaluate.load_task("ppl", args.calibration).items if args.calibration else None
+    calibration = evaluate.load_task("ppl", args.calibration, what="--calibration").items if args.calibration else None
     shipped = Path(model.model) / "tasks" / "hotness_train.json"  # recorded on the model's training data
     ckpt = loader.load(model.model, jnp.dtype(model.dtype))
     opts = DynaExqOptions(hi_dtype=policy.hi_dtype, group_size=policy.group_size, quant_method=policy.quant_method)
@@ -146,7 +158,7 @@ def main(argv=None) -> int:
     if args.json_path:
         payload = {"results": [dataclasses.asdict(r) for r in results]}
         try:
-            files.write_atomic(Path(args.json_path), json.dumps(payload, indent=1) + "\n")
+            files.write_json(Path(args.json_path), payload)
         except OSError as e:  # checked writable at the start; the disk may have filled since
             print(f"error: --json {args.json_path}: {e.strerror}; the table above holds the results", file=sys.stderr)
             return 2

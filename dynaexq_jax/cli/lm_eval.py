@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from dynaexq_jax.errors import UserError
+from dynaexq_jax.launch.flags import one_line_errors
 
 
 def main() -> int:
@@ -27,8 +28,9 @@ def main() -> int:
 
     compile_cache.enable()
     try:
-        cli_evaluate()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        with one_line_errors():  # lm-eval's own parser refuses a bad argument in one line too
+            cli_evaluate()
+    except (UserError, ValueError) as e:  # lm-eval refuses what it is asked (no tasks, a bad task) by ValueError
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0

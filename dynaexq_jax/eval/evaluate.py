@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dynaexq_jax import budget as budget_lib
+from dynaexq_jax import inputs
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.eval import big_little as bl_eval
 from dynaexq_jax.eval.big_little import Sweep
@@ -77,9 +78,9 @@ class Task:
 # ----------------------------------------------------------------------------- task files
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, text: str) -> list[dict]:
     items = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -99,21 +100,22 @@ def _need(path: Path, i: int, obj: dict, key: str, kind: type):
     return obj[key]
 
 
-def load_task(kind: str, path: str | Path) -> Task:
-    """Read and check a task file of `kind` ("ppl", "mc" or "em")."""
+def load_task(kind: str, path: str | Path, *, what: str = "task file", fix: str = "check the path") -> Task:
+    """Read and check a task file of `kind` ("ppl", "mc" or "em"): UTF-8 text, JSONL (a text file
+    for perplexity). `what` names it in errors (e.g. the flag that gave it), `fix` ends a refusal
+    of a file that cannot be read."""
     path = Path(path)
     if kind not in TASK_KINDS:
         raise TaskError(f"unknown task kind {kind!r}; choose one of {', '.join(TASK_KINDS)}")
-    if not path.is_file():
-        raise TaskError(f"task file {path} does not exist; build the shipped ones with scripts/build_tasks.py")
+    text = inputs.read_text(path, fix, what, TaskError)
     if kind == "ppl":
         if path.suffix == ".jsonl":
-            docs = [_need(path, i, o, "text", str) for i, o in enumerate(_read_jsonl(path), 1)]
+            docs = [_need(path, i, o, "text", str) for i, o in enumerate(_read_jsonl(path, text), 1)]
         else:
-            docs = [path.read_text(encoding="utf-8")]
+            docs = [text]
         items = [d for d in docs if d]
     else:
-        items = _read_jsonl(path)
+        items = _read_jsonl(path, text)
         for i, o in enumerate(items, 1):
             if kind == "mc":
                 _need(path, i, o, "context", str)
@@ -455,10 +457,8 @@ def run_options(spec: RunSpec, opts: DynaExqOptions) -> DynaExqOptions:
     return dataclasses.replace(opts, lo_bits=spec.lo_bits, hi_dtype=hi)
 
 
-def resolve_budget(spec: str, ckpt, opts: DynaExqOptions, *, batch: int, longest: int, max_new_tokens: int,
-                   devices: int = 1) -> int | None:
-    """Bytes for a budget spec; "+P%" uses the memory plan `build_engine` makes for dynaexq at
-    `opts.lo_bits` with bf16 slots (or the slot dtype given), one device's on a mesh of `devices`."""
+def budget_spec(spec: str) -> int | float | None:
+    """A budget spec checked: None ("none"), bytes (a size) or, for "+P%", P as a float."""
     if spec == "none":
         return None
     if not spec.startswith("+"):
@@ -469,6 +469,16 @@ def resolve_budget(spec: str, ckpt, opts: DynaExqOptions, *, batch: int, longest
         pct = -1.0
     if not spec.endswith("%") or not 0 <= pct <= 100:
         raise UserError(f"budget {spec!r}: a relative budget is '+P%' with 0 <= P <= 100, e.g. +25%")
+    return pct
+
+
+def resolve_budget(spec: str, ckpt, opts: DynaExqOptions, *, batch: int, longest: int, max_new_tokens: int,
+                   devices: int = 1) -> int | None:
+    """Bytes for a budget spec; "+P%" uses the memory plan `build_engine` makes for dynaexq at
+    `opts.lo_bits` with bf16 slots (or the slot dtype given), one device's on a mesh of `devices`."""
+    pct = budget_spec(spec)
+    if not isinstance(pct, float):
+        return pct
     anchor = dataclasses.replace(opts, hi_dtype="bfloat16" if opts.hi_dtype == "auto" else opts.hi_dtype)
     plan = plan_for(ckpt.config, "dynaexq", budget=None, batch=batch, longest_prompt=longest,
                     max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=anchor, devices=devices)

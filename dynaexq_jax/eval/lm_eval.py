@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from pathlib import Path
 
 import jax
@@ -52,6 +51,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from tqdm import tqdm
 
 from dynaexq_jax import budget as budget_lib
+from dynaexq_jax import inputs
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.eval.evaluate import Residency
 from dynaexq_jax.io import chat, loader
@@ -128,7 +128,8 @@ def _layerwise_scores(engine, seqs: list[list[int]]):
 def _special_token(path: Path, name: str) -> str | None:
     """`bos_token` / `eos_token` of tokenizer_config.json (text, or a serialized AddedToken)."""
     config_file = path / "tokenizer_config.json"
-    value = json.loads(config_file.read_text()).get(name) if config_file.is_file() else None
+    doc = inputs.read_json(config_file, "restore it from the model's release") if config_file.is_file() else {}
+    value = doc.get(name) if isinstance(doc, dict) else None
     return value.get("content") if isinstance(value, dict) else value
 
 

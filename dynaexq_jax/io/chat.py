@@ -19,6 +19,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from dynaexq_jax import inputs
 from dynaexq_jax.errors import UserError
 
 # The named special tokens transformers passes to every template (`special_tokens_map`).
@@ -87,13 +88,14 @@ def load_chat_template(path: str | Path) -> ChatTemplate | None:
     path = Path(path)
     config_file = path / "tokenizer_config.json"
     config = {}
+    fix = "restore it from the model's release"
     if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ChatTemplateError(f"{config_file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        config = inputs.read_json(config_file, fix, error=ChatTemplateError)
+        if not isinstance(config, dict):
+            raise ChatTemplateError(f"{config_file} holds a JSON {type(config).__name__}, not an object; {fix}")
     jinja_file = path / "chat_template.jinja"
-    source = jinja_file.read_text() if jinja_file.is_file() else config.get("chat_template")
+    source = inputs.read_text(jinja_file, fix, error=ChatTemplateError) if jinja_file.is_file() else \
+        config.get("chat_template")
     if isinstance(source, list):
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
         if "default" not in named:

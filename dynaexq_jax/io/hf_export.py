@@ -24,6 +24,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from dynaexq_jax.experts.expert_state import HostExperts
+from dynaexq_jax.io import files
 from dynaexq_jax.io.loader import np_dtype
 from dynaexq_jax.models import registry
 from dynaexq_jax.models.config import ModelConfig
@@ -111,13 +112,15 @@ def save_checkpoint(
 
     `tokenizer` is a `tokenizers.Tokenizer` (or anything with `.to_str()`), `extra_files`
     maps further file names to their contents (e.g. training metrics), written in the same
-    atomic step. Returns the checkpoint path.
+    atomic step. `path` must be new, empty or a checkpoint written here before (its marker,
+    `files.MARKER`): that one is replaced, files in it this did not write staying; any other
+    folder is refused (`UserError`) before anything is written. Returns the checkpoint path.
     """
     path = Path(path).absolute()
+    files.check_output_dir(path, "checkpoint folder")  # before the work
     dtype_name = _DTYPE_NAMES[str(np.dtype(np_dtype(dtype)))]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = None
     try:
         tensors = dict(hf_tensors(cfg, params, experts, dtype_name))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -146,27 +149,15 @@ def save_checkpoint(
             if Path(name).name != name:
                 raise ValueError(f"extra file name {name!r} must be a plain file name")
             _write(tmp / name, data)
+        files.mark(tmp, [f.name for f in tmp.iterdir()])  # what a later export may replace
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
         os.chmod(tmp, 0o755)
-
-        # Swap into place: move an existing checkpoint aside first (a directory cannot be
-        # renamed over a non-empty one), then drop it once the new one is in place.
-        if path.exists() or path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / "ckpt")
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.rename(old / "ckpt", path)  # put the previous checkpoint back
-            raise
+        files.install_dir(tmp, path)  # a folder of the tool's: its other files stay; any other: refused
         tmp = None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return path
 
 

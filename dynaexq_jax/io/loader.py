@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from dynaexq_jax import inputs
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.experts import quant
 from dynaexq_jax.experts.expert_state import HostExperts, LayerSource, write_rows
@@ -93,12 +94,11 @@ def read_json(path: Path, what: str):
             out[k] = v
         return out
 
+    text = inputs.read_text(path, f"restore {what}", error=CheckpointError)
     try:
-        doc = json.loads(path.read_text(), object_pairs_hook=pairs)
+        doc = json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore {what}") from None
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path} is not UTF-8 text; restore {what}") from None
     if duplicates:
         raise CheckpointError(f"{path} gives {duplicates[0]!r} twice; restore {what}")
     return doc
@@ -513,8 +513,9 @@ def load_tokenizer(path: Path):
         return None
     from tokenizers import Tokenizer
 
+    text = inputs.read_text(f, "restore it from the model's release", error=CheckpointError)
     try:
-        return Tokenizer.from_file(str(f))
+        return Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{f} cannot be read ({why}); restore it from the model's release") from None

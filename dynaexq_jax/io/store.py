@@ -29,7 +29,9 @@ rebuilt; the stale sibling with the same settings is then removed.
 
 Nothing in the cache is trusted: `meta.json` holds a SHA-256 of every array, checked on each
 read (in parallel threads). A damaged entry (flipped bytes, a truncated file, no `meta.json`)
-is a warning, and is removed and rebuilt.
+is a warning, and is removed and rebuilt. Every entry holds the marker of a folder the tool made
+(`files.MARKER`, listing its files), and only what a marker lists is ever removed: a cache
+folder shared with other files (`DYNAEXQ_CACHE_DIR=~`) loses none of them.
 
 Writes are atomic: an entry is built in `.tmp-<entry>-<host>-<pid>-*` next to its final place
 and renamed into it only when complete; the next run removes temporaries whose process is gone
@@ -54,11 +56,13 @@ from typing import Callable
 
 import numpy as np
 
+from dynaexq_jax.errors import UserError
 from dynaexq_jax.io import files
 
-FORMAT_VERSION = 3  # bump when the layout of what is cached changes (3: mapped safetensors files)
+FORMAT_VERSION = 4  # bump when the layout of what is cached changes (3: mapped safetensors files; 4: marked)
 HASHES = "hashes.json"
 ARRAYS = "arrays.safetensors"
+ENTRY_FILES = (ARRAYS, "meta.json", "verified.json")  # what an entry's folder holds (its marker lists them)
 # Temporaries are named after the host (hashed: no dashes) and pid of the run writing them.
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _HASHED: dict[str, str] = {}  # this process's file hashes, by path and stat (a cache may be unwritable)
@@ -268,7 +272,7 @@ def _map(path: Path, writable: bool = False):
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
 
 
-VERIFIED = "verified.json"
+VERIFIED = ENTRY_FILES[2]
 
 
 def _chunk_hash(a: np.ndarray, start: int, end: int) -> str:
@@ -318,12 +322,15 @@ class ArrayWriter:
 
     `put` copies an array (or rows `start`.. of one) into its place in the mapped file and
     hashes that block in a thread; `commit` checks every array was written whole, writes
-    `meta.json` and renames the temporary folder into the entry. Until then nothing at the
-    entry's name exists, so an interrupted run leaves nothing a later run trusts.
+    `meta.json` and the folder's marker and renames the temporary folder into the entry. Until
+    then nothing at the entry's name exists, so an interrupted run leaves nothing a later run
+    trusts. `replace`: a folder at the entry's name that the tool made is replaced (the files in
+    it the tool did not write stay), any other is refused (`files.install_dir`); else the
+    first entry made at a name stands.
     """
 
-    def __init__(self, tmp: Path, final: Path, spec: dict, meta: dict):
-        self.tmp, self.final, self.spec, self.meta = tmp, final, spec, meta
+    def __init__(self, tmp: Path, final: Path, spec: dict, meta: dict, replace: bool = False):
+        self.tmp, self.final, self.spec, self.meta, self.replace = tmp, final, spec, meta, replace
         head, ranges = _layout(spec)
         end = max((e for _, e in ranges.values()), default=len(head))
         with open(tmp / ARRAYS, "wb") as f:
@@ -373,12 +380,19 @@ class ArrayWriter:
             meta = {**self.meta, "tree": _describe(_nest(self.arrays)), "checksums": self._checksums()}
             self._buf.flush()
             (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-            try:
-                os.rename(self.tmp, self.final)
-            except OSError:  # another process finished the same entry first: theirs is as good
-                if not (self.final / "meta.json").is_file():
-                    raise
-                shutil.rmtree(self.tmp)
+            files.mark(self.tmp, ENTRY_FILES)
+            if self.replace:
+                files.install_dir(self.tmp, self.final)
+            else:
+                try:
+                    os.rename(self.tmp, self.final)
+                except OSError:  # another process finished the same entry first: theirs is as good
+                    if files.own_files(self.final) is None or not (self.final / "meta.json").is_file():
+                        raise
+                    shutil.rmtree(self.tmp)
+        except UserError:  # a folder at the entry's name that is not the tool's: refused, left as it is
+            self.abort()
+            raise
         except Exception as e:  # a full disk surfaces as OSError or as a failed flush
             views = self.arrays
             self._pool.shutdown(wait=True)
@@ -429,20 +443,35 @@ def _remove_dead_temporaries(home: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_verified(entry: Path):
-    """The entry's arrays (a nested dict of mapped views) if they match their checksums; else
-    None, the entry removed with a warning."""
+def _why(e: Exception) -> str:
+    """What is wrong with an entry that failed to read with `e` (it fails in many ways: missing
+    files, bad JSON, short files, changed bytes)."""
+    return "its arrays do not match their checksums" if "checksums" in str(e) else \
+        f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def read_entry(entry: Path) -> dict:
+    """An entry's arrays (a nested dict of mapped views), or a ValueError saying why they cannot
+    be read. Nothing is removed: for a folder a user named (a FloE calibration)."""
     try:
         return _nest(read_arrays(entry))
-    except Exception as e:  # a damaged entry fails in many ways: missing files, bad JSON, short files
-        why = "its arrays do not match their checksums" if "checksums" in str(e) else \
-            f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    except Exception as e:
+        raise ValueError(_why(e)) from None
+
+
+def _load_verified(entry: Path):
+    """A cache entry's arrays (a nested dict of mapped views) if they match their checksums;
+    else None, with a warning, and what the tool wrote of the entry removed."""
+    try:
+        return read_entry(entry)
+    except ValueError as e:
+        why = str(e)
     _warn(f"the cache entry {entry} is damaged ({why}); rebuilding it")
-    shutil.rmtree(entry, ignore_errors=True)
+    files.remove_own_dir(entry)
     return None
 
 
-def _writer(home: Path, name: str, spec: dict, meta: dict) -> ArrayWriter | None:
+def _writer(home: Path, name: str, spec: dict, meta: dict, replace: bool = False) -> ArrayWriter | None:
     """A writer for entry `home/name`, or None (with a warning) if the cache cannot take it."""
     try:
         home.mkdir(parents=True, exist_ok=True)
@@ -452,7 +481,7 @@ def _writer(home: Path, name: str, spec: dict, meta: dict) -> ArrayWriter | None
               "(set DYNAEXQ_CACHE_DIR to a writable folder, or DYNAEXQ_CACHE=0)")
         return None
     try:
-        return ArrayWriter(tmp, home / name, spec, meta)
+        return ArrayWriter(tmp, home / name, spec, meta, replace)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _warn(f"cannot write the expert cache at {home} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
@@ -475,10 +504,11 @@ def _write_all(writer: ArrayWriter, flat: dict) -> dict:
     return writer.commit()
 
 
-def _save_atomic(home: Path, name: str, tree, meta: dict) -> bool:
-    """Write nested dict `tree` as entry `home/name` with `meta`; False (warned) if impossible."""
+def _save_atomic(home: Path, name: str, tree, meta: dict, replace: bool = False) -> bool:
+    """Write nested dict `tree` as entry `home/name` with `meta` (`replace`: see `ArrayWriter`);
+    False (warned) if impossible."""
     flat = _leaves(tree)
-    writer = _writer(home, name, _spec(flat), meta)
+    writer = _writer(home, name, _spec(flat), meta, replace)
     if writer is None:
         return False
     _write_all(writer, flat)
@@ -520,7 +550,7 @@ class Entry:
                     _flush_memo(self.home)
                     for stale in self.home.glob(f"{self.slug}-*"):  # same settings, older source
                         if stale.name != self.name:
-                            shutil.rmtree(stale, ignore_errors=True)
+                            files.remove_own_dir(stale)
                 return views
 
             w.commit = commit_and_tidy

@@ -12,6 +12,7 @@ field here: every command that takes the flag then refuses the same values with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable, ClassVar
@@ -61,6 +62,46 @@ def above_zero(what: str) -> Callable[[str, Any], None]:
         if not (math.isfinite(value) and value > 0):
             raise FlagError(f"{flag} must be {what} > 0, got {value}")
     return check
+
+
+def at_least_each(args: argparse.Namespace, **lows) -> None:
+    """Each flag named (by its field: batch_size=1 is --batch-size) is at least its bound, when given."""
+    for field, low in lows.items():
+        value = getattr(args, field)
+        if value is not None:
+            at_least(low)(name(field), value)
+
+
+def in_range(low: int, high: int, what: str = "") -> Callable[[str, Any], None]:
+    """An integer from `low` to `high` (`what`: why those ends)."""
+    def check(flag: str, value) -> None:
+        if not low <= value <= high:
+            raise FlagError(f"{flag} must be from {low} to {high}{' (' + what + ')' if what else ''}, got {value}")
+    return check
+
+
+def host_port(flag: str, value: str) -> None:
+    """HOST:PORT with a host and a port from 1 to 65535."""
+    host, sep, port = value.rpartition(":")
+    if not (sep and host and port.isdigit() and 1 <= int(port) <= 65535):
+        raise FlagError(f"{flag} {value!r}: expected HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:1234")
+
+
+def comma_list(flag: str, text: str, choices=None, convert=str, low=None) -> list:
+    """The items of a comma-separated flag value, each converted and one of `choices` (or at
+    least `low`); an empty list, an item that does not convert, or one out of place is one
+    FlagError."""
+    try:
+        items = [convert(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError:
+        items = None
+    bad = [t for t in items or () if (choices is not None and t not in choices) or (low is not None and t < low)]
+    if not items or bad:
+        allowed = (f"choose from {', '.join(map(str, choices))}" if choices is not None else
+                   f"give numbers of at least {low} separated by commas" if low is not None else
+                   "give a comma-separated list")
+        raise FlagError(f"{flag} {text!r}: {allowed}" + (f" ({', '.join(map(str, bad))} is not one)" if bad else ""))
+    return items
 
 
 def utf8(flag: str, value) -> None:
@@ -131,6 +172,26 @@ class Options:
                 spec.check(name(f.name), value)
 
 
-def command_parser(description: str | None) -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with its own refusals (an unknown flag, a value that is not a number
+    or not among the choices) as one `error:` line and exit status 2, like every other refusal,
+    instead of the usage block over the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())}\n")
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """argparse parsers made meanwhile (a library's own command line, lm-eval's) refuse in one line too."""
+    saved = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = Parser.error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = saved
+
+
+def command_parser(description: str | None) -> Parser:
     """A command's parser: its module docstring, as written, over the flags."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,6 +26,7 @@ from dynaexq_jax.launch.flags import (
     above_zero,
     at_least,
     flag,
+    host_port,
     int_or_word,
     name,
     none_or_int,
@@ -96,7 +97,7 @@ class PolicyOptions(Options):
                 "MXFP4 (4.25 bits), the checkpoint's own bytes when it ships MXFP4 (gpt-oss), else quantized from its "
                 "weights", type=int_or_word, choices=("auto", 8, 4, 3, 2, "mxfp4"))
     group_size: int = flag(128, "quantization group (largest power of two <= this dividing the expert dims)", type=int,
-                           check=at_least(1))
+                           check=at_least(8, "(the smallest group every width packs)"))
     quant_method: str = flag("rtn", "rtn: round to nearest; mse: each group's scale and zero fitted for least "
                                     "squared error",
                              choices=("rtn", "mse"))
@@ -108,12 +109,15 @@ class PolicyOptions(Options):
                            choices=("per_layer", "global"))
     hotness: str | None = flag(None, "warm-start hotness profile for dynaexq (JSON written by --save-hotness or "
                                      "scripts/build_tasks.py; record it on training data, not eval data)")
-    save_hotness: str | None = flag(None, "write the run's hotness profile here")
+    save_hotness: str | None = flag(None, "write the run's hotness profile here (a new file, or one written by "
+                                          "--save-hotness)")
 
     def check(self) -> None:
         super().check()
         if (self.hotness or self.save_hotness) and self.policy != "dynaexq":
             raise FlagError("--hotness and --save-hotness apply to --policy dynaexq; drop them or the --policy")
+        if self.policy == "dynaexq":
+            check_tiers(self.hi_dtype, self.lo_bits)
 
     def dynaexq(self):
         """The tiers and knobs as the policies take them (`policies.dynaexq.DynaExqOptions`)."""
@@ -128,6 +132,34 @@ class PolicyOptions(Options):
         from dynaexq_jax.policies.floe import FloeOptions
 
         return FloeOptions(up_bits=self.floe_up_bits, sparsity=self.floe_sparsity, calibration=self.floe_calibration)
+
+
+FLOE_FLAGS = ("floe_sparsity", "floe_up_bits", "floe_calibration")
+DYNAEXQ_FLAGS = ("rebalance_every", "half_life", "allocation")  # its residency decisions, which no other policy makes
+
+
+def check_applies(policy: PolicyOptions, fields, runs: bool, owner: str, fix: str) -> None:
+    """A policy's own knobs change nothing without it: given (other than their defaults) when no
+    run uses `owner`, they are an error, not a silent no-op (`fix` says how to run it)."""
+    given = [name(f) for f in fields if getattr(policy, f) != getattr(PolicyOptions, f)]
+    if given and not runs:
+        raise FlagError(f"{', '.join(given)} apply to {owner}; {fix}, or drop them")
+
+
+SLOT_BITS = {"bfloat16": 16, "int8": 8, "int4": 4}
+FALLBACK_BITS = {8: 8, 4: 4, 3: 3, 2: 2, "mxfp4": 4.25}
+
+
+def check_tiers(hi_dtype: str, lo_bits, flags: str = "--hi-dtype {hi} over --lo-bits {lo}") -> None:
+    """Slots must be wider than the fallback they stand in for: slots of the fallback's bits or
+    fewer would spend memory on copies no better than what every expert already has (and count
+    them as high-precision hits). `auto` on either side is the plan's to choose."""
+    if "auto" in (hi_dtype, lo_bits):
+        return
+    if SLOT_BITS[hi_dtype] <= FALLBACK_BITS[lo_bits]:
+        raise FlagError(f"{flags.format(hi=hi_dtype, lo=lo_bits)}: {hi_dtype} slots are no wider than the "
+                        f"{lo_bits}-bit fallback, so they would add memory and no precision; pick a wider --hi-dtype "
+                        "(int8, bfloat16) or a narrower --lo-bits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +191,7 @@ class MeshOptions(Options):
                                         "by the expected load in the --hotness profile (greedy, as DeepSeek's EPLB "
                                         "without replicas)", choices=("contiguous", "balanced"))
     coordinator: str | None = flag(None, "HOST:PORT of process 0: join --num-processes processes into one mesh "
-                                         "(jax.distributed; CPU collectives through gloo)")
+                                         "(jax.distributed; CPU collectives through gloo)", check=host_port)
     num_processes: int = flag(1, "processes joined by --coordinator", type=int, check=at_least(1))
     process_id: int = flag(0, "this process's index among them (0 writes stdout)", type=int, check=at_least(0))
     distributed_timeout: int = flag(60, "seconds to wait for the coordinator, and for a process that stops answering "
@@ -167,6 +199,9 @@ class MeshOptions(Options):
 
     def check(self) -> None:
         super().check()
+        if self.process_id >= self.num_processes:
+            raise FlagError(f"--process-id {self.process_id} is not one of the --num-processes {self.num_processes} "
+                            f"(0 to {self.num_processes - 1})")
         self.size()
 
     def size(self) -> int | None:
@@ -233,6 +268,8 @@ class BigLittleSweep(BigLittleOptions):
 
         self.check()
         if not self.big_little:
+            if self.little_shares != BigLittleSweep.little_shares:
+                raise FlagError("--little-shares applies to --big-little; add --big-little or drop --little-shares")
             return None
         try:
             shares = tuple(float(s) for s in self.little_shares.split(","))
@@ -315,6 +352,9 @@ class EngineOptions:
         self.plan.check()
         self.prompts.check()
         self.policy.check()
+        check_applies(self.policy, FLOE_FLAGS, self.policy.policy == "floe", "FloE", "pass --policy floe")
+        check_applies(self.policy, DYNAEXQ_FLAGS, self.policy.policy == "dynaexq", "dynaexq",
+                      "pass --policy dynaexq")
         self.big_little.check()
         self.mesh.check()
         devices = self.mesh.size()
@@ -328,4 +368,4 @@ class EngineOptions:
         if self.policy.save_hotness and not self.plan.dry_run:
             from dynaexq_jax.io import files
 
-            files.check_writable(self.policy.save_hotness, "--save-hotness")
+            files.check_output_file(self.policy.save_hotness, "--save-hotness")

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dynaexq_jax import budget as budget_lib
+from dynaexq_jax import inputs
 from dynaexq_jax.launch.flags import FlagError
 from dynaexq_jax.launch.options import DEFAULT_CONTEXT, EngineOptions
 
@@ -110,7 +110,7 @@ def index_check(model: Path, cfg) -> str | None:
     total = None if index is None else (index.get("metadata") or {}).get("total_size")
     if total is None:
         return None
-    stored = json.loads((model / "config.json").read_text())
+    stored = inputs.read_json(model / "config.json", "restore it from the model's original release")
     dtype = str(stored.get("dtype") or stored.get("torch_dtype") or "bfloat16")
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 2)
     params = budget_lib.parameter_count(cfg)

@@ -25,9 +25,12 @@ class FamilyAdapter(Protocol):
     `io.loader` reads with and `io.hf_export` writes with. Build it on `models.common` (field
     reading, the checks every family gets, Llama-style tensor names) and keep in it only the
     family's own mapping and quirks; the decoder's knobs it sets are `ModelConfig` fields, never
-    code paths of its own. A new family: write the module, add it to the list in
-    `registry.py`, and test it against transformers' own model on a tiny checkpoint
-    (tests/test_families.py).
+    code paths of its own. Its `config_from_hf` is decorated with `common.adapter(family,
+    CONFIG_KEYS)`, its table of the fields its config.json names otherwise, so a value out of
+    range (`config.BOUNDS`) is refused naming the key as its checkpoints spell it. A new family:
+    write the module, add it to the list in `registry.py`, add its published config.json's keys
+    to tests/test_families.py's `READ`, and test it against transformers' own model on a tiny
+    checkpoint (tests/test_families.py).
 
     Optional members, read where they apply: `expert_bias_tensors(cfg, i) -> (gate_up bias,
     down bias)` for a family whose config sets `expert_bias`; `IGNORED_PREFIXES`, checkpoint

@@ -6,10 +6,19 @@ own mapping and quirks (`models.FamilyAdapter`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
+from typing import Callable
 
-from dynaexq_jax.models.config import ConfigError, ModelConfig, yarn_mscale
+from dynaexq_jax.models.config import (
+    FLOAT32_MAX,
+    KEYS,
+    ConfigError,
+    FieldError,
+    ModelConfig,
+    field_value,
+    yarn_mscale,
+)
 
 QK_NORMS = ("per_head", "full", None)
 
@@ -82,20 +91,36 @@ def yarn_rope(d: dict, default_theta: float, family: str, max_positions: int) ->
     original = rope.get("original_max_position_embeddings")
     if original is None:
         raise ConfigError(f"config.json's {field} (yarn) lacks 'original_max_position_embeddings'")
+    original = field_value("rope_original_max", original)
+    if original < 1:
+        raise FieldError("rope_original_max", original, "at least 1 under YaRN")
     factor = rope.get("factor")
     if factor is None:  # transformers' fallback: the context's growth over the original one
-        factor = opt(d, "max_position_embeddings", max_positions) / original
+        factor = field_value("max_position_embeddings", opt(d, "max_position_embeddings", max_positions)) / original
+    factor = field_value("rope_factor", factor)
     # transformers' rule: `attention_factor` if given, else the temperature of `factor`, as a
     # ratio mscale / mscale_all_dim when both are given.
     attention = rope.get("attention_factor")
     if attention is None:
         mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        if mscale_all_dim is not None:
+            mscale_all_dim = field_value("rope_mscale_all_dim", mscale_all_dim)
+        if mscale is not None and not (isinstance(mscale, (int, float)) and not isinstance(mscale, bool)
+                                       and 0 <= mscale <= FLOAT32_MAX):
+            raise ConfigError(f"config.json has {field}.mscale={mscale!r}, but it must be a number from 0 to "
+                              f"{FLOAT32_MAX}; correct it in config.json (the model's original release has the right "
+                              "value)")
         attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
                      else yarn_mscale(factor))
     return dict(out, rope_scaling="yarn", rope_original_max=original, rope_factor=factor,
-                rope_beta_fast=rope.get("beta_fast") or 32.0, rope_beta_slow=rope.get("beta_slow") or 1.0,
+                rope_beta_fast=_or(rope.get("beta_fast"), 32.0), rope_beta_slow=_or(rope.get("beta_slow"), 1.0),
                 rope_truncate=opt(rope, "truncate", True), rope_attention_factor=attention,
                 rope_mscale_all_dim=opt(rope, "mscale_all_dim", 0.0))
+
+
+def _or(value, default):
+    """transformers' `value or default` for a number: null and 0 mean the default (false is no number)."""
+    return default if value is None or (value == 0 and not isinstance(value, bool)) else value
 
 
 def fp8_or_none(d: dict, family: str) -> None:
@@ -134,13 +159,78 @@ def opt(d: dict, key: str, default):
     return default if value is None else value
 
 
-@contextlib.contextmanager
-def fields(family: str):
-    """Turn a missing config field (a KeyError while reading `d[...]`) into a one-line error."""
-    try:
-        yield
-    except KeyError as e:
-        raise ConfigError(f"config.json lacks the field {e.args[0]!r} that {family} needs") from None
+# ----------------------------------------------------------------------------- config.json keys
+
+# A field's config.json key: a name, or a function of the config dict for a key that lives in
+# one of several places (RoPE settings in `rope_parameters` or `rope_scaling`).
+Key = str | Callable[[dict], str]
+
+
+def _rope_field(d: dict) -> str:
+    return "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+
+
+def rope_key(name: str, top_level: str | None = None) -> Callable[[dict], str]:
+    """The key of RoPE setting `name` inside `rope_parameters` / `rope_scaling`; `top_level`: the
+    key the setting has outside them, used when the RoPE object does not hold it."""
+    def key(d: dict) -> str:
+        rope = d.get(_rope_field(d))
+        if top_level is not None and not (isinstance(rope, dict) and rope.get(name) is not None):
+            return top_level
+        return f"{_rope_field(d)}.{name}"
+    return key
+
+
+def first_key(*names: str) -> Callable[[dict], str]:
+    """The first of `names` config.json sets (a field read from whichever is given)."""
+    return lambda d: next((n for n in names if d.get(n) is not None), names[0])
+
+
+# The RoPE fields, as every family keeps them (a family's table adds its own keys).
+ROPE_KEYS: dict[str, Key] = {
+    "rope_theta": rope_key("rope_theta", "rope_theta"), "rope_factor": rope_key("factor"),
+    "rope_beta_fast": rope_key("beta_fast"), "rope_beta_slow": rope_key("beta_slow"),
+    "rope_original_max": rope_key("original_max_position_embeddings", "original_max_position_embeddings"),
+    "rope_attention_factor": rope_key("attention_factor"), "rope_mscale_all_dim": rope_key("mscale_all_dim"),
+    "rope_truncate": rope_key("truncate"), "rope_short_factor": rope_key("short_factor"),
+    "rope_long_factor": rope_key("long_factor"), "rope_short_mscale": rope_key("short_mscale"),
+    "rope_long_mscale": rope_key("long_mscale"),
+    "partial_rotary_factor": rope_key("partial_rotary_factor", "partial_rotary_factor"),
+}
+
+
+def config_keys(d: dict, table: dict[str, Key]) -> dict[str, str]:
+    """{field: its config.json key in `d`} for every field of `table`, the RoPE fields and `KEYS`."""
+    merged = {**KEYS, **ROPE_KEYS, **table}
+    return {f: k(d) if callable(k) else k for f, k in merged.items()}
+
+
+def lookup(d: dict, key: str):
+    """The value at a dotted key (`rope_scaling.factor`) of `d`, or None."""
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def adapter(family: str, keys: dict[str, Key] | Callable[[dict], dict[str, str]] | None = None):
+    """Decorate a family adapter's `config_from_hf(d)`: a required field config.json lacks, or a
+    field of the wrong type or out of range (`config.FieldError`), is one ConfigError naming the
+    config.json key as this family's checkpoints spell it. `keys`: {ModelConfig field: key} where
+    the family's key differs from the field's name and from `KEYS`, or a function of `d` giving
+    every field's key (a family that reads another's fields from a nested object)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def config_from_hf(d: dict, *args, **kwargs) -> ModelConfig:
+            try:
+                return fn(d, *args, **kwargs)
+            except KeyError as e:
+                raise ConfigError(f"config.json lacks the field {e.args[0]!r} that {family} needs") from None
+            except FieldError as e:
+                names = keys(d) if callable(keys) else config_keys(d, keys or {})
+                key = lambda field: names.get(field, field)  # noqa: E731
+                raise ConfigError(e.render(key, lookup(d, key(e.field)))) from None
+        return config_from_hf
+    return wrap
 
 
 def checked(cfg: ModelConfig) -> ModelConfig:
@@ -167,10 +257,10 @@ def checked(cfg: ModelConfig) -> ModelConfig:
 
 
 def hf_fields(d: dict, model_type: str, *, rms_norm_eps: float, max_positions: int, head_dim=None) -> dict:
-    """`ModelConfig` fields every family reads alike from config.json, with the family's
-    defaults where transformers' differ (a missing required field is a KeyError: read it
-    inside `fields`)."""
-    return dict(
+    """`ModelConfig` fields every family reads alike from config.json, each checked (`config.field_value`),
+    with the family's defaults where transformers' differ (a missing required field is a KeyError,
+    which `adapter` reports)."""
+    read = dict(
         vocab_size=d["vocab_size"],
         hidden_size=d["hidden_size"],
         num_layers=d["num_hidden_layers"],
@@ -180,8 +270,9 @@ def hf_fields(d: dict, model_type: str, *, rms_norm_eps: float, max_positions: i
         rms_norm_eps=opt(d, "rms_norm_eps", rms_norm_eps),
         tie_word_embeddings=opt(d, "tie_word_embeddings", False),
         max_position_embeddings=opt(d, "max_position_embeddings", max_positions),
-        model_type=model_type,
     )
+    # Checked now: adapters compute with them (layer patterns, rotary dims) before the config is built.
+    return dict({f: field_value(f, v) for f, v in read.items()}, model_type=model_type)
 
 
 def hf_config(cfg: ModelConfig, architecture: str, model_type: str, **family) -> dict:

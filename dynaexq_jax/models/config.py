@@ -18,15 +18,111 @@ class ConfigError(UserError):
     """A checkpoint's config.json names something this model cannot run."""
 
 
-# config.json keys of the fields whose names differ, as transformers spells them (messages name
-# what the user edits).
-CONFIG_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-               "num_kv_heads": "num_key_value_heads", "experts_per_token": "num_experts_per_tok"}
-# Numeric fields that must be > 0; every other number must be >= 0.
-_POSITIVE = frozenset({"vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                       "decoder_sparse_step", "max_position_embeddings", "rms_norm_eps", "rope_theta", "clip_qkv",
-                       "sliding_window", "rope_factor", "swiglu_limit", "partial_rotary_factor", "n_group",
-                       "topk_group", "routed_scaling_factor"})
+class FieldError(ConfigError):
+    """A `ModelConfig` field whose value is of the wrong type or out of range.
+
+    Families spell fields differently in config.json (Mixtral's experts are `num_local_experts`,
+    DeepSeek-V3's rotary head dim `qk_rope_head_dim`), so the error keeps the field, and `what`
+    the value must be with `{name}` slots for the other fields it refers to (`refs`): the family's
+    adapter renders it with the keys as its checkpoints spell them (`common.adapter`). Its own
+    message spells them as transformers does for most families (`KEYS`).
+    """
+
+    def __init__(self, field: str, value, what: str, **refs):
+        self.field, self.value, self.what, self.refs = field, value, what, refs
+        super().__init__(self.render(lambda f: KEYS.get(f, f)))
+
+    def render(self, key, value=None) -> str:
+        """The message with `key(field)` for each field's name (`value`: the value to show, default ours)."""
+        what = self.what.format(**{f: f"{key(f)}={v!r}" for f, v in self.refs.items()})
+        shown = repr(self.value if value is None else value)
+        if len(shown) > 80:  # a long list: its start says which it is
+            shown = shown[:72] + " ..."
+        return (f"config.json has {key(self.field)}={shown}, but it must be {what}; correct it in config.json "
+                "(the model's original release has the right value)")
+
+
+# config.json keys of the fields whose names differ, as transformers spells them for most families.
+KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+        "num_kv_heads": "num_key_value_heads", "experts_per_token": "num_experts_per_tok"}
+
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(float32).max: the decoder computes in float32 at most
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The range of a numeric field. A bound is a number or the name of another field; `above`
+    makes the low bound exclusive (a value must exceed it), `below` the high one."""
+
+    low: float | str
+    high: float | str
+    above: bool = False
+    below: bool = False
+
+    def holds(self, value, low, high) -> bool:
+        return (value > low if self.above else value >= low) and (value < high if self.below else value <= high)
+
+    def what(self, low, high) -> str:
+        lo = f"greater than {low}" if self.above else f"at least {low}"
+        hi = f"below {high}" if self.below else f"at most {high}"
+        return f"from {low} to {high}" if not (self.above or self.below) else f"{lo} and {hi}"
+
+
+# Every numeric field's range, both ends. The sizes' upper ends lie far above any released model
+# (the largest have 128 layers, 512 experts, hidden 25600, 10M positions) yet keep every count
+# in int32 and every per-layer and per-expert table small, so a damaged value is refused here
+# instead of running out of memory, overflowing a kernel's table or looping for hours. Floats
+# must stay finite in float32; a few have the range their meaning gives (a share of head dims,
+# a norm's epsilon).
+_SIZE, _DIM, _COUNT = 1 << 24, 1 << 16, 1 << 10
+BOUNDS = {
+    "vocab_size": Bound(1, INT32_MAX),
+    "hidden_size": Bound(1, _DIM * 16),
+    "num_layers": Bound(1, _COUNT),
+    "num_heads": Bound(1, _DIM),
+    "num_kv_heads": Bound(1, "num_heads"),
+    "head_dim": Bound(1, _DIM),
+    "num_experts": Bound(0, _COUNT * 16),
+    "experts_per_token": Bound(0, _COUNT * 16),
+    "moe_intermediate_size": Bound(0, _SIZE),
+    "intermediate_size": Bound(0, _SIZE),
+    "decoder_sparse_step": Bound(1, "num_layers"),
+    "rms_norm_eps": Bound(0, 1, above=True, below=True),
+    "rope_theta": Bound(1, FLOAT32_MAX, above=True),
+    "max_position_embeddings": Bound(1, _SIZE),
+    "clip_qkv": Bound(0, FLOAT32_MAX, above=True),
+    "shared_expert_size": Bound(0, _SIZE * 64),
+    "router_jitter": Bound(0, 1),
+    "rope_original_max": Bound(0, "max_position_embeddings"),
+    "rope_short_mscale": Bound(0, FLOAT32_MAX, above=True),
+    "rope_long_mscale": Bound(0, FLOAT32_MAX, above=True),
+    "rope_factor": Bound(0, FLOAT32_MAX, above=True),
+    "rope_beta_fast": Bound(0, FLOAT32_MAX, above=True),
+    "rope_beta_slow": Bound(0, "rope_beta_fast", above=True),
+    "rope_attention_factor": Bound(0, FLOAT32_MAX, above=True),
+    "sliding_window": Bound(1, "max_position_embeddings"),
+    "swiglu_alpha": Bound(0, FLOAT32_MAX),
+    "swiglu_limit": Bound(0, FLOAT32_MAX, above=True),
+    "linear_num_key_heads": Bound(0, _DIM),
+    "linear_num_value_heads": Bound(0, _DIM),
+    "linear_key_head_dim": Bound(0, _DIM),
+    "linear_value_head_dim": Bound(0, _DIM),
+    "linear_conv_kernel": Bound(0, _COUNT),
+    "partial_rotary_factor": Bound(0, 1, above=True),
+    "q_lora_rank": Bound(0, _DIM),
+    "kv_lora_rank": Bound(0, _DIM),
+    "qk_nope_head_dim": Bound(0, _DIM),
+    "v_head_dim": Bound(0, _DIM),
+    "rope_mscale_all_dim": Bound(0, FLOAT32_MAX),
+    "mtp_layers": Bound(0, _COUNT),
+    "n_group": Bound(1, _COUNT * 16),
+    "topk_group": Bound(1, "n_group"),
+    "routed_scaling_factor": Bound(0, FLOAT32_MAX, above=True),
+}
+# Lists of floats: each element's range (RoPE divisors per frequency).
+ELEMENT_BOUNDS = {"rope_short_factor": Bound(0, FLOAT32_MAX, above=True),
+                  "rope_long_factor": Bound(0, FLOAT32_MAX, above=True)}
 _KINDS = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string",
           "tuple[int, ...]": "a list of integers", "tuple[float, ...]": "a list of finite numbers"}
 
@@ -36,18 +132,12 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _bad(field: str, value, what: str) -> ConfigError:
-    key = CONFIG_KEYS.get(field, field)
-    return ConfigError(f"config.json has {key}={value!r}, but it must be {what}; correct it in config.json "
-                       "(the model's original release has the right value)")
-
-
 def _integral(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _typed(field: str, value, annotation: str):
-    """`value` as the field's annotated type (`int`, `float | None`, ...), or a ConfigError.
+    """`value` as the field's annotated type (`int`, `float | None`, ...), or a FieldError.
     Strict: JSON's "64" is not 64, false is not 0, and 1.5 is not an integer."""
     kind, *rest = (k.strip() for k in annotation.split("|"))
     if value is None and rest == ["None"]:
@@ -65,7 +155,42 @@ def _typed(field: str, value, annotation: str):
     if kind == "tuple[float, ...]" and isinstance(value, (list, tuple)) and all(
             isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value):
         return tuple(float(v) for v in value)
-    raise _bad(field, value, _KINDS.get(kind, kind) + (" or null" if rest == ["None"] else ""))
+    raise FieldError(field, value, _KINDS.get(kind, kind) + (" or null" if rest == ["None"] else ""))
+
+
+def _in_range(field: str, value, fields=None) -> None:
+    """A FieldError unless `value` lies in the field's `BOUNDS` (each element's, for a list).
+    Without `fields` (another field's value, by name) a bound naming another field is not checked."""
+    bound = BOUNDS.get(field) or ELEMENT_BOUNDS.get(field)
+    if bound is None or value is None:
+        return
+    refs = {}
+    ends = []
+    for end in (bound.low, bound.high):
+        if isinstance(end, str):
+            if fields is None:
+                return
+            refs[end] = fields[end]
+            end = fields[end]
+        ends.append(end)
+    low, high = ends
+    values = value if field in ELEMENT_BOUNDS else (value,)
+    if not all(bound.holds(v, low, high) for v in values):
+        what = bound.what("{%s}" % bound.low if isinstance(bound.low, str) else low,
+                          "{%s}" % bound.high if isinstance(bound.high, str) else high)
+        raise FieldError(field, list(value) if isinstance(value, tuple) else value,
+                         ("a list of numbers each " if field in ELEMENT_BOUNDS else "") + what, **refs)
+
+
+def field_value(field: str, value):
+    """`value` checked as `ModelConfig.<field>` takes it: its type, and its range where that does
+    not depend on another field. Adapters read the fields they compute with this way first."""
+    f = _FIELDS[field]
+    if field == "head_dim" and value is None:
+        return None
+    value = _typed(field, value, f.type)
+    _in_range(field, value)
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,75 +306,75 @@ class ModelConfig:
 
     def __post_init__(self):
         # Adapters pass config.json's values as they are, so this is the one place that checks
-        # the type and range of every field: a damaged config.json is one error line, never a
-        # traceback or a model that runs wrong (int("64") and bool("false") would hide both).
+        # the type and both ends of the range of every field: a damaged config.json is one
+        # error line, never a traceback or a model that runs wrong (int("64") and bool("false")
+        # would hide both).
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not (f.name == "head_dim" and value is None):
-                object.__setattr__(self, f.name, _typed(f.name, value, f.type))
+            object.__setattr__(self, f.name, field_value(f.name, getattr(self, f.name)))
         if self.head_dim is None:  # transformers' rule when config.json has no head_dim
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if f.name in _POSITIVE and not value > 0:
-                    raise _bad(f.name, value, "greater than 0")
-                if not value >= 0:
-                    raise _bad(f.name, value, "at least 0")
+            head_dim = self.hidden_size // self.num_heads
+            if head_dim < 2 or head_dim % 2:  # RoPE rotates pairs of dims
+                raise FieldError("num_heads", self.num_heads, f"a count that leaves each head an even number of the "
+                                 f"{{hidden_size}} dims (it leaves {head_dim}), or config.json must give head_dim",
+                                 hidden_size=self.hidden_size)
+            object.__setattr__(self, "head_dim", head_dim)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in BOUNDS:  # the ranges that depend on another field
+            _in_range(name, values[name], values)
         self._check_shape()
 
     def _check_shape(self) -> None:
         """Fields that must agree with each other."""
         if self.num_heads % self.num_kv_heads:
-            raise _bad("num_kv_heads", self.num_kv_heads, f"a divisor of num_attention_heads={self.num_heads}")
-        outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
-        if outside:
-            raise _bad("mlp_only_layers", list(self.mlp_only_layers),
-                       f"layer indices from 0 to num_hidden_layers-1={self.num_layers - 1}")
+            raise FieldError("num_kv_heads", self.num_kv_heads, "a divisor of {num_heads}", num_heads=self.num_heads)
+        for field in ("mlp_only_layers", "sliding_layers", "linear_layers"):
+            if any(not 0 <= i < self.num_layers for i in getattr(self, field)):
+                raise FieldError(field, list(getattr(self, field)), "layer indices below {num_layers}",
+                                 num_layers=self.num_layers)
         if self.moe_layers:
             if not 1 <= self.experts_per_token <= self.num_experts:
-                raise _bad("experts_per_token", self.experts_per_token, f"from 1 to num_experts={self.num_experts}")
+                raise FieldError("experts_per_token", self.experts_per_token, "from 1 to {num_experts}",
+                                 num_experts=self.num_experts)
             if self.moe_intermediate_size < 1:
-                raise _bad("moe_intermediate_size", self.moe_intermediate_size,
-                           "greater than 0 in a model with experts")
-        outside = [i for i in self.sliding_layers if not 0 <= i < self.num_layers]
-        if outside:
-            raise _bad("sliding_layers", list(self.sliding_layers),
-                       f"layer indices from 0 to num_hidden_layers-1={self.num_layers - 1}")
+                raise FieldError("moe_intermediate_size", self.moe_intermediate_size,
+                                 "greater than 0 in a model with experts")
         if self.sliding_layers and self.sliding_window is None:
-            raise _bad("sliding_window", None, "a positive integer when layers use sliding attention")
-        outside = [i for i in self.linear_layers if not 0 <= i < self.num_layers]
-        if outside:
-            raise _bad("linear_layers", list(self.linear_layers),
-                       f"layer indices from 0 to num_hidden_layers-1={self.num_layers - 1}")
+            raise FieldError("sliding_window", None, "a positive integer when layers use sliding attention")
         if self.linear_layers:
             for f in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
                       "linear_conv_kernel"):
                 if getattr(self, f) < 1:
-                    raise _bad(f, getattr(self, f), "greater than 0 in a model with linear attention layers")
+                    raise FieldError(f, getattr(self, f), "greater than 0 in a model with linear attention layers")
             if self.linear_num_value_heads % self.linear_num_key_heads:
-                raise _bad("linear_num_value_heads", self.linear_num_value_heads,
-                           f"a multiple of linear_num_key_heads={self.linear_num_key_heads}")
+                raise FieldError("linear_num_value_heads", self.linear_num_value_heads,
+                                 "a multiple of {linear_num_key_heads}", linear_num_key_heads=self.linear_num_key_heads)
         if self.linear_projection not in ("grouped", "split"):
-            raise _bad("linear_projection", self.linear_projection, "'grouped' or 'split'")
+            raise FieldError("linear_projection", self.linear_projection, "'grouped' or 'split'")
         if self.router == "sigmoid_topk" and self.moe_layers:
             if self.num_experts % self.n_group or (self.n_group > 1 and self.num_experts // self.n_group < 2):
-                raise _bad("n_group", self.n_group, f"a divisor of n_routed_experts={self.num_experts} leaving at "
-                           "least 2 experts per group")
-            if self.topk_group > self.n_group:
-                raise _bad("topk_group", self.topk_group, f"at most n_group={self.n_group}")
+                raise FieldError("n_group", self.n_group, "a divisor of {num_experts} leaving at least 2 experts per "
+                                 "group", num_experts=self.num_experts)
             if self.experts_per_token > self.topk_group * (self.num_experts // self.n_group):
-                raise _bad("experts_per_token", self.experts_per_token,
-                           f"at most the {self.topk_group * (self.num_experts // self.n_group)} experts of the "
-                           f"topk_group={self.topk_group} groups a token may use")
+                raise FieldError("experts_per_token", self.experts_per_token,
+                                 f"at most the {self.topk_group * (self.num_experts // self.n_group)} experts of the "
+                                 "{topk_group} groups a token may use", topk_group=self.topk_group)
+        rotary = self.rotary_dim
+        if rotary < 2 or rotary % 2:  # RoPE rotates pairs of dims
+            if self.partial_rotary_factor == 1:
+                raise FieldError("head_dim", self.head_dim, "an even number (RoPE rotates pairs of dims)")
+            raise FieldError("partial_rotary_factor", self.partial_rotary_factor, "a share of the {head_dim} head dims "
+                             f"that is an even number of dims (it gives {rotary})", head_dim=self.head_dim)
         if self.mla:
             for f in ("qk_nope_head_dim", "v_head_dim"):
                 if getattr(self, f) < 1:
-                    raise _bad(f, getattr(self, f), "greater than 0 in a model with latent attention")
-            if self.head_dim % 2:
-                raise _bad("qk_rope_head_dim", self.head_dim, "an even number of rotary dims")
+                    raise FieldError(f, getattr(self, f), "greater than 0 in a model with latent attention")
+        if self.rope_scaling == "longrope":
+            for f in ("rope_short_factor", "rope_long_factor"):
+                if len(getattr(self, f)) != rotary // 2:
+                    raise FieldError(f, list(getattr(self, f)), f"a list of {rotary // 2} numbers, one per rotary "
+                                     "frequency")
         if len(self.moe_layers) < self.num_layers and self.intermediate_size < 1:
-            raise _bad("intermediate_size", self.intermediate_size, "greater than 0 in a model with dense layers")
+            raise FieldError("intermediate_size", self.intermediate_size, "greater than 0 in a model with dense layers")
 
     def is_moe_layer(self, layer: int) -> bool:
         return (
@@ -298,3 +423,6 @@ class ModelConfig:
             moe_seen += kind == "moe"
             seen[attention] += 1
         return tuple(out)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}

@@ -17,7 +17,7 @@ on load (`io.loader`). The multi-token-prediction layers after the last decoder 
 from __future__ import annotations
 
 from dynaexq_jax.models import common
-from dynaexq_jax.models.config import ModelConfig
+from dynaexq_jax.models.config import ModelConfig, field_value
 
 MODEL_TYPE = "deepseek_v3"
 ARCHITECTURE = "DeepseekV3ForCausalLM"
@@ -28,7 +28,13 @@ def ignored_prefixes(cfg: ModelConfig) -> tuple[str, ...]:
     return tuple(f"model.layers.{cfg.num_layers + j}." for j in range(cfg.mtp_layers))
 
 
+# ModelConfig fields of the MoE block under another config.json key (GLM-4.5 spells them alike).
+SIGMOID_KEYS = {"num_experts": "n_routed_experts", "mtp_layers": "num_nextn_predict_layers"}
+# MLA: the rotary head dim is head_dim (transformers' rule).
+CONFIG_KEYS = {**SIGMOID_KEYS, "head_dim": "qk_rope_head_dim"}
+
 # transformers' DeepseekV3Config defaults for the MoE block's fields.
+MAX_SHARED = 64  # shared experts per MoE layer (the releases have 1 or 2)
 MOE_DEFAULTS = dict(n_routed_experts=256, num_experts_per_tok=8, first_k_dense_replace=3, n_shared_experts=1,
                     n_group=8, topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True)
 
@@ -41,19 +47,20 @@ def sigmoid_moe_fields(d: dict, family: str, defaults: dict = MOE_DEFAULTS) -> d
         if d.get(field, want) != want:
             common.refuse(d, field, f"{family} runs with {field}={want!r}, as released")
     opt = lambda key: common.opt(d, key, defaults[key])
-    layers, dense = d["num_hidden_layers"], opt("first_k_dense_replace")
+    layers, dense = field_value("num_layers", d["num_hidden_layers"]), opt("first_k_dense_replace")
     shared = opt("n_shared_experts")
-    if not isinstance(shared, int) or isinstance(shared, bool) or shared < 1:
-        common.refuse(d, "n_shared_experts", f"{family}'s MoE layers have at least one shared expert")
-    if not isinstance(dense, int) or isinstance(dense, bool) or dense < 0:
-        common.refuse(d, "first_k_dense_replace", "it must be a number of leading dense layers, 0 or more")
+    if not isinstance(shared, int) or isinstance(shared, bool) or not 1 <= shared <= MAX_SHARED:
+        common.refuse(d, "n_shared_experts", f"{family}'s MoE layers have from 1 to {MAX_SHARED} shared experts")
+    if not isinstance(dense, int) or isinstance(dense, bool) or not 0 <= dense <= layers:
+        common.refuse(d, "first_k_dense_replace", f"it must be a number of leading dense layers, from 0 to "
+                      f"num_hidden_layers={layers}")
     return dict(
         num_experts=opt("n_routed_experts"),
         experts_per_token=opt("num_experts_per_tok"),
         moe_intermediate_size=d["moe_intermediate_size"],
         intermediate_size=d["intermediate_size"],
         norm_topk_prob=opt("norm_topk_prob"),
-        mlp_only_layers=tuple(range(min(dense, layers))) if isinstance(layers, int) else (),
+        mlp_only_layers=tuple(range(dense)),
         shared_expert_size=d["moe_intermediate_size"] * shared,
         router="sigmoid_topk",
         n_group=opt("n_group"),
@@ -63,28 +70,28 @@ def sigmoid_moe_fields(d: dict, family: str, defaults: dict = MOE_DEFAULTS) -> d
     )
 
 
+@common.adapter("DeepSeek-V3", CONFIG_KEYS)
 def config_from_hf(d: dict) -> ModelConfig:
     common.check_model_type(d, MODEL_TYPE)
     common.silu_only(d)
     common.fp8_or_none(d, "DeepSeek-V3")
     if d.get("attention_bias"):
         common.refuse(d, "attention_bias", "DeepSeek-V3 has no attention biases; set it to false")
-    with common.fields("DeepSeek-V3"):
-        rope = common.yarn_rope(d, 10000.0, "DeepSeek-V3", 4096)
-        fields = common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-6, max_positions=4096)
-        # MLA: head_dim is the rotary part (transformers' rule), the heads share one latent
-        fields.update(head_dim=d["qk_rope_head_dim"], num_kv_heads=d["num_attention_heads"])
-        cfg = ModelConfig(
-            **fields,
-            **sigmoid_moe_fields(d, "DeepSeek-V3"),
-            **rope,
-            qk_norm=None,
-            q_lora_rank=common.opt(d, "q_lora_rank", 0),
-            kv_lora_rank=d["kv_lora_rank"],
-            qk_nope_head_dim=d["qk_nope_head_dim"],
-            v_head_dim=d["v_head_dim"],
-            rope_interleave=common.opt(d, "rope_interleave", True),
-        )
+    rope = common.yarn_rope(d, 10000.0, "DeepSeek-V3", 4096)
+    fields = common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-6, max_positions=4096)
+    # MLA: head_dim is the rotary part (transformers' rule), the heads share one latent
+    fields.update(head_dim=d["qk_rope_head_dim"], num_kv_heads=d["num_attention_heads"])
+    cfg = ModelConfig(
+        **fields,
+        **sigmoid_moe_fields(d, "DeepSeek-V3"),
+        **rope,
+        qk_norm=None,
+        q_lora_rank=common.opt(d, "q_lora_rank", 0),
+        kv_lora_rank=d["kv_lora_rank"],
+        qk_nope_head_dim=d["qk_nope_head_dim"],
+        v_head_dim=d["v_head_dim"],
+        rope_interleave=common.opt(d, "rope_interleave", True),
+    )
     return common.checked(cfg)
 
 

@@ -30,22 +30,20 @@ def partial_rotary(d: dict) -> float:
     return common.opt(rope, "partial_rotary_factor", common.opt(d, "partial_rotary_factor", 0.5))
 
 
+@common.adapter("GLM-4.5", deepseek_v3.SIGMOID_KEYS)
 def config_from_hf(d: dict) -> ModelConfig:
     common.check_model_type(d, MODEL_TYPE)
     common.silu_only(d)
     common.fp8_or_none(d, "GLM-4.5")
-    with common.fields("GLM-4.5"):
-        bias = common.opt(d, "attention_bias", False)
-        cfg = ModelConfig(
-            **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-5, max_positions=131072),
-            **deepseek_v3.sigmoid_moe_fields(d, "GLM-4.5", MOE_DEFAULTS),
-            rope_theta=common.rope_theta(d, 10000.0),
-            qk_norm="per_head" if common.opt(d, "use_qk_norm", False) else None,
-            qkv_bias=bias,
-            partial_rotary_factor=partial_rotary(d),
-        )
-    if cfg.rotary_dim % 2:
-        common.refuse(d, "partial_rotary_factor", f"it must rotate an even number of the {cfg.head_dim} head dims")
+    bias = common.opt(d, "attention_bias", False)
+    cfg = ModelConfig(
+        **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-5, max_positions=131072),
+        **deepseek_v3.sigmoid_moe_fields(d, "GLM-4.5", MOE_DEFAULTS),
+        rope_theta=common.rope_theta(d, 10000.0),
+        qk_norm="per_head" if common.opt(d, "use_qk_norm", False) else None,
+        qkv_bias=bias,
+        partial_rotary_factor=partial_rotary(d),
+    )
     return common.checked(cfg)
 
 

@@ -23,6 +23,9 @@ from dynaexq_jax.models import common
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 
 MODEL_TYPE = "gpt_oss"
+# ModelConfig fields under another config.json key (`common.adapter` names them so in errors).
+CONFIG_KEYS = {"num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size",
+               "sliding_layers": "layer_types"}
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -49,34 +52,34 @@ def _sliding_layers(d: dict, num_layers: int) -> tuple[int, ...]:
     return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
 
 
+@common.adapter("gpt-oss", CONFIG_KEYS)
 def config_from_hf(d: dict) -> ModelConfig:
     common.check_model_type(d, MODEL_TYPE)
     _check_quantization(d)
-    with common.fields("gpt-oss"):
-        bias = common.opt(d, "attention_bias", True)
-        layers = d["num_hidden_layers"]
-        sliding = _sliding_layers(d, layers) if isinstance(layers, int) else ()
-        cfg = ModelConfig(
-            # head_dim 64: transformers' default, not hidden / heads
-            **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-5, max_positions=131072, head_dim=64),
-            num_experts=common.opt(d, "num_local_experts", 128),
-            experts_per_token=common.opt(d, "num_experts_per_tok", 4),
-            moe_intermediate_size=d["intermediate_size"],  # the experts'; gpt-oss has no dense layers
-            intermediate_size=d["intermediate_size"],
-            norm_topk_prob=False,
-            qk_norm=None,
-            qkv_bias=bias,
-            o_bias=bias,
-            router="topk_softmax",
-            router_bias=True,
-            expert_bias=True,
-            expert_activation="clamped_swiglu",
-            swiglu_alpha=common.opt(d, "swiglu_alpha", 1.702),
-            swiglu_limit=common.opt(d, "swiglu_limit", 7.0),
-            attention_sinks=True,
-            sliding_window=common.opt(d, "sliding_window", 128) if sliding else None,
-            sliding_layers=sliding,
-        )
+    bias = common.opt(d, "attention_bias", True)
+    layers = d["num_hidden_layers"]
+    sliding = _sliding_layers(d, layers) if isinstance(layers, int) else ()
+    cfg = ModelConfig(
+        # head_dim 64: transformers' default, not hidden / heads
+        **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-5, max_positions=131072, head_dim=64),
+        num_experts=common.opt(d, "num_local_experts", 128),
+        experts_per_token=common.opt(d, "num_experts_per_tok", 4),
+        moe_intermediate_size=d["intermediate_size"],  # the experts'; gpt-oss has no dense layers
+        intermediate_size=d["intermediate_size"],
+        norm_topk_prob=False,
+        qk_norm=None,
+        qkv_bias=bias,
+        o_bias=bias,
+        router="topk_softmax",
+        router_bias=True,
+        expert_bias=True,
+        expert_activation="clamped_swiglu",
+        swiglu_alpha=common.opt(d, "swiglu_alpha", 1.702),
+        swiglu_limit=common.opt(d, "swiglu_limit", 7.0),
+        attention_sinks=True,
+        sliding_window=common.opt(d, "sliding_window", 128) if sliding else None,
+        sliding_layers=sliding,
+    )
     return common.checked(dataclasses.replace(cfg, **common.yarn_rope(d, 150000.0, "gpt-oss", 131072)))
 
 

@@ -16,14 +16,21 @@ from dynaexq_jax.models import common
 from dynaexq_jax.models.config import ModelConfig
 
 MODEL_TYPE = "minimax_m2"
+# ModelConfig fields under another config.json key (`common.adapter` names them so in errors).
+CONFIG_KEYS = {"num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size",
+               "partial_rotary_factor": lambda d: ("rotary_dim" if d.get("rotary_dim") is not None
+                                                   else common.ROPE_KEYS["partial_rotary_factor"](d))}
 ARCHITECTURE = "MiniMaxM2ForCausalLM"
 
 
 def partial_rotary(d: dict, head_dim: int) -> float:
     """transformers' rule: `rotary_dim` (the release's field) / head_dim, else rope_parameters'
     partial_rotary_factor, else all dims."""
-    if d.get("rotary_dim") is not None:
-        return d["rotary_dim"] / head_dim
+    dims = d.get("rotary_dim")
+    if dims is not None:
+        if not isinstance(dims, int) or isinstance(dims, bool) or not 2 <= dims <= head_dim or dims % 2:
+            common.refuse(d, "rotary_dim", f"it must be an even number of the head_dim={head_dim} head dims, 2 or more")
+        return dims / head_dim
     _, rope = common.rope_dict(d)
     return common.opt(rope, "partial_rotary_factor", common.opt(d, "partial_rotary_factor", 1.0))
 
@@ -40,6 +47,7 @@ def _check_release_fields(d: dict) -> None:
             common.refuse(d, field, f"MiniMax-M2 runs with {field}={want!r}, as released")
 
 
+@common.adapter("MiniMax-M2", CONFIG_KEYS)
 def config_from_hf(d: dict) -> ModelConfig:
     common.check_model_type(d, MODEL_TYPE)
     common.silu_only(d)
@@ -47,22 +55,19 @@ def config_from_hf(d: dict) -> ModelConfig:
     _check_release_fields(d)
     if d.get("sliding_window") is not None:
         common.refuse(d, "sliding_window", "MiniMax-M2 runs with full attention; set it to null")
-    with common.fields("MiniMax-M2"):
-        fields = common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-6, max_positions=196608, head_dim=128)
-        cfg = ModelConfig(
-            **fields,
-            num_experts=common.opt(d, "num_local_experts", 256),
-            experts_per_token=common.opt(d, "num_experts_per_tok", 8),
-            moe_intermediate_size=d["intermediate_size"],  # the experts'; MiniMax-M2 has no dense layers
-            intermediate_size=d["intermediate_size"],
-            norm_topk_prob=True,
-            rope_theta=common.rope_theta(d, 5000000.0),
-            qk_norm="full",
-            router="sigmoid_topk",
-            partial_rotary_factor=partial_rotary(d, fields["head_dim"]),
-        )
-    if cfg.rotary_dim % 2:
-        common.refuse(d, "rotary_dim", f"it must be an even number of the {cfg.head_dim} head dims")
+    fields = common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-6, max_positions=196608, head_dim=128)
+    cfg = ModelConfig(
+        **fields,
+        num_experts=common.opt(d, "num_local_experts", 256),
+        experts_per_token=common.opt(d, "num_experts_per_tok", 8),
+        moe_intermediate_size=d["intermediate_size"],  # the experts'; MiniMax-M2 has no dense layers
+        intermediate_size=d["intermediate_size"],
+        norm_topk_prob=True,
+        rope_theta=common.rope_theta(d, 5000000.0),
+        qk_norm="full",
+        router="sigmoid_topk",
+        partial_rotary_factor=partial_rotary(d, fields["head_dim"]),
+    )
     return common.checked(cfg)
 
 

@@ -12,8 +12,11 @@ from dynaexq_jax.models import common
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 
 MODEL_TYPE = "mixtral"
+# ModelConfig fields under another config.json key (`common.adapter` names them so in errors).
+CONFIG_KEYS = {"num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size"}
 
 
+@common.adapter("Mixtral", CONFIG_KEYS)
 def config_from_hf(d: dict) -> ModelConfig:
     common.check_model_type(d, MODEL_TYPE)
     if d.get("sliding_window") is not None:
@@ -22,17 +25,16 @@ def config_from_hf(d: dict) -> ModelConfig:
             "set it to null (Mixtral-8x7B and 8x22B ship with it null)"
         )
     common.silu_only(d)
-    with common.fields("Mixtral"):
-        cfg = ModelConfig(
-            **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-5, max_positions=4096 * 32),
-            num_experts=common.opt(d, "num_local_experts", 8),
-            experts_per_token=common.opt(d, "num_experts_per_tok", 2),
-            moe_intermediate_size=d["intermediate_size"],  # the experts'; Mixtral has no dense layers
-            intermediate_size=d["intermediate_size"],
-            norm_topk_prob=True,
-            rope_theta=common.rope_theta(d, 1e6),
-            qk_norm=None,
-        )
+    cfg = ModelConfig(
+        **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-5, max_positions=4096 * 32),
+        num_experts=common.opt(d, "num_local_experts", 8),
+        experts_per_token=common.opt(d, "num_experts_per_tok", 2),
+        moe_intermediate_size=d["intermediate_size"],  # the experts'; Mixtral has no dense layers
+        intermediate_size=d["intermediate_size"],
+        norm_topk_prob=True,
+        rope_theta=common.rope_theta(d, 1e6),
+        qk_norm=None,
+    )
     return common.checked(cfg)
 
 

@@ -22,9 +22,12 @@ from dynaexq_jax.models import common
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 
 MODEL_TYPE = "phimoe"
+# ModelConfig fields under another config.json key (`common.adapter` names them so in errors).
+CONFIG_KEYS = {"num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size",
+               "router_jitter": "router_jitter_noise"}
 
 
-def _rope(d: dict, head_dim: int) -> dict:
+def _rope(d: dict) -> dict:
     """ModelConfig's RoPE fields from `rope_parameters` / `rope_scaling` (default or longrope)."""
     field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
     rope = d.get(field) or {}
@@ -43,37 +46,34 @@ def _rope(d: dict, head_dim: int) -> dict:
     original = rope.get("original_max_position_embeddings", d.get("original_max_position_embeddings"))
     if original is None:
         raise ConfigError(f"config.json's {field} (longrope) lacks 'original_max_position_embeddings'")
-    if not all(isinstance(rope[k], list) and len(rope[k]) == head_dim // 2 for k in ("short_factor", "long_factor")):
-        raise ConfigError(f"config.json's {field} (longrope) needs lists of head_dim / 2 = {head_dim // 2} "
-                          "short_factor and long_factor values")
     return dict(out, rope_scaling="longrope", rope_original_max=original, rope_short_factor=rope["short_factor"],
                 rope_long_factor=rope["long_factor"], rope_short_mscale=rope["short_mscale"],
                 rope_long_mscale=rope["long_mscale"])
 
 
+@common.adapter("Phi-MoE", CONFIG_KEYS)
 def config_from_hf(d: dict) -> ModelConfig:
     common.check_model_type(d, MODEL_TYPE)
     common.silu_only(d)
     if common.opt(d, "num_experts_per_tok", 2) != 2:
         common.refuse(d, "num_experts_per_tok", "Phi-MoE's sparsemixer router picks exactly 2 experts")
-    with common.fields("Phi-MoE"):
-        bias = common.opt(d, "attention_bias", False)
-        cfg = ModelConfig(
-            **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-5, max_positions=4096 * 32),
-            num_experts=common.opt(d, "num_local_experts", 16),
-            experts_per_token=2,
-            moe_intermediate_size=d["intermediate_size"],  # the experts'; Phi-MoE has no dense layers
-            intermediate_size=d["intermediate_size"],
-            norm_topk_prob=False,
-            qk_norm=None,
-            qkv_bias=bias,
-            o_bias=bias,
-            router="sparsemixer",
-            router_jitter=common.opt(d, "router_jitter_noise", 0.01),
-            norm="layer",
-            lm_head_bias=common.opt(d, "lm_head_bias", False),
-        )
-    cfg = dataclasses.replace(cfg, **_rope(d, cfg.head_dim))
+    bias = common.opt(d, "attention_bias", False)
+    cfg = ModelConfig(
+        **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-5, max_positions=4096 * 32),
+        num_experts=common.opt(d, "num_local_experts", 16),
+        experts_per_token=2,
+        moe_intermediate_size=d["intermediate_size"],  # the experts'; Phi-MoE has no dense layers
+        intermediate_size=d["intermediate_size"],
+        norm_topk_prob=False,
+        qk_norm=None,
+        qkv_bias=bias,
+        o_bias=bias,
+        router="sparsemixer",
+        router_jitter=common.opt(d, "router_jitter_noise", 0.01),
+        norm="layer",
+        lm_head_bias=common.opt(d, "lm_head_bias", False),
+    )
+    cfg = dataclasses.replace(cfg, **_rope(d))
     window = d.get("sliding_window")
     # A window as long as the context (as released) is no window.
     if window is not None and not (isinstance(window, int) and window >= cfg.max_position_embeddings):

@@ -15,8 +15,11 @@ from dynaexq_jax.models import common
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 
 MODEL_TYPE = "qwen2_moe"
+# ModelConfig fields under another config.json key (`common.adapter` names them so in errors).
+CONFIG_KEYS = {"shared_expert_size": "shared_expert_intermediate_size"}
 
 
+@common.adapter("Qwen2-MoE", CONFIG_KEYS)
 def config_from_hf(d: dict) -> ModelConfig:
     common.check_model_type(d, MODEL_TYPE)
     if d.get("use_sliding_window"):
@@ -25,22 +28,21 @@ def config_from_hf(d: dict) -> ModelConfig:
         raise ConfigError("config.json's layer_types has 'sliding_attention' layers, which are not supported; "
                           "use 'full_attention' for every layer")
     common.silu_only(d)
-    with common.fields("Qwen2-MoE"):
-        cfg = ModelConfig(
-            **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-6, max_positions=32768),
-            num_experts=common.opt(d, "num_experts", 60),
-            experts_per_token=common.opt(d, "num_experts_per_tok", 4),
-            moe_intermediate_size=d["moe_intermediate_size"],
-            intermediate_size=common.opt(d, "intermediate_size", 0),
-            norm_topk_prob=common.opt(d, "norm_topk_prob", False),
-            decoder_sparse_step=common.opt(d, "decoder_sparse_step", 1),
-            mlp_only_layers=common.opt(d, "mlp_only_layers", ()),
-            rope_theta=common.rope_theta(d, 10000.0),
-            qk_norm=None,
-            qkv_bias=common.opt(d, "qkv_bias", True),
-            shared_expert_size=d["shared_expert_intermediate_size"],
-            shared_expert_gate=True,
-        )
+    cfg = ModelConfig(
+        **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-6, max_positions=32768),
+        num_experts=common.opt(d, "num_experts", 60),
+        experts_per_token=common.opt(d, "num_experts_per_tok", 4),
+        moe_intermediate_size=d["moe_intermediate_size"],
+        intermediate_size=common.opt(d, "intermediate_size", 0),
+        norm_topk_prob=common.opt(d, "norm_topk_prob", False),
+        decoder_sparse_step=common.opt(d, "decoder_sparse_step", 1),
+        mlp_only_layers=common.opt(d, "mlp_only_layers", ()),
+        rope_theta=common.rope_theta(d, 10000.0),
+        qk_norm=None,
+        qkv_bias=common.opt(d, "qkv_bias", True),
+        shared_expert_size=d["shared_expert_intermediate_size"],
+        shared_expert_gate=True,
+    )
     if cfg.moe_layers and cfg.shared_expert_size <= 0:
         common.refuse(d, "shared_expert_intermediate_size", "Qwen2-MoE's shared expert needs a positive size")
     return common.checked(cfg)

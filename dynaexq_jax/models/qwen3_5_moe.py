@@ -52,6 +52,15 @@ def text_config(d: dict) -> dict:
     return {**t, "tie_word_embeddings": tie}
 
 
+def config_keys(d: dict) -> dict[str, str]:
+    """Every field's config.json key: Qwen3-Next's, inside `text_config` when the config has one."""
+    t = d.get("text_config") if d.get("model_type") == MODEL_TYPE else None
+    if not isinstance(t, dict):
+        return common.config_keys(d, qwen3_next.CONFIG_KEYS)
+    return {f: "text_config." + k for f, k in common.config_keys(t, qwen3_next.CONFIG_KEYS).items()}
+
+
+@common.adapter("Qwen3.5-MoE", config_keys)
 def config_from_hf(d: dict) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -60,7 +69,7 @@ def config_from_hf(d: dict) -> ModelConfig:
     t = text_config(d)
     if t.get("attn_output_gate", True) is not True:
         common.refuse(t, "attn_output_gate", "Qwen3.5's softmax attention always gates its output")
-    cfg = qwen3_next.config_from_hf({**t, "model_type": model_type}, model_type)
+    cfg = qwen3_next.text_model_config({**t, "model_type": model_type}, model_type)
     cfg = dataclasses.replace(cfg, linear_projection="split")
     _, rope = common.rope_dict(t)
     section = rope.get("mrope_section")

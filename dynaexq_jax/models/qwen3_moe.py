@@ -11,8 +11,11 @@ from dynaexq_jax.models import common
 from dynaexq_jax.models.config import ModelConfig
 
 MODEL_TYPE = "qwen3_moe"
+# ModelConfig fields under another config.json key (`common.adapter` names them so in errors).
+CONFIG_KEYS = {"num_experts": common.first_key("num_experts", "num_local_experts")}
 
 
+@common.adapter("Qwen3-MoE", CONFIG_KEYS)
 def config_from_hf(d: dict) -> ModelConfig:
     """config.json's fields as they are; `ModelConfig` checks their types and ranges."""
     common.check_model_type(d, MODEL_TYPE)
@@ -21,18 +24,17 @@ def config_from_hf(d: dict) -> ModelConfig:
     if d.get("attention_bias"):
         common.refuse(d, "attention_bias", "Qwen3-MoE does not use it; set it to false")
     common.silu_only(d)
-    with common.fields("Qwen3-MoE"):
-        cfg = ModelConfig(
-            **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-6, max_positions=40960),
-            num_experts=common.opt(d, "num_experts", common.opt(d, "num_local_experts", 0)),
-            experts_per_token=d["num_experts_per_tok"],
-            moe_intermediate_size=d["moe_intermediate_size"],
-            intermediate_size=common.opt(d, "intermediate_size", 0),
-            norm_topk_prob=common.opt(d, "norm_topk_prob", True),
-            decoder_sparse_step=common.opt(d, "decoder_sparse_step", 1),
-            mlp_only_layers=common.opt(d, "mlp_only_layers", ()),
-            rope_theta=common.rope_theta(d, 10000.0),
-        )
+    cfg = ModelConfig(
+        **common.hf_fields(d, MODEL_TYPE, rms_norm_eps=1e-6, max_positions=40960),
+        num_experts=common.opt(d, "num_experts", common.opt(d, "num_local_experts", 0)),
+        experts_per_token=d["num_experts_per_tok"],
+        moe_intermediate_size=d["moe_intermediate_size"],
+        intermediate_size=common.opt(d, "intermediate_size", 0),
+        norm_topk_prob=common.opt(d, "norm_topk_prob", True),
+        decoder_sparse_step=common.opt(d, "decoder_sparse_step", 1),
+        mlp_only_layers=common.opt(d, "mlp_only_layers", ()),
+        rope_theta=common.rope_theta(d, 10000.0),
+    )
     return common.checked(cfg)
 
 

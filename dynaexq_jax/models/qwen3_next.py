@@ -15,6 +15,9 @@ from dynaexq_jax.models import common, qwen2_moe
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 
 MODEL_TYPE = "qwen3_next"
+# ModelConfig fields under another config.json key (`common.adapter` names them so in errors).
+CONFIG_KEYS = {"shared_expert_size": "shared_expert_intermediate_size",
+               "linear_conv_kernel": "linear_conv_kernel_dim", "linear_layers": "layer_types"}
 ARCHITECTURE = "Qwen3NextForCausalLM"
 LAYER_TYPES = ("linear_attention", "full_attention")
 IGNORED_PREFIXES = ("mtp.",)  # the multi-token-prediction head: not used for plain decoding
@@ -25,8 +28,9 @@ def linear_layers(d: dict, num_layers: int) -> tuple[int, ...]:
     types = d.get("layer_types")
     if types is None:
         interval = common.opt(d, "full_attention_interval", 4)
-        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
-            common.refuse(d, "full_attention_interval", "it must be a positive integer")
+        if not isinstance(interval, int) or isinstance(interval, bool) or not 1 <= interval <= num_layers:
+            common.refuse(d, "full_attention_interval",
+                          f"it must be an integer from 1 to num_hidden_layers={num_layers}")
         return tuple(i for i in range(num_layers) if (i + 1) % interval)
     if not isinstance(types, list) or len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
         raise ConfigError(f"config.json's layer_types must list one of {LAYER_TYPES} for each of the "
@@ -40,40 +44,42 @@ def partial_rotary(d: dict) -> float:
                       common.opt(d, "partial_rotary_factor", 0.25))
 
 
-def config_from_hf(d: dict, model_type: str = MODEL_TYPE) -> ModelConfig:
+def text_model_config(d: dict, model_type: str = MODEL_TYPE) -> ModelConfig:
+    """config.json's fields -> ModelConfig (`config_from_hf` names the keys in its errors;
+    Qwen3.5-MoE reads its text model's fields through this)."""
     common.check_model_type(d, model_type)
     if d.get("attention_bias"):
         common.refuse(d, "attention_bias", "Qwen3-Next has no attention biases; set it to false")
     common.silu_only(d)
-    with common.fields("Qwen3-Next"):
-        fields = common.hf_fields(d, model_type, rms_norm_eps=1e-6, max_positions=32768, head_dim=256)
-        cfg = ModelConfig(
-            **fields,
-            num_experts=common.opt(d, "num_experts", 512),
-            experts_per_token=common.opt(d, "num_experts_per_tok", 10),
-            moe_intermediate_size=common.opt(d, "moe_intermediate_size", 512),
-            intermediate_size=common.opt(d, "intermediate_size", 5632),
-            norm_topk_prob=common.opt(d, "norm_topk_prob", True),
-            decoder_sparse_step=common.opt(d, "decoder_sparse_step", 1),
-            mlp_only_layers=common.opt(d, "mlp_only_layers", ()),
-            rope_theta=common.rope_theta(d, 10000.0),
-            norm="zero_centred_rms",
-            shared_expert_size=common.opt(d, "shared_expert_intermediate_size", 512),
-            shared_expert_gate=True,
-            linear_layers=linear_layers(d, d["num_hidden_layers"]),
-            linear_num_key_heads=common.opt(d, "linear_num_key_heads", 16),
-            linear_num_value_heads=common.opt(d, "linear_num_value_heads", 32),
-            linear_key_head_dim=common.opt(d, "linear_key_head_dim", 128),
-            linear_value_head_dim=common.opt(d, "linear_value_head_dim", 128),
-            linear_conv_kernel=common.opt(d, "linear_conv_kernel_dim", 4),
-            attn_output_gate=True,
-            partial_rotary_factor=partial_rotary(d),
-        )
+    fields = common.hf_fields(d, model_type, rms_norm_eps=1e-6, max_positions=32768, head_dim=256)
+    cfg = ModelConfig(
+        **fields,
+        num_experts=common.opt(d, "num_experts", 512),
+        experts_per_token=common.opt(d, "num_experts_per_tok", 10),
+        moe_intermediate_size=common.opt(d, "moe_intermediate_size", 512),
+        intermediate_size=common.opt(d, "intermediate_size", 5632),
+        norm_topk_prob=common.opt(d, "norm_topk_prob", True),
+        decoder_sparse_step=common.opt(d, "decoder_sparse_step", 1),
+        mlp_only_layers=common.opt(d, "mlp_only_layers", ()),
+        rope_theta=common.rope_theta(d, 10000.0),
+        norm="zero_centred_rms",
+        shared_expert_size=common.opt(d, "shared_expert_intermediate_size", 512),
+        shared_expert_gate=True,
+        linear_layers=linear_layers(d, fields["num_layers"]),
+        linear_num_key_heads=common.opt(d, "linear_num_key_heads", 16),
+        linear_num_value_heads=common.opt(d, "linear_num_value_heads", 32),
+        linear_key_head_dim=common.opt(d, "linear_key_head_dim", 128),
+        linear_value_head_dim=common.opt(d, "linear_value_head_dim", 128),
+        linear_conv_kernel=common.opt(d, "linear_conv_kernel_dim", 4),
+        attn_output_gate=True,
+        partial_rotary_factor=partial_rotary(d),
+    )
     if cfg.moe_layers and cfg.shared_expert_size <= 0:
         common.refuse(d, "shared_expert_intermediate_size", "Qwen3-Next's shared expert needs a positive size")
-    if cfg.rotary_dim % 2:
-        common.refuse(d, "partial_rotary_factor", f"it must rotate an even number of the {cfg.head_dim} head dims")
     return common.checked(cfg)
+
+
+config_from_hf = common.adapter("Qwen3-Next", CONFIG_KEYS)(text_model_config)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -7,10 +7,10 @@ It sits above the adapters: they import `config` and `common`, never this module
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import ModuleType
 
+from dynaexq_jax import inputs
 from dynaexq_jax.models import (
     FamilyAdapter,
     deepseek_v3,
@@ -80,12 +80,7 @@ def read_config(path: str | Path) -> ModelConfig:
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(f"no config.json at {path}; point --model at a Hugging Face checkpoint directory")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text; restore it from the model's original release") from None
+    d = inputs.read_json(path, "restore it from the model's original release", error=ConfigError)
     if not isinstance(d, dict):
         raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not an object of config fields")
     return adapter_for(d).config_from_hf(d)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dynaexq_jax import inputs
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.io import files
 
@@ -75,6 +76,7 @@ class HotnessTracker:
         """Write the profile as JSON; atomic, so a crash never leaves a half-written warm-start file."""
         path = Path(path)
         payload = {
+            "written_by": files.WRITTEN_BY,  # a later --save-hotness may replace it (`files.is_own_file`)
             "layers": self.num_layers,
             "experts": self.num_experts,
             "half_life_steps": self.half_life_steps,
@@ -96,8 +98,9 @@ class HotnessTracker:
         (moe_layers, experts), checked so a profile from another model fails loudly.
         """
         path = Path(path)
+        fix = "pass a file written by --save-hotness"
+        d = inputs.read_json(path, fix, "hotness profile", ProfileError)
         try:
-            d = json.loads(path.read_text())
             if not isinstance(d, dict):
                 raise TypeError(f"a JSON {type(d).__name__}, not an object")
             layers, experts = int(d["layers"]), int(d["experts"])
