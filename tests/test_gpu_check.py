@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dynaexq_jax.io import files
+
 from conftest import script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +31,8 @@ def test_gpu_check_smoke_answers_decode_speed_first_with_predictions_then_profil
     parts = {k: v for k, v in doc["stages"].items() if k != "decode"} | doc["stages"]["decode"]
     failed = {k: v.get("log", v["status"])[-2000:] for k, v in parts.items() if v["status"] != "ok"}
     assert proc.returncode == 0 and not failed, failed or proc.stderr[-2000:]
-    assert tuple(doc["stages"]) == STAGES and sorted(p.name for p in tmp_path.iterdir()) == [
-        "gpu_check.json", "gpu_check.md"]
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name != files.MARKER)  # the marker: the tool's own
+    assert tuple(doc["stages"]) == STAGES and written == ["gpu_check.json", "gpu_check.md"]
     device = gpu_check.merged(doc["stages"]["device"]["records"])
     assert all(device[k] > 0 for k in ("bandwidth_gbs", "copy_gbs", "read_gbs", "graph_kernel_s", "launch_s"))
     cases = doc["stages"]["decode"]
