@@ -4,6 +4,7 @@ requests served one after another.
 
     python scripts/bench_serve.py --clients 1,4,16,32 --max-tokens 32 -- --dtype float32 --max-batch 16
     python scripts/bench_serve.py --url http://127.0.0.1:8000      # a server already running
+    python scripts/bench_serve.py --churn 120 --clients 32 -- --dtype float32 --max-batch 16
 
 Without --url it starts scripts/serve.py on a free port (the flags after `--` are its own) and
 stops it with SIGTERM at the end. Each request streams; per request it records the time to the
@@ -11,12 +12,20 @@ first token (TTFT) and the mean time per token after it. For each N: the N reque
 the same N one at a time; aggregate tokens/s, TTFT and per-token latency p50/p99 of each, and the
 speed-up (sequential wall time / concurrent wall time). Prompts: lines of the shipped model's
 held-out code, of different lengths.
+
+--churn SECONDS: instead, rounds of N streaming clients at once (N: --clients) of which a third
+hang up after their first chunk, after one warm-up round, for SECONDS. After each round: the
+seconds until /metrics shows no running sequence and no queued request, the server's resident
+memory and device memory (where the backend counts it), its compiled steps, 5xx answers, and
+whether every completed stream equals the same request served alone. DYNAEXQ_API_KEY, when set,
+is sent as the bearer token (and passed to the server it starts).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import signal
 import socket
@@ -38,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--clients", default="1,4,16,32", help="numbers of concurrent clients, comma-separated")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens each request asks for")
     p.add_argument("--json", action="store_true", help="print the rows as JSON too")
+    p.add_argument("--churn", type=float, metavar="SECONDS",
+                   help="instead: rounds of --clients streams, a third hanging up, for SECONDS (see above)")
     p.add_argument("serve_args", nargs="*", help="scripts/serve.py's flags (after --)")
     args = p.parse_args(argv)
     args.clients = comma_list("--clients", args.clients, convert=int, low=1)
@@ -51,6 +62,11 @@ def prompts(n: int) -> list[str]:
     return [" ".join(words[i * 97 % len(words):][: 4 + (i * 13) % 57]) for i in range(n)]
 
 
+def headers() -> dict:
+    key = os.environ.get("DYNAEXQ_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def request(url: str, model: str, prompt: str, max_tokens: int) -> dict:
     """One streamed completion: {tokens, ttft, per_token, done} (seconds from its start)."""
     import httpx
@@ -59,7 +75,7 @@ def request(url: str, model: str, prompt: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers(), timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -92,6 +108,81 @@ def run_level(url: str, model: str, batch: list[str], max_tokens: int, at_once: 
     ttft, per_token = [r["ttft"] for r in results], [r["per_token"] for r in results]
     return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "ttft_p50": pct(ttft, 50),
             "ttft_p99": pct(ttft, 99), "tpot_p50": pct(per_token, 50), "tpot_p99": pct(per_token, 99)}
+
+
+def stream_text(client, model: str, prompt: str, max_tokens: int, hang_up: bool) -> tuple[int, str | None]:
+    """(status, the streamed text, or None when it hung up after the first chunk or did not end with [DONE])."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return r.status_code, None
+        text, done = [], False
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if hang_up:
+                return r.status_code, None  # leaving the block closes the connection mid-stream
+            if line == "data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(line[6:])
+            text += [c["text"] for c in chunk["choices"]]
+        return r.status_code, "".join(text) if done else None
+
+
+def metrics(client) -> dict[str, float]:
+    lines = [line.rsplit(" ", 1) for line in client.get("/metrics").text.splitlines() if not line.startswith("#")]
+    return {name: float(value) for name, value in lines}
+
+
+def churn(url: str, model: str, n: int, max_tokens: int, seconds: float) -> list[dict]:
+    """Rounds of `n` streams at once, a third hanging up, for `seconds` after a warm-up round."""
+    import httpx
+
+    client = httpx.Client(base_url=url, headers=headers(), timeout=600, limits=httpx.Limits(max_connections=2 * n))
+    batch = prompts(n)
+    solo = {p: stream_text(client, model, p, max_tokens, False)[1] for p in set(batch)}
+    hang = [i % 3 == 0 for i in range(n)]
+    rows, t0 = [], None
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        while t0 is None or time.perf_counter() - t0 < seconds:
+            start = time.perf_counter()
+            results = list(pool.map(lambda ph: stream_text(client, model, ph[0], max_tokens, ph[1]), zip(batch, hang)))
+            ended = time.perf_counter()
+            while (m := metrics(client))["dynaexq_running_sequences"] or m["dynaexq_queue_depth"]:
+                time.sleep(0.01)
+            row = {"round_s": ended - start, "idle_after_s": time.perf_counter() - ended,
+                   "rss_mb": m.get("process_resident_memory_bytes", float("nan")) / 1e6,
+                   "device_mb": m.get("dynaexq_device_memory_bytes_in_use", float("nan")) / 1e6,
+                   "compiled": int(m["dynaexq_compiled_steps"]), "errors_5xx": sum(s >= 500 for s, _ in results),
+                   "completed": sum(t is not None for _, t in results), "hung_up": sum(hang),
+                   "mismatched": sum(t is not None and t != solo[p] for p, (_, t) in zip(batch, results))}
+            if t0 is None:  # the warm-up round
+                t0 = time.perf_counter()
+                print(f"warm-up round: {row}", file=sys.stderr)
+                continue
+            row["t_s"] = time.perf_counter() - t0
+            rows.append(row)
+    return rows
+
+
+def print_churn(rows: list[dict]) -> None:
+    print("| t s | rounds | round s | idle after s | RSS MB | device MB | compiled steps | completed | hung up | "
+          "mismatched | 5xx |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    every = max(1, len(rows) // 12)
+    for i, r in enumerate(rows):
+        if i % every == 0 or i == len(rows) - 1:
+            device = "n/a" if math.isnan(r["device_mb"]) else f"{r['device_mb']:.1f}"  # a CPU counts none
+            print(f"| {r['t_s']:.0f} | {i + 1} | {r['round_s']:.2f} | {r['idle_after_s']:.2f} | {r['rss_mb']:.1f} | "
+                  f"{device} | {r['compiled']} | {r['completed']} | {r['hung_up']} | {r['mismatched']} | "
+                  f"{r['errors_5xx']} |")
+    rss = [r["rss_mb"] for r in rows]
+    print(f"\n{len(rows)} rounds of {rows[0]['completed'] + rows[0]['hung_up']} clients in {rows[-1]['t_s']:.0f} s: "
+          f"RSS {rss[0]:.1f} -> {rss[-1]:.1f} MB (min {min(rss):.1f}, max {max(rss):.1f}), compiled steps "
+          f"{rows[0]['compiled']} -> {rows[-1]['compiled']}, idle within {max(r['idle_after_s'] for r in rows):.2f} s "
+          f"of each round's end, {sum(r['mismatched'] for r in rows)} completed streams unlike their solo output, "
+          f"{sum(r['errors_5xx'] for r in rows)} 5xx")
 
 
 def free_port() -> int:
@@ -130,7 +221,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args.serve_args)
     try:
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        model = httpx.get(url + "/v1/models", headers=headers()).json()["data"][0]["id"]
+        if args.churn is not None:
+            rows = churn(url, model, args.clients[-1], args.max_tokens, args.churn)
+            print_churn(rows)
+            if args.json:
+                print(json.dumps(rows))
+            return 0
         request(url, model, "warm up", 4)
         rows = []
         for n in args.clients:

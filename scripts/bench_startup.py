@@ -20,6 +20,8 @@ _T0 = time.perf_counter()  # before any import: a start includes its imports
 
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -41,8 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--budget", default="6GB", help="device memory budget of every start (accelerate's sizes)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--work-dir", help="where caches and exported checkpoints go: new, empty, or one this script "
-                                      "wrote (default: a new temporary folder)")
+    p.add_argument("--work-dir", help="where exported checkpoints are kept between runs: new, empty, or one this "
+                                      "script wrote (each start's caches are made and removed in it; default: a "
+                                      "temporary folder, removed at the end)")
     p.add_argument("--json", help="write every figure here (a new file, or one this script wrote)")
     p.add_argument("--timeout", type=float, default=900, help="seconds one start may take")
     p.add_argument("--worker", nargs=3, metavar=("SOURCE", "POLICY", "BUDGET"), help=SUPPRESS)
@@ -91,16 +94,28 @@ def export(spec: str, work, dtype: str) -> Path:
     return path
 
 
+EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Warning)\b")
+
+
 def run_one(source: str, policy: str, args, caches: Path) -> dict:
     env = dict(os.environ, DYNAEXQ_CACHE_DIR=str(caches / "experts"), DYNAEXQ_COMPILE_CACHE=str(caches / "jax"),
                DYNAEXQ_CACHE="1")
     argv = [sys.executable, __file__, "--worker", source, policy, args.budget, "--dtype", args.dtype,
             "--prompt-len", str(args.prompt_len)]
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=args.timeout)
+    failed = {"source": source, "policy": policy}
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return dict(failed, error=f"no first token within {args.timeout} s", stderr=err[-4000:], wall=args.timeout)
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        return {"source": source, "policy": policy, "error": tail[0], "wall": time.perf_counter() - t0}
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        # The exception's own line, not the traceback's last frame (a thread's traceback ends elsewhere).
+        why = next((line for line in reversed(lines) if line.startswith("error:") or EXCEPTION.match(line)), lines[-1])
+        if proc.returncode < 0:
+            why = f"killed by signal {-proc.returncode} (out of host memory?); last: {why}"
+        return dict(failed, error=why, stderr="\n".join(lines[-40:]), wall=time.perf_counter() - t0)
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]), wall=time.perf_counter() - t0)
 
 
@@ -155,17 +170,24 @@ def run(argv=None) -> int:
         return 0
     policies = check(args)
     work = files.OutputDir(args.work_dir or tempfile.mkdtemp(prefix="bench-startup-"), "--work-dir")
-    sources = args.preset + args.model + [str(export(s, work, args.dtype)) for s in args.export]
-    if not sources:
-        sources = ["olmoe-1b-7b"]
-    rows = []
-    for i, source in enumerate(sources):
-        for policy in policies:
-            caches = work / f"caches-{i}-{policy}"
-            for start in ("cold", "warm"):
-                row = dict(run_one(source, policy, args, caches), start=start)
-                rows.append(row)
-                print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+    try:
+        sources = args.preset + args.model + [str(export(s, work, args.dtype)) for s in args.export]
+        rows = []
+        for source in sources or ["olmoe-1b-7b"]:
+            for policy in policies:
+                # Caches of their own (a cold start finds them empty), gone after the warm start.
+                work.path.mkdir(parents=True, exist_ok=True)
+                caches = Path(tempfile.mkdtemp(prefix=f"caches-{policy}-", dir=work.path))
+                try:
+                    for start in ("cold", "warm"):
+                        row = dict(run_one(source, policy, args, caches), start=start)
+                        rows.append(row)
+                        print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+                finally:
+                    shutil.rmtree(caches, ignore_errors=True)
+    finally:
+        if args.work_dir is None:  # a folder of our own: the exported checkpoints go with it
+            shutil.rmtree(work.path, ignore_errors=True)
     print(table(rows))
     if args.json:
         files.write_json(args.json, {"rows": rows})

@@ -8,7 +8,8 @@ inter-expert predictor, saved beside the checkpoint's converted experts (orbax) 
 
 Calibration text: --text (JSONL of {"text"} or plain text files, never the evaluation data);
 for the shipped model without --text, its training split (the stdlib files scripts/train_tiny.py
-trained on), up to --max-bytes. An existing calibration for the same checkpoint weights,
+trained on), up to --max-bytes; the documents are joined by EOS, or, for a checkpoint whose config
+names no eos_token_id, calibrated one by one. An existing calibration for the same checkpoint weights,
 settings and text is reused; a change of any of them rebuilds it (--force: always).
 """
 

@@ -5,7 +5,8 @@
     python scripts/gpu_check.py --smoke --out /tmp/check   # CPU: a small preset, the same stages
 
 Stages, in order of what they answer; each case runs in a process of its own under its own time
-limit (one that runs out is reported with what it had measured by then; the rest still run),
+limit, cut to what is left of the whole check's 470 s (one that runs out is reported with what it
+had measured by then; the rest still run),
 and OUT/gpu_check.json is rewritten after every case:
 
 1. device: what it is; host->device GB/s (pinned, pageable); the HBM bandwidth the device really
@@ -14,7 +15,8 @@ and OUT/gpu_check.json is rewritten after every case:
    launched one by one. The decode cases' predictions use these figures.
 2. decode: tok/s at prompt 128 + 64 new tokens (greedy, random weights of the preset's shapes,
    skewed routing) for dynaexq (20 GB at batch 1, 40 GB at batch 32), static int4 and full bf16
-   (no budget) at both, offload (20 GB, batch 1) and transformers' own model at both; each with
+   (no budget) at both, offload (20 GB, batch 1) and transformers' own model at both; dynaexq b1
+   and static int4 again with the opt-in fused decode layer ("fused layer"); each with
    its build and compile seconds, the peak device bytes, and the step time predicted from its
    own compiled decode step (`runtime.aot`: bytes at the measured bandwidth, each launch at the
    measured cost) beside the measured one.
@@ -46,19 +48,27 @@ STAGES = ("device", "decode", "profile", "kernels", "runtime")
 
 # Decode cases, in the order they run: (name, policy, budget (None: no budget), batches). Static
 # has no budget: with one it widens to the widest bits that fit (int8 in 40 GB).
-CASES = (("dynaexq b1", "dynaexq", "b1", (1,)), ("dynaexq b32", "dynaexq", "b32", (32,)),
-         ("static int4", "static", None, (1, 32)), ("full bf16", "full", None, (1, 32)),
+CASES = (("dynaexq b1", "dynaexq", "b1", (1,)), ("dynaexq b1 (fused layer)", "dynaexq", "b1", (1,)),
+         ("dynaexq b32", "dynaexq", "b32", (32,)), ("static int4", "static", None, (1, 32)),
+         ("static int4 (fused layer)", "static", None, (1, 32)), ("full bf16", "full", None, (1, 32)),
          ("offload", "offload", "b1", (1,)), ("transformers", "transformers", None, (1, 32)))
+# "(fused layer)": the same case with the opt-in fused decode layer (`models.fused_decode.ENABLED`),
+# against XLA's own step: it becomes the default once it wins.
+CASE_ENV = {name: {"DYNAEXQ_FUSED_DECODE": "1"} for name, *_ in CASES if name.endswith("(fused layer)")}
 
 GPU = dict(preset="qwen3-30b-a3b", budgets=dict(b1="20GB", b32="40GB"), prompt=128, gen=64, probe_bytes=2 << 30,
            chain=64, profile_steps=16, kernel_args=["--no-sweep"], runtime_gen=64,
-           limits={"device": 40, "dynaexq b1": 70, "dynaexq b32": 55, "static int4": 50, "full bf16": 45,
-                   "offload": 30, "transformers": 40, "profile": 60, "kernels": 40, "runtime": 50})
+           total_s=470,  # the whole check: each part gets at most what is left of it
+           limits={"device": 40, "dynaexq b1": 45, "dynaexq b1 (fused layer)": 40, "dynaexq b32": 45, "static int4": 45,
+                   "static int4 (fused layer)": 45, "full bf16": 40, "offload": 50, "transformers": 55, "profile": 40,
+                   "kernels": 50, "runtime": 40})
 SMOKE = dict(preset="qwen3-moe-smoke", budgets=dict(b1="48MB", b32="160MB"), prompt=16, gen=8, probe_bytes=32 << 20,
              chain=8, profile_steps=2,
              kernel_args=["--smoke", "--bits", "4", "--tokens", "1", "--reps", "1", "--inner", "1"], runtime_gen=16,
-             limits={"device": 120, "dynaexq b1": 150, "dynaexq b32": 200, "static int4": 200, "full bf16": 200,
-                     "offload": 150, "transformers": 150, "profile": 200, "kernels": 200, "runtime": 300})
+             total_s=3600,
+             limits={"device": 120, "dynaexq b1": 150, "dynaexq b1 (fused layer)": 150, "dynaexq b32": 200,
+                     "static int4": 200, "static int4 (fused layer)": 200, "full bf16": 200, "offload": 150,
+                     "transformers": 150, "profile": 200, "kernels": 200, "runtime": 300})
 
 
 def parse_args(argv=None):
@@ -69,6 +79,8 @@ def parse_args(argv=None):
                                                       "one this script wrote)")
     p.add_argument("--smoke", action="store_true", help="small preset and budgets: the CPU smoke test")
     p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--cases", default=",".join(c[0] for c in CASES),
+                   help="the decode stage's cases, comma-separated (default: all)")
     return p.parse_args(argv)
 
 
@@ -385,13 +397,15 @@ IN_PROCESS = {"device": stage_device, "profile": stage_profile, "kernels": stage
 # ----------------------------------------------------------------------------- the runner
 
 
-def run_part(part: str, cfg, costs: dict, dump: Path) -> dict:
-    """One stage or decode case in a process of its own, under its time limit: its result lines,
-    as far as it got."""
-    limit = cfg["limits"][part]
+def run_part(part: str, cfg, costs: dict, dump: Path, deadline: float) -> dict:
+    """One stage or decode case in a process of its own, under its time limit (and what is left
+    before `deadline`, a `perf_counter` time): its result lines, as far as it got."""
+    limit = int(min(cfg["limits"][part], deadline - time.perf_counter()))
+    if limit < 5:
+        return {"status": f"skipped: the check's {cfg['total_s']} s are spent", "seconds": 0.0, "records": []}
     cmd = [sys.executable, __file__, "--_part", part, "--_costs", json.dumps(costs)]
     cmd += ["--smoke"] if cfg is SMOKE else []
-    env = {**os.environ, "DYNAEXQ_GPU_CHECK_DUMP": str(dump),
+    env = {**os.environ, **CASE_ENV.get(part, {}), "DYNAEXQ_GPU_CHECK_DUMP": str(dump),
            # the decode step's thunks, for its launches and graphs (read back by the case itself)
            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
                          + f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*_decode.*")}
@@ -498,6 +512,11 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in cases if c not in {name for name, *_ in CASES}]
+    if bad:
+        print(f"error: unknown case {', '.join(bad)}; choose from {', '.join(c[0] for c in CASES)}", file=sys.stderr)
+        return 2
     doc = {"date": time.strftime("%Y-%m-%d"), "config": {k: v for k, v in cfg.items() if k != "limits"},
            "stages": {}}
 
@@ -506,16 +525,19 @@ def main(argv=None) -> int:
         out.write("gpu_check.md", markdown(doc))
 
     costs = {"bandwidth_gbs": None, "launch_s": None, "graph_kernel_s": None}
+    deadline = time.perf_counter() + cfg["total_s"]
     with tempfile.TemporaryDirectory() as dump:
         for name in stages:
             if name == "decode":
                 doc["stages"]["decode"] = {}
-                for case, *_ in CASES:
-                    doc["stages"]["decode"][case] = run_part(case, cfg, costs, Path(dump))
+                for case in (c[0] for c in CASES if c[0] in cases):
+                    if cfg is SMOKE and case in CASE_ENV:  # no fused layer off a GPU: the same case twice
+                        continue
+                    doc["stages"]["decode"][case] = run_part(case, cfg, costs, Path(dump), deadline)
                     print(f"decode {case}: {doc['stages']['decode'][case]['status']}", file=sys.stderr)
                     save()
                 continue
-            doc["stages"][name] = run_part(name, cfg, costs, Path(dump))
+            doc["stages"][name] = run_part(name, cfg, costs, Path(dump), deadline)
             print(f"{name}: {doc['stages'][name]['status']}", file=sys.stderr)
             if name == "device":  # the measured costs every prediction after this uses
                 measured = merged(doc["stages"]["device"]["records"])

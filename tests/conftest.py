@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -106,3 +107,20 @@ def edit_config():
         (path / "config.json").write_text(json.dumps(cfg))
 
     return edit
+
+
+SHIPPED = ROOT / "checkpoints" / "tiny-qwen3-moe"
+# A ChatML template (Qwen's turn markers, as text: the shipped tokenizer has no such tokens).
+CHAT_TEMPLATE = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+                 "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+@pytest.fixture(scope="session")
+def shipped_chat_checkpoint(tmp_path_factory):
+    """The shipped tiny model, with a chat template (the servers' tests)."""
+    path = tmp_path_factory.mktemp("tiny-chat")
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(SHIPPED / name, path / name)
+    config = json.loads((SHIPPED / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=CHAT_TEMPLATE)))
+    return path

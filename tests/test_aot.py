@@ -26,10 +26,11 @@ needs_aot = pytest.mark.skipif(
 
 
 @functools.lru_cache(maxsize=None)  # tests share compiles
-def report(*args, source=("--model", str(MODEL))) -> list[dict]:
+def report(*args, source=("--model", str(MODEL)), fused: bool = False) -> list[dict]:
+    """aot_report's steps; `fused`: with the opt-in fused decode layer (`models.fused_decode`)."""
     out = subprocess.run([str(AOT_PYTHON), str(ROOT / "scripts" / "aot_report.py"), *source, "--json", *args],
                          capture_output=True, text=True, timeout=900, cwd=ROOT,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "DYNAEXQ_FUSED_DECODE": "1" if fused else "0"})
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)["steps"]
 
@@ -41,7 +42,7 @@ def test_decode_reads_the_routed_experts_not_the_whole_slot_pool():
                          "--steps", "decode", "--gpu", "h100,h200") for budget in ("25MB", "40MB"))
     for s in few + every:
         assert s["pallas_bytes"] > 0  # the experts ran as Pallas kernels, as on a GPU
-        assert s["bytes"] <= 1.1 * s["min_bytes"], s
+        assert s["bytes"] <= 1.25 * s["min_bytes"], s  # XLA's own step (the fused layer's: below)
         assert s["compile_s"] < 60
     assert few[0]["slots"] < 32 and every[0]["slots"] == 128
     # Slots ten times over cost only what reading the hot experts at high precision costs.
@@ -54,10 +55,12 @@ def test_decode_runs_seven_kernels_a_layer_all_captured_in_cuda_graphs():
     loop's counter a layer, every kernel inside XLA's command buffers, so the host launches one
     graph a layer and one before and after the loop."""
     steps = report("--budget", "25MB", "--batch", "1", "--context", "256", "--policy", "dynaexq", "--steps", "decode",
-                   "--gpu", "h100,h200") + report("--budget", "160MB", "--batch", "32", "--context", "256",
-                                                   "--policy", "dynaexq", "--steps", "decode", "--gpu", "h200")
+                   "--gpu", "h100,h200", fused=True) + report("--budget", "160MB", "--batch", "32", "--context",
+                                                              "256", "--policy", "dynaexq", "--steps", "decode",
+                                                              "--gpu", "h200", fused=True)
     assert len(steps) == 3
     for s in steps:
+        assert s["bytes"] <= 1.1 * s["min_bytes"], s
         assert s["in_loops"] <= 7 * s["layers"], s
         assert s["in_graphs"] == s["launches"] and s["outside_graphs"] <= s["layers"] + 2, s
 
@@ -67,7 +70,7 @@ def test_the_30b_decode_step_launches_at_most_eight_kernels_a_layer():
     """Qwen3-30B-A3B's shapes (nothing allocated), batch 1 in a 20 GB plan: every kernel the
     step runs, the embedding, final norm, LM head and sampling included, over its 48 layers."""
     (s,) = report("--budget", "20GB", "--batch", "1", "--context", "1024", "--policy", "dynaexq", "--steps", "decode",
-                  source=("--preset", "qwen3-30b-a3b"))
+                  source=("--preset", "qwen3-30b-a3b"), fused=True)
     assert s["launches"] <= 8 * s["layers"] and s["in_loops"] <= 7 * s["layers"], s
     assert s["bytes"] <= 1.1 * s["min_bytes"], s
     assert s["compile_cpu_s"] <= 30, s  # CPU time: the shared machine's load does not inflate it

@@ -42,7 +42,8 @@ def test_readme_launch_example_runs_the_scripts_path_within_its_budget(monkeypat
     ns: dict = {}
     exec(compile(readme_example(1), "README.md", "exec"), ns)
     assert ns["gen"].tokens[0] and ns["plan"].total <= dx.parse_size("30MB")
-    assert ns["text"].startswith("memory plan: tiny-qwen3-moe, policy dynaexq") and "fallback" in ns["text"]
+    assert ns["text"].startswith("memory plan: tiny-qwen3-moe (") and "parameters), policy dynaexq" in ns["text"]
+    assert "fallback" in ns["text"]
 
 
 @pytest.fixture(scope="module")

@@ -157,6 +157,30 @@ def test_calibration_is_saved_reused_rebuilt_and_drives_int2_floe(ckpt, calibrat
     assert long.stats["active_bytes"] <= long.stats["h2d_bytes"]
 
 
+def test_a_checkpoint_without_eos_is_calibrated_document_by_document(moe_checkpoint, edit_config, tmp_path, capsys):
+    from dynaexq_jax.eval.evaluate import calibration_sequences
+
+    tok = loader.load_tokenizer(moe_checkpoint[0])
+    docs = [CAL_TEXT[:200], "the quick brown fox " * 9]
+    ids = [tok.encode(d, add_special_tokens=False).ids for d in docs]
+    stitch = lambda ws: ws[0] + [t for w in ws[1:] for t in w[1:]]  # windows overlap by one token
+    windows = calibration_sequences(tok, docs, (), 16)
+    k = next(k for k in range(1, len(windows)) if stitch(windows[:k]) == ids[0])  # the first document's windows
+    assert stitch(windows[k:]) == ids[1]  # then the second's: none crosses from one into the other
+    assert stitch(calibration_sequences(tok, docs, (0,), 16)) == ids[0] + [0] + ids[1] + [0]  # with EOS: joined
+
+    model = tmp_path / "no-eos"
+    shutil.copytree(moe_checkpoint[0], model)
+    edit_config(model, eos_token_id=None)
+    (model / "generation_config.json").unlink(missing_ok=True)
+    assert loader.read_eos(model) == ()
+    (tmp_path / "calib.txt").write_text(CAL_TEXT)
+    out = _calibrate(["--model", str(model), "--text", str(tmp_path / "calib.txt"), "--dtype", "float32",
+                      "--sparsity", "0.5", "--predictor-steps", "5", "--window", "64", "--out", str(tmp_path / "c")],
+                     capsys)
+    assert out["documents"] == 1 and out["tokens"] == sum(map(len, calibration_sequences(tok, [CAL_TEXT], (), 64)))
+
+
 def test_bad_calibrations_are_one_line_errors(ckpt, moe_checkpoint, calibration, capsys, tmp_path, edit_config):
     d, argv = calibration
     if not (d / "cal").is_dir():

@@ -11,7 +11,7 @@ import pytest
 
 from dynaexq_jax.experts import quant
 from dynaexq_jax.experts.expert_state import ExpertState, ExpertTier
-from dynaexq_jax.models import registry
+from dynaexq_jax.models import fused_decode, registry
 from dynaexq_jax.models.config import ModelConfig
 from dynaexq_jax.models.decoder import Decoder, KVCache
 
@@ -74,9 +74,10 @@ def test_fused_decode_gives_the_decoders_own_logits_cache_and_routing(family, lo
     np.testing.assert_allclose(np.asarray(b[2].chosen), np.asarray(a[2].chosen), atol=1e-6, rtol=0)
 
 
-def test_lowering_the_decoder_for_cuda_runs_the_fused_layer_kernels():
+def test_lowering_the_decoder_for_cuda_runs_the_fused_layer_kernels_only_when_opted_in(monkeypatch):
     """The decode step lowered for a GPU (from this CPU, as the engine's would be on one) is the
-    fused layer's kernels; prefill keeps the per-module path (its tiled expert kernel)."""
+    fused layer's kernels when DYNAEXQ_FUSED_DECODE=1 (`fused_decode.ENABLED`), XLA's own step
+    (the tiled expert kernel) by default; prefill keeps the per-module path either way."""
     cfg = registry.read_config(TINY)
     dec = Decoder(cfg, jnp.bfloat16)
     params = dec.param_shapes()
@@ -89,6 +90,8 @@ def test_lowering_the_decoder_for_cuda_runs_the_fused_layer_kernels():
         return fn.trace(params, experts, cache, ids, ids, jax.ShapeDtypeStruct((2, T), bool)).lower(
             lowering_platforms=("cuda",)).as_text()
 
+    assert "tiled_matmul" in lowered(1) and "moe_route" not in lowered(1)  # the default: XLA's step
+    monkeypatch.setattr(fused_decode, "ENABLED", True)
     decode, prefill = lowered(1), lowered(8)
     for kernel in ("attn_in", "decode_attention", "attn_out", "moe_route", "moe_gate_up", "moe_down"):
         assert kernel in decode, kernel

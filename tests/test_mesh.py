@@ -172,3 +172,84 @@ def test_a_silent_coordinator_is_one_error_line_not_a_hang(moe_checkpoint):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
     assert "no answer from the coordinator" in proc.stderr
+
+
+def _lines(stream, into: list) -> None:
+    for line in stream:
+        into.append(line)
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_when_a_process_dies_the_other_exits_with_one_error_line_within_the_timeout(moe_checkpoint, victim):
+    """Two processes of one mesh; one is killed once both have joined and loaded (process 0 hosts the
+    coordination service: its death is known at once; process 1's after --distributed-timeout)."""
+    import threading
+    import time
+
+    path, _ = moe_checkpoint
+    port, timeout = _free_port(), 5
+    argv = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(path), "--dtype", "float32",
+            "--prompt", "def f(x):", "--max-new-tokens", "400", "--mesh", "expert=2", "--verbose", "--quiet",
+            "--no-compile-cache", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+            "--distributed-timeout", str(timeout)]
+    procs = [subprocess.Popen(argv + ["--process-id", str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))) for i in range(2)]
+    errs = [[], []]
+    readers = [threading.Thread(target=_lines, args=(p.stderr, e), daemon=True) for p, e in zip(procs, errs)]
+    for r in readers:
+        r.start()
+    try:
+        deadline = time.time() + 120
+        while not all(any(line.startswith("backend ") for line in e) for e in errs):  # --verbose: joined, loaded
+            assert time.time() < deadline and all(p.poll() is None for p in procs), errs
+            time.sleep(0.05)
+        procs[victim].kill()  # the pid one started: its worker ends with it
+        t0 = time.time()
+        survivor = procs[1 - victim]
+        rc = survivor.wait(timeout + 30)
+        waited = time.time() - t0
+        readers[1 - victim].join(10)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert rc == 2 and waited < timeout + 3, (rc, waited)
+    lost = errs[1 - victim][errs[1 - victim].index(next(e for e in errs[1 - victim] if e.startswith("backend "))) + 1:]
+    assert [line for line in lost if not line.startswith("[Gloo]")] == [
+        f"error: process {1 - victim} of 2 stopped: the mesh broke (the coordination service reports a process gone); "
+        f"another process died or the coordinator at 127.0.0.1:{port} went away: restart all 2 processes\n"]
+
+
+SUPERVISED = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("supervise", sys.argv[2])  # the file alone: no jax to import
+supervise = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(supervise)
+supervise.supervise(1, 2, "127.0.0.1:1")
+case = sys.argv[1]
+if case == "lose":
+    supervise.lose("Gloo all-reduce failed:\\n Connection reset by peer")
+os.write(2, b"E1204 coordination_service_agent.cc:289] Polled an error from coordination service\\n" if case != "fine"
+         else b"a C-level line\\n")
+print("a Python line", file=sys.stderr, flush=True)
+if case == "xla":
+    os.abort()
+"""
+
+
+@pytest.mark.parametrize("case, rc, err", [
+    ("lose", 2, ["error: process 1 of 2 stopped: the mesh broke (Gloo all-reduce failed: Connection reset by peer); "
+                 "another process died or the coordinator at 127.0.0.1:1 went away: restart all 2 processes"]),
+    ("xla", 2, ["a Python line", "error: process 1 of 2 stopped: the mesh broke (the coordination service reports a "
+                "process gone); another process died or the coordinator at 127.0.0.1:1 went away: restart all 2 "
+                "processes"]),
+    ("fine", 0, ["a C-level line", "a Python line"]),
+    ("noise", 0, ["a Python line", "E1204 coordination_service_agent.cc:289] Polled an error from coordination "
+                  "service"]),
+])
+def test_the_supervisor_makes_a_broken_mesh_one_error_line_and_passes_the_rest(case, rc, err):
+    module = ROOT / "dynaexq_jax" / "runtime" / "supervise.py"
+    proc = subprocess.run([sys.executable, "-c", SUPERVISED, case, str(module)], capture_output=True, text=True,
+                          timeout=60)
+    assert (proc.returncode, sorted(proc.stderr.splitlines())) == (rc, sorted(err))  # two writers: any order

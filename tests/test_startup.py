@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import jax
@@ -92,6 +95,38 @@ def test_a_warm_cpu_tier_is_the_mapped_cache_file(cache):
     (entry,) = cache.glob("*/int4-*")
     assert mapping_of(warm.gate_up.packed.unsafe_buffer_pointer()) == str(entry / store.ARRAYS)  # no copy
     np.testing.assert_array_equal(np.asarray(warm.gate_up.packed), np.asarray(packed.gate_up.packed))
+
+
+def test_an_accelerators_tier_is_written_behind_in_row_blocks_and_read_back_whole(cache, calls, monkeypatch):
+    """Off the CPU a converted tier goes to the cache from a background thread once it is on the
+    device (the engine does not wait for the disk): here the CPU takes that path, in blocks of
+    a few rows (the last one clamped), and a second start maps what it wrote."""
+    _, quantized = calls
+    monkeypatch.setattr(tiers, "MAP_CPU_TIERS", False)
+    monkeypatch.setattr(tiers, "BEHIND_BYTES", 5 * 1024)
+    ckpt = smoke()
+    packed = tiers.packed_tier(ckpt.experts, 4, 64, "rtn", source=ckpt.source)
+    tiers.wait_for_cache()
+    quantized.clear()
+    warm = tiers.packed_tier(smoke().experts, 4, 64, "rtn", source=ckpt.source)
+    assert quantized == {} and len(list(cache.glob("*/int4-*"))) == 1
+    for a, b in zip(jax.tree.leaves((warm.gate_up, warm.down)), jax.tree.leaves((packed.gate_up, packed.down))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_process_exits_only_once_its_tier_written_behind_is_in_the_cache(cache):
+    """The cache is written behind the engine: a run that ends first still leaves the entry."""
+    code = ("import jax.numpy as jnp\n"
+            "from dynaexq_jax.io import preset\n"
+            "from dynaexq_jax.policies import tiers\n"
+            "tiers.MAP_CPU_TIERS = False\n"
+            "ckpt = preset.random_checkpoint(preset.preset_config('qwen3-moe-smoke'), jnp.float32, routing_skew=1.0)\n"
+            "tiers.packed_tier(ckpt.experts, 4, 64, 'rtn', source=ckpt.source)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (entry,) = cache.glob("*/int4-*")
+    assert (entry / "meta.json").is_file() and not list(cache.glob("*/*.tmp*"))
 
 
 def test_a_preset_is_cached_by_the_recipe_of_its_experts(cache, calls):

@@ -14,6 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import jax
+
 from dynaexq_jax.cli import show_warning
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.launch.engine import Loaded, check_hotness, check_vocab, load_engine, read_model
@@ -50,8 +52,10 @@ def check(opts: EngineOptions) -> None:
 
 
 def start_processes(opts: EngineOptions) -> None:
-    """--coordinator: join the other processes before any backend starts; only process 0 writes stdout."""
-    from dynaexq_jax.runtime import mesh
+    """--coordinator: join the other processes before any backend starts, under a parent process
+    that makes the mesh's breaking (another process died) one error line; only process 0 writes
+    stdout."""
+    from dynaexq_jax.runtime import mesh, supervise
 
     m = opts.mesh
     if m.coordinator is None:
@@ -62,6 +66,7 @@ def start_processes(opts: EngineOptions) -> None:
         raise FlagError("--coordinator joins processes into one --mesh; pass --mesh expert=N over all their devices")
     if opts.policy.save_hotness:  # each process learns only its own devices' experts
         raise FlagError("--save-hotness does not run across processes yet; drop it or --coordinator")
+    supervise.supervise(m.process_id, m.num_processes, m.coordinator)
     mesh.start_distributed(m.coordinator, m.num_processes, m.process_id, m.distributed_timeout)
     if m.process_id != 0:
         silence_stdout()
@@ -245,6 +250,12 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as e:
+        if opts.mesh.coordinator:  # a collective failed: another process is gone (the parent prints why)
+            from dynaexq_jax.runtime import supervise
+
+            supervise.lose(e)
+        raise
     except KeyboardInterrupt:  # Ctrl-C outside a reply of --interactive
         print("interrupted", file=sys.stderr)
         return 130

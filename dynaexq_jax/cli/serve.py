@@ -7,13 +7,17 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the checkpoint's chat template),
 GET /v1/models, /health, /metrics (Prometheus). The memory plan holds --max-batch sequences of
 --context tokens; generate.py's model, policy and chat flags apply, and its sampling flags and
---max-new-tokens are the defaults of requests that leave them out. SIGTERM (or Ctrl-C) lets
-running requests finish, then exits.
+--max-new-tokens are the defaults of requests that leave them out. The address is bound before
+the model loads. With --api-key (or DYNAEXQ_API_KEY) every request but /health needs the header
+`Authorization: Bearer KEY`. SIGTERM (or Ctrl-C) drains: new requests get 503, running ones
+finish within --drain-timeout seconds (the rest end with finish_reason "abort"), then it exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import warnings
 
@@ -38,6 +42,12 @@ def parser():
     g.add_argument("--served-model-name", help="the model's name in the API (default: the directory's name)")
     g.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                    help="compile every step before listening, so no request waits on a compile")
+    g.add_argument("--api-key", default=os.environ.get("DYNAEXQ_API_KEY") or None,
+                   help="requests must send `Authorization: Bearer KEY` (all but /health; default: $DYNAEXQ_API_KEY, "
+                        "which keeps the key out of the process list)")
+    g.add_argument("--max-request-size", default="4MB", help="largest request body (e.g. 4MB, 512KiB); past it: 413")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM lets running requests finish before ending them (finish_reason \"abort\")")
     return p
 
 
@@ -63,7 +73,21 @@ def check(args, opts: EngineOptions) -> None:
         raise FlagError(f"--prefill-chunk must be a power of two >= 16, got {chunk}")
     if not 0 < args.port < 65536:
         raise FlagError(f"--port must be in 1..65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise FlagError("--api-key is empty; pass a key, or leave the flag and DYNAEXQ_API_KEY out")
+    if not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
+        raise FlagError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
+    max_body(args)
     opts.check()
+
+
+def max_body(args) -> int:
+    from dynaexq_jax import budget
+
+    try:
+        return budget.parse_size(args.max_request_size)
+    except UserError as e:
+        raise FlagError(f"--max-request-size: {e}") from None
 
 
 def shape(args, opts: EngineOptions, cfg) -> tuple[int, int, int]:
@@ -79,7 +103,6 @@ def shape(args, opts: EngineOptions, cfg) -> tuple[int, int, int]:
 
 def run(args, opts: EngineOptions, budget_bytes) -> None:
     from dynaexq_jax import serve
-    from dynaexq_jax.serve.protocol import Defaults
 
     model, cfg, _ = read_model(opts.model)
     check_hotness(opts.policy, cfg)
@@ -87,6 +110,18 @@ def run(args, opts: EngineOptions, budget_bytes) -> None:
     if opts.plan.dry_run:
         print(memory_plan(opts, cfg, sizes, budget_bytes)[1])
         return
+    sock = serve.bind(args.host, args.port)  # a bad --host or a busy --port fails before any weight is read
+    with sock:  # closed here too if the load fails
+        if not args.api_key and not serve.server.is_loopback(sock):
+            print(f"warning: listening on {args.host}:{args.port} without --api-key: anyone who can reach it can use "
+                  "the server; set --api-key (or DYNAEXQ_API_KEY), or listen on 127.0.0.1", file=sys.stderr)
+        load_and_serve(args, opts, budget_bytes, model, cfg, sizes, sock)
+
+
+def load_and_serve(args, opts: EngineOptions, budget_bytes, model, cfg, sizes, sock) -> None:
+    from dynaexq_jax import serve
+    from dynaexq_jax.serve.protocol import Defaults
+
     log = (lambda line: print(line, file=sys.stderr)) if opts.output.verbose else None
     eng, plan, _, load_s = load_engine(opts, budget_bytes, cfg, sizes, progress=opts.output.progress(), log=log)
     batch, _, context = sizes
@@ -94,7 +129,8 @@ def run(args, opts: EngineOptions, budget_bytes) -> None:
     kwargs = {} if opts.prompts.thinking is None else {"enable_thinking": opts.prompts.thinking}
     s = serve.served(eng, max_batch=batch, context=context, max_chunk=args.prefill_chunk, max_queue=args.max_queue,
                      model_name=args.served_model_name, chat=opts.prompts.chat is not False,
-                     system=opts.prompts.system, template_kwargs=kwargs, defaults=defaults)
+                     system=opts.prompts.system, template_kwargs=kwargs, defaults=defaults, api_key=args.api_key,
+                     max_body=max_body(args))
     if opts.prompts.chat and s.template is None:
         raise FlagError(f"{model} has no chat template (tokenizer_config.json or chat_template.jinja); drop --chat")
     quiet = opts.output.quiet
@@ -105,9 +141,10 @@ def run(args, opts: EngineOptions, budget_bytes) -> None:
         s.scheduler.warm_up()
         if not quiet:
             print(f"compiled in {eng.compile_s:.1f} s", file=sys.stderr)
-    import uvicorn
-
-    uvicorn.run(serve.make_app(s), host=args.host, port=args.port, log_level="warning" if quiet else "info")
+    if not quiet:
+        host, port = sock.getsockname()[:2]
+        print(f"listening on http://{f'[{host}]' if ':' in host else host}:{port}", file=sys.stderr)
+    serve.run(s, sock, drain_timeout_s=args.drain_timeout, log_level="warning" if quiet else "info")
 
 
 def main(argv=None) -> int:

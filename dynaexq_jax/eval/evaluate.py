@@ -253,8 +253,21 @@ def ppl_sequences(tok, docs: Sequence[str], eos_id: int, window: int) -> list[li
     stream = []
     for enc in tok.encode_batch(list(docs), add_special_tokens=False):
         stream += enc.ids + [eos_id]
+    return _windows(stream, window)
+
+
+def _windows(stream: list[int], window: int) -> list[list[int]]:
     step = window - 1
     return [stream[i : i + window] for i in range(0, max(len(stream) - 1, 1), step) if len(stream[i : i + window]) > 1]
+
+
+def calibration_sequences(tok, docs: Sequence[str], eos_ids: Sequence[int], window: int) -> list[list[int]]:
+    """Calibration text as windows of `window` tokens: the documents joined by EOS, as perplexity
+    text is (`ppl_sequences`), or, for a checkpoint that names no eos_token_id, document by
+    document (no window crosses from one into the next)."""
+    if eos_ids:
+        return ppl_sequences(tok, docs, eos_ids[0], window)
+    return [w for enc in tok.encode_batch(list(docs), add_special_tokens=False) for w in _windows(enc.ids, window)]
 
 
 def mc_sequences(tok, items: Sequence[dict], max_length: int) -> tuple[list[list[int]], list[int]]:
@@ -500,10 +513,9 @@ def calibration_profile(ckpt, docs: Sequence[str], *, window: int, batch_size: i
                         half_life_steps: float) -> HotnessTracker:
     """Router mass per token of every expert over `docs` (cut into windows as perplexity text
     is), routed through the full model, as build_tasks.py records the shipped profile."""
-    eos = ckpt.eos_token_ids
-    if not eos:
-        raise UserError("calibration text is joined by EOS, but the checkpoint names no eos_token_id")
-    seqs = ppl_sequences(ckpt.tokenizer, docs, eos[0], window)
+    seqs = calibration_sequences(ckpt.tokenizer, docs, ckpt.eos_token_ids, window)
+    if not seqs:
+        raise UserError("the calibration text holds no tokens; pass a JSONL of {\"text\"} or a text file")
     engine, _ = build_engine(ckpt, "full", budget=None, batch=batch_size, longest_prompt=window, max_new_tokens=1)
     length = engine_lib.prompt_bucket(max(map(len, seqs)))
     mass, tokens = 0.0, 0

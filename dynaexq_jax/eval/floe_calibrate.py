@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.eval.evaluate import _batches, ppl_sequences
+from dynaexq_jax.eval.evaluate import _batches, calibration_sequences
 from dynaexq_jax.policies.floe import FloeOptions
 from dynaexq_jax.runtime import engine as engine_lib
 from dynaexq_jax.runtime.build import build_engine
@@ -68,10 +68,7 @@ class Recording:
 
 def record(ckpt, docs: Sequence[str], opts: FloeOptions, *, window: int = 256, batch_size: int = 8,
            max_pairs: int = 4096) -> Recording:
-    eos = ckpt.eos_token_ids
-    if not eos:
-        raise UserError("calibration text is joined by EOS, but the checkpoint names no eos_token_id")
-    seqs = ppl_sequences(ckpt.tokenizer, docs, eos[0], window)
+    seqs = calibration_sequences(ckpt.tokenizer, docs, ckpt.eos_token_ids, window)
     if not seqs:
         raise UserError("the calibration text holds no tokens; pass a JSONL of {\"text\"} or a text file")
     length = engine_lib.prompt_bucket(max(map(len, seqs)))

@@ -354,7 +354,12 @@ class ArrayWriter:
                              f"the entry holds {full.shape} {full.dtype}")
         dst[...] = array
         stop = 1 if full.ndim == 0 else start + (len(full) if whole else len(array))
-        self._sums[name].append((start, stop, self._pool.submit(_chunk_hash, full, start, stop)))
+        try:
+            digest = self._pool.submit(_chunk_hash, full, start, stop)
+        except RuntimeError:  # the interpreter is exiting (a cache written behind a run that ended): hash here
+            digest = concurrent.futures.Future()
+            digest.set_result(_chunk_hash(full, start, stop))
+        self._sums[name].append((start, stop, digest))
 
     def _checksums(self) -> dict:
         out = {}

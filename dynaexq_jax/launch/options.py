@@ -201,7 +201,8 @@ class MeshOptions(Options):
                                          "(jax.distributed; CPU collectives through gloo)", check=host_port)
     num_processes: int = flag(1, "processes joined by --coordinator", type=int, check=at_least(1))
     process_id: int = flag(0, "this process's index among them (0 writes stdout)", type=int, check=at_least(0))
-    distributed_timeout: int = flag(60, "seconds to wait for the coordinator", type=int, check=at_least(1))
+    distributed_timeout: int = flag(60, "seconds to wait for the coordinator, and for a process that stops answering "
+                                        "(the others then stop with one error line)", type=int, check=at_least(1))
 
     def check(self) -> None:
         super().check()

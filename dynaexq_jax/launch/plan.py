@@ -58,7 +58,9 @@ def memory_plan(opts: EngineOptions, cfg, shape, budget_bytes: int | None, tiers
     kw = dict(budget=budget_bytes, batch=batch, longest_prompt=longest, max_new_tokens=new,
               dtype_itemsize=jnp.dtype(opts.model.dtype).itemsize)
     policy, tiers, auto = opts.policy.policy, tiers or opts.policy.dynaexq(), ""
-    name = f"{Path(opts.model.model).name} ({budget_lib.parameter_count(cfg) / 1e9:.2f}B parameters)"
+    count = budget_lib.parameter_count(cfg)
+    count = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
+    name = f"{Path(opts.model.model).name} ({count} parameters)"
     devices = opts.mesh.size() or 1
     context = f"batch {batch} x context {engine.cache_bucket(prompt + new)} tokens (prefill up to {prompt})"
     if devices > 1:  # the mesh's per-device plans take fixed tiers (`build_engine` with a mesh)

@@ -134,6 +134,7 @@ class Decoder:
         states = {"full": cache.kv, "linear": (cache.conv, cache.recurrent)}
         B, T = tokens.shape
         if (T == 1 and not fresh and big_little is None and self.kernels and not self.router_probs
+                and (fused_decode.ENABLED or self.interpret)
                 and self.ffn is routed_ffn and fused_decode.supported(cfg, experts, B, cache.length)):
             x, states["full"], routing = self._fused_decode(params, experts, states["full"], x, rot, token_valid,
                                                             start, cache.index)

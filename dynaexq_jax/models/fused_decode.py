@@ -25,6 +25,7 @@ over 64 rows) runs `Decoder`'s per-layer modules.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,12 @@ import pallas_kernels
 from dynaexq_jax.experts.expert_state import ExpertState
 from dynaexq_jax.experts.matmul import kernel_tier
 from dynaexq_jax.models.config import ModelConfig
+
+# Opt-in (DYNAEXQ_FUSED_DECODE=1, read once at import): on an H200 (2026-12-04, gpu_check, Qwen3-30B-A3B
+# int4) XLA's own step decodes 178 tok/s at batch 1 and 2,446 at batch 32 where this one, at 7.7 kernels
+# a layer instead of 30, gives 80 and 1,522: its attention-side kernels run 40 programs or fewer,
+# far below the bandwidth. It becomes the default when gpu_check's "(fused layer)" cases beat XLA's.
+ENABLED = os.environ.get("DYNAEXQ_FUSED_DECODE", "0") == "1"
 
 MAX_ROWS = 64  # rows per step it takes (the router's sort of the pairs is one program's work)
 

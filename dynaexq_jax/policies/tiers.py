@@ -18,9 +18,11 @@ before the tiers are chosen, and cached with the converted experts.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import sys
+import threading
 import time
 
 import jax
@@ -46,6 +48,15 @@ _LEAVES = {MXFP4: ("blocks", "scales")}
 _INT_LEAVES = ("packed", "scales", "zeros")
 # Columns of each matrix the sampled quantization errors measure, at least (of 768 to 6144 in
 # the published models: a 1/12 to 1/96 sample, each column every row of K).
+# A device tier bound for the cache on an accelerator is written from the finished tier in a
+# background thread, in row blocks of at most this many device bytes (each sliced on the device,
+# then copied to the host): the engine starts while the disk catches up.
+BEHIND_BYTES = 256 << 20
+# On the CPU a converted tier is the cache's mapped file itself (written as converted); False
+# makes the CPU take the accelerators' write-behind path (tests of that path).
+MAP_CPU_TIERS = True
+_behind: list[threading.Thread] = []  # cache writes still running
+
 ERROR_COLUMNS = 64
 
 
@@ -176,7 +187,7 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
     of experts."""
     t0 = time.perf_counter()
     device = device or jax.devices()[0]
-    on_cpu = device.platform == "cpu"
+    on_cpu = device.platform == "cpu" and MAP_CPU_TIERS
     L, E = host.num_layers, host.num_experts
     abstract = {j: _abstract(host, t.bits, group_size, t.rows(L, E)) for j, t in enumerate(targets)}
     whole, per_layer, todo = {}, {}, []  # whole: a target's tier on the host; per_layer: its layers
@@ -193,7 +204,8 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
             todo.append((j, t, entry.writer(_spec(host, t, group_size)) if entry is not None else None))
     # Device tiers made layer by layer: converted ones (unless the CPU maps the cache's file), a
     # shipped MXFP4 tier's layers.
-    stacks = {j: tuple(_Stack(a, device, _padded(t, L, E, _chunk(host, room))) for a in abstract[j])
+    n = _chunk(host, room, subsets=any(t.experts is not None for _, t, _ in todo))
+    stacks = {j: tuple(_Stack(a, device, _padded(t, L, E, n)) for a in abstract[j])
               for j, t, w in todo if t.on_device and not (on_cpu and w is not None)}
     stacks.update({j: tuple(_Stack(a, device) for a in abstract[j]) for j in per_layer if targets[j].on_device})
     kept = {j: [] for j, t, w in todo if not t.on_device and w is None}  # host targets with no cache to go to
@@ -211,6 +223,8 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
             if todo:
                 _convert_layer(host, i, todo, stacks, kept, row, group_size, method, device, room)
         for j, t, writer in todo:
+            if writer is not None and j in stacks:
+                continue  # written behind, from the finished tier
             if writer is not None:
                 tree = store._nest(writer.commit())
                 whole[j] = tuple(_filled(a, tree[name]) for name, a in zip(_PIECES, abstract[j]))
@@ -227,18 +241,78 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
             out.append(tuple(s.tensor() for s in stacks[j]) if j in stacks else jax.device_put(whole[j], device))
         else:
             out.append(per_layer[j] if j in per_layer else _per_layer(whole[j], t, L, E))
+    for j, t, writer in todo:
+        if writer is not None and j in stacks:
+            _write_behind(writer, out[j], t.bits, room)
     if clock is not None:
         clock.seconds += time.perf_counter() - t0
     return out
 
 
-def _chunk(host: HostExperts, room: int | None) -> int:
-    """Experts per conversion call: all of a layer, or as many as `room` device bytes hold (its
-    input in the checkpoint's dtype and the packed output, about a quarter of it)."""
+def _write_behind(writer: store.ArrayWriter, tier: tuple, bits, room: int | None) -> None:
+    """Write device tier `tier` (gate_up, down) into its cache entry from a background thread:
+    row blocks of at most `BEHIND_BYTES` (and `room`) device bytes, the next block's copy to the
+    host under way while one is written. The process exits once it is done (`wait_for_cache`);
+    a failure leaves no entry (the writer's own rule)."""
+    def run():
+        try:
+            for name, w in zip(_PIECES, tier):
+                for leaf in _leaf_names(bits):
+                    a = getattr(w, leaf)
+                    n = a.shape[0]
+                    limit = min(BEHIND_BYTES, room or BEHIND_BYTES) // 2  # two blocks in flight
+                    rows = int(max(1, min(n, limit // max(a.nbytes // n, 1))))
+                    take = jax.jit(lambda x, s, rows=rows: jax.lax.dynamic_slice_in_dim(x, s, rows))
+
+                    def block(start, a=a, take=take, rows=rows):  # clamped to a full block; rows before start dropped
+                        s = min(start, n - rows)
+                        b = take(a, jnp.int32(s))
+                        b.copy_to_host_async()
+                        return start, s, b
+
+                    pending = block(0)
+                    for nxt in range(rows, n + rows, rows):
+                        start, s, b = pending
+                        pending = block(nxt) if nxt < n else None
+                        writer.put(f"{name}/{leaf}", np.asarray(b)[start - s:], start)
+            writer.commit()
+        except Exception as e:  # the run goes on without the entry, as when a cache cannot be made
+            writer.abort()
+            store._warn(f"cannot write the expert cache ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                        "the next run converts again")
+
+    thread = threading.Thread(target=run, name="cache-write-behind", daemon=True)  # joined at exit, below
+    _behind.append(thread)
+    thread.start()
+
+
+def wait_for_cache() -> None:
+    """Block until every converted tier being written behind is in the cache."""
+    while _behind:
+        _behind.pop().join()
+
+
+@atexit.register  # after this module's import, so it runs before jax's own exit handlers
+def _finish_cache_at_exit() -> None:
+    if not any(t.is_alive() for t in _behind):
+        return
+    print("finishing the converted-expert cache before exiting (Ctrl-C skips it: the next run converts again)",
+          file=sys.stderr, flush=True)
+    try:
+        wait_for_cache()
+    except KeyboardInterrupt:  # the entry stays unfinished: a later run removes its temporary folder
+        pass
+
+
+def _chunk(host: HostExperts, room: int | None, subsets: bool) -> int:
+    """Experts per conversion call: all of a layer, or as many as `room` device bytes hold: the
+    call's input in the checkpoint's dtype, a subset's picks gathered from it (a second copy,
+    `subsets`), and the packed output (a quarter of it at most; XLA's own temporaries are a few
+    MB: `jax.jit(quant._pack_codes).lower(...).compile().memory_analysis()`)."""
     E = host.num_experts
     if room is None:
         return E
-    per_expert = sum(int(np.prod(s[1:])) for s in host.shapes) * host.dtype.itemsize * 5 // 4
+    per_expert = sum(int(np.prod(s[1:])) for s in host.shapes) * host.dtype.itemsize * (9 if subsets else 5) // 4
     return int(max(1, min(E, room // max(per_expert, 1))))
 
 
@@ -256,7 +330,7 @@ def _convert_layer(host, i, todo, stacks, kept, row, group_size, method, device,
     each target's next row in its entry. A subset's picks are padded (repeating the last) to
     one count for every layer, and the padding dropped after."""
     L, E = host.num_layers, host.num_experts
-    n = _chunk(host, room)
+    n = _chunk(host, room, subsets=any(t.experts is not None for _, t, _ in todo))
     pieces = ((np.arange(a, min(a + n, E)), host.on_device(i, device, experts=slice(a, min(a + n, E))))
               for a in range(0, E, n))
     out = {j: ([], []) for j, _, _ in todo}  # per target: the chunks' (gate_up, down) packed tensors, real rows
@@ -274,8 +348,8 @@ def _convert_layer(host, i, todo, stacks, kept, row, group_size, method, device,
                     stacks[j][m].write(q, len(local))
                 out[j][m].append((q, len(local)))
     for j, t, writer in todo:
-        if writer is None and j not in kept:
-            continue
+        if j in stacks or (writer is None and j not in kept):
+            continue  # a device tier's cache entry is written behind, from the finished tier
         layer = []
         for name, qs in zip(_PIECES, out[j]):
             qs = [_cut(jax.tree.map(np.asarray, q), 0, k) for q, k in qs]  # on the CPU, views of the device's buffers

@@ -86,7 +86,9 @@ def expert_mesh(size: int, devices: Sequence | None = None) -> Mesh:
 def start_distributed(coordinator: str, num_processes: int, process_id: int, timeout_s: int = 60) -> None:
     """Join `num_processes` processes into one JAX runtime (`jax.distributed.initialize`), before
     anything starts a backend; on CPUs their collectives go through gloo. A coordinator that does
-    not answer within `timeout_s` is a MeshError, not a hang."""
+    not answer within `timeout_s` is a MeshError, not a hang; so, later, is a process that stops
+    answering (the coordination service's heartbeats), and a process that waits for the others at
+    the end waits at most `timeout_s` (`runtime.supervise` turns XLA's ending into one line)."""
     if not re.fullmatch(r"[^\s:]+:\d+", coordinator or ""):
         raise MeshError(f"bad --coordinator {coordinator!r}; write HOST:PORT, e.g. 127.0.0.1:12355")
     if not 0 <= process_id < num_processes:
@@ -105,7 +107,8 @@ def start_distributed(coordinator: str, num_processes: int, process_id: int, tim
     watchdog.start()
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=timeout_s + 60)
+                                   process_id=process_id, initialization_timeout=timeout_s + 60,
+                                   heartbeat_timeout_seconds=timeout_s, shutdown_timeout_seconds=timeout_s)
     except Exception as e:  # XLA's runtime errors that do raise: a refused address, a duplicate id
         raise MeshError(f"process {process_id} of {num_processes} could not join the coordinator at {coordinator} "
                         f"({' '.join(str(e).split())[:200]}); fix --coordinator") from None

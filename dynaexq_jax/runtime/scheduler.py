@@ -10,9 +10,11 @@ row that joins never moves the others. One loop, on its own thread:
   to its bucket), at most `max_chunk` prompt tokens per decode step of the rows already
   generating, so a long prompt never stalls them (with no row generating, every waiting prompt
   at once); the last chunk samples its first token and the row joins the next step;
-- one decode step advances every generating row; a row leaves when it samples a stop id or
-  reaches its `max_tokens` (decided on the device), when its consumer says stop (a stop string)
-  or when it is cancelled (a client gone): then its row is free for the next request.
+- one decode step advances every generating row; a row leaves when it samples an end-of-sequence
+  id or reaches its `max_tokens` (decided on the device), when it samples one of its own stop ids
+  or its consumer says stop (a stop string; both decided on the host, the step already in flight
+  for it wasted), or when it is cancelled (a client gone, a drain's deadline): then its row is
+  free for the next request.
 
 Every shape is fixed (rows, context) or bucketed (chunks: powers of two >= 16), so joining and leaving
 never compile anything new once each chunk size has run (`warm_up` compiles them all). As in
@@ -194,24 +196,29 @@ def _release(state: SlotState, keep):
 class Sequence:
     """One request's generation. `on_update(seq)` is called on the scheduler's thread after new
     tokens and once at the end (`finish_reason` set); it returns True to end the sequence early
-    (a stop string). `cancel()` (any thread) frees its row at the next step."""
+    (a stop string). `stop_token_ids`: this sequence's own stop ids, beside the scheduler's
+    end-of-sequence ids. `cancel(reason)` (any thread) frees its row at the next step."""
 
     ids: list[int]
     max_tokens: int
     sampling: SamplingParams = SamplingParams()
     on_update: Callable[["Sequence"], bool] | None = None
+    stop_token_ids: frozenset[int] = frozenset()
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (stop id or string), "length", "cancelled", "error"
+    # "stop" (an end-of-sequence id, a stop id or string), "length", "error", or cancel()'s reason:
+    # "cancelled" (the client went away), "abort" (a drain ran out of time)
+    finish_reason: str | None = None
+    stop_token: int | None = None  # the stop id of `stop_token_ids` that ended it
     error: Exception | None = None
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: float | None = None
-    cancelled: bool = False
+    cancelled: str | None = None  # cancel()'s reason, until the scheduler ends the sequence with it
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
-    def cancel(self) -> None:
-        self.cancelled = True
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.cancelled = self.cancelled or reason
 
 
 @dataclasses.dataclass
@@ -285,7 +292,8 @@ class Scheduler:
     """Continuous batching over `engine` (built with `engine_shape(...)` of the same sizes, so
     the budget holds the rows' cache) with `max_batch` rows of `context` tokens. `start()` runs
     the loop on a thread; `submit` queues a `Sequence` (raises `QueueFull` past `max_queue`
-    waiting); `close()` drains and stops."""
+    waiting); `drain()` takes no new one (`Closed`), `abort()` ends every one still queued or
+    running, `close()` drains and stops."""
 
     def __init__(self, engine: Engine, *, max_batch: int, context: int, max_chunk: int = 64, max_queue: int = 64,
                  eos_token_ids=None):
@@ -336,6 +344,8 @@ class Scheduler:
             raise UserError(f"max_tokens must be >= 1, got {seq.max_tokens}")
         if max(seq.ids) >= self.engine.cfg.vocab_size or min(seq.ids) < 0:
             raise UserError(f"token ids must be in [0, {self.engine.cfg.vocab_size})")
+        if not 0 <= seq.sampling.top_k < 2**31:  # a row's knobs are int32 on the device
+            raise UserError(f"top_k must be in [0, 2**31), got {seq.sampling.top_k}")
         if len(seq.ids) + seq.max_tokens > self.limit:
             raise ContextError(f"{len(seq.ids)} prompt tokens + {seq.max_tokens} new tokens exceed the server's "
                                f"context of {self.limit} tokens per sequence; shorten the prompt or lower max_tokens")
@@ -369,17 +379,34 @@ class Scheduler:
     def running(self) -> int:
         return sum(s is not None for s in self._slots)
 
+    @property
+    def compiled_steps(self) -> int:
+        """Steps the engine has compiled (the scheduler's and its own): flat once warmed up."""
+        return len(self.engine._compiled)
+
     # ------------------------------------------------------------------ life
     def start(self) -> "Scheduler":
         self._thread = threading.Thread(target=self._run, name="dynaexq-scheduler", daemon=True)
         self._thread.start()
         return self
 
-    def close(self, timeout: float | None = None) -> None:
-        """Take no new request, finish the queued and running ones, then stop the loop."""
+    def drain(self) -> None:
+        """Take no new request (`submit` raises `Closed`); the queued and running ones go on, and
+        the loop stops when none is left."""
         with self._cv:
             self._closing = True
             self._cv.notify()
+
+    def abort(self, reason: str = "abort") -> None:
+        """End every queued and running sequence at the next step, `finish_reason` `reason`."""
+        with self._cv:
+            for seq in list(self._queue) + [s.seq for s in self._slots if s is not None]:
+                seq.cancel(reason)
+            self._cv.notify()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new request, finish the queued and running ones, then stop the loop."""
+        self.drain()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -446,9 +473,10 @@ class Scheduler:
     # ------------------------------------------------------------------ one step
     def _admit(self) -> None:
         with self._cv:
+            for seq in [seq for seq in self._queue if seq.cancelled]:  # gone while waiting
+                self._queue.remove(seq)
+                self._finish(seq, seq.cancelled)
             for row, slot in enumerate(self._slots):
-                while slot is None and self._queue and self._queue[0].cancelled:  # gone while waiting
-                    self._finish(self._queue.popleft(), "cancelled")
                 if slot is None and self._queue:
                     seq = self._queue.popleft()
                     self._slots[row] = _Slot(seq, collections.deque(plan_chunks(len(seq.ids), self.max_chunk)))
@@ -461,7 +489,7 @@ class Scheduler:
         keep = np.array([s is not None and s.decoding and not s.seq.cancelled for s in self._slots])
         for row, slot in enumerate(self._slots):
             if slot is not None and slot.seq.cancelled:
-                self._free(row, "cancelled")
+                self._free(row, slot.seq.cancelled)
         decoding = [(row, s.seq) for row, s in enumerate(self._slots) if s is not None and s.decoding]
         if self._released:
             with _setup():
@@ -552,8 +580,10 @@ class Scheduler:
             seq.tokens.append(tok)
             seq.logprobs.append(float(logprob[row]))
             count += 1
+            if tok in seq.stop_token_ids:
+                seq.stop_token = tok
             stop = seq.on_update(seq) if seq.on_update is not None else False
-            if tok in self.eos or stop:
+            if tok in self.eos or seq.stop_token is not None or stop:
                 self._free(row, "stop")
             elif len(seq.tokens) >= seq.max_tokens:
                 self._free(row, "length")

@@ -9,22 +9,27 @@
                                 **serve.engine_shape(max_batch=16, context=1024, max_chunk=64))
     serve.serve(eng, port=8000, max_batch=16, context=1024, max_chunk=64)   # until SIGTERM / Ctrl-C
 
-`make_app(served(eng, ...))` is the ASGI app itself, for one's own uvicorn or tests.
+`make_app(served(eng, ...))` is the ASGI app itself, for one's own uvicorn or tests (`drain`
+is its graceful stop); `bind` + `run` are `serve` in two steps (scripts/serve.py binds before it
+loads the model).
 """
 
 from __future__ import annotations
 
 from dynaexq_jax.errors import UserError
 from dynaexq_jax.runtime.scheduler import Scheduler, engine_shape
-from dynaexq_jax.serve.app import Served, make_app
+from dynaexq_jax.serve.app import Served, drain, make_app
 from dynaexq_jax.serve.protocol import Defaults
+from dynaexq_jax.serve.server import bind, run
 
 
 def served(engine, *, max_batch: int, context: int, max_chunk: int = 64, max_queue: int = 64,
            model_name: str | None = None, chat: bool = True, system: str | None = None,
-           template_kwargs: dict | None = None, defaults=None):
+           template_kwargs: dict | None = None, defaults=None, api_key: str | None = None,
+           max_body: int = Served.max_body):
     """The scheduler (not yet started) and what the app needs around it. `chat`: render chat
-    requests with the checkpoint's template (its end-of-turn token stops every sequence)."""
+    requests with the checkpoint's template (its end-of-turn token stops every sequence).
+    `api_key`: requests must carry it as a bearer token; `max_body`: bytes of a request body."""
     from pathlib import Path
 
     from dynaexq_jax.io import chat as chat_lib
@@ -41,19 +46,19 @@ def served(engine, *, max_batch: int, context: int, max_chunk: int = 64, max_que
     sch = Scheduler(engine, max_batch=max_batch, context=context, max_chunk=max_chunk, max_queue=max_queue,
                     eos_token_ids=eos)
     return Served(sch, tok, model_name or Path(ckpt.path).name, template, template_kwargs or {}, system,
-                  defaults or Defaults())
+                  defaults or Defaults(), api_key, max_body)
 
 
 def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, warm_up: bool = True, log_level: str = "info",
-          **kw) -> None:
-    """Serve `engine` until SIGTERM or Ctrl-C, which stop new connections, let running requests
-    finish, then stop the scheduler. `kw`: `served`'s."""
-    import uvicorn
-
+          drain_timeout_s: float = 30.0, **kw) -> None:
+    """Serve `engine` until SIGTERM or Ctrl-C, which drain: new requests get 503, running ones
+    finish within `drain_timeout_s` (the rest end with finish_reason "abort"), then it returns.
+    `kw`: `served`'s."""
+    sock = bind(host, port)
     s = served(engine, **kw)
     if warm_up:
         s.scheduler.warm_up()
-    uvicorn.run(make_app(s), host=host, port=port, log_level=log_level)
+    run(s, sock, drain_timeout_s=drain_timeout_s, log_level=log_level)
 
 
-__all__ = ["Defaults", "Served", "engine_shape", "make_app", "serve", "served"]
+__all__ = ["Defaults", "Served", "bind", "drain", "engine_shape", "make_app", "run", "serve", "served"]

@@ -4,19 +4,25 @@
 
 Each request becomes a `Sequence` in the scheduler's queue; its tokens come back on the
 scheduler's thread, are turned into text there (stop strings end the sequence at once) and
-handed to the request's asyncio queue. A client that goes away cancels its sequence, which
-frees its row at the next step.
+handed to the request's asyncio queue, which never blocks the scheduler: a client that reads
+slowly holds only its own tokens. A client that goes away cancels its sequence, which frees its
+row at the next step. Whatever a request gets wrong is an OpenAI error object with a 4xx status
+(413 past `Served.max_body` bytes, 401 without the API key when one is set); a full queue is 429
+and a draining server 503, both with Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import time
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -38,7 +44,11 @@ class Served:
     template_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. enable_thinking
     system: str | None = None  # a system message for chats that bring none
     defaults: protocol.Defaults = protocol.Defaults()
-    rejected: dict = dataclasses.field(default_factory=lambda: {"bad_request": 0, "queue_full": 0, "closed": 0})
+    api_key: str | None = None  # requests must carry `Authorization: Bearer <api_key>` (all but /health)
+    max_body: int = 4_000_000  # bytes of a request body; past it: 413
+    retry_after_s: int = 1  # the Retry-After of a 429 or 503
+    rejected: dict = dataclasses.field(default_factory=lambda: {"bad_request": 0, "queue_full": 0, "closed": 0,
+                                                                "unauthorized": 0, "too_large": 0})
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -67,9 +77,25 @@ class _Events:
         return self.text.stopped
 
 
+async def _read(request: Request, limit: int) -> bytes:
+    """The body, read up to `limit` bytes (an ApiError 413 past it, before more is held)."""
+    too_large = ApiError(f"the request body exceeds this server's limit of {limit} bytes; send a shorter prompt",
+                         413, code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
 async def _body(request: Request, served: Served) -> dict:
-    body = protocol.parse_json(await request.body())
+    body = protocol.parse_json(await _read(request, served.max_body))
     protocol.check_model(body, served.model)
+    protocol.check_unsupported(body)
     return body
 
 
@@ -89,6 +115,11 @@ def _encode_completion(served: Served, body: dict) -> list[int]:
     return served.tokenizer.encode(prompt).ids if isinstance(prompt, str) else prompt
 
 
+def _error(e: ApiError, served: Served) -> JSONResponse:
+    retry = {"Retry-After": str(served.retry_after_s)} if e.status in (429, 503) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=retry)
+
+
 async def _handle(request: Request, chat: bool) -> Response:
     served: Served = request.app.state.served
     try:
@@ -96,7 +127,7 @@ async def _handle(request: Request, chat: bool) -> Response:
         ids = _encode_chat(served, body) if chat else _encode_completion(served, body)
         params = protocol.parse_params(body, ids, served.defaults, chat, served.scheduler.limit)
         events = _Events(served, params)
-        seq = Sequence(ids, params.max_tokens, params.sampling, events.on_update)
+        seq = Sequence(ids, params.max_tokens, params.sampling, events.on_update, params.stop_token_ids)
         try:
             served.scheduler.submit(seq)
         except QueueFull as e:
@@ -107,10 +138,14 @@ async def _handle(request: Request, chat: bool) -> Response:
             raise ApiError(str(e), 503, code="shutting_down", kind="server_error") from None
         except UserError as e:  # a prompt over the context, a token id past the vocabulary
             raise ApiError(str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
+    except ClientDisconnect:  # gone before its body arrived: nobody to answer
+        return Response(status_code=499)
     except ApiError as e:
-        if e.status == 400:
+        if e.status in (400, 404):
             served.rejected["bad_request"] += 1
-        return JSONResponse(e.body(), status_code=e.status)
+        elif e.status == 413:
+            served.rejected["too_large"] += 1
+        return _error(e, served)
     rid = protocol.new_id(chat)
     if params.stream:
         return StreamingResponse(_stream(served, seq, events, params, rid, chat), media_type="text/event-stream",
@@ -141,11 +176,19 @@ async def _complete(request, served, seq, events, params, rid, chat) -> Response
         return JSONResponse(ApiError(str(seq.error), 500, kind="server_error").body(), status_code=500)
     lp = _logprobs(served, tokens, logprobs, 0, chat) if params.logprobs else None
     return JSONResponse(protocol.response(chat, rid, served.model, "".join(texts), _finish(finish),
-                                          protocol.usage(len(seq.ids), len(seq.tokens)), lp))
+                                          _stop_reason(seq, events), protocol.usage(len(seq.ids), len(seq.tokens)),
+                                          lp))
 
 
 def _finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+    """OpenAI's finish_reason: "stop" or "length"; "abort" (vLLM's word) when a drain's deadline ended it."""
+    return reason if reason in ("length", "abort") else "stop"
+
+
+def _stop_reason(seq: Sequence, events: _Events):
+    """What stopped it, as vLLM reports it: the stop string, the request's stop id, or None
+    (an end-of-sequence id, or not stopped)."""
+    return events.text.matched if events.text.matched is not None else seq.stop_token
 
 
 def _logprobs(served, tokens, logprobs, offset, chat):
@@ -173,7 +216,8 @@ async def _stream(served, seq, events, params, rid, chat):
                 yield _sse(protocol.chunk(chat, rid, served.model, created, delta, None, logprobs=lp))
             if finish:
                 use = protocol.usage(len(seq.ids), len(seq.tokens))
-                yield _sse(protocol.chunk(chat, rid, served.model, created, "", _finish(finish), use=use))
+                yield _sse(protocol.chunk(chat, rid, served.model, created, "", _finish(finish), use=use,
+                                          stop_reason=_stop_reason(seq, events)))
                 if params.include_usage:
                     yield _sse(protocol.chunk(chat, rid, served.model, created, None, None, use=use))
                 break
@@ -211,9 +255,54 @@ async def prometheus(request: Request) -> Response:
                              media_type="text/plain; version=0.0.4")
 
 
+class _ApiKey:
+    """Every request but /health must carry `Authorization: Bearer <key>` (else 401, as OpenAI's)."""
+
+    def __init__(self, app, served: Served):
+        self.app, self.served = app, served
+        self.expected = f"Bearer {served.api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.served.rejected["unauthorized"] += 1
+                e = ApiError("a valid API key is needed: send the header Authorization: Bearer <key>", 401,
+                             code="invalid_api_key")
+                await JSONResponse(e.body(), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (no such path, a method the path does not take) as error objects too."""
+    e = ApiError(f"{exc.detail}: {request.method} {request.url.path}", exc.status_code)
+    return JSONResponse(e.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    """A bug's 500, still an OpenAI error object (the traceback goes to the server's log)."""
+    return JSONResponse(ApiError(f"internal error: {exc!r}", 500, kind="server_error").body(), status_code=500)
+
+
+async def drain(served: Served, timeout_s: float) -> None:
+    """Take no new request (503 with Retry-After), let the queued and running ones finish for up to
+    `timeout_s` seconds, then end the rest ("abort"): their streams still end with a chunk that
+    carries the finish_reason, then [DONE]. Returns when the scheduler holds none."""
+    sch = served.scheduler
+    sch.drain()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while sch.running or sch.queued:
+        if loop.time() >= deadline:
+            sch.abort("abort")
+            deadline = float("inf")
+        await asyncio.sleep(0.02)
+
+
 def make_app(served: Served) -> Starlette:
-    """The app; its lifespan starts the scheduler's loop, and on shutdown (after uvicorn has let
-    running requests finish: SIGTERM drains) stops it."""
+    """The app; its lifespan starts the scheduler's loop, and on shutdown (after the server has
+    drained, `drain`) stops it."""
     import contextlib
 
     @contextlib.asynccontextmanager
@@ -229,6 +318,7 @@ def make_app(served: Served) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
-    ], lifespan=lifespan)
+    ], lifespan=lifespan, middleware=[Middleware(_ApiKey, served=served)] if served.api_key else [],
+        exception_handlers={HTTPException: _http_error, Exception: _unexpected})
     app.state.served = served
     return app

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
+
+import jax
 
 from dynaexq_jax.runtime.scheduler import Histogram, Scheduler
 
@@ -20,6 +23,20 @@ def _histogram(out: list, name: str, text: str, h: Histogram) -> None:
     out += [_line(f"{name}_bucket", n, f'{{le="{b}"}}') for b, n in zip(h.buckets, h.counts)]
     out += [_line(f"{name}_bucket", h.count, '{le="+Inf"}'), _line(f"{name}_sum", h.sum),
             _line(f"{name}_count", h.count)]
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux's /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def device_bytes_in_use() -> int | None:
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    return sum(s["bytes_in_use"] for s in stats) if all(s and "bytes_in_use" in s for s in stats) else None
 
 
 def render(sch: Scheduler, rejected: dict) -> str:
@@ -48,6 +65,15 @@ def render(sch: Scheduler, rejected: dict) -> str:
     _histogram(out, p + "time_to_first_token_seconds", "From queueing to the first token.", c.ttft_s)
     _histogram(out, p + "time_per_output_token_seconds", "A finished request's mean time per token after its first.",
                c.token_s)
+    _metric(out, p + "compiled_steps", "gauge", "Steps compiled so far (flat once warmed up: joining and leaving "
+            "compile nothing).", ("", sch.compiled_steps))
+    rss = resident_bytes()
+    if rss is not None:
+        _metric(out, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", ("", rss))
+    device = device_bytes_in_use()
+    if device is not None:
+        _metric(out, p + "device_memory_bytes_in_use", "gauge", "Device memory in use, all local devices (the "
+                "allocator's count; absent where the backend keeps none, as on a CPU).", ("", device))
     stats = sch.routing_now()
     pairs = int(stats.counts.sum())
     _metric(out, p + "hi_precision_hit_ratio", "gauge", "Share of routed expert pairs served by a high-precision "

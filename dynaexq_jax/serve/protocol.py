@@ -37,6 +37,7 @@ class Params:
     max_tokens: int
     sampling: SamplingParams
     stop: list[str]
+    stop_token_ids: frozenset[int]
     stream: bool
     include_usage: bool
     logprobs: bool
@@ -52,12 +53,56 @@ class Defaults:
 
 def parse_json(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(f"the request body is not UTF-8 ({e.reason} at byte {e.start}); send JSON in UTF-8") from None
+    try:
+        body = json.loads(text)
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's 4300 digits
         raise ApiError(f"the request body is not valid JSON ({e}); send a JSON object") from None
+    except RecursionError:
+        raise ApiError("the request body nests too deeply; send a plain JSON object") from None
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
     return body
+
+
+def _text(value: str, param: str) -> str:
+    """A string of the request, checked to be text: JSON's escapes can write lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(f"{param} holds a lone UTF-16 surrogate escape, which is not text; send UTF-8 text",
+                       param=param) from None
+    return value
+
+
+# Fields of OpenAI's API this server does not implement: the values that ask for nothing (accepted)
+# and what to do instead. Any other value is refused in words, never ignored.
+UNSUPPORTED = {
+    "logit_bias": (({},), "logit_bias is not supported; leave it out"),
+    "tools": (([],), "tools (function calling) are not supported; leave tools out"),
+    "functions": (([],), "functions (function calling) are not supported; leave functions out"),
+    "tool_choice": (("none", "auto"), "tool_choice: tools are not supported; leave it out"),
+    "function_call": (("none", "auto"), "function_call: functions are not supported; leave it out"),
+    "presence_penalty": ((0,), "presence_penalty is not supported; leave it out or send 0"),
+    "frequency_penalty": ((0,), "frequency_penalty is not supported; leave it out or send 0"),
+    "repetition_penalty": ((1,), "repetition_penalty is not supported; leave it out or send 1"),
+    "best_of": ((1,), "best_of must be 1 (one sequence per request)"),
+    "echo": ((False,), "echo is not supported; leave it out or send false"),
+    "suffix": (("",), "suffix (insertion) is not supported; leave it out"),
+    "response_format": (({"type": "text"},), 'response_format: only {"type": "text"} is supported'),
+    "audio": (({},), "audio output is not supported; leave it out"),
+    "modalities": ((["text"],), 'modalities: only ["text"] is supported'),
+}
+
+
+def check_unsupported(body: dict) -> None:
+    for name, (nothing, message) in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                         for v in nothing):
+            raise ApiError(message, param=name, code="unsupported_parameter")
 
 
 def _number(body: dict, name: str, default, kind=float, low=None, high=None):
@@ -65,9 +110,12 @@ def _number(body: dict, name: str, default, kind=float, low=None, high=None):
     if value is None:
         return default
     if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or (kind is int and not float(value).is_integer())):
+            or (kind is int and isinstance(value, float) and not value.is_integer())):
         raise ApiError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}", param=name)
-    value = kind(value)
+    try:
+        value = kind(value)
+    except OverflowError:  # an integer past any float, or a float past any integer: out of every range
+        value = math.inf
     if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ApiError(f"{name} must be {bounds}, got {value!r}", param=name)
@@ -77,7 +125,7 @@ def _number(body: dict, name: str, default, kind=float, low=None, high=None):
 def check_model(body: dict, served: str) -> None:
     model = body.get("model")
     if model is not None and model != served:
-        raise ApiError(f"the model {model!r} does not exist here; this server serves {served!r}", param="model",
+        raise ApiError(f"the model {model!r} does not exist here; this server serves {served!r}", 404, param="model",
                        code="model_not_found")
 
 
@@ -94,7 +142,7 @@ def parse_params(body: dict, ids: list[int], defaults: Defaults, chat: bool, lim
     top_p = _number(body, "top_p", defaults.sampling.top_p, float, low=0.0, high=1.0)
     if top_p == 0.0:
         raise ApiError("top_p must be in (0, 1], got 0", param="top_p")
-    top_k = _number(body, "top_k", defaults.sampling.top_k, int, low=-1)
+    top_k = _number(body, "top_k", defaults.sampling.top_k, int, low=-1, high=2**31 - 1)
     seed = _number(body, "seed", defaults.sampling.seed, int, low=-(2**63), high=2**63 - 1)
     try:
         sampling = SamplingParams(temperature, max(top_k, 0), top_p, seed)  # -1 = off, as vLLM takes it
@@ -104,13 +152,18 @@ def parse_params(body: dict, ids: list[int], defaults: Defaults, chat: bool, lim
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError("stop must be a non-empty string or a list of at most 4 of them", param="stop")
+    stop = [_text(s, "stop") for s in stop]
+    stop_ids = body.get("stop_token_ids") or []  # vLLM's field: ids that end this request only
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in stop_ids):
+        raise ApiError("stop_token_ids must be a list of token ids (integers >= 0)", param="stop_token_ids")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(f"stream must be true or false, got {stream!r}", param="stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError("stream_options must be an object", param="stream_options")
-    return Params(ids, max_tokens, sampling, stop, stream, bool(options.get("include_usage")),
+    return Params(ids, max_tokens, sampling, stop, frozenset(stop_ids), stream, bool(options.get("include_usage")),
                   _parse_logprobs(body, chat))
 
 
@@ -140,7 +193,7 @@ def completion_prompt(body: dict) -> str | list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
-        return prompt
+        return _text(prompt, "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
     raise ApiError("prompt must be a non-empty string or list of token ids (one prompt per request)", param="prompt")
@@ -153,15 +206,22 @@ def chat_messages(body: dict) -> list[dict]:
     out = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise ApiError("each message needs a role of system, user or assistant", param="messages")
-        content = m.get("content") or ""
+            raise ApiError("each message needs a role of system, user or assistant (tool messages are not "
+                           "supported)", param="messages")
+        content = m.get("content")
+        if content is None:
+            content = ""
         if isinstance(content, list):  # content parts: the text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise ApiError("only text content parts are supported", param="messages")
-            content = "".join(str(p.get("text", "")) for p in content)
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                               param="messages")
+            content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError("a message's content must be a string or a list of text parts", param="messages")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        if m.get("tool_calls"):
+            raise ApiError("tool_calls are not supported (no tools)", param="messages")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": _text(content, "messages")})
     return out
 
 
@@ -185,8 +245,9 @@ def logprobs_object(tokens: list[str], logprobs: list[float], offset: int, chat:
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
 
 
-def response(chat: bool, rid: str, model: str, text: str, finish: str, use: dict, logprobs) -> dict:
-    choice = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
+def response(chat: bool, rid: str, model: str, text: str, finish: str, stop_reason, use: dict, logprobs) -> dict:
+    """`stop_reason` (as vLLM names it): the stop string or stop id that ended it, else None."""
+    choice = {"index": 0, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -196,12 +257,14 @@ def response(chat: bool, rid: str, model: str, text: str, finish: str, use: dict
 
 
 def chunk(chat: bool, rid: str, model: str, created: int, text: str | None, finish: str | None, use=None,
-          logprobs=None, role: bool = False) -> dict:
+          logprobs=None, role: bool = False, stop_reason=None) -> dict:
     """One stream event; `text` None: a chunk with no choice (the usage one)."""
     out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
            "model": model, "choices": []}
     if text is not None:
         choice = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = stop_reason
         if chat:
             choice["delta"] = ({"role": "assistant"} if role else {}) | ({"content": text} if text or role else {})
         else:

@@ -9,16 +9,21 @@ class TextStream:
         self.tok, self.stop = tokenizer, stop
         self.text = ""  # the text so far, cut at a stop string once one appeared
         self.sent = 0  # characters of `text` handed out
-        self.stopped = False  # a stop string appeared
+        self.matched: str | None = None  # the stop string that appeared (the earliest; ties: the first listed)
+
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
 
     def update(self, ids: list[int]) -> str:
         """The new text that is safe to send after `ids` (all tokens so far)."""
         if self.stopped:
             return ""
         text = self.tok.decode(ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = text[:cut], True
+        hits = [(at, n) for n, s in enumerate(self.stop) if (at := text.find(s)) >= 0]
+        if hits:
+            cut, n = min(hits)
+            self.text, self.matched = text[:cut], self.stop[n]
             return self.flush()
         self.text = text
         safe = len(text) - self._held(text)
@@ -38,8 +43,11 @@ class TextStream:
             return len(text) - len(text.rstrip("\ufffd"))
         held = 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), held, -1):
-                if text.endswith(s[:n]):
-                    held = n
+            tail = text[len(text) - min(len(s) - 1, len(text)):]  # where a stop string can still begin
+            at = tail.find(s[0])  # only where its first character is: long stop strings stay cheap
+            while at >= 0 and len(tail) - at > held:
+                if s.startswith(tail[at:]):
+                    held = len(tail) - at
                     break
+                at = tail.find(s[0], at + 1)
         return held
