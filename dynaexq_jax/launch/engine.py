@@ -34,7 +34,7 @@ def check_hotness(policy: PolicyOptions, cfg) -> None:
     from dynaexq_jax.policies.hotness import HotnessTracker
 
     if policy.hotness:
-        if not Path(policy.hotness).is_file():
+        if not Path(policy.hotness).exists():  # a folder or unreadable file: the reader says which
             raise FlagError(f"--hotness {policy.hotness} does not exist; record one with --save-hotness or "
                             "scripts/build_tasks.py")
         HotnessTracker.load(policy.hotness, expect_shape=(len(cfg.moe_layers), cfg.num_experts))
