@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dynaexq_jax.runtime import aot
+from pallas_kernels.decode_attention import block_rows, num_splits
 
 ROOT = Path(__file__).resolve().parent.parent
 AOT_PYTHON = Path(os.environ.get("DYNAEXQ_AOT_PYTHON", ROOT / ".aot-venv" / "bin" / "python"))
@@ -60,7 +61,16 @@ def test_decode_runs_seven_kernels_a_layer_all_captured_in_cuda_graphs():
                                                               "--gpu", "h200", fused=True)
     assert len(steps) == 3
     for s in steps:
-        assert s["bytes"] <= 1.1 * s["min_bytes"], s
+        # Beyond the minimum the kernel chooses one traffic: attention's split-K partials (float32,
+        # a tensor-core block of rows per KV head), written and read back, to fill the GPU at small
+        # batch. The tiny model's 2 query heads a KV head and 32-wide heads make them a third of its
+        # batch-32 KV read; Qwen3-30B's 8 and 128 make them a few percent (the 30B test below).
+        cfg = json.loads((MODEL / "config.json").read_text())
+        kvh, d = cfg["num_key_value_heads"], cfg["head_dim"]
+        rows = block_rows(cfg["num_attention_heads"] // kvh)
+        splits = num_splits(s["batch"], kvh, s["context"])
+        partials = 2 * s["layers"] * splits * s["batch"] * kvh * rows * (d + 2) * 4
+        assert s["bytes"] <= 1.1 * (s["min_bytes"] + partials), (s, partials)
         assert s["in_loops"] <= 7 * s["layers"], s
         assert s["in_graphs"] == s["launches"] and s["outside_graphs"] <= s["layers"] + 2, s
 
