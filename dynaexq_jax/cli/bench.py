@@ -10,10 +10,8 @@ generations are reported. Quality: each policy's next-token distributions on fix
 sequences are compared with a reference: `full` without a budget (it only needs to fit the
 device, not the budget) or, if `--reference static8`, every expert at int8.
 
-Next to the measured rates, `min_decode_bytes` is what a decode step must read at least
-(`runtime.aot.traffic_and_min`: the non-expert weights, the experts its tokens route to under
-uniform routing at their tier, the KV cache of the mean context), and `min_bytes_gbs` that
-figure over the measured time per step: the rate the step reached on its unavoidable bytes.
+Next to the measured rates, `min_decode_bytes` is what a decode step must read at least and
+`min_bytes_gbs` the rate the step reached on those bytes (`eval.throughput`).
 
 The budget, batch sizes and policies are checked against each policy's memory plan from the
 config alone, before any weight is made or read.
@@ -25,18 +23,15 @@ reports each placement's load imbalance and the step's collective bytes (`runtim
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import statistics
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.errors import UserError
-from dynaexq_jax.eval import big_little
+from dynaexq_jax.eval import big_little, plots, throughput
 from dynaexq_jax.eval.agreement import compare
 from dynaexq_jax.io import files, loader, preset
 from dynaexq_jax.launch.flags import at_least_each, comma_list, command_parser
@@ -55,10 +50,10 @@ from dynaexq_jax.models import registry
 from dynaexq_jax.models.big_little import BigLittle
 from dynaexq_jax.policies import POLICIES
 from dynaexq_jax.policies.dynaexq import DynaExqOptions
-from dynaexq_jax.runtime import aot, costmodel
+from dynaexq_jax.runtime import costmodel
 from dynaexq_jax.runtime import mesh as mesh_lib
-from dynaexq_jax.runtime.build import build_engine, plan_for
-from dynaexq_jax.runtime.engine import Engine, check_context, free_device_bytes
+from dynaexq_jax.runtime.build import build_engine
+from dynaexq_jax.runtime.engine import Engine, check_context
 
 POLICY_FLAGS = ("rebalance_every", "floe_sparsity", "floe_up_bits", "floe_calibration")
 
@@ -146,33 +141,6 @@ def model_config(args):
     return preset.preset_config(args.preset)
 
 
-def variant(name: str, opts):
-    """A --policies entry -> (policy, its options): "dynaexq/int8" is dynaexq with int8 slots."""
-    policy, _, hi = name.partition("/")
-    return policy, dataclasses.replace(opts, hi_dtype=hi) if hi else opts
-
-
-def fitting_plans(cfg, names, budget, *, batch, longest_prompt, max_new_tokens, itemsize, opts, floe,
-                  devices=1) -> dict:
-    """The memory plan of every policy the budget holds, from the config alone (before any
-    weight is made or read); a budget none of them fits is an error."""
-    plans = {}
-    for name in names:
-        policy, o = variant(name, opts)
-        try:
-            plans[name] = plan_for(cfg, policy, budget=budget, batch=batch, longest_prompt=longest_prompt,
-                                   max_new_tokens=max_new_tokens, dtype_itemsize=itemsize, opts=o, floe=floe,
-                                   devices=devices)
-        except UserError as e:
-            print(f"{name}: skipped ({e})", file=sys.stderr)
-    if not plans and budget is None:
-        raise UserError(f"none of --policies {','.join(names)} can run this model (each one's reason is above)")
-    if not plans:
-        raise UserError(f"budget {budget_lib.format_size(budget)} fits none of --policies {','.join(names)} "
-                        "(each one's minimum is above); pass a larger --budget")
-    return plans
-
-
 def run(args):
     batch_sizes, names, budget, sweep = check_args(args)
     cfg = model_config(args)
@@ -185,10 +153,10 @@ def run(args):
     shape = dict(batch=max(batch_sizes), longest_prompt=longest, max_new_tokens=args.gen_len)
     floe = PolicyOptions.from_args(args).floe()
     devices = MeshOptions.from_args(args).size() or 1
-    if args.mesh and any(variant(n, opts)[0] not in mesh_lib.MESH_POLICIES for n in names):
+    if args.mesh and any(throughput.variant(n, opts)[0] not in mesh_lib.MESH_POLICIES for n in names):
         raise UserError(f"--mesh runs --policies from {', '.join(mesh_lib.MESH_POLICIES)} only; drop the others")
-    plans = fitting_plans(cfg, names, budget, itemsize=dtype.itemsize, opts=opts, floe=floe, devices=devices,
-                          **shape)
+    plans = throughput.fitting_plans(cfg, names, budget, itemsize=dtype.itemsize, opts=opts, floe=floe,
+                                     devices=devices, **shape)
     mesh = mesh_lib.expert_mesh(devices) if args.mesh else None
 
     if args.model:
@@ -197,9 +165,8 @@ def run(args):
         ckpt = preset.random_checkpoint(cfg, dtype, seed=args.seed, routing_skew=args.routing_skew)
     shift = preset.RouterShift(ckpt, args.routing_skew or 1.0) if args.routing_shift_every else None
     rng = np.random.default_rng(args.seed)
-    vocab = cfg.vocab_size
-    prompts = rng.integers(1, vocab, (max(batch_sizes), args.prompt_len)).tolist()
-    quality = rng.integers(1, vocab, (args.quality_seqs, longest)).tolist()
+    prompts = rng.integers(1, cfg.vocab_size, (max(batch_sizes), args.prompt_len)).tolist()
+    quality = rng.integers(1, cfg.vocab_size, (args.quality_seqs, longest)).tolist()
     bw = costmodel.measure_bandwidth(64 * 2**20)
     device = str(jax.devices()[0].device_kind)
     print(f"device: {device}; measured copy {bw.hbm / 1e9:.1f} GB/s, host->device {bw.h2d / 1e9:.1f} GB/s",
@@ -212,74 +179,28 @@ def run(args):
     levels = {}
     if sweep:  # thresholds for the target shares, from the plain model on the quality sequences
         little_k = sweep.little_k or max(1, cfg.experts_per_token // 2)
-        calibration = Engine(ckpt)
-        cut = big_little.thresholds(calibration, quality, little_k, sweep.rule, sweep.shares)
-        del calibration
+        cut = big_little.thresholds(Engine(ckpt), quality, little_k, sweep.rule, sweep.shares)
         levels = {s: BigLittle(little_k, sweep.rule, t, sweep.floor).checked(cfg.experts_per_token)
                   for s, t in cut.items() if s > 0}
 
     results, costs, logits = [], [], {}
     for base in plans:
-        policy, popts = variant(base, opts)
+        policy, popts = throughput.variant(base, opts)
         eng, plan = build(policy, budget, popts)
         for share, bl in [(None, None)] + list(levels.items()):  # the plain rows, then big-little's
             eng.big_little = bl
             name = base if bl is None else f"{base} little {share:.0%}"
             for B in batch_sizes:
-                on_tokens = None
-                if shift is not None:
-                    state = {"step": 0}
-
-                    def on_tokens(_ids, eng=eng, state=state):
-                        state["step"] += 1
-                        if state["step"] % args.routing_shift_every == 0:
-                            eng.params = shift.params(eng.params, state["step"] // args.routing_shift_every)
-
-                eng.generate(prompts[:B], args.gen_len, eos_token_ids=(), on_tokens=on_tokens)  # warm-up
-                gens = [eng.generate(prompts[:B], args.gen_len, eos_token_ids=(), on_tokens=on_tokens)
-                        for _ in range(args.repeats)]
-                runs = [g.stats for g in gens]
-                med = lambda k: statistics.median(r[k] for r in runs) if runs[0].get(k) is not None else None
-                steps = args.gen_len - 1
-                h2d = med("h2d_bytes")
-                lo_bytes = plan.fallback // max(plan.num_experts_total, 1) if plan.fallback else plan.slot_bytes
-                cost = costmodel.decode_step_cost(
-                    policy, cfg=cfg, batch=B, weights_bytes=plan.weights,
-                    kv_bytes=plan.kv_cache * B // max(batch_sizes), hi_expert_bytes=plan.slot_bytes,
-                    lo_expert_bytes=lo_bytes, hi_hit_rate=med("hi_hit_rate") or 0.0,
-                    h2d_bytes_per_step=(h2d or 0) / steps, bw=bw,
-                )
+                row, cost = throughput.measure(
+                    eng, plan, policy, popts, cfg=cfg, prompts=prompts[:B], gen_len=args.gen_len,
+                    repeats=args.repeats, longest_batch=max(batch_sizes), bw=bw, itemsize=dtype.itemsize,
+                    quality=quality if mesh is not None else None, on_tokens=router_shift(eng, shift, args))
+                results.append({"policy": name, **row})
                 costs.append(cost)
-                decode_tps = med("decode_tokens_per_s")
-                tpot = med("decode_s") / steps
-                min_bytes = aot.decode_min_bytes(cfg, policy, plan, batch=B, prompt_len=args.prompt_len,
-                                                 gen_len=args.gen_len, itemsize=dtype.itemsize,
-                                                 hi_dtype=popts.hi_dtype, group_size=popts.group_size)
-                results.append({
-                    "policy": name, "batch_size": B,
-                    "decode_tokens_per_s": decode_tps,
-                    "prefill_tokens_per_s": med("prefill_tokens_per_s"),
-                    "ttft_s": med("prefill_s"),
-                    "tpot_s": tpot,
-                    "min_decode_bytes": min_bytes,
-                    "min_bytes_gbs": min_bytes / tpot / 1e9,
-                    "h2d_bytes_per_token": (h2d or 0) / (B * args.gen_len),
-                    # Decode steps alone (layerwise policies: offload, prefetch, floe), prefill's bytes apart.
-                    "h2d_decode_bytes_per_token": None if med("h2d_prefill_bytes") is None
-                    else (h2d - med("h2d_prefill_bytes")) / (B * steps),
-                    "stream_gbps": med("stream_gbps"),
-                    "transfer_wait_s": med("transfer_wait_s"),
-                    "peak_device_bytes": runs[-1]["peak_device_bytes"],
-                    "accounted_device_bytes": plan.total,
-                    "hi_hit_rate": med("hi_hit_rate"),
-                    "predicted_tpot_s": cost.seconds,
-                    "kl_vs_full": None, "top1_agreement": None,
-                    **big_little.little_columns(runs),
-                    **(mesh_lib.load_report(eng, gens[-1], plan, quality) if mesh is not None else {}),
-                })
-                print(f"{name:>12} B={B:<3} decode {decode_tps or 0:9.1f} tok/s  tpot {tpot * 1e3:8.2f} ms "
-                      f"(model {cost.seconds * 1e3:8.2f} ms)  reads >= {min_bytes / 1e6:9.2f} MB/step "
-                      f"= {min_bytes / tpot / 1e9:7.2f} GB/s", file=sys.stderr)
+                print(f"{name:>12} B={B:<3} decode {row['decode_tokens_per_s'] or 0:9.1f} tok/s  tpot "
+                      f"{row['tpot_s'] * 1e3:8.2f} ms (model {cost.seconds * 1e3:8.2f} ms)  reads >= "
+                      f"{row['min_decode_bytes'] / 1e6:9.2f} MB/step = {row['min_bytes_gbs']:7.2f} GB/s",
+                      file=sys.stderr)
             logits[name] = eng.logits(quality)
         del eng
         gc.collect()
@@ -287,21 +208,9 @@ def run(args):
     ref_name = "full" if args.reference == "full" else "static8"
     if ref_name in plans and budget is None:
         ref = logits[ref_name]
-    else:
-        try:
-            o = opts if args.reference == "full" else DynaExqOptions(lo_bits=8)
-            policy = "full" if args.reference == "full" else "static"
-            need = plan_for(cfg, policy, budget=None, dtype_itemsize=dtype.itemsize, opts=o, **shape).total
-            free = free_device_bytes()
-            if free is not None and need > free:  # e.g. a 7B preset on a CPU: the host bank shares its memory
-                raise UserError(f"it needs {budget_lib.format_size(need)} and the device has "
-                                f"{budget_lib.format_size(free)} free; try --reference static8")
-            eng, _ = build(policy, None, o, on_mesh=False)  # one device's logits: what the mesh must match
-            ref = eng.logits(quality)
-            del eng
-        except UserError as e:
-            ref = None
-            print(f"reference {ref_name} skipped ({e})", file=sys.stderr)
+    else:  # one device's logits: what the mesh must match
+        ref = throughput.reference_logits(cfg, args.reference, lambda *a: build(*a, on_mesh=False), quality,
+                                          itemsize=dtype.itemsize, opts=opts, shape=shape)
     if ref is not None:
         for r in results:
             r["kl_vs_full"], r["top1_agreement"] = compare(ref, logits[r["policy"]])
@@ -312,9 +221,23 @@ def run(args):
                                      "bandwidth": {"hbm": bw.hbm, "h2d": bw.h2d}, "args": vars(args),
                                      "results": results}, indent=2)
     if args.plot:
-        plot(results, args.plot, device)
+        plots.throughput(results, args.plot, device)
     project(results, costs)
     return results
+
+
+def router_shift(eng, shift, args):
+    """With --routing-shift-every: a token callback moving the preset's hot set every N steps."""
+    if shift is None:
+        return None
+    state = {"step": 0}
+
+    def on_tokens(_ids):
+        state["step"] += 1
+        if state["step"] % args.routing_shift_every == 0:
+            eng.params = shift.params(eng.params, state["step"] // args.routing_shift_every)
+
+    return on_tokens
 
 
 def print_table(results):
@@ -342,44 +265,6 @@ def project(results, costs):
         proj = costmodel.project(r["policy"], cost)
         cells = ", ".join(f"{name} {r['batch_size'] / s:.0f}" for name, s in proj.items())
         print(f"  {r['policy']:>9} B={r['batch_size']:<3} {cells}", file=sys.stderr)
-
-
-def plot(results, path, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if any(r["little_share"] is not None for r in results):
-        return plot_big_little(results, path, device, plt)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in dict.fromkeys(r["policy"] for r in results):
-        rs = [r for r in results if r["policy"] == policy]
-        ax.plot([r["batch_size"] for r in rs], [r["decode_tokens_per_s"] or 0 for r in rs], marker="o", label=policy)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"decode throughput by policy ({device})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, metadata=files.png_metadata())
-
-
-def plot_big_little(results, path, device, plt):
-    """Speed against quality: decode tokens/s against KL vs the reference, one line per policy
-    and batch size through its little shares."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in dict.fromkeys((r["policy"].split(" little ")[0], r["batch_size"]) for r in results):
-        rs = [r for r in results if (r["policy"].split(" little ")[0], r["batch_size"]) == key
-              and r["kl_vs_full"] is not None]
-        ax.plot([r["kl_vs_full"] for r in rs], [r["decode_tokens_per_s"] or 0 for r in rs], marker="o",
-                label=f"{key[0]} B={key[1]}")
-    ax.set_xlabel("KL vs reference (nats/token)")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"big-little: speed against quality ({device})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, metadata=files.png_metadata())
 
 
 if __name__ == "__main__":
