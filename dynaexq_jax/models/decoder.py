@@ -35,8 +35,9 @@ import jax.numpy as jnp
 from dynaexq_jax.experts.matmul import routed_ffn
 from dynaexq_jax.models import deltanet, fused_decode, mla
 from dynaexq_jax.models.big_little import BigLittle
+from dynaexq_jax.models.block import DecoderLayer
 from dynaexq_jax.models.config import ModelConfig
-from dynaexq_jax.models.layers import DecoderLayer, ExpertFFN, LayerSlice, Linear, Routing, make_norm, mm, rotary_for
+from dynaexq_jax.models.layers import ExpertFFN, LayerSlice, Linear, Routing, make_norm, mm, rotary_for
 
 
 @flax.struct.dataclass

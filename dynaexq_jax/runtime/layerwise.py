@@ -20,13 +20,13 @@ import numpy as np
 from dynaexq_jax.experts.matmul import routed_ffn
 from dynaexq_jax.models import big_little as bl_lib
 from dynaexq_jax.models.big_little import BigLittle
+from dynaexq_jax.models.block import attention_module
 from dynaexq_jax.models.decoder import Decoder, KVCache
 from dynaexq_jax.models.deltanet import GatedDeltaNet
 from dynaexq_jax.models.layers import (
     DenseMLP,
     Router,
     SharedExpert,
-    attention_module,
     expert_activation,
     make_norm,
     rotary_for,
