@@ -194,6 +194,20 @@ def _prediction(eng, plan, policy, batch, cfg, costs, dump: Path) -> dict:
             "bytes": r["bytes"], "min_bytes": minimum, "predicted_step_s": seconds}
 
 
+def _gb(n) -> str:
+    return "-" if n is None else f"{n / 1e9:.1f}"
+
+
+def _memory() -> dict:
+    """The allocator's figures now: in use, the peak so far and the largest single allocation
+    (a peak above the plan that arises after the build, with a largest allocation the size of a
+    tier, points at the compiler's autotuning buffers rather than the engine's own arrays)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {k: stats.get(k) for k in ("bytes_in_use", "peak_bytes_in_use", "largest_alloc_size")}
+
+
 def case_engine(cfg, name, costs):
     """One policy's engine: built (timed), then each batch warmed (compile) and measured."""
     import jax.numpy as jnp
@@ -212,7 +226,7 @@ def case_engine(cfg, name, costs):
     ckpt = preset.random_checkpoint(mcfg, jnp.bfloat16, routing_skew=1.0)
     eng, plan = build_engine(ckpt, policy, budget=budget, batch=max(batches), longest_prompt=cfg["prompt"],
                              max_new_tokens=cfg["gen"], opts=DynaExqOptions(lo_bits=4))
-    emit(build_s=time.perf_counter() - t0, slots=plan.slots, accounted_bytes=plan.total)
+    emit(build_s=time.perf_counter() - t0, slots=plan.slots, accounted_bytes=plan.total, after_build=_memory())
     dump = Path(os.environ["DYNAEXQ_GPU_CHECK_DUMP"])
     for batch in batches:
         for f in dump.iterdir():  # only this batch's step in the dump
@@ -224,7 +238,8 @@ def case_engine(cfg, name, costs):
         g = eng.generate(prompts, cfg["gen"], eos_token_ids=())
         row = {"batch": batch, "warmup_s": warm_s, "compile_s": eng.compile_s,
                "decode_tokens_per_s": g.stats["decode_tokens_per_s"],
-               "step_s": batch / g.stats["decode_tokens_per_s"], "peak_device_bytes": peak_device_bytes()}
+               "step_s": batch / g.stats["decode_tokens_per_s"], "peak_device_bytes": peak_device_bytes(),
+               "after_generate": _memory()}
         if policy != "offload":  # offload runs layer by layer from the host: no one compiled step
             row.update(_prediction(eng, plan, policy, batch, cfg, costs, dump))
         emit(**row)
@@ -450,7 +465,7 @@ def markdown(doc: dict) -> str:
     decode = doc["stages"].get("decode", {})
     if decode:
         lines += ["| case | batch | status | build s | warm-up s | decode tok/s | step ms | predicted ms | kernels "
-                  "(in graphs / host launches) | bytes / min | peak GB |",
+                  "(in graphs / host launches) | bytes / min | peak GB (plan; after build; largest alloc) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in decode.items():
             head = merged([x for x in r["records"] if "batch" not in x])
@@ -463,7 +478,9 @@ def markdown(doc: dict) -> str:
                     f"{x.get('step_s', float('nan')) * 1e3:.2f} | {'-' if pred is None else f'{pred * 1e3:.2f}'} | "
                     + (f"{x['launches']} ({x['in_graphs']} / {x['host_launches']}) | "
                        f"{x['bytes'] / 1e9:.2f} / {x['min_bytes'] / 1e9:.2f} GB | " if "launches" in x else "- | - | ")
-                    + f"{(x.get('peak_device_bytes') or 0) / 1e9:.1f} |")
+                    + f"{(x.get('peak_device_bytes') or 0) / 1e9:.1f} ({_gb(head.get('accounted_bytes'))}; "
+                    f"{_gb(head.get('after_build', {}).get('peak_bytes_in_use'))}; "
+                    f"{_gb(x.get('after_generate', {}).get('largest_alloc_size'))}) |")
         lines.append("")
     for x in doc["stages"].get("profile", {}).get("records", []):
         if "mode" not in x:
