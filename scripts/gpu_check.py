@@ -16,7 +16,8 @@ and OUT/gpu_check.json is rewritten after every case:
 2. decode: tok/s at prompt 128 + 64 new tokens (greedy, random weights of the preset's shapes,
    skewed routing) for dynaexq (20 GB at batch 1, 40 GB at batch 32), static int4 and full bf16
    (no budget) at both, offload (20 GB, batch 1) and transformers' own model at both; dynaexq b1
-   and static int4 again with the opt-in fused decode layer ("fused layer"); each with
+   and static int4 again with the opt-in fused decode layer ("fused layer"), static int4 with
+   the layer loop inside the step's CUDA graph ("one graph", `DYNAEXQ_GRAPH_LOOP=1`); each with
    its build and compile seconds, the peak device bytes, and the step time predicted from its
    own compiled decode step (`runtime.aot`: bytes at the measured bandwidth, each launch at the
    measured cost) beside the measured one.
@@ -51,23 +52,27 @@ STAGES = ("device", "decode", "profile", "kernels", "runtime")
 CASES = (("dynaexq b1", "dynaexq", "b1", (1,)), ("dynaexq b1 (fused layer)", "dynaexq", "b1", (1,)),
          ("dynaexq b32", "dynaexq", "b32", (32,)), ("static int4", "static", None, (1, 32)),
          ("static int4 (fused layer)", "static", None, (1, 32)), ("full bf16", "full", None, (1, 32)),
-         ("offload", "offload", "b1", (1,)), ("transformers", "transformers", None, (1, 32)))
-# "(fused layer)": the same case with the opt-in fused decode layer (`models.fused_decode.ENABLED`),
-# against XLA's own step: it becomes the default once it wins.
-CASE_ENV = {name: {"DYNAEXQ_FUSED_DECODE": "1"} for name, *_ in CASES if name.endswith("(fused layer)")}
+         ("static int4 (one graph)", "static", None, (1, 32)), ("offload", "offload", "b1", (1,)),
+         ("transformers", "transformers", None, (1, 32)))
+# "(fused layer)": the same case with the opt-in fused decode layer (`models.fused_decode.ENABLED`);
+# "(one graph)": with the layer loop inside the step's CUDA graph (`runtime.engine.GRAPH_LOOP`);
+# each against XLA's own step: it becomes the default once it wins.
+CASE_ENV = {name: {"DYNAEXQ_FUSED_DECODE": "1"} if name.endswith("(fused layer)") else {"DYNAEXQ_GRAPH_LOOP": "1"}
+            for name, *_ in CASES if name.endswith(("(fused layer)", "(one graph)"))}
 
 GPU = dict(preset="qwen3-30b-a3b", budgets=dict(b1="20GB", b32="40GB"), prompt=128, gen=64, probe_bytes=2 << 30,
            chain=64, profile_steps=16, kernel_args=["--no-sweep"], runtime_gen=64,
            total_s=470,  # the whole check: each part gets at most what is left of it
            limits={"device": 40, "dynaexq b1": 45, "dynaexq b1 (fused layer)": 40, "dynaexq b32": 45, "static int4": 45,
-                   "static int4 (fused layer)": 45, "full bf16": 40, "offload": 50, "transformers": 55, "profile": 40,
-                   "kernels": 50, "runtime": 40})
+                   "static int4 (fused layer)": 45, "static int4 (one graph)": 45, "full bf16": 40, "offload": 50,
+                   "transformers": 55, "profile": 40, "kernels": 50, "runtime": 40})
 SMOKE = dict(preset="qwen3-moe-smoke", budgets=dict(b1="48MB", b32="160MB"), prompt=16, gen=8, probe_bytes=32 << 20,
              chain=8, profile_steps=2,
              kernel_args=["--smoke", "--bits", "4", "--tokens", "1", "--reps", "1", "--inner", "1"], runtime_gen=16,
              total_s=3600,
              limits={"device": 120, "dynaexq b1": 150, "dynaexq b1 (fused layer)": 150, "dynaexq b32": 200,
-                     "static int4": 200, "static int4 (fused layer)": 200, "full bf16": 200, "offload": 150,
+                     "static int4": 200, "static int4 (fused layer)": 200, "static int4 (one graph)": 200,
+                     "full bf16": 200, "offload": 150,
                      "transformers": 150, "profile": 200, "kernels": 200, "runtime": 300})
 
 
@@ -548,7 +553,7 @@ def main(argv=None) -> int:
             if name == "decode":
                 doc["stages"]["decode"] = {}
                 for case in (c[0] for c in CASES if c[0] in cases):
-                    if cfg is SMOKE and case in CASE_ENV:  # no fused layer off a GPU: the same case twice
+                    if cfg is SMOKE and case in CASE_ENV:  # neither switch acts off a GPU: the same case twice
                         continue
                     doc["stages"]["decode"][case] = run_part(case, cfg, costs, Path(dump), deadline)
                     print(f"decode {case}: {doc['stages']['decode'][case]['status']}", file=sys.stderr)

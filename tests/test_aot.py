@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dynaexq_jax.runtime import aot
+from dynaexq_jax.runtime import aot, engine
 from pallas_kernels.decode_attention import block_rows, num_splits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +84,21 @@ def test_the_30b_decode_step_launches_at_most_eight_kernels_a_layer():
     assert s["launches"] <= 8 * s["layers"] and s["in_loops"] <= 7 * s["layers"], s
     assert s["bytes"] <= 1.1 * s["min_bytes"], s
     assert s["compile_cpu_s"] <= 30, s  # CPU time: the shared machine's load does not inflate it
+
+
+@needs_aot
+@pytest.mark.parametrize("budget, batch", [("20GB", "1"), ("40GB", "32")])
+def test_the_default_30b_step_launches_every_kernel_inside_cuda_graphs(budget, batch):
+    """XLA's own step (the default) for Qwen3-30B-A3B: every kernel inside a graph, one graph a
+    layer and one before and after the loop. A small parameter's slice (a norm's weights) left
+    beside a consumer XLA fuses for Triton ran as an async copy outside them: 5 host launches a
+    layer (`models.layers.LayerSlice.value`). With the opt-in `GRAPH_KINDS` the loop joins them:
+    the host launches the whole step as one graph."""
+    args = ("--budget", budget, "--batch", batch, "--context", "1024", "--policy", "dynaexq", "--steps", "decode")
+    (s,) = report(*args, source=("--preset", "qwen3-30b-a3b"))
+    assert s["in_graphs"] == s["launches"] and s["outside_graphs"] <= s["layers"] + 2, s
+    (s,) = report(*args, "--command-buffer", engine.GRAPH_KINDS, source=("--preset", "qwen3-30b-a3b"))
+    assert s["in_graphs"] == s["launches"] and s["graphs"] == s["outside_graphs"] == 1, s
 
 
 @needs_aot

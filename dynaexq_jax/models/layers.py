@@ -31,6 +31,7 @@ from dynaexq_jax.models.big_little import BigLittle, LittleRouting
 from dynaexq_jax.models.config import ModelConfig
 
 _MASKED = -1e30  # finite, so rows with every key masked (left padding) give no NaN
+SMALL_PARAM = 1 << 16  # elements: a norm's or a bias's layer, not a projection's
 PALLAS_MAX_ROWS = 64  # projections of at most this many rows (decode) use the Pallas kernel on GPU
 
 
@@ -50,9 +51,14 @@ class LayerSlice:
         return self.stack.dtype
 
     def value(self) -> jax.Array:
-        # A gather, not a dynamic slice: XLA turns a loop-indexed dynamic slice into a separate
-        # copy, while a gather fuses into the (elementwise) consumer of a small parameter.
-        return jnp.take(self.stack, self.index, axis=0, mode="clip")
+        v = jnp.take(self.stack, self.index, axis=0, mode="clip")
+        if v.size > SMALL_PARAM:
+            return v
+        # A small parameter (a norm, a bias) is read by a kernel of its own, the slice and a
+        # widening, behind a barrier: XLA would otherwise leave the slice alone beside a consumer
+        # it fuses for Triton (the norms) and run it as an async copy outside the step's CUDA
+        # graph, which costs a host launch or more per layer and keeps the layer loop out of one.
+        return jax.lax.optimization_barrier(v.astype(jnp.float32)).astype(v.dtype)
 
 
 def as_array(p) -> jax.Array:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Callable, Sequence
 
@@ -275,14 +276,23 @@ def timing_stats(out: list[list[int]], prefilled: np.ndarray, prefill_s: float, 
     }
 
 
+# Opt-in until a GPU measures it (scripts/gpu_check.py's "(one graph)" cases): XLA's default
+# command-buffer kinds plus WHILE, so the layer loop is captured in the step's one CUDA graph.
+GRAPH_LOOP = os.environ.get("DYNAEXQ_GRAPH_LOOP", "0") == "1"
+GRAPH_KINDS = "FUSION,CUSTOM_CALL,CUBLAS,CUBLASLT,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION,WHILE"
+
+
 def compiler_options() -> dict:
     """XLA options for the steps on this machine's device. XLA:CPU's while-loop invariant code
     motion hoists the widening of a whole stacked bf16 weight (every expert of every layer) out
     of the layer and tile loops, so a step would hold a float32 copy of all of it and convert it
     every call; with the pass off, a step widens the one expert or layer it reads. (GPU kernels
-    read the stored weights directly.)"""
-    if jax.devices()[0].platform == "cpu":
+    read the stored weights directly.) On a GPU with `DYNAEXQ_GRAPH_LOOP=1`: `GRAPH_KINDS`."""
+    platform = jax.devices()[0].platform
+    if platform == "cpu":
         return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+    if platform == "gpu" and GRAPH_LOOP:
+        return {"xla_gpu_enable_command_buffer": GRAPH_KINDS}
     return {}
 
 
