@@ -97,73 +97,19 @@ def emit(**record):
 # ----------------------------------------------------------------------------- the device
 
 
-def _best(fn, n=5) -> float:
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def _chain_s(n: int, command_buffers: bool) -> float:
-    """Seconds per kernel of `n` dependent one-block Pallas kernels (they never fuse), compiled
-    with XLA's command buffers (one CUDA graph) or without (each launched by the host)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.experimental import pallas as pl
-
-    interpret = jax.devices()[0].platform != "gpu"
-
-    def bump(x_ref, o_ref):
-        o_ref[...] = x_ref[...] + 1.0
-
-    one = pl.pallas_call(bump, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32), interpret=interpret)
-
-    def chain(x):
-        for _ in range(n):
-            x = one(x)
-        return x
-
-    x = jnp.zeros((8, 128), jnp.float32)
-    options = {} if command_buffers else {"xla_gpu_enable_command_buffer": ""}
-    compiled = jax.jit(chain).lower(x).compile(options)
-    return _best(lambda: compiled(x)) / n
-
-
 def stage_device(cfg, costs):
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from dynaexq_jax.experts.swap import host_memory_kind
+    from dynaexq_jax.runtime import costmodel
 
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     emit(platform=dev.platform, device=str(getattr(dev, "device_kind", dev)), memory_bytes=stats.get("bytes_limit"),
          runtime=str(getattr(dev.client, "platform_version", "")), jax=jax.__version__)
-    host = np.ones(cfg["probe_bytes"] // 8, np.float32)  # a quarter of the probe: host copies are slow
-    h2d = {"h2d_pageable_gbs": host.nbytes / _best(lambda: jax.device_put(host, dev), 3) / 1e9}
-    kind = host_memory_kind(dev)
-    if kind:
-        pinned = jax.device_put(host, jax.sharding.SingleDeviceSharding(dev, memory_kind=kind))
-        to_dev = jax.sharding.SingleDeviceSharding(dev)
-        h2d["h2d_pinned_gbs"] = host.nbytes / _best(lambda: jax.device_put(pinned, to_dev), 3) / 1e9
-    emit(**h2d)
-    n = cfg["probe_bytes"] // 2
-    x = jnp.ones((n // 4096, 4096), jnp.bfloat16)
-    copy = jax.jit(lambda a: a * 2)  # reads and writes every byte once
-    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))  # reads every byte once
-    copy_gbs = 2 * x.nbytes / _best(lambda: copy(x)) / 1e9
-    read_gbs = x.nbytes / _best(lambda: total(x)) / 1e9
-    emit(copy_gbs=copy_gbs, read_gbs=read_gbs, bandwidth_gbs=max(copy_gbs, read_gbs))
-    emit(graph_kernel_s=_chain_s(cfg["chain"], True), launch_s=_chain_s(cfg["chain"], False))
-
-
-# ----------------------------------------------------------------------------- decode cases
+    emit(**costmodel.host_to_device_gbs(cfg["probe_bytes"] // 2))  # half the probe: host copies are slow
+    emit(**costmodel.hbm_gbs(cfg["probe_bytes"]))
+    emit(graph_kernel_s=costmodel.kernel_seconds(cfg["chain"], True),
+         launch_s=costmodel.kernel_seconds(cfg["chain"], False))
 
 
 def _thunk_dump(dump: Path):
@@ -203,16 +149,6 @@ def _gb(n) -> str:
     return "-" if n is None else f"{n / 1e9:.1f}"
 
 
-def _memory() -> dict:
-    """The allocator's figures now: in use, the peak so far and the largest single allocation
-    (a peak above the plan that arises after the build, with a largest allocation the size of a
-    tier, points at the compiler's autotuning buffers rather than the engine's own arrays)."""
-    import jax
-
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return {k: stats.get(k) for k in ("bytes_in_use", "peak_bytes_in_use", "largest_alloc_size")}
-
-
 def case_engine(cfg, name, costs):
     """One policy's engine: built (timed), then each batch warmed (compile) and measured."""
     import jax.numpy as jnp
@@ -222,7 +158,7 @@ def case_engine(cfg, name, costs):
     from dynaexq_jax.io import preset
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
     from dynaexq_jax.runtime.build import build_engine
-    from dynaexq_jax.runtime.engine import peak_device_bytes
+    from dynaexq_jax.runtime.engine import device_memory, peak_device_bytes
 
     _, policy, budget_key, batches = next(c for c in CASES if c[0] == name)
     mcfg = preset.preset_config(cfg["preset"])
@@ -231,7 +167,7 @@ def case_engine(cfg, name, costs):
     ckpt = preset.random_checkpoint(mcfg, jnp.bfloat16, routing_skew=1.0)
     eng, plan = build_engine(ckpt, policy, budget=budget, batch=max(batches), longest_prompt=cfg["prompt"],
                              max_new_tokens=cfg["gen"], opts=DynaExqOptions(lo_bits=4))
-    emit(build_s=time.perf_counter() - t0, slots=plan.slots, accounted_bytes=plan.total, after_build=_memory())
+    emit(build_s=time.perf_counter() - t0, slots=plan.slots, accounted_bytes=plan.total, after_build=device_memory())
     dump = Path(os.environ["DYNAEXQ_GPU_CHECK_DUMP"])
     for batch in batches:
         for f in dump.iterdir():  # only this batch's step in the dump
@@ -244,7 +180,7 @@ def case_engine(cfg, name, costs):
         row = {"batch": batch, "warmup_s": warm_s, "compile_s": eng.compile_s,
                "decode_tokens_per_s": g.stats["decode_tokens_per_s"],
                "step_s": batch / g.stats["decode_tokens_per_s"], "peak_device_bytes": peak_device_bytes(),
-               "after_generate": _memory()}
+               "after_generate": device_memory()}
         if policy != "offload":  # offload runs layer by layer from the host: no one compiled step
             row.update(_prediction(eng, plan, policy, batch, cfg, costs, dump))
         emit(**row)

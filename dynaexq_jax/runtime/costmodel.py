@@ -63,6 +63,67 @@ def measure_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> Bandwidth:
     return Bandwidth(hbm=hbm, h2d=nbytes / float(np.median(t)))
 
 
+def best_seconds(fn, n: int = 5) -> float:
+    """The fastest of `n` calls of `fn` (after one to compile and warm), to its result's readiness."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def host_to_device_gbs(nbytes: int) -> dict:
+    """GB/s of `nbytes` from pageable host memory to the default device, and from pinned host
+    memory where the device has it (best of three each)."""
+    from dynaexq_jax.experts.swap import host_memory_kind
+
+    dev = jax.devices()[0]
+    host = np.ones(nbytes // 4, np.float32)
+    out = {"h2d_pageable_gbs": host.nbytes / best_seconds(lambda: jax.device_put(host, dev), 3) / 1e9}
+    kind = host_memory_kind(dev)
+    if kind:
+        pinned = jax.device_put(host, jax.sharding.SingleDeviceSharding(dev, memory_kind=kind))
+        to_dev = jax.sharding.SingleDeviceSharding(dev)
+        out["h2d_pinned_gbs"] = host.nbytes / best_seconds(lambda: jax.device_put(pinned, to_dev), 3) / 1e9
+    return out
+
+
+def hbm_gbs(nbytes: int) -> dict:
+    """The bandwidth the default device reaches over an `nbytes` bf16 array: read and written
+    once (a scaling), read once (a float32 sum), and the better of the two."""
+    x = jnp.ones((nbytes // 8192, 4096), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * 2)
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    copy_gbs = 2 * x.nbytes / best_seconds(lambda: copy(x)) / 1e9
+    read_gbs = x.nbytes / best_seconds(lambda: total(x)) / 1e9
+    return {"copy_gbs": copy_gbs, "read_gbs": read_gbs, "bandwidth_gbs": max(copy_gbs, read_gbs)}
+
+
+def kernel_seconds(n: int, command_buffers: bool) -> float:
+    """Seconds per kernel of `n` dependent one-block Pallas kernels (they never fuse), compiled
+    with XLA's command buffers (one CUDA graph) or without (each launched by the host)."""
+    from jax.experimental import pallas as pl
+
+    interpret = jax.devices()[0].platform != "gpu"
+
+    def bump(x_ref, o_ref):
+        o_ref[...] = x_ref[...] + 1.0
+
+    one = pl.pallas_call(bump, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32), interpret=interpret)
+
+    def chain(x):
+        for _ in range(n):
+            x = one(x)
+        return x
+
+    x = jnp.zeros((8, 128), jnp.float32)
+    options = {} if command_buffers else {"xla_gpu_enable_command_buffer": ""}
+    compiled = jax.jit(chain).lower(x).compile(options)
+    return best_seconds(lambda: compiled(x)) / n
+
+
 def distinct_experts(num_experts: int, k: int, tokens: int) -> float:
     """Expected experts a layer touches for `tokens` tokens under uniform top-k routing."""
     return num_experts * (1 - (1 - k / num_experts) ** tokens)

@@ -296,10 +296,18 @@ def compiler_options() -> dict:
     return {}
 
 
+def device_memory() -> dict:
+    """The allocator's figures on the default device now: in use, the peak so far and the
+    largest single allocation (None each where the backend reports none, the CPU). A peak over
+    the plan with an allocation the size of a tier points at the compiler's autotuning buffers
+    rather than the engine's own arrays."""
+    stats = jax.local_devices()[0].memory_stats() or {}  # devices()[0] may be another process's
+    return {k: stats.get(k) for k in ("bytes_in_use", "peak_bytes_in_use", "largest_alloc_size")}
+
+
 def peak_device_bytes() -> int | None:
     """The allocator's peak on the default device; None where the backend reports none (CPU)."""
-    stats = jax.local_devices()[0].memory_stats()  # devices()[0] may be another process's
-    return stats.get("peak_bytes_in_use") if stats else None
+    return device_memory()["peak_bytes_in_use"]
 
 
 def free_device_bytes() -> int | None:
