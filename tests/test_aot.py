@@ -60,14 +60,14 @@ def test_decode_runs_seven_kernels_a_layer_all_captured_in_cuda_graphs():
                                                               "256", "--policy", "dynaexq", "--steps", "decode",
                                                               "--gpu", "h200", fused=True)
     assert len(steps) == 3
+    # Beyond the minimum the kernel chooses one traffic: attention's split-K partials (float32, a
+    # tensor-core block of rows per KV head), written and read back, to fill the GPU at small
+    # batch. The tiny model's 2 query heads a KV head and 32-wide heads make them a third of its
+    # batch-32 KV read; Qwen3-30B's 8 and 128 make them a few percent (the 30B test below).
+    cfg = json.loads((MODEL / "config.json").read_text())
+    kvh, d = cfg["num_key_value_heads"], cfg["head_dim"]
+    rows = block_rows(cfg["num_attention_heads"] // kvh)
     for s in steps:
-        # Beyond the minimum the kernel chooses one traffic: attention's split-K partials (float32,
-        # a tensor-core block of rows per KV head), written and read back, to fill the GPU at small
-        # batch. The tiny model's 2 query heads a KV head and 32-wide heads make them a third of its
-        # batch-32 KV read; Qwen3-30B's 8 and 128 make them a few percent (the 30B test below).
-        cfg = json.loads((MODEL / "config.json").read_text())
-        kvh, d = cfg["num_key_value_heads"], cfg["head_dim"]
-        rows = block_rows(cfg["num_attention_heads"] // kvh)
         splits = num_splits(s["batch"], kvh, s["context"])
         partials = 2 * s["layers"] * splits * s["batch"] * kvh * rows * (d + 2) * 4
         assert s["bytes"] <= 1.1 * (s["min_bytes"] + partials), (s, partials)
