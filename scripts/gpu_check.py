@@ -112,39 +112,6 @@ def stage_device(cfg, costs):
          launch_s=costmodel.kernel_seconds(cfg["chain"], False))
 
 
-def _thunk_dump(dump: Path):
-    """(thunk sequence, metadata) XLA wrote for the last decode step it compiled, or None (CPU)."""
-    seq = sorted(dump.glob("*jit__decode*thunk_sequence_after_thunk_passes.txt")) or sorted(
-        dump.glob("*jit__decode*thunk_sequence.txt"))
-    meta = sorted(dump.glob("*jit__decode*thunk_metadata.txt"))
-    return (seq[-1].read_text(), meta[-1].read_text()) if seq and meta else None
-
-
-def _prediction(eng, plan, policy, batch, cfg, costs, dump: Path) -> dict:
-    """The engine's compiled decode step accounted (`runtime.aot`) and its step time predicted
-    with the device's measured costs."""
-    from dynaexq_jax import budget as budget_lib
-    from dynaexq_jax.runtime import aot
-
-    mcfg = eng.cfg
-    decode = [v for k, v in eng._compiled.items() if k[0] == "decode"][-1]
-    thunks = _thunk_dump(dump)
-    # (the engine timed its own compiles; only their thunks are read here)
-    compiled = aot.Compiled(decode, eng.compile_s, float("nan"), *thunks) if thunks else decode
-    context = cfg["prompt"] + cfg["gen"] // 2  # the slots an average measured step reads
-    traffic, minimum = aot.traffic_and_min(mcfg, policy, plan, step="decode", batch=batch, context=context,
-                                           prompt=cfg["prompt"], itemsize=2, hi_dtype="bfloat16",
-                                           group=budget_lib.expert_group_size(mcfg))
-    r = aot.report_step(compiled, traffic)
-    if None in costs.values():  # the device stage did not run: the model's own figures
-        costs = {"bandwidth_gbs": aot.GPUS["h200"][1] / 1e9, "launch_s": aot.LAUNCH_S,
-                 "graph_kernel_s": aot.GRAPH_KERNEL_S}
-    seconds = aot.predicted_s(r["bytes"], r["runs"], costs["bandwidth_gbs"] * 1e9, costs["launch_s"],
-                              costs["graph_kernel_s"])
-    return {"launches": r["launches"], "in_graphs": r["in_graphs"], "host_launches": r["outside_graphs"],
-            "bytes": r["bytes"], "min_bytes": minimum, "predicted_step_s": seconds}
-
-
 def _gb(n) -> str:
     return "-" if n is None else f"{n / 1e9:.1f}"
 
@@ -157,6 +124,7 @@ def case_engine(cfg, name, costs):
     from dynaexq_jax import budget as budget_lib
     from dynaexq_jax.io import preset
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
+    from dynaexq_jax.runtime import aot
     from dynaexq_jax.runtime.build import build_engine
     from dynaexq_jax.runtime.engine import device_memory, peak_device_bytes
 
@@ -182,7 +150,8 @@ def case_engine(cfg, name, costs):
                "step_s": batch / g.stats["decode_tokens_per_s"], "peak_device_bytes": peak_device_bytes(),
                "after_generate": device_memory()}
         if policy != "offload":  # offload runs layer by layer from the host: no one compiled step
-            row.update(_prediction(eng, plan, policy, batch, cfg, costs, dump))
+            row.update(aot.measured_step(eng, plan, policy, batch=batch, prompt=cfg["prompt"], gen=cfg["gen"],
+                                         costs=costs, dump=dump))
         emit(**row)
 
 

@@ -117,11 +117,22 @@ def compile_for(fn, args, gpu: str, command_buffer: str | None = None) -> Compil
         with jax.default_device(dev):  # Pallas on Triton reads the compute capability off the default device
             compiled = fn.lower(*args).compile(compiler_options=options)
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        files = {p.name.split(".")[-2]: p for p in Path(dump).glob("*.txt")}
-        sequence = files.get("thunk_sequence_after_thunk_passes") or files.get("thunk_sequence")
-        if sequence is None or "thunk_metadata" not in files:
-            raise RuntimeError(f"XLA wrote no thunk sequence for {gpu} (files: {sorted(files)})")
-        return Compiled(compiled, seconds, cpu_seconds, sequence.read_text(), files["thunk_metadata"].read_text())
+        thunks = read_thunks(Path(dump))
+        if thunks is None:
+            raise RuntimeError(f"XLA wrote no thunk sequence for {gpu} "
+                               f"(files: {sorted(p.name for p in Path(dump).glob('*.txt'))})")
+        return Compiled(compiled, seconds, cpu_seconds, *thunks)
+
+
+def read_thunks(dump: Path, module: str = "") -> tuple[str, str] | None:
+    """(thunk sequence, thunk metadata) of the last module whose name holds `module` that XLA
+    dumped into `dump` (`--xla_dump_to`): the sequence after its thunk passes where it wrote one.
+    None where it wrote none (a compile that was not for a GPU)."""
+    stem = f"*{module}*" if module else "*"
+    seq = sorted(dump.glob(f"{stem}thunk_sequence_after_thunk_passes.txt")) or sorted(
+        dump.glob(f"{stem}thunk_sequence.txt"))
+    meta = sorted(dump.glob(f"{stem}thunk_metadata.txt"))
+    return (seq[-1].read_text(), meta[-1].read_text()) if seq and meta else None
 
 
 # --------------------------------------------------------------------------- HLO accounting
@@ -579,6 +590,29 @@ def traffic_and_min(cfg, policy: str, plan, *, step: str, batch: int, context: i
     filled = context if step == "decode" else prompt
     traffic = Traffic(D, hi, filled, E, tokens * cfg.experts_per_token / E)
     return traffic, int(weights + L * D * per_expert + kv * filled // context + states)
+
+
+def measured_step(eng, plan, policy: str, *, batch: int, prompt: int, gen: int, costs: dict,
+                  dump: Path | None) -> dict:
+    """An engine's last compiled decode step accounted as `report_step` does (its thunks read
+    from `dump`, where XLA was told to write them, so its launches and graphs count), with the
+    step time predicted at the device's measured `costs` (bandwidth_gbs, launch_s,
+    graph_kernel_s; any None: the model's own figures) for a `prompt` + `gen` generation."""
+    cfg = eng.cfg
+    decode = [v for k, v in eng._compiled.items() if k[0] == "decode"][-1]
+    thunks = read_thunks(dump, "jit__decode") if dump is not None else None
+    # (the engine timed its own compiles; only their thunks are read here)
+    compiled = Compiled(decode, eng.compile_s, float("nan"), *thunks) if thunks else decode
+    context = prompt + gen // 2  # the slots an average measured step reads
+    traffic, minimum = traffic_and_min(cfg, policy, plan, step="decode", batch=batch, context=context, prompt=prompt,
+                                       itemsize=2, hi_dtype="bfloat16", group=budget_lib.expert_group_size(cfg))
+    r = report_step(compiled, traffic)
+    if None in costs.values():
+        costs = {"bandwidth_gbs": GPUS["h200"][1] / 1e9, "launch_s": LAUNCH_S, "graph_kernel_s": GRAPH_KERNEL_S}
+    seconds = predicted_s(r["bytes"], r["runs"], costs["bandwidth_gbs"] * 1e9, costs["launch_s"],
+                          costs["graph_kernel_s"])
+    return {"launches": r["launches"], "in_graphs": r["in_graphs"], "host_launches": r["outside_graphs"],
+            "bytes": r["bytes"], "min_bytes": minimum, "predicted_step_s": seconds}
 
 
 def decode_min_bytes(cfg, policy: str, plan, *, batch: int, prompt_len: int, gen_len: int, itemsize: int,
