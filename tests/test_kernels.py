@@ -16,8 +16,9 @@ import pytest
 from absl.testing import parameterized
 
 import pallas_kernels
-from dynaexq_jax.experts import quant
+from dynaexq_jax.experts import matmul, quant
 from dynaexq_jax.experts.matmul import grouped_matmul
+from dynaexq_jax.runtime.engine import compiler_options
 from pallas_kernels import INVALID
 
 K, N, GROUP = 64, 32, 32  # two quantization groups along K
@@ -382,6 +383,24 @@ class GroupedMatmulTest(chex.TestCase):
             assert not np.any(out[13:]), backend  # rows past the sum are 0, as ragged_dot's
         for a, b in itertools.combinations(outs.values(), 2):
             _assert_close(a, np.asarray(b, np.float64), 1e-5)
+
+
+@pytest.mark.parametrize("weights", ["dense", 4])
+def test_the_cpu_loop_multiplies_a_wide_expert_a_column_block_at_a_time(weights):
+    """Only one block of a wide expert's columns is ever dequantized to float32 (in cache): the
+    step's temporaries stay under one whole float32 expert, and the product is exact."""
+    n = 3 * matmul.CPU_BLOCK_N
+    rng = np.random.default_rng(3)
+    sizes = jnp.asarray([2, 0, 5], jnp.int32)
+    x = jnp.asarray(rng.standard_normal((8, K)), jnp.float32)
+    dense = jnp.asarray(rng.standard_normal((3, K, n)), jnp.float32)
+    w = dense if weights == "dense" else quant.quantize(dense, weights, GROUP)
+    ref = np.asarray(jax.lax.ragged_dot(x, w if weights == "dense" else quant.dequantize(w, jnp.float32), sizes,
+                                        precision=jax.lax.Precision.HIGHEST), np.float64)
+    step = jax.jit(functools.partial(grouped_matmul, backend="xla"))
+    _assert_close(np.asarray(step(x, w, sizes)), ref, 1e-5)
+    temporaries = step.lower(x, w, sizes).compile(compiler_options()).memory_analysis().temp_size_in_bytes  # a step's
+    assert temporaries < K * n * 4, temporaries
 
 
 def test_grouped_matmul_out_dtype_and_bad_backend():

@@ -84,6 +84,20 @@ def test_second_build_reuses_cache_without_quantizing(source, quantize_calls):
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_next_run_maps_an_entry_this_run_wrote_without_hashing_it_again(source, monkeypatch):
+    ckpt, cache = source
+    build(experts_from(ckpt), ckpt)
+    hashed = []
+    real = store._chunk_hash
+    monkeypatch.setattr(store, "_chunk_hash", lambda *a: hashed.append(a) or real(*a))
+    build(experts_from(ckpt), ckpt)
+    assert hashed == []  # the writer's own checksums stand for the first read
+    (entry,) = [d for d in cache.glob("*/int4-*")]
+    (entry / store.ARRAYS).touch()  # any change to the file since: read and checked again
+    build(experts_from(ckpt), ckpt)
+    assert hashed
+
+
 def test_int8_host_copies_are_cached_and_restored_equal(source, quantize_calls):
     ckpt, cache = source
     _, bank = build(experts_from(ckpt), ckpt, hi_dtype="int8")

@@ -67,6 +67,34 @@ def _fetch(w: Weights, row, dtype):
     return jax.lax.dynamic_index_in_dim(w, row, 0, keepdims=False).astype(dtype)
 
 
+CPU_BLOCK_N = 256  # output columns a tile dequantizes at a time on the CPU: 2 MB of float32 at K 2048
+
+
+def _column_block(w: Weights, row, start, width: int, dtype):
+    """Columns start..start+width of expert `row`'s [K, N] matrix, in `dtype` (dequantized if packed)."""
+    cols = lambda a: jax.lax.dynamic_slice_in_dim(a, start, width, axis=a.ndim - 1)
+    if isinstance(w, QuantizedTensor):
+        t = w.take(row)
+        return QuantizedTensor(cols(t.packed), cols(t.scales), cols(t.zeros), w.bits, w.group_size,
+                               (w.shape[-2], width)).dequantize(dtype)
+    return cols(jax.lax.dynamic_index_in_dim(w, row, 0, keepdims=False)).astype(dtype)
+
+
+def _blocked_dot(x, w: Weights, row):
+    """x [tm, K] @ expert `row` of `w` -> float32 [tm, N], a column block at a time, so the
+    dequantized block stays in the CPU's cache instead of a float32 copy of the whole matrix
+    going through memory (3x its packed bytes read and written per tile)."""
+    n = w.shape[-1]
+    if isinstance(w, Mxfp4Tensor) or n % CPU_BLOCK_N or n == CPU_BLOCK_N:
+        return _dot(x, _fetch(w, row, jnp.float32))
+
+    def block(j, out):
+        y = _dot(x, _column_block(w, row, j * CPU_BLOCK_N, CPU_BLOCK_N, jnp.float32))
+        return jax.lax.dynamic_update_slice_in_dim(out, y, j * CPU_BLOCK_N, 1)
+
+    return jax.lax.fori_loop(0, n // CPU_BLOCK_N, block, jnp.zeros((x.shape[0], n), jnp.float32))
+
+
 def kernel_tier(w: Weights) -> pallas_kernels.grouped_matmul.Tier:
     """`w` as the Pallas expert kernels take a tier: its arrays and their layout."""
     if isinstance(w, QuantizedTensor):
@@ -167,14 +195,16 @@ def routed_ffn(state: ExpertState, layer, x, expert_ids, weights, token_valid, r
         bias_rows = ()
 
     def elsewhere(xs, keys, *bias):
-        fetchers = [lambda r, t=t: (_fetch(t.gate_up, r, f32), _fetch(t.down, r, f32)) for t in state.tiers]
-
-        def ffn(tier, row, xt, *b):  # b: the tile's (gate_up, down) bias rows, if any
-            wgu, wd = _switch(tier, fetchers, row)
-            h = _dot(xt, wgu)
+        def tier_ffn(t, row, xt, *b):  # b: the tile's (gate_up, down) bias rows, if any
+            h = _blocked_dot(xt, t.gate_up, row)
             h = activation((h + b[0] if b else h).astype(dt))
-            y = _dot(h, wd)
+            y = _blocked_dot(h, t.down, row)
             return (y + b[1] if b else y).astype(dt)
+
+        branches = [lambda row, xt, *b, t=t: tier_ffn(t, row, xt, *b) for t in state.tiers]
+
+        def ffn(tier, row, xt, *b):
+            return _switch(tier, branches, row, xt, *b)
 
         return _xla_loop((xs,) + bias, keys, num_groups=E, rows_per_tier=R, width=x.shape[1], out_dtype=dt,
                          tile_fn=ffn)
@@ -218,7 +248,7 @@ def grouped_matmul(x, w: Weights, group_sizes, *, backend: str | None = None, ou
     keys = pallas_kernels.group_keys(group_sizes, T)
 
     def xla(x, keys):
-        tile_fn = lambda tier, row, xt: _dot(xt, _fetch(w, row, jnp.float32))
+        tile_fn = lambda tier, row, xt: _blocked_dot(xt, w, row)
         return _xla_loop((x,), keys, num_groups=G, rows_per_tier=G, width=w.shape[-1], out_dtype=dt, tile_fn=tile_fn)
 
     def pallas(interpret: bool):

@@ -275,6 +275,11 @@ def _map(path: Path, writable: bool = False):
 VERIFIED = ENTRY_FILES[2]
 
 
+def _verified_stamp(arrays_file: Path, meta_text: str) -> dict:
+    """What `verified.json` holds: the array file's stat key and its meta.json's hash."""
+    return {"file": _stat_key(arrays_file), "meta": hashlib.sha256(meta_text.encode()).hexdigest()}
+
+
 def _chunk_hash(a: np.ndarray, start: int, end: int) -> str:
     return _array_hash(a if a.ndim == 0 else a[start:end])
 
@@ -301,7 +306,7 @@ def read_arrays(entry: Path) -> dict[str, np.ndarray]:
     sums = meta["checksums"]
     if set(sums) != set(arrays):
         raise ValueError("its arrays do not match their checksums")
-    stamp = {"file": _stat_key(path), "meta": hashlib.sha256(meta_text.encode()).hexdigest()}
+    stamp = _verified_stamp(path, meta_text)
     try:
         seen = json.loads((entry / VERIFIED).read_text())
     except (OSError, ValueError):
@@ -379,7 +384,11 @@ class ArrayWriter:
         try:
             meta = {**self.meta, "tree": _describe(_nest(self.arrays)), "checksums": self._checksums()}
             self._buf.flush()
-            (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            meta_text = json.dumps(meta, indent=1, sort_keys=True) + "\n"
+            (self.tmp / "meta.json").write_text(meta_text)
+            # The checksums were taken of these very bytes: the first read need not hash them
+            # again (a rename keeps the file's inode and times, so the stamp holds after it).
+            _write_json_atomic(self.tmp / VERIFIED, _verified_stamp(self.tmp / ARRAYS, meta_text))
             files.mark(self.tmp, ENTRY_FILES)
             if self.replace:
                 files.install_dir(self.tmp, self.final)
