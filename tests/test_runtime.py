@@ -80,6 +80,17 @@ def test_a_fresh_engine_with_a_budget_fills_every_slot_before_the_first_token(mo
     assert g.stats["hi_hit_rate"] > 0
 
 
+def test_a_one_token_request_compiles_no_decode_step(moe_checkpoint):
+    eng, _ = build(moe_checkpoint[0], slots_for(moe_checkpoint[0], 5))
+    compiled = []
+    real = eng._compile
+    eng._compile = lambda name, *a, **kw: (compiled.append(name), real(name, *a, **kw))[1]
+    first = eng.generate([PROMPT], 1, eos_token_ids=())
+    assert compiled == ["prefill"] and len(first.tokens[0]) == 1  # the prefill gives the one token
+    assert eng.generate([PROMPT], 3, eos_token_ids=()).tokens[0][:1] == first.tokens[0]
+    assert compiled == ["prefill", "prefill", "decode"]  # compiled once each: the second prefill is a lookup
+
+
 def test_the_profile_of_a_run_is_saved_and_warms_the_next_engine(moe_checkpoint, tmp_path, monkeypatch):
     path, _ = moe_checkpoint
     monkeypatch.setenv("DYNAEXQ_CACHE", "1")

@@ -225,11 +225,17 @@ class LazyLayers(LayerSource):
     memory_kind = "generated"  # a host bank over it makes each expert on demand
 
     def __init__(self, shape: tuple[int, int, int], num_layers: int, seed: int, dtype):
-        self.shape, self.num_layers, self.dtype = tuple(shape), num_layers, np.dtype(dtype)
-        rng = np.random.default_rng(seed)
-        self.pool = [(rng.standard_normal(shape[1:], np.float32) * INIT_STD).astype(dtype) for _ in range(self.POOL)]
+        self.shape, self.num_layers, self.dtype, self.seed = tuple(shape), num_layers, np.dtype(dtype), seed
         self._device_pool = {}
         self._columns = {}  # stride -> the pool's every stride-th column
+
+    @functools.cached_property
+    def pool(self) -> list[np.ndarray]:
+        """The pool matrices, drawn on first use: a run whose experts all come from the
+        converted cache never draws them (half a second of a warm start on the CPU)."""
+        rng = np.random.default_rng(self.seed)
+        return [(rng.standard_normal(self.shape[1:], np.float32) * INIT_STD).astype(self.dtype)
+                for _ in range(self.POOL)]
 
     def _check(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:

@@ -568,7 +568,6 @@ class Engine:
             cache = self._put(self._empty_cache(rows, cache_bucket(P + max_new_tokens)))
             args = lambda cache: (self.params, self.policy.experts, cache, stats0, tokens, positions, valid, key, knobs)
             prefill = self._compile("prefill", self._prefill, *args(cache), greedy=greedy, fresh=True)
-            decode = self._compile_decode(cache, key, knobs, greedy)
             run = lambda cache: prefill(*args(cache))
             rewound = jnp.zeros((), jnp.int32)
 
@@ -581,6 +580,7 @@ class Engine:
             self.policy.prepare(routing_pass)
         t0 = time.perf_counter()
         cache, stats, state = run(cache)
+        decode = self._compile_decode(max_new_tokens, key, knobs, greedy, cache)
         out, cache, stats, t_first, decode_s = self._decode_loop(decode, cache, stats, state, key, knobs, B,
                                                                  max_new_tokens, eos, on_tokens, longest)
         self.policy.after_request()
@@ -659,7 +659,6 @@ class Engine:
             steps = [self._compile("prefill", self._prefill, self.params, self.policy.experts, cache, stats0,
                                    *chunk, key, knobs, greedy=greedy, fresh=keep == 0 and i == 0)
                      for i, chunk in enumerate(chunks)]
-            decode = self._compile_decode(cache, key, knobs, greedy)
 
             def prefill(cache):
                 # Rewinding is moving the write index: slots past it still hold old keys and values,
@@ -681,6 +680,7 @@ class Engine:
         cache, stats, state = prefill(cache)
         if linear:  # decode donates the cache: copy the prompt's states first (no host sync)
             session.snapshot = (len(ids), tuple(_linear_copy((cache.conv, cache.recurrent)).values()))
+        decode = self._compile_decode(max_new_tokens, key, knobs, greedy, cache)
         out, cache, stats, t_first, decode_s = self._decode_loop(decode, cache, stats, state, key, knobs, 1,
                                                                  max_new_tokens, eos, on_tokens, len(ids) - keep)
         self.policy.after_request()
@@ -690,10 +690,16 @@ class Engine:
         gen.stats["reused_tokens"] = keep
         return gen
 
-    def _compile_decode(self, cache, key, knobs, greedy):
-        state = _decode_state(cache.start.shape[0])
-        args = (self.params, self.policy.experts, cache, self._stats0(), state, key, knobs)
-        return self._compile("decode", self._decode, *args, greedy=greedy)
+    def _compile_decode(self, max_new_tokens, key, knobs, greedy, cache):
+        """The decode step for `cache`'s shapes, compiled (or taken from `Ahead`) after the
+        prefill is dispatched, so it compiles while the prefill runs; None when the request
+        wants one token (the prefill gives it)."""
+        if max_new_tokens <= 1:
+            return None
+        with _setup():
+            args = (self.params, self.policy.experts, cache, self._stats0(), _decode_state(cache.start.shape[0]),
+                    key, knobs)
+            return self._compile("decode", self._decode, *args, greedy=greedy)
 
     def _decode_loop(self, decode, cache, stats, state, key, knobs, B, max_new_tokens, eos, on_tokens, prefilled):
         """Tokens 0.. of every row: step i+1 is dispatched before step i's tokens are read.
