@@ -59,25 +59,23 @@ def _dot(a, b):
     return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
-def _fetch(w: Weights, row, dtype):
-    """One expert's [K, N] matrix in `dtype`, dequantized when packed (see
-    `runtime.engine.compiler_options`: XLA:CPU must not hoist this out of the tile loop)."""
-    if isinstance(w, (QuantizedTensor, Mxfp4Tensor)):
+def _fetch(w: Weights, row, dtype, cols: tuple | None = None):
+    """One expert's [K, N] matrix, or its columns `cols` = (start, width), in `dtype`,
+    dequantized when packed (see `runtime.engine.compiler_options`: XLA:CPU must not hoist this
+    out of the tile loop)."""
+    if isinstance(w, Mxfp4Tensor):  # N-major blocks: whole matrices only
         return w.take(row).dequantize(dtype)
-    return jax.lax.dynamic_index_in_dim(w, row, 0, keepdims=False).astype(dtype)
+    cut = (lambda a: a) if cols is None else (lambda a: jax.lax.dynamic_slice_in_dim(a, *cols, axis=a.ndim - 1))
+    if isinstance(w, QuantizedTensor):
+        t = w.take(row)
+        if cols is not None:
+            t = QuantizedTensor(cut(t.packed), cut(t.scales), cut(t.zeros), w.bits, w.group_size,
+                                (w.shape[-2], cols[1]))
+        return t.dequantize(dtype)
+    return cut(jax.lax.dynamic_index_in_dim(w, row, 0, keepdims=False)).astype(dtype)
 
 
 CPU_BLOCK_N = 256  # output columns a tile dequantizes at a time on the CPU: 2 MB of float32 at K 2048
-
-
-def _column_block(w: Weights, row, start, width: int, dtype):
-    """Columns start..start+width of expert `row`'s [K, N] matrix, in `dtype` (dequantized if packed)."""
-    cols = lambda a: jax.lax.dynamic_slice_in_dim(a, start, width, axis=a.ndim - 1)
-    if isinstance(w, QuantizedTensor):
-        t = w.take(row)
-        return QuantizedTensor(cols(t.packed), cols(t.scales), cols(t.zeros), w.bits, w.group_size,
-                               (w.shape[-2], width)).dequantize(dtype)
-    return cols(jax.lax.dynamic_index_in_dim(w, row, 0, keepdims=False)).astype(dtype)
 
 
 def _blocked_dot(x, w: Weights, row):
@@ -89,7 +87,7 @@ def _blocked_dot(x, w: Weights, row):
         return _dot(x, _fetch(w, row, jnp.float32))
 
     def block(j, out):
-        y = _dot(x, _column_block(w, row, j * CPU_BLOCK_N, CPU_BLOCK_N, jnp.float32))
+        y = _dot(x, _fetch(w, row, jnp.float32, (j * CPU_BLOCK_N, CPU_BLOCK_N)))
         return jax.lax.dynamic_update_slice_in_dim(out, y, j * CPU_BLOCK_N, 1)
 
     return jax.lax.fori_loop(0, n // CPU_BLOCK_N, block, jnp.zeros((x.shape[0], n), jnp.float32))
