@@ -157,134 +157,36 @@ def case_engine(cfg, name, costs):
 
 def case_transformers(cfg, costs):
     """transformers' Qwen3-MoE on the same device and shapes: bf16, every expert resident."""
-    import numpy as np
-    import torch
-    import transformers
+    from dynaexq_jax.eval import transformers_peer
 
-    from dynaexq_jax.io.preset import PRESETS
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    fields = dict(PRESETS[cfg["preset"]])
-    config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    emit(build_s=time.perf_counter() - t0, transformers=transformers.__version__, torch=torch.__version__)
-    class Clock(transformers.generation.streamers.BaseStreamer):
-        """The time each token reaches the host (generate hands it over once it is computed)."""
-
-        def __init__(self):
-            self.times = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    for batch in (1, 32):
-        ids = torch.as_tensor(np.random.default_rng(batch).integers(1, config.vocab_size, (batch, cfg["prompt"])),
-                              device=dev)
-
-        def gen(n):
-            clock = Clock()
-            with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, streamer=clock)
-            return clock.times  # the prompt, then each new token
-
-        t0 = time.perf_counter()
-        gen(2)
-        warm_s = time.perf_counter() - t0
-        times = gen(cfg["gen"])
-        tok_s = batch * (len(times) - 2) / (times[-1] - times[1])  # the tokens after the first
-        emit(batch=batch, warmup_s=warm_s, decode_tokens_per_s=tok_s, step_s=batch / tok_s,
-             peak_device_bytes=torch.cuda.max_memory_allocated() if dev == "cuda" else None)
+    for record in transformers_peer.decode_speed(cfg["preset"], prompt=cfg["prompt"], gen=cfg["gen"]):
+        emit(**record)
 
 
 # ----------------------------------------------------------------------------- profile
 
 
-def _profiled_ops(logdir: str) -> dict[str, list[float]]:
-    """{op: [seconds of each execution]} from a `jax.profiler` trace: the device's XLA ops (or its
-    kernels), or on a CPU the XLA ops its client threads ran."""
-    import jax
-
-    pb = sorted(Path(logdir).rglob("*.xplane.pb"))
-    if not pb:
-        return {}
-    data = jax.profiler.ProfileData.from_file(str(pb[-1]))
-    planes = list(data.planes)
-    devices = [p for p in planes if p.name.startswith("/device:")]
-    ops: dict[str, list[float]] = {}
-    for plane in devices or [p for p in planes if p.name == "/host:CPU"]:
-        lines = list(plane.lines)
-        xla_ops = [ln for ln in lines if ln.name == "XLA Ops"]
-        for line in xla_ops or [ln for ln in lines if "XLA" in ln.name or ln.name.startswith("Stream")]:
-            for e in line.events:
-                if e.name.startswith(("end:", "ThreadpoolListener", "ThunkExecutor", "$")) or e.duration_ns <= 0:
-                    continue
-                ops.setdefault(e.name, []).append(e.duration_ns * 1e-9)
-    return ops
-
-
 def stage_profile(cfg, costs):
-    """Static int4 at batch 1: the decode step run bare (back to back on its own outputs) under
-    the profiler, with XLA's default (op by op while tracing) and with its graphs kept."""
-    import jax
+    """Static int4 at batch 1: its decode step run bare under the profiler (`eval.profile`)."""
     import jax.numpy as jnp
     import numpy as np
 
     from dynaexq_jax import budget as budget_lib
+    from dynaexq_jax.eval import profile
     from dynaexq_jax.io import preset
     from dynaexq_jax.policies.dynaexq import DynaExqOptions
-    from dynaexq_jax.runtime import aot
     from dynaexq_jax.runtime.build import build_engine
-    from dynaexq_jax.runtime.engine import DecodeState, cache_bucket, compiler_options, prompt_bucket, stop_array
 
     mcfg = preset.preset_config(cfg["preset"])
-    budget = budget_lib.parse_size(cfg["budgets"]["b1"])
     t0 = time.perf_counter()
     ckpt = preset.random_checkpoint(mcfg, jnp.bfloat16, routing_skew=1.0)
-    eng, plan = build_engine(ckpt, "static", budget=budget, batch=1, longest_prompt=cfg["prompt"],
-                             max_new_tokens=cfg["gen"], opts=DynaExqOptions(lo_bits=4))
-    prompts = [np.random.default_rng(1).integers(1, mcfg.vocab_size, cfg["prompt"]).tolist()]
-    eng.generate(prompts, cfg["gen"])
+    eng, plan = build_engine(ckpt, "static", budget=budget_lib.parse_size(cfg["budgets"]["b1"]), batch=1,
+                             longest_prompt=cfg["prompt"], max_new_tokens=cfg["gen"], opts=DynaExqOptions(lo_bits=4))
+    eng.generate([np.random.default_rng(1).integers(1, mcfg.vocab_size, cfg["prompt"]).tolist()], cfg["gen"])
     emit(build_s=time.perf_counter() - t0)
-    decode = [v for k, v in eng._compiled.items() if k[0] == "decode"][-1]
-    traffic, _ = aot.traffic_and_min(mcfg, "static", plan, step="decode", batch=1,
-                                     context=cfg["prompt"] + cfg["gen"], prompt=cfg["prompt"], itemsize=2,
-                                     hi_dtype="bfloat16", group=budget_lib.expert_group_size(mcfg))
-    bytes_of = {k.name: aot.kernel_bytes(k, traffic) for k in aot.kernels(decode.as_text())}
-    # The step's own arguments as `generate` made them: one row, the cache length of its bucket, greedy.
-    length = cache_bucket(prompt_bucket(cfg["prompt"]) + cfg["gen"])
-    knobs = tuple(jax.device_put(v) for v in (np.float32(0), np.int32(0), np.float32(1))) + (stop_array(set()),)
-    args = dict(cache=eng._empty_cache(1, length), stats=eng._stats0(),
-                state=DecodeState(jnp.zeros(1, jnp.int32), jnp.full(1, cfg["prompt"], jnp.int32), jnp.ones(1, bool),
-                                  jnp.zeros((), jnp.int32)))
-    graphs = eng._decode.lower(eng.params, eng.policy.experts, args["cache"], args["stats"], args["state"],
-                               jax.random.key(0), knobs, greedy=True, big_little=None).compile(
-        {**compiler_options(), "xla_enable_command_buffers_during_profiling": True})
-    for mode, step in (("op by op (the profiler's default)", decode), ("command buffers kept", graphs)):
-        cache, stats, state = eng._empty_cache(1, length), eng._stats0(), args["state"]
-        cache, stats, state = step(eng.params, eng.policy.experts, cache, stats, state, jax.random.key(0), knobs)
-        jax.block_until_ready(state)
-        with tempfile.TemporaryDirectory() as logdir:
-            with jax.profiler.trace(logdir):
-                t0 = time.perf_counter()
-                for _ in range(cfg["profile_steps"]):
-                    cache, stats, state = step(eng.params, eng.policy.experts, cache, stats, state,
-                                               jax.random.key(0), knobs)
-                jax.block_until_ready(state)
-                wall = (time.perf_counter() - t0) / cfg["profile_steps"]
-            ops = _profiled_ops(logdir)
-        per_step = {name: sum(t) / cfg["profile_steps"] for name, t in ops.items()}
-        top = sorted(per_step.items(), key=lambda kv: -kv[1])[:12]
-        emit(mode=mode, step_wall_s=wall, kernel_sum_s=sum(per_step.values()), ops=len(ops),
-             top=[{"op": name, "calls_per_step": len(ops[name]) / cfg["profile_steps"], "s_per_step": s,
-                   "gbs": (bytes_of[name] * len(ops[name]) / cfg["profile_steps"] / s / 1e9)
-                   if bytes_of.get(name) and s > 0 else None} for name, s in top])
+    for record in profile.profile_decode(eng, plan, "static", prompt=cfg["prompt"], gen=cfg["gen"],
+                                         steps=cfg["profile_steps"]):
+        emit(**record)
 
 
 # ----------------------------------------------------------------------------- existing benches
