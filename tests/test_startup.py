@@ -36,13 +36,13 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Layers read from each source ({(matrix, layer): reads}) and quantize calls ({bits: n})."""
+    """Experts read from each source ({(matrix, layer): expert ids read, in order}) and quantize
+    calls ({bits: n})."""
     reads, quantized = {}, {}
     real_on_device, real_quantize = preset.LazyLayers.on_device, quant.quantize
 
     def on_device(self, i, device=None, experts=slice(None)):
-        key = (self.shape[1:], i)
-        reads[key] = reads.get(key, 0) + 1
+        reads.setdefault((self.shape[1:], i), []).extend(np.arange(self.shape[0])[experts].tolist())
         return real_on_device(self, i, device, experts)
 
     def quantize(w, bits, *a, **k):
@@ -58,7 +58,7 @@ def smoke(seed=0, dtype=jnp.float32):
     return preset.random_checkpoint(preset.preset_config("qwen3-moe-smoke"), dtype, seed=seed, routing_skew=1.0)
 
 
-def test_one_pass_reads_each_layer_once_and_quantizes_each_width_once_per_layer(cache, calls):
+def test_one_pass_reads_each_expert_once_and_quantizes_it_once_per_width(cache, calls):
     reads, quantized = calls
     ckpt = smoke()
     L, E = len(ckpt.config.moe_layers), ckpt.config.num_experts
@@ -66,14 +66,42 @@ def test_one_pass_reads_each_layer_once_and_quantizes_each_width_once_per_layer(
     mid[:, :3] = True  # a mixed fallback: int4, three experts a layer at int8, and an int8 bank
     state, bank = tiers.fallback_and_bank(ckpt.experts, 4, 64, "rtn", mid_bits=8, mid=mid, bank_bits=8,
                                           source=ckpt.source)
-    assert set(reads.values()) == {1} and len(reads) == 2 * L  # gate_up and down of each layer, once
-    assert quantized == {4: 2 * L, 8: 4 * L}  # per layer and matrix: the fallback, the mid experts, the bank
+    assert len(reads) == 2 * L and all(sorted(ids) == list(range(E)) for ids in reads.values())
+    # Per layer and matrix: the int4 experts at int4 and at int8 (the bank's), then the mid ones
+    # at int8 once (the mid tier's and the bank's in one call).
+    assert quantized == {4: 2 * L, 8: 4 * L}
     assert [t.rows for t in state.tiers] == [L * E - 3 * L, 3 * L] and len(bank) == L
     reads.clear(), quantized.clear()
     again, bank2 = tiers.fallback_and_bank(smoke().experts, 4, 64, "rtn", mid_bits=8, mid=mid, bank_bits=8,
                                            source=ckpt.source)
     assert reads == {} and quantized == {}  # the second start maps what the first converted
     for a, b in zip(jax.tree.leaves((state.tiers, bank)), jax.tree.leaves((again.tiers, bank2))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_conversion_in_chunks_is_the_whole_one_and_quantizes_each_expert_at_its_widths_only(monkeypatch):
+    ckpt = smoke()
+    host = ckpt.experts
+    L, E = len(ckpt.config.moe_layers), ckpt.config.num_experts
+    mid = np.zeros((L, E), bool)
+    mid[:, ::5] = True  # 7 of 32 experts a layer at int8, 25 at int4
+    targets = [tiers.Target(4, ~mid), tiers.Target(8, mid)]
+    rows = {}
+    real = tiers._quantize
+
+    def counting(w, bits, *a):
+        rows[bits] = rows.get(bits, 0) + w.shape[0]
+        return real(w, bits, *a)
+
+    monkeypatch.setattr(tiers, "_quantize", counting)
+    whole = tiers.convert(host, targets, 64, "rtn")
+    assert rows == {4: 2 * 25 * L, 8: 2 * 7 * L}
+    rows.clear()
+    expert_bytes = sum(int(np.prod(s[1:])) for s in host.shapes) * host.dtype.itemsize
+    chunked = tiers.convert(host, targets, 64, "rtn", room=3 * expert_bytes * 5 // 4)  # three experts a call
+    # Reads of three: 25 int4 experts in 9 (the last padded with two repeats), 7 int8 ones in 3.
+    assert rows == {4: 2 * 27 * L, 8: 2 * 9 * L}
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

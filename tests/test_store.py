@@ -200,3 +200,18 @@ def test_checkpoints_sharing_a_cache_keep_each_others_entries(source, tmp_path, 
     build(experts_from(ckpt), ckpt)
     assert quantize_calls == [] and len(entries(cache)) == 2
     assert store.profile_path(ckpt).parent == store.source_dir(ckpt.resolve())  # the profile sits beside them
+
+
+def test_rows_put_in_any_order_and_repeated_are_the_array_the_entry_verifies(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "WRITE_AHEAD", 16)  # each write waits for the last: the writing thread keeps up
+    a = np.arange(30, dtype=np.float32).reshape(10, 3)
+    (tmp_path / "tmp").mkdir()
+    w = store.ArrayWriter(tmp_path / "tmp", tmp_path / "entry", {"x": (a.shape, a.dtype)}, {})
+    w.put_rows("x", a[[5, 6, 9, 9]], [5, 6, 9, 9])  # a padded block: its last row again
+    w.put_rows("x", a[[0, 1, 2, 4, 7, 8]], [0, 1, 2, 4, 7, 8])
+    w.put_rows("x", a[3:4], [3])
+    with pytest.raises(ValueError, match="rows"):
+        w.put_rows("x", a[:2], [4, 2])  # not ascending
+    w.written("x", 0, 10)
+    np.testing.assert_array_equal(w.commit()["x"], a)
+    np.testing.assert_array_equal(store.read_arrays(tmp_path / "entry")["x"], a)

@@ -151,8 +151,8 @@ class LayerSource(collections.abc.Sequence):
         """Every `stride`-th column of layer `i`, [E, K, N // stride] on the host."""
         return np.ascontiguousarray(self[i][..., ::stride])
 
-    def on_device(self, i: int, device=None, experts: slice = slice(None)) -> jax.Array:
-        """Experts `experts` of layer `i`, [E', K, N], on `device`."""
+    def on_device(self, i: int, device=None, experts: slice | np.ndarray = slice(None)) -> jax.Array:
+        """Experts `experts` (a slice, or expert ids) of layer `i`, [E', K, N], on `device`."""
         return jax.device_put(np.ascontiguousarray(self[i][experts]), device)
 
 
@@ -208,9 +208,10 @@ class HostExperts:
                      else np.ascontiguousarray(np.asarray(s[layer])[..., ::st])
                      for s, st in zip((self.gate_up, self.down), strides))
 
-    def on_device(self, layer: int, device=None, experts: slice = slice(None)) -> tuple[jax.Array, jax.Array]:
-        """Experts `experts` of MoE layer `layer` on `device`: (gate_up, down), made there where
-        the source can."""
+    def on_device(self, layer: int, device=None,
+                  experts: slice | np.ndarray = slice(None)) -> tuple[jax.Array, jax.Array]:
+        """Experts `experts` (a slice, or expert ids) of MoE layer `layer` on `device`:
+        (gate_up, down), made there where the source can."""
         return tuple(s.on_device(layer, device, experts) if isinstance(s, LayerSource)
                      else jax.device_put(np.ascontiguousarray(np.asarray(s[layer])[experts]), device)
                      for s in (self.gate_up, self.down))

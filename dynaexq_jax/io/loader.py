@@ -631,12 +631,12 @@ class CheckpointLayers(LayerSource):
                                   f"{self.dtype}); the checkpoint is damaged: download or export it again")
         return sample
 
-    def on_device(self, layer: int, device=None, experts: slice = slice(None)) -> jax.Array:
+    def on_device(self, layer: int, device=None, experts: slice | np.ndarray = slice(None)) -> jax.Array:
         """Expert by expert into one device buffer: the host holds one expert at a time."""
-        ids = range(self.shape[0])[experts]
+        ids = np.arange(self.shape[0])[experts]
         buf = jnp.zeros((len(ids),) + self.shape[1:], self.dtype, device=device)
         for k, e in enumerate(ids):
-            buf = write_rows(buf, jax.device_put(self._experts(layer, range(e, e + 1)), device), k)
+            buf = write_rows(buf, jax.device_put(self._experts(layer, range(int(e), int(e) + 1)), device), k)
         return buf
 
 

@@ -277,13 +277,13 @@ class LazyLayers(LayerSource):
             self._roll_into(out[e], layer, e, pool=self._columns[stride])
         return out
 
-    def on_device(self, layer: int, device=None, experts: slice = slice(None)) -> jax.Array:
+    def on_device(self, layer: int, device=None, experts: slice | np.ndarray = slice(None)) -> jax.Array:
         self._check(layer)
         device = device or jax.devices()[0]
         if device not in self._device_pool:  # each pool matrix twice along K: a roll is one slice
             self._device_pool[device] = jax.device_put(np.stack([np.concatenate([m, m]) for m in self.pool]), device)
-        ids = range(self.shape[0])[experts]
-        picks = np.array([self._pick(layer, e) for e in ids], np.int32)  # [E', 2]
+        ids = np.arange(self.shape[0])[experts]
+        picks = np.array([self._pick(layer, int(e)) for e in ids], np.int32)  # [E', 2]
         return _rolled(self._device_pool[device], jax.device_put(picks, device), self.shape[1])
 
 

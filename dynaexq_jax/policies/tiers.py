@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import hashlib
 import sys
 import threading
@@ -144,33 +145,37 @@ def _cut(w, a: int, b: int):
 
 
 class _Stack:
-    """A device tier of `rows` experts (dense, or packed), filled layer by layer (donated
+    """A device tier of `rows` experts (dense, or packed), filled as the layers come (donated
     in-place updates)."""
 
-    def __init__(self, abstract, device, spare: int = 0):
-        """`spare`: rows past the tier's end for a block padded beyond its real rows (cut off
-        when the tier is done)."""
-        self.device, self.next, self.abstract, self.spare = device, 0, abstract, spare
+    def __init__(self, abstract, device):
+        self.device, self.next, self.abstract = device, 0, abstract
         packed = isinstance(abstract, (quant.QuantizedTensor, quant.Mxfp4Tensor))
         self.names = _leaf_names(MXFP4 if isinstance(abstract, quant.Mxfp4Tensor) else 4) if packed else None
-        self.buffers = [jnp.zeros((a.shape[0] + spare,) + a.shape[1:], a.dtype, device=device)
-                        for a in self._leaves(abstract)]
+        self.buffers = [jnp.zeros(a.shape, a.dtype, device=device) for a in self._leaves(abstract)]
 
     def _leaves(self, w) -> list:
         return [w] if self.names is None else [getattr(w, n) for n in self.names]
 
-    def write(self, block, rows: int | None = None) -> None:
-        """Append `block`'s first `rows` rows (all: None); rows past them land in the rows the
-        next block overwrites, or in the spare ones."""
-        start = jax.device_put(np.int32(self.next), self.device)
-        self.buffers = [write_rows(b, jax.device_put(x, self.device), start)
-                        for b, x in zip(self.buffers, self._leaves(block))]
-        self.next += block.shape[0] if rows is None else rows
+    def write(self, block, rows: np.ndarray | None = None) -> None:
+        """`block`'s rows into the tier's rows `rows` (repeats allowed, of the same row); None:
+        appended after the last block appended."""
+        put = lambda x: jax.device_put(x, self.device)
+        if rows is None:
+            start = put(np.int32(self.next))
+            self.buffers = [write_rows(b, put(x), start) for b, x in zip(self.buffers, self._leaves(block))]
+            self.next += block.shape[0]
+        else:
+            at = put(np.asarray(rows, np.int32))
+            self.buffers = [_scatter_rows(b, put(x), at) for b, x in zip(self.buffers, self._leaves(block))]
 
     def tensor(self):
-        rows = self.abstract.shape[0]
-        buffers = [b[:rows] for b in self.buffers] if self.spare else self.buffers
-        return buffers[0] if self.names is None else _filled(self.abstract, dict(zip(self.names, buffers)))
+        return self.buffers[0] if self.names is None else _filled(self.abstract, dict(zip(self.names, self.buffers)))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter_rows(buf, x, rows):
+    return buf.at[rows].set(x)
 
 
 def convert(host: HostExperts, targets: list[Target], group_size: int, method: str, *, source=None, device=None,
@@ -204,8 +209,7 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
             todo.append((j, t, entry.writer(_spec(host, t, group_size)) if entry is not None else None))
     # Device tiers made layer by layer: converted ones (unless the CPU maps the cache's file), a
     # shipped MXFP4 tier's layers.
-    n = _chunk(host, room, subsets=any(t.experts is not None for _, t, _ in todo))
-    stacks = {j: tuple(_Stack(a, device, _padded(t, L, E, n)) for a in abstract[j])
+    stacks = {j: tuple(_Stack(a, device) for a in abstract[j])
               for j, t, w in todo if t.on_device and not (on_cpu and w is not None)}
     stacks.update({j: tuple(_Stack(a, device) for a in abstract[j]) for j in per_layer if targets[j].on_device})
     kept = {j: [] for j, t, w in todo if not t.on_device and w is None}  # host targets with no cache to go to
@@ -215,13 +219,14 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
                       file=sys.stderr, disable=not progress, leave=False)
     try:
         row = {j: 0 for j, _, _ in todo}
+        reads = _reads([t for _, t, _ in todo], L, E, _chunk(host, room)) if todo else None
         for i in layers:
             for j in per_layer:
                 if j in stacks:
                     for stack, w in zip(stacks[j], per_layer[j][i]):
                         stack.write(w)
             if todo:
-                _convert_layer(host, i, todo, stacks, kept, row, group_size, method, device, room)
+                _convert_layer(host, i, reads[i], todo, stacks, kept, row, group_size, method, device)
         for j, t, writer in todo:
             if writer is not None and j in stacks:
                 continue  # written behind, from the finished tier
@@ -304,65 +309,86 @@ def _finish_cache_at_exit() -> None:
         pass
 
 
-def _chunk(host: HostExperts, room: int | None, subsets: bool) -> int:
+def _chunk(host: HostExperts, room: int | None) -> int:
     """Experts per conversion call: all of a layer, or as many as `room` device bytes hold: the
-    call's input in the checkpoint's dtype, a subset's picks gathered from it (a second copy,
-    `subsets`), and the packed output (a quarter of it at most; XLA's own temporaries are a few
-    MB: `jax.jit(quant._pack_codes).lower(...).compile().memory_analysis()`)."""
+    call's input in the checkpoint's dtype and the packed output (a quarter of it at most;
+    XLA's own temporaries are a few MB:
+    `jax.jit(quant._pack_codes).lower(...).compile().memory_analysis()`)."""
     E = host.num_experts
     if room is None:
         return E
-    per_expert = sum(int(np.prod(s[1:])) for s in host.shapes) * host.dtype.itemsize * (9 if subsets else 5) // 4
+    per_expert = sum(int(np.prod(s[1:])) for s in host.shapes) * host.dtype.itemsize * 5 // 4
     return int(max(1, min(E, room // max(per_expert, 1))))
 
 
-def _padded(t: Target, L: int, E: int, n: int) -> int:
-    """Rows a subset target's conversion call takes from a chunk of `n` experts: the most any
-    layer picks, so every call has one shape (one compilation, not one per layer)."""
-    if t.experts is None:
-        return 0
-    return min(n, max(len(t.picks(i, E)) for i in range(L)))
+def _reads(targets: list[Target], L: int, E: int, n: int) -> list[list[tuple[tuple[int, ...], np.ndarray]]]:
+    """Per layer, the conversion's reads: (the targets that take them, expert ids). Each expert
+    of a layer is read once, with the experts every one of the same targets take, at most `n`
+    a read (so no call quantizes an expert a target does not take); every read of the same
+    targets has one length (one compilation, not one per layer): the group's longest over the
+    layers, or `n`, the last read of a group padded by repeating its last expert."""
+    member = [np.stack([np.isin(np.arange(E), t.picks(i, E)) for t in targets], axis=1) for i in range(L)]  # [E, T]
+    groups = []  # per layer: (targets, their experts)
+    for m in member:
+        sigs, inverse = np.unique(m, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        found = [(tuple(int(j) for j in np.flatnonzero(sig)), np.flatnonzero(inverse == g))
+                 for g, sig in enumerate(sigs) if sig.any()]
+        groups.append(sorted(found, key=lambda g: g[1][0]))
+    longest = {}
+    for layer in groups:
+        for who, ids in layer:
+            longest[who] = max(longest.get(who, 0), len(ids))
+    out = []
+    for layer in groups:
+        reads = []
+        for who, ids in layer:
+            size = min(n, longest[who])
+            for a in range(0, len(ids), size):
+                part = ids[a : a + size]
+                reads.append((who, np.concatenate([part, np.full(size - len(part), part[-1])])))
+        out.append(reads)
+    return out
 
 
-def _convert_layer(host, i, todo, stacks, kept, row, group_size, method, device, room) -> None:
-    """Layer `i` read once (in chunks of experts if `room` asks), each target's experts
-    quantized on the device, written into its device stack, its cache entry, or kept; `row`:
-    each target's next row in its entry. A subset's picks are padded (repeating the last) to
-    one count for every layer, and the padding dropped after."""
-    L, E = host.num_layers, host.num_experts
-    n = _chunk(host, room, subsets=any(t.experts is not None for _, t, _ in todo))
-    pieces = ((np.arange(a, min(a + n, E)), host.on_device(i, device, experts=slice(a, min(a + n, E))))
-              for a in range(0, E, n))
-    out = {j: ([], []) for j, _, _ in todo}  # per target: the chunks' (gate_up, down) packed tensors, real rows
-    for ids, ws in pieces:
-        for j, t, _ in todo:
-            local = np.flatnonzero(np.isin(ids, t.picks(i, E)))
-            if not len(local):
-                continue
-            pad = min(_padded(t, L, E, n), len(ids)) if t.experts is not None else len(local)
-            idx = None if pad == len(ids) and len(local) == len(ids) else jax.device_put(
-                np.concatenate([local, np.full(pad - len(local), local[-1])]).astype(np.int32), device)
+def _convert_layer(host, i, reads, todo, stacks, kept, row, group_size, method, device) -> None:
+    """Layer `i`'s experts, read as `reads` says (`_reads`), each read quantized once per width
+    its targets want and written at each target's rows: into its device stack, its cache
+    entry's file (hashed once the layer is whole) or a kept host copy;
+    `row`: each target's first row of this layer in its entry."""
+    E = host.num_experts
+    picks = {j: t.picks(i, E) for j, t, _ in todo}
+    bits = {j: t.bits for j, t, _ in todo}
+    shapes = {j: _abstract(host, t.bits, group_size, len(picks[j])) for j, t, _ in todo}
+    kept_now = {j: [{leaf: np.empty(getattr(a, leaf).shape, getattr(a, leaf).dtype) for leaf in _leaf_names(bits[j])}
+                    for a in shapes[j]] for j in kept}  # per matrix, this layer's leaves
+    for who, ids in reads:
+        ws = host.on_device(i, device, experts=ids)
+        for b in dict.fromkeys(bits[j] for j in who):
             for m, w in enumerate(ws):
-                q = _quantize(w if idx is None else jnp.take(w, idx, axis=0), t.bits, group_size, method)
-                if j in stacks:
-                    stacks[j][m].write(q, len(local))
-                out[j][m].append((q, len(local)))
+                q = _quantize(w, b, group_size, method)
+                for j, t, writer in todo:
+                    if j not in who or bits[j] != b:
+                        continue
+                    at = np.searchsorted(picks[j], ids)  # the read's rows in the target's layer
+                    if j in stacks:
+                        stacks[j][m].write(q, row[j] + at)
+                        continue
+                    for leaf in _leaf_names(b):
+                        x = np.asarray(getattr(q, leaf))  # on the CPU, a view of the device's buffer
+                        if j in kept_now:
+                            kept_now[j][m][leaf][at] = x
+                        else:
+                            writer.put_rows(f"{_PIECES[m]}/{leaf}", x, row[j] + at)
     for j, t, writer in todo:
-        if j in stacks or (writer is None and j not in kept):
-            continue  # a device tier's cache entry is written behind, from the finished tier
-        layer = []
-        for name, qs in zip(_PIECES, out[j]):
-            qs = [_cut(jax.tree.map(np.asarray, q), 0, k) for q, k in qs]  # on the CPU, views of the device's buffers
-            leaves = {leaf: np.concatenate(parts) if len(parts) > 1 else parts[0]
-                      for leaf in _leaf_names(t.bits) for parts in [[getattr(q, leaf) for q in qs]]}
-            if writer is not None:
-                for leaf, a in leaves.items():
-                    writer.put(f"{name}/{leaf}", a, row[j])
-            rows = sum(q.shape[0] for q in qs)
-            layer.append(dataclasses.replace(qs[0], **leaves, shape=(rows,) + tuple(qs[0].shape[1:])))
-        row[j] += layer[0].shape[0]
-        if j in kept:
-            kept[j].append(tuple(layer))
+        n = len(picks[j])
+        if writer is not None and j not in stacks:
+            for name in _PIECES:
+                for leaf in _leaf_names(t.bits):
+                    writer.written(f"{name}/{leaf}", row[j], row[j] + n)
+        elif j in kept:
+            kept[j].append(tuple(_filled(a, leaves) for a, leaves in zip(shapes[j], kept_now[j])))
+        row[j] += n
 
 
 def error_stride(n: int) -> int:
