@@ -55,8 +55,9 @@ def parse_args(argv=None):
 def worker(args) -> None:
     """One start, in this fresh process: its figures as one JSON line on stdout."""
     from dynaexq_jax import budget as budget_lib
-    from dynaexq_jax.runtime import compile_cache, startup
+    from dynaexq_jax.runtime import compile_cache, host_memory, startup
 
+    host_memory.reuse_freed_memory()  # as the commands do
     compile_cache.enable()
     source, policy, budget = args.worker
     out = startup.measure(source, policy, None if budget == "none" else budget_lib.parse_size(budget),

@@ -93,6 +93,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from dynaexq_jax.runtime import host_memory
+
+    host_memory.reuse_freed_memory()
     try:
         run(args)
     except UserError as e:

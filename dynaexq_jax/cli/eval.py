@@ -146,8 +146,9 @@ def run(args) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dynaexq_jax.eval import evaluate
-    from dynaexq_jax.runtime import compile_cache
+    from dynaexq_jax.runtime import compile_cache, host_memory
 
+    host_memory.reuse_freed_memory()
     compile_cache.enable()  # DYNAEXQ_COMPILE_CACHE=0 turns it off
     try:
         results = run(args)

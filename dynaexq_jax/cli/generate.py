@@ -231,8 +231,9 @@ def interactive(opts: EngineOptions, budget_bytes, stdin=None) -> list[dict]:
 
 def main(argv=None) -> int:
     opts = EngineOptions.from_args(parse_args(argv))
-    from dynaexq_jax.runtime import compile_cache
+    from dynaexq_jax.runtime import compile_cache, host_memory
 
+    host_memory.reuse_freed_memory()
     compile_cache.enable(opts.model.compile_cache)
     try:
         with warnings.catch_warnings():

@@ -24,8 +24,9 @@ def main() -> int:
         print('error: lm-eval is not installed; pip install -e ".[eval]"', file=sys.stderr)
         return 2
     from dynaexq_jax.eval import lm_eval as _registers_dynaexq  # noqa: F401
-    from dynaexq_jax.runtime import compile_cache
+    from dynaexq_jax.runtime import compile_cache, host_memory
 
+    host_memory.reuse_freed_memory()
     compile_cache.enable()
     try:
         with one_line_errors():  # lm-eval's own parser refuses a bad argument in one line too

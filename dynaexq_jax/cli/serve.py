@@ -150,8 +150,9 @@ def load_and_serve(args, opts: EngineOptions, budget_bytes, model, cfg, sizes, s
 def main(argv=None) -> int:
     args = parse_args(argv)
     opts = EngineOptions.from_args(args)
-    from dynaexq_jax.runtime import compile_cache
+    from dynaexq_jax.runtime import compile_cache, host_memory
 
+    host_memory.reuse_freed_memory()
     compile_cache.enable(opts.model.compile_cache)
     try:
         with warnings.catch_warnings():
