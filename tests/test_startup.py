@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import textwrap
 import tracemalloc
 
 import jax
@@ -105,6 +106,19 @@ def test_a_conversion_in_chunks_is_the_whole_one_and_quantizes_each_expert_at_it
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_target_converted_beside_one_from_the_cache_is_the_one_converted_alone(cache):
+    ckpt = smoke()
+    L, E = len(ckpt.config.moe_layers), ckpt.config.num_experts
+    mid = np.zeros((L, E), bool)
+    mid[:, 1::4] = True
+    lo, hi = tiers.Target(4, ~mid), tiers.Target(8, mid)
+    (alone,) = tiers.convert(ckpt.experts, [hi], 64, "rtn")  # no cache
+    tiers.convert(ckpt.experts, [lo], 64, "rtn", source=ckpt.source)
+    _, beside = tiers.convert(smoke().experts, [lo, hi], 64, "rtn", source=ckpt.source)  # lo mapped, hi converted
+    for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(beside)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def mapping_of(address: int) -> str | None:
     """The file mapped at `address` in this process (/proc/self/maps), or None."""
     with open("/proc/self/maps") as f:
@@ -114,6 +128,29 @@ def mapping_of(address: int) -> str | None:
             if lo <= address < hi:
                 return rest[4] if len(rest) > 4 else None
     return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_a_command_serves_big_buffers_from_its_heap_so_freed_pages_are_reused():
+    """Fresh pages cost a fault each (0.75-1.9 s a GB on the CPU machines): after
+    `reuse_freed_memory` (which the commands call) a 100 MB buffer comes from the heap, whose
+    freed memory the next buffer reuses, not from a mapping of its own returned on free."""
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from dynaexq_jax.runtime import host_memory
+        if sys.argv[1] == "reuse":
+            assert host_memory.reuse_freed_memory()
+        a = np.ones(100 << 20, np.uint8)
+        for line in open("/proc/self/maps"):
+            span, *rest = line.split()
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= a.ctypes.data < hi:
+                print(rest[4] if len(rest) > 4 else "anonymous")
+        """)
+    where = {how: subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, check=True).stdout
+             for how in ("reuse", "default")}
+    assert where == {"reuse": "[heap]\n", "default": "anonymous\n"}
 
 
 def test_a_warm_cpu_tier_is_the_mapped_cache_file(cache):

@@ -219,7 +219,7 @@ def convert(host: HostExperts, targets: list[Target], group_size: int, method: s
                       file=sys.stderr, disable=not progress, leave=False)
     try:
         row = {j: 0 for j, _, _ in todo}
-        reads = _reads([t for _, t, _ in todo], L, E, _chunk(host, room)) if todo else None
+        reads = _reads({j: t for j, t, _ in todo}, L, E, _chunk(host, room)) if todo else None
         for i in layers:
             for j in per_layer:
                 if j in stacks:
@@ -321,18 +321,21 @@ def _chunk(host: HostExperts, room: int | None) -> int:
     return int(max(1, min(E, room // max(per_expert, 1))))
 
 
-def _reads(targets: list[Target], L: int, E: int, n: int) -> list[list[tuple[tuple[int, ...], np.ndarray]]]:
-    """Per layer, the conversion's reads: (the targets that take them, expert ids). Each expert
+def _reads(targets: dict[int, Target], L: int, E: int, n: int) -> list[list[tuple[tuple[int, ...], np.ndarray]]]:
+    """Per layer, the conversion's reads: (the targets that take them, by their keys in
+    `targets`; expert ids). Each expert
     of a layer is read once, with the experts every one of the same targets take, at most `n`
     a read (so no call quantizes an expert a target does not take); every read of the same
     targets has one length (one compilation, not one per layer): the group's longest over the
     layers, or `n`, the last read of a group padded by repeating its last expert."""
-    member = [np.stack([np.isin(np.arange(E), t.picks(i, E)) for t in targets], axis=1) for i in range(L)]  # [E, T]
+    keys = list(targets)
+    member = [np.stack([np.isin(np.arange(E), targets[j].picks(i, E)) for j in keys], axis=1)
+              for i in range(L)]  # per layer [E, targets]
     groups = []  # per layer: (targets, their experts)
     for m in member:
         sigs, inverse = np.unique(m, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
-        found = [(tuple(int(j) for j in np.flatnonzero(sig)), np.flatnonzero(inverse == g))
+        found = [(tuple(keys[k] for k in np.flatnonzero(sig)), np.flatnonzero(inverse == g))
                  for g, sig in enumerate(sigs) if sig.any()]
         groups.append(sorted(found, key=lambda g: g[1][0]))
     longest = {}
