@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from dynaexq_jax import budget as budget_lib
 from dynaexq_jax.experts import quant
@@ -299,6 +300,20 @@ def test_a_run_whose_host_memory_cannot_fit_is_refused_before_converting(monkeyp
     refusal = r"needs .* of host memory .* and 1.00 KB is available; free host memory"
     with pytest.raises(budget_lib.BudgetError, match=refusal):
         build_engine(smoke(), "dynaexq", budget=budget_lib.parse_size("40MB"), **SHAPE)
+
+
+def test_a_checkpoints_experts_made_on_the_device_are_its_layers_and_a_nan_is_refused(tmp_path):
+    path, _ = exported(tmp_path, layers=1, experts=4, hidden=256)
+    ckpt = loader.load(path, jnp.float32)  # stored bf16: cast on the device too
+    ids = np.array([3, 1, 1])
+    for source in (ckpt.experts.gate_up, ckpt.experts.down):
+        np.testing.assert_array_equal(np.asarray(source.on_device(0, experts=ids)), source[0][ids])
+    tensors = load_file(path / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("experts.1.up_proj.weight"))
+    tensors[name][5, 7] = float("nan")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(loader.CheckpointError, match="NaN or Inf"):
+        loader.load(path, jnp.float32).experts.gate_up.on_device(0, experts=ids)
 
 
 def test_a_checkpoints_column_sample_reads_rows_of_its_files_and_equals_the_layers_columns(tmp_path):
