@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from dynaexq_jax import budget as budget_lib
-from dynaexq_jax.experts import quant
+from dynaexq_jax.experts import quant, swap
 from dynaexq_jax.io import hf_export, loader, preset, store
 from dynaexq_jax.models import registry
 from dynaexq_jax.policies import tiers
@@ -303,11 +303,18 @@ def test_a_run_whose_host_memory_cannot_fit_is_refused_before_converting(monkeyp
 
 
 def test_a_checkpoints_experts_made_on_the_device_are_its_layers_and_a_nan_is_refused(tmp_path):
+    """Conversion reads and promotions copy a checkpoint's tensors as stored ([out, in]) and
+    put them in our layout on the device."""
     path, _ = exported(tmp_path, layers=1, experts=4, hidden=256)
     ckpt = loader.load(path, jnp.float32)  # stored bf16: cast on the device too
     ids = np.array([3, 1, 1])
     for source in (ckpt.experts.gate_up, ckpt.experts.down):
         np.testing.assert_array_equal(np.asarray(source.on_device(0, experts=ids)), source[0][ids])
+    bank = tiers.host_bank(ckpt.experts)
+    promoted = bank.arrive(swap.stage(bank[0, 2]))
+    for a, b in zip(promoted, ckpt.experts.expert(0, 2)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), b)
     tensors = load_file(path / "model.safetensors")
     name = next(k for k in tensors if k.endswith("experts.1.up_proj.weight"))
     tensors[name][5, 7] = float("nan")

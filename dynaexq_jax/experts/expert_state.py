@@ -147,6 +147,15 @@ class LayerSource(collections.abc.Sequence):
         """Expert `e` of layer `i`, [K, N] on the host."""
         return self[i][e]
 
+    def stored_expert(self, i: int, e: int) -> tuple[np.ndarray, ...]:
+        """Expert `e` of layer `i` as the source holds it, for a copy to a device that
+        `in_layout` then makes [K, N] (default: `expert`, already so)."""
+        return (self.expert(i, e),)
+
+    def in_layout(self, stored: tuple) -> jax.Array:
+        """A `stored_expert` copied to a device -> [K, N] there."""
+        return stored[0]
+
     def columns(self, i: int, stride: int) -> np.ndarray:
         """Every `stride`-th column of layer `i`, [E, K, N // stride] on the host."""
         return np.ascontiguousarray(self[i][..., ::stride])
@@ -200,6 +209,17 @@ class HostExperts:
         """Expert `e` of MoE layer `layer` on the host: (gate_up [H, 2I], down [I, H])."""
         return tuple(s.expert(layer, e) if isinstance(s, LayerSource) else s[layer][e]
                      for s in (self.gate_up, self.down))
+
+    def stored_expert(self, layer: int, e: int) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+        """Expert `e` of MoE layer `layer` as its sources hold it (views of a mapped checkpoint,
+        say): what a transfer copies, `expert_in_layout` makes (gate_up, down) of on the device."""
+        return tuple(s.stored_expert(layer, e) if isinstance(s, LayerSource) else (s[layer][e],)
+                     for s in (self.gate_up, self.down))
+
+    def expert_in_layout(self, stored: tuple) -> tuple[jax.Array, jax.Array]:
+        """A `stored_expert` copied to a device -> (gate_up [H, 2I], down [I, H]) there."""
+        return tuple(s.in_layout(p) if isinstance(s, LayerSource) else p[0]
+                     for s, p in zip((self.gate_up, self.down), stored))
 
     def columns(self, layer: int, strides: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Every `strides[m]`-th output column of MoE layer `layer`'s matrix m: (gate_up [E, H,

@@ -631,6 +631,28 @@ class CheckpointLayers(LayerSource):
         return self._fused(layer) is None and all(t.linear and not t.interleaved and t.cols is None
                                                   for t in self.fam.expert_tensors(self.cfg, i, 0))
 
+    @functools.cached_property
+    def _all_plain(self) -> bool:
+        return all(self._plain(layer) for layer in range(self.num_layers))
+
+    def _parts(self, layer: int, e: int) -> list:
+        """This item's stored tensors of expert `e`: gate and up, or down."""
+        g, u, d = self.fam.expert_tensors(self.cfg, self.cfg.moe_layers[layer], int(e))
+        return [g, u] if self.item == 0 else [d]
+
+    def stored_expert(self, layer: int, e: int) -> tuple[np.ndarray, ...]:
+        """The expert's tensors as stored ([out, in] views of the mapped file, no copy): a
+        promotion copies them and `in_layout` transposes them on the device (see `on_device`).
+        Not checked finite again: the conversion read and checked these bytes."""
+        if not self._all_plain:
+            return super().stored_expert(layer, e)
+        return tuple(self.r.stored(t) for t in self._parts(layer, e))
+
+    def in_layout(self, stored: tuple) -> jax.Array:
+        if not self._all_plain:
+            return super().in_layout(stored)
+        return _expert_in_our_layout(tuple(stored), self.dtype)
+
     def columns(self, layer: int, stride: int) -> np.ndarray:
         """Every `stride`-th column of each stored matrix: its every stride-th row in the file
         ([out, in]), read contiguously (gate's, then up's, for gate_up)."""
@@ -656,14 +678,12 @@ class CheckpointLayers(LayerSource):
         layouts: expert by expert in our layout into one device buffer."""
         ids = np.arange(self.shape[0])[experts]
         if self._plain(layer):
-            i = self.cfg.moe_layers[layer]
-            parts = (0, 1) if self.item == 0 else (2,)  # of (gate, up, down)
-            stored = [jax.device_put(self.r.stored(self.fam.expert_tensors(self.cfg, i, int(e))[k]), device)
-                      for e in ids for k in parts]
-            x, finite = _in_our_layout(stored, len(parts), self.dtype)
+            stored = [jax.device_put(self.r.stored(t), device) for e in ids for t in self._parts(layer, e)]
+            x, finite = _in_our_layout(stored, 2 if self.item == 0 else 1, self.dtype)
             if not finite:
-                raise CheckpointError(f"MoE layer {i}'s experts hold NaN or Inf values (or values too large for "
-                                      f"{self.dtype}); the checkpoint is damaged: download or export it again")
+                raise CheckpointError(f"MoE layer {self.cfg.moe_layers[layer]}'s experts hold NaN or Inf values "
+                                      f"(or values too large for {self.dtype}); the checkpoint is damaged: "
+                                      "download or export it again")
             return x
         buf = jnp.zeros((len(ids),) + self.shape[1:], self.dtype, device=device)
         for k, e in enumerate(ids):
@@ -679,6 +699,11 @@ def _in_our_layout(stored: list, parts: int, dtype):
     E, P, O, K = x.shape
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(E, K, P * O).astype(dtype)
     return x, jnp.all(jnp.isfinite(x))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _expert_in_our_layout(stored: tuple, dtype):
+    return jnp.concatenate([t.T for t in stored], axis=-1).astype(dtype)
 
 
 def to_device(tree):

@@ -533,7 +533,8 @@ def host_bank(host: HostExperts, hi_layers: list | None = None, device=None) -> 
             not jax.tree.leaves(first)[0].flags.owndata else "process memory"
         return HostBank(lambda l, e: tuple(one(w, e) for w in hi_layers[l]), nbytes, kind, device)
     nbytes = sum(int(np.prod(s[1:])) for s in host.shapes) * host.dtype.itemsize
-    return HostBank(host.expert, nbytes, getattr(host.gate_up, "memory_kind", "process memory"), device)
+    return HostBank(host.stored_expert, nbytes, getattr(host.gate_up, "memory_kind", "process memory"), device,
+                    arrive=host.expert_in_layout)
 
 
 def abstract_state(host: HostExperts, policy: str, plan, opts) -> ExpertState | None:
