@@ -691,19 +691,28 @@ class CheckpointLayers(LayerSource):
         return buf
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _in_our_layout(stored: list, parts: int, dtype):
+def _in_our_layout(stored: list, parts: int, dtype) -> tuple[jax.Array, jax.Array]:
     """E * `parts` stored [out, in] tensors, expert-major -> ([E, in, parts * out] in `dtype`:
-    gate's columns then up's; whether every value is finite)."""
-    x = jnp.stack(stored).reshape(-1, parts, *stored[0].shape)  # [E, parts, out, in]
-    E, P, O, K = x.shape
-    x = jnp.transpose(x, (0, 3, 1, 2)).reshape(E, K, P * O).astype(dtype)
-    return x, jnp.all(jnp.isfinite(x))
+    gate's columns then up's; whether every value is finite). Two calls: XLA's CPU backend
+    fuses the transposes into the stack and runs the whole at 0.15 GB/s; apart, at 1 GB/s."""
+    experts, finite = _transposed(stored, parts)
+    return _stacked(experts, dtype), finite
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _transposed(stored: list, parts: int):
+    experts = [jnp.concatenate(stored[e : e + parts], axis=0).T for e in range(0, len(stored), parts)]
+    return experts, jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in stored]))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _stacked(experts: list, dtype):
+    return jnp.stack(experts).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _expert_in_our_layout(stored: tuple, dtype):
-    return jnp.concatenate([t.T for t in stored], axis=-1).astype(dtype)
+    return jnp.concatenate(stored, axis=0).T.astype(dtype)
 
 
 def to_device(tree):
