@@ -133,7 +133,7 @@ def mapping_of(address: int) -> str | None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
 def test_a_command_serves_big_buffers_from_its_heap_so_freed_pages_are_reused():
-    """Fresh pages cost a fault each (0.75-1.9 s a GB on the CPU machines): after
+    """Fresh pages cost a fault each (up to 2.7 s a GB on the CPU machines): after
     `reuse_freed_memory` (which the commands call) a 100 MB buffer comes from the heap, whose
     freed memory the next buffer reuses, not from a mapping of its own returned on free."""
     code = textwrap.dedent("""

@@ -338,15 +338,14 @@ class ArrayWriter:
     block; `put_rows` writes rows in any order, and `written` hashes a block of them once it is
     whole. The writes are `pwrite`s from a thread of their own, at most `WRITE_AHEAD` bytes behind
     the caller (an array put must not change until `commit`), the hashes from a pool: on the
-    2-core CPU machines a fresh page of a mapped file costs 1.75 s a GB to fault in, a written
-    one 0.24 s, and past the first GB the disk takes ~3 s a GB, time the caller spends
-    converting the next experts instead. `commit` waits for them, checks every array was written
-    whole, syncs the file, writes `meta.json` and the folder's
-    marker and renames the temporary folder into the entry. Until then nothing at the entry's
-    name exists, so an interrupted run leaves nothing a later run trusts. `replace`: a folder at
-    the entry's name that the tool made is replaced (the files in it the tool did not write
-    stay), any other is refused (`files.install_dir`); else the first entry made at a name
-    stands.
+    2-core CPU machines a new mapped file's pages cost ~2 s a GB to fault in, `pwrite` ~0.4 s
+    (`scripts/bench_host_memory.py`), and past the first GB the disk takes ~3 s a GB, time the
+    caller spends converting the next experts instead. `commit` waits for them, checks every
+    array was written whole, syncs the file, writes `meta.json` and the folder's marker and
+    renames the temporary folder into the entry. Until then nothing at the entry's name exists,
+    so an interrupted run leaves nothing a later run trusts. `replace`: a folder at the entry's
+    name that the tool made is replaced (the files in it the tool did not write stay), any other
+    is refused (`files.install_dir`); else the first entry made at a name stands.
     """
 
     def __init__(self, tmp: Path, final: Path, spec: dict, meta: dict, replace: bool = False):
@@ -358,7 +357,7 @@ class ArrayWriter:
             raise OSError(errno.ENOSPC, f"No space left on device: {end / 1e9:.2f} GB to write, "
                                         f"{fs.f_bavail * fs.f_frsize / 1e9:.2f} GB free")
         # Not posix_fallocate: rows written in blocks of a few MB into its unwritten extents cost
-        # 3.1 s a GB (ext4, the 2-core CPU machines), into a sparse file 0.27 s.
+        # 1.4-3.1 s a GB the first time (ext4, the 2-core CPU machines), into a sparse file ~0.4 s.
         with open(tmp / ARRAYS, "wb") as f:
             f.write(head)
             f.truncate(end)

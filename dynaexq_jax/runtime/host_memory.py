@@ -1,7 +1,8 @@
 """How the process's C allocator treats big host buffers, set once by a command before its work.
 
 Page faults are the price of fresh host memory on the machines this project runs on: on the
-2-core CPU machines a fresh gigabyte costs 0.75-1.9 s to fault in, a reused one 0.1 s to write.
+2-core CPU machines a fresh gigabyte costs up to 2.7 s to fault in, a reused one 0.1-0.2 s to
+write (`scripts/bench_host_memory.py`).
 glibc hands every allocation above its mmap threshold (at most 32 MB by default) fresh pages and
 returns them on free, and gives each thread its own arena, so a conversion that draws, quantizes
 and frees a read of experts a hundred times pays for fresh pages every time (on the CPU backend
