@@ -3,12 +3,13 @@
 Fallback formats: group-wise integer widths (`quant.QuantizedTensor`) and MXFP4
 (`quant.Mxfp4Tensor`; a checkpoint that ships MXFP4 experts is served from its own bytes).
 
-Conversion is one pass over the MoE layers (`convert`): each layer's experts are read from
-their source once (a mapped checkpoint, a preset made on the device), put on the device, and
-quantized there by one jitted call per width and chunk of experts; a width bound for the device
-is written straight into its stacked tier, and every width also goes to the converted-expert
-cache (`io.store`), streamed a layer at a time, so the host never holds more than the layer in
-flight. A later run maps the cached arrays back instead: nothing is quantized twice.
+Conversion is one pass over the MoE layers (`convert`): each expert is read from its source
+once (a mapped checkpoint, a preset made on the device), with the experts of its layer that go
+to the same tiers (`_reads`), put on the device, and quantized there by one jitted call per
+read and width its tiers want; a width bound for the device is written straight into its
+stacked tier, and every width also goes to the converted-expert cache (`io.store`), streamed a
+read at a time, so the host never holds more than the layer in flight. A later run maps the
+cached arrays back instead: nothing is quantized twice.
 
 Auto tiers rank experts by their quantization errors at every width (`quant_errors`): measured
 on a stated sample, every `error_stride`-th output column of each matrix (a column's groups run
