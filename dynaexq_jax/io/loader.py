@@ -678,9 +678,12 @@ class CheckpointLayers(LayerSource):
         layouts: expert by expert in our layout into one device buffer."""
         ids = np.arange(self.shape[0])[experts]
         if self._plain(layer):
-            stored = [jax.device_put(self.r.stored(t), device) for e in ids for t in self._parts(layer, e)]
-            x, finite = _in_our_layout(stored, 2 if self.item == 0 else 1, self.dtype)
-            if not finite:
+            tensors = [t for e in ids for t in self._parts(layer, e)]
+            x, finite = _in_our_layout([jax.device_put(self.r.stored(t), device) for t in tensors],
+                                       2 if self.item == 0 else 1, self.dtype)
+            if not finite:  # which one: read again on the host, only now
+                for t in tensors:
+                    self.r.get(t)  # raises, naming the tensor
                 raise CheckpointError(f"MoE layer {self.cfg.moe_layers[layer]}'s experts hold NaN or Inf values "
                                       f"(or values too large for {self.dtype}); the checkpoint is damaged: "
                                       "download or export it again")

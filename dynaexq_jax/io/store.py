@@ -400,7 +400,7 @@ class ArrayWriter:
     def _pwrite(self, name: str, rows: np.ndarray, start: int) -> None:
         full = self.arrays[name]
         data = memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))  # bf16 has no buffer format
-        offset = self._ranges[name][0] + start * (full[0].nbytes if full.ndim else 0)
+        offset = self._ranges[name][0] + start * (full.strides[0] if full.ndim else 0)  # C order: a row's bytes
         try:
             self._last = self._io.submit(_write_at, self._fd, data, offset)
         except RuntimeError:  # the interpreter is exiting (a cache written behind a run that ended): write here
