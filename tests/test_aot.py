@@ -194,6 +194,7 @@ condition:
     assert runs.graphs == 1 and runs.outside == 1 and runs.kernels == 147
 
 
+@needs_aot
 def test_latent_attention_decode_reads_the_latent_cache_once():
     """DeepSeek-V3's attention shapes (a 512 + 64 latent per token; 16 heads of 192 + 128 dims,
     8.9 times the latent expanded) at a context where the cache is most of what a decode step

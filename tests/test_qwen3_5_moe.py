@@ -82,7 +82,11 @@ def test_logits_match_transformers_at_every_position(vl_checkpoint):
     for ids, lg in zip(PROMPTS, eng.logits(PROMPTS)):  # one left-padded batch, 128 slots: two chunks
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0].numpy()
-        np.testing.assert_allclose(lg, ref, atol=1e-4, rtol=0)
+        # 2e-4: in the package set pip resolves on 2026-12-05 (transformers 5.24 and 5.25 alike,
+        # torch 2.13, jax 0.10.2), 4 of the 100-token prompt's 30,000 logits differ by 1.1-1.34e-4
+        # (positions 44-63; the largest logit 6.5), where earlier sets stayed within 1e-4 with
+        # the same code (commit 12257a4 fails the same way); not traced to one package.
+        np.testing.assert_allclose(lg, ref, atol=2e-4, rtol=0)
 
 
 def test_greedy_tokens_match_transformers_batched_and_single(vl_checkpoint):
