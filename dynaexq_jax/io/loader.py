@@ -656,20 +656,20 @@ class CheckpointLayers(LayerSource):
     def columns(self, layer: int, stride: int) -> np.ndarray:
         """Every `stride`-th column of each stored matrix: its every stride-th row in the file
         ([out, in]), read contiguously (gate's, then up's, for gate_up)."""
-        i = self.cfg.moe_layers[layer]
         if not self._plain(layer):
             return super().columns(layer, stride)  # a layout this reading does not cover: the whole layer
         out = []
         for e in range(self.shape[0]):
-            g, u, d = self.fam.expert_tensors(self.cfg, i, e)
-            parts = (g, u) if self.item == 0 else (d,)
-            rows = [self.r._read(t.name, slice(None, None, stride)).astype(self.dtype) for t in parts]
+            rows = [self.r._read(t.name, slice(None, None, stride)).astype(self.dtype) for t in self._parts(layer, e)]
             out.append(np.concatenate(rows).T)  # [K, N / stride]
         sample = np.stack(out)
         if not all_finite(sample):  # what is read is checked, as a whole layer is
-            raise CheckpointError(f"MoE layer {i}'s experts hold NaN or Inf values (or values too large for "
-                                  f"{self.dtype}); the checkpoint is damaged: download or export it again")
+            raise self._damaged(layer)
         return sample
+
+    def _damaged(self, layer: int) -> CheckpointError:
+        return CheckpointError(f"MoE layer {self.cfg.moe_layers[layer]}'s experts hold NaN or Inf values (or values "
+                               f"too large for {self.dtype}); the checkpoint is damaged: download or export it again")
 
     def on_device(self, layer: int, device=None, experts: slice | np.ndarray = slice(None)) -> jax.Array:
         """Each tensor as stored ([out, in]) put on the device from the mapped file, and the
@@ -684,9 +684,7 @@ class CheckpointLayers(LayerSource):
             if not finite:  # which one: read again on the host, only now
                 for t in tensors:
                     self.r.get(t)  # raises, naming the tensor
-                raise CheckpointError(f"MoE layer {self.cfg.moe_layers[layer]}'s experts hold NaN or Inf values "
-                                      f"(or values too large for {self.dtype}); the checkpoint is damaged: "
-                                      "download or export it again")
+                raise self._damaged(layer)
             return x
         buf = jnp.zeros((len(ids),) + self.shape[1:], self.dtype, device=device)
         for k, e in enumerate(ids):
@@ -702,9 +700,14 @@ def _in_our_layout(stored: list, parts: int, dtype) -> tuple[jax.Array, jax.Arra
     return _stacked(experts, dtype), finite
 
 
+def _one_in_our_layout(stored) -> jax.Array:
+    """One expert's stored [out, in] tensors (gate and up, or down) -> [in, parts * out]."""
+    return jnp.concatenate(stored, axis=0).T
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _transposed(stored: list, parts: int):
-    experts = [jnp.concatenate(stored[e : e + parts], axis=0).T for e in range(0, len(stored), parts)]
+    experts = [_one_in_our_layout(stored[e : e + parts]) for e in range(0, len(stored), parts)]
     return experts, jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in stored]))
 
 
@@ -715,7 +718,7 @@ def _stacked(experts: list, dtype):
 
 @functools.partial(jax.jit, static_argnums=1)
 def _expert_in_our_layout(stored: tuple, dtype):
-    return jnp.concatenate(stored, axis=0).T.astype(dtype)
+    return _one_in_our_layout(stored).astype(dtype)
 
 
 def to_device(tree):

@@ -270,9 +270,9 @@ def _describe(tree):
     return {"shape": list(tree.shape), "dtype": str(tree.dtype)}
 
 
-def _map(path: Path, writable: bool = False):
-    with open(path, "r+b" if writable else "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+def _map(path: Path):
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 VERIFIED = ENTRY_FILES[2]

@@ -363,7 +363,7 @@ def _convert_layer(host, i, reads, todo, stacks, kept, row, group_size, method, 
     E = host.num_experts
     picks = {j: t.picks(i, E) for j, t, _ in todo}
     bits = {j: t.bits for j, t, _ in todo}
-    shapes = {j: _abstract(host, t.bits, group_size, len(picks[j])) for j, t, _ in todo}
+    shapes = {j: _abstract(host, bits[j], group_size, len(picks[j])) for j in kept}  # a kept layer's
     kept_now = {j: [{leaf: np.empty(getattr(a, leaf).shape, getattr(a, leaf).dtype) for leaf in _leaf_names(bits[j])}
                     for a in shapes[j]] for j in kept}  # per matrix, this layer's leaves
     for who, ids in reads:
