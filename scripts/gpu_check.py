@@ -112,10 +112,6 @@ def stage_device(cfg, costs):
          launch_s=costmodel.kernel_seconds(cfg["chain"], False))
 
 
-def _gb(n) -> str:
-    return "-" if n is None else f"{n / 1e9:.1f}"
-
-
 def case_engine(cfg, name, costs):
     """One policy's engine: built (timed), then each batch warmed (compile) and measured."""
     import jax.numpy as jnp
@@ -256,64 +252,6 @@ def run_part(part: str, cfg, costs: dict, dump: Path, deadline: float) -> dict:
     return result
 
 
-def merged(records: list[dict]) -> dict:
-    out = {}
-    for r in records:
-        out.update(r)
-    return out
-
-
-def markdown(doc: dict) -> str:
-    dev = merged(doc["stages"].get("device", {}).get("records", []))
-    lines = [f"## gpu_check ({doc['date']}, {dev.get('device', '?')}, jax {dev.get('jax', '?')})", ""]
-    if dev:
-        lines += [f"Device: {dev.get('device')} ({(dev.get('memory_bytes') or 0) / 2**30:.0f} GiB, "
-                  f"{dev.get('runtime')}); "
-                  f"h2d pinned {dev.get('h2d_pinned_gbs', float('nan')):.1f} GB/s, pageable "
-                  f"{dev.get('h2d_pageable_gbs', float('nan')):.1f} GB/s; HBM copy {dev.get('copy_gbs', 0):.0f} GB/s, "
-                  f"read {dev.get('read_gbs', 0):.0f} GB/s; a kernel in a chain: "
-                  f"{dev.get('graph_kernel_s', 0) * 1e6:.2f} us in a CUDA graph, {dev.get('launch_s', 0) * 1e6:.2f} us "
-                  "launched alone.", ""]
-    decode = doc["stages"].get("decode", {})
-    if decode:
-        lines += ["| case | batch | status | build s | warm-up s | decode tok/s | step ms | predicted ms | kernels "
-                  "(in graphs / host launches) | bytes / min | peak GB (plan; after build; largest alloc) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, r in decode.items():
-            head = merged([x for x in r["records"] if "batch" not in x])
-            rows = [x for x in r["records"] if "batch" in x] or [{}]
-            for x in rows:
-                pred = x.get("predicted_step_s")
-                lines.append(
-                    f"| {name} | {x.get('batch', '')} | {r['status']} | {head.get('build_s', float('nan')):.0f} | "
-                    f"{x.get('warmup_s', float('nan')):.0f} | {x.get('decode_tokens_per_s', float('nan')):.1f} | "
-                    f"{x.get('step_s', float('nan')) * 1e3:.2f} | {'-' if pred is None else f'{pred * 1e3:.2f}'} | "
-                    + (f"{x['launches']} ({x['in_graphs']} / {x['host_launches']}) | "
-                       f"{x['bytes'] / 1e9:.2f} / {x['min_bytes'] / 1e9:.2f} GB | " if "launches" in x else "- | - | ")
-                    + f"{(x.get('peak_device_bytes') or 0) / 1e9:.1f} ({_gb(head.get('accounted_bytes'))}; "
-                    f"{_gb(head.get('after_build', {}).get('peak_bytes_in_use'))}; "
-                    f"{_gb(x.get('after_generate', {}).get('largest_alloc_size'))}) |")
-        lines.append("")
-    for x in doc["stages"].get("profile", {}).get("records", []):
-        if "mode" not in x:
-            continue
-        lines += [f"Profile ({x['mode']}): kernels {x['kernel_sum_s'] * 1e3:.2f} ms of a "
-                  f"{x['step_wall_s'] * 1e3:.2f} ms step ({x['ops']} ops)", "",
-                  "| op | calls/step | ms/step | GB/s |", "|---|---|---|---|"]
-        for t in x["top"]:
-            gbs = "-" if t["gbs"] is None else f"{t['gbs']:.0f}"
-            lines.append(f"| {t['op']} | {t['calls_per_step']:.0f} | {t['s_per_step'] * 1e3:.3f} | {gbs} |")
-        lines.append("")
-    lines += ["| stage | status | seconds |", "|---|---|---|"]
-    for name, r in doc["stages"].items():
-        if name == "decode":
-            for case, c in r.items():
-                lines.append(f"| decode: {case} | {c['status']} | {c['seconds']:.0f} |")
-        else:
-            lines.append(f"| {name} | {r['status']} | {r['seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--_part" in argv:  # a stage or case in a process of its own
@@ -328,6 +266,7 @@ def main(argv=None) -> int:
             case_engine(cfg, part, costs)
         return 0
     from dynaexq_jax.errors import UserError
+    from dynaexq_jax.eval.gpu_report import markdown, merged
     from dynaexq_jax.io import files
 
     args = parse_args(argv)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dynaexq_jax.eval.gpu_report import merged
 from dynaexq_jax.io import files
 
 from conftest import script
@@ -33,14 +34,14 @@ def test_gpu_check_smoke_answers_decode_speed_first_with_predictions_then_profil
     assert proc.returncode == 0 and not failed, failed or proc.stderr[-2000:]
     written = sorted(p.name for p in tmp_path.iterdir() if p.name != files.MARKER)  # the marker: the tool's own
     assert tuple(doc["stages"]) == STAGES and written == ["gpu_check.json", "gpu_check.md"]
-    device = gpu_check.merged(doc["stages"]["device"]["records"])
+    device = merged(doc["stages"]["device"]["records"])
     assert all(device[k] > 0 for k in ("bandwidth_gbs", "copy_gbs", "read_gbs", "graph_kernel_s", "launch_s"))
     cases = doc["stages"]["decode"]
     assert tuple(cases) == CASES
     for name, case in cases.items():
         rows = [r for r in case["records"] if "batch" in r]
         assert [r["batch"] for r in rows] == list(next(c[3] for c in gpu_check.CASES if c[0] == name)), name
-        assert gpu_check.merged(case["records"])["build_s"] > 0
+        assert merged(case["records"])["build_s"] > 0
         for r in rows:
             assert r["decode_tokens_per_s"] > 0, (name, r)
             if name in ENGINES:  # the step's own accounting, predicted with the measured costs
