@@ -54,19 +54,24 @@ def _rows(tm: int, batch: int):
     return ok, jnp.where(ok, rows, batch)
 
 
-def _pending(x_ref, y_ref, pos_ref, pairs, rows_ok, safe_rows, cols):
-    """x [tm, width] float32 at `cols` of the rows: x1 plus each pending MoE row (pos [rows, j],
-    -1: none), added in the order of j."""
+def _pending_rows(pos_ref, pairs, rows_ok, safe_rows):
+    """Each row's pending MoE rows (pos [rows, j], -1: none) as `pairs` vectors [tm], read once
+    per program: inside the K loop a read of pos ahead of each row's read of y made a chain of
+    2 x pairs dependent loads per step (the kernel's latency on the H200, 2026-12-04)."""
+    return [plgpu.load(pos_ref.at[safe_rows, j], mask=rows_ok, other=-1) for j in range(pairs)]
+
+
+def _pending(x_ref, y_ref, pending, rows_ok, safe_rows, cols):
+    """x [tm, width] float32 at `cols` of the rows: x1 plus each pending MoE row (`_pending_rows`),
+    added in the order of j; every read is issued before the first add needs one."""
     shape = (safe_rows.shape[0], cols.shape[1])
     live = jnp.broadcast_to(rows_ok[:, None], shape)
     x = plgpu.load(x_ref.at[safe_rows[:, None], cols], mask=live, other=0).astype(F32)
-
-    def add(j, x):
-        p = plgpu.load(pos_ref.at[safe_rows, j], mask=rows_ok, other=-1)  # [tm]
-        ok = jnp.broadcast_to((rows_ok & (p >= 0))[:, None], shape)
-        return x + plgpu.load(y_ref.at[jnp.where(p >= 0, p, 0)[:, None], cols], mask=ok, other=0).astype(F32)
-
-    return jax.lax.fori_loop(0, pairs, add, x)
+    ys = [plgpu.load(y_ref.at[jnp.where(p >= 0, p, 0)[:, None], cols],
+                     mask=jnp.broadcast_to((rows_ok & (p >= 0))[:, None], shape), other=0) for p in pending]
+    for y in ys:
+        x = x + y.astype(F32)
+    return x
 
 
 # ----------------------------------------------------------------------------------- attn_in
@@ -84,12 +89,13 @@ def _attn_in_kernel(layer_ref, index_ref, x1_ref, y_ref, pos_ref, nw_ref, w_ref,
     rows_ok, safe = _rows(tm, batch)
     c0 = p * head_dim
     precision = _precision(dtype)
+    pending = _pending_rows(pos_ref, pairs, rows_ok, safe)
 
     def body(s, carry):
         acc_a, acc_b, ss = carry
         k0 = s * bk
         cols = k0 + _iota((1, bk), 1)
-        x = _pending(x1_ref, y_ref, pos_ref, pairs, rows_ok, safe, cols).astype(dtype)  # [tm, bk]: the residual stream
+        x = _pending(x1_ref, y_ref, pending, rows_ok, safe, cols).astype(dtype)  # [tm, bk]: the residual stream
 
         @pl.when(p == 0)
         def _():  # one program writes it for the output projection's residual add
@@ -233,7 +239,7 @@ def attn_in_reference(x1, y, pos, norm_w, w, cos, sin, kv, layer, index, *, head
 
 
 def _attn_out_kernel(layer_ref, o_ref, m_ref, l_ref, x_ref, w_ref, *refs, batch, head_dim, heads, group, splits,
-                     tm, bn, has_bias, has_sinks, dtype):
+                     unroll, tm, bn, has_bias, has_sinks, dtype):
     refs = list(refs)
     b_ref = refs.pop(0) if has_bias else None
     sinks_ref = refs.pop(0) if has_sinks else None
@@ -245,28 +251,35 @@ def _attn_out_kernel(layer_ref, o_ref, m_ref, l_ref, x_ref, w_ref, *refs, batch,
     live_d = jnp.broadcast_to(rows_ok[:, None], (tm, head_dim))
     precision = _precision(dtype)
 
-    def head(hq, acc):
+    def merged(hq):  # [tm, D] head hq's attention output: its splits' partial softmaxes merged
         kvh, g = jax.lax.div(hq, jnp.int32(group)), jax.lax.rem(hq, jnp.int32(group))  # (jnp's % fails to lower)
-        m_of = lambda s: plgpu.load(m_ref.at[s, safe, kvh, g], mask=rows_ok, other=_NEG)  # [tm]
-        top = jax.lax.fori_loop(0, splits, lambda s, top: jnp.maximum(top, m_of(s)), jnp.full((tm,), _NEG, F32))
+        # Every split's read issued at once: a loop over the splits chained 3 x splits loads a
+        # head, heads x that a program (the kernel's latency on the H200, 2026-12-04).
+        ms = [plgpu.load(m_ref.at[s, safe, kvh, g], mask=rows_ok, other=_NEG) for s in range(splits)]  # [tm]
+        ls = [plgpu.load(l_ref.at[s, safe, kvh, g], mask=rows_ok, other=0) for s in range(splits)]
+        top = jnp.full((tm,), _NEG, F32)
+        for m in ms:
+            top = jnp.maximum(top, m)
         if has_sinks:
             sink = sinks_ref[layer, hq].astype(F32)
             top = jnp.maximum(top, sink)
-
-        def split(s, carry):
-            num, den = carry
-            wt = jnp.exp(m_of(s) - top)
-            den += plgpu.load(l_ref.at[s, safe, kvh, g], mask=rows_ok, other=0) * wt
-            return num + plgpu.load(o_ref.at[s, safe[:, None], kvh, g, d], mask=live_d, other=0) * wt[:, None], den
-
-        num, den = jax.lax.fori_loop(0, splits, split, (jnp.zeros((tm, head_dim), F32), jnp.zeros((tm,), F32)))
+        num, den = jnp.zeros((tm, head_dim), F32), jnp.zeros((tm,), F32)
+        for s, (m, l) in enumerate(zip(ms, ls)):
+            wt = jnp.exp(m - top)
+            den += l * wt
+            num += plgpu.load(o_ref.at[s, safe[:, None], kvh, g, d], mask=live_d, other=0) * wt[:, None]
         if has_sinks:
             den += jnp.exp(sink - top)
-        att = (num / jnp.maximum(den, 1e-30)[:, None]).astype(dtype)  # [tm, D]: this head's attention output
-        wblk = w_ref[layer, pl.ds(hq * head_dim, head_dim), pl.ds(n0, bn)]
-        return acc + jnp.dot(att, wblk, preferred_element_type=F32, precision=precision)
+        return (num / jnp.maximum(den, 1e-30)[:, None]).astype(dtype)
 
-    acc = jax.lax.fori_loop(0, heads, head, jnp.zeros((tm, bn), F32))
+    def step(t, acc):  # `unroll` heads: their merges' reads overlap
+        for u in range(unroll):
+            hq = t * unroll + u
+            wblk = w_ref[layer, pl.ds(hq * head_dim, head_dim), pl.ds(n0, bn)]
+            acc += jnp.dot(merged(hq), wblk, preferred_element_type=F32, precision=precision)
+        return acc
+
+    acc = jax.lax.fori_loop(0, heads // unroll, step, jnp.zeros((tm, bn), F32))
     out = acc.astype(dtype)
     if has_bias:
         out = (out + b_ref[layer, pl.ds(n0, bn)][None, :]).astype(dtype)
@@ -277,7 +290,7 @@ def _attn_out_kernel(layer_ref, o_ref, m_ref, l_ref, x_ref, w_ref, *refs, batch,
 
 
 def attn_out(o, m, l, x, w, layer, *, heads: int, interpret: bool, bias=None, sinks=None, block_n: int | None = None,
-             num_warps: int = 4, num_stages: int = 3):
+             num_warps: int = 4, num_stages: int = 2):
     """The attention half's last kernel: x + merge(o, m, l) @ w[layer] (+ bias[layer]).
 
     (o, m, l): decode attention's partials (`decode_attention_partials`); x [B, H] the residual
@@ -288,10 +301,12 @@ def attn_out(o, m, l, x, w, layer, *, heads: int, interpret: bool, bias=None, si
     H = w.shape[-1]
     tm = row_tile(B)
     bn = block_n or next(b for b in (64, 32, 128, 16) if H % b == 0)
+    unroll = next(u for u in (4, 2, 1) if heads % u == 0 and u * splits <= 16)  # a step's reads: <= 16 splits' o
     extra = tuple(a for a in (bias, sinks) if a is not None)
     return pl.pallas_call(
         functools.partial(_attn_out_kernel, batch=B, head_dim=D, heads=heads, group=heads // KVH, splits=splits,
-                          tm=tm, bn=bn, has_bias=bias is not None, has_sinks=sinks is not None, dtype=x.dtype),
+                          unroll=unroll, tm=tm, bn=bn, has_bias=bias is not None, has_sinks=sinks is not None,
+                          dtype=x.dtype),
         out_shape=jax.ShapeDtypeStruct((B, H), x.dtype),
         grid=(H // bn,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),

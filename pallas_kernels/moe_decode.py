@@ -84,7 +84,7 @@ def _rem(a, b):
 
 
 def _route_kernel(layer_ref, moe_ref, valid_ref, x_ref, nw_ref, gw_ref, *refs, batch, hidden, experts, k, tm, kp, ep,
-                  bk, eps, mode, norm_topk, rows_per_tier, tile_rows, has_bias, nibbles, dtype):
+                  bk, bx, eps, mode, norm_topk, rows_per_tier, tile_rows, has_bias, nibbles, dtype):
     refs = list(refs)
     gb_ref = refs.pop(0) if has_bias else None
     tier_ref, row_ref, _chosen_in, hn_ref = refs[:4]
@@ -94,13 +94,13 @@ def _route_kernel(layer_ref, moe_ref, valid_ref, x_ref, nw_ref, gw_ref, *refs, b
     layer, moe = layer_ref[0], moe_ref[0]
     rows_ok, safe = _rows(tm, batch)
     live = lambda width: jnp.broadcast_to(rows_ok[:, None], (tm, width))
-    load_x = lambda cols: plgpu.load(x_ref.at[safe[:, None], cols], mask=live(bk), other=0)
+    load_x = lambda cols: plgpu.load(x_ref.at[safe[:, None], cols], mask=live(cols.shape[1]), other=0)
 
-    def mean_square(s, ss):
-        x = load_x(s * bk + _iota((1, bk), 1)).astype(F32)
+    def mean_square(s, ss):  # in blocks of bx >= bk: each is a load's latency the program waits for
+        x = load_x(s * bx + _iota((1, bx), 1)).astype(F32)
         return ss + jnp.sum(x * x, axis=1)
 
-    r = jax.lax.rsqrt(jax.lax.fori_loop(0, hidden // bk, mean_square, jnp.zeros((tm,), F32)) / hidden + eps)[:, None]
+    r = jax.lax.rsqrt(jax.lax.fori_loop(0, hidden // bx, mean_square, jnp.zeros((tm,), F32)) / hidden + eps)[:, None]
     ecol = _iota((1, ep), 1)
     e_ok = ecol < experts
 
@@ -153,7 +153,8 @@ def _route_kernel(layer_ref, moe_ref, valid_ref, x_ref, nw_ref, gw_ref, *refs, b
     row = plgpu.load(row_ref.at[moe, top_i], mask=pair_ok, other=-1)
     valid = pair_ok & (row >= 0)
     key = jnp.where(valid, tier * rows_per_tier + row, INVALID)
-    # Rank of each pair in (key, pair index) order: compare with every other pair, a row at a time.
+    # Rank of each pair in (key, pair index) order: compare with every other pair, a row of the
+    # batch at a time; the tile's rows past the batch hold INVALID keys only, counted in closed form.
     trow = _iota((tm, kp), 0)
     jq, jp, tp = _iota((1, 1, kp), 2), _iota((1, kp, 1), 1), _iota((tm, 1, 1), 0)
 
@@ -167,7 +168,10 @@ def _route_kernel(layer_ref, moe_ref, valid_ref, x_ref, nw_ref, gw_ref, *refs, b
         return less + n(ks < kk), tie + n(eq & first), same + n(eq)
 
     zero = jnp.zeros((tm, kp), jnp.int32)
-    less, tie, same = jax.lax.fori_loop(0, tm, count, (zero, zero, zero))
+    less, tie, same = jax.lax.fori_loop(0, batch, count, (zero, zero, zero))
+    pad = key == INVALID  # equal to each of the (tm - batch) kp padding pairs, never above one
+    tie += jnp.where(pad, kp * jnp.maximum(trow - batch, 0) + jnp.where(trow >= batch, kcol, 0), 0)
+    same += jnp.where(pad, kp * (tm - batch), 0)
     rank = less + tie  # a permutation of 0 .. tm*kp-1
     opens = valid & (_rem(rank - less, tile_rows) == 0)
     plgpu.store(key_ref.at[rank], jnp.where(opens, key, INVALID))
@@ -197,6 +201,7 @@ def route(x1, norm_w, gate_w, tier_of, row_of, token_valid, chosen, layer, moe_l
     Lm, E = tier_of.shape
     tm, kp, ep = row_tile(B), 1 << (k - 1).bit_length(), max(16, 1 << (E - 1).bit_length())
     bk = next(b for b in (64, 32, 16) if H % b == 0)
+    bx = next(b for b in (512, 256, 128, 64, 32, 16) if H % b == 0 and tm * b <= 8192)  # x alone, <= 32 KB in f32
     dt = x1.dtype
     pa = tm * kp
     i32 = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)
@@ -207,7 +212,7 @@ def route(x1, norm_w, gate_w, tier_of, row_of, token_valid, chosen, layer, moe_l
             token_valid.astype(jnp.int32), x1, norm_w, gate_w, *(() if gate_bias is None else (gate_bias,)),
             tier_of, row_of, chosen)
     out = pl.pallas_call(
-        functools.partial(_route_kernel, batch=B, hidden=H, experts=E, k=k, tm=tm, kp=kp, ep=ep, bk=bk, eps=eps,
+        functools.partial(_route_kernel, batch=B, hidden=H, experts=E, k=k, tm=tm, kp=kp, ep=ep, bk=bk, bx=bx, eps=eps,
                           mode=mode, norm_topk=norm_topk, rows_per_tier=rows_per_tier, tile_rows=tile_rows,
                           has_bias=gate_bias is not None, nibbles=nibbles, dtype=dt),
         out_shape=tuple(outs),

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import datetime
 import functools
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -46,31 +44,12 @@ from dynaexq_jax.experts.matmul import ROW_TILES_MAX, grouped_matmul  # noqa: E4
 from dynaexq_jax.io import files  # noqa: E402
 from dynaexq_jax.io.preset import preset_config  # noqa: E402
 from dynaexq_jax.launch.flags import command_parser  # noqa: E402
+from dynaexq_jax.runtime import costmodel  # noqa: E402
 
 FULL = dict(preset="qwen3-30b-a3b", tokens=(1, 8, 32, 256), copy_bytes=1 << 30, reps=25, inner=20)
 SMOKE = dict(preset="qwen3-moe-smoke", tokens=(1, 4), copy_bytes=1 << 20, reps=3, inner=2)
 BLOCK_N = (64, 128, 256)
 NUM_WARPS = (4, 8)
-
-
-def time_call(fn, *args, reps: int, inner: int) -> float:
-    """Median over `reps` of the mean time of `inner` back-to-back calls (seconds)."""
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
-
-
-def copy_bandwidth(nbytes: int, reps: int, inner: int) -> float:
-    """Device-to-device copy bandwidth in bytes/s (a read and a write of `nbytes`)."""
-    a = jnp.zeros((nbytes,), jnp.uint8)
-    copy = jax.jit(lambda v: v + jnp.uint8(1))
-    return 2 * nbytes / time_call(copy, a, reps=reps, inner=inner)
 
 
 def routing(tokens: int, experts: int, top_k: int, rng) -> np.ndarray:
@@ -143,8 +122,8 @@ def run(cfg, args, gpu: bool) -> tuple[list[dict], float]:
     experts, top_k = model.num_experts, model.experts_per_token
     group = budget.expert_group_size(model)
     rng = np.random.default_rng(0)
-    bw = copy_bandwidth(cfg["copy_bytes"], args.reps, args.inner)
-    timed = functools.partial(time_call, reps=args.reps, inner=args.inner)
+    bw = costmodel.copy_bandwidth(cfg["copy_bytes"], args.reps, args.inner)
+    timed = functools.partial(costmodel.call_seconds, reps=args.reps, inner=args.inner)
     baseline = jax.jit(jax.lax.ragged_dot)
     xla = jax.jit(functools.partial(grouped_matmul, backend="xla"))
     out_rows = []

@@ -25,7 +25,10 @@ and OUT/gpu_check.json is rewritten after every case:
    achieved GB/s (its bytes from the AOT accounting), and the kernels' sum against the steps'
    wall time; once as the profiler runs by default (XLA replays command buffers op by op while
    it traces) and once with the graphs kept (`xla_enable_command_buffers_during_profiling`).
-4. kernels: `bench_kernels.py` (the Pallas tiled kernel against the XLA tile loop and `ragged_dot`).
+   fused-profile: the same over the fused decode layer's kernels (GPU only).
+4. layer-kernels: `bench_decode_layer.py` (the fused layer's attention-side kernels one by one at
+   batch 1 and 32, with their tiling variants: which knobs to make the defaults).
+   kernels: `bench_kernels.py` (the Pallas tiled kernel against the XLA tile loop and `ragged_dot`).
 5. runtime: `bench_runtime.py` at batch 1: allocator peak against the budget, steps with
    promotions in flight against steps without.
 
@@ -45,7 +48,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("device", "decode", "profile", "kernels", "runtime")
+STAGES = ("device", "decode", "profile", "fused-profile", "layer-kernels", "kernels", "runtime")
 
 # Decode cases, in the order they run: (name, policy, budget (None: no budget), batches). Static
 # has no budget: with one it widens to the widest bits that fit (int8 in 40 GB).
@@ -56,16 +59,19 @@ CASES = (("dynaexq b1", "dynaexq", "b1", (1,)), ("dynaexq b1 (fused layer)", "dy
          ("transformers", "transformers", None, (1, 32)))
 # "(fused layer)": the same case with the opt-in fused decode layer (`models.fused_decode.ENABLED`);
 # "(one graph)": with the layer loop inside the step's CUDA graph (`runtime.engine.GRAPH_LOOP`);
-# each against XLA's own step: it becomes the default once it wins.
-CASE_ENV = {name: {"DYNAEXQ_FUSED_DECODE": "1"} if name.endswith("(fused layer)") else {"DYNAEXQ_GRAPH_LOOP": "1"}
+# each against XLA's own step: it becomes the default once it wins. "fused-profile": the profile
+# stage over the fused layer's kernels.
+PART_ENV = {name: {"DYNAEXQ_FUSED_DECODE": "1"} if name.endswith("(fused layer)") else {"DYNAEXQ_GRAPH_LOOP": "1"}
             for name, *_ in CASES if name.endswith(("(fused layer)", "(one graph)"))}
+PART_ENV["fused-profile"] = {"DYNAEXQ_FUSED_DECODE": "1"}
 
 GPU = dict(preset="qwen3-30b-a3b", budgets=dict(b1="20GB", b32="40GB"), prompt=128, gen=64, probe_bytes=2 << 30,
            chain=64, profile_steps=16, kernel_args=["--no-sweep"], runtime_gen=64,
            total_s=470,  # the whole check: each part gets at most what is left of it
            limits={"device": 40, "dynaexq b1": 45, "dynaexq b1 (fused layer)": 40, "dynaexq b32": 45, "static int4": 45,
                    "static int4 (fused layer)": 45, "static int4 (one graph)": 45, "full bf16": 40, "offload": 50,
-                   "transformers": 55, "profile": 40, "kernels": 50, "runtime": 40})
+                   "transformers": 55, "profile": 40, "fused-profile": 40, "layer-kernels": 60, "kernels": 50,
+                   "runtime": 40})
 SMOKE = dict(preset="qwen3-moe-smoke", budgets=dict(b1="48MB", b32="160MB"), prompt=16, gen=8, probe_bytes=32 << 20,
              chain=8, profile_steps=2,
              kernel_args=["--smoke", "--bits", "4", "--tokens", "1", "--reps", "1", "--inner", "1"], runtime_gen=16,
@@ -73,7 +79,8 @@ SMOKE = dict(preset="qwen3-moe-smoke", budgets=dict(b1="48MB", b32="160MB"), pro
              limits={"device": 120, "dynaexq b1": 150, "dynaexq b1 (fused layer)": 150, "dynaexq b32": 200,
                      "static int4": 200, "static int4 (fused layer)": 200, "static int4 (one graph)": 200,
                      "full bf16": 200, "offload": 150,
-                     "transformers": 150, "profile": 200, "kernels": 200, "runtime": 300})
+                     "transformers": 150, "profile": 200, "fused-profile": 200, "layer-kernels": 200, "kernels": 200,
+                     "runtime": 300})
 
 
 def parse_args(argv=None):
@@ -202,6 +209,18 @@ def stage_kernels(cfg, costs):
     emit(copy_gbs=bw / 1e9, rows=rows)
 
 
+def stage_layer_kernels(cfg, costs):
+    sys.path.insert(0, str(HERE))
+    import bench_decode_layer
+    import jax
+
+    shapes = bench_decode_layer.SMOKE if cfg is SMOKE else bench_decode_layer.FULL
+    knobs = ["--reps", "10", "--inner", "10"] if cfg is GPU else ["--reps", "1", "--inner", "1"]
+    args = bench_decode_layer.parse_args(knobs)
+    rows, bw = bench_decode_layer.run(shapes, args, jax.devices()[0].platform == "gpu")
+    emit(copy_gbs=bw / 1e9, rows=rows)
+
+
 def stage_runtime(cfg, costs):
     sys.path.insert(0, str(HERE))
     import bench_runtime
@@ -214,7 +233,8 @@ def stage_runtime(cfg, costs):
         emit(**json.loads(out.read_text()))
 
 
-IN_PROCESS = {"device": stage_device, "profile": stage_profile, "kernels": stage_kernels, "runtime": stage_runtime}
+IN_PROCESS = {"device": stage_device, "profile": stage_profile, "fused-profile": stage_profile,
+              "layer-kernels": stage_layer_kernels, "kernels": stage_kernels, "runtime": stage_runtime}
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -228,7 +248,7 @@ def run_part(part: str, cfg, costs: dict, dump: Path, deadline: float) -> dict:
         return {"status": f"skipped: the check's {cfg['total_s']} s are spent", "seconds": 0.0, "records": []}
     cmd = [sys.executable, __file__, "--_part", part, "--_costs", json.dumps(costs)]
     cmd += ["--smoke"] if cfg is SMOKE else []
-    env = {**os.environ, **CASE_ENV.get(part, {}), "DYNAEXQ_GPU_CHECK_DUMP": str(dump),
+    env = {**os.environ, **PART_ENV.get(part, {}), "DYNAEXQ_GPU_CHECK_DUMP": str(dump),
            # the decode step's thunks, for its launches and graphs (read back by the case itself)
            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
                          + f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*_decode.*")}
@@ -299,11 +319,13 @@ def main(argv=None) -> int:
             if name == "decode":
                 doc["stages"]["decode"] = {}
                 for case in (c[0] for c in CASES if c[0] in cases):
-                    if cfg is SMOKE and case in CASE_ENV:  # neither switch acts off a GPU: the same case twice
+                    if cfg is SMOKE and case in PART_ENV:  # neither switch acts off a GPU: the same case twice
                         continue
                     doc["stages"]["decode"][case] = run_part(case, cfg, costs, Path(dump), deadline)
                     print(f"decode {case}: {doc['stages']['decode'][case]['status']}", file=sys.stderr)
                     save()
+                continue
+            if cfg is SMOKE and name in PART_ENV:
                 continue
             doc["stages"][name] = run_part(name, cfg, costs, Path(dump), deadline)
             print(f"{name}: {doc['stages'][name]['status']}", file=sys.stderr)

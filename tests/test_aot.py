@@ -76,11 +76,14 @@ def test_decode_runs_seven_kernels_a_layer_all_captured_in_cuda_graphs():
 
 
 @needs_aot
-def test_the_30b_decode_step_launches_at_most_eight_kernels_a_layer():
-    """Qwen3-30B-A3B's shapes (nothing allocated), batch 1 in a 20 GB plan: every kernel the
-    step runs, the embedding, final norm, LM head and sampling included, over its 48 layers."""
-    (s,) = report("--budget", "20GB", "--batch", "1", "--context", "1024", "--policy", "dynaexq", "--steps", "decode",
-                  source=("--preset", "qwen3-30b-a3b"), fused=True)
+@pytest.mark.parametrize("budget, batch", [("20GB", "1"), ("40GB", "32")])
+def test_the_30b_decode_step_launches_at_most_eight_kernels_a_layer(budget, batch):
+    """Qwen3-30B-A3B's shapes (nothing allocated), batch 1 in a 20 GB plan and 32 in 40 GB: every
+    kernel the step runs, the embedding, final norm, LM head and sampling included, over its 48
+    layers. Compiling for the GPU also holds each kernel to the H200's shared memory (a deeper
+    pipeline of the attention merge's reads asked for 292 KB of its 227)."""
+    (s,) = report("--budget", budget, "--batch", batch, "--context", "1024", "--policy", "dynaexq", "--steps",
+                  "decode", source=("--preset", "qwen3-30b-a3b"), fused=True)
     assert s["launches"] <= 8 * s["layers"] and s["in_loops"] <= 7 * s["layers"], s
     assert s["bytes"] <= 1.1 * s["min_bytes"], s
     assert s["compile_cpu_s"] <= 30, s  # CPU time: the shared machine's load does not inflate it

@@ -234,3 +234,16 @@ def test_bench_big_little_knobs_need_the_flag(tiny_preset, monkeypatch, capsys):
     monkeypatch.setattr(preset, "random_checkpoint", _no_weights)
     assert bench.main(["--preset", tiny_preset, "--little-k", "1"]) == 2
     assert "add --big-little" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_decode_layer_bench_smoke_checks_every_kernel_against_its_reference(capsys):
+    bench = script("bench_decode_layer")
+    assert bench.main(["--smoke", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "interpret mode" in out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()[3:] if line.startswith("| ")]
+    kernels = ["attn_in", "decode_attention", "attn_out", "route"]
+    assert [(r[0], r[1]) for r in rows] == [(b, k) for b in ("1", "4") for k in kernels]
+    for r in rows:
+        assert float(r[3]) > 0 and float(r[4]) > 0 and r[5] == r[6] == "-", r  # no rate from an interpreter
+        assert float(r[7]) < 1e-2, r  # decode attention's bf16 reference against its float32 merge

@@ -108,6 +108,7 @@ ARGPARSE_REFUSALS = {
     "bench_floe_stream": ["--hidden", "wide"],
     "bench_host": ["--dtype", "float16"],
     "bench_host_memory": ["--gb", "half"],
+    "bench_decode_layer": ["--reps", "many"],
     "bench_kernels": ["--bits", "5"],
     "bench_quant": ["--k", "big"],
     "bench_runtime": ["--dtype", "int8"],

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dynaexq_jax.eval import gpu_report
 from dynaexq_jax.eval.gpu_report import merged
 from dynaexq_jax.io import files
 
@@ -51,3 +52,24 @@ def test_gpu_check_smoke_answers_decode_speed_first_with_predictions_then_profil
     assert len(profiles) == 2 and all(p["kernel_sum_s"] > 0 and p["top"] for p in profiles)
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| dynaexq b1 | 1 | ok |" in table and "Profile (command buffers kept)" in table
+
+
+def test_the_report_names_the_fused_layers_profile_and_kernel_variants_apart_from_the_default_steps():
+    def stage(op):
+        top = [{"op": op, "calls_per_step": 48, "s_per_step": 2e-3, "gbs": 500.0}]
+        record = {"mode": "command buffers kept", "kernel_sum_s": 5e-3, "step_wall_s": 6e-3, "ops": 300, "top": top}
+        return {"status": "ok", "seconds": 30.0, "records": [{"build_s": 9.0}, record]}
+
+    rows = [dict(batch=1, kernel="attn_out", programs=32, us=10.0, mb=16.8, gbs=1680.0, pct=57.0, err=0.0),
+            dict(batch=1, kernel="attn_in[warps=4,stages=3]", programs=40, us=None, mb=21.0, gbs=None, pct=None,
+                 err=None, error="RESOURCE_EXHAUSTED: Shared memory size limit exceeded")]
+    layer = {"status": "ok", "seconds": 40.0, "records": [{"copy_gbs": 2965.0, "rows": rows}]}
+    table = gpu_report.markdown({"date": "2026-12-05", "stages": {"profile": stage("gemm_fusion"),
+                                                                    "fused-profile": stage("attn_out_m1"),
+                                                                    "layer-kernels": layer}})
+    assert "| 1 | attn_out | 32 | 10.0 | 16.80 | 1680 | 57 | 0.0e+00 |" in table
+    assert "| 1 | attn_in[warps=4,stages=3] | 40 | failed: RESOURCE_EXHAUSTED: Shared memory" in table
+    default, fused = table.split("Profile of the fused layer (command buffers kept): kernels 5.00 ms of a 6.00 ms")
+    assert "Profile (command buffers kept)" in default and "gemm_fusion" in default and "attn_out" not in default
+    assert "| attn_out_m1 | 48 | 2.000 | 500 |" in fused and "| fused-profile | ok | 30 |" in fused
+    assert gpu_check.PART_ENV["fused-profile"] == {"DYNAEXQ_FUSED_DECODE": "1"}

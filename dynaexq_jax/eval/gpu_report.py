@@ -47,15 +47,27 @@ def markdown(doc: dict) -> str:
                     f"{_gb(head.get('after_build', {}).get('peak_bytes_in_use'))}; "
                     f"{_gb(x.get('after_generate', {}).get('largest_alloc_size'))}) |")
         lines.append("")
-    for x in doc["stages"].get("profile", {}).get("records", []):
-        if "mode" not in x:
-            continue
-        lines += [f"Profile ({x['mode']}): kernels {x['kernel_sum_s'] * 1e3:.2f} ms of a "
+    profiles = [(stage, x) for stage in ("profile", "fused-profile")
+                for x in doc["stages"].get(stage, {}).get("records", []) if "mode" in x]
+    for stage, x in profiles:
+        what = "Profile of the fused layer" if stage == "fused-profile" else "Profile"
+        lines += [f"{what} ({x['mode']}): kernels {x['kernel_sum_s'] * 1e3:.2f} ms of a "
                   f"{x['step_wall_s'] * 1e3:.2f} ms step ({x['ops']} ops)", "",
                   "| op | calls/step | ms/step | GB/s |", "|---|---|---|---|"]
         for t in x["top"]:
             gbs = "-" if t["gbs"] is None else f"{t['gbs']:.0f}"
             lines.append(f"| {t['op']} | {t['calls_per_step']:.0f} | {t['s_per_step'] * 1e3:.3f} | {gbs} |")
+        lines.append("")
+    layer = merged(doc["stages"].get("layer-kernels", {}).get("records", []))
+    if layer.get("rows"):
+        lines += [f"The fused layer's kernels one by one (copy bandwidth {layer['copy_gbs']:.0f} GB/s):", "",
+                  "| batch | kernel | programs | us | MB | GB/s | % copy | rel err |", "|---" * 8 + "|"]
+        for r in layer["rows"]:
+            cells = [f"{r[k]:{f}}" if r.get(k) is not None else "-"
+                     for k, f in (("us", ".1f"), ("mb", ".2f"), ("gbs", ".0f"), ("pct", ".0f"), ("err", ".1e"))]
+            if "error" in r:
+                cells[0] = f"failed: {r['error']}"
+            lines.append(f"| {r['batch']} | {r['kernel']} | {r['programs']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["| stage | status | seconds |", "|---|---|---|"]
     for name, r in doc["stages"].items():

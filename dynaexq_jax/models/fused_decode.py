@@ -37,8 +37,9 @@ from dynaexq_jax.models.config import ModelConfig
 
 # Opt-in (DYNAEXQ_FUSED_DECODE=1, read once at import): on an H200 (2026-12-04, gpu_check, Qwen3-30B-A3B
 # int4) XLA's own step decodes 178 tok/s at batch 1 and 2,446 at batch 32 where this one, at 7.7 kernels
-# a layer instead of 30, gives 80 and 1,522: its attention-side kernels run 40 programs or fewer,
-# far below the bandwidth. It becomes the default when gpu_check's "(fused layer)" cases beat XLA's.
+# a layer instead of 30, gives 80 and 1,522: its attention-side kernels ran 40 programs or fewer,
+# each waiting on chains of dependent loads (since cut: docs/PERFORMANCE.md, "The fused layer's load
+# chains", not yet timed on a GPU). It becomes the default when gpu_check's "(fused layer)" cases beat XLA's.
 ENABLED = os.environ.get("DYNAEXQ_FUSED_DECODE", "0") == "1"
 
 MAX_ROWS = 64  # rows per step it takes (the router's sort of the pairs is one program's work)

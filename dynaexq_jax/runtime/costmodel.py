@@ -14,6 +14,7 @@ E * (1 - (1 - k/E) ** B); skewed routing touches fewer, so the model overestimat
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 import jax
@@ -72,6 +73,26 @@ def best_seconds(fn, n: int = 5) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def call_seconds(fn, *args, reps: int, inner: int) -> float:
+    """Median over `reps` of the mean time of `inner` back-to-back calls of `fn(*args)` (after
+    one to compile and warm): a kernel's time with the host's dispatch overlapped, as in a step."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(nbytes: int, reps: int, inner: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s (a read and a write of `nbytes`)."""
+    a = jnp.zeros((nbytes,), jnp.uint8)
+    return 2 * nbytes / call_seconds(jax.jit(lambda v: v + jnp.uint8(1)), a, reps=reps, inner=inner)
 
 
 def host_to_device_gbs(nbytes: int) -> dict:
