@@ -249,6 +249,15 @@ def workspace_nbytes(cfg, batch: int, prompt: int, context: int, itemsize: int) 
     return (3 * (scores + hidden + moe + mlp + logits + linear)) // 2 + one_expert + 2 * layer_weights + 16 * 2**20
 
 
+STAGING_EXPERTS = 2  # promotions in flight at once (`experts.swap.Swapper`'s copies on the device)
+
+
+def staging_nbytes(slot_bytes: int) -> int:
+    """Device bytes of the promotions in flight: each expert's copy and, while it lands, its slot's
+    layout made from it (a checkpoint's [out, in] tensors transposed on the device)."""
+    return 2 * STAGING_EXPERTS * slot_bytes
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     """Where every device byte of a run goes. `slots` is what the budget leaves for slots."""
@@ -266,6 +275,7 @@ class MemoryPlan:
     mid_bits: int | None = None  # a wider fallback width for `mid_experts` of them (stored only at it)
     mid_experts: int = 0
     fallback_label: str = "fallback experts"  # what `fallback` holds (floe: the up projections)
+    staging: int = 0  # promotions' copies on their way into the slots (`staging_nbytes`), where they are
     # Host memory, outside the budget (`with_host`): what the run reads through file mappings
     # (page cache the kernel may evict and read again), what it holds in process memory for its
     # whole life, and the most it holds for a while at start (one layer of experts converting).
@@ -280,18 +290,22 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.weights + self.fallback + self.kv_cache + self.workspace + self.slots_total_bytes
+        return self.weights + self.fallback + self.kv_cache + self.workspace + self.staging + self.slots_total_bytes
 
     @property
     def unallocated(self) -> int | None:
         """Device bytes of the plan still free while the experts are converted (the slots, KV
         cache and workspace come after): the room a conversion call may use. None: no budget."""
-        return None if self.budget is None else self.kv_cache + self.workspace + self.slots_total_bytes
+        return None if self.budget is None else self.kv_cache + self.workspace + self.staging + self.slots_total_bytes
 
     @property
     def minimum(self) -> int:
         """The smallest budget that holds everything but the slots."""
         return self.weights + self.fallback + self.kv_cache + self.workspace
+
+    def budget_for(self, slots: int) -> int:
+        """The smallest budget that holds `slots` slots: this plan's, made with slots, at that count."""
+        return self.minimum + (self.staging if slots else 0) + slots * self.slot_bytes
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -304,6 +318,7 @@ class MemoryPlan:
             ("non-expert weights", self.weights),
             (f"{self.fallback_label}{mid}", self.fallback),
             (f"high-precision slots ({self.slots} x {format_size(self.slot_bytes)})", self.slots_total_bytes),
+            *([(f"promotion staging ({STAGING_EXPERTS} experts in flight)", self.staging)] if self.staging else []),
             ("KV cache", self.kv_cache),
             ("workspace margin", self.workspace),
             ("total", self.total),
@@ -339,10 +354,12 @@ def plan_memory(
     max_slots: int | None = None,
     mid_bits: int | None = None,
     mid_experts: int = 0,
+    promotes: bool = False,
 ) -> MemoryPlan:
     """Split `budget` into weights, fallback, KV cache, workspace and as many slots as fit
     (at most `max_slots`). `mid_experts` of the fallbacks are stored at `mid_bits` instead of
-    `lo_bits` (and only there), so each costs the difference.
+    `lo_bits` (and only there), so each costs the difference. `promotes`: the slots are filled
+    by promotions (dynaexq), so a plan with slots also holds their copies in flight (`staging`).
 
     No budget means room for every expert's slot. A budget below the minimum is a one-line
     BudgetError that states the minimum for this model, batch and context.
@@ -365,6 +382,7 @@ def plan_memory(
     )
     slot = slot_nbytes(cfg, hi_dtype, group_size, dtype_itemsize)
     minimum = sum(parts.values())
+    staging = staging_nbytes(slot) if promotes else 0
     if budget is None:
         slots = n_moe * E
     elif budget < minimum:
@@ -374,12 +392,13 @@ def plan_memory(
             f"minimum is {format_size(minimum)} ({minimum} bytes)"
         )
     else:
-        slots = min((budget - minimum) // slot, n_moe * E)
+        slots = min(max(budget - minimum - staging, 0) // slot, n_moe * E)
     if max_slots is not None:
         slots = min(slots, max_slots)
     return MemoryPlan(
         budget=budget, slot_bytes=slot, slots=int(slots), num_experts_total=n_moe * E, moe_layers=n_moe,
-        lo_bits=lo_bits, mid_bits=mid_bits if mid_experts else None, mid_experts=mid_experts, **parts
+        lo_bits=lo_bits, mid_bits=mid_bits if mid_experts else None, mid_experts=mid_experts,
+        staging=staging if slots else 0, **parts
     )
 
 
@@ -473,7 +492,7 @@ def _device_plan(
                          up_bits=floe_up_bits, group_size=floe_group)
     return plan_memory(cfg, budget=budget, batch=batch, prompt=prompt, context=context, dtype_itemsize=dtype_itemsize,
                        lo_bits=lo_bits, hi_dtype=hi_dtype, group_size=group_size, max_slots=max_slots,
-                       mid_bits=mid_bits, mid_experts=mid_experts)
+                       mid_bits=mid_bits, mid_experts=mid_experts, promotes=True)
 
 
 

@@ -69,7 +69,7 @@ def main(path: str) -> None:
     for devices in (2, 4):
         floor = dx.plan_for(ckpt.config, "dynaexq", budget=None, dtype_itemsize=4, opts=swapping, devices=devices,
                             **shape)
-        run(f"swapping/{devices}", "dynaexq", swapping, devices, budget=floor.minimum + 2 * floor.slot_bytes,
+        run(f"swapping/{devices}", "dynaexq", swapping, devices, budget=floor.budget_for(2),
             one_prompt=devices == 4, balanced=devices == 2)
     # scripts/eval.py's evaluation on the mesh: one device's perplexities, swaps settled between passes.
     docs = ["def f(x):\n    return x + 1\n", "the quick brown fox jumps over the lazy dog"]

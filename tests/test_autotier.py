@@ -140,7 +140,9 @@ def test_mixed_fallback_computes_each_expert_at_its_own_tier_and_every_byte_is_p
     from dynaexq_jax.policies.hotness import HotnessTracker
     from dynaexq_jax.runtime.engine import Engine
 
-    b = minimum(ckpt, 3)  # room for the mid experts and a few slots
+    probe = plan_for(ckpt.config, "dynaexq", budget=None, dtype_itemsize=4,
+                     opts=dataclasses.replace(AUTO, lo_bits=3, hi_dtype="bfloat16"), **SHAPE)
+    b = probe.minimum + probe.staging  # room for the mid experts and a few slots, with their copies in flight
     hot = np.argsort(-HotnessTracker.load(PROFILE).scores, axis=1, kind="stable")[:, :8]
     mid = tuple(sorted((l, int(e)) for l in range(4) for e in hot[l]))  # the slots' experts among them
     opts = DynaExqOptions(lo_bits=2, hi_dtype="bfloat16", mid_bits=3, mid_experts=mid, save_profile=False)

@@ -42,8 +42,7 @@ def budget_for(config_path, *, prompt, gen, batch, itemsize, slots) -> int:
     cfg = preset.preset_config(config_path)
     kw = dict(budget=None, batch=batch, longest_prompt=prompt, max_new_tokens=gen, dtype_itemsize=itemsize)
     plans = [plan_for(cfg, p, **kw) for p in ("dynaexq", "offload")]
-    per_slot = max(p.slot_bytes for p in plans)
-    return max(p.minimum for p in plans) + (cfg.experts_per_token * batch + slots) * per_slot
+    return max(p.budget_for(cfg.experts_per_token * batch + slots) for p in plans)
 
 
 KEYS = {

@@ -129,3 +129,23 @@ def test_mxfp4_plan_and_aot_byte_model_count_4_25_bits_per_expert_value():
     with pytest.raises(budget.BudgetError, match="cannot hold the mxfp4 fallback"):
         budget.policy_plan(cfg, "static", budget=plan.minimum - 1, batch=1, prompt=128, context=1024,
                            dtype_itemsize=2, lo_bits=budget.MXFP4, hi_dtype="bfloat16", group_size=128)
+
+
+def test_a_dynaexq_plan_holds_its_promotions_copies_and_budget_for_gives_exactly_that_many_slots():
+    """The promotions in flight (`STAGING_EXPERTS` copies, each with its slot layout while it
+    lands) are part of a dynaexq plan with slots, so the allocator's peak stays in the budget; a
+    plan without slots, or a policy that never promotes, holds none."""
+    from dynaexq_jax.io.preset import preset_config
+
+    cfg = preset_config("qwen3-30b-a3b")
+    kw = dict(batch=1, prompt=128, context=1024, dtype_itemsize=2, lo_bits=4, hi_dtype="bfloat16", group_size=128)
+    probe = budget.policy_plan(cfg, "dynaexq", budget=None, **kw)
+    assert probe.staging == budget.staging_nbytes(probe.slot_bytes) == 2 * budget.STAGING_EXPERTS * probe.slot_bytes
+    for n in (1, 128):
+        plan = budget.policy_plan(cfg, "dynaexq", budget=probe.budget_for(n), **kw)
+        assert plan.slots == n and plan.total == probe.budget_for(n) and plan.staging == probe.staging
+        assert f"promotion staging ({budget.STAGING_EXPERTS} experts in flight)" in plan.table()
+    short = budget.policy_plan(cfg, "dynaexq", budget=probe.budget_for(1) - 1, **kw)
+    assert short.slots == 0 and short.staging == 0 and short.total <= probe.budget_for(1) - 1
+    assert budget.policy_plan(cfg, "static", budget=None, **kw).staging == 0
+    assert budget.policy_plan(cfg, "full", budget=None, **kw).staging == 0  # every expert placed, none promoted

@@ -874,7 +874,7 @@ def test_dynaexq_over_an_mxfp4_fallback_promotes_into_bf16_slots_within_a_budget
     shape = dict(batch=1, longest_prompt=len(PROMPT), max_new_tokens=8)
     concrete = dataclasses.replace(opts, hi_dtype="bfloat16")
     base = plan_for(ckpt.config, "dynaexq", budget=None, dtype_itemsize=4, opts=concrete, **shape)
-    eng, plan = build_engine(ckpt, "dynaexq", budget=base.minimum + 2 * base.slot_bytes, opts=opts, **shape)
+    eng, plan = build_engine(ckpt, "dynaexq", budget=base.budget_for(2), opts=opts, **shape)
     lo, slots = eng.policy.experts.tiers
     assert plan.slots == 2 and isinstance(lo.gate_up, quant.Mxfp4Tensor) and slots.gate_up.dtype == jnp.float32
     g = eng.generate([PROMPT], 8, eos_token_ids=())
@@ -892,7 +892,7 @@ def test_auto_tiers_serve_an_mxfp4_checkpoint_as_it_ships_where_it_fits(mxfp4_ch
     mx = plan_for(ckpt.config, "dynaexq", budget=None, dtype_itemsize=4,
                   opts=dynaexq.DynaExqOptions(lo_bits="mxfp4", hi_dtype="bfloat16"), **shape)
     auto = dynaexq.DynaExqOptions(lo_bits="auto", hi_dtype="auto")  # generate.py's defaults
-    opts, _ = auto_tiers(ckpt, auto, budget=mx.minimum + 2 * mx.slot_bytes, **shape)
+    opts, _ = auto_tiers(ckpt, auto, budget=mx.budget_for(2), **shape)
     assert (opts.lo_bits, opts.hi_dtype) == ("mxfp4", "bfloat16")
     opts, choice = auto_tiers(ckpt, auto, budget=mx.minimum - 1, **shape)
     assert opts.lo_bits in (3, 2) and choice is not None

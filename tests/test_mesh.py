@@ -139,7 +139,7 @@ def test_two_processes_of_two_devices_print_one_process_tokens(mesh_runs, moe_ch
     argv = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(path), "--dtype", "float32",
             "--prompt", "def f(x):", "--prompt", "the quick brown fox", "--max-new-tokens", "12", "--json",
             "--policy", "dynaexq", "--lo-bits", "4", "--hi-dtype", "int8",
-            "--budget", str(floor.minimum + floor.num_experts_total * floor.slot_bytes), "--mesh", "expert=4",
+            "--budget", str(floor.budget_for(floor.num_experts_total)), "--mesh", "expert=4",
             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--distributed-timeout", "120"]
     procs = [subprocess.Popen(argv + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for i in range(2)]

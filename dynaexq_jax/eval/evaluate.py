@@ -482,7 +482,7 @@ def resolve_budget(spec: str, ckpt, opts: DynaExqOptions, *, batch: int, longest
     anchor = dataclasses.replace(opts, hi_dtype="bfloat16" if opts.hi_dtype == "auto" else opts.hi_dtype)
     plan = plan_for(ckpt.config, "dynaexq", budget=None, batch=batch, longest_prompt=longest,
                     max_new_tokens=max_new_tokens, dtype_itemsize=ckpt.dtype.itemsize, opts=anchor, devices=devices)
-    return plan.minimum + math.ceil(pct / 100 * plan.num_experts_total) * plan.slot_bytes
+    return plan.budget_for(math.ceil(pct / 100 * plan.num_experts_total))
 
 
 def expand_runs(policy_names: Sequence[str], budgets: Sequence[str], lo_bits: Sequence[int],

@@ -95,11 +95,13 @@ class HostBank:
 
 
 def _write_slot_impl(pool, staged, slot):
+    """-> (the pool with `staged` in row `slot`, a scalar that is ready once the write has run:
+    until then the staged copy holds its device memory)."""
     # Leaf by leaf: a pool QuantizedTensor [S, K, N] and one staged expert [K, N] differ in
     # their static shape, so they are not the same pytree structure.
     leaves, treedef = jax.tree.flatten(pool)
     new = [update_rows(p, s[None], slot) for p, s in zip(leaves, jax.tree.leaves(staged))]
-    return jax.tree.unflatten(treedef, new)
+    return jax.tree.unflatten(treedef, new), slot + 1
 
 
 write_slot = jax.jit(_write_slot_impl, donate_argnums=(0,))
@@ -131,13 +133,17 @@ class Swapper:
         num_layers: int,
         *,
         bytes_per_step: int,
+        max_inflight: int,
         transfer: Callable[[object], Transfer] | None = None,
         blocking: bool = False,
         stall_s: float = 30.0,
         device=None,
         biases: dict | None = None,
     ):
-        """`biases`: the `ExpertState` bias fields every published state carries (`device_biases`)."""
+        """`max_inflight`: expert copies on the device at once on their way into slots (copied
+        or being written; the plan's staging, `budget.staging_nbytes`), in the warm start's fill
+        as between steps. `biases`: the `ExpertState` bias fields every published state carries
+        (`device_biases`)."""
         self.device = device or jax.devices()[0]
         self.biases = biases or {}
         if isinstance(fallback, ExpertTier):  # every expert in one tier, layer-major
@@ -153,6 +159,8 @@ class Swapper:
         self.owner = np.full((pool.rows,), -1, np.int32)  # [S]: layer * E + expert, -1 = free
         self.bank = bank
         self.bytes_per_step = max(int(bytes_per_step), bank.expert_nbytes)
+        self.max_inflight = max(int(max_inflight), 1)
+        self._writing: list[jax.Array] = []  # `write_slot`'s scalars of the writes not known to have run
         self.transfer = transfer or device_put_transfer(self.device)
         self.blocking = blocking  # wait for each transfer (the "blocking migration" variant)
         self.stall_s = stall_s
@@ -180,6 +188,11 @@ class Swapper:
         for le in list(self.inflight) + self.pending:
             w[le] = True
         return w
+
+    def staged(self) -> int:
+        """Expert copies on the device not yet in their slots: in flight, or landed and being written."""
+        self._writing = [d for d in self._writing if not d.is_ready()]
+        return len(self.inflight) + len(self._writing)
 
     def free_slots(self) -> list[int]:
         reserved = {slot for slot, _, _ in self.inflight.values()}
@@ -226,7 +239,8 @@ class Swapper:
             landed |= self._land(key, slot, tr)
         started = 0
         free = self.free_slots()
-        while self.pending and free and started + self.bank.expert_nbytes <= self.bytes_per_step:
+        while (self.pending and free and started + self.bank.expert_nbytes <= self.bytes_per_step
+               and self.staged() < self.max_inflight):
             key = self.pending.pop(0)
             if self._start(key, free.pop(0)):
                 started += self.bank.expert_nbytes
@@ -235,19 +249,30 @@ class Swapper:
         if self.blocking and self.inflight:
             self.poll()
 
+    def settle(self) -> None:
+        """Land every queued and in-flight promotion now, `max_inflight` at a time."""
+        while self.pending or self.inflight:
+            jax.block_until_ready([tr.tree for _, tr, _ in self.inflight.values()] + self._writing)
+            self.poll()
+
     def fill(self, keys: Iterable[tuple[int, int]]) -> None:
-        """Promote `keys` now, waiting for every copy: the warm start, before any step runs."""
+        """Promote `keys` now, waiting for every copy: the warm start, before any step runs.
+        At most `max_inflight` copies are on the device at once, as between steps."""
         t0 = time.perf_counter()
         free = self.free_slots()
-        for key in keys:
-            if self.slot_of[key] < 0 and key not in self.inflight and free:
-                self._start(key, free.pop(0))
-        for key, (slot, tr, _) in list(self.inflight.items()):
-            try:
-                jax.block_until_ready(tr.tree)
-            except Exception:
-                pass  # _land reports it
-            self._land(key, slot, tr)
+        todo = [key for key in dict.fromkeys(keys) if self.slot_of[key] < 0 and key not in self.inflight]
+        while (todo and free) or self.inflight or self._writing:
+            while todo and free and self.staged() < self.max_inflight:
+                self._start(todo.pop(0), free.pop(0))
+            if self.inflight:  # the oldest copy: wait for it, write it
+                key, (slot, tr, _) = next(iter(self.inflight.items()))
+                try:
+                    jax.block_until_ready(tr.tree)
+                except Exception:
+                    pass  # _land reports it
+                self._land(key, slot, tr)
+            elif self._writing:
+                jax.block_until_ready(self._writing.pop(0))
         self._publish()
         jax.block_until_ready(self._pool)
         self.stats.fill_s += time.perf_counter() - t0
@@ -271,7 +296,8 @@ class Swapper:
             self._fail(key, e)
             return False
         del self.inflight[key]
-        self._pool = write_slot(self._pool, self.bank.arrive(staged), jax.device_put(np.int32(slot), self.device))
+        self._pool, done = write_slot(self._pool, self.bank.arrive(staged), jax.device_put(np.int32(slot), self.device))
+        self._writing.append(done)
         self.slot_of[key] = slot
         self.owner[slot] = key[0] * self.num_experts + key[1]
         self.stats.promotions += 1

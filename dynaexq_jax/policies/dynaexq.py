@@ -20,7 +20,7 @@ import warnings
 import jax
 import numpy as np
 
-from dynaexq_jax.budget import HI_BITS
+from dynaexq_jax.budget import HI_BITS, STAGING_EXPERTS
 from dynaexq_jax.experts.expert_state import device_biases
 from dynaexq_jax.experts.swap import Swapper
 from dynaexq_jax.io import store
@@ -126,10 +126,7 @@ class DynaExqPolicy:
     def settle(self) -> None:
         """Land every queued and in-flight copy now: an evaluation's settle points (the decode
         loop never waits on a copy)."""
-        sw = self.swapper
-        while sw.pending or sw.inflight:
-            jax.block_until_ready([tr.tree for _, tr, _ in sw.inflight.values()])
-            sw.poll()
+        self.swapper.settle()
 
     def stats(self) -> dict:
         s = self.swapper.stats
@@ -169,8 +166,8 @@ def build(ckpt, plan, opts: DynaExqOptions, *, hotness_profile=None, transfer=No
     bank = host_bank(host, hi_layers, device)
     pool = slot_pool(host, plan.slots, opts.hi_dtype, opts.group_size, device)
     per_step = opts.bytes_per_step or 4 * bank.expert_nbytes
-    swapper = Swapper(fallback, pool, bank, L, bytes_per_step=per_step, transfer=transfer, blocking=opts.blocking,
-                      device=device, biases=device_biases(host, device))
+    swapper = Swapper(fallback, pool, bank, L, bytes_per_step=per_step, max_inflight=STAGING_EXPERTS,
+                      transfer=transfer, blocking=opts.blocking, device=device, biases=device_biases(host, device))
     saved = store.profile_path(ckpt.source) if opts.save_profile else None
     tracker, informed = warm_tracker(ckpt, opts, hotness_profile)
     return DynaExqPolicy(swapper, tracker, opts, informed=informed, profile_path=saved, convert_s=clock.seconds)

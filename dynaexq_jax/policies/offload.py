@@ -212,7 +212,7 @@ class OffloadPolicy(NoBetweenStepWork):
                 self._inflight[key] = (slot, stage(self.bank[key], self.device))
 
     def _write(self, slot: int, staged) -> None:
-        self._pool = write_slot(self._pool, self.bank.arrive(staged), jax.device_put(np.int32(slot), self.device))
+        self._pool, _ = write_slot(self._pool, self.bank.arrive(staged), jax.device_put(np.int32(slot), self.device))
 
     def _load(self, batch: list[tuple[int, Key]]) -> None:
         """Demand loads: copy, block until on the device, write the slots."""
