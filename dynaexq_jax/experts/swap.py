@@ -1,8 +1,9 @@
 """Asynchronous promotion and instant demotion of experts between decode steps.
 
 A promotion goes through three stages, none of which makes a step wait:
-1. an asynchronous host -> device `jax.device_put` of the expert's high-precision copy (from
-   pinned host memory where the backend has it), started within a per-step byte budget;
+1. an asynchronous host -> device `jax.device_put` of the expert's high-precision copy (from the
+   host bank's pageable memory: `HostBank`), started within a per-step byte budget and
+   only while fewer than `max_inflight` copies are on the device (the plan's staging);
 2. once that copy `is_ready()` and did not fail, a jitted in-place write of the slot (the pool
    is donated, so XLA orders the write after every step already enqueued that reads it);
 3. only then the expert's handle flips to the slot, in a newly published expert state.
