@@ -40,7 +40,7 @@ class DynaExqOptions:
     hysteresis: float = 0.01  # per-token rate an outsider must win by
     allocation: str = "per_layer"  # or "global"
     max_swaps_per_layer: int | None = 4
-    bytes_per_step: int | None = None  # promotion bytes started per step; None = 4 experts
+    bytes_per_step: int | None = None  # promotion bytes started per step (None: 4 experts; <= 2 in flight)
     blocking: bool = False  # land every promotion before the next step (the comparison variant)
     save_profile: bool = True  # keep this checkpoint's profile for the next run's warm start
     max_slots: int | None = None  # at most this many slots whatever the budget leaves (auto tiers' choice)
