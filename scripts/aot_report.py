@@ -31,6 +31,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax starts: the CUDA plugin cannot start without a GPU
 
 import json  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 
 from dynaexq_jax.launch.flags import comma_list, command_parser  # noqa: E402
@@ -134,7 +135,8 @@ def measure(args, row) -> dict:
     for w in r["runs"].work:
         k = by_name.get(w.name)
         listing.append({"name": w.name, "kind": w.kind, "label": k.label if k else w.kind, "trips": w.trips,
-                        "in_graph": w.in_graph, "bytes": aot.kernel_bytes(k, traffic) if k else 0})
+                        "in_graph": w.in_graph, "bytes": aot.kernel_bytes(k, traffic) if k else 0,
+                        "programs": math.prod(k.grid) if k and k.grid else None})
     return {
         "gpu": row["gpu"], "policy": row["policy"], "step": step, "batch": batch, "context": context,
         "layers": cfg.num_layers, "slots": plan.slots, "kernels": r["kernels"], "launches": r["launches"],
@@ -179,10 +181,10 @@ def kernel_list(r: dict) -> str:
              f"({r['launches'] / r['layers']:.1f} per layer; {r['in_loops']} in the layer loop), "
              f"{r['in_graphs']} in CUDA graphs, "
              f"{r['outside_graphs']} host launches ({r['graphs']} of them graphs)",
-             "| per step | graph | kernel | HLO | bytes each |", "|---|---|---|---|---|"]
+             "| per step | graph | kernel | HLO | bytes each | programs |", "|---|---|---|---|---|---|"]
     for k in r["launch_list"]:
         lines.append(f"| {k['trips']} | {'yes' if k['in_graph'] else 'no'} | {k['label']} | {k['name']} | "
-                     f"{gb(k['bytes'])} |")
+                     f"{gb(k['bytes'])} | {k['programs'] or ''} |")
     return "\n".join(lines)
 
 

@@ -83,7 +83,11 @@ def test_the_30b_decode_step_launches_at_most_eight_kernels_a_layer(budget, batc
     layers. Compiling for the GPU also holds each kernel to the H200's shared memory (a deeper
     pipeline of the attention merge's reads asked for 292 KB of its 227)."""
     (s,) = report("--budget", budget, "--batch", batch, "--context", "1024", "--policy", "dynaexq", "--steps",
-                  "decode", source=("--preset", "qwen3-30b-a3b"), fused=True)
+                  "decode", "--kernels", source=("--preset", "qwen3-30b-a3b"), fused=True)
+    # Each Pallas kernel's programs (its grid), what its parallelism on the GPU's 132 SMs starts from.
+    programs = {k["label"].removeprefix("custom-call pallas:"): k["programs"] for k in s["launch_list"]
+                if k["label"].startswith("custom-call pallas:")}
+    assert programs["attn_in"] == 32 + 2 * 4 and programs["moe_route"] == 1, programs  # q, k, v heads; one
     assert s["launches"] <= 8 * s["layers"] and s["in_loops"] <= 7 * s["layers"], s
     assert s["bytes"] <= 1.1 * s["min_bytes"], s
     assert s["compile_cpu_s"] <= 30, s  # CPU time: the shared machine's load does not inflate it
