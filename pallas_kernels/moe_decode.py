@@ -184,7 +184,7 @@ def _route_kernel(layer_ref, moe_ref, valid_ref, x_ref, nw_ref, gw_ref, *refs, b
 
 def route(x1, norm_w, gate_w, tier_of, row_of, token_valid, chosen, layer, moe_layer, *, k: int, eps: float,
           mode: str, norm_topk: bool, rows_per_tier: int, tile_rows: int, interpret: bool, gate_bias=None,
-          nibbles: bool = False) -> Route:
+          nibbles: bool = False, block_k: int | None = None, num_warps: int = 4) -> Route:
     """The router of MoE layer `moe_layer` (decoder layer `layer`) over x1 [B, H].
 
     norm_w [L, H] the post-attention RMSNorm weights; gate_w [L, H, E] the routers; gate_bias
@@ -193,14 +193,14 @@ def route(x1, norm_w, gate_w, tier_of, row_of, token_valid, chosen, layer, moe_l
     record, written in place at `moe_layer`. `mode`: "softmax_topk" (softmax over the experts,
     the k largest, renormalised if `norm_topk`) or "topk_softmax" (the k largest logits, their
     softmax). `tile_rows`: rows per expert tile of the expert kernels. `nibbles`: also give the
-    normed rows in MXFP4 nibble order.
+    normed rows in MXFP4 nibble order. `block_k`: rows of the router's weights a step reads.
     """
     if mode not in ROUTERS:
         raise ValueError(f"router {mode!r} is not one of {ROUTERS}")
     B, H = x1.shape
     Lm, E = tier_of.shape
     tm, kp, ep = row_tile(B), 1 << (k - 1).bit_length(), max(16, 1 << (E - 1).bit_length())
-    bk = next(b for b in (64, 32, 16) if H % b == 0)
+    bk = block_k or next(b for b in (64, 32, 16) if H % b == 0)
     bx = next(b for b in (512, 256, 128, 64, 32, 16) if H % b == 0 and tm * b <= 8192)  # x alone, <= 32 KB in f32
     dt = x1.dtype
     pa = tm * kp
@@ -218,7 +218,7 @@ def route(x1, norm_w, gate_w, tier_of, row_of, token_valid, chosen, layer, moe_l
         out_shape=tuple(outs),
         grid=(1,),
         input_output_aliases={len(args) - 1: len(outs) - 1},
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name=f"moe_route_m{B}",
     )(*args)

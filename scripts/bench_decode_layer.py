@@ -7,7 +7,8 @@ random weights:
   attn_out          the partials merged, the output projection, the residual add
   route             RMSNorm, router, top-k, the routing record, the sorted pair plan
 and, on a GPU, each kernel's knobs: attn_in's num_warps x num_stages, attn_out's block_n x
-num_warps x num_stages (rows `attn_out[bn=..,warps=..,stages=..]`); a variant that does not
+num_warps x num_stages (rows `attn_out[bn=..,warps=..,stages=..]`), route's block_k (the router
+weights' rows a step reads) x num_warps; a variant that does not
 compile (shared memory) is listed with its error. Reported per call: the median time, the
 bytes it must move (its layer's weights, the KV it reads, its activations), the achieved
 GB/s and its share of the copy bandwidth measured in the same run, the programs it runs, and
@@ -48,6 +49,7 @@ SMOKE = dict(preset="qwen3-moe-smoke", batches=(1, 4), context=64, copy_bytes=1 
 ATTN_IN = [dict(num_warps=8, num_stages=2), dict(num_warps=4, num_stages=1)]
 ATTN_OUT = [dict(block_n=bn, num_warps=w, num_stages=s) for bn in (16, 32, 64) for w, s in ((4, 2), (4, 1), (8, 2))
             if (bn, w, s) != (64, 4, 2)]
+ROUTE = [dict(block_k=128), dict(block_k=128, num_warps=8), dict(block_k=256, num_warps=8)]  # default: 64, 4 warps
 LAYERS = 2  # stacked parameters of two layers; every kernel reads layer 1's
 
 
@@ -109,7 +111,7 @@ def kernels(model, p: dict, batch: int, context: int, interpret: bool):
          2 * batch * KVH * context * D * 2 + batch * Hq * D * 2 + partials, batch * KVH * splits, []),
         ("attn_out", attn_out, out_args, merged_ref, Hq * D * H * 2 + partials + 2 * row, None, ATTN_OUT),
         ("route", route, route_args, lambda *a: plan(pallas_kernels.route_reference(*a, **route_kw)),
-         H * E * 2 + 2 * row + 4 * batch * E, 1, []),
+         H * E * 2 + 2 * row + 4 * batch * E, 1, ROUTE),
     ]
 
 
@@ -123,7 +125,7 @@ def run(cfg, args, gpu: bool) -> tuple[list[dict], float]:
                                                                                     interpret=not gpu):
             ref = [np.asarray(r, np.float64) for r in jax.tree.leaves(reference(*call_args))]
             for knobs in [{}] + (variants if gpu and not args.no_sweep else []):
-                label = name + ("[" + ",".join(f"{k.replace('block_n', 'bn').replace('num_', '')}={v}"
+                label = name + ("[" + ",".join(f"{k.replace('block_', 'b').replace('num_', '')}={v}"
                                                for k, v in knobs.items()) + "]" if knobs else "")
                 row = dict(batch=batch, kernel=label, mb=moved / 1e6, us=None, gbs=None, pct=None, err=None,
                            programs=programs if programs is not None else model.hidden_size // (

@@ -689,3 +689,17 @@ def test_expert_kernels_match_float64_over_a_low_bit_tier_and_dense_slots(lo):
     ref = pallas_kernels.experts_reference(r.hn, dense, r, pairs=B * K, rows_per_tier=R, glu=glu,
                                            gate_up_bias=bias(gub), down_bias=bias(dnb), moe_layer=1)
     _assert_close(pallas_kernels.decode_layer.pending_sum(jnp.zeros((B, H)), ref, r.pos, K), expect, 1e-4)
+
+
+def test_route_reads_the_router_in_any_block_of_rows_with_the_same_plan():
+    """`block_k` (a tiling knob bench_decode_layer.py sweeps on a GPU) changes how the router's
+    weights are read, not what comes out: the same normed rows, plan and routing record."""
+    rng = np.random.default_rng(3)
+    x1, nw, gw, tier_of, row_of = _route_problem(rng)
+    args = (*map(jnp.asarray, (x1, nw, gw, tier_of, row_of, np.ones(3, np.int32), np.zeros((2, 3, 8), np.float32))),
+            jnp.int32(1), jnp.int32(1))
+    kw = dict(k=2, eps=1e-6, mode="softmax_topk", norm_topk=True, rows_per_tier=16, tile_rows=16, interpret=True)
+    default, narrow = (pallas_kernels.route(*args, **kw, **knob) for knob in ({}, {"block_k": 16}))
+    for a, b in zip(default, narrow):
+        if a is not None:
+            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, atol=1e-6)
