@@ -115,10 +115,9 @@ def kernels(model, p: dict, batch: int, context: int, interpret: bool):
     ]
 
 
-def run(cfg, args, gpu: bool) -> tuple[list[dict], float]:
+def run(cfg, args, gpu: bool, bw: float):
+    """Each kernel's and variant's row as it is measured (`bw`: the copy bandwidth its share is of)."""
     model = preset_config(cfg["preset"])
-    bw = costmodel.copy_bandwidth(cfg["copy_bytes"], args.reps, args.inner)
-    rows = []
     for batch in cfg["batches"]:
         p = problem(model, batch, cfg["context"])
         for name, make, call_args, reference, moved, programs, variants in kernels(model, p, batch, cfg["context"],
@@ -136,12 +135,11 @@ def run(cfg, args, gpu: bool) -> tuple[list[dict], float]:
                     sec = costmodel.call_seconds(fn, *call_args, reps=args.reps, inner=args.inner)
                     got = [np.asarray(g, np.float64) for g in jax.tree.leaves(fn(*call_args))][:len(ref)]
                 except Exception as e:  # a variant the GPU cannot run (shared memory, registers): say so, go on
-                    rows.append(dict(row, error=str(e).splitlines()[0][:100]))
+                    yield dict(row, error=str(e).splitlines()[0][:100])
                     continue
                 err = max(float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30)) for g, r in zip(got, ref))
-                rows.append(dict(row, us=sec * 1e6, err=err, gbs=moved / sec / 1e9 if gpu else None,
-                                 pct=100 * moved / sec / bw if gpu else None))
-    return rows, bw
+                yield dict(row, us=sec * 1e6, err=err, gbs=moved / sec / 1e9 if gpu else None,
+                           pct=100 * moved / sec / bw if gpu else None)
 
 
 COLUMNS = [("batch", "batch", "{}"), ("kernel", "kernel", "{}"), ("programs", "programs", "{}"),
@@ -178,7 +176,8 @@ def main(argv=None) -> int:
         return 2
     dev = jax.devices()[0]
     gpu = dev.platform == "gpu"
-    rows, bw = run(cfg, args, gpu)
+    bw = costmodel.copy_bandwidth(cfg["copy_bytes"], args.reps, args.inner)
+    rows = list(run(cfg, args, gpu, bw))
     print(f"device {dev.platform}: {getattr(dev, 'device_kind', dev)}, jax {jax.__version__}, copy bandwidth "
           f"{bw / 1e9:.0f} GB/s, {cfg['preset']} at context {cfg['context']}, median of {args.reps} x {args.inner} "
           "calls" + ("" if gpu else "; no GPU: interpret mode, so times are the interpreter's (no rate, no sweep)"))

@@ -63,7 +63,7 @@ def test_the_report_names_the_fused_layers_profile_and_kernel_variants_apart_fro
     rows = [dict(batch=1, kernel="attn_out", programs=32, us=10.0, mb=16.8, gbs=1680.0, pct=57.0, err=0.0),
             dict(batch=1, kernel="attn_in[warps=4,stages=3]", programs=40, us=None, mb=21.0, gbs=None, pct=None,
                  err=None, error="RESOURCE_EXHAUSTED: Shared memory size limit exceeded")]
-    layer = {"status": "ok", "seconds": 40.0, "records": [{"copy_gbs": 2965.0, "rows": rows}]}
+    layer = {"status": "ok", "seconds": 40.0, "records": [{"copy_gbs": 2965.0}] + [{"row": r} for r in rows]}
     table = gpu_report.markdown({"date": "2026-12-05", "stages": {"profile": stage("gemm_fusion"),
                                                                     "fused-profile": stage("attn_out_m1"),
                                                                     "layer-kernels": layer}})

@@ -58,11 +58,12 @@ def markdown(doc: dict) -> str:
             gbs = "-" if t["gbs"] is None else f"{t['gbs']:.0f}"
             lines.append(f"| {t['op']} | {t['calls_per_step']:.0f} | {t['s_per_step'] * 1e3:.3f} | {gbs} |")
         lines.append("")
-    layer = merged(doc["stages"].get("layer-kernels", {}).get("records", []))
-    if layer.get("rows"):
-        lines += [f"The fused layer's kernels one by one (copy bandwidth {layer['copy_gbs']:.0f} GB/s):", "",
+    layer = doc["stages"].get("layer-kernels", {}).get("records", [])
+    rows = [x["row"] for x in layer if "row" in x]
+    if rows:
+        lines += [f"The fused layer's kernels one by one (copy bandwidth {merged(layer)['copy_gbs']:.0f} GB/s):", "",
                   "| batch | kernel | programs | us | MB | GB/s | % copy | rel err |", "|---" * 8 + "|"]
-        for r in layer["rows"]:
+        for r in rows:
             cells = [f"{r[k]:{f}}" if r.get(k) is not None else "-"
                      for k, f in (("us", ".1f"), ("mb", ".2f"), ("gbs", ".0f"), ("pct", ".0f"), ("err", ".1e"))]
             if "error" in r:
