@@ -272,6 +272,14 @@ def test_the_fill_and_promotions_never_stage_more_copies_on_the_device_than_the_
     sw.check_invariants()
 
 
+def test_settle_lands_what_the_slots_can_take_and_returns_with_the_rest_queued(ckpt):
+    sw = swapper_for(ckpt, slots=2)
+    for e in range(3):
+        sw.promote(0, e)
+    sw.settle()  # two land; the third waits for a free slot instead of the call spinning forever
+    assert sw.resident()[0, :2].all() and not sw.resident()[0, 2] and sw.pending == [(0, 2)] and not sw.inflight
+
+
 def test_a_step_dispatched_before_a_swap_computes_with_the_map_it_was_given(ckpt):
     sw = swapper_for(ckpt)
     for e in range(5):

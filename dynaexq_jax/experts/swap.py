@@ -251,8 +251,9 @@ class Swapper:
             self.poll()
 
     def settle(self) -> None:
-        """Land every queued and in-flight promotion now, `max_inflight` at a time."""
-        while self.pending or self.inflight:
+        """Land every in-flight promotion now, and every queued one a free slot can take,
+        `max_inflight` at a time."""
+        while self.inflight or (self.pending and self.free_slots()):
             jax.block_until_ready([tr.tree for _, tr, _ in self.inflight.values()] + self._writing)
             self.poll()
 
