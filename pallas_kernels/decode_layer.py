@@ -289,6 +289,11 @@ def _attn_out_kernel(layer_ref, o_ref, m_ref, l_ref, x_ref, w_ref, *refs, batch,
     plgpu.store(out_ref.at[safe[:, None], cols], (x + out).astype(dtype), mask=live)
 
 
+def attn_out_block_n(hidden: int) -> int:
+    """`attn_out`'s default columns a program: `hidden` / it programs."""
+    return next(b for b in (64, 32, 128, 16) if hidden % b == 0)
+
+
 def attn_out(o, m, l, x, w, layer, *, heads: int, interpret: bool, bias=None, sinks=None, block_n: int | None = None,
              num_warps: int = 4, num_stages: int = 2):
     """The attention half's last kernel: x + merge(o, m, l) @ w[layer] (+ bias[layer]).
@@ -300,7 +305,7 @@ def attn_out(o, m, l, x, w, layer, *, heads: int, interpret: bool, bias=None, si
     splits, B, KVH, _, D = o.shape
     H = w.shape[-1]
     tm = row_tile(B)
-    bn = block_n or next(b for b in (64, 32, 128, 16) if H % b == 0)
+    bn = block_n or attn_out_block_n(H)
     unroll = next(u for u in (4, 2, 1) if heads % u == 0 and u * splits <= 16)  # a step's reads: <= 16 splits' o
     extra = tuple(a for a in (bias, sinks) if a is not None)
     return pl.pallas_call(

@@ -39,7 +39,7 @@ from dynaexq_jax.io.preset import preset_config  # noqa: E402
 from dynaexq_jax.launch.flags import command_parser  # noqa: E402
 from dynaexq_jax.runtime import costmodel  # noqa: E402
 from pallas_kernels.decode_attention import num_splits  # noqa: E402
-from pallas_kernels.decode_layer import row_tile  # noqa: E402
+from pallas_kernels.decode_layer import attn_out_block_n, row_tile  # noqa: E402
 
 FULL = dict(preset="qwen3-30b-a3b", batches=(1, 32), context=1024, copy_bytes=1 << 30, reps=25, inner=20)
 SMOKE = dict(preset="qwen3-moe-smoke", batches=(1, 4), context=64, copy_bytes=1 << 20, reps=2, inner=1)
@@ -127,9 +127,8 @@ def run(cfg, args, gpu: bool, bw: float):
                 label = name + ("[" + ",".join(f"{k.replace('block_', 'b').replace('num_', '')}={v}"
                                                for k, v in knobs.items()) + "]" if knobs else "")
                 row = dict(batch=batch, kernel=label, mb=moved / 1e6, us=None, gbs=None, pct=None, err=None,
-                           programs=programs if programs is not None else model.hidden_size // (
-                               knobs.get("block_n") or next(b for b in (64, 32, 128, 16)
-                                                            if model.hidden_size % b == 0)))
+                           programs=programs or model.hidden_size // (knobs.get("block_n")
+                                                                       or attn_out_block_n(model.hidden_size)))
                 try:
                     fn = make(**knobs)
                     sec = costmodel.call_seconds(fn, *call_args, reps=args.reps, inner=args.inner)
