@@ -22,7 +22,6 @@ import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from argparse import SUPPRESS  # noqa: E402
@@ -99,25 +98,24 @@ EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Warning)\b")
 
 
 def run_one(source: str, policy: str, args, caches: Path) -> dict:
+    from dynaexq_jax.eval import process
+
     env = dict(os.environ, DYNAEXQ_CACHE_DIR=str(caches / "experts"), DYNAEXQ_COMPILE_CACHE=str(caches / "jax"),
                DYNAEXQ_CACHE="1")
     argv = [sys.executable, __file__, "--worker", source, policy, args.budget, "--dtype", args.dtype,
             "--prompt-len", str(args.prompt_len)]
-    t0 = time.perf_counter()
-    failed = {"source": source, "policy": policy}
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=args.timeout)
-    except subprocess.TimeoutExpired as e:
-        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        return dict(failed, error=f"no first token within {args.timeout} s", stderr=err[-4000:], wall=args.timeout)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+    done = process.run(argv, env=env, timeout=args.timeout)
+    failed = {"source": source, "policy": policy, "wall": done.seconds}
+    if done.returncode is None:
+        return dict(failed, error=f"no first token within {args.timeout} s", stderr=done.stderr[-4000:])
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["(no output)"]
         # The exception's own line, not the traceback's last frame (a thread's traceback ends elsewhere).
         why = next((line for line in reversed(lines) if line.startswith("error:") or EXCEPTION.match(line)), lines[-1])
-        if proc.returncode < 0:
-            why = f"killed by signal {-proc.returncode} (out of host memory?); last: {why}"
-        return dict(failed, error=why, stderr="\n".join(lines[-40:]), wall=time.perf_counter() - t0)
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), wall=time.perf_counter() - t0)
+        if done.returncode < 0:
+            why = f"killed by signal {-done.returncode} (out of host memory?); last: {why}"
+        return dict(failed, error=why, stderr="\n".join(lines[-40:]))
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), wall=done.seconds)
 
 
 def table(rows: list[dict]) -> str:

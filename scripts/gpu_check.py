@@ -4,343 +4,61 @@
     python scripts/gpu_check.py --out gpu_check            # GPU: Qwen3-30B-A3B shapes, <= 8 minutes
     python scripts/gpu_check.py --smoke --out /tmp/check   # CPU: a small preset, the same stages
 
-Stages, in order of what they answer; each case runs in a process of its own under its own time
-limit, cut to what is left of the whole check's 470 s (one that runs out is reported with what it
-had measured by then; the rest still run),
-and OUT/gpu_check.json is rewritten after every case:
+Stages, in order of what they answer (`dynaexq_jax.eval.gpu_check` says what each measures):
+device facts and measured costs; decode tok/s of every policy and of transformers' own model,
+the predicted step time beside each; a per-kernel profile of XLA's step and of the fused layer;
+the fused layer's kernels and their variants; the grouped matmul kernels; the runtime's
+promises. Each part runs in a process of its own under its own time limit, cut to what is left
+of the whole check's 470 s (one that runs out is reported with what it had measured by then;
+the rest still run).
 
-1. device: what it is; host->device GB/s (pinned, pageable); the HBM bandwidth the device really
-   reaches (a 2 GiB read-and-write and a 2 GiB reduction read, best of five); the cost of one
-   kernel in a chain of dependent kernels, inside a CUDA graph (XLA's command buffers) and
-   launched one by one. The decode cases' predictions use these figures.
-2. decode: tok/s at prompt 128 + 64 new tokens (greedy, random weights of the preset's shapes,
-   skewed routing) for dynaexq (20 GB at batch 1, 40 GB at batch 32), static int4 and full bf16
-   (no budget) at both, offload (20 GB, batch 1) and transformers' own model at both; dynaexq b1
-   and static int4 again with the opt-in fused decode layer ("fused layer"), static int4 with
-   the layer loop inside the step's CUDA graph ("one graph", `DYNAEXQ_GRAPH_LOOP=1`); each with
-   its build and compile seconds, the peak device bytes, and the step time predicted from its
-   own compiled decode step (`runtime.aot`: bytes at the measured bandwidth, each launch at the
-   measured cost) beside the measured one.
-3. profile: static int4 at batch 1 under `jax.profiler`: per kernel its calls, device time and
-   achieved GB/s (its bytes from the AOT accounting), and the kernels' sum against the steps'
-   wall time; once as the profiler runs by default (XLA replays command buffers op by op while
-   it traces) and once with the graphs kept (`xla_enable_command_buffers_during_profiling`).
-   fused-profile: the same over the fused decode layer's kernels (GPU only).
-4. layer-kernels: `bench_decode_layer.py` (the fused layer's attention-side kernels one by one at
-   batch 1 and 32, with their tiling variants: which knobs to make the defaults).
-   kernels: `bench_kernels.py` (the Pallas tiled kernel against the XLA tile loop and `ragged_dot`).
-5. runtime: `bench_runtime.py` at batch 1: allocator peak against the budget, steps with
-   promotions in flight against steps without.
-
-Writes OUT/gpu_check.json (everything) and OUT/gpu_check.md (the tables to paste into
-docs/PERFORMANCE.md with the device named).
+Writes OUT/gpu_check.json (everything, rewritten after every part) and OUT/gpu_check.md (the
+tables to paste into docs/PERFORMANCE.md with the device named).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-STAGES = ("device", "decode", "profile", "fused-profile", "layer-kernels", "kernels", "runtime")
-
-# Decode cases, in the order they run: (name, policy, budget (None: no budget), batches). Static
-# has no budget: with one it widens to the widest bits that fit (int8 in 40 GB).
-CASES = (("dynaexq b1", "dynaexq", "b1", (1,)), ("dynaexq b1 (fused layer)", "dynaexq", "b1", (1,)),
-         ("dynaexq b32", "dynaexq", "b32", (32,)), ("static int4", "static", None, (1, 32)),
-         ("static int4 (fused layer)", "static", None, (1, 32)), ("full bf16", "full", None, (1, 32)),
-         ("static int4 (one graph)", "static", None, (1, 32)), ("offload", "offload", "b1", (1,)),
-         ("transformers", "transformers", None, (1, 32)))
-# "(fused layer)": the same case with the opt-in fused decode layer (`models.fused_decode.ENABLED`);
-# "(one graph)": with the layer loop inside the step's CUDA graph (`runtime.engine.GRAPH_LOOP`);
-# each against XLA's own step: it becomes the default once it wins. "fused-profile": the profile
-# stage over the fused layer's kernels.
-PART_ENV = {name: {"DYNAEXQ_FUSED_DECODE": "1"} if name.endswith("(fused layer)") else {"DYNAEXQ_GRAPH_LOOP": "1"}
-            for name, *_ in CASES if name.endswith(("(fused layer)", "(one graph)"))}
-PART_ENV["fused-profile"] = {"DYNAEXQ_FUSED_DECODE": "1"}
-
-GPU = dict(preset="qwen3-30b-a3b", budgets=dict(b1="20GB", b32="40GB"), prompt=128, gen=64, probe_bytes=2 << 30,
-           chain=64, profile_steps=16, kernel_args=["--no-sweep"], runtime_gen=64,
-           total_s=470,  # the whole check: each part gets at most what is left of it
-           limits={"device": 40, "dynaexq b1": 45, "dynaexq b1 (fused layer)": 40, "dynaexq b32": 45, "static int4": 45,
-                   "static int4 (fused layer)": 45, "static int4 (one graph)": 45, "full bf16": 40, "offload": 50,
-                   "transformers": 55, "profile": 40, "fused-profile": 40, "layer-kernels": 90, "kernels": 50,
-                   "runtime": 40})
-SMOKE = dict(preset="qwen3-moe-smoke", budgets=dict(b1="48MB", b32="160MB"), prompt=16, gen=8, probe_bytes=32 << 20,
-             chain=8, profile_steps=2,
-             kernel_args=["--smoke", "--bits", "4", "--tokens", "1", "--reps", "1", "--inner", "1"], runtime_gen=16,
-             total_s=3600,
-             limits={"device": 120, "dynaexq b1": 150, "dynaexq b1 (fused layer)": 150, "dynaexq b32": 200,
-                     "static int4": 200, "static int4 (fused layer)": 200, "static int4 (one graph)": 200,
-                     "full bf16": 200, "offload": 150,
-                     "transformers": 150, "profile": 200, "fused-profile": 200, "layer-kernels": 200, "kernels": 200,
-                     "runtime": 300})
+from dynaexq_jax.errors import UserError
+from dynaexq_jax.eval import gpu_check
+from dynaexq_jax.eval.gpu_report import markdown
+from dynaexq_jax.io import files
+from dynaexq_jax.launch.flags import comma_list, command_parser
 
 
 def parse_args(argv=None):
-    from dynaexq_jax.launch.flags import command_parser  # the parent's alone: a case process reads no flags
-
     p = command_parser(__doc__)
     p.add_argument("--out", default="gpu_check", help="folder for gpu_check.json and gpu_check.md (new, empty, or "
                                                       "one this script wrote)")
     p.add_argument("--smoke", action="store_true", help="small preset and budgets: the CPU smoke test")
-    p.add_argument("--stages", default=",".join(STAGES))
-    p.add_argument("--cases", default=",".join(c[0] for c in CASES),
+    p.add_argument("--stages", default=",".join(gpu_check.STAGES))
+    p.add_argument("--cases", default=",".join(c[0] for c in gpu_check.CASES),
                    help="the decode stage's cases, comma-separated (default: all)")
     return p.parse_args(argv)
 
 
-def emit(**record):
-    """One result line of a case process (read by the parent even if the case runs out)."""
-    print(json.dumps(record, default=str), flush=True)
-
-
-# ----------------------------------------------------------------------------- the device
-
-
-def stage_device(cfg, costs):
-    import jax
-
-    from dynaexq_jax.runtime import costmodel
-
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() or {}
-    emit(platform=dev.platform, device=str(getattr(dev, "device_kind", dev)), memory_bytes=stats.get("bytes_limit"),
-         runtime=str(getattr(dev.client, "platform_version", "")), jax=jax.__version__)
-    emit(**costmodel.host_to_device_gbs(cfg["probe_bytes"] // 2))  # half the probe: host copies are slow
-    emit(**costmodel.hbm_gbs(cfg["probe_bytes"]))
-    emit(graph_kernel_s=costmodel.kernel_seconds(cfg["chain"], True),
-         launch_s=costmodel.kernel_seconds(cfg["chain"], False))
-
-
-def case_engine(cfg, name, costs):
-    """One policy's engine: built (timed), then each batch warmed (compile) and measured."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from dynaexq_jax import budget as budget_lib
-    from dynaexq_jax.io import preset
-    from dynaexq_jax.policies.dynaexq import DynaExqOptions
-    from dynaexq_jax.runtime import aot
-    from dynaexq_jax.runtime.build import build_engine
-    from dynaexq_jax.runtime.engine import device_memory, peak_device_bytes
-
-    _, policy, budget_key, batches = next(c for c in CASES if c[0] == name)
-    mcfg = preset.preset_config(cfg["preset"])
-    budget = budget_lib.parse_size(cfg["budgets"][budget_key]) if budget_key else None
-    t0 = time.perf_counter()
-    ckpt = preset.random_checkpoint(mcfg, jnp.bfloat16, routing_skew=1.0)
-    eng, plan = build_engine(ckpt, policy, budget=budget, batch=max(batches), longest_prompt=cfg["prompt"],
-                             max_new_tokens=cfg["gen"], opts=DynaExqOptions(lo_bits=4))
-    emit(build_s=time.perf_counter() - t0, slots=plan.slots, accounted_bytes=plan.total, after_build=device_memory())
-    dump = Path(os.environ["DYNAEXQ_GPU_CHECK_DUMP"])
-    for batch in batches:
-        for f in dump.iterdir():  # only this batch's step in the dump
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
-        prompts = np.random.default_rng(batch).integers(1, mcfg.vocab_size, (batch, cfg["prompt"])).tolist()
-        t0 = time.perf_counter()
-        eng.generate(prompts, cfg["gen"])  # compile, fill the slots
-        warm_s = time.perf_counter() - t0
-        g = eng.generate(prompts, cfg["gen"], eos_token_ids=())
-        row = {"batch": batch, "warmup_s": warm_s, "compile_s": eng.compile_s,
-               "decode_tokens_per_s": g.stats["decode_tokens_per_s"],
-               "step_s": batch / g.stats["decode_tokens_per_s"], "peak_device_bytes": peak_device_bytes(),
-               "after_generate": device_memory()}
-        if policy != "offload":  # offload runs layer by layer from the host: no one compiled step
-            row.update(aot.measured_step(eng, plan, policy, batch=batch, prompt=cfg["prompt"], gen=cfg["gen"],
-                                         costs=costs, dump=dump))
-        emit(**row)
-
-
-def case_transformers(cfg, costs):
-    """transformers' Qwen3-MoE on the same device and shapes: bf16, every expert resident."""
-    from dynaexq_jax.eval import transformers_peer
-
-    for record in transformers_peer.decode_speed(cfg["preset"], prompt=cfg["prompt"], gen=cfg["gen"]):
-        emit(**record)
-
-
-# ----------------------------------------------------------------------------- profile
-
-
-def stage_profile(cfg, costs):
-    """Static int4 at batch 1: its decode step run bare under the profiler (`eval.profile`)."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from dynaexq_jax import budget as budget_lib
-    from dynaexq_jax.eval import profile
-    from dynaexq_jax.io import preset
-    from dynaexq_jax.policies.dynaexq import DynaExqOptions
-    from dynaexq_jax.runtime.build import build_engine
-
-    mcfg = preset.preset_config(cfg["preset"])
-    t0 = time.perf_counter()
-    ckpt = preset.random_checkpoint(mcfg, jnp.bfloat16, routing_skew=1.0)
-    eng, plan = build_engine(ckpt, "static", budget=budget_lib.parse_size(cfg["budgets"]["b1"]), batch=1,
-                             longest_prompt=cfg["prompt"], max_new_tokens=cfg["gen"], opts=DynaExqOptions(lo_bits=4))
-    eng.generate([np.random.default_rng(1).integers(1, mcfg.vocab_size, cfg["prompt"]).tolist()], cfg["gen"])
-    emit(build_s=time.perf_counter() - t0)
-    for record in profile.profile_decode(eng, plan, "static", prompt=cfg["prompt"], gen=cfg["gen"],
-                                         steps=cfg["profile_steps"]):
-        emit(**record)
-
-
-# ----------------------------------------------------------------------------- existing benches
-
-
-def stage_kernels(cfg, costs):
-    sys.path.insert(0, str(HERE))
-    import bench_kernels
-    import jax
-
-    args = bench_kernels.parse_args(cfg["kernel_args"])
-    shapes = bench_kernels.SMOKE if "--smoke" in cfg["kernel_args"] else bench_kernels.FULL
-    for knob in ("reps", "inner", "tokens"):
-        if getattr(args, knob) is None:
-            setattr(args, knob, shapes[knob])
-    rows, bw = bench_kernels.run(shapes, args, jax.devices()[0].platform == "gpu")
-    emit(copy_gbs=bw / 1e9, rows=rows)
-
-
-def stage_layer_kernels(cfg, costs):
-    sys.path.insert(0, str(HERE))
-    import bench_decode_layer
-    import jax
-
-    from dynaexq_jax.runtime import costmodel
-
-    shapes = bench_decode_layer.SMOKE if cfg is SMOKE else bench_decode_layer.FULL
-    knobs = ["--reps", "10", "--inner", "10"] if cfg is GPU else ["--reps", "1", "--inner", "1"]
-    args = bench_decode_layer.parse_args(knobs)
-    bw = costmodel.copy_bandwidth(shapes["copy_bytes"], args.reps, args.inner)
-    emit(copy_gbs=bw / 1e9)
-    for row in bench_decode_layer.run(shapes, args, jax.devices()[0].platform == "gpu", bw):
-        emit(row=row)  # each as measured: a stage that runs out of time keeps what it had
-
-
-def stage_runtime(cfg, costs):
-    sys.path.insert(0, str(HERE))
-    import bench_runtime
-
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "runtime.json"
-        bench_runtime.main(["--preset", cfg["preset"], "--budget", cfg["budgets"]["b1"], "--batch-size", "1",
-                            "--prompt-len", str(cfg["prompt"]), "--gen-len", str(cfg["runtime_gen"]),
-                            "--json", str(out)])
-        emit(**json.loads(out.read_text()))
-
-
-IN_PROCESS = {"device": stage_device, "profile": stage_profile, "fused-profile": stage_profile,
-              "layer-kernels": stage_layer_kernels, "kernels": stage_kernels, "runtime": stage_runtime}
-
-
-# ----------------------------------------------------------------------------- the runner
-
-
-def run_part(part: str, cfg, costs: dict, dump: Path, deadline: float) -> dict:
-    """One stage or decode case in a process of its own, under its time limit (and what is left
-    before `deadline`, a `perf_counter` time): its result lines, as far as it got."""
-    limit = int(min(cfg["limits"][part], deadline - time.perf_counter()))
-    if limit < 5:
-        return {"status": f"skipped: the check's {cfg['total_s']} s are spent", "seconds": 0.0, "records": []}
-    cmd = [sys.executable, __file__, "--_part", part, "--_costs", json.dumps(costs)]
-    cmd += ["--smoke"] if cfg is SMOKE else []
-    env = {**os.environ, **PART_ENV.get(part, {}), "DYNAEXQ_GPU_CHECK_DUMP": str(dump),
-           # the decode step's thunks, for its launches and graphs (read back by the case itself)
-           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
-                         + f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*_decode.*")}
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
-        out, err, status = p.stdout, p.stderr, "ok" if p.returncode == 0 else f"failed (exit {p.returncode})"
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        status = f"ran out of its {limit} s"
-    records = []
-    for line in out.splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    result = {"status": status, "seconds": time.perf_counter() - t0, "records": records}
-    if status != "ok":
-        result["log"] = err[-3000:]
-    return result
-
-
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--_part" in argv:  # a stage or case in a process of its own
-        i = argv.index("--_part")
-        part, costs = argv[i + 1], json.loads(argv[i + 3])
-        cfg = SMOKE if "--smoke" in argv else GPU
-        if part in IN_PROCESS:
-            IN_PROCESS[part](cfg, costs)
-        elif part == "transformers":
-            case_transformers(cfg, costs)
-        else:
-            case_engine(cfg, part, costs)
-        return 0
-    from dynaexq_jax.errors import UserError
-    from dynaexq_jax.eval.gpu_report import markdown, merged
-    from dynaexq_jax.io import files
-
     args = parse_args(argv)
-    cfg = SMOKE if args.smoke else GPU
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
     try:
-        if bad or not stages:
-            raise UserError(f"--stages {args.stages!r}: choose from {', '.join(STAGES)}, separated by commas")
+        stages = comma_list("--stages", args.stages, choices=gpu_check.STAGES)
+        cases = comma_list("--cases", args.cases, choices=[c[0] for c in gpu_check.CASES])
         out = files.OutputDir(args.out, "--out")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    bad = [c for c in cases if c not in {name for name, *_ in CASES}]
-    if bad:
-        print(f"error: unknown case {', '.join(bad)}; choose from {', '.join(c[0] for c in CASES)}", file=sys.stderr)
-        return 2
-    doc = {"date": time.strftime("%Y-%m-%d"), "config": {k: v for k, v in cfg.items() if k != "limits"},
-           "stages": {}}
 
-    def save():
+    def save(doc):
         out.write("gpu_check.json", json.dumps(doc, indent=1, default=str))
         out.write("gpu_check.md", markdown(doc))
 
-    costs = {"bandwidth_gbs": None, "launch_s": None, "graph_kernel_s": None}
-    deadline = time.perf_counter() + cfg["total_s"]
     with tempfile.TemporaryDirectory() as dump:
-        for name in stages:
-            if name == "decode":
-                doc["stages"]["decode"] = {}
-                for case in (c[0] for c in CASES if c[0] in cases):
-                    if cfg is SMOKE and case in PART_ENV:  # neither switch acts off a GPU: the same case twice
-                        continue
-                    doc["stages"]["decode"][case] = run_part(case, cfg, costs, Path(dump), deadline)
-                    print(f"decode {case}: {doc['stages']['decode'][case]['status']}", file=sys.stderr)
-                    save()
-                continue
-            if cfg is SMOKE and name in PART_ENV:
-                continue
-            doc["stages"][name] = run_part(name, cfg, costs, Path(dump), deadline)
-            print(f"{name}: {doc['stages'][name]['status']}", file=sys.stderr)
-            if name == "device":  # the measured costs every prediction after this uses
-                measured = merged(doc["stages"]["device"]["records"])
-                costs = {k: measured.get(k) for k in costs}
-            save()
+        doc = gpu_check.check(gpu_check.SMOKE if args.smoke else gpu_check.GPU, stages, cases, save, Path(dump))
     print(markdown(doc))
-    ok = [r["status"] == "ok" for name, r in doc["stages"].items() if name != "decode"]
-    ok += [c["status"] == "ok" for c in doc["stages"].get("decode", {}).values()]
-    return 0 if all(ok) else 1
+    return 0 if gpu_check.passed(doc) else 1
 
 
 if __name__ == "__main__":

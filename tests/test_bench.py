@@ -13,6 +13,7 @@ import pytest
 
 from dynaexq_jax import budget, policies
 from dynaexq_jax.cli import bench
+from dynaexq_jax.eval import kernel_bench
 from dynaexq_jax.experts import quant
 from dynaexq_jax.io import preset
 from dynaexq_jax.runtime import costmodel
@@ -190,9 +191,9 @@ def test_kernel_bench_gpu_sweep_lowers_to_triton_for_cuda():
     sds = jax.ShapeDtypeStruct
     w = quant.QuantizedTensor(sds((e, k // 2, n), jnp.uint8), sds((e, k // 128, n), jnp.bfloat16),
                               sds((e, k // 128, n), jnp.bfloat16), 4, 128, (e, k, n))
-    paths = bench_kernels.sweep(w, e, k, n, rows)
+    paths = kernel_bench.sweep(w, e, k, n, rows)
     assert len(paths) == 5  # block_n 64, 128, 256 x 2 warp counts, less the default (64, 4)
-    for fn in [*paths.values(), bench_kernels.pallas_path(e, n, interpret=False)]:
+    for fn in [*paths.values(), kernel_bench.pallas_path(e, n, interpret=False)]:
         lowered = fn.trace(sds((rows, k), jnp.bfloat16), w, sds((e,), jnp.int32)).lower(lowering_platforms=("cuda",))
         assert "triton" in lowered.as_text()
 

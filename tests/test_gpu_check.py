@@ -4,23 +4,22 @@ small preset, so the day a GPU is lent it is not debugged on the clock."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from dynaexq_jax.eval import gpu_report
+from dynaexq_jax.eval import gpu_check, gpu_report, process
 from dynaexq_jax.eval.gpu_report import merged
 from dynaexq_jax.io import files
 
-from conftest import script
-
 ROOT = Path(__file__).resolve().parents[1]
-gpu_check = script("gpu_check")
 
 ENGINES = ("dynaexq b1", "static int4")
 # A cut of the check (CI time): one engine case per kind of step (dynaexq's, static's), offload's
 # layer loop, and the stages around them. The others run the same code with other settings; the
-# kernels and runtime stages run scripts with tests of their own (tests/test_bench.py).
+# layer-kernels, kernels and runtime stages run `eval.layer_bench`, `kernel_bench` and
+# `runtime_bench`, whose scripts have tests of their own (tests/test_bench.py).
 CASES = ENGINES + ("offload",)
 STAGES = ("device", "decode", "profile")
 
@@ -73,3 +72,9 @@ def test_the_report_names_the_fused_layers_profile_and_kernel_variants_apart_fro
     assert "Profile (command buffers kept)" in default and "gemm_fusion" in default and "attn_out" not in default
     assert "| attn_out_m1 | 48 | 2.000 | 500 |" in fused and "| fused-profile | ok | 30 |" in fused
     assert gpu_check.PART_ENV["fused-profile"] == {"DYNAEXQ_FUSED_DECODE": "1"}
+
+
+def test_a_part_that_runs_out_of_its_time_keeps_what_it_had_printed():
+    code = "import time; print('{\"measured\": 1}', flush=True); time.sleep(60)"
+    done = process.run([sys.executable, "-c", code], env=dict(os.environ), timeout=3)
+    assert done.returncode is None and done.stdout == '{"measured": 1}\n' and 3 <= done.seconds < 30
