@@ -29,6 +29,34 @@ _NEG = -1e30
 MAX_SPLITS = 16  # bounds the partials a fused merge re-reads per output block
 
 
+def split_steps(sp, split_len: int, first, index, block_k: int):
+    """(first slot, steps of `block_k` slots) that split `sp` reads: only real slots, from the
+    row's `first` (the blocks before it skipped) up to the current one, `index`."""
+    start = sp * split_len + ((jnp.maximum(first - sp * split_len, 0) // block_k) * block_k)
+    stop = jnp.minimum(sp * split_len + split_len, index + 1)
+    return start, jnp.maximum(pl.cdiv(stop - start, block_k), 0)
+
+
+def online_softmax_init(rows: int, width: int):
+    """The running (output [rows, width], max [rows], sum [rows]) before any slot."""
+    return (jnp.zeros((rows, width), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def online_softmax_step(carry, s, v, s0, first, index, precision):
+    """The running softmax `carry` over one more block of slots s0 .. s0 + block_k: scores s
+    [rows, block_k] (slots outside first .. index masked), values v [block_k, width]."""
+    acc, m_prev, l_prev = carry
+    slot = s0 + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    ok = (slot >= first) & (slot <= index)
+    s = jnp.where(ok, s, _NEG)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    corr = jnp.exp(m_prev - m_next)
+    p = jnp.where(ok, jnp.exp(s - m_next[:, None]), 0.0)
+    acc = acc * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision)
+    return acc, m_next, l_prev * corr + jnp.sum(p, axis=1)
+
+
 def _kernel(layer_ref, index_ref, q_ref, kv_ref, start_ref, *rest, group: int, block_h: int, block_k: int,
             split_len: int, scale: float, precision, windowed: bool):
     if windowed:
@@ -48,29 +76,16 @@ def _kernel(layer_ref, index_ref, q_ref, kv_ref, start_ref, *rest, group: int, b
         first = jnp.where(window > 0, jnp.maximum(first, index - window + 1), first)
     # Only real slots up to the current one are read: before `first` is left padding (or out of
     # the window), past `index` the cache is unfilled.
-    start = sp * split_len + ((jnp.maximum(first - sp * split_len, 0) // block_k) * block_k)
-    stop = jnp.minimum(sp * split_len + split_len, index + 1)
-    steps = jnp.maximum(pl.cdiv(stop - start, block_k), 0)
+    start, steps = split_steps(sp, split_len, first, index, block_k)
 
     def body(i, carry):
-        acc, m_prev, l_prev = carry
         s0 = start + i * block_k
         k = kv_ref[layer, 0, b, h, pl.ds(s0, block_k), :]  # [block_k, D]
         v = kv_ref[layer, 1, b, h, pl.ds(s0, block_k), :]
         s = jnp.dot(q, k.T.astype(q.dtype), preferred_element_type=jnp.float32, precision=precision) * scale
-        slot = s0 + jax.lax.broadcasted_iota(jnp.int32, (block_h, block_k), 1)
-        ok = (slot >= first) & (slot <= index)
-        s = jnp.where(ok, s, _NEG)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        corr = jnp.exp(m_prev - m_next)
-        p = jnp.where(ok, jnp.exp(s - m_next[:, None]), 0.0)
-        acc = acc * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
-                                            precision=precision)
-        return acc, m_next, l_prev * corr + jnp.sum(p, axis=1)
+        return online_softmax_step(carry, s, v, s0, first, index, precision)
 
-    init = (jnp.zeros((block_h, head_dim), jnp.float32), jnp.full((block_h,), _NEG, jnp.float32),
-            jnp.zeros((block_h,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, steps, body, init)
+    acc, m, l = jax.lax.fori_loop(0, steps, body, online_softmax_init(block_h, head_dim))
     o_ref[sp, b, h] = acc
     m_ref[sp, b, h] = m
     l_ref[sp, b, h] = l

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-_NEG = -1e30
+from pallas_kernels.decode_attention import online_softmax_init, online_softmax_step, split_steps
+
 BLOCK_H = 16  # heads per program: tensor-core dots want >= 16 rows
 
 
@@ -34,32 +35,17 @@ def _kernel(layer_ref, index_ref, q_ref, cache_ref, start_ref, o_ref, m_ref, l_r
     q_lat = q_ref[b, pl.ds(h * BLOCK_H, BLOCK_H), pl.ds(0, rank)]  # [BLOCK_H, C]
     q_rot = q_ref[b, pl.ds(h * BLOCK_H, BLOCK_H), pl.ds(rank, R)]  # [BLOCK_H, R]
     first = start_ref[b]
-    # Only real slots up to the current one are read (as decode_attention).
-    start = sp * split_len + ((jnp.maximum(first - sp * split_len, 0) // block_k) * block_k)
-    stop = jnp.minimum(sp * split_len + split_len, index + 1)
-    steps = jnp.maximum(pl.cdiv(stop - start, block_k), 0)
+    start, steps = split_steps(sp, split_len, first, index, block_k)  # only real slots, as decode_attention
 
     def body(i, carry):
-        acc, m_prev, l_prev = carry
         s0 = start + i * block_k
         c = cache_ref[layer, 0, b, 0, pl.ds(s0, block_k), pl.ds(0, rank)]  # [block_k, C]: keys' latent part, values
         k_rot = cache_ref[layer, 0, b, 0, pl.ds(s0, block_k), pl.ds(rank, R)]  # [block_k, R]
         s = (jnp.dot(q_lat, c.T.astype(q_lat.dtype), preferred_element_type=jnp.float32, precision=precision)
              + jnp.dot(q_rot, k_rot.T.astype(q_rot.dtype), preferred_element_type=jnp.float32, precision=precision))
-        s = s * scale
-        slot = s0 + jax.lax.broadcasted_iota(jnp.int32, (BLOCK_H, block_k), 1)
-        ok = (slot >= first) & (slot <= index)
-        s = jnp.where(ok, s, _NEG)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        corr = jnp.exp(m_prev - m_next)
-        p = jnp.where(ok, jnp.exp(s - m_next[:, None]), 0.0)
-        acc = acc * corr[:, None] + jnp.dot(p.astype(c.dtype), c, preferred_element_type=jnp.float32,
-                                            precision=precision)
-        return acc, m_next, l_prev * corr + jnp.sum(p, axis=1)
+        return online_softmax_step(carry, s * scale, c, s0, first, index, precision)
 
-    init = (jnp.zeros((BLOCK_H, rank), jnp.float32), jnp.full((BLOCK_H,), _NEG, jnp.float32),
-            jnp.zeros((BLOCK_H,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, steps, body, init)
+    acc, m, l = jax.lax.fori_loop(0, steps, body, online_softmax_init(BLOCK_H, rank))
     o_ref[sp, b, pl.ds(h * BLOCK_H, BLOCK_H), :] = acc
     m_ref[sp, b, pl.ds(h * BLOCK_H, BLOCK_H)] = m
     l_ref[sp, b, pl.ds(h * BLOCK_H, BLOCK_H)] = l

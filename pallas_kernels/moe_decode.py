@@ -278,24 +278,32 @@ def _tile(key_ref, end_ref, rows_per_tier, tm):
     return tier, _rem(key, rows_per_tier), ok, jnp.where(ok, rows, key_ref.shape[0])
 
 
+def _expert_refs(refs, arity, has_bias):
+    """An expert kernel's operands after x: (the tiers' weight refs, (MoE layer, expert, bias refs)
+    or Nones, the outputs)."""
+    n_w = sum(arity)
+    bias = tuple(refs[n_w:n_w + 3]) if has_bias else (None, None, None)
+    return list(refs[:n_w]), bias, list(refs[n_w + (3 if has_bias else 0):])
+
+
+def _row_loader(x_ref, rows, ok, tm):
+    """`tier_steps`' xload: `width` columns from `k0` of x's (or `ref`'s) rows `rows` [tm], 0 where not `ok`."""
+    def xload(k0, width, ref=None):
+        return plgpu.load((x_ref if ref is None else ref).at[rows[:, None], k0 + _iota((1, width), 1)],
+                          mask=jnp.broadcast_to(ok[:, None], (tm, width)), other=0)
+
+    return xload
+
+
 def _gate_up_kernel(key_ref, end_ref, tok_ref, x_ref, *refs, steps, arity, tm, bn, inter, rows_per_tier, glu,
                     has_bias, nibbles, dtype):
-    refs = list(refs)
-    n_w = sum(arity)
-    w_refs, refs = refs[:n_w], refs[n_w:]
-    if has_bias:
-        moe_ref, e_ref, b_ref = refs[:3]
-        refs = refs[3:]
+    w_refs, (moe_ref, e_ref, b_ref), refs = _expert_refs(refs, arity, has_bias)
     h_ref = refs[0]
     hn_ref = refs[1] if nibbles else None
     n0 = pl.multiple_of(pl.program_id(1) * bn, bn)
     tier, row, ok, idx = _tile(key_ref, end_ref, rows_per_tier, tm)
     tok = plgpu.load(tok_ref.at[idx], mask=ok, other=0)  # [tm] the rows' tokens
-
-    def xload(k0, width, ref=None):  # the tile's rows, gathered from the normed input by token
-        return plgpu.load((x_ref if ref is None else ref).at[tok[:, None], k0 + _iota((1, width), 1)],
-                          mask=jnp.broadcast_to(ok[:, None], (tm, width)), other=0)
-
+    xload = _row_loader(x_ref, tok, ok, tm)  # the tile's rows, gathered from the normed input by token
     cols = n0 + _iota((1, bn), 1)
     live = jnp.broadcast_to(ok[:, None], (tm, bn))
     first = 0
@@ -321,20 +329,10 @@ def _gate_up_kernel(key_ref, end_ref, tok_ref, x_ref, *refs, steps, arity, tm, b
 
 
 def _down_kernel(key_ref, end_ref, wt_ref, x_ref, *refs, steps, arity, tm, bn, rows_per_tier, has_bias, dtype):
-    refs = list(refs)
-    n_w = sum(arity)
-    w_refs, refs = refs[:n_w], refs[n_w:]
-    if has_bias:
-        moe_ref, e_ref, b_ref = refs[:3]
-        refs = refs[3:]
-    (y_ref,) = refs
+    w_refs, (moe_ref, e_ref, b_ref), (y_ref,) = _expert_refs(refs, arity, has_bias)
     n0 = pl.multiple_of(pl.program_id(1) * bn, bn)
     tier, row, ok, idx = _tile(key_ref, end_ref, rows_per_tier, tm)
-
-    def xload(k0, width, ref=None):  # the tile's own rows of the activations
-        return plgpu.load((x_ref if ref is None else ref).at[idx[:, None], k0 + _iota((1, width), 1)],
-                          mask=jnp.broadcast_to(ok[:, None], (tm, width)), other=0)
-
+    xload = _row_loader(x_ref, idx, ok, tm)  # the tile's own rows of the activations
     cols = n0 + _iota((1, bn), 1)
     live = jnp.broadcast_to(ok[:, None], (tm, bn))
     first = 0

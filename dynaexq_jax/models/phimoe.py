@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dynaexq_jax.models import common
+from dynaexq_jax.models import common, mixtral
 from dynaexq_jax.models.config import ConfigError, ModelConfig
 
 MODEL_TYPE = "phimoe"
@@ -105,19 +105,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return out
 
 
-top_tensors = common.top_tensors
-
-
-def layer_tensors(cfg: ModelConfig, i: int) -> list:
-    p = f"model.layers.{i}."
-    return (common.norm_tensors(cfg, p) + common.attention_tensors(cfg, p)
-            + [common.Tensor(("mlp", "gate", "kernel"), p + "block_sparse_moe.gate.weight",
-                             (cfg.num_experts, cfg.hidden_size), linear=True)])
-
-
-def expert_tensors(cfg: ModelConfig, i: int, e: int):
-    return common.expert_tensors(cfg, f"model.layers.{i}.block_sparse_moe.experts.{e}.", ("w1", "w3", "w2"))
-
-
-def fused_expert_tensors(cfg: ModelConfig, i: int):
-    return common.fused_expert_tensors(cfg, f"model.layers.{i}.mlp.experts.")
+# Named as Mixtral's tensors are (the biases each config asks for included: `common` reads them from it).
+top_tensors, layer_tensors, expert_tensors, fused_expert_tensors = (
+    mixtral.top_tensors, mixtral.layer_tensors, mixtral.expert_tensors, mixtral.fused_expert_tensors)
