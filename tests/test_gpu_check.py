@@ -78,3 +78,10 @@ def test_a_part_that_runs_out_of_its_time_keeps_what_it_had_printed():
     code = "import time; print('{\"measured\": 1}', flush=True); time.sleep(60)"
     done = process.run([sys.executable, "-c", code], env=dict(os.environ), timeout=3)
     assert done.returncode is None and done.stdout == '{"measured": 1}\n' and 3 <= done.seconds < 30
+
+
+def test_every_stage_and_case_runs_as_a_part_under_a_limit_of_its_own():
+    parts = (set(gpu_check.STAGES) - {"decode"}) | {name for name, *_ in gpu_check.CASES}
+    for cfg in (gpu_check.GPU, gpu_check.SMOKE):
+        assert set(cfg["limits"]) == parts
+    assert set(gpu_check.PARTS) | {name for name, policy, *_ in gpu_check.CASES if policy != "transformers"} == parts
