@@ -275,7 +275,7 @@ class MemoryPlan:
     mid_bits: int | None = None  # a wider fallback width for `mid_experts` of them (stored only at it)
     mid_experts: int = 0
     fallback_label: str = "fallback experts"  # what `fallback` holds (floe: the up projections)
-    staging: int = 0  # promotions' copies on their way into the slots (`staging_nbytes`), where they are
+    promotes: bool = False  # slots filled by promotions (dynaexq): their copies in flight are planned (`staging`)
     # Host memory, outside the budget (`with_host`): what the run reads through file mappings
     # (page cache the kernel may evict and read again), what it holds in process memory for its
     # whole life, and the most it holds for a while at start (one layer of experts converting).
@@ -287,6 +287,15 @@ class MemoryPlan:
     @property
     def slots_total_bytes(self) -> int:
         return self.slots * self.slot_bytes
+
+    @property
+    def staging(self) -> int:
+        """Device bytes of the promotions' copies on their way into the slots (`staging_nbytes`),
+        where a promoting plan has slots."""
+        return self._staging(self.slots)
+
+    def _staging(self, slots: int) -> int:
+        return staging_nbytes(self.slot_bytes) if self.promotes and slots else 0
 
     @property
     def total(self) -> int:
@@ -304,12 +313,12 @@ class MemoryPlan:
         return self.weights + self.fallback + self.kv_cache + self.workspace
 
     def budget_for(self, slots: int) -> int:
-        """The smallest budget that holds `slots` slots: this plan's, made with slots, at that count."""
-        return self.minimum + (self.staging if slots else 0) + slots * self.slot_bytes
+        """The smallest budget that holds `slots` slots: this plan at that count."""
+        return self.minimum + self._staging(slots) + slots * self.slot_bytes
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(slots_total_bytes=self.slots_total_bytes, total=self.total, minimum=self.minimum)
+        d.update(slots_total_bytes=self.slots_total_bytes, staging=self.staging, total=self.total, minimum=self.minimum)
         return d
 
     def table(self) -> str:
@@ -398,7 +407,7 @@ def plan_memory(
     return MemoryPlan(
         budget=budget, slot_bytes=slot, slots=int(slots), num_experts_total=n_moe * E, moe_layers=n_moe,
         lo_bits=lo_bits, mid_bits=mid_bits if mid_experts else None, mid_experts=mid_experts,
-        staging=staging if slots else 0, **parts
+        promotes=promotes, **parts
     )
 
 
