@@ -16,6 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["DYNAEXQ_CACHE"] = "0"
 # Likewise JAX's compilation cache, which scripts' main() turns on: tests of it choose a directory.
 os.environ["DYNAEXQ_COMPILE_CACHE"] = "0"
+# XLA's CPU compiler at its lowest effort (LLVM -O0, no expensive passes), for this process and the
+# tools the tests start: two thirds of the suite's time is compiling tiny models, whose steps then run
+# in microseconds either way. The programs (HLO, buffers, results) are the ones users get; the GPU
+# compiles of tests/test_aot.py are made without it.
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 
 VOCAB = 300
 ROOT = Path(__file__).resolve().parent.parent
