@@ -47,8 +47,7 @@ The surface for research code (README, "Python API", runs this as a test):
   engine built with `dynaexq_jax.serve.engine_shape(...)`; `dynaexq_jax.serve.serve(engine, ...)`
   is the OpenAI-compatible server over it (the `serve` extra; scripts/serve.py).
 - `enable_compile_cache()`: JAX's persistent compilation cache for this process, as the
-  scripts turn it on (`~/.cache/dynaexq/jax`; `DYNAEXQ_COMPILE_CACHE=0` turns it off);
-  `enable_compile_cache(path=DIR)` keeps it in DIR whatever the environment says.
+  scripts turn it on (`~/.cache/dynaexq/jax`; `DYNAEXQ_COMPILE_CACHE=0` turns it off).
 """
 
 from dynaexq_jax import launch

@@ -30,11 +30,13 @@ def _compile_cache_of_this_process():
     this test process (each xdist worker) keeps JAX's persistent compilation cache in a folder of
     its own, deleted when it exits. The tools the tests start still compile afresh (their
     DYNAEXQ_COMPILE_CACHE is 0): no two processes share a folder."""
-    from dynaexq_jax.runtime import compile_cache
+    import jax
 
     path = tempfile.mkdtemp(prefix="dynaexq-tests-jax-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
-    compile_cache.enable(path=path)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 _compile_cache_of_this_process()

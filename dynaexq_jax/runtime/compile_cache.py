@@ -35,13 +35,12 @@ def cache_dir() -> Path | None:
     return Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_dir())
 
 
-def enable(on: bool = True, path: Path | str | None = None) -> Path | None:
-    """Turn the cache on (or, with `on=False`, off) for this process, in `path` or else where
-    the environment says; call it before the first compile. Returns the directory in use, or
-    None when off."""
+def enable(on: bool = True) -> Path | None:
+    """Turn the cache on (or, with `on=False`, off) for this process; call it before the first
+    compile. Returns the directory in use, or None when off."""
     import jax
 
-    path = (Path(path) if path is not None else cache_dir()) if on else None
+    path = cache_dir() if on else None
     if path is None:
         # Also overrides a $JAX_COMPILATION_CACHE_DIR that JAX itself would follow.
         jax.config.update("jax_enable_compilation_cache", False)
