@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import json
 import os
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,23 +21,6 @@ os.environ["DYNAEXQ_COMPILE_CACHE"] = "0"
 # in microseconds either way. The programs (HLO, buffers, results) are the ones users get; the GPU
 # compiles of tests/test_aot.py are made without it.
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-
-
-def _compile_cache_of_this_process():
-    """Tests build engines of the same checkpoints again and again, each compiling the same steps:
-    this test process (each xdist worker) keeps JAX's persistent compilation cache in a folder of
-    its own, deleted when it exits. The tools the tests start still compile afresh (their
-    DYNAEXQ_COMPILE_CACHE is 0): no two processes share a folder."""
-    import jax
-
-    path = tempfile.mkdtemp(prefix="dynaexq-tests-jax-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    jax.config.update("jax_enable_compilation_cache", True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
-_compile_cache_of_this_process()
 
 VOCAB = 300
 ROOT = Path(__file__).resolve().parent.parent
