@@ -18,8 +18,8 @@ os.environ["DYNAEXQ_CACHE"] = "0"
 os.environ["DYNAEXQ_COMPILE_CACHE"] = "0"
 # XLA's CPU compiler at its lowest effort (LLVM -O0, no expensive passes), for this process and the
 # tools the tests start: two thirds of the suite's time is compiling tiny models, whose steps then run
-# in microseconds either way. The programs (HLO, buffers, results) are the ones users get; the GPU
-# compiles of tests/test_aot.py are made without it.
+# in microseconds either way. The optimized HLO and its buffers are the ones users get (only LLVM's
+# code generation differs); the GPU compiles of tests/test_aot.py are made without it.
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 
 VOCAB = 300
